@@ -1,0 +1,2 @@
+//! Generated gRPC contracts. One module per protobuf package; each `.proto`
+//! file in `proto/` is compiled by `build.rs`.

@@ -1,0 +1,132 @@
+//! The edge's configuration.
+//!
+//! Loading is two steps: YAML is parsed into raw structs that reject unknown
+//! keys ([`raw`]), then [`validate`] turns them into the validated [`Config`]
+//! the rest of the edge uses, reporting every problem with its path
+//! (`virtual_clusters[0].bootstrap: ...`), not just the first one.
+
+#![forbid(unsafe_code)]
+
+pub mod raw;
+mod validate;
+
+use std::net::{IpAddr, SocketAddr};
+use std::ops::RangeInclusive;
+use std::path::Path;
+use std::time::Duration;
+
+pub use validate::validate;
+
+/// Default frame limit: the same as Kafka's `socket.request.max.bytes`.
+pub const DEFAULT_MAX_FRAME_BYTES: u32 = 100 * 1024 * 1024;
+
+/// A validated edge configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub admin: Option<SocketAddr>,
+    pub virtual_clusters: Vec<VirtualCluster>,
+    pub limits: Limits,
+    pub shutdown: Shutdown,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limits {
+    /// Largest frame accepted from a client or broker, length field excluded.
+    pub max_frame_bytes: u32,
+    /// How long one filter may take on one message before the connection closes.
+    pub filter_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Shutdown {
+    /// How long SIGTERM waits for in-flight requests before closing connections.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VirtualCluster {
+    pub name: String,
+    pub bootstrap: SocketAddr,
+    pub brokers: BrokerAddressing,
+    pub upstream: Upstream,
+}
+
+/// How brokers are exposed to clients: one port per upstream broker.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BrokerAddressing {
+    /// Host name or address clients are told to use for every broker.
+    pub advertised_host: String,
+    /// Ports handed out, one per broker, as brokers are discovered.
+    pub port_range: RangeInclusive<u16>,
+    /// Local address the broker ports are bound on (the bootstrap's by default).
+    pub bind_address: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Upstream {
+    /// `host:port` pairs, tried in turn.
+    pub bootstrap_servers: Vec<HostPort>,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct HostPort {
+    pub host: String,
+    pub port: u16,
+}
+
+impl std::fmt::Display for HostPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// One problem found in a configuration, with where it is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub path: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.path.is_empty() {
+            f.write_str(&self.message)
+        } else {
+            write!(f, "{}: {}", self.path, self.message)
+        }
+    }
+}
+
+/// Every problem found in a configuration.
+#[derive(Debug, thiserror::Error)]
+#[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+/// Parses and validates YAML text.
+pub fn parse(yaml: &str) -> Result<Config, ConfigErrors> {
+    let deserializer = serde_yaml_ng::Deserializer::from_str(yaml);
+    let raw: raw::RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        ConfigErrors(vec![ConfigError {
+            path: if path == "." { String::new() } else { path },
+            message: err.into_inner().to_string(),
+        }])
+    })?;
+    validate(&raw)
+}
+
+/// Reads, parses and validates a configuration file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        ConfigErrors(vec![ConfigError {
+            path: String::new(),
+            message: format!("cannot read {}: {err}", path.display()),
+        }])
+    })?;
+    parse(&text)
+}

@@ -1,0 +1,79 @@
+//! The admin endpoint: `/metrics` (Prometheus text), `/healthz`, `/readyz`.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use axum::Router;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Clone)]
+struct AdminState {
+    registry: Arc<Registry>,
+    ready: Arc<AtomicBool>,
+}
+
+/// Binds the admin port; serving starts with [`AdminServer::serve`].
+pub struct AdminServer {
+    listener: TcpListener,
+    state: AdminState,
+}
+
+impl AdminServer {
+    pub async fn bind(
+        address: SocketAddr,
+        registry: Arc<Registry>,
+        ready: Arc<AtomicBool>,
+    ) -> std::io::Result<Self> {
+        let listener = TcpListener::bind(address).await?;
+        Ok(AdminServer {
+            listener,
+            state: AdminState { registry, ready },
+        })
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub async fn serve(self, stop: CancellationToken) -> std::io::Result<()> {
+        let app = Router::new()
+            .route("/metrics", get(metrics))
+            .route("/healthz", get(|| async { "ok\n" }))
+            .route("/readyz", get(readyz))
+            .with_state(self.state);
+        axum::serve(self.listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await
+    }
+}
+
+async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
+    let mut text = String::new();
+    match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(err) => (StatusCode::INTERNAL_SERVER_ERROR, err.to_string()).into_response(),
+    }
+}
+
+async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}

@@ -1,0 +1,198 @@
+//! The edge's Prometheus metrics. The registry is passed in; nothing is global.
+//!
+//! Per-request series are resolved once per (virtual cluster, API key) and
+//! cached, so the hot path touches only atomics.
+
+use std::sync::{Arc, OnceLock};
+
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+use strait_kafka::api_keys::api_key_name;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClusterLabels {
+    virtual_cluster: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ApiLabels {
+    virtual_cluster: String,
+    api_key: String,
+}
+
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+enum Direction {
+    ClientToUpstream,
+    UpstreamToClient,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct BytesLabels {
+    virtual_cluster: String,
+    direction: Direction,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RejectLabels {
+    virtual_cluster: String,
+    reason: String,
+}
+
+type HistogramFamily<L> = Family<L, Histogram, fn() -> Histogram>;
+
+fn latency_histogram() -> Histogram {
+    // 50 µs to about 6 s.
+    Histogram::new(exponential_buckets(0.00005, 2.5, 14))
+}
+
+/// Metric families shared by every virtual cluster.
+pub struct ProxyMetrics {
+    connections_open: Family<ClusterLabels, Gauge>,
+    connections: Family<ClusterLabels, Counter>,
+    requests: Family<ApiLabels, Counter>,
+    request_duration: HistogramFamily<ApiLabels>,
+    bytes: Family<BytesLabels, Counter>,
+    upstream_connect_errors: Family<ClusterLabels, Counter>,
+    frames_rejected: Family<RejectLabels, Counter>,
+    brokers_discovered: Family<ClusterLabels, Gauge>,
+}
+
+impl ProxyMetrics {
+    pub fn register(registry: &mut Registry) -> Arc<Self> {
+        let metrics = ProxyMetrics {
+            connections_open: Family::default(),
+            connections: Family::default(),
+            requests: Family::default(),
+            request_duration: Family::new_with_constructor(latency_histogram),
+            bytes: Family::default(),
+            upstream_connect_errors: Family::default(),
+            frames_rejected: Family::default(),
+            brokers_discovered: Family::default(),
+        };
+        registry.register(
+            "connections_open",
+            "Client connections currently open",
+            metrics.connections_open.clone(),
+        );
+        registry.register(
+            "connections",
+            "Client connections accepted",
+            metrics.connections.clone(),
+        );
+        registry.register(
+            "requests",
+            "Requests received from clients, by API key",
+            metrics.requests.clone(),
+        );
+        registry.register(
+            "request_duration_seconds",
+            "Time from a request leaving the edge to its response arriving, by API key",
+            metrics.request_duration.clone(),
+        );
+        registry.register(
+            "bytes",
+            "Bytes relayed, by direction",
+            metrics.bytes.clone(),
+        );
+        registry.register(
+            "upstream_connect_errors",
+            "Failed connections to upstream brokers",
+            metrics.upstream_connect_errors.clone(),
+        );
+        registry.register(
+            "frames_rejected",
+            "Frames refused by the edge (the connection is closed), by reason",
+            metrics.frames_rejected.clone(),
+        );
+        registry.register(
+            "brokers_discovered",
+            "Upstream brokers with a port assigned on the edge",
+            metrics.brokers_discovered.clone(),
+        );
+        Arc::new(metrics)
+    }
+
+    pub fn for_cluster(self: &Arc<Self>, name: &str) -> Arc<ClusterMetrics> {
+        let labels = ClusterLabels {
+            virtual_cluster: name.to_owned(),
+        };
+        let bytes = |direction| {
+            self.bytes
+                .get_or_create(&BytesLabels {
+                    virtual_cluster: name.to_owned(),
+                    direction,
+                })
+                .clone()
+        };
+        Arc::new(ClusterMetrics {
+            name: name.to_owned(),
+            connections_open: self.connections_open.get_or_create(&labels).clone(),
+            connections: self.connections.get_or_create(&labels).clone(),
+            upstream_connect_errors: self.upstream_connect_errors.get_or_create(&labels).clone(),
+            brokers_discovered: self.brokers_discovered.get_or_create(&labels).clone(),
+            bytes_in: bytes(Direction::ClientToUpstream),
+            bytes_out: bytes(Direction::UpstreamToClient),
+            per_key: (0..256).map(|_| OnceLock::new()).collect(),
+            families: self.clone(),
+        })
+    }
+}
+
+/// Handles for one virtual cluster.
+pub struct ClusterMetrics {
+    name: String,
+    pub connections_open: Gauge,
+    pub connections: Counter,
+    pub upstream_connect_errors: Counter,
+    pub brokers_discovered: Gauge,
+    pub bytes_in: Counter,
+    pub bytes_out: Counter,
+    per_key: Box<[OnceLock<RequestMetrics>]>,
+    families: Arc<ProxyMetrics>,
+}
+
+pub struct RequestMetrics {
+    pub count: Counter,
+    pub duration: Histogram,
+}
+
+impl ClusterMetrics {
+    /// The request counter and latency histogram of an API key.
+    pub fn request(&self, api_key: i16) -> &RequestMetrics {
+        // Unknown keys never get this far (the connection is closed first);
+        // any stray one is folded into slot 255 rather than indexing out of range.
+        let slot = if (0..255).contains(&api_key) {
+            api_key as usize
+        } else {
+            255
+        };
+        self.per_key[slot].get_or_init(|| {
+            let labels = ApiLabels {
+                virtual_cluster: self.name.clone(),
+                api_key: api_key_name(api_key),
+            };
+            RequestMetrics {
+                count: self.families.requests.get_or_create(&labels).clone(),
+                duration: self
+                    .families
+                    .request_duration
+                    .get_or_create(&labels)
+                    .clone(),
+            }
+        })
+    }
+
+    pub fn rejected(&self, reason: &str) {
+        self.families
+            .frames_rejected
+            .get_or_create(&RejectLabels {
+                virtual_cluster: self.name.clone(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+}

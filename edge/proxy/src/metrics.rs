@@ -25,9 +25,10 @@ struct ApiLabels {
 }
 
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)] // label values follow Prometheus' snake_case convention
 enum Direction {
-    ClientToUpstream,
-    UpstreamToClient,
+    client_to_upstream,
+    upstream_to_client,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -134,8 +135,8 @@ impl ProxyMetrics {
             connections: self.connections.get_or_create(&labels).clone(),
             upstream_connect_errors: self.upstream_connect_errors.get_or_create(&labels).clone(),
             brokers_discovered: self.brokers_discovered.get_or_create(&labels).clone(),
-            bytes_in: bytes(Direction::ClientToUpstream),
-            bytes_out: bytes(Direction::UpstreamToClient),
+            bytes_in: bytes(Direction::client_to_upstream),
+            bytes_out: bytes(Direction::upstream_to_client),
             per_key: (0..256).map(|_| OnceLock::new()).collect(),
             families: self.clone(),
         })

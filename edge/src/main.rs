@@ -87,6 +87,7 @@ fn main() -> ExitCode {
 async fn run(config: strait_edge_config::Config) -> anyhow::Result<()> {
     let mut registry = Registry::with_prefix("strait");
     let metrics = ProxyMetrics::register(&mut registry);
+    let tls_metrics = strait_tls::TlsMetrics::register(&mut registry);
     let ready = Arc::new(AtomicBool::new(false));
 
     let stop_admin = CancellationToken::new();
@@ -101,7 +102,14 @@ async fn run(config: strait_edge_config::Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    let edge = Edge::start(&config, metrics, FiltersByCluster::new(), ready).await?;
+    let edge = Edge::start(
+        &config,
+        metrics,
+        tls_metrics,
+        FiltersByCluster::new(),
+        ready,
+    )
+    .await?;
     tracing::info!(
         virtual_clusters = ?edge.cluster_names().collect::<Vec<_>>(),
         "strait-edge started"

@@ -15,7 +15,7 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
-pub use validate::validate;
+pub use validate::{validate, NODE_ID};
 
 /// Default frame limit: the same as Kafka's `socket.request.max.bytes`.
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 100 * 1024 * 1024;
@@ -46,20 +46,40 @@ pub struct Shutdown {
 #[derive(Debug, Clone, PartialEq)]
 pub struct VirtualCluster {
     pub name: String,
+    /// Where clients connect. In SNI mode several virtual clusters may share it.
     pub bootstrap: SocketAddr,
     pub brokers: BrokerAddressing,
     pub upstream: Upstream,
+    pub tls: Option<Tls>,
 }
 
-/// How brokers are exposed to clients: one port per upstream broker.
+/// How brokers are exposed to clients.
 #[derive(Debug, Clone, PartialEq)]
-pub struct BrokerAddressing {
-    /// Host name or address clients are told to use for every broker.
-    pub advertised_host: String,
-    /// Ports handed out, one per broker, as brokers are discovered.
-    pub port_range: RangeInclusive<u16>,
-    /// Local address the broker ports are bound on (the bootstrap's by default).
-    pub bind_address: IpAddr,
+pub enum BrokerAddressing {
+    /// One port per upstream broker, bound when the broker is discovered.
+    PortPerBroker {
+        /// Host name or address clients are told to use for every broker.
+        advertised_host: String,
+        /// Ports handed out, one per broker.
+        port_range: RangeInclusive<u16>,
+        /// Local address the broker ports are bound on (the bootstrap's by default).
+        bind_address: IpAddr,
+    },
+    /// One TLS port; the broker is chosen by the SNI host name.
+    Sni {
+        bootstrap_host: String,
+        /// Contains `$(node_id)`.
+        broker_host_pattern: String,
+        advertised_port: u16,
+    },
+}
+
+/// Client-facing TLS of a virtual cluster.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tls {
+    pub server: strait_tls::ServerTlsSettings,
+    pub reload_interval: Duration,
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

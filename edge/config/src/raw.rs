@@ -44,15 +44,45 @@ pub struct RawVirtualCluster {
     pub bootstrap: String,
     pub brokers: RawBrokers,
     pub upstream: RawUpstream,
+    pub tls: Option<RawTls>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    pub cert: String,
+    pub key: String,
+    pub client_ca: Option<String>,
+    /// `required`, `optional` or `none`.
+    pub client_auth: Option<String>,
+    /// Where principals come from, tried in order: `spiffe`, `subject`, `cn`, `dns_san`.
+    pub principal: Option<Vec<String>>,
+    /// How often the files are checked for changes.
+    #[serde(default, with = "humantime_serde")]
+    pub reload_interval: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub handshake_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSni {
+    pub bootstrap_host: String,
+    /// Must contain `$(node_id)`, e.g. `broker-$(node_id).kafka.example.com`.
+    pub broker_host_pattern: String,
+    /// Port advertised to clients; the bootstrap port by default.
+    pub advertised_port: Option<u16>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawBrokers {
-    pub advertised_host: String,
+    pub advertised_host: Option<String>,
     /// `FIRST-LAST`, inclusive.
-    pub port_range: String,
+    pub port_range: Option<String>,
     pub bind_address: Option<String>,
+    /// Host-name routing on the bootstrap port instead of a port per broker.
+    pub sni: Option<RawSni>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,9 +5,13 @@ use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 use std::time::Duration;
 
-use crate::raw::{RawConfig, RawVirtualCluster};
+use std::path::{Path, PathBuf};
+
+use strait_tls::{ClientAuth, PrincipalSource, ServerTlsSettings};
+
+use crate::raw::{RawConfig, RawTls, RawVirtualCluster};
 use crate::{
-    BrokerAddressing, Config, ConfigError, ConfigErrors, HostPort, Limits, Shutdown, Upstream,
+    BrokerAddressing, Config, ConfigError, ConfigErrors, HostPort, Limits, Shutdown, Tls, Upstream,
     VirtualCluster, DEFAULT_MAX_FRAME_BYTES,
 };
 
@@ -114,35 +118,17 @@ fn validate_virtual_cluster(
         .map_err(|message| errors.push(format!("{path}.bootstrap"), message))
         .ok();
 
-    if raw.brokers.advertised_host.trim().is_empty() {
+    let brokers = validate_brokers(raw, bootstrap, path, errors);
+    let tls = raw
+        .tls
+        .as_ref()
+        .and_then(|tls| validate_tls(tls, &format!("{path}.tls"), errors));
+    if matches!(brokers, Some(BrokerAddressing::Sni { .. })) && raw.tls.is_none() {
         errors.push(
-            format!("{path}.brokers.advertised_host"),
-            "must not be empty",
+            format!("{path}.brokers.sni"),
+            "SNI routing needs TLS: add a tls section",
         );
     }
-    let port_range = parse_port_range(&raw.brokers.port_range)
-        .map_err(|message| errors.push(format!("{path}.brokers.port_range"), message))
-        .ok();
-    if let (Some(range), Some(bootstrap)) = (&port_range, bootstrap) {
-        if range.contains(&bootstrap.port()) {
-            errors.push(
-                format!("{path}.brokers.port_range"),
-                format!("contains the bootstrap port {}", bootstrap.port()),
-            );
-        }
-    }
-    let bind_address = match &raw.brokers.bind_address {
-        Some(text) => text
-            .parse::<IpAddr>()
-            .map_err(|_| {
-                errors.push(
-                    format!("{path}.brokers.bind_address"),
-                    format!("'{text}' is not an IP address"),
-                )
-            })
-            .ok(),
-        None => bootstrap.map(|b| b.ip()),
-    };
 
     let upstream_path = format!("{path}.upstream.bootstrap_servers");
     if raw.upstream.bootstrap_servers.is_empty() {
@@ -172,15 +158,199 @@ fn validate_virtual_cluster(
     Some(VirtualCluster {
         name: raw.name.clone(),
         bootstrap: bootstrap?,
-        brokers: BrokerAddressing {
-            advertised_host: raw.brokers.advertised_host.clone(),
-            port_range: port_range?,
-            bind_address: bind_address?,
-        },
+        brokers: brokers?,
         upstream: Upstream {
             bootstrap_servers,
             connect_timeout,
         },
+        tls,
+    })
+}
+
+fn validate_brokers(
+    raw: &RawVirtualCluster,
+    bootstrap: Option<SocketAddr>,
+    path: &str,
+    errors: &mut Errors,
+) -> Option<BrokerAddressing> {
+    let brokers = &raw.brokers;
+    if let Some(sni) = &brokers.sni {
+        if brokers.port_range.is_some() || brokers.advertised_host.is_some() {
+            errors.push(
+                format!("{path}.brokers"),
+                "use either sni or advertised_host/port_range, not both",
+            );
+        }
+        let sni_path = format!("{path}.brokers.sni");
+        if !is_host_name(&sni.bootstrap_host) {
+            errors.push(
+                format!("{sni_path}.bootstrap_host"),
+                format!("'{}' is not a host name", sni.bootstrap_host),
+            );
+        }
+        let pattern = &sni.broker_host_pattern;
+        if pattern.matches(NODE_ID).count() != 1 || !is_host_name(&pattern.replace(NODE_ID, "1")) {
+            errors.push(
+                format!("{sni_path}.broker_host_pattern"),
+                format!("'{pattern}' must be a host name containing $(node_id) once"),
+            );
+        }
+        if sni.advertised_port == Some(0) {
+            errors.push(format!("{sni_path}.advertised_port"), "must not be 0");
+        }
+        return Some(BrokerAddressing::Sni {
+            bootstrap_host: sni.bootstrap_host.to_ascii_lowercase(),
+            broker_host_pattern: pattern.to_ascii_lowercase(),
+            advertised_port: sni.advertised_port.or(bootstrap.map(|b| b.port()))?,
+        });
+    }
+    let advertised_host = match &brokers.advertised_host {
+        Some(host) if !host.trim().is_empty() => Some(host.clone()),
+        Some(_) => {
+            errors.push(
+                format!("{path}.brokers.advertised_host"),
+                "must not be empty",
+            );
+            None
+        }
+        None => {
+            errors.push(
+                format!("{path}.brokers.advertised_host"),
+                "required (or configure brokers.sni)",
+            );
+            None
+        }
+    };
+    let port_range = match &brokers.port_range {
+        Some(text) => parse_port_range(text)
+            .map_err(|message| errors.push(format!("{path}.brokers.port_range"), message))
+            .ok(),
+        None => {
+            errors.push(
+                format!("{path}.brokers.port_range"),
+                "required (or configure brokers.sni)",
+            );
+            None
+        }
+    };
+    if let (Some(range), Some(bootstrap)) = (&port_range, bootstrap) {
+        if range.contains(&bootstrap.port()) {
+            errors.push(
+                format!("{path}.brokers.port_range"),
+                format!("contains the bootstrap port {}", bootstrap.port()),
+            );
+        }
+    }
+    let bind_address = match &brokers.bind_address {
+        Some(text) => text
+            .parse::<IpAddr>()
+            .map_err(|_| {
+                errors.push(
+                    format!("{path}.brokers.bind_address"),
+                    format!("'{text}' is not an IP address"),
+                )
+            })
+            .ok(),
+        None => bootstrap.map(|b| b.ip()),
+    };
+    Some(BrokerAddressing::PortPerBroker {
+        advertised_host: advertised_host?,
+        port_range: port_range?,
+        bind_address: bind_address?,
+    })
+}
+
+/// The placeholder a broker host pattern must contain.
+pub const NODE_ID: &str = "$(node_id)";
+
+fn is_host_name(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= 253
+        && text.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                && !label.starts_with('-')
+        })
+}
+
+fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
+    let before = errors.0.len();
+    let client_auth = match raw.client_auth.as_deref() {
+        None if raw.client_ca.is_some() => ClientAuth::Required,
+        None | Some("none") => ClientAuth::None,
+        Some("required") => ClientAuth::Required,
+        Some("optional") => ClientAuth::Optional,
+        Some(other) => {
+            errors.push(
+                format!("{path}.client_auth"),
+                format!("'{other}' is not one of required, optional, none"),
+            );
+            ClientAuth::None
+        }
+    };
+    if client_auth != ClientAuth::None && raw.client_ca.is_none() {
+        errors.push(
+            format!("{path}.client_ca"),
+            "required when client_auth is required or optional",
+        );
+    }
+    let mut principal_sources = Vec::new();
+    for (index, source) in raw
+        .principal
+        .clone()
+        .unwrap_or_else(|| vec!["spiffe".into(), "subject".into()])
+        .iter()
+        .enumerate()
+    {
+        match source.as_str() {
+            "spiffe" => principal_sources.push(PrincipalSource::Spiffe),
+            "subject" => principal_sources.push(PrincipalSource::Subject),
+            "cn" => principal_sources.push(PrincipalSource::CommonName),
+            "dns_san" => principal_sources.push(PrincipalSource::DnsSan),
+            other => errors.push(
+                format!("{path}.principal[{index}]"),
+                format!("'{other}' is not one of spiffe, subject, cn, dns_san"),
+            ),
+        }
+    }
+    for (field, file) in [
+        ("cert", Some(&raw.cert)),
+        ("key", Some(&raw.key)),
+        ("client_ca", raw.client_ca.as_ref()),
+    ] {
+        if let Some(file) = file {
+            if !Path::new(file).is_file() {
+                errors.push(
+                    format!("{path}.{field}"),
+                    format!("'{file}' is not a readable file"),
+                );
+            }
+        }
+    }
+    let reload_interval = raw.reload_interval.unwrap_or(Duration::from_secs(1));
+    if reload_interval.is_zero() {
+        errors.push(format!("{path}.reload_interval"), "must be greater than 0");
+    }
+    if errors.0.len() != before {
+        return None;
+    }
+    let settings = ServerTlsSettings {
+        cert: PathBuf::from(&raw.cert),
+        key: PathBuf::from(&raw.key),
+        client_ca: raw.client_ca.as_ref().map(PathBuf::from),
+        client_auth,
+        principal_sources,
+    };
+    // Build once so a bad certificate, key or bundle is a config error, not a start failure.
+    if let Err(err) = strait_tls::ServerTls::load(&settings) {
+        errors.push(path, err.to_string());
+        return None;
+    }
+    Some(Tls {
+        server: settings,
+        reload_interval,
+        handshake_timeout: raw.handshake_timeout.unwrap_or(Duration::from_secs(10)),
     })
 }
 
@@ -207,41 +377,81 @@ fn check_cross_cluster(
             );
         }
         for (j, b) in clusters.iter().enumerate().skip(i + 1) {
-            if a.bootstrap.port() == b.bootstrap.port() {
-                errors.push(
-                    format!("virtual_clusters[{j}].bootstrap"),
-                    format!(
-                        "port {} is already used by virtual_clusters[{i}]",
-                        b.bootstrap.port()
-                    ),
-                );
-            }
-            let (ra, rb) = (&a.brokers.port_range, &b.brokers.port_range);
-            if ra.start() <= rb.end() && rb.start() <= ra.end() {
-                errors.push(
-                    format!("virtual_clusters[{j}].brokers.port_range"),
-                    format!("overlaps the port range of virtual_clusters[{i}]"),
-                );
-            }
-            if ra.contains(&b.bootstrap.port()) {
-                errors.push(
-                    format!("virtual_clusters[{j}].bootstrap"),
-                    format!(
-                        "port {} is inside the port range of virtual_clusters[{i}]",
-                        b.bootstrap.port()
-                    ),
-                );
-            }
-            if rb.contains(&a.bootstrap.port()) {
-                errors.push(
-                    format!("virtual_clusters[{i}].bootstrap"),
-                    format!(
-                        "port {} is inside the port range of virtual_clusters[{j}]",
-                        a.bootstrap.port()
-                    ),
-                );
-            }
+            check_pair(i, a, j, b, errors);
         }
+    }
+}
+
+fn port_range(vc: &VirtualCluster) -> Option<&RangeInclusive<u16>> {
+    match &vc.brokers {
+        BrokerAddressing::PortPerBroker { port_range, .. } => Some(port_range),
+        BrokerAddressing::Sni { .. } => None,
+    }
+}
+
+fn sni_hosts(vc: &VirtualCluster) -> Option<(&str, &str)> {
+    match &vc.brokers {
+        BrokerAddressing::Sni {
+            bootstrap_host,
+            broker_host_pattern,
+            ..
+        } => Some((bootstrap_host, broker_host_pattern)),
+        BrokerAddressing::PortPerBroker { .. } => None,
+    }
+}
+
+fn check_pair(i: usize, a: &VirtualCluster, j: usize, b: &VirtualCluster, errors: &mut Errors) {
+    if a.bootstrap.port() == b.bootstrap.port() {
+        match (sni_hosts(a), sni_hosts(b)) {
+            // Sharing a port is what SNI routing is for, as long as names differ.
+            (Some((a_host, a_pattern)), Some((b_host, b_pattern))) => {
+                if a.bootstrap != b.bootstrap {
+                    errors.push(
+                        format!("virtual_clusters[{j}].bootstrap"),
+                        format!("shares port {} with virtual_clusters[{i}] but not its address", b.bootstrap.port()),
+                    );
+                }
+                if a_host == b_host || a_pattern == b_pattern || a_host == b_pattern || b_host == a_pattern {
+                    errors.push(
+                        format!("virtual_clusters[{j}].brokers.sni"),
+                        format!("host names collide with virtual_clusters[{i}]"),
+                    );
+                }
+            }
+            _ => errors.push(
+                format!("virtual_clusters[{j}].bootstrap"),
+                format!(
+                    "port {} is already used by virtual_clusters[{i}] (only SNI-routed clusters may share a port)",
+                    b.bootstrap.port()
+                ),
+            ),
+        }
+    }
+    if let (Some(ra), Some(rb)) = (port_range(a), port_range(b)) {
+        if ra.start() <= rb.end() && rb.start() <= ra.end() {
+            errors.push(
+                format!("virtual_clusters[{j}].brokers.port_range"),
+                format!("overlaps the port range of virtual_clusters[{i}]"),
+            );
+        }
+    }
+    if port_range(a).is_some_and(|r| r.contains(&b.bootstrap.port())) {
+        errors.push(
+            format!("virtual_clusters[{j}].bootstrap"),
+            format!(
+                "port {} is inside the port range of virtual_clusters[{i}]",
+                b.bootstrap.port()
+            ),
+        );
+    }
+    if port_range(b).is_some_and(|r| r.contains(&a.bootstrap.port())) {
+        errors.push(
+            format!("virtual_clusters[{i}].bootstrap"),
+            format!(
+                "port {} is inside the port range of virtual_clusters[{j}]",
+                a.bootstrap.port()
+            ),
+        );
     }
 }
 
@@ -313,8 +523,16 @@ shutdown:
         assert_eq!(config.admin.unwrap().port(), 9901);
         assert_eq!(config.virtual_clusters.len(), 2);
         let local = &config.virtual_clusters[0];
-        assert_eq!(local.brokers.port_range, 19100..=19199);
-        assert_eq!(local.brokers.bind_address.to_string(), "127.0.0.1");
+        let crate::BrokerAddressing::PortPerBroker {
+            port_range,
+            bind_address,
+            ..
+        } = &local.brokers
+        else {
+            panic!("port mode expected")
+        };
+        assert_eq!(*port_range, 19100..=19199);
+        assert_eq!(bind_address.to_string(), "127.0.0.1");
         assert_eq!(local.upstream.bootstrap_servers[1].host, "kafka-2.internal");
         assert_eq!(
             config.virtual_clusters[1]

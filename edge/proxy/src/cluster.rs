@@ -4,10 +4,16 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use strait_edge_config::VirtualCluster;
+use std::time::Duration;
+
+use strait_edge_config::{BrokerAddressing, VirtualCluster};
 use strait_filter::{ConnectionInfo, Endpoint, Filter, FilterChain, FilterFactory, Principal};
+use strait_tls::tokio_rustls::rustls::ServerConfig;
+use strait_tls::tokio_rustls::{StartHandshake, TlsAcceptor};
+use strait_tls::{handshake_failure_reason, principal_of, PrincipalSource, TlsMetrics};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
@@ -18,14 +24,26 @@ use crate::metrics::ClusterMetrics;
 use crate::rewrite::{AddressRewriteFilter, ApiVersionsFilter};
 use crate::upstream::{Upstream, UpstreamTarget};
 
+/// Client-facing TLS of a virtual cluster.
+pub struct ClusterTls {
+    /// The newest server configuration; replaced when certificate files change.
+    pub config: watch::Receiver<Arc<ServerConfig>>,
+    pub principal_sources: Vec<PrincipalSource>,
+    pub handshake_timeout: Duration,
+    pub metrics: TlsMetrics,
+}
+
 /// Everything a virtual cluster's connections share.
 pub struct ClusterRuntime {
     pub name: Arc<str>,
     brokers: Arc<BrokerMap>,
+    /// Set in SNI mode: the host name that designates the bootstrap.
+    sni_bootstrap_host: Option<String>,
     upstream: Arc<dyn Upstream>,
     filters: Vec<Arc<dyn FilterFactory>>,
     metrics: Arc<ClusterMetrics>,
     settings: ConnectionSettings,
+    tls: Option<ClusterTls>,
     /// Stops accepting.
     stop_accepting: CancellationToken,
     /// Asks open connections to finish what they have read and close.
@@ -33,46 +51,137 @@ pub struct ClusterRuntime {
     tracker: TaskTracker,
 }
 
+/// What a cluster runtime needs besides its configuration.
+pub struct RuntimeParts {
+    pub upstream: Arc<dyn Upstream>,
+    pub filters: Vec<Arc<dyn FilterFactory>>,
+    pub metrics: Arc<ClusterMetrics>,
+    pub settings: ConnectionSettings,
+    pub tls: Option<ClusterTls>,
+    pub stop_accepting: CancellationToken,
+    pub drain: CancellationToken,
+    pub tracker: TaskTracker,
+}
+
 impl ClusterRuntime {
-    /// Binds the bootstrap port and starts serving. Broker ports are bound
-    /// later, as the first Metadata response names each broker.
-    #[allow(clippy::too_many_arguments)]
-    pub async fn start(
-        config: &VirtualCluster,
-        upstream: Arc<dyn Upstream>,
-        filters: Vec<Arc<dyn FilterFactory>>,
-        metrics: Arc<ClusterMetrics>,
-        settings: ConnectionSettings,
-        stop_accepting: CancellationToken,
-        drain: CancellationToken,
-        tracker: TaskTracker,
-    ) -> std::io::Result<Arc<Self>> {
-        let bootstrap = TcpListener::bind(config.bootstrap).await?;
-        let (brokers, new_brokers) = BrokerMap::new(
-            &config.brokers.advertised_host,
-            config.brokers.port_range.clone(),
-            config.brokers.bind_address,
-            metrics.brokers_discovered.clone(),
-        );
+    /// Starts a virtual cluster. In port-per-broker mode this binds the
+    /// bootstrap port and serves it; broker ports are bound later, as the
+    /// first Metadata response names each broker. In SNI mode the caller
+    /// owns the shared listener and routes handshakes with [`Self::sni_route`].
+    pub async fn start(config: &VirtualCluster, parts: RuntimeParts) -> std::io::Result<Arc<Self>> {
+        let discovered = parts.metrics.brokers_discovered.clone();
+        let (brokers, new_brokers, sni_bootstrap_host) = match &config.brokers {
+            BrokerAddressing::PortPerBroker {
+                advertised_host,
+                port_range,
+                bind_address,
+            } => {
+                let (map, rx) = BrokerMap::new(
+                    advertised_host,
+                    port_range.clone(),
+                    *bind_address,
+                    discovered,
+                );
+                (map, Some(rx), None)
+            }
+            BrokerAddressing::Sni {
+                bootstrap_host,
+                broker_host_pattern,
+                advertised_port,
+            } => (
+                BrokerMap::sni(broker_host_pattern, *advertised_port, discovered),
+                None,
+                Some(bootstrap_host.clone()),
+            ),
+        };
+        let bootstrap = match new_brokers {
+            Some(_) => Some(TcpListener::bind(config.bootstrap).await?),
+            None => None,
+        };
         let runtime = Arc::new(ClusterRuntime {
             name: config.name.as_str().into(),
             brokers,
-            upstream,
-            filters,
-            metrics,
-            settings,
-            stop_accepting,
-            drain,
-            tracker: tracker.clone(),
+            sni_bootstrap_host,
+            upstream: parts.upstream,
+            filters: parts.filters,
+            metrics: parts.metrics,
+            settings: parts.settings,
+            tls: parts.tls,
+            stop_accepting: parts.stop_accepting,
+            drain: parts.drain,
+            tracker: parts.tracker.clone(),
         });
-        tracing::info!(
-            virtual_cluster = %runtime.name,
-            bootstrap = %config.bootstrap,
-            "listening"
-        );
-        tracker.spawn(runtime.clone().accept_loop(bootstrap, Endpoint::Bootstrap));
-        tracker.spawn(runtime.clone().broker_listeners(new_brokers));
+        if let (Some(bootstrap), Some(new_brokers)) = (bootstrap, new_brokers) {
+            tracing::info!(
+                virtual_cluster = %runtime.name,
+                bootstrap = %config.bootstrap,
+                tls = runtime.tls.is_some(),
+                "listening"
+            );
+            parts
+                .tracker
+                .spawn(runtime.clone().accept_loop(bootstrap, Endpoint::Bootstrap));
+            parts
+                .tracker
+                .spawn(runtime.clone().broker_listeners(new_brokers));
+        }
         Ok(runtime)
+    }
+
+    /// The endpoint an SNI host name designates in this cluster, if any.
+    pub fn sni_route(&self, host: &str) -> Option<Endpoint> {
+        if self
+            .sni_bootstrap_host
+            .as_deref()
+            .is_some_and(|bootstrap| bootstrap.eq_ignore_ascii_case(host))
+        {
+            return Some(Endpoint::Bootstrap);
+        }
+        let node_id = self.brokers.node_for_host(host)?;
+        // Only brokers the edge has advertised: anything else is refused at the handshake.
+        self.brokers
+            .upstream_of(node_id)
+            .map(|_| Endpoint::Broker(node_id))
+    }
+
+    pub fn tls_metrics(&self) -> Option<&TlsMetrics> {
+        self.tls.as_ref().map(|tls| &tls.metrics)
+    }
+
+    /// Finishes a TLS handshake whose ClientHello was routed here by SNI, then serves.
+    pub async fn serve_sni(
+        self: Arc<Self>,
+        start: StartHandshake<TcpStream>,
+        peer: SocketAddr,
+        endpoint: Endpoint,
+    ) {
+        let Some(tls) = &self.tls else {
+            return;
+        };
+        let config = tls.config.borrow().clone();
+        let handshake =
+            tokio::time::timeout(tls.handshake_timeout, start.into_stream(config)).await;
+        let stream = match handshake {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => return self.handshake_failed(&err),
+            Err(_) => {
+                return self.handshake_failed(&std::io::Error::from(std::io::ErrorKind::TimedOut))
+            }
+        };
+        let principal = principal_of(
+            stream.get_ref().1.peer_certificates(),
+            &tls.principal_sources,
+        );
+        tls.metrics.handshake(&self.name, None);
+        self.serve(stream, peer, endpoint, principal).await;
+    }
+
+    fn handshake_failed(&self, err: &std::io::Error) {
+        let reason = handshake_failure_reason(err);
+        if let Some(tls) = &self.tls {
+            tls.metrics.handshake(&self.name, Some(reason));
+        }
+        tracing::info!(virtual_cluster = %self.name, %err, reason, "TLS handshake failed");
     }
 
     async fn broker_listeners(
@@ -115,8 +224,11 @@ impl ClusterRuntime {
                         client = %peer,
                         endpoint = ?endpoint
                     );
-                    self.tracker
-                        .spawn(self.clone().serve(stream, peer, endpoint).instrument(span));
+                    self.tracker.spawn(
+                        self.clone()
+                            .accepted(stream, peer, endpoint)
+                            .instrument(span),
+                    );
                 }
                 Err(err) => {
                     // Usually out of file descriptors: back off instead of spinning.
@@ -130,11 +242,45 @@ impl ClusterRuntime {
         }
     }
 
-    async fn serve(self: Arc<Self>, client: TcpStream, peer: SocketAddr, endpoint: Endpoint) {
+    /// A TCP connection on one of this cluster's own ports.
+    async fn accepted(self: Arc<Self>, client: TcpStream, peer: SocketAddr, endpoint: Endpoint) {
+        client.set_nodelay(true).ok();
+        let Some(tls) = &self.tls else {
+            return self
+                .serve(client, peer, endpoint, Principal::Anonymous)
+                .await;
+        };
+        let acceptor = TlsAcceptor::from(tls.config.borrow().clone());
+        let stream = match tokio::time::timeout(tls.handshake_timeout, acceptor.accept(client))
+            .await
+        {
+            Ok(Ok(stream)) => stream,
+            Ok(Err(err)) => return self.handshake_failed(&err),
+            Err(_) => {
+                return self.handshake_failed(&std::io::Error::from(std::io::ErrorKind::TimedOut))
+            }
+        };
+        let principal = principal_of(
+            stream.get_ref().1.peer_certificates(),
+            &tls.principal_sources,
+        );
+        tls.metrics.handshake(&self.name, None);
+        tracing::debug!(%principal, "TLS established");
+        self.serve(stream, peer, endpoint, principal).await;
+    }
+
+    async fn serve<S>(
+        self: Arc<Self>,
+        client: S,
+        peer: SocketAddr,
+        endpoint: Endpoint,
+        principal: Principal,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
         self.metrics.connections.inc();
         self.metrics.connections_open.inc();
         let _open = scopeguard(&self.metrics.connections_open);
-        client.set_nodelay(true).ok();
 
         let target = match endpoint {
             Endpoint::Bootstrap => UpstreamTarget::Bootstrap,
@@ -159,7 +305,7 @@ impl ClusterRuntime {
             virtual_cluster: self.name.clone(),
             client_addr: peer,
             endpoint,
-            principal: Principal::Anonymous,
+            principal,
         };
         let mut filters: Vec<Box<dyn Filter>> = vec![
             Box::new(ApiVersionsFilter),

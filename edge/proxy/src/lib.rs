@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod connection;
 pub mod metrics;
 pub mod rewrite;
+pub mod sni;
 pub mod upstream;
 
 use std::collections::HashMap;
@@ -20,19 +21,30 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use strait_edge_config::Config;
+use std::net::SocketAddr;
+
+use strait_edge_config::{BrokerAddressing, Config};
 use strait_filter::FilterFactory;
+use strait_tls::{CredentialWatcher, TlsMetrics};
 use thiserror::Error;
+use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::ClusterRuntime;
+use crate::cluster::{ClusterRuntime, ClusterTls, RuntimeParts};
 use crate::connection::ConnectionSettings;
 use crate::metrics::ProxyMetrics;
+use crate::sni::SniListener;
 use crate::upstream::{DirectTcp, Upstream};
 
 #[derive(Debug, Error)]
 pub enum StartError {
+    #[error("virtual cluster '{name}': {source}")]
+    Tls {
+        name: String,
+        #[source]
+        source: strait_tls::TlsError,
+    },
     #[error("virtual cluster '{name}': cannot bind bootstrap {address}: {source}")]
     Bind {
         name: String,
@@ -59,6 +71,7 @@ impl Edge {
     pub async fn start(
         config: &Config,
         metrics: Arc<ProxyMetrics>,
+        tls_metrics: TlsMetrics,
         mut filters: FiltersByCluster,
         ready: Arc<AtomicBool>,
     ) -> Result<Edge, StartError> {
@@ -70,33 +83,83 @@ impl Edge {
             filter_timeout: config.limits.filter_timeout,
         };
         let mut clusters = Vec::new();
-        for vc in &config.virtual_clusters {
-            let upstream: Arc<dyn Upstream> = Arc::new(DirectTcp::new(
-                vc.upstream.bootstrap_servers.clone(),
-                vc.upstream.connect_timeout,
-            ));
-            let runtime = ClusterRuntime::start(
-                vc,
-                upstream,
-                filters.remove(&vc.name).unwrap_or_default(),
-                metrics.for_cluster(&vc.name),
-                settings,
-                stop_accepting.clone(),
-                drain.clone(),
-                tracker.clone(),
-            )
-            .await;
-            match runtime {
-                Ok(runtime) => clusters.push(runtime),
-                Err(source) => {
-                    stop_accepting.cancel();
-                    return Err(StartError::Bind {
+        let mut sni_routes: HashMap<SocketAddr, Vec<Arc<ClusterRuntime>>> = HashMap::new();
+        let result = async {
+            for vc in &config.virtual_clusters {
+                let upstream: Arc<dyn Upstream> = Arc::new(DirectTcp::new(
+                    vc.upstream.bootstrap_servers.clone(),
+                    vc.upstream.connect_timeout,
+                ));
+                let tls = match &vc.tls {
+                    Some(tls) => Some(ClusterTls {
+                        config: CredentialWatcher::start(
+                            &vc.name,
+                            tls.server.clone(),
+                            tls_metrics.clone(),
+                            tls.reload_interval,
+                            stop_accepting.clone(),
+                        )
+                        .map_err(|source| StartError::Tls {
+                            name: vc.name.clone(),
+                            source,
+                        })?,
+                        principal_sources: tls.server.principal_sources.clone(),
+                        handshake_timeout: tls.handshake_timeout,
+                        metrics: tls_metrics.clone(),
+                    }),
+                    None => None,
+                };
+                let parts = RuntimeParts {
+                    upstream,
+                    filters: filters.remove(&vc.name).unwrap_or_default(),
+                    metrics: metrics.for_cluster(&vc.name),
+                    settings,
+                    tls,
+                    stop_accepting: stop_accepting.clone(),
+                    drain: drain.clone(),
+                    tracker: tracker.clone(),
+                };
+                let runtime = ClusterRuntime::start(vc, parts)
+                    .await
+                    .map_err(|source| StartError::Bind {
                         name: vc.name.clone(),
                         address: vc.bootstrap,
                         source,
-                    });
+                    })?;
+                if matches!(vc.brokers, BrokerAddressing::Sni { .. }) {
+                    sni_routes.entry(vc.bootstrap).or_default().push(runtime.clone());
                 }
+                clusters.push(runtime);
             }
+            for (address, routes) in sni_routes {
+                let listener = TcpListener::bind(address)
+                    .await
+                    .map_err(|source| StartError::Bind {
+                        name: routes.iter().map(|r| r.name.to_string()).collect::<Vec<_>>().join(","),
+                        address,
+                        source,
+                    })?;
+                tracing::info!(
+                    %address,
+                    virtual_clusters = ?routes.iter().map(|r| r.name.to_string()).collect::<Vec<_>>(),
+                    "listening (TLS, routed by SNI)"
+                );
+                let hello_timeout = Duration::from_secs(10);
+                tracker.spawn(
+                    SniListener {
+                        listener,
+                        routes,
+                        hello_timeout,
+                    }
+                    .run(stop_accepting.clone(), tracker.clone()),
+                );
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(err) = result {
+            stop_accepting.cancel();
+            return Err(err);
         }
         ready.store(true, Ordering::Release);
         Ok(Edge {

@@ -84,11 +84,11 @@ impl AddressRewriteFilter {
             host: host.as_str().to_owned(),
             port: upstream_port,
         };
-        let edge_port = self
+        let (edge_host, edge_port) = self
             .brokers
             .advertise(node_id, upstream)
             .map_err(|err| err.to_string())?;
-        *host = StrBytes::from_string(self.brokers.advertised_host().to_string());
+        *host = StrBytes::from_string(edge_host.to_string());
         *port = i32::from(edge_port);
         Ok(())
     }

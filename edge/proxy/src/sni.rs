@@ -1,0 +1,96 @@
+//! One TLS port shared by several virtual clusters: the ClientHello's SNI
+//! host name picks the cluster and the broker, before any certificate is sent.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use strait_tls::tokio_rustls::rustls::server::Acceptor;
+use strait_tls::tokio_rustls::LazyConfigAcceptor;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::Instrument;
+
+use crate::cluster::ClusterRuntime;
+
+pub struct SniListener {
+    pub listener: TcpListener,
+    pub routes: Vec<Arc<ClusterRuntime>>,
+    pub hello_timeout: Duration,
+}
+
+impl SniListener {
+    pub async fn run(self, stop: CancellationToken, tracker: TaskTracker) {
+        let routes: Arc<[Arc<ClusterRuntime>]> = self.routes.into();
+        loop {
+            let accepted = tokio::select! {
+                _ = stop.cancelled() => return,
+                accepted = self.listener.accept() => accepted,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let span = tracing::info_span!("connection", client = %peer);
+                    tracker.spawn(
+                        route(stream, peer, routes.clone(), self.hello_timeout).instrument(span),
+                    );
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "accept failed");
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn route(
+    stream: TcpStream,
+    peer: SocketAddr,
+    routes: Arc<[Arc<ClusterRuntime>]>,
+    hello_timeout: Duration,
+) {
+    stream.set_nodelay(true).ok();
+    let start = match tokio::time::timeout(
+        hello_timeout,
+        LazyConfigAcceptor::new(Acceptor::default(), stream),
+    )
+    .await
+    {
+        Ok(Ok(start)) => start,
+        Ok(Err(err)) => {
+            tracing::info!(%err, "no valid TLS ClientHello");
+            return;
+        }
+        Err(_) => {
+            tracing::info!("no TLS ClientHello in time");
+            return;
+        }
+    };
+    let host = start.client_hello().server_name().map(str::to_owned);
+    let Some(host) = host else {
+        refuse(&routes, "no_sni", "");
+        return;
+    };
+    for runtime in routes.iter() {
+        if let Some(endpoint) = runtime.sni_route(&host) {
+            runtime.clone().serve_sni(start, peer, endpoint).await;
+            return;
+        }
+    }
+    refuse(&routes, "unknown_sni", &host);
+}
+
+fn refuse(routes: &[Arc<ClusterRuntime>], reason: &str, host: &str) {
+    if let Some(metrics) = routes.first().and_then(|r| r.tls_metrics()) {
+        metrics.handshake("", Some(reason));
+    }
+    tracing::info!(
+        host,
+        reason,
+        "TLS connection refused: no virtual cluster serves this name"
+    );
+}

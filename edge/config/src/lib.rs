@@ -87,6 +87,7 @@ pub struct Upstream {
     /// `host:port` pairs, tried in turn.
     pub bootstrap_servers: Vec<HostPort>,
     pub connect_timeout: Duration,
+    pub tls: Option<strait_tls::ClientTlsSettings>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -89,6 +89,16 @@ pub struct RawBrokers {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
     pub bootstrap_servers: Vec<String>,
+    pub tls: Option<RawUpstreamTls>,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawUpstreamTls {
+    pub ca: String,
+    pub cert: Option<String>,
+    pub key: Option<String>,
+    pub server_name: Option<String>,
 }

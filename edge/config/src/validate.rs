@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use std::path::{Path, PathBuf};
 
-use strait_tls::{ClientAuth, PrincipalSource, ServerTlsSettings};
+use strait_tls::{ClientAuth, ClientTlsSettings, PrincipalSource, ServerTlsSettings};
 
-use crate::raw::{RawConfig, RawTls, RawVirtualCluster};
+use crate::raw::{RawConfig, RawTls, RawUpstreamTls, RawVirtualCluster};
 use crate::{
     BrokerAddressing, Config, ConfigError, ConfigErrors, HostPort, Limits, Shutdown, Tls, Upstream,
     VirtualCluster, DEFAULT_MAX_FRAME_BYTES,
@@ -152,6 +152,12 @@ fn validate_virtual_cluster(
         );
     }
 
+    let upstream_tls = raw
+        .upstream
+        .tls
+        .as_ref()
+        .and_then(|tls| validate_upstream_tls(tls, &format!("{path}.upstream.tls"), errors));
+
     if errors.0.len() != before {
         return None;
     }
@@ -162,6 +168,7 @@ fn validate_virtual_cluster(
         upstream: Upstream {
             bootstrap_servers,
             connect_timeout,
+            tls: upstream_tls,
         },
         tls,
     })
@@ -272,6 +279,49 @@ fn is_host_name(text: &str) -> bool {
                 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
                 && !label.starts_with('-')
         })
+}
+
+fn validate_upstream_tls(
+    raw: &RawUpstreamTls,
+    path: &str,
+    errors: &mut Errors,
+) -> Option<ClientTlsSettings> {
+    let before = errors.0.len();
+    for (field, file) in [
+        ("ca", Some(&raw.ca)),
+        ("cert", raw.cert.as_ref()),
+        ("key", raw.key.as_ref()),
+    ] {
+        if let Some(file) = file {
+            if !Path::new(file).is_file() {
+                errors.push(
+                    format!("{path}.{field}"),
+                    format!("'{file}' is not a readable file"),
+                );
+            }
+        }
+    }
+    let identity = match (&raw.cert, &raw.key) {
+        (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
+        (None, None) => None,
+        _ => {
+            errors.push(path, "cert and key go together");
+            None
+        }
+    };
+    if errors.0.len() != before {
+        return None;
+    }
+    let settings = ClientTlsSettings {
+        ca: PathBuf::from(&raw.ca),
+        identity,
+        server_name: raw.server_name.clone(),
+    };
+    if let Err(err) = strait_tls::ClientTls::load(&settings) {
+        errors.push(path, err.to_string());
+        return None;
+    }
+    Some(settings)
 }
 
 fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {

@@ -86,10 +86,17 @@ impl Edge {
         let mut sni_routes: HashMap<SocketAddr, Vec<Arc<ClusterRuntime>>> = HashMap::new();
         let result = async {
             for vc in &config.virtual_clusters {
-                let upstream: Arc<dyn Upstream> = Arc::new(DirectTcp::new(
+                let mut direct = DirectTcp::new(
                     vc.upstream.bootstrap_servers.clone(),
                     vc.upstream.connect_timeout,
-                ));
+                );
+                if let Some(tls) = &vc.upstream.tls {
+                    direct = direct.with_tls(tls).map_err(|source| StartError::Tls {
+                        name: vc.name.clone(),
+                        source,
+                    })?;
+                }
+                let upstream: Arc<dyn Upstream> = Arc::new(direct);
                 let tls = match &vc.tls {
                     Some(tls) => Some(ClusterTls {
                         config: CredentialWatcher::start(

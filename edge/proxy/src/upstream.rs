@@ -11,6 +11,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use strait_edge_config::HostPort;
+use strait_tls::tokio_rustls::rustls::pki_types::ServerName;
+use strait_tls::tokio_rustls::TlsConnector;
+use strait_tls::{ClientTls, ClientTlsSettings};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
@@ -49,12 +52,18 @@ pub trait Upstream: Send + Sync {
     async fn connect(&self, target: &UpstreamTarget) -> Result<BoxedIo, ConnectError>;
 }
 
-/// Plain TCP to the brokers.
+/// TCP to the brokers, optionally wrapped in TLS.
 pub struct DirectTcp {
     bootstrap_servers: Vec<HostPort>,
     connect_timeout: Duration,
+    tls: Option<UpstreamTls>,
     // Spreads bootstrap connections over the servers, and moves past a dead one.
     next_bootstrap: AtomicUsize,
+}
+
+struct UpstreamTls {
+    connector: TlsConnector,
+    server_name: Option<ServerName<'static>>,
 }
 
 impl DirectTcp {
@@ -62,7 +71,50 @@ impl DirectTcp {
         DirectTcp {
             bootstrap_servers,
             connect_timeout,
+            tls: None,
             next_bootstrap: AtomicUsize::new(0),
+        }
+    }
+
+    /// Brokers are reached over TLS, verified against `settings.ca`.
+    pub fn with_tls(mut self, settings: &ClientTlsSettings) -> Result<Self, strait_tls::TlsError> {
+        let config = ClientTls::load(settings)?;
+        let server_name = match &settings.server_name {
+            Some(name) => Some(ServerName::try_from(name.clone()).map_err(|err| {
+                strait_tls::TlsError::Verifier(format!("invalid server_name '{name}': {err}"))
+            })?),
+            None => None,
+        };
+        self.tls = Some(UpstreamTls {
+            connector: TlsConnector::from(config),
+            server_name,
+        });
+        Ok(self)
+    }
+
+    async fn connect_io(&self, address: &HostPort) -> Result<BoxedIo, ConnectError> {
+        let tcp = self.connect_one(address).await?;
+        let Some(tls) = &self.tls else {
+            return Ok(Box::new(tcp));
+        };
+        let server_name = match &tls.server_name {
+            Some(name) => name.clone(),
+            None => ServerName::try_from(address.host.clone()).map_err(|err| ConnectError::Io {
+                address: address.to_string(),
+                source: std::io::Error::new(std::io::ErrorKind::InvalidInput, err),
+            })?,
+        };
+        let handshake = tls.connector.connect(server_name, tcp);
+        match tokio::time::timeout(self.connect_timeout, handshake).await {
+            Ok(Ok(stream)) => Ok(Box::new(stream)),
+            Ok(Err(source)) => Err(ConnectError::Io {
+                address: format!("{address} (TLS)"),
+                source,
+            }),
+            Err(_) => Err(ConnectError::Timeout {
+                address: format!("{address} (TLS)"),
+                timeout: self.connect_timeout,
+            }),
         }
     }
 
@@ -96,17 +148,15 @@ impl DirectTcp {
 impl Upstream for DirectTcp {
     async fn connect(&self, target: &UpstreamTarget) -> Result<BoxedIo, ConnectError> {
         match target {
-            UpstreamTarget::Broker { address, .. } => {
-                Ok(Box::new(self.connect_one(address).await?))
-            }
+            UpstreamTarget::Broker { address, .. } => self.connect_io(address).await,
             UpstreamTarget::Bootstrap => {
                 let count = self.bootstrap_servers.len();
                 let start = self.next_bootstrap.fetch_add(1, Ordering::Relaxed);
                 let mut failures = Vec::new();
                 for offset in 0..count {
                     let server = &self.bootstrap_servers[(start + offset) % count];
-                    match self.connect_one(server).await {
-                        Ok(stream) => return Ok(Box::new(stream)),
+                    match self.connect_io(server).await {
+                        Ok(stream) => return Ok(stream),
                         Err(err) => failures.push(err.to_string()),
                     }
                 }

@@ -12,10 +12,12 @@
 
 #![forbid(unsafe_code)]
 
+mod client;
 mod identity;
 mod metrics;
 mod server;
 
+pub use client::{ClientTls, ClientTlsSettings};
 pub use identity::{principal_of, PrincipalSource};
 pub use metrics::TlsMetrics;
 pub use server::{

@@ -51,6 +51,22 @@ pub struct VirtualCluster {
     pub brokers: BrokerAddressing,
     pub upstream: Upstream,
     pub tls: Option<Tls>,
+    pub quotas: Option<Quotas>,
+}
+
+/// Per-principal rates; `None` is unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Rates {
+    pub produce_bytes_per_second: Option<f64>,
+    pub fetch_bytes_per_second: Option<f64>,
+    pub requests_per_second: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quotas {
+    pub default: Rates,
+    /// (principal glob, rates), first match wins.
+    pub principals: Vec<(String, Rates)>,
 }
 
 /// How brokers are exposed to clients.

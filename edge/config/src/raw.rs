@@ -45,6 +45,33 @@ pub struct RawVirtualCluster {
     pub brokers: RawBrokers,
     pub upstream: RawUpstream,
     pub tls: Option<RawTls>,
+    pub quotas: Option<RawQuotas>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawQuotas {
+    #[serde(default)]
+    pub default: RawRates,
+    #[serde(default)]
+    pub principals: Vec<RawPrincipalRates>,
+}
+
+#[derive(Debug, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RawRates {
+    pub produce_bytes_per_second: Option<f64>,
+    pub fetch_bytes_per_second: Option<f64>,
+    pub requests_per_second: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPrincipalRates {
+    /// Glob over principal names.
+    pub principal: String,
+    #[serde(flatten)]
+    pub rates: RawRates,
 }
 
 #[derive(Debug, Deserialize)]

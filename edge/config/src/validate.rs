@@ -3,16 +3,15 @@
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
-use std::time::Duration;
-
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use strait_tls::{ClientAuth, ClientTlsSettings, PrincipalSource, ServerTlsSettings};
 
-use crate::raw::{RawConfig, RawTls, RawUpstreamTls, RawVirtualCluster};
+use crate::raw::{RawConfig, RawQuotas, RawRates, RawTls, RawUpstreamTls, RawVirtualCluster};
 use crate::{
-    BrokerAddressing, Config, ConfigError, ConfigErrors, HostPort, Limits, Shutdown, Tls, Upstream,
-    VirtualCluster, DEFAULT_MAX_FRAME_BYTES,
+    BrokerAddressing, Config, ConfigError, ConfigErrors, HostPort, Limits, Quotas, Rates, Shutdown,
+    Tls, Upstream, VirtualCluster, DEFAULT_MAX_FRAME_BYTES,
 };
 
 #[derive(Default)]
@@ -152,6 +151,10 @@ fn validate_virtual_cluster(
         );
     }
 
+    let quotas = raw
+        .quotas
+        .as_ref()
+        .map(|quotas| validate_quotas(quotas, &format!("{path}.quotas"), errors));
     let upstream_tls = raw
         .upstream
         .tls
@@ -171,6 +174,7 @@ fn validate_virtual_cluster(
             tls: upstream_tls,
         },
         tls,
+        quotas,
     })
 }
 
@@ -279,6 +283,40 @@ fn is_host_name(text: &str) -> bool {
                 && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
                 && !label.starts_with('-')
         })
+}
+
+fn validate_rates(raw: &RawRates, path: &str, errors: &mut Errors) -> Rates {
+    for (field, value) in [
+        ("produce_bytes_per_second", raw.produce_bytes_per_second),
+        ("fetch_bytes_per_second", raw.fetch_bytes_per_second),
+        ("requests_per_second", raw.requests_per_second),
+    ] {
+        if value.is_some_and(|v| !(v.is_finite() && v > 0.0)) {
+            errors.push(format!("{path}.{field}"), "must be a positive number");
+        }
+    }
+    Rates {
+        produce_bytes_per_second: raw.produce_bytes_per_second,
+        fetch_bytes_per_second: raw.fetch_bytes_per_second,
+        requests_per_second: raw.requests_per_second,
+    }
+}
+
+fn validate_quotas(raw: &RawQuotas, path: &str, errors: &mut Errors) -> Quotas {
+    let default = validate_rates(&raw.default, &format!("{path}.default"), errors);
+    let mut principals = Vec::new();
+    for (index, entry) in raw.principals.iter().enumerate() {
+        let entry_path = format!("{path}.principals[{index}]");
+        let entry_rates = validate_rates(&entry.rates, &entry_path, errors);
+        if let Err(err) = globset::Glob::new(&entry.principal) {
+            errors.push(format!("{entry_path}.principal"), err.to_string());
+        }
+        principals.push((entry.principal.clone(), entry_rates));
+    }
+    Quotas {
+        default,
+        principals,
+    }
 }
 
 fn validate_upstream_tls(

@@ -21,6 +21,7 @@ use tracing::Instrument;
 use crate::brokers::{BrokerMap, NewBrokerListener};
 use crate::connection::{relay, ConnectionError, ConnectionSettings};
 use crate::metrics::ClusterMetrics;
+use crate::quota::QuotaPolicy;
 use crate::rewrite::{AddressRewriteFilter, ApiVersionsFilter};
 use crate::upstream::{Upstream, UpstreamTarget};
 
@@ -44,6 +45,7 @@ pub struct ClusterRuntime {
     metrics: Arc<ClusterMetrics>,
     settings: ConnectionSettings,
     tls: Option<ClusterTls>,
+    quotas: Option<Arc<QuotaPolicy>>,
     /// Stops accepting.
     stop_accepting: CancellationToken,
     /// Asks open connections to finish what they have read and close.
@@ -58,6 +60,7 @@ pub struct RuntimeParts {
     pub metrics: Arc<ClusterMetrics>,
     pub settings: ConnectionSettings,
     pub tls: Option<ClusterTls>,
+    pub quotas: Option<Arc<QuotaPolicy>>,
     pub stop_accepting: CancellationToken,
     pub drain: CancellationToken,
     pub tracker: TaskTracker,
@@ -107,6 +110,7 @@ impl ClusterRuntime {
             metrics: parts.metrics,
             settings: parts.settings,
             tls: parts.tls,
+            quotas: parts.quotas,
             stop_accepting: parts.stop_accepting,
             drain: parts.drain,
             tracker: parts.tracker.clone(),
@@ -313,12 +317,17 @@ impl ClusterRuntime {
         ];
         filters.extend(self.filters.iter().map(|factory| factory.create(&info)));
         let chain = FilterChain::new(filters);
+        let quota = self
+            .quotas
+            .as_ref()
+            .and_then(|quotas| quotas.for_principal(&info.principal));
         tracing::debug!("connection open");
         match relay(
             client,
             upstream,
             info,
             chain,
+            quota,
             self.metrics.clone(),
             self.settings,
             self.drain.clone(),

@@ -27,6 +27,7 @@ use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ClusterMetrics;
+use crate::quota::{set_throttle_time, PrincipalQuota};
 
 const READ_BUFFER: usize = 64 * 1024;
 
@@ -88,6 +89,8 @@ enum InFlight {
         api_key: i16,
         version: i16,
         decode_response: bool,
+        /// Quota throttle to announce in the answer's `throttle_time_ms`.
+        throttle_ms: i32,
         sent_at: Instant,
     },
     /// Answered by a filter: written to the client when its turn comes.
@@ -96,11 +99,13 @@ enum InFlight {
 
 /// Relays one client connection until either side closes, an error occurs,
 /// or `drain` fires and every request read so far has been answered.
+#[allow(clippy::too_many_arguments)]
 pub async fn relay<C, U>(
     client: C,
     upstream: U,
     info: ConnectionInfo,
     chain: FilterChain,
+    quota: Option<Arc<PrincipalQuota>>,
     metrics: Arc<ClusterMetrics>,
     settings: ConnectionSettings,
     drain: CancellationToken,
@@ -118,6 +123,7 @@ where
         request_keys: chain.request_keys(),
         response_keys: chain.response_keys(),
         chain: Mutex::new(chain),
+        quota,
         metrics,
         settings,
     };
@@ -143,8 +149,22 @@ struct Shared {
     request_keys: ApiKeySet,
     response_keys: ApiKeySet,
     chain: Mutex<FilterChain>,
+    quota: Option<Arc<PrincipalQuota>>,
     metrics: Arc<ClusterMetrics>,
     settings: ConnectionSettings,
+}
+
+impl Shared {
+    fn throttle(&self, api_key: i16, frame_len: usize) -> Duration {
+        match &self.quota {
+            Some(quota) => quota.on_request(api_key, frame_len),
+            None => Duration::ZERO,
+        }
+    }
+}
+
+fn millis(duration: Duration) -> i32 {
+    duration.as_millis().min(i32::MAX as u128) as i32
 }
 
 struct RequestPump<'a, R, W> {
@@ -164,6 +184,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
         loop {
             // Bytes at the front of `buf` that are ready to go upstream as they are.
             let mut ready = 0usize;
+            // Longest quota throttle earned by the requests of this batch.
+            let mut throttle = Duration::ZERO;
             loop {
                 if streaming > 0 {
                     let n = streaming.min(buf.len() - ready);
@@ -187,7 +209,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                     self.flush(&mut buf, ready).await?;
                     ready = 0;
                     let frame = buf.split_to(prefix.frame_len()).freeze();
-                    self.filter_request(api_key, frame).await?;
+                    throttle = throttle.max(self.filter_request(api_key, frame).await?);
                     continue;
                 }
                 let expects_response = if prefix.api_key == ApiKey::Produce as i16 {
@@ -201,12 +223,16 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                     true
                 };
                 self.shared.metrics.request(prefix.api_key).count.inc();
+                let request_throttle = self.shared.throttle(prefix.api_key, prefix.frame_len());
+                throttle = throttle.max(request_throttle);
                 if expects_response {
                     self.send_in_flight(InFlight::Upstream {
                         correlation_id: prefix.correlation_id,
                         api_key: prefix.api_key,
                         version: prefix.api_version,
-                        decode_response: self.wants_response(prefix.api_key),
+                        decode_response: self.wants_response(prefix.api_key)
+                            || !request_throttle.is_zero(),
+                        throttle_ms: millis(request_throttle),
                         sent_at: Instant::now(),
                     });
                 }
@@ -215,6 +241,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                 streaming = prefix.frame_len() - n;
             }
             self.flush(&mut buf, ready).await?;
+            if !throttle.is_zero() && !draining {
+                // Muted, as a broker mutes a throttled channel: read nothing
+                // more from this client until the throttle time has passed.
+                tokio::select! {
+                    _ = self.drain.cancelled() => {}
+                    _ = tokio::time::sleep(throttle) => {}
+                }
+            }
 
             if draining && streaming == 0 && buf.is_empty() {
                 tracing::debug!("drained: no more requests read from this client");
@@ -281,12 +315,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
         let _ = self.in_flight.send(entry);
     }
 
+    /// Runs the filters on a request; returns the quota throttle it earned.
     async fn filter_request(
         &mut self,
         api_key: ApiKey,
         frame: Bytes,
-    ) -> Result<(), ConnectionError> {
+    ) -> Result<Duration, ConnectionError> {
         self.shared.metrics.request(api_key as i16).count.inc();
+        let throttle = self.shared.throttle(api_key as i16, frame.len());
         let mut request = RequestFrame::decode(frame)?;
         let ctx = FilterContext {
             connection: &self.shared.info,
@@ -308,7 +344,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
         };
         match verdict {
             RequestVerdict::Forward => {
-                let decode_response = self.wants_response(api_key as i16);
+                let decode_response = self.wants_response(api_key as i16) || !throttle.is_zero();
                 let (correlation_id, version) = (request.correlation_id(), request.version());
                 let bytes = request.into_bytes()?;
                 if expects_response {
@@ -317,11 +353,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                         api_key: api_key as i16,
                         version,
                         decode_response,
+                        throttle_ms: millis(throttle),
                         sent_at: Instant::now(),
                     });
                 }
                 self.upstream.write_all(&bytes).await?;
-                Ok(())
+                Ok(throttle)
             }
             RequestVerdict::Respond(body) => {
                 if !expects_response {
@@ -333,7 +370,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                 }
                 let bytes = ResponseFrame::answering(&request, *body).into_bytes()?;
                 self.send_in_flight(InFlight::Local(bytes));
-                Ok(())
+                Ok(throttle)
             }
             RequestVerdict::Close(reason) => Err(ConnectionError::FilterClosed(reason)),
         }
@@ -384,6 +421,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ResponsePump<'_, R, W> {
                     api_key,
                     version,
                     decode_response,
+                    throttle_ms,
                     sent_at,
                 }) = pending.front()
                 else {
@@ -392,7 +430,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ResponsePump<'_, R, W> {
                         expected: None,
                     });
                 };
-                let (api_key, version, decode_response) = (*api_key, *version, *decode_response);
+                let (api_key, version, decode_response, throttle_ms) =
+                    (*api_key, *version, *decode_response, *throttle_ms);
                 if *correlation_id != prefix.correlation_id {
                     return Err(ConnectionError::OutOfOrder {
                         got: prefix.correlation_id,
@@ -410,11 +449,17 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ResponsePump<'_, R, W> {
                     .duration
                     .observe(sent_at.elapsed().as_secs_f64());
                 pending.pop_front();
+                if api_key == ApiKey::Fetch as i16 {
+                    if let Some(quota) = &self.shared.quota {
+                        quota.on_fetch_response(prefix.frame_len());
+                    }
+                }
                 if decode_response {
                     self.flush(&mut buf, ready).await?;
                     ready = 0;
                     let frame = buf.split_to(prefix.frame_len()).freeze();
-                    self.filter_response(api_key, version, frame).await?;
+                    self.filter_response(api_key, version, throttle_ms, frame)
+                        .await?;
                     continue;
                 }
                 let n = prefix.frame_len().min(available);
@@ -474,6 +519,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ResponsePump<'_, R, W> {
         &mut self,
         api_key: i16,
         version: i16,
+        throttle_ms: i32,
         frame: Bytes,
     ) -> Result<(), ConnectionError> {
         let key =
@@ -485,6 +531,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ResponsePump<'_, R, W> {
             Err(_) if key == ApiKey::ApiVersions => ResponseFrame::decode(key, 0, frame)?,
             Err(err) => return Err(err.into()),
         };
+        if throttle_ms > 0 {
+            set_throttle_time(response.body_mut(), throttle_ms);
+        }
         let ctx = FilterContext {
             connection: &self.shared.info,
             now: SystemTime::now(),

@@ -12,6 +12,7 @@ pub mod brokers;
 pub mod cluster;
 pub mod connection;
 pub mod metrics;
+pub mod quota;
 pub mod rewrite;
 pub mod sni;
 pub mod upstream;
@@ -34,11 +35,14 @@ use tokio_util::task::TaskTracker;
 use crate::cluster::{ClusterRuntime, ClusterTls, RuntimeParts};
 use crate::connection::ConnectionSettings;
 use crate::metrics::ProxyMetrics;
+use crate::quota::QuotaPolicy;
 use crate::sni::SniListener;
 use crate::upstream::{DirectTcp, Upstream};
 
 #[derive(Debug, Error)]
 pub enum StartError {
+    #[error("virtual cluster '{name}': invalid quota principal pattern: {reason}")]
+    Quota { name: String, reason: String },
     #[error("virtual cluster '{name}': {source}")]
     Tls {
         name: String,
@@ -116,10 +120,26 @@ impl Edge {
                     }),
                     None => None,
                 };
+                let cluster_metrics = metrics.for_cluster(&vc.name);
+                let quotas = match &vc.quotas {
+                    Some(quotas) => Some(Arc::new(
+                        QuotaPolicy::new(
+                            quotas.default,
+                            &quotas.principals,
+                            cluster_metrics.throttle_seconds.clone(),
+                        )
+                        .map_err(|err| StartError::Quota {
+                            name: vc.name.clone(),
+                            reason: err.to_string(),
+                        })?,
+                    )),
+                    None => None,
+                };
                 let parts = RuntimeParts {
+                    quotas,
                     upstream,
                     filters: filters.remove(&vc.name).unwrap_or_default(),
-                    metrics: metrics.for_cluster(&vc.name),
+                    metrics: cluster_metrics,
                     settings,
                     tls,
                     stop_accepting: stop_accepting.clone(),

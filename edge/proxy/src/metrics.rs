@@ -3,6 +3,7 @@
 //! Per-request series are resolved once per (virtual cluster, API key) and
 //! cached, so the hot path touches only atomics.
 
+use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, OnceLock};
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
@@ -60,6 +61,7 @@ pub struct ProxyMetrics {
     upstream_connect_errors: Family<ClusterLabels, Counter>,
     frames_rejected: Family<RejectLabels, Counter>,
     brokers_discovered: Family<ClusterLabels, Gauge>,
+    throttle_seconds: Family<ClusterLabels, Counter<f64, AtomicU64>>,
 }
 
 impl ProxyMetrics {
@@ -73,6 +75,7 @@ impl ProxyMetrics {
             upstream_connect_errors: Family::default(),
             frames_rejected: Family::default(),
             brokers_discovered: Family::default(),
+            throttle_seconds: Family::default(),
         };
         registry.register(
             "connections_open",
@@ -114,6 +117,11 @@ impl ProxyMetrics {
             "Upstream brokers with a port assigned on the edge",
             metrics.brokers_discovered.clone(),
         );
+        registry.register(
+            "throttle_seconds",
+            "Quota throttle time imposed on clients",
+            metrics.throttle_seconds.clone(),
+        );
         Arc::new(metrics)
     }
 
@@ -135,6 +143,7 @@ impl ProxyMetrics {
             connections: self.connections.get_or_create(&labels).clone(),
             upstream_connect_errors: self.upstream_connect_errors.get_or_create(&labels).clone(),
             brokers_discovered: self.brokers_discovered.get_or_create(&labels).clone(),
+            throttle_seconds: self.throttle_seconds.get_or_create(&labels).clone(),
             bytes_in: bytes(Direction::client_to_upstream),
             bytes_out: bytes(Direction::upstream_to_client),
             per_key: (0..256).map(|_| OnceLock::new()).collect(),
@@ -150,6 +159,7 @@ pub struct ClusterMetrics {
     pub connections: Counter,
     pub upstream_connect_errors: Counter,
     pub brokers_discovered: Gauge,
+    pub throttle_seconds: Counter<f64, AtomicU64>,
     pub bytes_in: Counter,
     pub bytes_out: Counter,
     per_key: Box<[OnceLock<RequestMetrics>]>,

@@ -95,6 +95,7 @@ fn start(max_frame_bytes: u32) -> Harness {
         edge_upstream,
         info,
         FilterChain::new(vec![Box::new(AnswerListGroups)]),
+        None,
         metrics,
         ConnectionSettings {
             max_frame_bytes,

@@ -27,7 +27,8 @@ demo: setup build
 	scripts/demo.sh
 
 bench: setup
-	cargo build --release -p strait-edge -p strait-loadgen
+	cargo build --release -p strait-loadgen
+	if [ -f edge/Cargo.toml ]; then cargo build --release -p strait-edge; fi
 	$(PYTHON) integration/bench/run.py
 
 lint:

@@ -32,10 +32,14 @@ class Confluent:
 
     def __init__(self, bootstrap: str):
         self.bootstrap = bootstrap
+        self._admin_client = None
 
     def _admin(self):
+        # Kept alive on the instance: futures of a garbage-collected AdminClient fail with _DESTROY.
         from confluent_kafka.admin import AdminClient
-        return AdminClient({"bootstrap.servers": self.bootstrap})
+        if self._admin_client is None:
+            self._admin_client = AdminClient({"bootstrap.servers": self.bootstrap})
+        return self._admin_client
 
     def create_topic(self, topic: str, partitions: int = 1, timeout: float = 30.0) -> None:
         from confluent_kafka.admin import NewTopic
@@ -177,7 +181,8 @@ class KafkaPython:
 
     def partitions(self, topic: str) -> list[int]:
         from kafka import KafkaConsumer
-        c = KafkaConsumer(bootstrap_servers=self.bootstrap, request_timeout_ms=15000)
+        c = KafkaConsumer(bootstrap_servers=self.bootstrap, request_timeout_ms=15000,
+                          allow_auto_create_topics=False)
         try:
             return sorted(c.partitions_for_topic(topic) or [])
         finally:

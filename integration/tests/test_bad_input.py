@@ -44,8 +44,11 @@ def test_oversized_length_prefix_closes_connection(target, bystander):
     before = target.edge.metric(FRAMES_REJECTED) if target.edge else 0.0
     s = connect(*host_port(target.bootstrap))
     s.sendall(struct.pack(">i", limit + 1) + b"\x00" * 64)
-    assert closed_by_peer(s, timeout=10), "connection with an oversized frame was not closed"
+    closed = closed_by_peer(s, timeout=10 if target.edge else 2)
     s.close()
+    # Tansu itself keeps waiting for the 100 MiB; the edge must refuse it.
+    if target.edge:
+        assert closed, "connection with an oversized frame was not closed"
     if target.edge:
         after = target.edge.metric(FRAMES_REJECTED)
         assert after >= before + 1, f"{FRAMES_REJECTED} went from {before} to {after}"

@@ -154,7 +154,8 @@ def test_metadata_lists_only_edge_addresses(target, lib):
 
 def test_broker_restart_under_connected_producer(via, lib, tansu, edge, tmp_path):
     # File-backed storage so the topic survives the restart (memory storage would forget it).
-    broker = tansu(storage=f"sqlite://{tmp_path}/restart.db")
+    # Tansu joins the URL path to its cwd unless it starts with a double slash, hence four slashes.
+    broker = tansu(storage=f"sqlite:///{tmp_path}/restart.db")
     e = edge(broker) if via == "edge" else None
     bootstrap = e.bootstrap if e else broker.bootstrap
     c = client(lib, bootstrap)

@@ -165,7 +165,10 @@ fn produce(args: &ProduceArgs) -> Result<serde_json::Value> {
     cfg.set("acks", &args.acks)
         .set("linger.ms", &args.linger_ms)
         .set("compression.type", &args.compression)
-        .set("queue.buffering.max.messages", (args.inflight + 1000).to_string())
+        .set(
+            "queue.buffering.max.messages",
+            (args.inflight + 1000).to_string(),
+        )
         .set("message.timeout.ms", (c.timeout_secs * 1000).to_string());
     let producer: BaseProducer<Stats> = cfg
         .create_with_context(stats)
@@ -252,7 +255,12 @@ fn consume(args: &ConsumeArgs) -> Result<serde_json::Value> {
     let deadline = Instant::now() + Duration::from_secs(c.timeout_secs);
     let md = loop {
         match consumer.fetch_metadata(Some(&c.topic), Duration::from_secs(10)) {
-            Ok(md) if md.topics().first().is_some_and(|t| !t.partitions().is_empty()) => {
+            Ok(md)
+                if md
+                    .topics()
+                    .first()
+                    .is_some_and(|t| !t.partitions().is_empty()) =>
+            {
                 break md
             }
             Ok(_) | Err(_) if Instant::now() < deadline => {

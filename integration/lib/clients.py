@@ -60,8 +60,12 @@ class Confluent:
         md = self._admin().list_topics(timeout=10)
         return sorted((b.host, b.port) for b in md.brokers.values())
 
+    def described_brokers(self) -> list[tuple[str, int]]:
+        """Brokers from DescribeCluster."""
+        desc = self._admin().describe_cluster(request_timeout=10).result(timeout=15)
+        return sorted((n.host, n.port) for n in desc.nodes)
+
     def coordinator(self, group: str) -> tuple[str, int]:
-        from confluent_kafka import ConsumerGroupTopicPartitions  # noqa: F401 - version check
         desc = self._admin().describe_consumer_groups([group], request_timeout=10)[group].result(timeout=15)
         return (desc.coordinator.host, desc.coordinator.port)
 
@@ -198,13 +202,22 @@ class KafkaPython:
             c.close()
 
     def coordinator(self, group: str) -> tuple[str, int]:
+        # kafka-python 3 has no public "which broker coordinates this group" call: FindCoordinator via the
+        # admin client's own (private) helper, then the address it learned.
         admin = self._admin()
         try:
-            desc = admin.describe_consumer_groups([group])
-            del desc
-            node_id = admin._client.cluster.coordinator_for_group(group)
-            b = admin._client.cluster.broker_metadata(node_id)
+            node_id = admin._manager.run(admin._find_coordinator_id, group)
+            b = admin._manager.cluster.broker_metadata(node_id)
             return (b.host, b.port)
+        finally:
+            admin.close()
+
+    def described_brokers(self) -> list[tuple[str, int]]:
+        """Brokers from DescribeCluster (falls back to Metadata when the broker lacks DescribeCluster)."""
+        admin = self._admin()
+        try:
+            md = admin.describe_cluster()
+            return sorted((b["host"], b["port"]) for b in md["brokers"])
         finally:
             admin.close()
 

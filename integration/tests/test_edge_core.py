@@ -138,15 +138,17 @@ def test_metadata_lists_only_edge_addresses(target, lib):
     consumer.take(4, timeout=60)
     consumer.commit()
     brokers = c.brokers()
+    described = c.described_brokers()
     coordinator = c.coordinator(group)
     consumer.close()
     assert brokers, "metadata returned no brokers"
+    assert described == brokers, f"DescribeCluster {described} != Metadata {brokers}"
     if target.via == "direct":
         assert brokers == [("127.0.0.1", target.tansu.port)]
         assert coordinator == ("127.0.0.1", target.tansu.port)
         return
     vc = target.edge.cluster()
-    for host, port in brokers + [coordinator]:
+    for host, port in brokers + described + [coordinator]:
         assert host == vc.advertised_host, (host, port)
         assert port in vc.ports, f"{port} not in edge port range {vc.ports}"
         assert port != target.tansu.port

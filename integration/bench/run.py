@@ -135,40 +135,40 @@ class Setup:
             self.tansu.stop()
 
 
-def bench_target(name: str, sizes: dict[int, int], lat_count: int, logs: Path, timeout: float) -> list[dict]:
-    rows = []
-    s = Setup(name, logs).start()
-    try:
-        for size, count in sizes.items():
-            topic = f"bench-{size}"
-            cpu0 = s.cpu()
-            prod = run_loadgen(["produce", "--bootstrap", s.bootstrap, "--topic", topic, "--count", str(count),
-                                "--size", str(size), "--inflight", "2000", "--create-partitions", "1",
-                                "--timeout-secs", str(int(timeout))], timeout + 30)
-            cpu1 = s.cpu()
-            cons = run_loadgen(["consume", "--bootstrap", s.bootstrap, "--topic", topic, "--count", str(count),
-                                "--timeout-secs", str(int(timeout))], timeout + 30)
-            cpu2 = s.cpu()
-            lat = run_loadgen(["produce", "--bootstrap", s.bootstrap, "--topic", f"lat-{size}",
-                               "--count", str(lat_count), "--size", str(size), "--inflight", "1",
-                               "--linger-ms", "0", "--create-partitions", "1",
-                               "--timeout-secs", str(int(timeout))], timeout + 30)
-            gb = 2 * count * size / 1e9
-            row = {
-                "target": name, "size": size, "count": count,
-                "produce_rps": prod["records_per_s"], "produce_mbps": prod["mb_per_s"],
-                "consume_rps": cons["records_per_s"], "consume_mbps": cons["mb_per_s"],
-                "p50_us": lat["p50_us"], "p99_us": lat["p99_us"],
-                "cpu_s": (cpu2 - cpu0), "cpu_s_per_gb": (cpu2 - cpu0) / gb if s.forwarder else None,
-                "cpu_produce_s": cpu1 - cpu0, "cpu_consume_s": cpu2 - cpu1,
-            }
-            rows.append(row)
-            print(f"  {name:12s} {size:5d} B  produce {row['produce_rps']:10.0f} rec/s  "
-                  f"consume {row['consume_rps']:10.0f} rec/s  p50 {row['p50_us']} us  p99 {row['p99_us']} us  "
-                  f"cpu {row['cpu_s']:.2f} s", flush=True)
-    finally:
-        s.stop()
-    return rows
+def measure(s: Setup, size: int, count: int, lat_count: int, rep: int, timeout: float) -> dict:
+    topic = f"bench-{size}-r{rep}"
+    common = ["--bootstrap", s.bootstrap, "--timeout-secs", str(int(timeout))]
+    cpu0 = s.cpu()
+    prod = run_loadgen(["produce", *common, "--topic", topic, "--count", str(count), "--size", str(size),
+                        "--inflight", "2000", "--create-partitions", "1"], timeout + 30)
+    cons = run_loadgen(["consume", *common, "--topic", topic, "--count", str(count)], timeout + 30)
+    cpu1 = s.cpu()
+    lat = run_loadgen(["produce", *common, "--topic", f"lat-{size}-r{rep}", "--count", str(lat_count),
+                       "--size", str(size), "--inflight", "1", "--linger-ms", "0", "--create-partitions", "1"],
+                      timeout + 30)
+    return {"produce_rps": prod["records_per_s"], "produce_mbps": prod["mb_per_s"],
+            "consume_rps": cons["records_per_s"], "consume_mbps": cons["mb_per_s"],
+            "p50_us": lat["p50_us"], "p99_us": lat["p99_us"],
+            "cpu_s": cpu1 - cpu0, "gb": 2 * count * size / 1e9}
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def aggregate(name: str, size: int, count: int, samples: list[dict], has_forwarder: bool) -> dict:
+    row = {"target": name, "size": size, "count": count, "repeats": len(samples)}
+    for k in ("produce_rps", "produce_mbps", "consume_rps", "consume_mbps"):
+        row[k] = median([x[k] for x in samples])
+    for k in ("p50_us", "p99_us"):
+        row[k] = int(median([x[k] for x in samples]))
+    cpu, gb = sum(x["cpu_s"] for x in samples), sum(x["gb"] for x in samples)
+    row["cpu_s"] = cpu
+    row["cpu_s_per_gb"] = cpu / gb if has_forwarder else None
+    row["samples"] = samples
+    return row
 
 
 def fmt_ratio(v, base):
@@ -196,9 +196,10 @@ def table(rows: list[dict]) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--targets", default=",".join(TARGETS))
-    ap.add_argument("--count-100", type=int, default=200_000, help="records per run at 100 B")
-    ap.add_argument("--count-1k", type=int, default=100_000, help="records per run at 1 KB")
-    ap.add_argument("--latency-count", type=int, default=3000)
+    ap.add_argument("--count-100", type=int, default=1_000_000, help="records per run at 100 B")
+    ap.add_argument("--count-1k", type=int, default=300_000, help="records per run at 1 KB")
+    ap.add_argument("--latency-count", type=int, default=5000, help="records of the one-in-flight latency run")
+    ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--timeout", type=float, default=120, help="per loadgen run, seconds")
     ap.add_argument("--out", default=str(HERE / "results.md"))
     ap.add_argument("--json", default=str(HERE / "results.json"))
@@ -218,9 +219,26 @@ def main() -> int:
     logs.mkdir(parents=True, exist_ok=True)
     print(f"bench: targets {targets}, sizes {sizes}, logs {logs}")
     started = time.monotonic()
-    rows = []
-    for t in targets:
-        rows.extend(bench_target(t, sizes, args.latency_count, logs, args.timeout))
+    # All targets stay up for the whole run and repetitions are interleaved across them, so drift in the
+    # machine's load hits every target alike; medians over repetitions are reported.
+    setups = {}
+    try:
+        for t in targets:
+            setups[t] = Setup(t, logs).start()
+        samples: dict[tuple[str, int], list[dict]] = {}
+        for rep in range(args.repeats):
+            for size, count in sizes.items():
+                for t in targets:
+                    m = measure(setups[t], size, count, args.latency_count, rep, args.timeout)
+                    samples.setdefault((t, size), []).append(m)
+                    print(f"  rep {rep + 1}/{args.repeats} {t:12s} {size:5d} B  produce {m['produce_rps']:9.0f} rec/s"
+                          f"  consume {m['consume_rps']:9.0f} rec/s  p50 {m['p50_us']:6d} us  p99 {m['p99_us']:6d} us"
+                          f"  proxy cpu {m['cpu_s']:.2f} s", flush=True)
+    finally:
+        for s in setups.values():
+            s.stop()
+    rows = [aggregate(t, size, sizes[size], samples[(t, size)], t != "direct")
+            for t in targets for size in sizes]
     elapsed = time.monotonic() - started
     rows.sort(key=lambda r: (r["size"], TARGETS.index(r["target"])))
     tbl = table(rows)
@@ -233,6 +251,8 @@ def main() -> int:
         "# Strait benchmark results", "",
         f"Generated by `make bench` (integration/bench/run.py): {env}.", "",
         tbl, "",
+        f"- Medians of {args.repeats} interleaved repetitions; {sizes[100]} records at 100 B and "
+        f"{sizes[1000]} at 1 KB per repetition; latency from {args.latency_count} records.",
         "- Throughput: `strait-loadgen` (librdkafka via the rdkafka crate), one partition, acks=all, linger 1 ms, "
         "2000 records in flight; consume reads the same records from the beginning (assign, no group).",
         "- Latency: a separate run with one record in flight and linger 0: p50/p99 of the produce round trip; "
@@ -245,7 +265,7 @@ def main() -> int:
     if missing_edge:
         md += ["", f"strait-edge was not measured: {missing_edge}"]
     Path(args.out).write_text("\n".join(md) + "\n")
-    Path(args.json).write_text(json.dumps(rows, indent=1) + "\n")
+    Path(args.json).write_text(json.dumps({"environment": env, "rows": rows}, indent=1) + "\n")
     print(f"\nwrote {args.out} and {args.json} ({elapsed:.0f} s)")
     return 0
 

@@ -1,0 +1,140 @@
+"""Fixtures for the Strait integration tests: real Tansu brokers, the real strait-edge binary, both client libs.
+
+Scenarios that take `via` run twice: `direct` (clients talk to Tansu; proves the scenario itself is right)
+and `edge` (clients talk to strait-edge in front of the same Tansu). The edge variant FAILS when the
+binary is missing. Scenarios that take `lib` run once per client library.
+"""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from lib.clients import LIBS, client  # noqa: E402
+from lib.edge import Edge, EdgeBinaryMissing, VirtualCluster, edge_bin  # noqa: E402
+from lib.tansu import Tansu  # noqa: E402
+
+VIAS = ["direct", "edge"]
+
+
+def pytest_generate_tests(metafunc):
+    if "via" in metafunc.fixturenames:
+        vias = VIAS
+        marker = metafunc.definition.get_closest_marker("edge_only")
+        if marker:
+            vias = ["edge"]
+        metafunc.parametrize("via", vias)
+    if "lib" in metafunc.fixturenames:
+        metafunc.parametrize("lib", LIBS)
+
+
+@pytest.fixture
+def logs(tmp_path) -> Path:
+    d = tmp_path / "logs"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def tansu(logs):
+    """Factory: `tansu(**kwargs)` starts a Tansu broker and returns it; all are stopped at teardown."""
+    started: list[Tansu] = []
+
+    def make(**kwargs) -> Tansu:
+        t = Tansu(logs, **kwargs)
+        started.append(t)
+        return t.start()
+
+    yield make
+    for t in started:
+        t.stop()
+
+
+@pytest.fixture
+def edge(logs, request):
+    """Factory: `edge(upstreams)` starts strait-edge with one virtual cluster per entry.
+
+    `upstreams` is a Tansu, a list of Tansu, or a list of VirtualCluster. After the test body the edge
+    gets SIGTERM and the test FAILS if the log has ERROR lines not declared with `edge.expect_error()`.
+    """
+    started: list[Edge] = []
+    request.node._strait_edges = started
+
+    def make(upstreams, **kwargs) -> Edge:
+        try:
+            binary = kwargs.pop("binary", None) or edge_bin()
+        except EdgeBinaryMissing as e:
+            pytest.fail(str(e), pytrace=False)
+        if isinstance(upstreams, Tansu):
+            upstreams = [upstreams]
+        clusters = [
+            u if isinstance(u, VirtualCluster) else VirtualCluster(name=f"vc{i}", upstream=[u.bootstrap])
+            for i, u in enumerate(upstreams)
+        ]
+        e = Edge(logs, clusters, binary=binary, **kwargs)
+        started.append(e)
+        return e.start()
+
+    yield make
+    for e in started:
+        if e.alive():
+            e.terminate(timeout=10)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_call(item):
+    """Stop every edge the test started and fail the test (not error it) on unexpected ERROR log lines."""
+    try:
+        result = yield
+    except BaseException:
+        _stop_edges(item)
+        raise
+    problems = _stop_edges(item)
+    if problems:
+        pytest.fail("\n".join(problems), pytrace=False)
+    return result
+
+
+def _stop_edges(item) -> list[str]:
+    problems = []
+    for e in getattr(item, "_strait_edges", []):
+        if e.alive():
+            code = e.terminate(timeout=30)
+            if code != 0:
+                problems.append(f"strait-edge did not exit cleanly on SIGTERM (exit code {code})")
+        bad = e.unexpected_errors()
+        if bad:
+            problems.append("unexpected ERROR lines in strait-edge log:\n  " + "\n  ".join(bad[:20]))
+    return problems
+
+
+class Target:
+    """Where a scenario's clients connect: Tansu itself or strait-edge in front of it."""
+
+    def __init__(self, via: str, tansu: Tansu, edge: Edge | None):
+        self.via = via
+        self.tansu = tansu
+        self.edge = edge
+
+    @property
+    def bootstrap(self) -> str:
+        return self.edge.bootstrap if self.edge else self.tansu.bootstrap
+
+    def client(self, lib: str):
+        return client(lib, self.bootstrap)
+
+
+@pytest.fixture
+def make_target(via, tansu, edge):
+    def make(**tansu_kwargs) -> Target:
+        t = tansu(**tansu_kwargs)
+        e = edge(t) if via == "edge" else None
+        return Target(via, t, e)
+    return make
+
+
+@pytest.fixture
+def target(make_target) -> Target:
+    return make_target()

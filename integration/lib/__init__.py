@@ -1,0 +1,1 @@
+"""Helpers shared by the Strait integration tests and the benchmark."""

@@ -1,0 +1,69 @@
+"""strait-edge --check-config: every error with its path, exit codes."""
+
+import subprocess
+
+import pytest
+import yaml
+
+from lib.edge import EdgeBinaryMissing, edge_bin
+
+
+@pytest.fixture
+def binary():
+    try:
+        return edge_bin()
+    except EdgeBinaryMissing as e:
+        pytest.fail(str(e), pytrace=False)
+
+
+def check(binary, tmp_path, cfg) -> subprocess.CompletedProcess:
+    path = tmp_path / "edge.yaml"
+    path.write_text(cfg if isinstance(cfg, str) else yaml.safe_dump(cfg, sort_keys=False))
+    return subprocess.run([binary, "--check-config", str(path)], capture_output=True, text=True, timeout=30)
+
+
+VALID = {
+    "admin": {"listen": "127.0.0.1:9901"},
+    "virtual_clusters": [{
+        "name": "local",
+        "bootstrap": "127.0.0.1:19092",
+        "brokers": {"advertised_host": "127.0.0.1", "port_range": "19100-19199"},
+        "upstream": {"bootstrap_servers": ["127.0.0.1:9092"]},
+    }],
+    "limits": {"max_frame_bytes": 104857600},
+}
+
+
+def test_check_config_valid(binary, tmp_path):
+    r = check(binary, tmp_path, VALID)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_check_config_reports_every_error_with_path(binary, tmp_path):
+    bad = yaml.safe_load(yaml.safe_dump(VALID))
+    bad["admin"]["listen"] = "not-an-address"
+    bad["virtual_clusters"][0]["bootstrap"] = "nowhere"
+    second = yaml.safe_load(yaml.safe_dump(VALID["virtual_clusters"][0]))
+    second["name"] = "other"
+    second["bootstrap"] = "127.0.0.1:29092"
+    second["brokers"]["port_range"] = "29199-29100"
+    bad["virtual_clusters"].append(second)
+    r = check(binary, tmp_path, bad)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    for path in ("admin.listen", "virtual_clusters[0].bootstrap", "virtual_clusters[1].brokers.port_range"):
+        assert path in out, f"{path!r} missing from:\n{out}"
+
+
+def test_check_config_unknown_key(binary, tmp_path):
+    bad = yaml.safe_load(yaml.safe_dump(VALID))
+    bad["virtual_clusters"][0]["bootstrapp"] = "127.0.0.1:1"
+    r = check(binary, tmp_path, bad)
+    out = r.stdout + r.stderr
+    assert r.returncode == 1, out
+    assert "bootstrapp" in out
+
+
+def test_check_config_not_yaml(binary, tmp_path):
+    r = check(binary, tmp_path, "admin: [unclosed\n")
+    assert r.returncode == 1, r.stdout + r.stderr

@@ -1,0 +1,84 @@
+#!/usr/bin/env bash
+# Installs everything the tests, demo and benchmark need. Idempotent; safe on a fresh Debian machine
+# (as root) and on a developer machine. Prints each step.
+#   - Debian packages: compiler toolchain, cmake, pkg-config, socat, python3-venv
+#   - Tansu 0.6.0 (Kafka-compatible broker) into ~/.cache/strait/tools/bin, built once and cached
+#   - Python venv ~/.cache/strait/venv from integration/requirements.txt (skipped when unchanged)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${STRAIT_CACHE:-$HOME/.cache/strait}"
+TOOLS="$CACHE/tools"
+VENV="$CACHE/venv"
+TANSU_VERSION="0.6.0"
+
+say() { printf '[setup] %s\n' "$*"; }
+
+mkdir -p "$CACHE"
+
+# ---- Debian packages
+APT_PKGS=(build-essential cmake pkg-config socat python3-venv)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+    if command -v apt-get >/dev/null; then
+        SUDO=""
+        [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+        say "apt-get install ${missing[*]}"
+        $SUDO apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    else
+        say "WARNING: missing ${missing[*]} and no apt-get; install them by hand"
+    fi
+else
+    say "Debian packages present: ${APT_PKGS[*]}"
+fi
+
+# ---- Rust toolchain
+if ! command -v cargo >/dev/null; then
+    say "ERROR: cargo not found; install Rust (rustup) first"
+    exit 1
+fi
+say "cargo: $(cargo --version)"
+
+# ---- Tansu
+TANSU="$TOOLS/bin/tansu"
+tansu_building() { pgrep -f "cargo install tansu" >/dev/null 2>&1; }
+if [ ! -x "$TANSU" ] && tansu_building; then
+    # Another process is already building it into the same root: wait instead of racing it.
+    say "a Tansu build is already running; waiting for $TANSU (up to 40 min)"
+    for _ in $(seq 1 480); do
+        [ -x "$TANSU" ] && break
+        tansu_building || break
+        sleep 5
+    done
+fi
+if [ -x "$TANSU" ]; then
+    say "tansu present: $TANSU"
+else
+    say "building tansu $TANSU_VERSION (about 12 minutes on 2 cores; cached afterwards in $TOOLS)"
+    CARGO_TARGET_DIR="$CACHE/tansu-target" cargo install tansu --version "$TANSU_VERSION" --locked \
+        --features dynostore,libsql --root "$TOOLS" 2>&1 | tee "$CACHE/tansu-build.log" | grep -E "^ *(Installing|Installed|Finished|error)" || true
+    [ -x "$TANSU" ] || { say "ERROR: tansu build failed, see $CACHE/tansu-build.log"; exit 1; }
+fi
+
+# ---- Python venv
+REQ="$ROOT/integration/requirements.txt"
+STAMP="$VENV/.strait-requirements.sha256"
+want="$(sha256sum "$REQ" | cut -d' ' -f1)"
+if [ ! -x "$VENV/bin/python" ]; then
+    say "creating venv $VENV"
+    python3 -m venv "$VENV"
+fi
+if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
+    say "venv up to date ($VENV)"
+else
+    say "pip install -r integration/requirements.txt into $VENV"
+    "$VENV/bin/python" -m pip install -q --upgrade pip
+    "$VENV/bin/python" -m pip install -q -r "$REQ"
+    echo "$want" > "$STAMP"
+fi
+"$VENV/bin/python" -c "import confluent_kafka, kafka; print('[setup] confluent-kafka', confluent_kafka.version(), 'librdkafka', confluent_kafka.libversion()[0], '| kafka-python', kafka.__version__)"
+say "done"

@@ -46,6 +46,8 @@ class VirtualCluster:
     bootstrap_port: int = field(default_factory=free_port)
     ports: range = field(default_factory=lambda: free_range(8))
     advertised_host: str = "127.0.0.1"
+    # Extra virtual-cluster keys (tls, quotas, authorization, ...), merged into the config as given.
+    extra: dict = field(default_factory=dict)
 
     @property
     def bootstrap(self) -> str:
@@ -60,6 +62,7 @@ class VirtualCluster:
                 "port_range": f"{self.ports.start}-{self.ports.stop - 1}",
             },
             "upstream": {"bootstrap_servers": list(self.upstream)},
+            **self.extra,
         }
 
 

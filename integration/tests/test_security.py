@@ -1,0 +1,325 @@
+"""Security at the edge with real clients and a real broker: mTLS and SPIFFE identity, refused
+clients, SNI routing, live certificate rotation under load, TLS to the brokers, quotas."""
+
+import socket
+import ssl
+import subprocess
+import threading
+import time
+
+import pytest
+
+from lib.clients import unique
+from lib.edge import VirtualCluster
+from lib.pki import standard_pki
+from lib.ports import free_port
+from lib.wait import wait_for
+
+
+@pytest.fixture
+def pki(tmp_path):
+    return standard_pki(tmp_path / "pki")
+
+
+def tls_cluster(tansu, pki, name="secure", **tls_extra) -> VirtualCluster:
+    # Advertise "localhost" so clients verify the edge's certificate by name.
+    return VirtualCluster(name=name, upstream=[tansu.bootstrap], advertised_host="localhost",
+                          extra={"tls": pki.server_tls(**tls_extra)})
+
+
+def confluent_conf(vc: VirtualCluster, pki, client: str | None, ca: str = "ca") -> dict:
+    return {"bootstrap.servers": f"localhost:{vc.bootstrap_port}", **pki.confluent_ssl(client, ca),
+            "socket.timeout.ms": 5000}
+
+
+def produce_consume_confluent(conf: dict, topic: str, n: int = 20) -> list[bytes]:
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient(conf)
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+    producer = Producer(conf)
+    failures = []
+    for i in range(n):
+        producer.produce(topic, value=b"v%d" % i, on_delivery=lambda err, msg: err and failures.append(err))
+    assert producer.flush(30) == 0
+    assert failures == []
+    consumer = Consumer({**conf, "group.id": unique("g"), "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    got: list[bytes] = []
+
+    def read():
+        msg = consumer.poll(0.5)
+        if msg is not None and msg.error() is None:
+            got.append(msg.value())
+        return len(got) >= n
+    wait_for(read, 60, interval=0, what=f"{n} records over mTLS")
+    consumer.close()
+    return got
+
+
+def test_mtls_spiffe_client_produces_and_consumes_confluent(tansu, edge, pki):
+    t = tansu()
+    vc = tls_cluster(t, pki)
+    e = edge([vc])
+    got = produce_consume_confluent(confluent_conf(vc, pki, "orders"), unique("secure"))
+    assert got == [b"v%d" % i for i in range(20)]
+    assert e.metric("strait_tls_handshakes", result="ok") >= 2
+    assert e.metric("strait_tls_certificate_expiry_seconds", certificate="server") > 86400
+
+
+def test_mtls_spiffe_client_produces_and_consumes_kafka_python(tansu, edge, pki):
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.admin import KafkaAdminClient, NewTopic
+    t = tansu()
+    vc = tls_cluster(t, pki)
+    e = edge([vc])
+    ssl_conf = pki.kafka_python_ssl("orders")
+    bootstrap = f"localhost:{vc.bootstrap_port}"
+    topic = unique("secure-kp")
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap, **ssl_conf)
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    admin.close()
+    producer = KafkaProducer(bootstrap_servers=bootstrap, **ssl_conf)
+    for i in range(10):
+        producer.send(topic, value=b"k%d" % i).get(timeout=30)
+    producer.close()
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                             consumer_timeout_ms=20000, **ssl_conf)
+    values = [m.value for _, m in zip(range(10), consumer)]
+    consumer.close()
+    assert values == [b"k%d" % i for i in range(10)]
+    assert e.metric("strait_tls_handshakes", result="ok") >= 2
+
+
+@pytest.mark.parametrize("client,ca,reasons", [
+    (None, "ca", {"no_client_certificate"}),
+    ("rogue", "ca", {"no_client_certificate", "unknown_issuer"}),  # OpenSSL withholds a cert the server's CA list does not name
+    ("expired", "ca", {"expired"}),
+    ("not-yet-valid", "ca", {"not_yet_valid"}),
+])
+def test_required_mtls_refuses_bad_clients(tansu, edge, pki, client, ca, reasons):
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+    t = tansu()
+    vc = tls_cluster(t, pki)
+    e = edge([vc])
+    admin = AdminClient(confluent_conf(vc, pki, client, ca))
+    with pytest.raises(KafkaException):
+        admin.list_topics(timeout=3)
+    wait_for(lambda: sum(e.metric("strait_tls_handshakes", result="failed", reason=r) for r in reasons) > 0,
+             10, what=f"a handshake failure counted as one of {reasons}")
+    assert e.metric("strait_tls_handshakes", result="ok") == 0
+    # Nothing reached the broker side: no relayed connection was ever opened.
+    assert e.metric("strait_connections") == 0
+
+
+def test_sni_routes_two_clusters_on_one_port_kafka_python(tansu, edge, pki, monkeypatch):
+    """Two virtual clusters (two brokers) share one TLS port; the SNI name picks the cluster and broker."""
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.admin import KafkaAdminClient, NewTopic
+    names = ["bootstrap.a.strait.test", "broker-111.a.strait.test",
+             "bootstrap.b.strait.test", "broker-111.b.strait.test"]
+    pki.leaf("sni-server", dns=names)
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        # The test's own DNS: *.strait.test is the loopback edge.
+        if isinstance(host, str) and host.endswith(".strait.test"):
+            host = "127.0.0.1"
+        return real_getaddrinfo(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+
+    port = free_port()
+    clusters = []
+    tansus = {}
+    for label in ["a", "b"]:
+        tansus[label] = tansu()
+        vc = VirtualCluster(name=f"sni-{label}", upstream=[tansus[label].bootstrap], bootstrap_port=port,
+                            extra={"tls": pki.server_tls("sni-server")})
+        sni = {"bootstrap_host": f"bootstrap.{label}.strait.test",
+               "broker_host_pattern": f"broker-$(node_id).{label}.strait.test"}
+        original = vc.config
+
+        def config(original=original, sni=sni):
+            cfg = original()
+            cfg["brokers"] = {"sni": sni}
+            return cfg
+        vc.config = config
+        clusters.append(vc)
+    e = edge(clusters)
+
+    ssl_conf = pki.kafka_python_ssl("orders")
+    topic = unique("sni")
+    bootstrap_a = f"bootstrap.a.strait.test:{port}"
+    admin = KafkaAdminClient(bootstrap_servers=bootstrap_a, **ssl_conf)
+    admin.create_topics([NewTopic(topic, 1, 1)])
+    cluster = admin.describe_cluster()
+    admin.close()
+    assert [(b["host"], b["port"]) for b in cluster["brokers"]] == [("broker-111.a.strait.test", port)]
+    producer = KafkaProducer(bootstrap_servers=bootstrap_a, **ssl_conf)
+    producer.send(topic, value=b"only-in-a").get(timeout=30)
+    producer.close()
+    consumer = KafkaConsumer(topic, bootstrap_servers=bootstrap_a, auto_offset_reset="earliest",
+                             consumer_timeout_ms=20000, **ssl_conf)
+    assert [m.value for _, m in zip(range(1), consumer)] == [b"only-in-a"]
+    consumer.close()
+
+    # Cluster b is another broker: the topic does not exist there.
+    admin_b = KafkaAdminClient(bootstrap_servers=f"bootstrap.b.strait.test:{port}", **ssl_conf)
+    assert topic not in admin_b.list_topics()
+    admin_b.close()
+
+    # An SNI name no cluster serves gets no TLS session.
+    ctx = ssl.create_default_context(cafile=str(pki.pem("ca")))
+    ctx.load_cert_chain(str(pki.pem("orders")), str(pki.key("orders")))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            ctx.wrap_socket(raw, server_hostname="bootstrap.c.strait.test")
+    wait_for(lambda: e.metric("strait_tls_handshakes", reason="unknown_sni") >= 1, 10,
+             what="unknown SNI refusal counted")
+
+
+def test_certificate_rotation_under_load(tansu, edge, pki):
+    """Server certificate and client CA bundle rotate every second for a minute while a producer and a
+    consumer run over mTLS and new clients keep connecting: no request fails."""
+    from confluent_kafka import Consumer, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    t = tansu()
+    vc = tls_cluster(t, pki, client_ca="bundle", reload_interval="250ms")
+    (pki.dir / "bundle.pem").write_bytes(pki.pem("ca").read_bytes())
+    e = edge([vc])
+    conf = confluent_conf(vc, pki, "orders")
+    topic = unique("rotate")
+    admin = AdminClient(conf)  # kept alive: a collected AdminClient fails its futures
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(timeout=30)
+
+    stop = threading.Event()
+    errors: list[str] = []
+    rotations = 0
+
+    def rotate():
+        nonlocal rotations
+        while not stop.wait(1.0):
+            rotations += 1
+            # A fresh server certificate from the same CA, and a bundle with a fresh extra CA.
+            pki.leaf("server", dns=["localhost"], ips=["127.0.0.1"])
+            pki.ca(f"extra{rotations % 3}")
+            bundle = pki.pem("ca").read_bytes() + pki.pem(f"extra{rotations % 3}").read_bytes()
+            tmp = pki.dir / ".bundle.tmp"
+            tmp.write_bytes(bundle)
+            tmp.replace(pki.dir / "bundle.pem")
+
+    rotator = threading.Thread(target=rotate, daemon=True)
+    rotator.start()
+    producer = Producer({**conf, "acks": "all", "enable.idempotence": True})
+    consumer = Consumer({**conf, "group.id": unique("g"), "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    produced = consumed = 0
+    handshakes_before = e.metric("strait_tls_handshakes", result="ok")
+    deadline = time.monotonic() + 60
+    next_new_client = time.monotonic()
+    try:
+        while time.monotonic() < deadline:
+            producer.produce(topic, value=b"%d" % produced,
+                             on_delivery=lambda err, msg: err and errors.append(f"delivery: {err}"))
+            produced += 1
+            producer.poll(0)
+            msg = consumer.poll(0.01)
+            if msg is not None:
+                if msg.error():
+                    errors.append(f"consume: {msg.error()}")
+                else:
+                    consumed += 1
+            if time.monotonic() >= next_new_client:
+                # A new client means new handshakes against the newest certificate and bundle.
+                next_new_client += 5
+                md = AdminClient(conf).list_topics(timeout=10)
+                if topic not in md.topics:
+                    errors.append("new client: topic missing from metadata")
+    finally:
+        stop.set()
+        rotator.join()
+    assert producer.flush(30) == 0
+
+    def drain():
+        nonlocal consumed
+        msg = consumer.poll(0.2)
+        if msg is not None and msg.error() is None:
+            consumed += 1
+        return consumed >= produced
+    wait_for(drain, 60, interval=0, what="every produced record consumed")
+    consumer.close()
+    assert errors == []
+    assert produced > 100
+    assert rotations >= 50
+    assert e.metric("strait_tls_credential_reloads", result="ok") >= 50
+    assert e.metric("strait_tls_handshakes", result="ok") > handshakes_before
+    assert e.metric("strait_tls_handshakes", result="failed") == 0
+
+
+def test_broken_certificate_file_keeps_the_old_one(tansu, edge, pki):
+    from confluent_kafka.admin import AdminClient
+    t = tansu()
+    vc = tls_cluster(t, pki, reload_interval="100ms")
+    e = edge([vc])
+    pki.pem("server").write_text("not a certificate\n")
+    wait_for(lambda: e.metric("strait_tls_credential_reloads", result="rejected") >= 1, 10,
+             what="broken certificate rejected")
+    # New handshakes still use the old, valid certificate.
+    md = AdminClient(confluent_conf(vc, pki, "orders")).list_topics(timeout=10)
+    assert len(md.brokers) == 1
+
+
+def test_tls_to_brokers_through_openssl(tansu, edge, pki, logs):
+    """Tansu 0.6 cannot enable its own TLS (its --cert and --key flags exclude each other), so an
+    OpenSSL listener (socat) with client verification fronts it; the edge connects with mTLS."""
+    tls_port = free_port()
+    t = tansu(advertised_port=tls_port)
+    pki.leaf("broker", dns=["localhost"], ips=["127.0.0.1"])
+    pki.leaf("edge-client", uris=["spiffe://example.org/ns/strait/sa/edge"])
+    socat = subprocess.Popen(
+        ["socat", f"OPENSSL-LISTEN:{tls_port},bind=127.0.0.1,reuseaddr,fork,cert={pki.pem('broker')},"
+                  f"key={pki.key('broker')},cafile={pki.pem('ca')},verify=1",
+         f"TCP:127.0.0.1:{t.port}"],
+        stdout=open(logs / "socat.log", "wb"), stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: socket.create_connection(("127.0.0.1", tls_port), timeout=1).close() or True, 10,
+                 what="socat listening")
+        vc = VirtualCluster(name="tls-up", upstream=[f"127.0.0.1:{tls_port}"],
+                            extra={"upstream": {"bootstrap_servers": [f"127.0.0.1:{tls_port}"],
+                                                "tls": {"ca": str(pki.pem("ca")),
+                                                        "cert": str(pki.pem("edge-client")),
+                                                        "key": str(pki.key("edge-client"))}}})
+        edge([vc])
+        conf = {"bootstrap.servers": vc.bootstrap}
+        got = produce_consume_confluent(conf, unique("tls-up"), n=10)
+        assert got == [b"v%d" % i for i in range(10)]
+    finally:
+        socat.terminate()
+        socat.wait(10)
+
+
+def test_produce_quota_throttles_with_throttle_time(tansu, edge):
+    import json
+
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    t = tansu()
+    vc = VirtualCluster(name="quota", upstream=[t.bootstrap],
+                        extra={"quotas": {"default": {"produce_bytes_per_second": 50000}}})
+    e = edge([vc])
+    topic = unique("quota")
+    admin = AdminClient({"bootstrap.servers": vc.bootstrap})
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    throttles = []
+    producer = Producer({"bootstrap.servers": vc.bootstrap, "linger.ms": 5, "statistics.interval.ms": 500,
+                         "stats_cb": lambda s: throttles.extend(
+                             b["throttle"]["max"] for b in json.loads(s)["brokers"].values()
+                             if b["nodeid"] >= 0)})
+    for _ in range(200):
+        producer.produce(topic, value=b"x" * 1000)
+        producer.poll(0)
+    assert producer.flush(60) == 0
+    wait_for(lambda: producer.poll(0.2) >= 0 and any(v > 0 for v in throttles), 10,
+             what="client saw throttle_time_ms")
+    assert e.metric("strait_throttle_seconds") > 0

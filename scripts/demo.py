@@ -36,9 +36,14 @@ def main(config_path: str) -> int:
         print(f"[demo] starting strait-edge: bootstrap {bootstrap}, admin http://{admin}")
         edge.start()
         host, port = bootstrap.rsplit(":", 1)
-        wait_for(lambda: edge.alive() and answers_api_versions(host, int(port)), 30, what="strait-edge")
-        AdminClient({"bootstrap.servers": bootstrap}).create_topics(
-            [NewTopic("demo", num_partitions=1, replication_factor=1)])["demo"].result(30)
+
+        def edge_ready():
+            if not edge.alive():
+                raise SystemExit(f"strait-edge exited:\n{edge.tail()}")
+            return answers_api_versions(host, int(port))
+        wait_for(edge_ready, 30, what="strait-edge")
+        admin = AdminClient({"bootstrap.servers": bootstrap})  # must outlive its futures
+        admin.create_topics([NewTopic("demo", num_partitions=1, replication_factor=1)])["demo"].result(30)
         p = Producer({"bootstrap.servers": bootstrap})
         for i in range(5):
             p.produce("demo", key=f"key-{i}".encode(), value=f"hello strait #{i}".encode())

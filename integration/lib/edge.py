@@ -29,12 +29,15 @@ def default_target_dir() -> Path:
 
 
 def edge_bin(profile: str = "debug") -> str:
-    """`$STRAIT_EDGE_BIN`, else `$CARGO_TARGET_DIR/<profile>/strait-edge`."""
-    path = os.environ.get("STRAIT_EDGE_BIN") or str(default_target_dir() / profile / "strait-edge")
+    """Tests: `$STRAIT_EDGE_BIN`; benchmark (release): `$STRAIT_EDGE_RELEASE_BIN`;
+    else `$CARGO_TARGET_DIR/<profile>/strait-edge`."""
+    env = "STRAIT_EDGE_BIN" if profile == "debug" else "STRAIT_EDGE_RELEASE_BIN"
+    path = os.environ.get(env) or str(default_target_dir() / profile / "strait-edge")
     if not (Path(path).is_file() and os.access(path, os.X_OK)):
         raise EdgeBinaryMissing(
-            f"strait-edge binary not found at {path}: build it with `cargo build -p strait-edge` "
-            f"(CARGO_TARGET_DIR={default_target_dir()}) or set STRAIT_EDGE_BIN"
+            f"strait-edge binary not found at {path}: build it with "
+            f"`cargo build {'--release ' if profile != 'debug' else ''}-p strait-edge` "
+            f"(CARGO_TARGET_DIR={default_target_dir()}) or set {env}"
         )
     return path
 

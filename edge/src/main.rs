@@ -75,7 +75,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(config)) {
+    match runtime.block_on(run(path, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
@@ -84,7 +84,7 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: strait_edge_config::Config) -> anyhow::Result<()> {
+async fn run(path: PathBuf, config: strait_edge_config::Config) -> anyhow::Result<()> {
     let mut registry = Registry::with_prefix("strait");
     let metrics = ProxyMetrics::register(&mut registry);
     let tls_metrics = strait_tls::TlsMetrics::register(&mut registry);
@@ -102,7 +102,7 @@ async fn run(config: strait_edge_config::Config) -> anyhow::Result<()> {
         None => None,
     };
 
-    let edge = Edge::start(
+    let mut edge = Edge::start(
         &config,
         metrics,
         tls_metrics,
@@ -117,9 +117,21 @@ async fn run(config: strait_edge_config::Config) -> anyhow::Result<()> {
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: draining"),
-        _ = interrupt.recv() => tracing::info!("SIGINT: draining"),
+    let mut watcher = ConfigWatcher::new(path, config);
+    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break }
+            _ = interrupt.recv() => { tracing::info!("SIGINT: draining"); break }
+            _ = ticker.tick() => {
+                if let Some(config) = watcher.changed() {
+                    if let Err(err) = edge.apply(&config, FiltersByCluster::new()).await {
+                        tracing::warn!(%err, "new configuration could not be applied in full");
+                    }
+                }
+            }
+        }
     }
     edge.shutdown().await;
     stop_admin.cancel();
@@ -128,6 +140,47 @@ async fn run(config: strait_edge_config::Config) -> anyhow::Result<()> {
     }
     tracing::info!("strait-edge stopped");
     Ok(())
+}
+
+/// Notices edits of the configuration file: a valid new version is applied
+/// live, an invalid one is reported once and the running configuration stays.
+struct ConfigWatcher {
+    path: PathBuf,
+    text: Option<String>,
+    current: strait_edge_config::Config,
+}
+
+impl ConfigWatcher {
+    fn new(path: PathBuf, current: strait_edge_config::Config) -> Self {
+        let text = std::fs::read_to_string(&path).ok();
+        ConfigWatcher {
+            path,
+            text,
+            current,
+        }
+    }
+
+    fn changed(&mut self) -> Option<strait_edge_config::Config> {
+        let text = std::fs::read_to_string(&self.path).ok()?;
+        if self.text.as_deref() == Some(text.as_str()) {
+            return None;
+        }
+        self.text = Some(text.clone());
+        match strait_edge_config::parse(&text) {
+            Ok(config) if config == self.current => None,
+            Ok(config) => {
+                tracing::info!(path = %self.path.display(), "configuration file changed");
+                self.current = config.clone();
+                Some(config)
+            }
+            Err(errors) => {
+                for error in &errors.0 {
+                    tracing::warn!(%error, "configuration file changed but is invalid; keeping the running configuration");
+                }
+                None
+            }
+        }
+    }
 }
 
 fn init_logging(format: LogFormat) {

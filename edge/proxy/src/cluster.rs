@@ -41,7 +41,8 @@ pub struct ClusterRuntime {
     /// Set in SNI mode: the host name that designates the bootstrap.
     sni_bootstrap_host: Option<String>,
     upstream: Arc<dyn Upstream>,
-    filters: Vec<Arc<dyn FilterFactory>>,
+    /// Replaced on reconfiguration; each connection takes the list current when it opens.
+    filters: std::sync::RwLock<Arc<Vec<Arc<dyn FilterFactory>>>>,
     metrics: Arc<ClusterMetrics>,
     settings: ConnectionSettings,
     tls: Option<ClusterTls>,
@@ -50,7 +51,11 @@ pub struct ClusterRuntime {
     stop_accepting: CancellationToken,
     /// Asks open connections to finish what they have read and close.
     drain: CancellationToken,
+    /// Closes open connections at once (after a drain timed out).
+    kill: CancellationToken,
     tracker: TaskTracker,
+    /// Accept loops, awaited on stop so their ports are free again.
+    listeners: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 /// What a cluster runtime needs besides its configuration.
@@ -63,6 +68,7 @@ pub struct RuntimeParts {
     pub quotas: Option<Arc<QuotaPolicy>>,
     pub stop_accepting: CancellationToken,
     pub drain: CancellationToken,
+    pub kill: CancellationToken,
     pub tracker: TaskTracker,
 }
 
@@ -106,14 +112,16 @@ impl ClusterRuntime {
             brokers,
             sni_bootstrap_host,
             upstream: parts.upstream,
-            filters: parts.filters,
+            filters: std::sync::RwLock::new(Arc::new(parts.filters)),
             metrics: parts.metrics,
             settings: parts.settings,
             tls: parts.tls,
             quotas: parts.quotas,
             stop_accepting: parts.stop_accepting,
             drain: parts.drain,
+            kill: parts.kill,
             tracker: parts.tracker.clone(),
+            listeners: std::sync::Mutex::default(),
         });
         if let (Some(bootstrap), Some(new_brokers)) = (bootstrap, new_brokers) {
             tracing::info!(
@@ -122,12 +130,14 @@ impl ClusterRuntime {
                 tls = runtime.tls.is_some(),
                 "listening"
             );
-            parts
+            let bootstrap_loop = parts
                 .tracker
                 .spawn(runtime.clone().accept_loop(bootstrap, Endpoint::Bootstrap));
-            parts
+            let brokers_loop = parts
                 .tracker
                 .spawn(runtime.clone().broker_listeners(new_brokers));
+            runtime.keep_listener(bootstrap_loop);
+            runtime.keep_listener(brokers_loop);
         }
         Ok(runtime)
     }
@@ -146,6 +156,34 @@ impl ClusterRuntime {
         self.brokers
             .upstream_of(node_id)
             .map(|_| Endpoint::Broker(node_id))
+    }
+
+    /// Filters for connections opened from now on.
+    pub fn set_filters(&self, filters: Vec<Arc<dyn FilterFactory>>) {
+        *self.filters.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(filters);
+    }
+
+    fn keep_listener(&self, handle: tokio::task::JoinHandle<()>) {
+        self.listeners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(handle);
+    }
+
+    /// Stops accepting and returns once every port of this cluster is closed.
+    pub async fn stop_listening(&self) {
+        self.stop_accepting.cancel();
+        // A broker listener may be registered while the first ones are awaited.
+        loop {
+            let handles: Vec<_> =
+                std::mem::take(&mut *self.listeners.lock().unwrap_or_else(|e| e.into_inner()));
+            if handles.is_empty() {
+                return;
+            }
+            for handle in handles {
+                let _ = handle.await;
+            }
+        }
     }
 
     pub fn tls_metrics(&self) -> Option<&TlsMetrics> {
@@ -202,10 +240,11 @@ impl ClusterRuntime {
             };
             match TcpListener::from_std(listener) {
                 Ok(listener) => {
-                    self.tracker.spawn(
+                    let handle = self.tracker.spawn(
                         self.clone()
                             .accept_loop(listener, Endpoint::Broker(node_id)),
                     );
+                    self.keep_listener(handle);
                 }
                 Err(err) => {
                     tracing::error!(virtual_cluster = %self.name, node_id, %err, "cannot serve broker port");
@@ -315,14 +354,19 @@ impl ClusterRuntime {
             Box::new(ApiVersionsFilter),
             Box::new(AddressRewriteFilter::new(self.brokers.clone())),
         ];
-        filters.extend(self.filters.iter().map(|factory| factory.create(&info)));
+        let factories = self
+            .filters
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        filters.extend(factories.iter().map(|factory| factory.create(&info)));
         let chain = FilterChain::new(filters);
         let quota = self
             .quotas
             .as_ref()
             .and_then(|quotas| quotas.for_principal(&info.principal));
         tracing::debug!("connection open");
-        match relay(
+        let relayed = relay(
             client,
             upstream,
             info,
@@ -331,9 +375,15 @@ impl ClusterRuntime {
             self.metrics.clone(),
             self.settings,
             self.drain.clone(),
-        )
-        .await
-        {
+        );
+        let result = tokio::select! {
+            result = relayed => result,
+            _ = self.kill.cancelled() => {
+                tracing::info!("drain timeout: connection closed");
+                return;
+            }
+        };
+        match result {
             Ok(()) => tracing::debug!("connection closed"),
             Err(err) => {
                 if let Some(reason) = err.rejection_reason() {

@@ -17,14 +17,14 @@ pub mod rewrite;
 pub mod sni;
 pub mod upstream;
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use std::net::SocketAddr;
 
-use strait_edge_config::{BrokerAddressing, Config};
+use strait_edge_config::{BrokerAddressing, Config, VirtualCluster};
 use strait_filter::FilterFactory;
 use strait_tls::{CredentialWatcher, TlsMetrics};
 use thiserror::Error;
@@ -36,7 +36,7 @@ use crate::cluster::{ClusterRuntime, ClusterTls, RuntimeParts};
 use crate::connection::ConnectionSettings;
 use crate::metrics::ProxyMetrics;
 use crate::quota::QuotaPolicy;
-use crate::sni::SniListener;
+use crate::sni::{SniListener, SniRoutes};
 use crate::upstream::{DirectTcp, Upstream};
 
 #[derive(Debug, Error)]
@@ -60,159 +60,301 @@ pub enum StartError {
 
 /// A running edge.
 pub struct Edge {
-    clusters: Vec<Arc<ClusterRuntime>>,
+    clusters: BTreeMap<String, ClusterEntry>,
+    sni: HashMap<SocketAddr, SniEntry>,
+    metrics: Arc<ProxyMetrics>,
+    tls_metrics: TlsMetrics,
+    ready: Arc<AtomicBool>,
+    settings: ConnectionSettings,
+    drain_timeout: Duration,
+}
+
+struct ClusterEntry {
+    config: VirtualCluster,
+    runtime: Arc<ClusterRuntime>,
     stop_accepting: CancellationToken,
     drain: CancellationToken,
+    kill: CancellationToken,
     tracker: TaskTracker,
-    ready: Arc<AtomicBool>,
-    drain_timeout: Duration,
+}
+
+struct SniEntry {
+    routes: SniRoutes,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
 /// Filters to add to each virtual cluster's connections, by cluster name.
 pub type FiltersByCluster = HashMap<String, Vec<Arc<dyn FilterFactory>>>;
+
+/// What [`Edge::apply`] changed.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct ApplyReport {
+    pub added: Vec<String>,
+    pub replaced: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: Vec<String>,
+}
 
 impl Edge {
     pub async fn start(
         config: &Config,
         metrics: Arc<ProxyMetrics>,
         tls_metrics: TlsMetrics,
-        mut filters: FiltersByCluster,
+        filters: FiltersByCluster,
         ready: Arc<AtomicBool>,
     ) -> Result<Edge, StartError> {
-        let stop_accepting = CancellationToken::new();
-        let drain = CancellationToken::new();
-        let tracker = TaskTracker::new();
-        let settings = ConnectionSettings {
-            max_frame_bytes: config.limits.max_frame_bytes,
-            filter_timeout: config.limits.filter_timeout,
+        let mut edge = Edge {
+            clusters: BTreeMap::new(),
+            sni: HashMap::new(),
+            metrics,
+            tls_metrics,
+            ready: ready.clone(),
+            settings: ConnectionSettings {
+                max_frame_bytes: config.limits.max_frame_bytes,
+                filter_timeout: config.limits.filter_timeout,
+            },
+            drain_timeout: config.shutdown.drain_timeout,
         };
-        let mut clusters = Vec::new();
-        let mut sni_routes: HashMap<SocketAddr, Vec<Arc<ClusterRuntime>>> = HashMap::new();
-        let result = async {
-            for vc in &config.virtual_clusters {
-                let mut direct = DirectTcp::new(
-                    vc.upstream.bootstrap_servers.clone(),
-                    vc.upstream.connect_timeout,
-                );
-                if let Some(tls) = &vc.upstream.tls {
-                    direct = direct.with_tls(tls).map_err(|source| StartError::Tls {
-                        name: vc.name.clone(),
-                        source,
-                    })?;
-                }
-                let upstream: Arc<dyn Upstream> = Arc::new(direct);
-                let tls = match &vc.tls {
-                    Some(tls) => Some(ClusterTls {
-                        config: CredentialWatcher::start(
-                            &vc.name,
-                            tls.server.clone(),
-                            tls_metrics.clone(),
-                            tls.reload_interval,
-                            stop_accepting.clone(),
-                        )
-                        .map_err(|source| StartError::Tls {
-                            name: vc.name.clone(),
-                            source,
-                        })?,
-                        principal_sources: tls.server.principal_sources.clone(),
-                        handshake_timeout: tls.handshake_timeout,
-                        metrics: tls_metrics.clone(),
-                    }),
-                    None => None,
-                };
-                let cluster_metrics = metrics.for_cluster(&vc.name);
-                let quotas = match &vc.quotas {
-                    Some(quotas) => Some(Arc::new(
-                        QuotaPolicy::new(
-                            quotas.default,
-                            &quotas.principals,
-                            cluster_metrics.throttle_seconds.clone(),
-                        )
-                        .map_err(|err| StartError::Quota {
-                            name: vc.name.clone(),
-                            reason: err.to_string(),
-                        })?,
-                    )),
-                    None => None,
-                };
-                let parts = RuntimeParts {
-                    quotas,
-                    upstream,
-                    filters: filters.remove(&vc.name).unwrap_or_default(),
-                    metrics: cluster_metrics,
-                    settings,
-                    tls,
-                    stop_accepting: stop_accepting.clone(),
-                    drain: drain.clone(),
-                    tracker: tracker.clone(),
-                };
-                let runtime = ClusterRuntime::start(vc, parts)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        name: vc.name.clone(),
-                        address: vc.bootstrap,
-                        source,
-                    })?;
-                if matches!(vc.brokers, BrokerAddressing::Sni { .. }) {
-                    sni_routes.entry(vc.bootstrap).or_default().push(runtime.clone());
-                }
-                clusters.push(runtime);
-            }
-            for (address, routes) in sni_routes {
-                let listener = TcpListener::bind(address)
-                    .await
-                    .map_err(|source| StartError::Bind {
-                        name: routes.iter().map(|r| r.name.to_string()).collect::<Vec<_>>().join(","),
-                        address,
-                        source,
-                    })?;
-                tracing::info!(
-                    %address,
-                    virtual_clusters = ?routes.iter().map(|r| r.name.to_string()).collect::<Vec<_>>(),
-                    "listening (TLS, routed by SNI)"
-                );
-                let hello_timeout = Duration::from_secs(10);
-                tracker.spawn(
-                    SniListener {
-                        listener,
-                        routes,
-                        hello_timeout,
-                    }
-                    .run(stop_accepting.clone(), tracker.clone()),
-                );
-            }
-            Ok(())
-        }
-        .await;
-        if let Err(err) = result {
-            stop_accepting.cancel();
+        if let Err(err) = edge.apply(config, filters).await {
+            edge.shutdown().await;
             return Err(err);
         }
         ready.store(true, Ordering::Release);
-        Ok(Edge {
-            clusters,
-            stop_accepting,
-            drain,
-            tracker,
-            ready,
-            drain_timeout: config.shutdown.drain_timeout,
-        })
+        Ok(edge)
     }
 
     pub fn cluster_names(&self) -> impl Iterator<Item = &str> {
-        self.clusters.iter().map(|c| &*c.name)
+        self.clusters.keys().map(String::as_str)
+    }
+
+    /// Moves the edge to `config` without a restart. Virtual clusters whose
+    /// configuration is unchanged keep their listeners and connections (new
+    /// connections get the new `filters`); changed ones are stopped, drained
+    /// in the background and started anew; removed ones are drained. Limits
+    /// apply to clusters started from now on.
+    pub async fn apply(
+        &mut self,
+        config: &Config,
+        mut filters: FiltersByCluster,
+    ) -> Result<ApplyReport, StartError> {
+        self.settings = ConnectionSettings {
+            max_frame_bytes: config.limits.max_frame_bytes,
+            filter_timeout: config.limits.filter_timeout,
+        };
+        self.drain_timeout = config.shutdown.drain_timeout;
+        let mut report = ApplyReport::default();
+        let wanted: HashMap<&str, &VirtualCluster> = config
+            .virtual_clusters
+            .iter()
+            .map(|vc| (vc.name.as_str(), vc))
+            .collect();
+
+        let stale: Vec<String> = self
+            .clusters
+            .iter()
+            .filter(|(name, entry)| wanted.get(name.as_str()) != Some(&&entry.config))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in stale {
+            if let Some(entry) = self.clusters.remove(&name) {
+                self.retire(entry).await;
+                if wanted.contains_key(name.as_str()) {
+                    report.replaced.push(name);
+                } else {
+                    report.removed.push(name);
+                }
+            }
+        }
+        for vc in &config.virtual_clusters {
+            let factories = filters.remove(&vc.name).unwrap_or_default();
+            if let Some(entry) = self.clusters.get(&vc.name) {
+                entry.runtime.set_filters(factories);
+                report.unchanged.push(vc.name.clone());
+                continue;
+            }
+            let entry = self.start_cluster(vc, factories).await?;
+            if !report.replaced.contains(&vc.name) {
+                report.added.push(vc.name.clone());
+            }
+            self.clusters.insert(vc.name.clone(), entry);
+        }
+        if !report.added.is_empty() || !report.replaced.is_empty() || !report.removed.is_empty() {
+            tracing::info!(?report.added, ?report.replaced, ?report.removed, "configuration applied");
+        }
+        Ok(report)
+    }
+
+    async fn start_cluster(
+        &mut self,
+        vc: &VirtualCluster,
+        factories: Vec<Arc<dyn FilterFactory>>,
+    ) -> Result<ClusterEntry, StartError> {
+        let stop_accepting = CancellationToken::new();
+        let drain = CancellationToken::new();
+        let kill = CancellationToken::new();
+        let tracker = TaskTracker::new();
+        let mut direct = DirectTcp::new(
+            vc.upstream.bootstrap_servers.clone(),
+            vc.upstream.connect_timeout,
+        );
+        if let Some(tls) = &vc.upstream.tls {
+            direct = direct.with_tls(tls).map_err(|source| StartError::Tls {
+                name: vc.name.clone(),
+                source,
+            })?;
+        }
+        let upstream: Arc<dyn Upstream> = Arc::new(direct);
+        let tls = match &vc.tls {
+            Some(tls) => Some(ClusterTls {
+                config: CredentialWatcher::start(
+                    &vc.name,
+                    tls.server.clone(),
+                    self.tls_metrics.clone(),
+                    tls.reload_interval,
+                    stop_accepting.clone(),
+                )
+                .map_err(|source| StartError::Tls {
+                    name: vc.name.clone(),
+                    source,
+                })?,
+                principal_sources: tls.server.principal_sources.clone(),
+                handshake_timeout: tls.handshake_timeout,
+                metrics: self.tls_metrics.clone(),
+            }),
+            None => None,
+        };
+        let cluster_metrics = self.metrics.for_cluster(&vc.name);
+        let quotas = match &vc.quotas {
+            Some(quotas) => Some(Arc::new(
+                QuotaPolicy::new(
+                    quotas.default,
+                    &quotas.principals,
+                    cluster_metrics.throttle_seconds.clone(),
+                )
+                .map_err(|err| StartError::Quota {
+                    name: vc.name.clone(),
+                    reason: err.to_string(),
+                })?,
+            )),
+            None => None,
+        };
+        let parts = RuntimeParts {
+            upstream,
+            filters: factories,
+            metrics: cluster_metrics,
+            settings: self.settings,
+            tls,
+            quotas,
+            stop_accepting: stop_accepting.clone(),
+            drain: drain.clone(),
+            kill: kill.clone(),
+            tracker: tracker.clone(),
+        };
+        let runtime =
+            ClusterRuntime::start(vc, parts)
+                .await
+                .map_err(|source| StartError::Bind {
+                    name: vc.name.clone(),
+                    address: vc.bootstrap,
+                    source,
+                })?;
+        if matches!(vc.brokers, BrokerAddressing::Sni { .. }) {
+            self.add_sni_route(vc.bootstrap, runtime.clone()).await?;
+        }
+        Ok(ClusterEntry {
+            config: vc.clone(),
+            runtime,
+            stop_accepting,
+            drain,
+            kill,
+            tracker,
+        })
+    }
+
+    async fn add_sni_route(
+        &mut self,
+        address: SocketAddr,
+        runtime: Arc<ClusterRuntime>,
+    ) -> Result<(), StartError> {
+        if let Some(entry) = self.sni.get(&address) {
+            entry
+                .routes
+                .write()
+                .unwrap_or_else(|e| e.into_inner())
+                .push(runtime);
+            return Ok(());
+        }
+        let listener = TcpListener::bind(address)
+            .await
+            .map_err(|source| StartError::Bind {
+                name: runtime.name.to_string(),
+                address,
+                source,
+            })?;
+        tracing::info!(%address, "listening (TLS, routed by SNI)");
+        let routes: SniRoutes = Arc::new(RwLock::new(vec![runtime]));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(
+            SniListener {
+                listener,
+                routes: routes.clone(),
+                hello_timeout: Duration::from_secs(10),
+            }
+            .run(stop.clone(), TaskTracker::new()),
+        );
+        self.sni.insert(address, SniEntry { routes, stop, task });
+        Ok(())
+    }
+
+    /// Stops a cluster's listeners now and drains its connections in the
+    /// background, closing what is left after the drain timeout.
+    async fn retire(&mut self, entry: ClusterEntry) {
+        let address = entry.config.bootstrap;
+        if let Some(sni) = self.sni.get(&address) {
+            let empty = {
+                let mut routes = sni.routes.write().unwrap_or_else(|e| e.into_inner());
+                routes.retain(|r| !Arc::ptr_eq(r, &entry.runtime));
+                routes.is_empty()
+            };
+            if empty {
+                if let Some(sni) = self.sni.remove(&address) {
+                    sni.stop.cancel();
+                    let _ = sni.task.await;
+                }
+            }
+        }
+        entry.runtime.stop_listening().await;
+        entry.drain.cancel();
+        entry.tracker.close();
+        let timeout = self.drain_timeout;
+        tokio::spawn(async move {
+            if tokio::time::timeout(timeout, entry.tracker.wait())
+                .await
+                .is_err()
+            {
+                entry.kill.cancel();
+            }
+            drop(entry.stop_accepting);
+        });
     }
 
     /// Stops accepting, drains open connections for up to the drain timeout,
     /// and returns whether every connection finished in time.
-    pub async fn shutdown(self) -> bool {
+    pub async fn shutdown(mut self) -> bool {
         self.ready.store(false, Ordering::Release);
-        self.stop_accepting.cancel();
-        self.drain.cancel();
-        self.tracker.close();
-        let drained = tokio::time::timeout(self.drain_timeout, self.tracker.wait())
-            .await
-            .is_ok();
+        for sni in std::mem::take(&mut self.sni).into_values() {
+            sni.stop.cancel();
+            let _ = sni.task.await;
+        }
+        let entries: Vec<ClusterEntry> = std::mem::take(&mut self.clusters).into_values().collect();
+        for entry in &entries {
+            entry.runtime.stop_listening().await;
+            entry.drain.cancel();
+            entry.tracker.close();
+        }
+        let all = futures_wait_all(entries.iter().map(|e| e.tracker.clone()).collect());
+        let drained = tokio::time::timeout(self.drain_timeout, all).await.is_ok();
         if drained {
             tracing::info!("all connections drained");
         } else {
@@ -220,7 +362,16 @@ impl Edge {
                 timeout = ?self.drain_timeout,
                 "drain timeout reached; closing the remaining connections"
             );
+            for entry in &entries {
+                entry.kill.cancel();
+            }
         }
         drained
+    }
+}
+
+async fn futures_wait_all(trackers: Vec<TaskTracker>) {
+    for tracker in trackers {
+        tracker.wait().await;
     }
 }

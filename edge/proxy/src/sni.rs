@@ -2,7 +2,7 @@
 //! host name picks the cluster and the broker, before any certificate is sent.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use strait_tls::tokio_rustls::rustls::server::Acceptor;
@@ -14,15 +14,18 @@ use tracing::Instrument;
 
 use crate::cluster::ClusterRuntime;
 
+/// The virtual clusters served on one SNI port; changes as clusters come and go.
+pub type SniRoutes = Arc<RwLock<Vec<Arc<ClusterRuntime>>>>;
+
 pub struct SniListener {
     pub listener: TcpListener,
-    pub routes: Vec<Arc<ClusterRuntime>>,
+    pub routes: SniRoutes,
     pub hello_timeout: Duration,
 }
 
 impl SniListener {
     pub async fn run(self, stop: CancellationToken, tracker: TaskTracker) {
-        let routes: Arc<[Arc<ClusterRuntime>]> = self.routes.into();
+        let routes = self.routes;
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -47,12 +50,7 @@ impl SniListener {
     }
 }
 
-async fn route(
-    stream: TcpStream,
-    peer: SocketAddr,
-    routes: Arc<[Arc<ClusterRuntime>]>,
-    hello_timeout: Duration,
-) {
+async fn route(stream: TcpStream, peer: SocketAddr, routes: SniRoutes, hello_timeout: Duration) {
     stream.set_nodelay(true).ok();
     let start = match tokio::time::timeout(
         hello_timeout,
@@ -71,11 +69,12 @@ async fn route(
         }
     };
     let host = start.client_hello().server_name().map(str::to_owned);
+    let routes: Vec<Arc<ClusterRuntime>> = routes.read().unwrap_or_else(|e| e.into_inner()).clone();
     let Some(host) = host else {
         refuse(&routes, "no_sni", "");
         return;
     };
-    for runtime in routes.iter() {
+    for runtime in &routes {
         if let Some(endpoint) = runtime.sni_route(&host) {
             runtime.clone().serve_sni(start, peer, endpoint).await;
             return;

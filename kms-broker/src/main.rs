@@ -9,7 +9,10 @@ use strait_kms_broker::kms::build_kms_set;
 use strait_kms_broker::service::{serve, BrokerConfig, BrokerService};
 
 #[derive(Parser)]
-#[command(name = "strait-kms-broker", about = "Strait KMS broker (mTLS gRPC in front of Vault / AWS KMS)")]
+#[command(
+    name = "strait-kms-broker",
+    about = "Strait KMS broker (mTLS gRPC in front of Vault / AWS KMS)"
+)]
 struct Args {
     /// YAML config file.
     #[arg(long, env = "STRAIT_KMS_BROKER_CONFIG")]

@@ -153,7 +153,10 @@ impl BrokerService {
                         n.to_string(),
                         Backend {
                             kms: k.clone(),
-                            aliases: AliasCache::new(alias_ttl, Duration::from_secs(30).min(alias_ttl)),
+                            aliases: AliasCache::new(
+                                alias_ttl,
+                                Duration::from_secs(30).min(alias_ttl),
+                            ),
                         },
                     )
                 })

@@ -71,12 +71,17 @@ where
             );
             match code.as_str() {
                 "NotFoundException" => KmsError::NotFound(format!("{key}: {msg}")),
-                "AccessDeniedException" | "DisabledException" | "KMSInvalidStateException"
-                | "IncorrectKeyException" | "UnrecognizedClientException" => KmsError::Denied(msg),
-                "KMSInternalException" | "DependencyTimeoutException" | "ThrottlingException"
-                | "LimitExceededException" | "InternalFailure" | "ServiceUnavailable" => {
-                    KmsError::Unavailable(msg)
-                }
+                "AccessDeniedException"
+                | "DisabledException"
+                | "KMSInvalidStateException"
+                | "IncorrectKeyException"
+                | "UnrecognizedClientException" => KmsError::Denied(msg),
+                "KMSInternalException"
+                | "DependencyTimeoutException"
+                | "ThrottlingException"
+                | "LimitExceededException"
+                | "InternalFailure"
+                | "ServiceUnavailable" => KmsError::Unavailable(msg),
                 _ if format!("{:?}", se.raw()).contains("status: StatusCode(5") => {
                     KmsError::Unavailable(msg)
                 }

@@ -10,8 +10,8 @@ pub mod vault;
 use std::sync::Arc;
 
 use prometheus_client::registry::Registry;
-pub use strait_kms_core::local::LocalKeyring;
 use strait_kms_core::config::KmsConfig;
+pub use strait_kms_core::local::LocalKeyring;
 pub use strait_kms_core::{
     DekPair, FailoverKms, KekRef, Kms, KmsError, KmsMetrics, KmsSet, Result, RetryPolicy,
     RetryingKms,
@@ -81,7 +81,10 @@ pub async fn build_kms_set(list: &[KmsConfig], registry: &mut Registry) -> Resul
     let metrics = KmsMetrics::new(registry);
     let mut set = KmsSet::new();
     for cfg in list {
-        set.insert(cfg.name.clone(), build_kms(cfg, Some(metrics.clone())).await?);
+        set.insert(
+            cfg.name.clone(),
+            build_kms(cfg, Some(metrics.clone())).await?,
+        );
     }
     Ok(set)
 }

@@ -30,8 +30,8 @@ impl VaultTransit {
             .timeout(Some(timeout))
             .build()
             .map_err(|e| KmsError::Invalid(format!("vault settings: {e}")))?;
-        let client =
-            VaultClient::new(settings).map_err(|e| KmsError::Invalid(format!("vault client: {e}")))?;
+        let client = VaultClient::new(settings)
+            .map_err(|e| KmsError::Invalid(format!("vault client: {e}")))?;
         Ok(Self {
             client,
             mount: mount.trim_matches('/').to_string(),
@@ -47,7 +47,9 @@ fn url_ok(address: &str) -> Result<&str> {
     {
         Ok(address)
     } else {
-        Err(KmsError::Invalid(format!("invalid Vault address {address:?}")))
+        Err(KmsError::Invalid(format!(
+            "invalid Vault address {address:?}"
+        )))
     }
 }
 
@@ -118,9 +120,10 @@ impl Kms for VaultTransit {
         if !ct.starts_with("vault:v") {
             return Err(KmsError::Invalid("not a vault transit ciphertext".into()));
         }
-        let resp = vaultrs::transit::data::decrypt(&self.client, &self.mount, &kek.key_id, ct, None)
-            .await
-            .map_err(|e| map_err(&self.address, &kek.key_id, e))?;
+        let resp =
+            vaultrs::transit::data::decrypt(&self.client, &self.mount, &kek.key_id, ct, None)
+                .await
+                .map_err(|e| map_err(&self.address, &kek.key_id, e))?;
         let plain = Zeroizing::new(
             B64.decode(resp.plaintext.as_bytes())
                 .map_err(|e| KmsError::Invalid(format!("vault plaintext: {e}")))?,
@@ -145,7 +148,10 @@ impl Kms for VaultTransit {
 mod tests {
     #[test]
     fn parses_ciphertext_version() {
-        assert_eq!(super::ciphertext_version("vault:v12:abc").as_deref(), Some("12"));
+        assert_eq!(
+            super::ciphertext_version("vault:v12:abc").as_deref(),
+            Some("12")
+        );
         assert_eq!(super::ciphertext_version("garbage"), None);
     }
 }

@@ -6,7 +6,7 @@ use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
 use strait_kms_broker::kms::build_kms_set;
-use strait_kms_broker::service::{serve, BrokerConfig, BrokerService};
+use strait_kms_broker::service::{serve, serve_metrics, BrokerConfig, BrokerService};
 
 #[derive(Parser)]
 #[command(
@@ -47,6 +47,18 @@ async fn main() -> anyhow::Result<()> {
         .with_context(|| format!("binding {}", cfg.listen))?;
     tracing::info!(listen = %listener.local_addr()?, backends = ?kms, "strait-kms-broker serving (mTLS)");
     let service = BrokerService::new(&kms, cfg.alias_cache_ttl);
+    if let Some(addr) = &cfg.metrics_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding metrics listener {addr}"))?;
+        tracing::info!(listen = %l.local_addr()?, "metrics at /metrics");
+        let registry = std::sync::Arc::new(std::mem::take(&mut registry));
+        tokio::spawn(async move {
+            if let Err(e) = serve_metrics(l, registry).await {
+                tracing::error!(error = %e, "metrics server stopped");
+            }
+        });
+    }
     serve(service, &cfg.tls, listener, async {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");

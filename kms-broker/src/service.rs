@@ -32,6 +32,9 @@ pub struct BrokerConfig {
     pub kms: Vec<KmsConfig>,
     #[serde(default = "default_alias_ttl", with = "humantime_serde")]
     pub alias_cache_ttl: Duration,
+    /// Optional `ip:port` serving Prometheus metrics at `/metrics` (plain HTTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
 }
 
 fn default_alias_ttl() -> Duration {
@@ -86,6 +89,11 @@ impl BrokerConfig {
         };
         if self.listen.parse::<SocketAddr>().is_err() {
             push("listen", "must be an ip:port socket address");
+        }
+        if let Some(m) = &self.metrics_listen {
+            if m.parse::<SocketAddr>().is_err() {
+                push("metrics_listen", "must be an ip:port socket address");
+            }
         }
         if self.kms.is_empty() {
             push("kms", "at least one backend KMS is required");
@@ -281,4 +289,34 @@ pub async fn serve(
         )
         .await?;
     Ok(())
+}
+
+/// Serve `registry` in the Prometheus text format at `/metrics`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: Arc<prometheus_client::registry::Registry>,
+) -> std::io::Result<()> {
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut text = String::new();
+                match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                    Ok(()) => (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
+                    Err(_) => "metrics encoding failed".into_response(),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await
 }

@@ -67,15 +67,18 @@ fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
 struct Broker {
     _proc: Proc,
     url: String,
+    metrics: String,
 }
 
 async fn start_broker(dir: &Path, bao_url: &str) -> Broker {
     let port = free_port();
+    let metrics_port = free_port();
     let cfg = format!(
         r#"
 listen: "127.0.0.1:{port}"
 tls: {{ cert: server.pem, key: server.key, client_ca: ca.pem }}
 alias_cache_ttl: 10m
+metrics_listen: "127.0.0.1:{metrics_port}"
 kms:
   - name: vault
     vault: {{ address: "{bao_url}", token_env: STRAIT_TEST_VAULT_TOKEN, mount: transit }}
@@ -100,6 +103,7 @@ kms:
     Broker {
         _proc: Proc(child),
         url: format!("https://127.0.0.1:{port}"),
+        metrics: format!("127.0.0.1:{metrics_port}"),
     }
 }
 
@@ -279,6 +283,16 @@ async fn broker_end_to_end_over_mtls() {
         .await
         .unwrap_err();
     assert!(transport_failure.contains(&err.code()), "{err:?}");
+
+    // The broker exports its KMS metrics.
+    let (status, text) = http(&broker.metrics, "GET", "/metrics", "", "")
+        .await
+        .unwrap();
+    assert_eq!(status, 200);
+    assert!(
+        text.contains("strait_kms_operations_total{kms=\"vault\",operation=\"generate_dek\",outcome=\"success\"}"),
+        "{text}"
+    );
 
     // Backend outage: cached alias still resolves; DEK operations fail
     // with a retriable Unavailable.

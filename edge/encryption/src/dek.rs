@@ -150,6 +150,9 @@ struct Slot {
     current: Option<Arc<ActiveDek>>,
     refreshing: bool,
     last_failure: Option<Instant>,
+    /// Error of the last failed generation, returned without calling the KMS
+    /// again for [`FAIL_FAST`] when no usable DEK remains.
+    last_error: Option<(Instant, DekError)>,
     gen_lock: Arc<tokio::sync::Mutex<()>>,
 }
 
@@ -175,6 +178,9 @@ pub(crate) struct DekManager {
 /// After a failed background refresh, wait this long before trying again
 /// so that a dead KMS is not hammered on every produce.
 const REFRESH_RETRY: Duration = Duration::from_secs(5);
+/// After a failed synchronous generation, fail further requests for the same
+/// KEK fast for this long instead of queueing each behind a full retry cycle.
+const FAIL_FAST: Duration = Duration::from_secs(1);
 
 impl DekManager {
     pub fn new(kms: KmsSet, cfg: DekConfig, metrics: EncryptionMetrics) -> Self {
@@ -233,19 +239,40 @@ impl DekManager {
                         }
                     }
                 }
+                if let Some((at, e)) = &slot.last_error {
+                    if at.elapsed() < FAIL_FAST {
+                        return Err(e.clone());
+                    }
+                }
                 slot.gen_lock.clone()
             };
             let _g = gen_lock.lock().await;
             {
                 let active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
-                if let Some(d) = active.get(&key).and_then(|s| s.current.as_ref()) {
-                    if d.usable(self.inner.cfg.max_age) {
+                if let Some(slot) = active.get(&key) {
+                    if slot
+                        .current
+                        .as_ref()
+                        .is_some_and(|d| d.usable(self.inner.cfg.max_age))
+                    {
                         continue;
+                    }
+                    if let Some((at, e)) = &slot.last_error {
+                        if at.elapsed() < FAIL_FAST {
+                            return Err(e.clone());
+                        }
                     }
                 }
             }
-            let dek = self.generate(&key.0, &key.1).await?;
-            self.install(&key, dek, None);
+            match self.generate(&key.0, &key.1).await {
+                Ok(dek) => self.install(&key, dek, None),
+                Err(e) => {
+                    let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
+                    active.entry(key.clone()).or_default().last_error =
+                        Some((Instant::now(), e.clone()));
+                    return Err(e);
+                }
+            }
         }
     }
 
@@ -270,6 +297,7 @@ impl DekManager {
         slot.current = Some(dek);
         slot.refreshing = false;
         slot.last_failure = None;
+        slot.last_error = None;
     }
 
     fn count(&self, operation: &'static str) {

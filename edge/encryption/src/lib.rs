@@ -249,9 +249,14 @@ impl RecordEncryption {
     }
 
     /// True if any of `topics` has a rule: only then does a Produce request
-    /// need decoding. Costs a few string/glob comparisons.
+    /// need [`RecordEncryption::encrypt_produce`]. Costs a few string/glob
+    /// comparisons. An empty name (v13+ requests name topics by id) counts
+    /// as "maybe", so id-named topics are never forwarded unexamined.
     pub fn needs_produce<'a>(&self, topics: impl IntoIterator<Item = &'a str>) -> bool {
-        !self.rules.is_empty() && topics.into_iter().any(|t| self.rules.matches(t))
+        !self.rules.is_empty()
+            && topics
+                .into_iter()
+                .any(|t| t.is_empty() || self.rules.matches(t))
     }
 
     /// True if Fetch responses for `topic` must be inspected.

@@ -295,6 +295,10 @@ async fn untouched_topics_control_batches_and_zero_cost_check() {
     let enc = engine(config(DekConfig::default()), kms);
     assert!(!enc.needs_produce(["public", "other"]));
     assert!(enc.needs_produce(["public", "secret-x"]));
+    assert!(
+        enc.needs_produce([""]),
+        "id-named (v13+) topics must be examined"
+    );
 
     let plain = encode(&records(5, 10), Compression::Lz4);
     let mut req = produce("public", vec![plain.clone()]);
@@ -677,6 +681,15 @@ async fn kms_outage_uses_cached_deks_then_fails_retriably_then_recovers() {
     let e = &err.partitions[0].error;
     assert!(e.is_retriable(), "{e:?}");
     assert_eq!(e.error_code(), ResponseError::KafkaStorageError.code());
+    // Fail fast: an immediate retry does not hit the dead KMS again.
+    let calls = kms.calls.load(Ordering::SeqCst);
+    let mut req = produce("secret-o", vec![batch()]);
+    assert!(enc.encrypt_produce(&mut req, 9).await.is_err());
+    assert_eq!(kms.calls.load(Ordering::SeqCst), calls);
+    assert!(
+        req.topic_data.is_empty(),
+        "failed partitions removed: nothing to forward"
+    );
     // Decrypting with the cached DEK still works during the outage.
     let mut resp = fetch("secret-o", vec![stored.clone()]);
     enc.decrypt_fetch(&mut resp, 12).await;
@@ -692,8 +705,21 @@ async fn kms_outage_uses_cached_deks_then_fails_retriably_then_recovers() {
     assert_eq!(fetched(&resp, 0).records.as_deref(), Some(&[][..]));
 
     kms.up.store(true, Ordering::SeqCst);
-    let mut req = produce("secret-o", vec![batch()]);
-    enc.encrypt_produce(&mut req, 9).await.unwrap();
+    // Recovery: failures are remembered for about a second (fail fast), then
+    // the next produce generates a fresh DEK.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut req = produce("secret-o", vec![batch()]);
+        match enc.encrypt_produce(&mut req, 9).await {
+            Ok(()) => break,
+            Err(rej) => assert!(rej.partitions[0].error.is_retriable()),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no recovery after the KMS returned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut resp = fetch("secret-o", vec![stored]);
     cold.decrypt_fetch(&mut resp, 12).await;
     assert_eq!(fetched(&resp, 0).error_code, 0);
@@ -750,4 +776,37 @@ async fn batch_splitting_respects_multiple_batches_and_partial_tail() {
     let sets = decode(&out);
     assert_eq!(sets[0].records, a);
     assert_eq!(sets[1].records, b);
+}
+
+#[tokio::test]
+async fn topic_ids_for_v13_fail_closed_until_learnt() {
+    let kms = Arc::new(keyring(&["kek-secret-id"]));
+    let enc = engine(config(DekConfig::default()), kms);
+    let id = strait_encryption::Uuid::from_u128(0x1234);
+    let plain = encode(&records(3, 8), Compression::None);
+    let by_id = |b: Bytes| {
+        let mut req = produce("", vec![b]);
+        req.topic_data[0].topic_id = id;
+        req
+    };
+    let mut req = by_id(plain.clone());
+    let rej = enc.encrypt_produce(&mut req, 13).await.unwrap_err();
+    assert_eq!(rej.partitions[0].error, EncryptionError::UnknownTopicId(id));
+    assert!(rej.partitions[0].error.is_retriable());
+    assert!(req.topic_data.is_empty());
+
+    enc.learn_topic_ids([(id, "secret-id")]);
+    let mut req = by_id(plain.clone());
+    enc.encrypt_produce(&mut req, 13).await.unwrap();
+    let cipher = records_of(&req, 0);
+    assert_ne!(cipher, plain);
+
+    let mut resp = fetch("", vec![cipher]);
+    resp.responses[0].topic_id = id;
+    let report = enc.decrypt_fetch(&mut resp, 13).await;
+    assert_eq!(report.decrypted_records, 3);
+    assert_eq!(
+        decode(fetched(&resp, 0).records.as_ref().unwrap())[0].records,
+        records(3, 8)
+    );
 }

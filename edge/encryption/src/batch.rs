@@ -85,24 +85,61 @@ impl RawBatch {
     /// id/epoch, base sequence, flags, codec) and `records` re-encoded and
     /// recompressed with the batch's original codec.
     pub fn with_records(&self, records: &[Record]) -> Result<Bytes, BatchError> {
-        let mut plain = BytesMut::with_capacity(
-            records
-                .iter()
-                .map(|r| r.value.as_ref().map_or(0, |v| v.len()) + 64)
-                .sum(),
-        );
+        let mut out = BytesMut::new();
+        let mut w = self.writer(&mut out);
         for r in records {
-            encode_record(&mut plain, r);
+            encode_record(w.buf(), r);
         }
-        let mut out = BytesMut::with_capacity(HEADER_LEN + plain.len());
-        out.extend_from_slice(&self.bytes[..HEADER_LEN]);
-        compress(self.compression_code(), plain.freeze(), &mut out)?;
-        let batch_len = i32::try_from(out.len() - 12).map_err(|_| bad("batch too large"))?;
-        out[LENGTH_OFFSET..LENGTH_OFFSET + 4].copy_from_slice(&batch_len.to_be_bytes());
-        out[COUNT_OFFSET..COUNT_OFFSET + 4].copy_from_slice(&(records.len() as i32).to_be_bytes());
-        let crc = crc32c::crc32c(&out[ATTR_OFFSET..]);
-        out[CRC_OFFSET..CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+        w.finish(records.len())?;
         Ok(out.freeze())
+    }
+
+    /// Start re-encoding this batch into `out`: records are written through
+    /// [`BatchWriter::buf`] (straight into `out` when uncompressed).
+    pub fn writer<'a>(&self, out: &'a mut BytesMut) -> BatchWriter<'a> {
+        let start = out.len();
+        out.reserve(self.bytes.len() + self.bytes.len() / 2 + 64);
+        out.extend_from_slice(&self.bytes[..HEADER_LEN]);
+        let code = self.compression_code();
+        let plain = (code != 0).then(|| BytesMut::with_capacity(self.bytes.len() * 3));
+        BatchWriter {
+            out,
+            start,
+            code,
+            plain,
+        }
+    }
+}
+
+/// Re-encodes one batch; see [`RawBatch::writer`].
+pub struct BatchWriter<'a> {
+    out: &'a mut BytesMut,
+    start: usize,
+    code: i16,
+    plain: Option<BytesMut>,
+}
+
+impl BatchWriter<'_> {
+    pub fn buf(&mut self) -> &mut BytesMut {
+        match &mut self.plain {
+            Some(p) => p,
+            None => self.out,
+        }
+    }
+
+    /// Compress (if needed) and fix length, record count and CRC.
+    pub fn finish(self, count: usize) -> Result<(), BatchError> {
+        let out = self.out;
+        if let Some(p) = self.plain {
+            compress(self.code, p.freeze(), out)?;
+        }
+        let s = self.start;
+        let batch_len = i32::try_from(out.len() - s - 12).map_err(|_| bad("batch too large"))?;
+        out[s + LENGTH_OFFSET..s + LENGTH_OFFSET + 4].copy_from_slice(&batch_len.to_be_bytes());
+        out[s + COUNT_OFFSET..s + COUNT_OFFSET + 4].copy_from_slice(&(count as i32).to_be_bytes());
+        let crc = crc32c::crc32c(&out[s + ATTR_OFFSET..]);
+        out[s + CRC_OFFSET..s + CRC_OFFSET + 4].copy_from_slice(&crc.to_be_bytes());
+        Ok(())
     }
 }
 
@@ -286,7 +323,62 @@ fn opt_len(v: &Option<Bytes>) -> usize {
     }
 }
 
-fn encode_record(buf: &mut BytesMut, r: &Record) {
+/// Encode `r` with its value replaced by `value_len` bytes written by
+/// `write_value` (`None`: null value) and with `headers` instead of its own.
+pub fn encode_record_parts<'h, H, E>(
+    buf: &mut BytesMut,
+    r: &Record,
+    value_len: Option<usize>,
+    headers: H,
+    write_value: impl FnOnce(&mut BytesMut) -> Result<(), E>,
+) -> Result<(), E>
+where
+    H: Iterator<Item = (&'h [u8], Option<&'h [u8]>)> + Clone,
+{
+    let opt = |v: Option<usize>| v.map_or(1, |n| varlong_len(n as i64) + n);
+    let (n_headers, headers_len) = headers.clone().fold((0usize, 0usize), |(n, l), (k, v)| {
+        (
+            n + 1,
+            l + varlong_len(k.len() as i64) + k.len() + opt(v.map(|v| v.len())),
+        )
+    });
+    let body = 1
+        + varlong_len(r.timestamp_delta)
+        + varlong_len(i64::from(r.offset_delta))
+        + opt_len(&r.key)
+        + opt(value_len)
+        + varlong_len(n_headers as i64)
+        + headers_len;
+    put_varlong(buf, body as i64);
+    buf.put_i8(r.attributes);
+    put_varlong(buf, r.timestamp_delta);
+    put_varlong(buf, i64::from(r.offset_delta));
+    put_opt_bytes(buf, &r.key);
+    match value_len {
+        None => put_varlong(buf, -1),
+        Some(n) => {
+            put_varlong(buf, n as i64);
+            let before = buf.len();
+            write_value(buf)?;
+            debug_assert_eq!(buf.len() - before, n);
+        }
+    }
+    put_varlong(buf, n_headers as i64);
+    for (k, v) in headers {
+        put_varlong(buf, k.len() as i64);
+        buf.put_slice(k);
+        match v {
+            None => put_varlong(buf, -1),
+            Some(v) => {
+                put_varlong(buf, v.len() as i64);
+                buf.put_slice(v);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn encode_record(buf: &mut BytesMut, r: &Record) {
     let body = 1
         + varlong_len(r.timestamp_delta)
         + varlong_len(i64::from(r.offset_delta))

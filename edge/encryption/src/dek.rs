@@ -80,6 +80,11 @@ pub(crate) struct Lease {
 }
 
 impl Lease {
+    /// The next nonce of this lease; `None` when the lease is used up.
+    pub fn next_nonce(&mut self) -> Option<[u8; NONCE_LEN]> {
+        self.take_nonce()
+    }
+
     fn take_nonce(&mut self) -> Option<[u8; NONCE_LEN]> {
         (self.next < self.end).then(|| {
             let n = self.dek.nonce(self.next);
@@ -91,16 +96,14 @@ impl Lease {
     /// Encrypt a record value. `None` when the lease is used up.
     pub fn seal_value(&mut self, plaintext: &[u8]) -> Option<Bytes> {
         let nonce = self.take_nonce()?;
-        let dek = self.dek.clone();
-        Some(seal(&dek, &nonce, &dek.value_aad, plaintext))
+        Some(seal(&self.dek, &nonce, &self.dek.value_aad, plaintext))
     }
 
     /// Encrypt a header value, bound to its header key.
     pub fn seal_header(&mut self, key: &[u8], plaintext: &[u8]) -> Option<Bytes> {
         let nonce = self.take_nonce()?;
-        let dek = self.dek.clone();
-        let aad = header_aad(&dek.prefix, key);
-        Some(seal(&dek, &nonce, &aad, plaintext))
+        let aad = header_aad(&self.dek.prefix, key);
+        Some(seal(&self.dek, &nonce, &aad, plaintext))
     }
 }
 
@@ -117,6 +120,28 @@ pub(crate) fn value_aad(prefix: &[u8]) -> Vec<u8> {
     aad.extend_from_slice(prefix);
     aad.push(PURPOSE_VALUE);
     aad
+}
+
+impl ActiveDek {
+    /// Length of an encrypted value for `n` plaintext bytes.
+    pub fn sealed_len(&self, n: usize) -> usize {
+        self.prefix.len() + NONCE_LEN + n + TAG_LEN
+    }
+
+    /// Append the encrypted record value for `plaintext` to `buf`
+    /// (exactly [`ActiveDek::sealed_len`] bytes), encrypting in place.
+    pub fn seal_value_into(&self, buf: &mut BytesMut, nonce: &[u8; NONCE_LEN], plaintext: &[u8]) {
+        buf.put_slice(&self.prefix);
+        buf.put_slice(nonce);
+        let start = buf.len();
+        buf.put_slice(plaintext);
+        // Fails only beyond AES-GCM's 64 GiB message limit, far above Kafka's.
+        let tag = self
+            .cipher
+            .encrypt_in_place_detached(Nonce::from_slice(nonce), &self.value_aad, &mut buf[start..])
+            .unwrap_or_default();
+        buf.put_slice(&tag);
+    }
 }
 
 fn seal(dek: &ActiveDek, nonce: &[u8; NONCE_LEN], aad: &[u8], plaintext: &[u8]) -> Bytes {

@@ -27,13 +27,16 @@ use prometheus_client::registry::Registry;
 use strait_kms_core::{KmsError, KmsSet};
 pub use uuid::Uuid;
 
-use crate::batch::{split_batches, Header};
+use crate::batch::{split_batches, Header, Record};
 pub use crate::config::{
     ConfigError, ConfigErrors, DekConfig, EncryptionConfig, OnMissingKey, OnPlaintextFetch,
     TopicRule,
 };
 use crate::dek::{header_aad, value_aad, DekError, DekManager};
 use crate::format::{FLAG_HEADERS, FLAG_VALUE, FORMAT_V1, MARKER_HEADER, NONCE_LEN, TAG_LEN};
+
+/// Marker header value of a record whose value (only) is encrypted.
+const MARKER_VALUE_ONLY: [u8; 2] = [FORMAT_V1, FLAG_VALUE];
 pub use crate::metrics::EncryptionMetrics;
 use crate::rules::{KekSelection, Rules};
 
@@ -445,6 +448,52 @@ impl RecordEncryption {
             };
             let mut encrypted = 0u64;
             let mut bytes_in = 0u64;
+            if !self.encrypt_headers {
+                // Fast path: encrypt each value straight into the new batch.
+                let mut w = b.writer(&mut out);
+                for r in &recs {
+                    let Some(v) = &r.value else {
+                        batch::encode_record(w.buf(), r);
+                        continue;
+                    };
+                    needed -= 1;
+                    let nonce = loop {
+                        if let Some(n) = lease.next_nonce() {
+                            break n;
+                        }
+                        lease = self
+                            .deks
+                            .lease(&sel.kms, &sel.kek, needed + 1)
+                            .await
+                            .map_err(EncryptionError::from_dek)?;
+                    };
+                    let dek = &lease.dek;
+                    let headers = r
+                        .headers
+                        .iter()
+                        .map(|h| (&h.key[..], h.value.as_deref()))
+                        .chain(std::iter::once((
+                            MARKER_HEADER.as_bytes(),
+                            Some(&MARKER_VALUE_ONLY[..]),
+                        )));
+                    batch::encode_record_parts(
+                        w.buf(),
+                        r,
+                        Some(dek.sealed_len(v.len())),
+                        headers,
+                        |buf| {
+                            dek.seal_value_into(buf, &nonce, v);
+                            Ok::<(), EncryptionError>(())
+                        },
+                    )?;
+                    bytes_in += v.len() as u64;
+                    encrypted += 1;
+                }
+                w.finish(recs.len())?;
+                self.metrics.encrypted_records.inc_by(encrypted);
+                self.metrics.encrypted_bytes.inc_by(bytes_in);
+                continue;
+            }
             for r in recs.iter_mut() {
                 let mut flags = 0u8;
                 if let Some(v) = r.value.take() {
@@ -567,7 +616,7 @@ impl RecordEncryption {
         let mut out = BytesMut::with_capacity(records.len());
         let mut changed = false;
         let mut decrypted = 0u64;
-        let mut last: Option<(Vec<u8>, Arc<Aes256Gcm>)> = None;
+        let mut last: Option<LastDek> = None;
         for b in &batches {
             if b.magic() != 2 || b.is_control() {
                 if reject_plain && b.magic() != 2 {
@@ -579,25 +628,64 @@ impl RecordEncryption {
                 continue;
             }
             let mut recs = b.records()?;
-            let mut batch_changed = false;
-            for r in recs.iter_mut() {
-                let Some(pos) = r
-                    .headers
+            let marker_of = |r: &Record| {
+                r.headers
                     .iter()
                     .position(|h| h.key == MARKER_HEADER.as_bytes())
-                else {
+            };
+            if !recs.iter().any(|r| marker_of(r).is_some()) {
+                if reject_plain && recs.iter().any(|r| r.value.is_some()) {
+                    return Err(EncryptionError::PlaintextInEncryptedTopic(
+                        topic.to_string(),
+                    ));
+                }
+                out.extend_from_slice(&b.bytes);
+                continue;
+            }
+            changed = true;
+            let mut w = b.writer(&mut out);
+            for r in recs.iter_mut() {
+                let Some(pos) = marker_of(r) else {
                     if reject_plain && r.value.is_some() {
                         return Err(EncryptionError::PlaintextInEncryptedTopic(
                             topic.to_string(),
                         ));
                     }
+                    batch::encode_record(w.buf(), r);
                     continue;
                 };
-                let marker = r.headers.remove(pos);
-                let flags = match marker.value.as_deref() {
+                let flags = match r.headers[pos].value.as_deref() {
                     Some([FORMAT_V1, flags]) => *flags,
                     _ => return Err(EncryptionError::Tampered),
                 };
+                if flags == FLAG_VALUE {
+                    // Fast path: decrypt straight into the new batch.
+                    let v = r.value.as_ref().ok_or(EncryptionError::Tampered)?;
+                    let parsed = format::parse(v).map_err(|_| EncryptionError::Tampered)?;
+                    let (cipher, aad) = self.cipher_for(&parsed, &mut last).await?;
+                    let ct_len = parsed.sealed.len() - TAG_LEN;
+                    let headers = r
+                        .headers
+                        .iter()
+                        .enumerate()
+                        .filter(|(i, _)| *i != pos)
+                        .map(|(_, h)| (&h.key[..], h.value.as_deref()));
+                    batch::encode_record_parts(w.buf(), r, Some(ct_len), headers, |buf| {
+                        let start = buf.len();
+                        buf.extend_from_slice(&parsed.sealed[..ct_len]);
+                        cipher
+                            .decrypt_in_place_detached(
+                                Nonce::from_slice(&parsed.nonce[..NONCE_LEN]),
+                                &aad,
+                                &mut buf[start..],
+                                Tag::from_slice(&parsed.sealed[ct_len..]),
+                            )
+                            .map_err(|_| EncryptionError::Tampered)
+                    })?;
+                    decrypted += 1;
+                    continue;
+                }
+                r.headers.remove(pos);
                 if flags & FLAG_VALUE != 0 {
                     let v = r.value.take().ok_or(EncryptionError::Tampered)?;
                     r.value = Some(self.open(&v, None, &mut last).await?);
@@ -610,39 +698,49 @@ impl RecordEncryption {
                         }
                     }
                 }
-                batch_changed = true;
+                batch::encode_record(w.buf(), r);
             }
-            if batch_changed {
-                changed = true;
-                out.extend_from_slice(&b.with_records(&recs)?);
-            } else {
-                out.extend_from_slice(&b.bytes);
-            }
+            w.finish(recs.len())?;
         }
         Ok((decrypted, changed.then(|| out.freeze())))
+    }
+
+    /// The cipher and value AAD for a parsed value, reusing the previous
+    /// record's when it was encrypted under the same DEK (the common case).
+    async fn cipher_for(
+        &self,
+        parsed: &format::Parsed<'_>,
+        last: &mut Option<LastDek>,
+    ) -> Result<(Arc<Aes256Gcm>, Arc<Vec<u8>>), EncryptionError> {
+        if let Some(l) = last {
+            if l.prefix.as_slice() == parsed.prefix {
+                return Ok((l.cipher.clone(), l.value_aad.clone()));
+            }
+        }
+        let c = self
+            .deks
+            .decryptor(parsed.prefix, parsed.wrapped)
+            .await
+            .map_err(EncryptionError::from_dek)?;
+        let aad = Arc::new(value_aad(parsed.prefix));
+        *last = Some(LastDek {
+            prefix: parsed.prefix.to_vec(),
+            cipher: c.clone(),
+            value_aad: aad.clone(),
+        });
+        Ok((c, aad))
     }
 
     async fn open(
         &self,
         value: &[u8],
         header_key: Option<&[u8]>,
-        last: &mut Option<(Vec<u8>, Arc<Aes256Gcm>)>,
+        last: &mut Option<LastDek>,
     ) -> Result<Bytes, EncryptionError> {
         let parsed = format::parse(value).map_err(|_| EncryptionError::Tampered)?;
-        let cipher = match last {
-            Some((prefix, c)) if prefix.as_slice() == parsed.prefix => c.clone(),
-            _ => {
-                let c = self
-                    .deks
-                    .decryptor(parsed.prefix, parsed.wrapped)
-                    .await
-                    .map_err(EncryptionError::from_dek)?;
-                *last = Some((parsed.prefix.to_vec(), c.clone()));
-                c
-            }
-        };
+        let (cipher, vaad) = self.cipher_for(&parsed, last).await?;
         let aad = match header_key {
-            None => value_aad(parsed.prefix),
+            None => vaad.as_slice().to_vec(),
             Some(k) => header_aad(parsed.prefix, k),
         };
         let split = parsed.sealed.len() - TAG_LEN;
@@ -657,6 +755,12 @@ impl RecordEncryption {
             .map_err(|_| EncryptionError::Tampered)?;
         Ok(buf.freeze())
     }
+}
+
+struct LastDek {
+    prefix: Vec<u8>,
+    cipher: Arc<Aes256Gcm>,
+    value_aad: Arc<Vec<u8>>,
 }
 
 /// Re-exported for tests and benches of the filter built on top.

@@ -2,7 +2,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use common::*;
@@ -221,19 +220,186 @@ async fn aws_round_trip_not_found_unavailable_and_failover() {
     );
 }
 
+fn enc_config(kms: &str, max_age: Duration) -> strait_encryption::EncryptionConfig {
+    strait_encryption::EncryptionConfig {
+        rules: vec![strait_encryption::TopicRule {
+            topic: "secret-*".into(),
+            kms: kms.into(),
+            kek: "kek-$(topic)".into(),
+        }],
+        on_missing_key: Default::default(),
+        on_plaintext_fetch: Default::default(),
+        encrypt_headers: false,
+        dek: strait_encryption::DekConfig {
+            max_age,
+            ..Default::default()
+        },
+    }
+}
+
+fn batch(n: usize) -> bytes::Bytes {
+    use kafka_protocol::records::*;
+    let recs: Vec<Record> = (0..n)
+        .map(|i| Record {
+            transactional: false,
+            control: false,
+            partition_leader_epoch: 0,
+            producer_id: 9,
+            producer_epoch: 0,
+            timestamp_type: TimestampType::Creation,
+            offset: i as i64,
+            sequence: i as i32,
+            timestamp: 1_700_000_000_000,
+            key: Some(bytes::Bytes::from(format!("k{i}"))),
+            value: Some(bytes::Bytes::from(format!("secret value {i}"))),
+            headers: Default::default(),
+            delete_horizon: false,
+        })
+        .collect();
+    let mut buf = bytes::BytesMut::new();
+    RecordBatchEncoder::encode(
+        &mut buf,
+        &recs,
+        &RecordEncodeOptions {
+            version: 2,
+            compression: Compression::Gzip,
+        },
+    )
+    .unwrap();
+    buf.freeze()
+}
+
+fn topic(name: &str) -> kafka_protocol::messages::TopicName {
+    kafka_protocol::messages::TopicName(kafka_protocol::protocol::StrBytes::from_string(
+        name.to_string(),
+    ))
+}
+
+async fn encrypt(
+    enc: &strait_encryption::RecordEncryption,
+    t: &str,
+    b: bytes::Bytes,
+) -> bytes::Bytes {
+    use kafka_protocol::messages::produce_request::*;
+    let mut req = kafka_protocol::messages::ProduceRequest::default().with_topic_data(vec![
+        TopicProduceData::default()
+            .with_name(topic(t))
+            .with_partition_data(vec![PartitionProduceData::default().with_records(Some(b))]),
+    ]);
+    enc.encrypt_produce(&mut req, 9).await.unwrap();
+    req.topic_data[0].partition_data[0].records.clone().unwrap()
+}
+
+async fn decrypt(
+    enc: &strait_encryption::RecordEncryption,
+    t: &str,
+    b: bytes::Bytes,
+) -> (i16, Option<bytes::Bytes>) {
+    use kafka_protocol::messages::fetch_response::*;
+    let mut resp = kafka_protocol::messages::FetchResponse::default().with_responses(vec![
+        FetchableTopicResponse::default()
+            .with_topic(topic(t))
+            .with_partitions(vec![PartitionData::default().with_records(Some(b))]),
+    ]);
+    enc.decrypt_fetch(&mut resp, 12).await;
+    let p = &resp.responses[0].partitions[0];
+    (p.error_code, p.records.clone())
+}
+
+fn kek_version(b: &bytes::Bytes) -> Option<String> {
+    let mut b = b.clone();
+    let sets = kafka_protocol::records::RecordBatchDecoder::decode_all(&mut b).unwrap();
+    let v = sets[0].records[0].value.clone().unwrap();
+    let parsed = strait_encryption::format::parse(&v).unwrap();
+    strait_encryption::format::parse_locator(parsed.prefix)
+        .unwrap()
+        .kek
+        .version
+}
+
 #[tokio::test]
-async fn encryption_core_over_vault_end_to_end() {
-    // The DEK lifecycle against a real KMS: a KmsSet built from config.
+async fn record_encryption_over_vault_with_kek_rotation() {
     let bao = start_bao().await;
-    bao.create_key("kek-secret-x").await;
-    let kms: Arc<dyn Kms> = build_kms(&vault_cfg(vec![bao.url()]), None).await.unwrap();
-    let kek = kms.resolve_alias("kek-secret-x").await.unwrap();
-    let d = kms.generate_dek(&kek).await.unwrap();
-    bao.rotate_key("kek-secret-x").await;
-    let d2 = kms.generate_dek(&kek).await.unwrap();
-    assert_eq!(d2.kek.version.as_deref(), Some("2"));
+    bao.create_key("kek-secret-v").await;
+    let kms = build_kms(&vault_cfg(vec![bao.url()]), None).await.unwrap();
+    let set = strait_kms_core::KmsSet::new().with("vault", kms);
+    let enc = strait_encryption::RecordEncryption::new(
+        enc_config("vault", Duration::from_millis(300)),
+        set.clone(),
+        &mut Registry::default(),
+    )
+    .unwrap();
+    let plain = batch(5);
+    let before = encrypt(&enc, "secret-v", plain.clone()).await;
+    assert_eq!(kek_version(&before).as_deref(), Some("1"));
+    bao.rotate_key("kek-secret-v").await;
+    // Within the DEK age limit, new records are wrapped under the new KEK version.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let b = encrypt(&enc, "secret-v", plain.clone()).await;
+        if kek_version(&b).as_deref() == Some("2") {
+            break b;
+        }
+        assert!(std::time::Instant::now() < deadline, "no DEK under KEK v2");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    // A cold engine (second edge) decrypts both generations exactly.
+    let cold = strait_encryption::RecordEncryption::new(
+        enc_config("vault", Duration::from_secs(3600)),
+        set,
+        &mut Registry::default(),
+    )
+    .unwrap();
+    for b in [before, after] {
+        let (code, out) = decrypt(&cold, "secret-v", b).await;
+        assert_eq!(code, 0);
+        let (mut x, mut y) = (out.unwrap(), plain.clone());
+        assert_eq!(
+            kafka_protocol::records::RecordBatchDecoder::decode_all(&mut x).unwrap()[0].records,
+            kafka_protocol::records::RecordBatchDecoder::decode_all(&mut y).unwrap()[0].records
+        );
+    }
+}
+
+#[tokio::test]
+async fn record_encryption_over_aws_kms() {
+    let moto = start_moto().await;
+    let admin = aws_admin(&moto.url()).await;
+    aws_create_key(&admin, "kek-secret-a").await;
+    let kms = build_kms(&aws_cfg(vec![moto.url()]), None).await.unwrap();
+    let set = strait_kms_core::KmsSet::new().with("aws", kms);
+    let enc = strait_encryption::RecordEncryption::new(
+        enc_config("aws", Duration::from_secs(3600)),
+        set.clone(),
+        &mut Registry::default(),
+    )
+    .unwrap();
+    let plain = batch(5);
+    let cipher = encrypt(&enc, "secret-a", plain.clone()).await;
+    assert_ne!(cipher, plain);
+    let cold = strait_encryption::RecordEncryption::new(
+        enc_config("aws", Duration::from_secs(3600)),
+        set,
+        &mut Registry::default(),
+    )
+    .unwrap();
+    let (code, out) = decrypt(&cold, "secret-a", cipher).await;
+    assert_eq!(code, 0);
+    let (mut x, mut y) = (out.unwrap(), plain);
     assert_eq!(
-        *kms.unwrap_dek(&d.kek, &d.wrapped).await.unwrap(),
-        *d.plaintext
+        kafka_protocol::records::RecordBatchDecoder::decode_all(&mut x).unwrap()[0].records,
+        kafka_protocol::records::RecordBatchDecoder::decode_all(&mut y).unwrap()[0].records
     );
+    // A topic whose KEK alias does not exist is rejected, never forwarded.
+    use kafka_protocol::messages::produce_request::*;
+    let mut req = kafka_protocol::messages::ProduceRequest::default().with_topic_data(vec![
+        TopicProduceData::default()
+            .with_name(topic("secret-nokey"))
+            .with_partition_data(vec![
+                PartitionProduceData::default().with_records(Some(batch(1)))
+            ]),
+    ]);
+    let rej = enc.encrypt_produce(&mut req, 9).await.unwrap_err();
+    assert_eq!(rej.partitions[0].error.error_code(), 44);
+    assert!(req.topic_data.is_empty());
 }

@@ -192,6 +192,10 @@ struct Inner {
     aliases: HashMap<String, AliasCache>,
     active: Mutex<HashMap<(String, String), Slot>>,
     cache: Mutex<LruCache<Vec<u8>, CachedDek>>,
+    /// One unwrap per DEK at a time: concurrent misses wait for the first.
+    inflight: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
+    /// Recent unwrap failures, answered without calling the KMS for FAIL_FAST.
+    failures: Mutex<HashMap<Vec<u8>, (Instant, DekError)>>,
     metrics: EncryptionMetrics,
 }
 
@@ -225,6 +229,8 @@ impl DekManager {
                 aliases,
                 active: Mutex::new(HashMap::new()),
                 cache: Mutex::new(LruCache::new(size)),
+                inflight: Mutex::new(HashMap::new()),
+                failures: Mutex::new(HashMap::new()),
                 cfg,
                 metrics,
             }),
@@ -398,30 +404,83 @@ impl DekManager {
             );
     }
 
+    fn cache_get(&self, prefix: &[u8]) -> Option<Arc<Aes256Gcm>> {
+        let mut cache = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
+        let idle = self.inner.cfg.cache_idle;
+        let hit = cache.get_mut(prefix)?;
+        if hit.last_used.elapsed() <= idle {
+            hit.last_used = Instant::now();
+            return Some(hit.cipher.clone());
+        }
+        cache.pop(prefix);
+        None
+    }
+
     /// The cipher for a DEK identified by its value prefix; unwraps through
-    /// the KMS named in the prefix on a cache miss.
+    /// the KMS named in the prefix on a cache miss (once, however many
+    /// callers miss at the same time).
     pub async fn decryptor(
         &self,
         prefix: &[u8],
         wrapped: &[u8],
     ) -> Result<Arc<Aes256Gcm>, DekError> {
+        if let Some(c) = self.cache_get(prefix) {
+            self.inner.metrics.dek_cache_hits.inc();
+            return Ok(c);
+        }
+        let lock = self
+            .inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(prefix.to_vec())
+            .or_default()
+            .clone();
+        let _g = lock.lock().await;
+        if let Some(c) = self.cache_get(prefix) {
+            self.inner.metrics.dek_cache_hits.inc();
+            return Ok(c);
+        }
+        if let Some((at, e)) = self
+            .inner
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(prefix)
         {
-            let mut cache = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
-            let idle = self.inner.cfg.cache_idle;
-            let mut expired = false;
-            if let Some(hit) = cache.get_mut(prefix) {
-                if hit.last_used.elapsed() <= idle {
-                    hit.last_used = Instant::now();
-                    self.inner.metrics.dek_cache_hits.inc();
-                    return Ok(hit.cipher.clone());
-                }
-                expired = true;
-            }
-            if expired {
-                cache.pop(prefix);
+            if at.elapsed() < FAIL_FAST {
+                return Err(e.clone());
             }
         }
         self.inner.metrics.dek_cache_misses.inc();
+        let res = self.unwrap(prefix, wrapped).await;
+        self.inner
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(prefix);
+        let mut failures = self
+            .inner
+            .failures
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        match &res {
+            Ok(c) => {
+                failures.remove(prefix);
+                drop(failures);
+                self.cache_insert(prefix.to_vec(), c.clone());
+            }
+            Err(e) => {
+                if failures.len() >= 1024 {
+                    failures.retain(|_, (at, _)| at.elapsed() < FAIL_FAST);
+                }
+                failures.insert(prefix.to_vec(), (Instant::now(), e.clone()));
+            }
+        }
+        res
+    }
+
+    async fn unwrap(&self, prefix: &[u8], wrapped: &[u8]) -> Result<Arc<Aes256Gcm>, DekError> {
         let loc = format::parse_locator(prefix)?;
         let kms = self
             .inner
@@ -430,9 +489,9 @@ impl DekManager {
             .ok_or_else(|| DekError::UnknownKms(loc.kms.clone()))?;
         self.count("unwrap_dek");
         let dek = kms.unwrap_dek(&loc.kek, wrapped).await?;
-        let cipher = Arc::new(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&dek[..])));
-        self.cache_insert(prefix.to_vec(), cipher.clone());
-        Ok(cipher)
+        Ok(Arc::new(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(
+            &dek[..],
+        ))))
     }
 }
 

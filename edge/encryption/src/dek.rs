@@ -102,23 +102,36 @@ impl Lease {
     /// Encrypt a header value, bound to its header key.
     pub fn seal_header(&mut self, key: &[u8], plaintext: &[u8]) -> Option<Bytes> {
         let nonce = self.take_nonce()?;
-        let aad = header_aad(&self.dek.prefix, key);
+        let aad = header_aad_from_value_aad(&self.dek.value_aad, key);
         Some(seal(&self.dek, &nonce, &aad, plaintext))
     }
 }
 
-pub(crate) fn header_aad(prefix: &[u8], key: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(prefix.len() + 1 + key.len());
-    aad.extend_from_slice(prefix);
-    aad.push(PURPOSE_HEADER);
+/// AAD of a record value: `version | 0x00 | SHA-256(prefix)`. The prefix
+/// (KEK reference and wrapped DEK) is bound through its digest, computed
+/// once per DEK, so per-record authentication costs 34 bytes of GHASH
+/// instead of the whole prefix (~90 bytes with Vault, ~200 with AWS KMS).
+pub(crate) fn value_aad(prefix: &[u8]) -> Vec<u8> {
+    aad_base(prefix, PURPOSE_VALUE)
+}
+
+/// AAD of a header value: `version | 0x01 | SHA-256(prefix) | header key`,
+/// derived from the value AAD without rehashing.
+pub(crate) fn header_aad_from_value_aad(value_aad: &[u8], key: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(value_aad.len() + key.len());
+    aad.extend_from_slice(value_aad);
+    aad[1] = PURPOSE_HEADER;
     aad.extend_from_slice(key);
     aad
 }
 
-pub(crate) fn value_aad(prefix: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(prefix.len() + 1);
-    aad.extend_from_slice(prefix);
-    aad.push(PURPOSE_VALUE);
+fn aad_base(prefix: &[u8], purpose: u8) -> Vec<u8> {
+    use sha2::Digest;
+    let digest = sha2::Sha256::digest(prefix);
+    let mut aad = Vec::with_capacity(2 + digest.len() + 64);
+    aad.push(prefix.first().copied().unwrap_or(format::FORMAT_V1));
+    aad.push(purpose);
+    aad.extend_from_slice(&digest);
     aad
 }
 

@@ -3,8 +3,8 @@
 //! value = prefix | nonce (12) | ciphertext + tag (16), where
 //! prefix = version (1) | u16 kek_ref_len | kek_ref | u16 wrapped_len | wrapped_dek
 //! kek_ref = u8 kms_len | kms | u16 key_id_len | key_id | u8 version_len | version
-//! AAD = prefix | purpose, purpose = 0x00 for a record value,
-//!       0x01 | header key for a header value.
+//! AAD = version | purpose | SHA-256(prefix), purpose = 0x00 for a record
+//!       value; 0x01 followed by the header key for a header value.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use strait_kms_core::KekRef;

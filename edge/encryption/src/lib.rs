@@ -32,7 +32,7 @@ pub use crate::config::{
     ConfigError, ConfigErrors, DekConfig, EncryptionConfig, OnMissingKey, OnPlaintextFetch,
     TopicRule,
 };
-use crate::dek::{header_aad, value_aad, DekError, DekManager};
+use crate::dek::{header_aad_from_value_aad, value_aad, DekError, DekManager};
 use crate::format::{FLAG_HEADERS, FLAG_VALUE, FORMAT_V1, MARKER_HEADER, NONCE_LEN, TAG_LEN};
 
 /// Marker header value of a record whose value (only) is encrypted.
@@ -741,7 +741,7 @@ impl RecordEncryption {
         let (cipher, vaad) = self.cipher_for(&parsed, last).await?;
         let aad = match header_key {
             None => vaad.as_slice().to_vec(),
-            Some(k) => header_aad(parsed.prefix, k),
+            Some(k) => header_aad_from_value_aad(&vaad, k),
         };
         let split = parsed.sealed.len() - TAG_LEN;
         let mut buf = BytesMut::from(&parsed.sealed[..split]);

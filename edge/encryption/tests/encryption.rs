@@ -533,6 +533,22 @@ async fn header_encryption_round_trip() {
         decode(fetched(&resp, 0).records.as_ref().unwrap())[0].records,
         original
     );
+
+    // An encrypted header value moved under another header key fails (AAD binds the key).
+    let mut moved = sets[0].records.clone();
+    let v = moved[0]
+        .headers
+        .shift_remove(&StrBytes::from_static_str("trace"))
+        .unwrap();
+    moved[0]
+        .headers
+        .insert(StrBytes::from_static_str("other"), v);
+    let mut resp = fetch("secret-h", vec![encode(&moved, Compression::None)]);
+    enc.decrypt_fetch(&mut resp, 12).await;
+    assert_eq!(
+        fetched(&resp, 0).error_code,
+        ResponseError::CorruptMessage.code()
+    );
 }
 
 #[tokio::test]

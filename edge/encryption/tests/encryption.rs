@@ -860,3 +860,14 @@ async fn concurrent_cold_decrypts_unwrap_each_dek_once() {
     }
     assert_eq!(cold.metrics().kms_calls("unwrap_dek"), 1);
 }
+
+/// The filter runs these futures on a multi-threaded runtime.
+#[test]
+fn futures_are_send() {
+    fn assert_send<T: Send>(_: &T) {}
+    let enc = engine(config(DekConfig::default()), Arc::new(keyring(&[])));
+    let mut req = ProduceRequest::default();
+    let mut resp = FetchResponse::default();
+    assert_send(&enc.encrypt_produce(&mut req, 9));
+    assert_send(&enc.decrypt_fetch(&mut resp, 12));
+}

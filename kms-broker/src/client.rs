@@ -30,6 +30,7 @@ impl BrokerClient {
         cfg: &BrokerClientConfig,
         timeout: Duration,
     ) -> Result<Vec<(String, BrokerClient)>> {
+        crate::kms::ensure_crypto_provider();
         let ca = Certificate::from_pem(read(&cfg.ca, "CA")?);
         let identity = Identity::from_pem(read(&cfg.cert, "certificate")?, read(&cfg.key, "key")?);
         cfg.endpoints

@@ -27,7 +27,7 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .init();
-    let _ = rustls::crypto::ring::default_provider().install_default();
+    strait_kms_broker::kms::ensure_crypto_provider();
     let args = Args::parse();
     let text = std::fs::read_to_string(&args.config)
         .with_context(|| format!("reading {}", args.config.display()))?;

@@ -274,6 +274,7 @@ pub async fn serve(
     listener: tokio::net::TcpListener,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
+    crate::kms::ensure_crypto_provider();
     let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
     let ca = Certificate::from_pem(read(&tls.client_ca)?);
     let tls = ServerTlsConfig::new()

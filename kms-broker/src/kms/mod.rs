@@ -19,9 +19,20 @@ pub use strait_kms_core::{
 
 use crate::client::BrokerClient;
 
+/// The AWS SDK pulls rustls with aws-lc-rs while tonic/Strait use ring, so
+/// rustls cannot pick a process-wide provider by itself and would panic on
+/// the first TLS config built without one. Install ring unless the process
+/// already chose a provider.
+pub fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
+}
+
 /// Build one configured KMS: a provider per endpoint, failover between
 /// endpoints when there are several, wrapped in retries/timeouts/metrics.
 pub async fn build_kms(cfg: &KmsConfig, metrics: Option<KmsMetrics>) -> Result<Arc<dyn Kms>> {
+    ensure_crypto_provider();
     let timeout = cfg.retry.timeout;
     let mut endpoints: Vec<(String, Arc<dyn Kms>)> = Vec::new();
     if let Some(v) = &cfg.vault {

@@ -184,7 +184,6 @@ fn set_env() {
         std::env::set_var("AWS_SESSION_TOKEN", "testing");
         std::env::set_var("AWS_EC2_METADATA_DISABLED", "true");
         std::env::set_var("STRAIT_TEST_VAULT_TOKEN", "root");
-        let _ = rustls::crypto::ring::default_provider().install_default();
     });
 }
 

@@ -871,3 +871,37 @@ fn futures_are_send() {
     assert_send(&enc.encrypt_produce(&mut req, 9));
     assert_send(&enc.decrypt_fetch(&mut resp, 12));
 }
+
+/// After compaction a batch may lack its first/last records while its header
+/// still spans them; the header (base offset, last offset delta, timestamps)
+/// must come back unchanged or consumers would re-fetch forever.
+#[tokio::test]
+async fn compacted_batch_header_survives_decrypt() {
+    let kms = Arc::new(keyring(&["kek-secret-k"]));
+    let enc = engine(config(DekConfig::default()), kms);
+    let mut req = produce("secret-k", vec![encode(&records(6, 8), Compression::Gzip)]);
+    enc.encrypt_produce(&mut req, 9).await.unwrap();
+    let full = records_of(&req, 0);
+    // Simulate compaction: drop the first and the last record, keep the header.
+    let batches = split_batches(&full).unwrap();
+    let mut recs = batches[0].records().unwrap();
+    recs.remove(5);
+    recs.remove(0);
+    let compacted = batches[0].with_records(&recs).unwrap();
+    assert_eq!(compacted[..8], full[..8]);
+    let mut resp = fetch("secret-k", vec![compacted.clone()]);
+    let report = enc.decrypt_fetch(&mut resp, 12).await;
+    assert!(report.failed_partitions.is_empty());
+    let out = fetched(&resp, 0).records.clone().unwrap();
+    assert_eq!(out[..8], compacted[..8], "base offset");
+    assert_eq!(
+        out[21..57],
+        compacted[21..57],
+        "attributes, last offset delta, timestamps, producer fields"
+    );
+    assert_eq!(i32::from_be_bytes([out[57], out[58], out[59], out[60]]), 4);
+    let sets = decode(&out);
+    let offsets: Vec<i64> = sets[0].records.iter().map(|r| r.offset).collect();
+    assert_eq!(offsets, vec![1, 2, 3, 4]);
+    assert_eq!(sets[0].records[0].value, records(6, 8)[1].value);
+}

@@ -1,2 +1,7 @@
 //! Generated gRPC contracts. One module per protobuf package; each `.proto`
 //! file in `proto/` is compiled by `build.rs`.
+
+/// The KMS broker contract (`proto/kms.proto`).
+pub mod kms {
+    tonic::include_proto!("strait.kms.v1");
+}

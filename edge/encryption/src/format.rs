@@ -1,0 +1,153 @@
+//! Cipher record format v1 (see FORMAT.md).
+//!
+//! value = prefix | nonce (12) | ciphertext + tag (16), where
+//! prefix = version (1) | u16 kek_ref_len | kek_ref | u16 wrapped_len | wrapped_dek
+//! kek_ref = u8 kms_len | kms | u16 key_id_len | key_id | u8 version_len | version
+//! AAD = version | purpose | SHA-256(prefix), purpose = 0x00 for a record
+//!       value; 0x01 followed by the header key for a header value.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use strait_kms_core::KekRef;
+
+pub const FORMAT_V1: u8 = 1;
+/// Header marking an encrypted record. Value: `[version, flags]`.
+pub const MARKER_HEADER: &str = "strait.enc";
+pub const FLAG_VALUE: u8 = 0x01;
+pub const FLAG_HEADERS: u8 = 0x02;
+pub const NONCE_LEN: usize = 12;
+pub const TAG_LEN: usize = 16;
+pub const PURPOSE_VALUE: u8 = 0x00;
+pub const PURPOSE_HEADER: u8 = 0x01;
+
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("malformed encrypted value: {0}")]
+pub struct FormatError(pub &'static str);
+
+/// The KEK a DEK was wrapped under, including which configured KMS holds it.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct KekLocator {
+    pub kms: String,
+    pub kek: KekRef,
+}
+
+/// Build the per-DEK prefix shared by every value encrypted under one DEK.
+pub fn encode_prefix(loc: &KekLocator, wrapped: &[u8]) -> Result<Bytes, FormatError> {
+    let version = loc.kek.version.as_deref().unwrap_or("");
+    if loc.kms.len() > u8::MAX as usize
+        || version.len() > u8::MAX as usize
+        || loc.kek.key_id.len() > u16::MAX as usize
+        || wrapped.len() > u16::MAX as usize
+    {
+        return Err(FormatError("KEK reference or wrapped DEK too long"));
+    }
+    let kek_len = 1 + loc.kms.len() + 2 + loc.kek.key_id.len() + 1 + version.len();
+    if kek_len > u16::MAX as usize {
+        return Err(FormatError("KEK reference too long"));
+    }
+    let mut b = BytesMut::with_capacity(1 + 2 + kek_len + 2 + wrapped.len());
+    b.put_u8(FORMAT_V1);
+    b.put_u16(kek_len as u16);
+    b.put_u8(loc.kms.len() as u8);
+    b.put_slice(loc.kms.as_bytes());
+    b.put_u16(loc.kek.key_id.len() as u16);
+    b.put_slice(loc.kek.key_id.as_bytes());
+    b.put_u8(version.len() as u8);
+    b.put_slice(version.as_bytes());
+    b.put_u16(wrapped.len() as u16);
+    b.put_slice(wrapped);
+    Ok(b.freeze())
+}
+
+/// A parsed encrypted value, borrowing from the record.
+pub struct Parsed<'a> {
+    /// version .. end of wrapped DEK: the DEK cache key and the AAD prefix.
+    pub prefix: &'a [u8],
+    pub wrapped: &'a [u8],
+    pub nonce: &'a [u8],
+    /// ciphertext followed by the tag.
+    pub sealed: &'a [u8],
+}
+
+fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], FormatError> {
+    if b.len() < n {
+        return Err(FormatError("truncated"));
+    }
+    let (h, t) = b.split_at(n);
+    *b = t;
+    Ok(h)
+}
+
+pub fn parse(value: &[u8]) -> Result<Parsed<'_>, FormatError> {
+    let mut b = value;
+    let v = take(&mut b, 1)?[0];
+    if v != FORMAT_V1 {
+        return Err(FormatError("unsupported format version"));
+    }
+    let kl = take(&mut b, 2)?;
+    let kl = u16::from_be_bytes([kl[0], kl[1]]) as usize;
+    take(&mut b, kl)?;
+    let wl = take(&mut b, 2)?;
+    let wl = u16::from_be_bytes([wl[0], wl[1]]) as usize;
+    let wrapped = take(&mut b, wl)?;
+    let prefix_len = value.len() - b.len();
+    let nonce = take(&mut b, NONCE_LEN)?;
+    if b.len() < TAG_LEN {
+        return Err(FormatError("ciphertext shorter than the tag"));
+    }
+    Ok(Parsed {
+        prefix: &value[..prefix_len],
+        wrapped,
+        nonce,
+        sealed: b,
+    })
+}
+
+/// Decode the KEK locator of a prefix.
+pub fn parse_locator(prefix: &[u8]) -> Result<KekLocator, FormatError> {
+    let mut b = prefix;
+    take(&mut b, 3)?;
+    let n = take(&mut b, 1)?[0] as usize;
+    let kms =
+        std::str::from_utf8(take(&mut b, n)?).map_err(|_| FormatError("KMS name not UTF-8"))?;
+    let n = take(&mut b, 2)?;
+    let n = u16::from_be_bytes([n[0], n[1]]) as usize;
+    let key_id =
+        std::str::from_utf8(take(&mut b, n)?).map_err(|_| FormatError("key id not UTF-8"))?;
+    let n = take(&mut b, 1)?[0] as usize;
+    let version =
+        std::str::from_utf8(take(&mut b, n)?).map_err(|_| FormatError("key version not UTF-8"))?;
+    Ok(KekLocator {
+        kms: kms.to_string(),
+        kek: KekRef {
+            key_id: key_id.to_string(),
+            version: (!version.is_empty()).then(|| version.to_string()),
+        },
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_round_trip() {
+        let loc = KekLocator {
+            kms: "vault".into(),
+            kek: KekRef::with_version("kek-a", "3"),
+        };
+        let p = encode_prefix(&loc, b"wrapped!").unwrap();
+        let mut v = p.to_vec();
+        v.extend_from_slice(&[9u8; NONCE_LEN]);
+        v.extend_from_slice(&[7u8; TAG_LEN + 5]);
+        let parsed = parse(&v).unwrap();
+        assert_eq!(parsed.prefix, &p[..]);
+        assert_eq!(parsed.wrapped, b"wrapped!");
+        assert_eq!(parsed.nonce, &[9u8; NONCE_LEN]);
+        assert_eq!(parsed.sealed.len(), TAG_LEN + 5);
+        assert_eq!(parse_locator(parsed.prefix).unwrap(), loc);
+        assert!(parse(&v[..p.len() + 3]).is_err());
+        let mut wrong = v.clone();
+        wrong[0] = 2;
+        assert!(parse(&wrong).is_err());
+    }
+}

@@ -1,0 +1,10 @@
+//! Strait's KMS broker: KMS providers (Vault Transit, AWS KMS, plus the
+//! development-only local keyring from `strait-kms-core`), the
+//! `strait-kms-broker` gRPC service (mTLS, failover, alias cache) and a
+//! [`Kms`](strait_kms_core::Kms) client for it.
+
+pub mod client;
+pub mod kms;
+pub mod service;
+
+pub use strait_kms_core as core;

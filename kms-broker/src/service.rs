@@ -1,0 +1,323 @@
+//! The broker's gRPC service: routes each call to a configured backend KMS
+//! (already wrapped in failover + retries), caching alias resolution.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use strait_kms_core::config::{validate_kms_list, ConfigError, ConfigErrors, KmsConfig};
+use strait_kms_core::{AliasCache, KekRef, Kms, KmsError, KmsSet};
+use strait_proto::kms as pb;
+use strait_proto::kms::kms_broker_server::{KmsBroker, KmsBrokerServer};
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
+use tonic::{Request, Response, Status};
+
+/// `strait-kms-broker --config FILE`:
+/// ```yaml
+/// listen: 127.0.0.1:7443
+/// tls: { cert: broker.pem, key: broker.key, client_ca: ca.pem }
+/// alias_cache_ttl: 10m
+/// kms:
+///   - name: vault
+///     vault: { addresses: ["http://10.0.0.1:8200", "http://10.0.0.2:8200"] }
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerConfig {
+    pub listen: String,
+    pub tls: BrokerTls,
+    pub kms: Vec<KmsConfig>,
+    #[serde(default = "default_alias_ttl", with = "humantime_serde")]
+    pub alias_cache_ttl: Duration,
+    /// Optional `ip:port` serving Prometheus metrics at `/metrics` (plain HTTP).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_listen: Option<String>,
+}
+
+fn default_alias_ttl() -> Duration {
+    Duration::from_secs(600)
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerTls {
+    /// The broker's certificate chain and key (PEM).
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Only clients with a certificate signed by this CA may call.
+    pub client_ca: PathBuf,
+}
+
+impl BrokerConfig {
+    /// Parse YAML, check every field (all errors with paths), and make file
+    /// paths relative to `base`.
+    pub fn from_yaml(text: &str, base: &Path) -> Result<Self, ConfigErrors> {
+        let mut cfg: BrokerConfig = serde_yaml_ng::from_str(text).map_err(|e| {
+            ConfigErrors(vec![ConfigError {
+                path: e
+                    .location()
+                    .map(|l| format!("line {} column {}", l.line(), l.column()))
+                    .unwrap_or_else(|| "config".into()),
+                message: e.to_string(),
+            }])
+        })?;
+        cfg.validate()?;
+        for k in &mut cfg.kms {
+            k.resolve_paths(base);
+        }
+        for p in [&mut cfg.tls.cert, &mut cfg.tls.key, &mut cfg.tls.client_ca] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigErrors> {
+        let mut errors = match validate_kms_list("kms", &self.kms) {
+            Ok(()) => Vec::new(),
+            Err(e) => e.0,
+        };
+        let mut push = |p: &str, m: &str| {
+            errors.push(ConfigError {
+                path: p.into(),
+                message: m.into(),
+            })
+        };
+        if self.listen.parse::<SocketAddr>().is_err() {
+            push("listen", "must be an ip:port socket address");
+        }
+        if let Some(m) = &self.metrics_listen {
+            if m.parse::<SocketAddr>().is_err() {
+                push("metrics_listen", "must be an ip:port socket address");
+            }
+        }
+        if self.kms.is_empty() {
+            push("kms", "at least one backend KMS is required");
+        }
+        for (i, k) in self.kms.iter().enumerate() {
+            if k.broker.is_some() {
+                errors.push(ConfigError {
+                    path: format!("kms[{i}].broker"),
+                    message: "a broker cannot use another broker as backend".into(),
+                });
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigErrors(errors))
+        }
+    }
+}
+
+struct Backend {
+    kms: Arc<dyn Kms>,
+    aliases: AliasCache,
+}
+
+/// The gRPC service over a set of backend KMSs.
+pub struct BrokerService {
+    backends: BTreeMap<String, Backend>,
+}
+
+pub fn error_to_status(e: KmsError) -> Status {
+    match e {
+        KmsError::NotFound(m) => Status::not_found(m),
+        KmsError::Unavailable(m) => Status::unavailable(m),
+        KmsError::Denied(m) => Status::permission_denied(m),
+        KmsError::Invalid(m) => Status::invalid_argument(m),
+    }
+}
+
+fn kek_from(k: Option<pb::KekRef>) -> Result<KekRef, Status> {
+    let k = k.ok_or_else(|| Status::invalid_argument("kek is required"))?;
+    if k.key_id.is_empty() {
+        return Err(Status::invalid_argument("kek.key_id is required"));
+    }
+    Ok(KekRef {
+        key_id: k.key_id,
+        version: (!k.version.is_empty()).then_some(k.version),
+    })
+}
+
+fn kek_to(k: KekRef) -> pb::KekRef {
+    pb::KekRef {
+        key_id: k.key_id,
+        version: k.version.unwrap_or_default(),
+    }
+}
+
+impl BrokerService {
+    pub fn new(kms: &KmsSet, alias_ttl: Duration) -> Self {
+        let backends = kms
+            .names()
+            .filter_map(|n| {
+                kms.get(n).map(|k| {
+                    (
+                        n.to_string(),
+                        Backend {
+                            kms: k.clone(),
+                            aliases: AliasCache::new(
+                                alias_ttl,
+                                Duration::from_secs(30).min(alias_ttl),
+                            ),
+                        },
+                    )
+                })
+            })
+            .collect();
+        Self { backends }
+    }
+
+    fn backend(&self, name: &str) -> Result<&Backend, Status> {
+        if name.is_empty() {
+            if self.backends.len() == 1 {
+                if let Some(b) = self.backends.values().next() {
+                    return Ok(b);
+                }
+            }
+            return Err(Status::invalid_argument(
+                "kms name required: this broker serves several backends",
+            ));
+        }
+        self.backends
+            .get(name)
+            .ok_or_else(|| Status::not_found(format!("no backend KMS named {name:?}")))
+    }
+
+    pub fn into_server(self) -> KmsBrokerServer<Self> {
+        KmsBrokerServer::new(self)
+    }
+}
+
+#[tonic::async_trait]
+impl KmsBroker for BrokerService {
+    async fn generate_dek(
+        &self,
+        req: Request<pb::GenerateDekRequest>,
+    ) -> Result<Response<pb::GenerateDekResponse>, Status> {
+        let req = req.into_inner();
+        let b = self.backend(&req.kms)?;
+        let kek = kek_from(req.kek)?;
+        let pair = b.kms.generate_dek(&kek).await.map_err(error_to_status)?;
+        Ok(Response::new(pb::GenerateDekResponse {
+            plaintext: pair.plaintext.to_vec(),
+            wrapped: pair.wrapped,
+            kek: Some(kek_to(pair.kek)),
+        }))
+    }
+
+    async fn unwrap_dek(
+        &self,
+        req: Request<pb::UnwrapDekRequest>,
+    ) -> Result<Response<pb::UnwrapDekResponse>, Status> {
+        let req = req.into_inner();
+        let b = self.backend(&req.kms)?;
+        let kek = kek_from(req.kek)?;
+        let dek = b
+            .kms
+            .unwrap_dek(&kek, &req.wrapped)
+            .await
+            .map_err(error_to_status)?;
+        Ok(Response::new(pb::UnwrapDekResponse {
+            plaintext: dek.to_vec(),
+        }))
+    }
+
+    async fn resolve_alias(
+        &self,
+        req: Request<pb::ResolveAliasRequest>,
+    ) -> Result<Response<pb::ResolveAliasResponse>, Status> {
+        let req = req.into_inner();
+        let b = self.backend(&req.kms)?;
+        if req.alias.is_empty() {
+            return Err(Status::invalid_argument("alias is required"));
+        }
+        let kek = b
+            .aliases
+            .resolve(b.kms.as_ref(), &req.alias)
+            .await
+            .map_err(error_to_status)?;
+        Ok(Response::new(pb::ResolveAliasResponse {
+            kek: Some(kek_to(kek)),
+        }))
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("reading {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ServeError> {
+    std::fs::read(path).map_err(|source| ServeError::Read {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Serve `service` on `listener` with mTLS (client certificates required,
+/// verified against `tls.client_ca`) until `shutdown` resolves.
+pub async fn serve(
+    service: BrokerService,
+    tls: &BrokerTls,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), ServeError> {
+    crate::kms::ensure_crypto_provider();
+    let identity = Identity::from_pem(read(&tls.cert)?, read(&tls.key)?);
+    let ca = Certificate::from_pem(read(&tls.client_ca)?);
+    let tls = ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(ca)
+        .client_auth_optional(false);
+    Server::builder()
+        .tls_config(tls)?
+        .add_service(service.into_server())
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            shutdown,
+        )
+        .await?;
+    Ok(())
+}
+
+/// Serve `registry` in the Prometheus text format at `/metrics`.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    registry: Arc<prometheus_client::registry::Registry>,
+) -> std::io::Result<()> {
+    use axum::response::IntoResponse;
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let registry = registry.clone();
+            async move {
+                let mut text = String::new();
+                match prometheus_client::encoding::text::encode(&mut text, &registry) {
+                    Ok(()) => (
+                        [(
+                            "content-type",
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        text,
+                    )
+                        .into_response(),
+                    Err(_) => "metrics encoding failed".into_response(),
+                }
+            }
+        }),
+    );
+    axum::serve(listener, app).await
+}

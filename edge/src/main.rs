@@ -2,6 +2,8 @@
 
 #![forbid(unsafe_code)]
 
+mod filters;
+
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
@@ -11,8 +13,9 @@ use clap::{Parser, ValueEnum};
 use prometheus_client::registry::Registry;
 use strait_proxy::admin::AdminServer;
 use strait_proxy::metrics::ProxyMetrics;
-use strait_proxy::{Edge, FiltersByCluster};
+use strait_proxy::Edge;
 use tokio::signal::unix::{signal, SignalKind};
+use tokio::sync::RwLock;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -85,15 +88,20 @@ fn main() -> ExitCode {
 }
 
 async fn run(path: PathBuf, config: strait_edge_config::Config) -> anyhow::Result<()> {
+    // The AWS SDK and tonic bring different rustls crypto providers; pick one.
+    strait_kms_broker::kms::ensure_crypto_provider();
     let mut registry = Registry::with_prefix("strait");
     let metrics = ProxyMetrics::register(&mut registry);
     let tls_metrics = strait_tls::TlsMetrics::register(&mut registry);
+    let registry = Arc::new(RwLock::new(registry));
     let ready = Arc::new(AtomicBool::new(false));
+    let mut filter_builder = filters::FilterBuilder::new(registry.clone());
+    let initial_filters = filter_builder.build(&config).await?;
 
     let stop_admin = CancellationToken::new();
     let admin = match config.admin {
         Some(address) => {
-            let server = AdminServer::bind(address, Arc::new(registry), ready.clone())
+            let server = AdminServer::bind(address, registry.clone(), ready.clone())
                 .await
                 .map_err(|err| anyhow::anyhow!("cannot bind admin endpoint {address}: {err}"))?;
             tracing::info!(address = %server.local_addr()?, "admin endpoint listening");
@@ -106,7 +114,7 @@ async fn run(path: PathBuf, config: strait_edge_config::Config) -> anyhow::Resul
         &config,
         metrics,
         tls_metrics,
-        FiltersByCluster::new(),
+        initial_filters,
         ready,
     )
     .await?;
@@ -126,8 +134,13 @@ async fn run(path: PathBuf, config: strait_edge_config::Config) -> anyhow::Resul
             _ = interrupt.recv() => { tracing::info!("SIGINT: draining"); break }
             _ = ticker.tick() => {
                 if let Some(config) = watcher.changed() {
-                    if let Err(err) = edge.apply(&config, FiltersByCluster::new()).await {
-                        tracing::warn!(%err, "new configuration could not be applied in full");
+                    match filter_builder.build(&config).await {
+                        Ok(filters) => {
+                            if let Err(err) = edge.apply(&config, filters).await {
+                                tracing::warn!(%err, "new configuration could not be applied in full");
+                            }
+                        }
+                        Err(err) => tracing::warn!("{err:#}; keeping the running configuration"),
                     }
                 }
             }

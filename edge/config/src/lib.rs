@@ -24,6 +24,7 @@ pub const DEFAULT_MAX_FRAME_BYTES: u32 = 100 * 1024 * 1024;
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
     pub admin: Option<SocketAddr>,
+    pub kms: Vec<strait_kms_core::config::KmsConfig>,
     pub virtual_clusters: Vec<VirtualCluster>,
     pub limits: Limits,
     pub shutdown: Shutdown,
@@ -52,6 +53,7 @@ pub struct VirtualCluster {
     pub upstream: Upstream,
     pub tls: Option<Tls>,
     pub quotas: Option<Quotas>,
+    pub encryption: Option<strait_encryption::EncryptionConfig>,
 }
 
 /// Per-principal rates; `None` is unlimited.

@@ -14,6 +14,9 @@ pub struct RawConfig {
     pub limits: RawLimits,
     #[serde(default)]
     pub shutdown: RawShutdown,
+    /// KMSs that encryption rules name.
+    #[serde(default)]
+    pub kms: Vec<strait_kms_core::config::KmsConfig>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -46,6 +49,7 @@ pub struct RawVirtualCluster {
     pub upstream: RawUpstream,
     pub tls: Option<RawTls>,
     pub quotas: Option<RawQuotas>,
+    pub encryption: Option<strait_encryption::EncryptionConfig>,
 }
 
 #[derive(Debug, Deserialize)]

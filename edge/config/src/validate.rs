@@ -59,6 +59,13 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
         errors.push("limits.filter_timeout", "must be greater than 0");
     }
 
+    if let Err(kms_errors) = strait_kms_core::config::validate_kms_list("kms", &raw.kms) {
+        for error in kms_errors.0 {
+            errors.push(error.path, error.message);
+        }
+    }
+    let kms_names: Vec<&str> = raw.kms.iter().map(|k| k.name.as_str()).collect();
+
     if raw.virtual_clusters.is_empty() {
         errors.push(
             "virtual_clusters",
@@ -67,9 +74,12 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     }
     let mut virtual_clusters = Vec::new();
     for (index, vc) in raw.virtual_clusters.iter().enumerate() {
-        if let Some(vc) =
-            validate_virtual_cluster(vc, &format!("virtual_clusters[{index}]"), &mut errors)
-        {
+        if let Some(vc) = validate_virtual_cluster(
+            vc,
+            &format!("virtual_clusters[{index}]"),
+            &kms_names,
+            &mut errors,
+        ) {
             virtual_clusters.push(vc);
         }
     }
@@ -78,6 +88,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     if errors.0.is_empty() {
         Ok(Config {
             admin,
+            kms: raw.kms.clone(),
             virtual_clusters,
             limits: Limits {
                 max_frame_bytes,
@@ -98,6 +109,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
 fn validate_virtual_cluster(
     raw: &RawVirtualCluster,
     path: &str,
+    kms_names: &[&str],
     errors: &mut Errors,
 ) -> Option<VirtualCluster> {
     let before = errors.0.len();
@@ -151,6 +163,13 @@ fn validate_virtual_cluster(
         );
     }
 
+    if let Some(encryption) = &raw.encryption {
+        let mut found = Vec::new();
+        encryption.validate_into(&format!("{path}.encryption"), kms_names, &mut found);
+        for error in found {
+            errors.push(error.path, error.message);
+        }
+    }
     let quotas = raw
         .quotas
         .as_ref()
@@ -175,6 +194,7 @@ fn validate_virtual_cluster(
         },
         tls,
         quotas,
+        encryption: raw.encryption.clone(),
     })
 }
 

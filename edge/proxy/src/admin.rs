@@ -4,6 +4,8 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
+use tokio::sync::RwLock;
+
 use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
@@ -15,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Clone)]
 struct AdminState {
-    registry: Arc<Registry>,
+    registry: Arc<RwLock<Registry>>,
     ready: Arc<AtomicBool>,
 }
 
@@ -28,7 +30,7 @@ pub struct AdminServer {
 impl AdminServer {
     pub async fn bind(
         address: SocketAddr,
-        registry: Arc<Registry>,
+        registry: Arc<RwLock<Registry>>,
         ready: Arc<AtomicBool>,
     ) -> std::io::Result<Self> {
         let listener = TcpListener::bind(address).await?;
@@ -56,7 +58,9 @@ impl AdminServer {
 
 async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
     let mut text = String::new();
-    match prometheus_client::encoding::text::encode(&mut text, &state.registry) {
+    // Registration (on reconfiguration) takes the write lock briefly; scrapes share the read lock.
+    let registry = state.registry.read().await;
+    match prometheus_client::encoding::text::encode(&mut text, &registry) {
         Ok(()) => (
             StatusCode::OK,
             [(

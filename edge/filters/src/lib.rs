@@ -1,0 +1,5 @@
+//! Filters that adapt Strait's libraries to the edge's filter seam.
+
+#![forbid(unsafe_code)]
+
+pub mod encryption;

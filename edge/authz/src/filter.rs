@@ -621,7 +621,6 @@ impl AuthorizationFilter {
     ) -> (RequestVerdict, Vec<AuditRecord>) {
         let api_key = frame.api_key();
         let version = frame.version();
-        let correlation_id = frame.correlation_id();
         match frame.body() {
             RequestKind::Produce(_) => self.produce(now, frame),
             RequestKind::Metadata(_) => self.metadata(now, frame),
@@ -676,7 +675,6 @@ impl AuthorizationFilter {
                         }
                     }
                 }
-                let _ = correlation_id;
                 (verdict, denies)
             }
         }

@@ -465,8 +465,8 @@ fn evaluate(c: &mut Checker<'_>, body: &RequestKind) -> Plan {
             }
         }
         RequestKind::InitProducerId(req) => match &req.transactional_id {
-            Some(id) => ok &= c.check(Txn, id, Write),
-            None => {
+            Some(id) if !id.is_empty() => ok &= c.check(Txn, id, Write),
+            _ => {
                 let cluster = c.rules.decide_among(
                     &c.candidates,
                     ResourceType::Cluster,

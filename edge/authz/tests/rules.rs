@@ -5,8 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use strait_authz::{
-    AuditConfig, AuthorizationConfig, Authorizer, Operation, ResourceType, RuleSet,
-    UnknownApiKeys,
+    AuditConfig, AuthorizationConfig, Authorizer, Operation, ResourceType, RuleSet, UnknownApiKeys,
 };
 use strait_filter::Principal;
 use time::format_description::well_known::Rfc3339;
@@ -67,7 +66,14 @@ fn decision_table() {
     use Operation::*;
     use ResourceType::*;
     // (principal, resource, name, operation, time, expected rule index or None)
-    let cases: &[(&str, ResourceType, &str, Operation, SystemTime, Option<usize>)] = &[
+    let cases: &[(
+        &str,
+        ResourceType,
+        &str,
+        Operation,
+        SystemTime,
+        Option<usize>,
+    )] = &[
         (ORDERS, Topic, "orders-eu", Write, before, Some(0)),
         (ORDERS, Topic, "orders-eu", Describe, before, Some(0)),
         (ORDERS, Topic, "orders-eu", Read, before, Some(1)),
@@ -87,7 +93,14 @@ fn decision_table() {
         (BILLING, Cluster, "kafka-cluster", Describe, before, Some(3)),
         (BILLING, Cluster, "kafka-cluster", Alter, before, None),
         (OTHER_DOMAIN, Topic, "orders-eu", Read, before, None),
-        (OTHER_DOMAIN, Cluster, "kafka-cluster", Describe, before, Some(3)),
+        (
+            OTHER_DOMAIN,
+            Cluster,
+            "kafka-cluster",
+            Describe,
+            before,
+            Some(3),
+        ),
         // `*` inside a principal pattern does not cross `/`.
         (NESTED, Topic, "orders-eu", Read, before, None),
         (ADMIN, Topic, "anything", Delete, before, Some(4)),
@@ -99,7 +112,14 @@ fn decision_table() {
         (BILLING, Topic, "audit.b", AlterConfigs, early, None),
         (ORDERS, TransactionalId, "orders-tx", Write, before, Some(6)),
         // Write implies Describe on every resource type, as in Kafka.
-        (ORDERS, TransactionalId, "orders-tx", Describe, before, Some(6)),
+        (
+            ORDERS,
+            TransactionalId,
+            "orders-tx",
+            Describe,
+            before,
+            Some(6),
+        ),
         (ORDERS, TransactionalId, "orders-tx", Read, before, None),
         (ORDERS, TransactionalId, "orders-tx-2", Write, before, None),
     ];
@@ -117,10 +137,16 @@ fn decision_table() {
     }
     // Anonymous clients are matched only by `*`.
     let anonymous = Principal::Anonymous;
-    assert!(rules
-        .decide(&anonymous, Cluster, "kafka-cluster", Describe, before)
-        .allowed);
-    assert!(!rules.decide(&anonymous, Topic, "orders-eu", Read, before).allowed);
+    assert!(
+        rules
+            .decide(&anonymous, Cluster, "kafka-cluster", Describe, before)
+            .allowed
+    );
+    assert!(
+        !rules
+            .decide(&anonymous, Topic, "orders-eu", Read, before)
+            .allowed
+    );
 }
 
 #[test]

@@ -407,8 +407,10 @@ impl Authorizer {
         interval: Duration,
         metrics: Option<AuthzMetrics>,
     ) -> tokio::task::JoinHandle<()> {
+        // Read before spawning: a change made right after this call returns
+        // must be seen as a change, not as the baseline.
+        let mut last: Option<Vec<u8>> = std::fs::read(&path).ok();
         tokio::spawn(async move {
-            let mut last: Option<Vec<u8>> = tokio::fs::read(&path).await.ok();
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {

@@ -280,7 +280,7 @@ async fn watcher_reloads_valid_files_and_ignores_broken_ones() {
     );
 
     std::fs::write(&path, "rules:\n  - principal: [\n").unwrap();
-    wait_until(&format!("the broken file to be rejected"), || {
+    wait_until("the broken file to be rejected", || {
         metrics_text(&registry).contains(r#"authz_rule_reloads_total{result="rejected"} 1"#)
     })
     .await;

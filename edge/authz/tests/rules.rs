@@ -54,6 +54,16 @@ const ADMIN: &str = "spiffe://example.org/ns/ops/sa/admin";
 const OTHER_DOMAIN: &str = "spiffe://evil.org/ns/shop/sa/orders";
 const NESTED: &str = "spiffe://example.org/ns/shop/sa/orders/extra";
 
+/// (principal, resource, name, operation, time, expected rule index)
+type Case = (
+    &'static str,
+    ResourceType,
+    &'static str,
+    Operation,
+    SystemTime,
+    Option<usize>,
+);
+
 #[test]
 fn decision_table() {
     let config = AuthorizationConfig::from_yaml(RULES).unwrap();
@@ -66,14 +76,7 @@ fn decision_table() {
     use Operation::*;
     use ResourceType::*;
     // (principal, resource, name, operation, time, expected rule index or None)
-    let cases: &[(
-        &str,
-        ResourceType,
-        &str,
-        Operation,
-        SystemTime,
-        Option<usize>,
-    )] = &[
+    let cases: &[Case] = &[
         (ORDERS, Topic, "orders-eu", Write, before, Some(0)),
         (ORDERS, Topic, "orders-eu", Describe, before, Some(0)),
         (ORDERS, Topic, "orders-eu", Read, before, Some(1)),

@@ -104,6 +104,7 @@ pub struct AuthorizationFilterFactory {
     counters: DecisionCounters,
     virtual_cluster: Arc<str>,
     topic_ids: Arc<TopicIds>,
+    request_keys: ApiKeySet,
 }
 
 impl AuthorizationFilterFactory {
@@ -121,6 +122,7 @@ impl AuthorizationFilterFactory {
             audit,
             virtual_cluster,
             topic_ids: Arc::default(),
+            request_keys: request_keys(),
         }
     }
 
@@ -142,7 +144,7 @@ impl AuthorizationFilterFactory {
                 client_addr: connection.client_addr,
             },
             view: None,
-            request_keys: request_keys(),
+            request_keys: self.request_keys,
             produce_pending: HashMap::new(),
             metadata_explicit: HashMap::new(),
         }
@@ -589,6 +591,23 @@ fn evaluate(c: &mut Checker<'_>, body: &RequestKind) -> Plan {
     }
 }
 
+/// Entries wait for the broker's answer. An answer that never passes this
+/// filter (a later filter answered or the connection broke) would leave its
+/// entry behind; far more entries than any client pipelines means that
+/// happened, so start over rather than grow without bound.
+const MAX_PENDING: usize = 4096;
+
+fn bounded_insert<V>(map: &mut HashMap<i32, V>, key: i32, value: V) {
+    if map.len() >= MAX_PENDING {
+        tracing::warn!(
+            entries = map.len(),
+            "dropping stale per-request authorization state"
+        );
+        map.clear();
+    }
+    map.insert(key, value);
+}
+
 impl AuthorizationFilter {
     fn checker(&mut self, now: SystemTime, api_key: i16) -> Checker<'_> {
         let rules = self.conn.authorizer.rules();
@@ -744,7 +763,7 @@ impl AuthorizationFilter {
             }
             keep
         });
-        self.produce_pending.insert(correlation_id, denied);
+        bounded_insert(&mut self.produce_pending, correlation_id, denied);
         (RequestVerdict::Forward, denies)
     }
 
@@ -794,7 +813,7 @@ impl AuthorizationFilter {
                 req.allow_auto_topic_creation = false;
             }
         }
-        self.metadata_explicit.insert(correlation_id, explicit);
+        bounded_insert(&mut self.metadata_explicit, correlation_id, explicit);
         (RequestVerdict::Forward, denies)
     }
 

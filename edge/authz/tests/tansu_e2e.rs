@@ -94,8 +94,24 @@ from kafka.admin import NewTopic
 edge, broker = sys.argv[1], sys.argv[2]
 out = {}
 admin = KafkaAdminClient(bootstrap_servers=broker)
-admin.create_topics([NewTopic("orders-1", 1, 1), NewTopic("payments", 1, 1)])
+admin.create_topics([NewTopic("orders-1", 1, 1), NewTopic("payments", 1, 1), NewTopic("lease-1", 1, 1)])
 admin.close()
+
+# A leased grant: produce until the lease ends (polled, with a deadline).
+import time
+leased = KafkaProducer(bootstrap_servers=edge, retries=0, max_block_ms=10000, request_timeout_ms=10000)
+out["lease_ok"] = 0
+deadline = time.time() + 60
+while time.time() < deadline:
+    try:
+        leased.send("lease-1", b"l").get(timeout=20)
+        out["lease_ok"] += 1
+    except Exception as e:
+        out["lease_error"] = type(e).__name__
+        out["lease_error_at"] = time.time()
+        break
+    time.sleep(0.1)
+leased.close(timeout=5)
 
 producer = KafkaProducer(bootstrap_servers=edge, retries=0, max_block_ms=10000, request_timeout_ms=10000)
 out["allowed_offset"] = producer.send("orders-1", b"ok").get(timeout=20).offset
@@ -126,7 +142,7 @@ except Exception as e:
     out["denied_group"] = type(e).__name__
 
 direct = KafkaConsumer(bootstrap_servers=broker)
-ends = direct.end_offsets([TopicPartition("orders-1", 0), TopicPartition("payments", 0)])
+ends = direct.end_offsets([TopicPartition("orders-1", 0), TopicPartition("payments", 0), TopicPartition("lease-1", 0)])
 out["broker_end_offsets"] = {tp.topic: off for tp, off in ends.items()}
 direct.close()
 print("RESULT " + json.dumps(out))
@@ -134,6 +150,10 @@ print("RESULT " + json.dumps(out))
 
 const RULES: &str = r#"
 rules:
+  - principal: "anonymous"
+    allow: [Write, Describe]
+    topic: "lease-*"
+    not_after: "NOT_AFTER"
   - principal: "anonymous"
     allow: [Write, Read, Describe]
     topic: "orders-*"
@@ -205,8 +225,14 @@ virtual_clusters:
         authz_metrics.clone(),
     )
     .unwrap();
+    // The lease ends a few seconds into the client run.
+    let not_after = std::time::SystemTime::now() + Duration::from_secs(8);
+    let not_after_text = time::OffsetDateTime::from(not_after)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    let rules = RULES.replace("NOT_AFTER", &not_after_text);
     let authorizer =
-        Arc::new(Authorizer::new(&AuthorizationConfig::from_yaml(RULES).unwrap()).unwrap());
+        Arc::new(Authorizer::new(&AuthorizationConfig::from_yaml(&rules).unwrap()).unwrap());
     let factory: Arc<dyn FilterFactory> = Arc::new(AuthorizationFilterFactory::new(
         authorizer,
         audit,
@@ -267,6 +293,27 @@ virtual_clusters:
     // Checked at the broker itself: the denied record was never written.
     assert_eq!(result["broker_end_offsets"]["orders-1"], 1, "{result}");
     assert_eq!(result["broker_end_offsets"]["payments"], 0, "{result}");
+    // The lease: writes succeeded before not_after, the first refusal came
+    // after it, and the broker holds exactly the accepted records.
+    let lease_ok = result["lease_ok"].as_u64().unwrap();
+    assert!(lease_ok >= 1, "{result}");
+    assert_eq!(
+        result["lease_error"], "TopicAuthorizationFailedError",
+        "{result}"
+    );
+    let refused_at = result["lease_error_at"].as_f64().unwrap();
+    let not_after_secs = not_after
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        refused_at >= not_after_secs,
+        "refused {refused_at} before the lease ended {not_after_secs}"
+    );
+    assert_eq!(
+        result["broker_end_offsets"]["lease-1"], lease_ok,
+        "{result}"
+    );
 
     edge.shutdown().await;
     broker.kill().await.ok();

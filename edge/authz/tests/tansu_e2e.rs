@@ -1,9 +1,10 @@
 //! End to end: a real broker (Tansu), the real edge data path with this
 //! filter installed, and a real client (kafka-python). Principals are
 //! anonymous here (client TLS lives in the proxy); rules name `anonymous`.
+//! Both kafka-python and confluent-kafka (librdkafka) are driven.
 //!
 //! Needs `tansu` (`STRAIT_TANSU_BIN`, else `tansu` on PATH, else
-//! `~/.cache/strait/tools/bin/tansu`) and a Python with kafka-python
+//! `~/.cache/strait/tools/bin/tansu`) and a Python with kafka-python and confluent-kafka
 //! (`STRAIT_PYTHON`, else `~/.cache/strait/venv/bin/python`).
 
 use std::collections::HashMap;
@@ -140,6 +141,25 @@ try:
     out["denied_group"] = "consumed"
 except Exception as e:
     out["denied_group"] = type(e).__name__
+
+# librdkafka (confluent-kafka): uses newer versions (Fetch with topic ids).
+import confluent_kafka
+delivered = []
+p = confluent_kafka.Producer({"bootstrap.servers": edge, "message.timeout.ms": 10000})
+p.produce("orders-1", b"rd", on_delivery=lambda err, msg: delivered.append(err.name() if err else "ok"))
+p.produce("payments", b"rd-secret", on_delivery=lambda err, msg: delivered.append(err.name() if err else "ok"))
+p.flush(20)
+out["rd_delivered"] = sorted(delivered)
+c = confluent_kafka.Consumer({"bootstrap.servers": edge, "group.id": "shop-rd", "auto.offset.reset": "earliest"})
+c.subscribe(["orders-1"])
+got = []
+deadline = time.time() + 30
+while time.time() < deadline and len(got) < 2:
+    m = c.poll(0.5)
+    if m is not None and m.error() is None:
+        got.append(m.value().decode())
+c.close()
+out["rd_consumed"] = sorted(got)
 
 direct = KafkaConsumer(bootstrap_servers=broker)
 ends = direct.end_offsets([TopicPartition("orders-1", 0), TopicPartition("payments", 0), TopicPartition("lease-1", 0)])
@@ -291,7 +311,17 @@ virtual_clusters:
         "{result}"
     );
     // Checked at the broker itself: the denied record was never written.
-    assert_eq!(result["broker_end_offsets"]["orders-1"], 1, "{result}");
+    assert_eq!(
+        result["rd_delivered"],
+        serde_json::json!(["TOPIC_AUTHORIZATION_FAILED", "ok"]),
+        "{result}"
+    );
+    assert_eq!(
+        result["rd_consumed"],
+        serde_json::json!(["ok", "rd"]),
+        "{result}"
+    );
+    assert_eq!(result["broker_end_offsets"]["orders-1"], 2, "{result}");
     assert_eq!(result["broker_end_offsets"]["payments"], 0, "{result}");
     // The lease: writes succeeded before not_after, the first refusal came
     // after it, and the broker holds exactly the accepted records.

@@ -362,6 +362,18 @@ impl Authorizer {
         })
     }
 
+    /// Loads the rules from a YAML file (see [`Authorizer::reload_from_file`]).
+    pub fn from_file(path: &Path) -> Result<Authorizer, ReloadError> {
+        let authorizer = Authorizer::new(&AuthorizationConfig::default()).map_err(|errors| {
+            ReloadError::Invalid {
+                path: path.to_owned(),
+                errors,
+            }
+        })?;
+        authorizer.reload_from_file(path)?;
+        Ok(authorizer)
+    }
+
     /// The rules in force now.
     pub fn rules(&self) -> Arc<RuleSet> {
         self.current.load_full()

@@ -33,6 +33,9 @@ pub const ALWAYS_ALLOWED: [ApiKey; 5] = [
     ApiKey::PushTelemetry,
 ];
 
+/// Kafka's marker for "authorized operations were not requested".
+const OPERATIONS_NOT_REQUESTED: i32 = i32::MIN;
+
 /// Responses this filter rewrites.
 const RESPONSE_KEYS: [ApiKey; 6] = [
     ApiKey::Metadata,
@@ -303,6 +306,45 @@ impl Checker<'_> {
                 None => false,
             },
         }
+    }
+
+    /// Kafka's "authorized operations" bit field (bit = AclOperation code)
+    /// for the operations that apply to this resource type.
+    fn authorized_operations(&self, resource: ResourceType, name: &str) -> i32 {
+        use Operation::*;
+        let applicable: &[(Operation, u8)] = match resource {
+            ResourceType::Topic => &[
+                (Read, 3),
+                (Write, 4),
+                (Create, 5),
+                (Delete, 6),
+                (Alter, 7),
+                (Describe, 8),
+                (DescribeConfigs, 10),
+                (AlterConfigs, 11),
+            ],
+            ResourceType::Group => &[
+                (Read, 3),
+                (Delete, 6),
+                (Describe, 8),
+                (DescribeConfigs, 10),
+                (AlterConfigs, 11),
+            ],
+            ResourceType::TransactionalId => &[(Write, 4), (Describe, 8)],
+            ResourceType::Cluster => &[
+                (Create, 5),
+                (Alter, 7),
+                (Describe, 8),
+                (ClusterAction, 9),
+                (DescribeConfigs, 10),
+                (AlterConfigs, 11),
+                (IdempotentWrite, 12),
+            ],
+        };
+        applicable
+            .iter()
+            .filter(|(operation, _)| self.quiet(resource, name, *operation))
+            .fold(0i32, |bits, (_, code)| bits | (1 << code))
     }
 
     fn config_resource(&mut self, resource_type: i8, name: &str, operation: Operation) -> bool {
@@ -842,12 +884,42 @@ impl AuthorizationFilter {
                     .iter()
                     .map(|t| !c.quiet_topic(t.name.as_ref(), t.topic_id, Operation::Describe))
                     .collect();
-                if !hidden.iter().any(|h| *h) {
+                // The broker computed "authorized operations" for the edge's
+                // own identity; when the client asked for them, answer with
+                // what the edge's rules allow this principal instead.
+                let topic_ops: Vec<Option<i32>> = response
+                    .topics
+                    .iter()
+                    .map(|t| {
+                        (t.topic_authorized_operations != OPERATIONS_NOT_REQUESTED)
+                            .then(|| {
+                                t.name
+                                    .as_ref()
+                                    .map(|n| c.authorized_operations(ResourceType::Topic, n))
+                            })
+                            .flatten()
+                    })
+                    .collect();
+                let cluster_ops = (response.cluster_authorized_operations
+                    != OPERATIONS_NOT_REQUESTED)
+                    .then(|| c.authorized_operations(ResourceType::Cluster, CLUSTER_RESOURCE_NAME));
+                if !hidden.iter().any(|h| *h)
+                    && topic_ops.iter().all(Option::is_none)
+                    && cluster_ops.is_none()
+                {
                     return;
                 }
                 let ResponseKind::Metadata(response) = frame.body_mut() else {
                     return;
                 };
+                if let Some(ops) = cluster_ops {
+                    response.cluster_authorized_operations = ops;
+                }
+                for (topic, ops) in response.topics.iter_mut().zip(topic_ops) {
+                    if let Some(ops) = ops {
+                        topic.topic_authorized_operations = ops;
+                    }
+                }
                 let topics = std::mem::take(&mut response.topics);
                 response.topics = topics
                     .into_iter()

@@ -1510,3 +1510,32 @@ async fn reload_applies_to_open_connections_on_their_next_request() {
         RequestVerdict::Respond(_)
     ));
 }
+
+#[tokio::test]
+async fn authorized_operations_are_computed_from_the_edge_rules() {
+    let harness = Harness::new(RULES);
+    let (mut filter, info) = harness.connect(BILLING);
+    let mut broker = metadata_response(&[("orders-eu", 1)]);
+    // The broker claims everything is allowed (its view of the edge's identity).
+    broker.topics[0].topic_authorized_operations = 0x0ff8;
+    broker.cluster_authorized_operations = 0x1fa0;
+    let (_, answer) =
+        metadata_round(&mut filter, &info, 9, Some(vec!["orders-eu"]), broker, 3).await;
+    // billing: Read + Describe on orders-*; Describe on the cluster.
+    assert_eq!(
+        answer.topics[0].topic_authorized_operations,
+        (1 << 3) | (1 << 8)
+    );
+    assert_eq!(answer.cluster_authorized_operations, 1 << 8);
+    // Not requested: left alone.
+    let (_, answer) = metadata_round(
+        &mut filter,
+        &info,
+        9,
+        Some(vec!["orders-eu"]),
+        metadata_response(&[("orders-eu", 1)]),
+        4,
+    )
+    .await;
+    assert_eq!(answer.topics[0].topic_authorized_operations, i32::MIN);
+}

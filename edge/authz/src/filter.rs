@@ -37,7 +37,10 @@ pub const ALWAYS_ALLOWED: [ApiKey; 5] = [
 const OPERATIONS_NOT_REQUESTED: i32 = i32::MIN;
 
 /// Responses this filter rewrites.
-const RESPONSE_KEYS: [ApiKey; 6] = [
+const RESPONSE_KEYS: [ApiKey; 9] = [
+    ApiKey::DescribeCluster,
+    ApiKey::DescribeGroups,
+    ApiKey::ConsumerGroupDescribe,
     ApiKey::Metadata,
     ApiKey::Produce,
     ApiKey::ListGroups,
@@ -935,6 +938,61 @@ impl AuthorizationFilter {
                         (true, false) => None,
                     })
                     .collect();
+            }
+            ApiKey::DescribeCluster => {
+                let c = self.checker(now, api_key as i16);
+                let ResponseKind::DescribeCluster(response) = frame.body() else {
+                    return;
+                };
+                if response.cluster_authorized_operations == OPERATIONS_NOT_REQUESTED {
+                    return;
+                }
+                let ops = c.authorized_operations(ResourceType::Cluster, CLUSTER_RESOURCE_NAME);
+                if let ResponseKind::DescribeCluster(response) = frame.body_mut() {
+                    response.cluster_authorized_operations = ops;
+                }
+            }
+            ApiKey::DescribeGroups | ApiKey::ConsumerGroupDescribe => {
+                let c = self.checker(now, api_key as i16);
+                let ops: Vec<Option<i32>> = match frame.body() {
+                    ResponseKind::DescribeGroups(r) => r
+                        .groups
+                        .iter()
+                        .map(|g| {
+                            (g.authorized_operations != OPERATIONS_NOT_REQUESTED)
+                                .then(|| c.authorized_operations(ResourceType::Group, &g.group_id))
+                        })
+                        .collect(),
+                    ResponseKind::ConsumerGroupDescribe(r) => r
+                        .groups
+                        .iter()
+                        .map(|g| {
+                            (g.authorized_operations != OPERATIONS_NOT_REQUESTED)
+                                .then(|| c.authorized_operations(ResourceType::Group, &g.group_id))
+                        })
+                        .collect(),
+                    _ => return,
+                };
+                if ops.iter().all(Option::is_none) {
+                    return;
+                }
+                match frame.body_mut() {
+                    ResponseKind::DescribeGroups(r) => {
+                        for (g, ops) in r.groups.iter_mut().zip(ops) {
+                            if let Some(ops) = ops {
+                                g.authorized_operations = ops;
+                            }
+                        }
+                    }
+                    ResponseKind::ConsumerGroupDescribe(r) => {
+                        for (g, ops) in r.groups.iter_mut().zip(ops) {
+                            if let Some(ops) = ops {
+                                g.authorized_operations = ops;
+                            }
+                        }
+                    }
+                    _ => {}
+                }
             }
             ApiKey::ListGroups => {
                 let c = self.checker(now, api_key as i16);

@@ -1539,3 +1539,68 @@ async fn authorized_operations_are_computed_from_the_edge_rules() {
     .await;
     assert_eq!(answer.topics[0].topic_authorized_operations, i32::MIN);
 }
+
+#[tokio::test]
+async fn group_and_cluster_authorized_operations_are_recomputed() {
+    let harness = Harness::new(RULES);
+    let (mut filter, info) = harness.connect(BILLING);
+    let mut request = frame(
+        ApiKey::DescribeGroups,
+        5,
+        RequestKind::DescribeGroups(
+            DescribeGroupsRequest::default()
+                .with_groups(vec![group("shop-a")])
+                .with_include_authorized_operations(true),
+        ),
+    );
+    assert!(matches!(
+        request_verdict(&mut filter, &info, &mut request).await,
+        RequestVerdict::Forward
+    ));
+    let broker = DescribeGroupsResponse::default().with_groups(vec![
+        describe_groups_response::DescribedGroup::default()
+            .with_group_id(group("shop-a"))
+            .with_authorized_operations(0x0ff8),
+    ]);
+    let bytes = codec::encode_response(
+        ApiKey::DescribeGroups,
+        5,
+        &ResponseHeader::default().with_correlation_id(7),
+        &ResponseKind::DescribeGroups(broker),
+    )
+    .unwrap();
+    let mut answer = ResponseFrame::decode(ApiKey::DescribeGroups, 5, bytes).unwrap();
+    on_resp(&mut filter, &info, now(), &mut answer).await;
+    let ResponseKind::DescribeGroups(groups) = answer.body() else {
+        panic!()
+    };
+    // billing: Read on shop-* (Read implies Describe).
+    assert_eq!(groups.groups[0].authorized_operations, (1 << 3) | (1 << 8));
+
+    let mut request = frame(
+        ApiKey::DescribeCluster,
+        1,
+        RequestKind::DescribeCluster(
+            DescribeClusterRequest::default().with_include_cluster_authorized_operations(true),
+        ),
+    );
+    assert!(matches!(
+        request_verdict(&mut filter, &info, &mut request).await,
+        RequestVerdict::Forward
+    ));
+    let bytes = codec::encode_response(
+        ApiKey::DescribeCluster,
+        1,
+        &ResponseHeader::default().with_correlation_id(7),
+        &ResponseKind::DescribeCluster(
+            DescribeClusterResponse::default().with_cluster_authorized_operations(0x1fa0),
+        ),
+    )
+    .unwrap();
+    let mut answer = ResponseFrame::decode(ApiKey::DescribeCluster, 1, bytes).unwrap();
+    on_resp(&mut filter, &info, now(), &mut answer).await;
+    let ResponseKind::DescribeCluster(cluster) = answer.body() else {
+        panic!()
+    };
+    assert_eq!(cluster.cluster_authorized_operations, 1 << 8);
+}

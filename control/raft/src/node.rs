@@ -457,7 +457,7 @@ impl Loop {
                     next_tick = Instant::now() + self.cfg.tick;
                 }
             }
-            if let Err(e) = self.on_ready() {
+            if let Err(e) = self.on_ready().and_then(|_| self.maybe_compact()) {
                 // Losing durability is not recoverable: stop rather than
                 // acknowledge writes that are not on disk.
                 tracing::error!(error = %e, "raft storage failure; stopping node");
@@ -593,7 +593,6 @@ impl Loop {
         let committed = light.take_committed_entries();
         self.apply_entries(committed)?;
         self.raw.advance_apply();
-        self.maybe_compact()?;
         self.publish_status();
         Ok(())
     }
@@ -710,7 +709,10 @@ impl Loop {
         let last = self.storage.mem.rl().hard_state().commit;
         let persisted_last = raft::Storage::last_index(&self.storage).unwrap_or(0);
         let idx = applied.min(last).min(persisted_last);
-        if idx <= self.snapshot_index || idx - self.snapshot_index < self.cfg.snapshot_threshold {
+        let forced = self.storage.want_snapshot.load(Ordering::Relaxed);
+        if idx <= self.snapshot_index
+            || (!forced && idx - self.snapshot_index < self.cfg.snapshot_threshold)
+        {
             return Ok(());
         }
         let term = raft::Storage::term(&self.storage, idx)?;
@@ -738,6 +740,7 @@ impl Loop {
         *self.storage.snapshot.write().expect("snapshot lock") = Some(snap);
         self.storage.mem.wl().compact(idx)?;
         self.snapshot_index = idx;
+        self.storage.want_snapshot.store(false, Ordering::Relaxed);
         tracing::debug!(index = idx, "took snapshot and compacted the log");
         Ok(())
     }

@@ -161,6 +161,9 @@ impl DurableLog {
 pub struct NodeStorage {
     pub mem: MemStorage,
     pub snapshot: Arc<RwLock<Option<Snapshot>>>,
+    /// Set when a peer needs a snapshot the stored one cannot serve (taken
+    /// before that peer joined); the ready loop then takes a fresh one.
+    pub want_snapshot: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl NodeStorage {
@@ -168,6 +171,7 @@ impl NodeStorage {
         Self {
             mem: MemStorage::new(),
             snapshot: Arc::new(RwLock::new(None)),
+            want_snapshot: Arc::new(std::sync::atomic::AtomicBool::new(false)),
         }
     }
 
@@ -223,13 +227,19 @@ impl Storage for NodeStorage {
         self.mem.last_index()
     }
 
-    fn snapshot(&self, _request_index: u64, _to: u64) -> raft::Result<Snapshot> {
-        match self.snapshot.read().expect("snapshot lock").as_ref() {
-            Some(s) => Ok(s.clone()),
-            None => Err(raft::Error::Store(
-                raft::StorageError::SnapshotTemporarilyUnavailable,
-            )),
+    fn snapshot(&self, request_index: u64, to: u64) -> raft::Result<Snapshot> {
+        if let Some(s) = self.snapshot.read().expect("snapshot lock").as_ref() {
+            let cs = s.get_metadata().get_conf_state();
+            let knows_peer = cs.voters.contains(&to) || cs.learners.contains(&to);
+            if knows_peer && s.get_metadata().index >= request_index {
+                return Ok(s.clone());
+            }
         }
+        self.want_snapshot
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Err(raft::Error::Store(
+            raft::StorageError::SnapshotTemporarilyUnavailable,
+        ))
     }
 }
 

@@ -60,7 +60,11 @@ async fn watch_resumes_and_reports_compacted_revisions() {
     assert_eq!(revs, vec![25, 26, 27, 28, 29, 30]);
     // Live changes follow on the same stream.
     c.apply(kc_request("w", "live:1")).await.unwrap();
-    let ev = tokio::time::timeout(T, s.message()).await.unwrap().unwrap().unwrap();
+    let ev = tokio::time::timeout(T, s.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(ev.revision, 31);
     assert!(ev.resource.unwrap().spec_json.contains("live:1"));
 
@@ -101,7 +105,9 @@ async fn watch_resumes_and_reports_compacted_revisions() {
     assert_eq!(first.resource.unwrap().name, "labelled");
     let synced = s.message().await.unwrap().unwrap();
     assert_eq!(synced.r#type, pb::EventType::Synced as i32);
-    c.apply(kc_request("w", "unlabelled-change:1")).await.unwrap();
+    c.apply(kc_request("w", "unlabelled-change:1"))
+        .await
+        .unwrap();
     c.delete(pb::DeleteRequest {
         kind: "KafkaCluster".into(),
         name: "labelled".into(),
@@ -109,7 +115,11 @@ async fn watch_resumes_and_reports_compacted_revisions() {
     })
     .await
     .unwrap();
-    let ev = tokio::time::timeout(T, s.message()).await.unwrap().unwrap().unwrap();
+    let ev = tokio::time::timeout(T, s.message())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
     assert_eq!(ev.r#type, pb::EventType::Delete as i32, "{ev:?}");
 }
 
@@ -140,7 +150,11 @@ spec:
     .unwrap();
     let o = ctl(&eps, &["apply", "-f", good.to_str().unwrap()]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert!(stdout(&o).contains("KafkaCluster/east created"), "{}", stdout(&o));
+    assert!(
+        stdout(&o).contains("KafkaCluster/east created"),
+        "{}",
+        stdout(&o)
+    );
     assert!(stdout(&o).contains("VirtualCluster/east-local created"));
     // Idempotent re-apply.
     let o = ctl(&eps, &["apply", "-f", good.to_str().unwrap()]);
@@ -150,7 +164,10 @@ spec:
     let o = ctl(&eps, &["get", "vc"]);
     let out = stdout(&o);
     assert!(out.starts_with("KIND"), "{out}");
-    assert!(out.contains("east-local") && out.contains("team=payments"), "{out}");
+    assert!(
+        out.contains("east-local") && out.contains("team=payments"),
+        "{out}"
+    );
     let o = ctl(&eps, &["get", "VirtualCluster", "east-local", "-o", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["spec"]["brokers"]["port_range"], "19100-19199");
@@ -346,7 +363,10 @@ spec:
         cluster.kill(id);
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(w.config.borrow().as_ref().unwrap().virtual_clusters.len(), 2);
+    assert_eq!(
+        w.config.borrow().as_ref().unwrap().virtual_clusters.len(),
+        2
+    );
     w.task.abort();
     let w2 = watch_edge_config(cfg).unwrap();
     let cached = w2.config.borrow().clone().expect("config from cache");

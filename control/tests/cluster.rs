@@ -28,6 +28,24 @@ async fn writes_via_any_node_are_read_everywhere() {
     let cluster = Cluster::start(3, &[]);
     cluster.wait_leader(T).await;
     for id in 1..=3u64 {
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.addr(id)))
+            .unwrap()
+            .connect_lazy();
+        let mut h = tonic_health::pb::health_client::HealthClient::new(ch);
+        eventually("health SERVING", T, || {
+            let mut h = h.clone();
+            async move {
+                h.check(tonic_health::pb::HealthCheckRequest {
+                    service: "strait.control.v1.Control".into(),
+                })
+                .await
+                .is_ok_and(|r| r.into_inner().status == 1)
+            }
+        })
+        .await;
+        let _ = &mut h;
+    }
+    for id in 1..=3u64 {
         let mut c = cluster.node_client(id);
         let resp = c
             .apply(kc_request(&format!("via-{id}"), "127.0.0.1:9092"))
@@ -149,7 +167,10 @@ async fn leader_kill_keeps_acknowledged_writes_and_linearizability() {
                                 serde_json::from_str(&r.into_inner().spec_json).unwrap();
                             let s = spec["bootstrap_servers"][0].as_str().unwrap().to_string();
                             Some(Some(
-                                s.trim_start_matches('v').trim_end_matches(":1").parse().unwrap(),
+                                s.trim_start_matches('v')
+                                    .trim_end_matches(":1")
+                                    .parse()
+                                    .unwrap(),
                             ))
                         }
                         Ok(Err(s)) if s.code() == Code::NotFound => Some(None),
@@ -177,7 +198,10 @@ async fn leader_kill_keeps_acknowledged_writes_and_linearizability() {
     let kill_at = Instant::now();
     cluster.kill(leader);
     let before_kill = acked.lock().unwrap().len();
-    eventually("writes after the kill", T, || acked_before(before_kill + 50)).await;
+    eventually("writes after the kill", T, || {
+        acked_before(before_kill + 50)
+    })
+    .await;
     let recovery = kill_at.elapsed();
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for t in tasks {
@@ -284,7 +308,10 @@ async fn partitioned_follower_does_not_disrupt_and_catches_up() {
     // node from bumping its term.
     tokio::time::sleep(Duration::from_millis(800)).await;
     let isolated = cluster.status(follower).await.unwrap();
-    assert!(isolated.revision < 20, "partitioned node must not see the writes");
+    assert!(
+        isolated.revision < 20,
+        "partitioned node must not see the writes"
+    );
     // Linearizable reads on the isolated node must not return stale data.
     let r = tokio::time::timeout(
         Duration::from_secs(4),
@@ -410,7 +437,11 @@ async fn add_member_catches_up_from_snapshot_then_remove_member() {
     }
     eventually("leader compacted its log", T, || {
         let c = &cluster;
-        async move { c.status(leader).await.is_some_and(|s| s.first_log_index > 20) }
+        async move {
+            c.status(leader)
+                .await
+                .is_some_and(|s| s.first_log_index > 20)
+        }
     })
     .await;
     let addr4 = cluster.spawn_joiner(4, &[]);
@@ -419,7 +450,11 @@ async fn add_member_catches_up_from_snapshot_then_remove_member() {
         .args(["members", "add", "4", &addr4])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let leader_rev = cluster.status(leader).await.unwrap().revision;
     eventually("node 4 catches up", T, || {
         let c = &cluster;
@@ -427,7 +462,10 @@ async fn add_member_catches_up_from_snapshot_then_remove_member() {
     })
     .await;
     let s4 = cluster.status(4).await.unwrap();
-    assert!(s4.snapshots_installed >= 1, "node 4 should catch up via a snapshot: {s4:?}");
+    assert!(
+        s4.snapshots_installed >= 1,
+        "node 4 should catch up via a snapshot: {s4:?}"
+    );
     let members = client.members().await.unwrap();
     assert_eq!(members.members.len(), 4);
 
@@ -438,7 +476,11 @@ async fn add_member_catches_up_from_snapshot_then_remove_member() {
         .args(["members", "remove", &victim.to_string()])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     cluster.kill(victim);
     let members = client.members().await.unwrap();
     let ids: Vec<u64> = members.members.iter().map(|m| m.id).collect();

@@ -43,7 +43,8 @@ fn parse_json(field: &str, s: &str) -> Result<serde_json::Value, Status> {
     if s.trim().is_empty() {
         return Ok(serde_json::Value::Object(Default::default()));
     }
-    serde_json::from_str(s).map_err(|e| Status::invalid_argument(format!("{field}: invalid JSON: {e}")))
+    serde_json::from_str(s)
+        .map_err(|e| Status::invalid_argument(format!("{field}: invalid JSON: {e}")))
 }
 
 pub fn status_of(e: ProposeError) -> Status {
@@ -149,7 +150,10 @@ impl Control for ControlService {
         let state = self.node.state();
         match state.get(kind, &req.name) {
             Some(r) => Ok(Response::new(to_pb(r))),
-            None => Err(Status::not_found(format!("{kind} '{}' not found", req.name))),
+            None => Err(Status::not_found(format!(
+                "{kind} '{}' not found",
+                req.name
+            ))),
         }
     }
 

@@ -80,7 +80,10 @@ pub struct ControlClient {
 }
 
 fn retryable(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
 }
 
 impl ControlClient {
@@ -101,7 +104,8 @@ impl ControlClient {
                 .connect_timeout(cfg.connect_timeout)
                 .tcp_nodelay(true);
             if let Some(tls) = &cfg.tls {
-                let mut t = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+                let mut t =
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
                 if let (Some(c), Some(k)) = (&tls.cert_pem, &tls.key_pem) {
                     t = t.identity(Identity::from_pem(c, k));
                 }
@@ -157,10 +161,7 @@ impl ControlClient {
                 }
                 Err(s) if retryable(&s) => {
                     tracing::debug!(endpoint = %self.clients[i].0, error = %s, "trying next member");
-                    last = Status::new(
-                        s.code(),
-                        format!("{}: {}", self.clients[i].0, s.message()),
-                    );
+                    last = Status::new(s.code(), format!("{}: {}", self.clients[i].0, s.message()));
                 }
                 Err(s) => return Err(s),
             }
@@ -313,8 +314,11 @@ fn typed_map<T: serde::de::DeserializeOwned>(
 /// Selects and types what `edge` needs out of the watched resources.
 pub fn build_snapshot(edge: &str, revision: u64, store: &Store) -> EdgeSnapshot {
     let vcs: BTreeMap<String, VirtualClusterSpec> =
-        typed_map(store, Kind::VirtualCluster, |_, v: &VirtualClusterSpec| v.edge == edge);
-    let applies = |targets: &[String]| targets.is_empty() || targets.iter().any(|t| vcs.contains_key(t));
+        typed_map(store, Kind::VirtualCluster, |_, v: &VirtualClusterSpec| {
+            v.edge == edge
+        });
+    let applies =
+        |targets: &[String]| targets.is_empty() || targets.iter().any(|t| vcs.contains_key(t));
     let kafka_clusters = typed_map(store, Kind::KafkaCluster, |name, _: &KafkaClusterSpec| {
         vcs.values().any(|v| v.cluster == name)
     });
@@ -626,8 +630,14 @@ mod tests {
         };
         store.insert((Kind::VirtualCluster, "a".into()), vc("e1", "east"));
         store.insert((Kind::VirtualCluster, "b".into()), vc("e2", "west"));
-        store.insert((Kind::KafkaCluster, "east".into()), json!({"bootstrap_servers": ["h:1"]}));
-        store.insert((Kind::KafkaCluster, "west".into()), json!({"bootstrap_servers": ["h:2"]}));
+        store.insert(
+            (Kind::KafkaCluster, "east".into()),
+            json!({"bootstrap_servers": ["h:1"]}),
+        );
+        store.insert(
+            (Kind::KafkaCluster, "west".into()),
+            json!({"bootstrap_servers": ["h:2"]}),
+        );
         store.insert(
             (Kind::AuthorizationPolicy, "all".into()),
             json!({"rules": [{"principal": "*", "allow": ["read"], "topics": ["*"]}]}),
@@ -641,12 +651,21 @@ mod tests {
             json!({"virtual_clusters": ["a"], "rules": [{"topics": ["*"], "kms": "v", "kek_template": "K"}]}),
         );
         store.insert((Kind::KmsRealm, "v".into()), json!({"provider": "local"}));
-        store.insert((Kind::KmsRealm, "other".into()), json!({"provider": "local"}));
+        store.insert(
+            (Kind::KmsRealm, "other".into()),
+            json!({"provider": "local"}),
+        );
         let s = build_snapshot("e1", 9, &store);
         assert_eq!(s.virtual_clusters.keys().collect::<Vec<_>>(), vec!["a"]);
         assert_eq!(s.kafka_clusters.keys().collect::<Vec<_>>(), vec!["east"]);
-        assert_eq!(s.authorization_policies.keys().collect::<Vec<_>>(), vec!["all"]);
-        assert_eq!(s.encryption_policies.keys().collect::<Vec<_>>(), vec!["enc"]);
+        assert_eq!(
+            s.authorization_policies.keys().collect::<Vec<_>>(),
+            vec!["all"]
+        );
+        assert_eq!(
+            s.encryption_policies.keys().collect::<Vec<_>>(),
+            vec!["enc"]
+        );
         assert_eq!(s.kms_realms.keys().collect::<Vec<_>>(), vec!["v"]);
 
         let dir = tempfile::tempdir().unwrap();

@@ -264,6 +264,7 @@ impl Node {
             seq: 0,
             snapshot_index: snap_index,
             snapshots_installed: 0,
+            ticks: 0,
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", cfg.id))
@@ -414,6 +415,7 @@ struct Loop {
     seq: u64,
     snapshot_index: u64,
     snapshots_installed: u64,
+    ticks: u64,
 }
 
 static READ_SEQ: AtomicU64 = AtomicU64::new(1);
@@ -451,6 +453,17 @@ impl Loop {
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => break,
             }
             if Instant::now() >= next_tick {
+                self.ticks += 1;
+                if self.ticks % 64 == 0 {
+                    // Callers give up after their timeout; forget proposals
+                    // and reads nobody waits for any more (e.g. forwarded to
+                    // a leader that died).
+                    self.waiters.retain(|_, w| match w {
+                        Waiter::Cmd(r) => !r.is_closed(),
+                        Waiter::Conf(r) => !r.is_closed(),
+                    });
+                    self.reads.retain(|_, r| !r.is_closed());
+                }
                 self.raw.tick();
                 next_tick += self.cfg.tick;
                 if next_tick < Instant::now() {
@@ -518,7 +531,10 @@ impl Loop {
                 if self.raw.raft.leader_id == raft::INVALID_ID {
                     let _ = reply.send(Err(ProposeError::NoLeader));
                 } else {
-                    let ctx = READ_SEQ.fetch_add(1, Ordering::Relaxed).to_be_bytes().to_vec();
+                    let ctx = READ_SEQ
+                        .fetch_add(1, Ordering::Relaxed)
+                        .to_be_bytes()
+                        .to_vec();
                     self.raw.read_index(ctx.clone());
                     self.reads.insert(ctx, reply);
                 }

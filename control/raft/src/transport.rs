@@ -213,7 +213,9 @@ impl Raft for RaftService {
         request: tonic::Request<RaftBatch>,
     ) -> Result<tonic::Response<RaftAck>, tonic::Status> {
         if self.shared.partitioned.load(Ordering::Relaxed) {
-            return Err(tonic::Status::unavailable("node is partitioned (test hook)"));
+            return Err(tonic::Status::unavailable(
+                "node is partitioned (test hook)",
+            ));
         }
         let batch = request.into_inner();
         let mut msgs = Vec::with_capacity(batch.messages.len());

@@ -42,7 +42,8 @@ struct Args {
     /// CA that client and peer certificates must chain to (enables mTLS).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    #[arg(long, default_value_t = 100)]
+    /// Raft tick. Election timeout is randomised in [1, 2) x election_ticks.
+    #[arg(long, default_value_t = 50)]
     tick_ms: u64,
     #[arg(long, default_value_t = 10)]
     election_ticks: usize,
@@ -83,8 +84,7 @@ fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
 async fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "info".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .with_writer(std::io::stderr)
         .init();
@@ -105,7 +105,10 @@ async fn main() -> Result<()> {
     if !args.join {
         match peers.get(&args.id) {
             Some(a) if *a != advertise => {
-                bail!("--peers lists {a} for node {}, but this node advertises {advertise}", args.id)
+                bail!(
+                    "--peers lists {a} for node {}, but this node advertises {advertise}",
+                    args.id
+                )
             }
             Some(_) => {}
             None if args.peers.is_none() => {

@@ -15,7 +15,12 @@ use strait_proto::control as pb;
 #[command(name = "straitctl", about = "Manage the Strait control plane")]
 struct Cli {
     /// Control-plane members, comma-separated host:port.
-    #[arg(long, env = "STRAITCTL_ENDPOINTS", default_value = "127.0.0.1:7001", global = true)]
+    #[arg(
+        long,
+        env = "STRAITCTL_ENDPOINTS",
+        default_value = "127.0.0.1:7001",
+        global = true
+    )]
     endpoints: String,
     /// CA certificate (PEM) that signed the servers' certificates; enables TLS.
     #[arg(long, global = true)]
@@ -121,7 +126,8 @@ fn printable(r: &pb::Resource) -> Printable {
 /// Parses and validates every document before anything is sent, so a bad
 /// file changes nothing.
 fn load_manifests(path: &PathBuf) -> Result<Vec<(usize, Command)>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let file = path.display().to_string();
     let mut out = Vec::new();
     let mut errors = Vec::new();
@@ -142,7 +148,11 @@ fn load_manifests(path: &PathBuf) -> Result<Vec<(usize, Command)>> {
             Ok(m) => m,
             Err(e) => {
                 let p = e.path().to_string();
-                let at = if p == "." { String::new() } else { format!("{p}: ") };
+                let at = if p == "." {
+                    String::new()
+                } else {
+                    format!("{p}: ")
+                };
                 errors.push(format!("{file}: document {n}: {at}{}", e.into_inner()));
                 continue;
             }
@@ -157,7 +167,10 @@ fn load_manifests(path: &PathBuf) -> Result<Vec<(usize, Command)>> {
         let spec = match serde_json::to_value(&m.spec) {
             Ok(v) => v,
             Err(e) => {
-                errors.push(format!("{file}: document {n} ({kind} {}): spec: {e}", m.name));
+                errors.push(format!(
+                    "{file}: document {n} ({kind} {}): spec: {e}",
+                    m.name
+                ));
                 continue;
             }
         };
@@ -187,7 +200,10 @@ fn load_manifests(path: &PathBuf) -> Result<Vec<(usize, Command)>> {
 fn summary(r: &pb::Resource) -> String {
     let s = r.spec_json.replace('"', "");
     if s.len() > 70 {
-        format!("{}...", &s[..s.char_indices().nth(67).map(|(i, _)| i).unwrap_or(s.len())])
+        format!(
+            "{}...",
+            &s[..s.char_indices().nth(67).map(|(i, _)| i).unwrap_or(s.len())]
+        )
     } else {
         s
     }
@@ -207,7 +223,11 @@ fn print_table(rows: &[pb::Resource]) {
                 r.kind.clone(),
                 r.name.clone(),
                 r.revision.to_string(),
-                if labels.is_empty() { "<none>".into() } else { labels.join(",") },
+                if labels.is_empty() {
+                    "<none>".into()
+                } else {
+                    labels.join(",")
+                },
                 summary(r),
             ]
         })
@@ -331,7 +351,11 @@ async fn run(cli: Cli) -> Result<()> {
             output,
             selector,
         } => {
-            let kind = if kind == "all" { String::new() } else { kind_arg(&kind)? };
+            let kind = if kind == "all" {
+                String::new()
+            } else {
+                kind_arg(&kind)?
+            };
             match name {
                 Some(n) => {
                     let r = client.get(&kind, &n).await.map_err(status_err)?;
@@ -349,7 +373,11 @@ async fn run(cli: Cli) -> Result<()> {
             println!("{kind}/{name} deleted (revision {})", r.revision);
         }
         Cmd::Watch { kind, from } => {
-            let kinds = if kind == "all" { vec![] } else { vec![kind_arg(&kind)?] };
+            let kinds = if kind == "all" {
+                vec![]
+            } else {
+                vec![kind_arg(&kind)?]
+            };
             let (_, mut c) = client.current();
             let mut stream = c
                 .watch(pb::WatchRequest {
@@ -362,10 +390,17 @@ async fn run(cli: Cli) -> Result<()> {
                 .into_inner();
             while let Some(ev) = stream.message().await.map_err(status_err)? {
                 let t = pb::EventType::try_from(ev.r#type)
-                    .map(|t| t.as_str_name().trim_start_matches("EVENT_TYPE_").to_string())
+                    .map(|t| {
+                        t.as_str_name()
+                            .trim_start_matches("EVENT_TYPE_")
+                            .to_string()
+                    })
                     .unwrap_or_else(|_| "?".into());
                 match ev.resource {
-                    Some(r) => println!("{}\t{t}\t{}/{}\t{}", ev.revision, r.kind, r.name, r.spec_json),
+                    Some(r) => println!(
+                        "{}\t{t}\t{}/{}\t{}",
+                        ev.revision, r.kind, r.name, r.spec_json
+                    ),
                     None => println!("{}\t{t}", ev.revision),
                 }
             }

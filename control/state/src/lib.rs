@@ -559,7 +559,9 @@ mod resources_as_vec {
         d: D,
     ) -> Result<BTreeMap<(Kind, String), Resource>, D::Error> {
         let v: Vec<Resource> = Vec::deserialize(d)?;
-        Ok(v.into_iter().map(|r| ((r.kind, r.name.clone()), r)).collect())
+        Ok(v.into_iter()
+            .map(|r| ((r.kind, r.name.clone()), r))
+            .collect())
     }
 }
 

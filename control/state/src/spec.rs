@@ -476,7 +476,10 @@ impl Validate for KmsRealmSpec {
 impl Validate for TrustBundleSpec {
     fn validate(&self, errs: &mut Vec<ValidationError>) {
         if self.trust_domain.trim().is_empty() {
-            errs.push(ValidationError::new("spec.trust_domain", "must not be empty"));
+            errs.push(ValidationError::new(
+                "spec.trust_domain",
+                "must not be empty",
+            ));
         }
         if !self.pem.contains("-----BEGIN CERTIFICATE-----") {
             errs.push(ValidationError::new(

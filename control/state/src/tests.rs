@@ -34,10 +34,20 @@ enum Want {
 
 fn check(out: &Result<Outcome, CommandError>, want: &Want) -> bool {
     match (out, want) {
-        (Ok(Outcome::Applied { resource, changed: true }), Want::Changed(r)) => resource.revision == *r,
-        (Ok(Outcome::Applied { resource, changed: false }), Want::Unchanged(r)) => {
-            resource.revision == *r
-        }
+        (
+            Ok(Outcome::Applied {
+                resource,
+                changed: true,
+            }),
+            Want::Changed(r),
+        ) => resource.revision == *r,
+        (
+            Ok(Outcome::Applied {
+                resource,
+                changed: false,
+            }),
+            Want::Unchanged(r),
+        ) => resource.revision == *r,
         (Ok(Outcome::Deleted { revision }), Want::Deleted(r)) => revision == r,
         (Ok(Outcome::StatusUpdated { resource }), Want::Status(r)) => resource.revision == *r,
         (Ok(Outcome::Noop), Want::Noop) => true,
@@ -59,51 +69,81 @@ fn command_sequences() {
         status: json!({"ok": true}),
     };
     let cases: Vec<(&str, Vec<(Command, Want)>)> = vec![
-        ("create then idempotent re-apply", vec![
-            (kc("a", &["h:1"], None), Want::Changed(1)),
-            (kc("a", &["h:1"], None), Want::Unchanged(1)),
-        ]),
-        ("update bumps revision", vec![
-            (kc("a", &["h:1"], None), Want::Changed(1)),
-            (kc("a", &["h:2"], None), Want::Changed(2)),
-        ]),
-        ("cas create must not exist", vec![
-            (kc("a", &["h:1"], Some(0)), Want::Changed(1)),
-            (kc("a", &["h:2"], Some(0)), Want::Exists),
-        ]),
-        ("cas update on revision", vec![
-            (kc("a", &["h:1"], None), Want::Changed(1)),
-            (kc("a", &["h:2"], Some(7)), Want::Conflict),
-            (kc("a", &["h:2"], Some(1)), Want::Changed(2)),
-        ]),
-        ("cas update of missing", vec![(kc("a", &["h:1"], Some(3)), Want::NotFound)]),
+        (
+            "create then idempotent re-apply",
+            vec![
+                (kc("a", &["h:1"], None), Want::Changed(1)),
+                (kc("a", &["h:1"], None), Want::Unchanged(1)),
+            ],
+        ),
+        (
+            "update bumps revision",
+            vec![
+                (kc("a", &["h:1"], None), Want::Changed(1)),
+                (kc("a", &["h:2"], None), Want::Changed(2)),
+            ],
+        ),
+        (
+            "cas create must not exist",
+            vec![
+                (kc("a", &["h:1"], Some(0)), Want::Changed(1)),
+                (kc("a", &["h:2"], Some(0)), Want::Exists),
+            ],
+        ),
+        (
+            "cas update on revision",
+            vec![
+                (kc("a", &["h:1"], None), Want::Changed(1)),
+                (kc("a", &["h:2"], Some(7)), Want::Conflict),
+                (kc("a", &["h:2"], Some(1)), Want::Changed(2)),
+            ],
+        ),
+        (
+            "cas update of missing",
+            vec![(kc("a", &["h:1"], Some(3)), Want::NotFound)],
+        ),
         ("delete missing", vec![(del("a", None), Want::NotFound)]),
-        ("delete with cas", vec![
-            (kc("a", &["h:1"], None), Want::Changed(1)),
-            (del("a", Some(5)), Want::Conflict),
-            (del("a", Some(1)), Want::Deleted(2)),
-            (del("a", None), Want::NotFound),
-        ]),
-        ("status update", vec![
-            (status.clone(), Want::NotFound),
-            (kc("a", &["h:1"], None), Want::Changed(1)),
-            (status.clone(), Want::Status(2)),
-            // Re-applying the same spec keeps the status and the revision.
-            (kc("a", &["h:1"], None), Want::Unchanged(2)),
-        ]),
-        ("invalid does not consume a revision", vec![
-            (kc("a", &[], None), Want::Invalid("spec.bootstrap_servers")),
-            (kc("a", &["nohost"], None), Want::Invalid("spec.bootstrap_servers[0]")),
-            (kc("Bad_Name", &["h:1"], None), Want::Invalid("name")),
-            (kc("b", &["h:1"], None), Want::Changed(1)),
-        ]),
+        (
+            "delete with cas",
+            vec![
+                (kc("a", &["h:1"], None), Want::Changed(1)),
+                (del("a", Some(5)), Want::Conflict),
+                (del("a", Some(1)), Want::Deleted(2)),
+                (del("a", None), Want::NotFound),
+            ],
+        ),
+        (
+            "status update",
+            vec![
+                (status.clone(), Want::NotFound),
+                (kc("a", &["h:1"], None), Want::Changed(1)),
+                (status.clone(), Want::Status(2)),
+                // Re-applying the same spec keeps the status and the revision.
+                (kc("a", &["h:1"], None), Want::Unchanged(2)),
+            ],
+        ),
+        (
+            "invalid does not consume a revision",
+            vec![
+                (kc("a", &[], None), Want::Invalid("spec.bootstrap_servers")),
+                (
+                    kc("a", &["nohost"], None),
+                    Want::Invalid("spec.bootstrap_servers[0]"),
+                ),
+                (kc("Bad_Name", &["h:1"], None), Want::Invalid("name")),
+                (kc("b", &["h:1"], None), Want::Changed(1)),
+            ],
+        ),
         ("noop", vec![(Command::Noop, Want::Noop)]),
     ];
     for (name, steps) in cases {
         let mut st = State::new(100);
         for (i, (cmd, want)) in steps.iter().enumerate() {
             let (out, _) = st.apply(cmd);
-            assert!(check(&out, want), "case '{name}' step {i}: got {out:?}, want {want:?}");
+            assert!(
+                check(&out, want),
+                "case '{name}' step {i}: got {out:?}, want {want:?}"
+            );
         }
     }
 }
@@ -135,7 +175,11 @@ fn spec_validation_paths() {
                    "brokers":{"advertised_host":"127.0.0.1","port_range":"1-2","extra":1}}),
             Some("spec.brokers.extra"),
         ),
-        (Kind::KafkaCluster, json!({"bootstrap_servers":["a:1"],"tls":{"server_nam":"x"}}), Some("spec.tls.server_nam")),
+        (
+            Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"tls":{"server_nam":"x"}}),
+            Some("spec.tls.server_nam"),
+        ),
         (
             Kind::AuthorizationPolicy,
             json!({"rules":[{"principal":"spiffe://east/*","allow":["read","write"],"topics":["orders-*"],
@@ -163,14 +207,42 @@ fn spec_validation_paths() {
             json!({"rules":[{"topics":["pay-*"],"kms":"vault-east","kek_template":"KEK-$(topicName)"}]}),
             None,
         ),
-        (Kind::EncryptionPolicy, json!({"rules":[]}), Some("spec.rules")),
-        (Kind::KmsRealm, json!({"provider":"vault"}), Some("spec.endpoints")),
-        (Kind::KmsRealm, json!({"provider":"aws","region":"us-east-1"}), None),
-        (Kind::KmsRealm, json!({"provider":"gcp"}), Some("spec.provider")),
-        (Kind::TrustBundle, json!({"trust_domain":"east","pem":"nope"}), Some("spec.pem")),
+        (
+            Kind::EncryptionPolicy,
+            json!({"rules":[]}),
+            Some("spec.rules"),
+        ),
+        (
+            Kind::KmsRealm,
+            json!({"provider":"vault"}),
+            Some("spec.endpoints"),
+        ),
+        (
+            Kind::KmsRealm,
+            json!({"provider":"aws","region":"us-east-1"}),
+            None,
+        ),
+        (
+            Kind::KmsRealm,
+            json!({"provider":"gcp"}),
+            Some("spec.provider"),
+        ),
+        (
+            Kind::TrustBundle,
+            json!({"trust_domain":"east","pem":"nope"}),
+            Some("spec.pem"),
+        ),
         (Kind::TrustBundle, json!({"pem":"x"}), Some("spec")),
-        (Kind::FailoverGroup, json!({"primary":"a","standby":["a"]}), Some("spec.standby[0]")),
-        (Kind::FailoverGroup, json!({"primary":"a","standby":["b"]}), None),
+        (
+            Kind::FailoverGroup,
+            json!({"primary":"a","standby":["a"]}),
+            Some("spec.standby[0]"),
+        ),
+        (
+            Kind::FailoverGroup,
+            json!({"primary":"a","standby":["b"]}),
+            None,
+        ),
         (Kind::Edge, json!({}), None),
     ];
     for (kind, spec, want) in cases {
@@ -204,8 +276,11 @@ fn watch_history_and_compaction() {
 
 #[test]
 fn selectors() {
-    let labels: BTreeMap<String, String> =
-        [("env".to_string(), "prod".to_string()), ("team".into(), "pay".into())].into();
+    let labels: BTreeMap<String, String> = [
+        ("env".to_string(), "prod".to_string()),
+        ("team".into(), "pay".into()),
+    ]
+    .into();
     let cases = [
         ("", true),
         ("env=prod", true),
@@ -219,7 +294,11 @@ fn selectors() {
         ("env=prod,team=ops", false),
     ];
     for (sel, want) in cases {
-        assert_eq!(Selector::parse(sel).unwrap().matches(&labels), want, "{sel}");
+        assert_eq!(
+            Selector::parse(sel).unwrap().matches(&labels),
+            want,
+            "{sel}"
+        );
     }
     assert!(Selector::parse("bad key=1").is_err());
 }

@@ -59,20 +59,19 @@ impl Cluster {
             .map(|n| format!("{}={}", n.id, n.addr))
             .collect::<Vec<_>>()
             .join(",");
-        let mut base_args: Vec<String> = [
-            "--tick-ms",
-            "20",
-            "--election-ticks",
-            "10",
-            "--heartbeat-ticks",
-            "2",
-            "--proposal-timeout-ms",
-            "2000",
-            "--enable-test-hooks",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+        let defaults = [
+            ("--tick-ms", "20"),
+            ("--election-ticks", "10"),
+            ("--heartbeat-ticks", "2"),
+            ("--proposal-timeout-ms", "2000"),
+        ];
+        let mut base_args: Vec<String> = vec!["--enable-test-hooks".to_string()];
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                base_args.push(flag.to_string());
+                base_args.push(value.to_string());
+            }
+        }
         base_args.extend(extra.iter().map(|s| s.to_string()));
         let mut c = Cluster {
             tmp,
@@ -102,7 +101,9 @@ impl Cluster {
             .arg("--data-dir")
             .arg(&n.dir);
         if n.join {
-            cmd.arg("--join").arg("--peers").arg(format!("{}={}", id, n.addr));
+            cmd.arg("--join")
+                .arg("--peers")
+                .arg(format!("{}={}", id, n.addr));
         } else {
             cmd.arg("--peers").arg(&self.peers);
         }

@@ -55,7 +55,9 @@ pub fn status_of(e: ProposeError) -> Status {
             CommandError::AlreadyExists { .. } => Status::already_exists(c.to_string()),
             CommandError::Conflict { .. } => Status::aborted(c.to_string()),
         },
-        ProposeError::NoLeader | ProposeError::Shutdown => Status::unavailable(e.to_string()),
+        ProposeError::NoLeader | ProposeError::Shutdown | ProposeError::LeaderChanged => {
+            Status::unavailable(e.to_string())
+        }
         ProposeError::Timeout => Status::deadline_exceeded(e.to_string()),
         ProposeError::Membership(_) => Status::failed_precondition(e.to_string()),
     }

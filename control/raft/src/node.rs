@@ -68,6 +68,8 @@ pub enum ProposeError {
     Membership(String),
     #[error("node is shutting down")]
     Shutdown,
+    #[error("the leader changed while the proposal was pending (outcome unknown); retry")]
+    LeaderChanged,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -181,8 +183,10 @@ impl Node {
             && loaded.hard_state.is_none()
             && loaded.bootstrap_conf.is_none();
         if fresh && !cfg.join {
-            let mut cs = ConfState::default();
-            cs.voters = cfg.peers.keys().copied().collect();
+            let cs = ConfState {
+                voters: cfg.peers.keys().copied().collect(),
+                ..Default::default()
+            };
             log.save_bootstrap(&cs)?;
             storage.mem.initialize_with_conf_state(cs);
         } else if let Some(cs) = loaded.bootstrap_conf.clone() {
@@ -454,7 +458,7 @@ impl Loop {
             }
             if Instant::now() >= next_tick {
                 self.ticks += 1;
-                if self.ticks % 64 == 0 {
+                if self.ticks.is_multiple_of(64) {
                     // Callers give up after their timeout; forget proposals
                     // and reads nobody waits for any more (e.g. forwarded to
                     // a leader that died).
@@ -559,6 +563,23 @@ impl Loop {
         }
         let mut ready = self.raw.ready();
         if let Some(ss) = ready.ss() {
+            let prev_leader = self.shared.status.lock().expect("status lock").leader_id;
+            if ss.leader_id != prev_leader && prev_leader != raft::INVALID_ID {
+                // Proposals forwarded to the old leader may be lost; answer
+                // now instead of letting callers wait for their timeout.
+                // Membership changes keep waiting: they are rare and slow.
+                let cmds: Vec<u64> = self
+                    .waiters
+                    .iter()
+                    .filter(|(_, w)| matches!(w, Waiter::Cmd(_)))
+                    .map(|(k, _)| *k)
+                    .collect();
+                for k in cmds {
+                    if let Some(Waiter::Cmd(r)) = self.waiters.remove(&k) {
+                        let _ = r.send(Err(ProposeError::LeaderChanged));
+                    }
+                }
+            }
             let mut st = self.shared.status.lock().expect("status lock");
             st.leader_id = ss.leader_id;
             st.role = format!("{:?}", ss.raft_state);
@@ -746,8 +767,10 @@ impl Loop {
         if idx != applied {
             return Ok(());
         }
-        let mut snap = Snapshot::default();
-        snap.data = data.into();
+        let mut snap = Snapshot {
+            data: data.into(),
+            ..Default::default()
+        };
         let meta = snap.mut_metadata();
         meta.index = idx;
         meta.term = term;

@@ -248,11 +248,12 @@ mod tests {
     use super::*;
 
     fn entry(index: u64, term: u64) -> Entry {
-        let mut e = Entry::default();
-        e.index = index;
-        e.term = term;
-        e.data = format!("e{index}").into_bytes().into();
-        e
+        Entry {
+            index,
+            term,
+            data: format!("e{index}").into_bytes().into(),
+            ..Default::default()
+        }
     }
 
     #[test]
@@ -263,9 +264,11 @@ mod tests {
             log.persist(&[entry(1, 1), entry(2, 1), entry(3, 1)], None, None)
                 .unwrap();
             // A new leader overwrites the conflicting suffix from index 2.
-            let mut hs = HardState::default();
-            hs.term = 2;
-            hs.commit = 2;
+            let hs = HardState {
+                term: 2,
+                commit: 2,
+                ..Default::default()
+            };
             log.persist(&[entry(2, 2)], Some(&hs), None).unwrap();
         }
         let log = DurableLog::open(dir.path()).unwrap();

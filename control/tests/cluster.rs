@@ -502,3 +502,37 @@ async fn add_member_catches_up_from_snapshot_then_remove_member() {
         .await;
     assert!(got.is_ok(), "{got:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn removing_the_leader_hands_over_leadership() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.wait_leader(T).await;
+    let out = std::process::Command::new(CTL)
+        .args(["--endpoints", &cluster.endpoints().join(",")])
+        .args(["members", "remove", &leader.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.kill(leader);
+    let new_leader = cluster.wait_leader(T).await;
+    assert_ne!(new_leader, leader);
+    let client = cluster.client();
+    client
+        .apply(kc_request("after-leader-removal", "127.0.0.1:9092"))
+        .await
+        .expect("the remaining two nodes form the group");
+    let ids: Vec<u64> = client
+        .members()
+        .await
+        .unwrap()
+        .members
+        .iter()
+        .map(|m| m.id)
+        .collect();
+    assert_eq!(ids.len(), 2);
+    assert!(!ids.contains(&leader));
+}

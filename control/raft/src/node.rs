@@ -269,6 +269,7 @@ impl Node {
             snapshot_index: snap_index,
             snapshots_installed: 0,
             ticks: 0,
+            removed_self: false,
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", cfg.id))
@@ -420,6 +421,7 @@ struct Loop {
     snapshot_index: u64,
     snapshots_installed: u64,
     ticks: u64,
+    removed_self: bool,
 }
 
 static READ_SEQ: AtomicU64 = AtomicU64::new(1);
@@ -630,6 +632,24 @@ impl Loop {
         let committed = light.take_committed_entries();
         self.apply_entries(committed)?;
         self.raw.advance_apply();
+        if std::mem::take(&mut self.removed_self) && self.raw.raft.state == StateRole::Leader {
+            // A removed leader would keep heartbeating the others and block
+            // a new election: hand leadership to the most up-to-date voter.
+            let target = self
+                .raw
+                .raft
+                .prs()
+                .conf()
+                .voters()
+                .ids()
+                .iter()
+                .filter(|id| *id != self.cfg.id)
+                .max_by_key(|id| self.raw.raft.prs().get(*id).map(|p| p.matched).unwrap_or(0));
+            if let Some(t) = target {
+                tracing::info!(to = t, "transferring leadership after own removal");
+                self.raw.transfer_leader(t);
+            }
+        }
         self.publish_status();
         Ok(())
     }
@@ -720,6 +740,10 @@ impl Loop {
                             }
                             ConfChangeType::RemoveNode => {
                                 members.remove(&cc.node_id);
+                                if cc.node_id == self.cfg.id {
+                                    tracing::warn!("this node was removed from the cluster");
+                                    self.removed_self = true;
+                                }
                             }
                         }
                     }

@@ -36,7 +36,11 @@ fn stderr(o: &Output) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn watch_resumes_and_reports_compacted_revisions() {
-    let cluster = Cluster::start(1, &["--watch-history", "10"]);
+    let metrics_addr = format!("127.0.0.1:{}", free_port());
+    let cluster = Cluster::start(
+        1,
+        &["--watch-history", "10", "--metrics-listen", &metrics_addr],
+    );
     cluster.wait_leader(T).await;
     let mut c = cluster.node_client(1);
     for i in 0..30 {
@@ -67,6 +71,17 @@ async fn watch_resumes_and_reports_compacted_revisions() {
         .unwrap();
     assert_eq!(ev.revision, 31);
     assert!(ev.resource.unwrap().spec_json.contains("live:1"));
+
+    // Metrics reflect the open watch and the applied log.
+    let body = http_get(&metrics_addr, "/metrics").await;
+    assert!(body.contains("strait_control_api_watchers 1"), "{body}");
+    assert!(body.contains("strait_control_raft_is_leader 1"), "{body}");
+    let applied: u64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("strait_control_raft_applied_index "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("applied index metric");
+    assert!(applied >= 31, "{body}");
 
     // A compacted revision is refused with OUT_OF_RANGE.
     let err = match c
@@ -217,6 +232,19 @@ spec:
 
     let o = ctl(&eps, &["members"]);
     assert_eq!(stdout(&o).matches("leader").count(), 1, "{}", stdout(&o));
+}
+
+async fn http_get(addr: &str, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("connect metrics");
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
 }
 
 fn write(dir: &Path, name: &str, body: &str) -> String {

@@ -66,11 +66,34 @@ pub fn status_of(e: ProposeError) -> Status {
 pub struct ControlService {
     node: Node,
     test_hooks: bool,
+    watchers: prometheus_client::metrics::gauge::Gauge,
+}
+
+struct WatcherGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl ControlService {
-    pub fn new(node: Node, test_hooks: bool) -> Self {
-        Self { node, test_hooks }
+    pub fn new(
+        node: Node,
+        test_hooks: bool,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Self {
+        let watchers = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "strait_control_api_watchers",
+            "Open Watch streams on this node",
+            watchers.clone(),
+        );
+        Self {
+            node,
+            test_hooks,
+            watchers,
+        }
     }
 
     pub fn into_server(self) -> ControlServer<ControlService> {
@@ -261,7 +284,10 @@ impl Control for ControlService {
             (initial, sub, last_rev)
         };
         let (tx, rx) = mpsc::channel(256);
+        self.watchers.inc();
+        let guard = WatcherGuard(self.watchers.clone());
         tokio::spawn(async move {
+            let _guard = guard;
             for ev in initial {
                 if tx.send(Ok(ev)).await.is_err() {
                     return;

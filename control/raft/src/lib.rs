@@ -7,10 +7,12 @@
 //! `strait_control_state::State`. Async callers talk to it through channels.
 
 mod logger;
+mod metrics;
 mod node;
 pub mod storage;
 mod transport;
 
+pub use metrics::RaftMetrics;
 pub use node::{
     MemberInfo, Node, NodeConfig, NodeStatus, ProposeError, TlsClientConfig, WatchSignal,
 };

@@ -13,6 +13,7 @@ use serde::{Deserialize, Serialize};
 use strait_control_state::{Command, CommandError, Event, Outcome, State};
 use tokio::sync::{broadcast, oneshot, watch};
 
+use crate::metrics::RaftMetrics;
 use crate::storage::{DurableLog, NodeStorage, StoreError};
 use crate::transport::{RaftService, Transport};
 
@@ -171,7 +172,7 @@ fn parse_ctx(b: &[u8]) -> Option<(u64, u64)> {
 impl Node {
     /// Opens (or bootstraps) the store under `cfg.data_dir` and starts the
     /// ready loop. Must be called inside a tokio runtime (transport tasks).
-    pub fn start(cfg: NodeConfig) -> Result<(Node, RaftService), StoreError> {
+    pub fn start(cfg: NodeConfig, metrics: RaftMetrics) -> Result<(Node, RaftService), StoreError> {
         let log = DurableLog::open(&cfg.data_dir)?;
         let loaded = log.load()?;
         let storage = NodeStorage::new();
@@ -270,6 +271,7 @@ impl Node {
             snapshots_installed: 0,
             ticks: 0,
             removed_self: false,
+            metrics,
         };
         let thread = std::thread::Builder::new()
             .name(format!("raft-{}", cfg.id))
@@ -422,6 +424,7 @@ struct Loop {
     snapshots_installed: u64,
     ticks: u64,
     removed_self: bool,
+    metrics: RaftMetrics,
 }
 
 static READ_SEQ: AtomicU64 = AtomicU64::new(1);
@@ -509,11 +512,13 @@ impl Loop {
             }
             Input::Propose { cmd, reply } => {
                 let (seq, ctx) = self.next_ctx();
+                self.metrics.proposals.inc();
                 match self.raw.propose(ctx, cmd) {
                     Ok(()) => {
                         self.waiters.insert(seq, Waiter::Cmd(reply));
                     }
                     Err(_) => {
+                        self.metrics.proposals_dropped.inc();
                         let _ = reply.send(Err(ProposeError::NoLeader));
                     }
                 }
@@ -566,6 +571,9 @@ impl Loop {
         let mut ready = self.raw.ready();
         if let Some(ss) = ready.ss() {
             let prev_leader = self.shared.status.lock().expect("status lock").leader_id;
+            if ss.leader_id != prev_leader {
+                self.metrics.leader_changes.inc();
+            }
             if ss.leader_id != prev_leader && prev_leader != raft::INVALID_ID {
                 // Proposals forwarded to the old leader may be lost; answer
                 // now instead of letting callers wait for their timeout.
@@ -603,7 +611,14 @@ impl Loop {
         let entries = ready.take_entries();
         let hs: Option<HardState> = ready.hs().cloned();
         if snapshot.is_some() || !entries.is_empty() || hs.is_some() {
+            let t0 = Instant::now();
             self.log.persist(&entries, hs.as_ref(), snapshot.as_ref())?;
+            self.metrics
+                .persist_seconds
+                .observe(t0.elapsed().as_secs_f64());
+            if !entries.is_empty() {
+                self.metrics.entries_per_ready.observe(entries.len() as f64);
+            }
         }
         if let Some(snap) = snapshot {
             self.install_snapshot(snap)?;
@@ -662,6 +677,7 @@ impl Loop {
         *self.storage.snapshot.write().expect("snapshot lock") = Some(snap.clone());
         self.snapshot_index = idx;
         self.snapshots_installed += 1;
+        self.metrics.snapshots_installed.inc();
         for (id, addr) in &data.members {
             self.transport.set_addr(*id, addr);
         }
@@ -683,6 +699,7 @@ impl Loop {
         let Some(last) = entries.last().map(|e| e.index) else {
             return Ok(());
         };
+        self.metrics.applied_entries.inc_by(entries.len() as u64);
         for e in entries {
             let own = parse_ctx(&e.context).filter(|(n, _)| *n == self.cfg.id);
             match e.get_entry_type() {
@@ -804,11 +821,23 @@ impl Loop {
         self.storage.mem.wl().compact(idx)?;
         self.snapshot_index = idx;
         self.storage.want_snapshot.store(false, Ordering::Relaxed);
+        self.metrics.snapshots_taken.inc();
         tracing::debug!(index = idx, "took snapshot and compacted the log");
         Ok(())
     }
 
     fn publish_status(&self) {
+        let g = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        self.metrics.term.set(g(self.raw.raft.term));
+        self.metrics
+            .commit_index
+            .set(g(self.raw.raft.raft_log.committed));
+        self.metrics
+            .applied_index
+            .set(g(self.raw.raft.raft_log.applied));
+        self.metrics
+            .is_leader
+            .set(i64::from(self.raw.raft.state == StateRole::Leader));
         let mut st = self.shared.status.lock().expect("status lock");
         st.term = self.raw.raft.term;
         st.leader_id = self.raw.raft.leader_id;

@@ -60,6 +60,9 @@ struct Args {
     /// Allow test-only RPCs (SetPartitioned).
     #[arg(long)]
     enable_test_hooks: bool,
+    /// Serve Prometheus metrics on http://ADDR/metrics.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
@@ -153,7 +156,41 @@ async fn main() -> Result<()> {
         proposal_timeout: Duration::from_millis(args.proposal_timeout_ms),
         tls: client_tls,
     };
-    let (node, raft_svc) = Node::start(cfg).context("starting the raft node")?;
+    let mut registry = prometheus_client::registry::Registry::default();
+    let metrics = strait_control_raft::RaftMetrics::new(&mut registry);
+    let (node, raft_svc) = Node::start(cfg, metrics).context("starting the raft node")?;
+    let control = ControlService::new(node.clone(), args.enable_test_hooks, &mut registry);
+    if let Some(addr) = args.metrics_listen {
+        let registry = std::sync::Arc::new(registry);
+        let app = axum::Router::new().route(
+            "/metrics",
+            axum::routing::get(move || {
+                let registry = registry.clone();
+                async move {
+                    let mut body = String::new();
+                    match prometheus_client::encoding::text::encode(&mut body, &registry) {
+                        Ok(()) => (
+                            [(
+                                "content-type",
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            )],
+                            body,
+                        ),
+                        Err(e) => ([("content-type", "text/plain")], format!("error: {e}")),
+                    }
+                }
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding --metrics-listen {addr}"))?;
+        tracing::info!(%addr, "metrics listening");
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "metrics server failed");
+            }
+        });
+    }
     let (reporter, health) = tonic_health::server::health_reporter();
     spawn_health(node.clone(), reporter);
 
@@ -166,7 +203,7 @@ async fn main() -> Result<()> {
     builder
         .tcp_nodelay(true)
         .add_service(health)
-        .add_service(ControlService::new(node.clone(), args.enable_test_hooks).into_server())
+        .add_service(control.into_server())
         .add_service(raft_svc.into_server())
         .serve_with_shutdown(args.listen, async {
             let _ = tokio::signal::ctrl_c().await;

@@ -234,6 +234,53 @@ spec:
     assert_eq!(stdout(&o).matches("leader").count(), 1, "{}", stdout(&o));
 }
 
+/// `straitctl watch` keeps following when the member it streams from dies.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn straitctl_watch_survives_member_loss() {
+    use std::io::BufRead;
+    let mut cluster = Cluster::start(3, &[]);
+    cluster.wait_leader(T).await;
+    let eps = cluster.endpoints().join(",");
+    let mut child = std::process::Command::new(CTL)
+        .args(["--endpoints", &eps, "watch", "kc"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let out = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let wait_line = |needle: &str| {
+        let deadline = std::time::Instant::now() + T;
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            match rx.recv_timeout(left) {
+                Ok(l) if l.contains(needle) => return l,
+                Ok(_) => continue,
+                Err(e) => panic!("no watch line containing {needle}: {e}"),
+            }
+        }
+    };
+    wait_line("SYNCED");
+    let client = cluster.client();
+    client.apply(kc_request("first", "a:1")).await.unwrap();
+    wait_line("KafkaCluster/first");
+    // The watch streams from the first endpoint; take it away.
+    cluster.kill(1);
+    cluster.wait_leader(T).await;
+    client.apply(kc_request("second", "b:1")).await.unwrap();
+    let l = wait_line("KafkaCluster/second");
+    assert!(l.contains("PUT"), "{l}");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 async fn http_get(addr: &str, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut s = tokio::net::TcpStream::connect(addr)

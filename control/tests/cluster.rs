@@ -330,6 +330,22 @@ async fn partitioned_follower_does_not_disrupt_and_catches_up() {
             l.into_inner().resources.len()
         );
     }
+    // A stale read is still served by the isolated node (that is its point).
+    let stale = std::process::Command::new(CTL)
+        .args([
+            "--endpoints",
+            &cluster.addr(follower),
+            "get",
+            "kc",
+            "--stale",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        stale.status.success(),
+        "{}",
+        String::from_utf8_lossy(&stale.stderr)
+    );
     fc.set_partitioned(pb::SetPartitionedRequest { partitioned: false })
         .await
         .unwrap();

@@ -57,6 +57,10 @@ enum Cmd {
         /// Label selector: k=v,k!=v,k,!k
         #[arg(short = 'l', long, default_value = "")]
         selector: String,
+        /// Read the answering member's replica without a ReadIndex round
+        /// (works without a leader; may be behind).
+        #[arg(long)]
+        stale: bool,
     },
     Delete {
         kind: String,
@@ -278,6 +282,23 @@ fn print_resources(rows: &[pb::Resource], output: Output, single: bool) -> Resul
     Ok(())
 }
 
+fn print_event(ev: &pb::WatchEvent) {
+    let t = pb::EventType::try_from(ev.r#type)
+        .map(|t| {
+            t.as_str_name()
+                .trim_start_matches("EVENT_TYPE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| "?".into());
+    match &ev.resource {
+        Some(r) => println!(
+            "{}\t{t}\t{}/{}\t{}",
+            ev.revision, r.kind, r.name, r.spec_json
+        ),
+        None => println!("{}\t{t}", ev.revision),
+    }
+}
+
 fn kind_arg(s: &str) -> Result<String> {
     Ok(Kind::parse(s).map_err(|e| anyhow!(e))?.as_str().to_string())
 }
@@ -350,6 +371,7 @@ async fn run(cli: Cli) -> Result<()> {
             name,
             output,
             selector,
+            stale,
         } => {
             let kind = if kind == "all" {
                 String::new()
@@ -357,12 +379,30 @@ async fn run(cli: Cli) -> Result<()> {
                 kind_arg(&kind)?
             };
             match name {
-                Some(n) => {
-                    let r = client.get(&kind, &n).await.map_err(status_err)?;
+                Some(name) => {
+                    let req = pb::GetRequest { kind, name, stale };
+                    let r = client
+                        .call(|mut c| {
+                            let r = req.clone();
+                            async move { c.get(r).await }
+                        })
+                        .await
+                        .map_err(status_err)?;
                     print_resources(&[r], output, true)?;
                 }
                 None => {
-                    let l = client.list(&kind, &selector).await.map_err(status_err)?;
+                    let req = pb::ListRequest {
+                        kind,
+                        label_selector: selector,
+                        stale,
+                    };
+                    let l = client
+                        .call(|mut c| {
+                            let r = req.clone();
+                            async move { c.list(r).await }
+                        })
+                        .await
+                        .map_err(status_err)?;
                     print_resources(&l.resources, output, false)?;
                 }
             }
@@ -378,31 +418,65 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 vec![kind_arg(&kind)?]
             };
-            let (_, mut c) = client.current();
-            let mut stream = c
-                .watch(pb::WatchRequest {
-                    kinds,
-                    label_selector: String::new(),
-                    start_revision: from,
-                })
-                .await
-                .map_err(status_err)?
-                .into_inner();
-            while let Some(ev) = stream.message().await.map_err(status_err)? {
-                let t = pb::EventType::try_from(ev.r#type)
-                    .map(|t| {
-                        t.as_str_name()
-                            .trim_start_matches("EVENT_TYPE_")
-                            .to_string()
+            // Follows the stream across member failures: resume from the
+            // next revision on another member, list again if it was compacted.
+            let mut next = from;
+            let mut failures = 0u32;
+            loop {
+                let (ep, mut c) = client.current();
+                let res = c
+                    .watch(pb::WatchRequest {
+                        kinds: kinds.clone(),
+                        label_selector: String::new(),
+                        start_revision: next,
                     })
-                    .unwrap_or_else(|_| "?".into());
-                match ev.resource {
-                    Some(r) => println!(
-                        "{}\t{t}\t{}/{}\t{}",
-                        ev.revision, r.kind, r.name, r.spec_json
-                    ),
-                    None => println!("{}\t{t}", ev.revision),
+                    .await;
+                let err = match res {
+                    Ok(resp) => {
+                        let mut stream = resp.into_inner();
+                        // Listing events are not in revision order: only
+                        // the SYNCED marker and later events move `next`.
+                        let mut synced = next != 0;
+                        loop {
+                            match stream.message().await {
+                                Ok(Some(ev)) => {
+                                    failures = 0;
+                                    if ev.r#type == pb::EventType::Synced as i32 {
+                                        synced = true;
+                                    }
+                                    if synced {
+                                        next = ev.revision + 1;
+                                    }
+                                    print_event(&ev);
+                                }
+                                Ok(None) => break tonic::Status::unavailable("stream ended"),
+                                Err(e) => break e,
+                            }
+                        }
+                    }
+                    Err(e) => e,
+                };
+                if err.code() == tonic::Code::OutOfRange {
+                    eprintln!("# revision {next} was compacted; listing again");
+                    next = 0;
+                    continue;
                 }
+                if !matches!(
+                    err.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Aborted
+                        | tonic::Code::Cancelled
+                ) {
+                    return Err(status_err(err));
+                }
+                failures += 1;
+                if failures > 3 * client.endpoints().len() as u32 {
+                    return Err(anyhow!("no member reachable: {}", err.message()));
+                }
+                eprintln!("# {ep}: {}; resuming from revision {next}", err.message());
+                client.rotate();
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
             }
         }
         Cmd::Members { action } => {

@@ -184,6 +184,7 @@ spec:
         "{out}"
     );
     let o = ctl(&eps, &["get", "VirtualCluster", "east-local", "-o", "json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["spec"]["brokers"]["port_range"], "19100-19199");
     let o = ctl(&eps, &["get", "kafkaclusters", "-o", "yaml"]);
@@ -232,6 +233,25 @@ spec:
 
     let o = ctl(&eps, &["members"]);
     assert_eq!(stdout(&o).matches("leader").count(), 1, "{}", stdout(&o));
+
+    // The shipped example covers every kind and stays valid.
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/mesh.yaml");
+    let o = ctl(&eps, &["apply", "-f", example]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(stdout(&o).lines().count(), 9, "{}", stdout(&o));
+    let o = ctl(&eps, &["get", "all"]);
+    for kind in [
+        "KafkaCluster",
+        "Edge",
+        "VirtualCluster",
+        "AuthorizationPolicy",
+        "EncryptionPolicy",
+        "KmsRealm",
+        "TrustBundle",
+        "FailoverGroup",
+    ] {
+        assert!(stdout(&o).contains(kind), "{kind} missing: {}", stdout(&o));
+    }
 }
 
 /// `straitctl watch` keeps following when the member it streams from dies.

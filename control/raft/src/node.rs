@@ -542,10 +542,10 @@ impl Loop {
                 if self.raw.raft.leader_id == raft::INVALID_ID {
                     let _ = reply.send(Err(ProposeError::NoLeader));
                 } else {
-                    let ctx = READ_SEQ
-                        .fetch_add(1, Ordering::Relaxed)
-                        .to_be_bytes()
-                        .to_vec();
+                    // The leader keys pending reads by context and drops a
+                    // duplicate, so contexts must be unique across nodes.
+                    let seq = READ_SEQ.fetch_add(1, Ordering::Relaxed);
+                    let ctx = ctx_bytes(self.cfg.id, seq);
                     self.raw.read_index(ctx.clone());
                     self.reads.insert(ctx, reply);
                 }

@@ -5,9 +5,7 @@ use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 use std::time::{Duration, Instant};
 
 use protobuf::Message as PbMessage;
-use raft::eraftpb::{
-    ConfChange, ConfChangeType, ConfState, Entry, EntryType, HardState, Message, Snapshot,
-};
+use raft::eraftpb::{ConfChange, ConfChangeType, Entry, EntryType, HardState, Message, Snapshot};
 use raft::{RawNode, SnapshotStatus, StateRole};
 use serde::{Deserialize, Serialize};
 use strait_control_state::{Command, CommandError, Event, Outcome, State};
@@ -174,7 +172,7 @@ impl Node {
     /// ready loop. Must be called inside a tokio runtime (transport tasks).
     pub fn start(cfg: NodeConfig, metrics: RaftMetrics) -> Result<(Node, RaftService), StoreError> {
         let log = DurableLog::open(&cfg.data_dir)?;
-        let loaded = log.load()?;
+        let mut loaded = log.load()?;
         let storage = NodeStorage::new();
         let mut state = State::new(cfg.watch_history);
         let mut members = cfg.peers.clone();
@@ -184,12 +182,25 @@ impl Node {
             && loaded.hard_state.is_none()
             && loaded.bootstrap_conf.is_none();
         if fresh && !cfg.join {
-            let cs = ConfState {
-                voters: cfg.peers.keys().copied().collect(),
+            // Bootstrap as an installed snapshot at index 1 (as raft-rs's own
+            // examples do) rather than a bare conf state: the initial voters
+            // and their addresses then reach every later member through a
+            // snapshot, whether or not the log was ever compacted.
+            let data = serde_json::to_vec(&SnapshotDataRef {
+                state: &state,
+                members: &cfg.peers,
+            })
+            .map_err(|e| StoreError::Io(std::io::Error::other(e)))?;
+            let mut snap = Snapshot {
+                data: data.into(),
                 ..Default::default()
             };
-            log.save_bootstrap(&cs)?;
-            storage.mem.initialize_with_conf_state(cs);
+            let meta = snap.mut_metadata();
+            meta.index = 1;
+            meta.term = 1;
+            meta.mut_conf_state().voters = cfg.peers.keys().copied().collect();
+            log.persist(&[], None, Some(&snap))?;
+            loaded.snapshot = Some(snap);
         } else if let Some(cs) = loaded.bootstrap_conf.clone() {
             if loaded.snapshot.is_none() {
                 storage.mem.initialize_with_conf_state(cs);

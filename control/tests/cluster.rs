@@ -607,3 +607,59 @@ async fn joined_member_knows_every_voter_without_compaction() {
         .await
         .expect("commit with node 4 in the majority");
 }
+
+/// SIGKILL of every node in the middle of continuous writes: after a restart
+/// from disk every acknowledged write is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn crash_all_nodes_under_writes_keeps_acknowledged_writes() {
+    let mut cluster = Cluster::start(3, &["--snapshot-threshold", "50"]);
+    cluster.wait_leader(T).await;
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for w in 0..8 {
+        let client = cluster.client();
+        let (acked, stop) = (acked.clone(), stop.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let name = format!("c{w}-{i}");
+                i += 1;
+                let r = tokio::time::timeout(
+                    Duration::from_secs(1),
+                    client.apply(kc_request(&name, "127.0.0.1:9092")),
+                )
+                .await;
+                if let Ok(Ok(_)) = r {
+                    acked.lock().unwrap().push(name);
+                }
+            }
+        }));
+    }
+    eventually("writes before the crash", T, || {
+        let acked = acked.clone();
+        async move { acked.lock().unwrap().len() >= 200 }
+    })
+    .await;
+    for id in 1..=3 {
+        cluster.kill(id);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    for id in 1..=3 {
+        cluster.spawn(id);
+    }
+    cluster.wait_leader(T).await;
+    let names = list_names(&cluster.client(), "KafkaCluster").await;
+    let missing: Vec<&String> = acked.iter().filter(|n| !names.contains(*n)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged writes lost: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(10)]
+    );
+}

@@ -4,4 +4,6 @@
 /// The KMS broker contract (`proto/kms.proto`).
 pub mod kms {
     tonic::include_proto!("strait.kms.v1");
+pub mod control {
+    tonic::include_proto!("strait.control.v1");
 }

@@ -1,0 +1,418 @@
+//! gRPC services of a control-plane node: the `Control` admin/watch API and
+//! gRPC health. Writes go through Raft (followers forward proposals to the
+//! leader inside raft-rs); reads are linearizable (ReadIndex) unless the
+//! caller asks for a stale read.
+
+use std::collections::BTreeMap;
+use std::pin::Pin;
+use std::time::Duration;
+
+use futures::Stream;
+use strait_control_raft::{Node, ProposeError, WatchSignal};
+use strait_control_state::{self as st, Command, CommandError, Kind, Outcome, Selector};
+use strait_proto::control as pb;
+use strait_proto::control::control_server::{Control, ControlServer};
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+pub const SERVICE_NAME: &str = "strait.control.v1.Control";
+
+pub fn to_pb(r: &st::Resource) -> pb::Resource {
+    pb::Resource {
+        kind: r.kind.as_str().to_string(),
+        name: r.name.clone(),
+        labels: r.labels.clone().into_iter().collect(),
+        spec_json: r.spec.to_string(),
+        status_json: if r.status.is_null() {
+            String::new()
+        } else {
+            r.status.to_string()
+        },
+        revision: r.revision,
+        create_revision: r.create_revision,
+    }
+}
+
+fn parse_kind(s: &str) -> Result<Kind, Status> {
+    Kind::parse(s).map_err(Status::invalid_argument)
+}
+
+fn parse_json(field: &str, s: &str) -> Result<serde_json::Value, Status> {
+    if s.trim().is_empty() {
+        return Ok(serde_json::Value::Object(Default::default()));
+    }
+    serde_json::from_str(s)
+        .map_err(|e| Status::invalid_argument(format!("{field}: invalid JSON: {e}")))
+}
+
+pub fn status_of(e: ProposeError) -> Status {
+    match e {
+        ProposeError::Command(c) => match &c {
+            CommandError::Invalid { .. } => Status::invalid_argument(c.to_string()),
+            CommandError::NotFound { .. } => Status::not_found(c.to_string()),
+            CommandError::AlreadyExists { .. } => Status::already_exists(c.to_string()),
+            CommandError::Conflict { .. } => Status::aborted(c.to_string()),
+        },
+        ProposeError::NoLeader | ProposeError::Shutdown | ProposeError::LeaderChanged => {
+            Status::unavailable(e.to_string())
+        }
+        ProposeError::Timeout => Status::deadline_exceeded(e.to_string()),
+        ProposeError::Membership(_) => Status::failed_precondition(e.to_string()),
+    }
+}
+
+pub struct ControlService {
+    node: Node,
+    test_hooks: bool,
+    watchers: prometheus_client::metrics::gauge::Gauge,
+}
+
+struct WatcherGuard(prometheus_client::metrics::gauge::Gauge);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
+impl ControlService {
+    pub fn new(
+        node: Node,
+        test_hooks: bool,
+        registry: &mut prometheus_client::registry::Registry,
+    ) -> Self {
+        let watchers = prometheus_client::metrics::gauge::Gauge::default();
+        registry.register(
+            "strait_control_api_watchers",
+            "Open Watch streams on this node",
+            watchers.clone(),
+        );
+        Self {
+            node,
+            test_hooks,
+            watchers,
+        }
+    }
+
+    pub fn into_server(self) -> ControlServer<ControlService> {
+        ControlServer::new(self)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .max_encoding_message_size(64 * 1024 * 1024)
+    }
+
+    async fn barrier(&self, stale: bool) -> Result<(), Status> {
+        if stale {
+            return Ok(());
+        }
+        self.node.read_barrier().await.map_err(status_of)
+    }
+
+    fn members_response(&self) -> pb::MembersResponse {
+        let leader = self.node.status().leader_id;
+        pb::MembersResponse {
+            members: self
+                .node
+                .members()
+                .into_iter()
+                .map(|m| pb::Member {
+                    id: m.id,
+                    addr: m.addr,
+                    is_leader: m.id == leader,
+                    is_voter: m.is_voter,
+                })
+                .collect(),
+            leader_id: leader,
+        }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<pb::WatchEvent, Status>> + Send>>;
+
+fn event_pb(ev: &st::Event) -> pb::WatchEvent {
+    let t = match ev.event_type {
+        st::EventType::Put => pb::EventType::Put,
+        st::EventType::Delete => pb::EventType::Delete,
+    };
+    pb::WatchEvent {
+        r#type: t as i32,
+        resource: Some(to_pb(&ev.resource)),
+        revision: ev.revision,
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn apply(
+        &self,
+        req: Request<pb::ApplyRequest>,
+    ) -> Result<Response<pb::ApplyResponse>, Status> {
+        let req = req.into_inner();
+        let r = req
+            .resource
+            .ok_or_else(|| Status::invalid_argument("resource is required"))?;
+        let cmd = Command::Apply {
+            kind: parse_kind(&r.kind)?,
+            name: r.name,
+            labels: r.labels.into_iter().collect::<BTreeMap<_, _>>(),
+            spec: parse_json("spec_json", &r.spec_json)?,
+            expected_revision: req.expected_revision,
+        };
+        match self.node.propose(&cmd).await.map_err(status_of)? {
+            Outcome::Applied { resource, changed } => Ok(Response::new(pb::ApplyResponse {
+                resource: Some(to_pb(&resource)),
+                changed,
+            })),
+            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Result<Response<pb::Resource>, Status> {
+        let req = req.into_inner();
+        let kind = parse_kind(&req.kind)?;
+        self.barrier(req.stale).await?;
+        let state = self.node.state();
+        match state.get(kind, &req.name) {
+            Some(r) => Ok(Response::new(to_pb(r))),
+            None => Err(Status::not_found(format!(
+                "{kind} '{}' not found",
+                req.name
+            ))),
+        }
+    }
+
+    async fn list(
+        &self,
+        req: Request<pb::ListRequest>,
+    ) -> Result<Response<pb::ListResponse>, Status> {
+        let req = req.into_inner();
+        let kind = if req.kind.is_empty() {
+            None
+        } else {
+            Some(parse_kind(&req.kind)?)
+        };
+        let sel = Selector::parse(&req.label_selector).map_err(Status::invalid_argument)?;
+        self.barrier(req.stale).await?;
+        let state = self.node.state();
+        Ok(Response::new(pb::ListResponse {
+            resources: state.list(kind, &sel).map(to_pb).collect(),
+            revision: state.revision(),
+        }))
+    }
+
+    async fn delete(
+        &self,
+        req: Request<pb::DeleteRequest>,
+    ) -> Result<Response<pb::DeleteResponse>, Status> {
+        let req = req.into_inner();
+        let cmd = Command::Delete {
+            kind: parse_kind(&req.kind)?,
+            name: req.name,
+            expected_revision: req.expected_revision,
+        };
+        match self.node.propose(&cmd).await.map_err(status_of)? {
+            Outcome::Deleted { revision } => Ok(Response::new(pb::DeleteResponse { revision })),
+            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    async fn update_status(
+        &self,
+        req: Request<pb::UpdateStatusRequest>,
+    ) -> Result<Response<pb::Resource>, Status> {
+        let req = req.into_inner();
+        let cmd = Command::UpdateStatus {
+            kind: parse_kind(&req.kind)?,
+            name: req.name,
+            status: parse_json("status_json", &req.status_json)?,
+        };
+        match self.node.propose(&cmd).await.map_err(status_of)? {
+            Outcome::StatusUpdated { resource } => Ok(Response::new(to_pb(&resource))),
+            other => Err(Status::internal(format!("unexpected outcome {other:?}"))),
+        }
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(
+        &self,
+        req: Request<pb::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let req = req.into_inner();
+        let kinds: Vec<Kind> = req
+            .kinds
+            .iter()
+            .map(|k| parse_kind(k))
+            .collect::<Result<_, _>>()?;
+        let sel = Selector::parse(&req.label_selector).map_err(Status::invalid_argument)?;
+        let wanted = move |r: &st::Resource| {
+            (kinds.is_empty() || kinds.contains(&r.kind)) && sel.matches(&r.labels)
+        };
+        let (initial, mut sub, mut last_rev) = {
+            // Holding the read lock while subscribing: the apply loop sends
+            // events under the write lock, so nothing falls between the
+            // listing and the subscription.
+            let state = self.node.state();
+            let sub = self.node.subscribe();
+            let mut initial = Vec::new();
+            let last_rev;
+            if req.start_revision == 0 {
+                let all = Selector::default();
+                for r in state.list(None, &all).filter(|r| wanted(r)) {
+                    initial.push(pb::WatchEvent {
+                        r#type: pb::EventType::Put as i32,
+                        resource: Some(to_pb(r)),
+                        revision: r.revision,
+                    });
+                }
+                last_rev = state.revision();
+                initial.push(pb::WatchEvent {
+                    r#type: pb::EventType::Synced as i32,
+                    resource: None,
+                    revision: last_rev,
+                });
+            } else {
+                let evs = state.events_from(req.start_revision).map_err(|c| {
+                    Status::out_of_range(format!("{c}; list again (watch from revision 0)"))
+                })?;
+                for ev in evs.filter(|e| wanted(&e.resource)) {
+                    initial.push(event_pb(ev));
+                }
+                last_rev = state.revision().max(req.start_revision.saturating_sub(1));
+            }
+            (initial, sub, last_rev)
+        };
+        let (tx, rx) = mpsc::channel(256);
+        self.watchers.inc();
+        let guard = WatcherGuard(self.watchers.clone());
+        tokio::spawn(async move {
+            let _guard = guard;
+            for ev in initial {
+                if tx.send(Ok(ev)).await.is_err() {
+                    return;
+                }
+            }
+            loop {
+                let msg = match sub.recv().await {
+                    Ok(WatchSignal::Event(ev)) => {
+                        if ev.revision <= last_rev {
+                            continue;
+                        }
+                        last_rev = ev.revision;
+                        if !wanted(&ev.resource) {
+                            continue;
+                        }
+                        Ok(event_pb(&ev))
+                    }
+                    Ok(WatchSignal::Reset) => Err(Status::aborted(format!(
+                        "replica installed a snapshot; resume from revision {}",
+                        last_rev + 1
+                    ))),
+                    Err(RecvError::Lagged(_)) => Err(Status::aborted(format!(
+                        "watcher fell behind; resume from revision {}",
+                        last_rev + 1
+                    ))),
+                    Err(RecvError::Closed) => return,
+                };
+                let stop = msg.is_err();
+                if tx.send(msg).await.is_err() || stop {
+                    return;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn members(
+        &self,
+        _req: Request<pb::MembersRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        Ok(Response::new(self.members_response()))
+    }
+
+    async fn add_member(
+        &self,
+        req: Request<pb::AddMemberRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        let req = req.into_inner();
+        if req.id == 0 || req.addr.is_empty() {
+            return Err(Status::invalid_argument("id > 0 and addr are required"));
+        }
+        self.node
+            .add_member(req.id, &req.addr)
+            .await
+            .map_err(status_of)?;
+        Ok(Response::new(self.members_response()))
+    }
+
+    async fn remove_member(
+        &self,
+        req: Request<pb::RemoveMemberRequest>,
+    ) -> Result<Response<pb::MembersResponse>, Status> {
+        let req = req.into_inner();
+        self.node.remove_member(req.id).await.map_err(status_of)?;
+        Ok(Response::new(self.members_response()))
+    }
+
+    async fn status(
+        &self,
+        _req: Request<pb::StatusRequest>,
+    ) -> Result<Response<pb::StatusResponse>, Status> {
+        let s = self.node.status();
+        let (revision, compacted) = {
+            let st = self.node.state();
+            (st.revision(), st.compacted_revision())
+        };
+        Ok(Response::new(pb::StatusResponse {
+            id: s.id,
+            leader_id: s.leader_id,
+            term: s.term,
+            commit_index: s.commit_index,
+            applied_index: s.applied_index,
+            snapshot_index: s.snapshot_index,
+            snapshots_installed: s.snapshots_installed,
+            revision,
+            compacted_revision: compacted,
+            role: s.role,
+            first_log_index: s.first_log_index,
+        }))
+    }
+
+    async fn set_partitioned(
+        &self,
+        req: Request<pb::SetPartitionedRequest>,
+    ) -> Result<Response<pb::SetPartitionedResponse>, Status> {
+        if !self.test_hooks {
+            return Err(Status::permission_denied(
+                "test hooks are disabled (start the node with --enable-test-hooks)",
+            ));
+        }
+        self.node.set_partitioned(req.into_inner().partitioned);
+        Ok(Response::new(pb::SetPartitionedResponse {}))
+    }
+}
+
+/// Keeps gRPC health in line with Raft: SERVING while a leader is known.
+pub fn spawn_health(
+    node: Node,
+    reporter: tonic_health::server::HealthReporter,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let serving = node.status().leader_id != 0;
+            if last != Some(serving) {
+                let status = if serving {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status(SERVICE_NAME, status).await;
+                reporter.set_service_status("", status).await;
+                last = Some(serving);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}

@@ -1,0 +1,678 @@
+//! Client side of the Strait control plane.
+//!
+//! - [`ControlClient`]: the gRPC API with failover over every member.
+//! - [`watch_edge_config`]: list-then-watch of everything one edge needs,
+//!   folded into an [`EdgeSnapshot`], cached on disk (atomic write) and
+//!   loaded from there when the control plane is unreachable.
+//! - [`spawn_heartbeat`]: periodic write of the Edge resource's status.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use strait_control_state::spec::{
+    AuthorizationPolicySpec, EdgeStatus, EncryptionPolicySpec, KafkaClusterSpec, KmsRealmSpec,
+    TrustBundleSpec, VirtualClusterSpec,
+};
+use strait_control_state::Kind;
+use strait_proto::control as pb;
+use strait_proto::control::control_client::ControlClient as PbClient;
+use tokio::sync::watch;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::{Code, Status};
+
+pub use strait_control_state as state;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("no control-plane endpoints given")]
+    NoEndpoints,
+    #[error("invalid endpoint '{0}': {1}")]
+    Endpoint(String, String),
+    #[error("{0}")]
+    Status(#[from] Status),
+    #[error("cache {path}: {source}")]
+    Cache {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct TlsConfig {
+    pub ca_pem: Vec<u8>,
+    /// Client identity for mTLS.
+    pub cert_pem: Option<Vec<u8>>,
+    pub key_pem: Option<Vec<u8>>,
+    /// Name to verify in the server certificate (default: endpoint host).
+    pub domain: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `host:port` of control-plane members (any subset).
+    pub endpoints: Vec<String>,
+    pub tls: Option<TlsConfig>,
+    pub connect_timeout: Duration,
+    pub request_timeout: Duration,
+}
+
+impl ClientConfig {
+    pub fn new<S: AsRef<str>>(endpoints: &[S]) -> Self {
+        Self {
+            endpoints: endpoints.iter().map(|s| s.as_ref().to_string()).collect(),
+            tls: None,
+            connect_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// gRPC client over several members: a call that fails because the member
+/// is down or has no leader moves on to the next member.
+#[derive(Clone)]
+pub struct ControlClient {
+    clients: Arc<Vec<(String, PbClient<Channel>)>>,
+    current: Arc<AtomicUsize>,
+}
+
+fn retryable(s: &Status) -> bool {
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
+}
+
+impl ControlClient {
+    pub fn new(cfg: &ClientConfig) -> Result<Self, ClientError> {
+        if cfg.endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let mut clients = Vec::new();
+        for ep in &cfg.endpoints {
+            let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+            let uri = if ep.contains("://") {
+                ep.clone()
+            } else {
+                format!("{scheme}://{ep}")
+            };
+            let mut e = Endpoint::from_shared(uri)
+                .map_err(|e| ClientError::Endpoint(ep.clone(), e.to_string()))?
+                .connect_timeout(cfg.connect_timeout)
+                .tcp_nodelay(true);
+            if let Some(tls) = &cfg.tls {
+                let mut t =
+                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
+                if let (Some(c), Some(k)) = (&tls.cert_pem, &tls.key_pem) {
+                    t = t.identity(Identity::from_pem(c, k));
+                }
+                if let Some(d) = &tls.domain {
+                    t = t.domain_name(d.clone());
+                }
+                e = e
+                    .tls_config(t)
+                    .map_err(|err| ClientError::Endpoint(ep.clone(), err.to_string()))?;
+            }
+            let client = PbClient::new(e.connect_lazy())
+                .max_decoding_message_size(64 * 1024 * 1024)
+                .max_encoding_message_size(64 * 1024 * 1024);
+            clients.push((ep.clone(), client));
+        }
+        Ok(Self {
+            clients: Arc::new(clients),
+            current: Arc::new(AtomicUsize::new(0)),
+        })
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        self.clients.iter().map(|(e, _)| e.clone()).collect()
+    }
+
+    /// Client of one member, the one currently preferred.
+    pub fn current(&self) -> (String, PbClient<Channel>) {
+        let i = self.current.load(Ordering::Relaxed) % self.clients.len();
+        self.clients[i].clone()
+    }
+
+    /// Moves the preference to the next member.
+    pub fn rotate(&self) {
+        self.current.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Runs `f` against members in turn until one answers with something
+    /// other than "unavailable".
+    pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
+    where
+        F: Fn(PbClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
+    {
+        let n = self.clients.len();
+        let start = self.current.load(Ordering::Relaxed);
+        let mut last = Status::unavailable("no endpoint tried");
+        for k in 0..n {
+            let i = (start + k) % n;
+            match f(self.clients[i].1.clone()).await {
+                Ok(r) => {
+                    self.current.store(i, Ordering::Relaxed);
+                    return Ok(r.into_inner());
+                }
+                Err(s) if retryable(&s) => {
+                    tracing::debug!(endpoint = %self.clients[i].0, error = %s, "trying next member");
+                    last = Status::new(s.code(), format!("{}: {}", self.clients[i].0, s.message()));
+                }
+                Err(s) => return Err(s),
+            }
+        }
+        Err(last)
+    }
+
+    pub async fn apply(&self, req: pb::ApplyRequest) -> Result<pb::ApplyResponse, Status> {
+        self.call(|mut c| {
+            let r = req.clone();
+            async move { c.apply(r).await }
+        })
+        .await
+    }
+
+    pub async fn get(&self, kind: &str, name: &str) -> Result<pb::Resource, Status> {
+        let req = pb::GetRequest {
+            kind: kind.into(),
+            name: name.into(),
+            stale: false,
+        };
+        self.call(|mut c| {
+            let r = req.clone();
+            async move { c.get(r).await }
+        })
+        .await
+    }
+
+    pub async fn list(&self, kind: &str, selector: &str) -> Result<pb::ListResponse, Status> {
+        let req = pb::ListRequest {
+            kind: kind.into(),
+            label_selector: selector.into(),
+            stale: false,
+        };
+        self.call(|mut c| {
+            let r = req.clone();
+            async move { c.list(r).await }
+        })
+        .await
+    }
+
+    pub async fn delete(&self, kind: &str, name: &str) -> Result<pb::DeleteResponse, Status> {
+        let req = pb::DeleteRequest {
+            kind: kind.into(),
+            name: name.into(),
+            expected_revision: None,
+        };
+        self.call(|mut c| {
+            let r = req.clone();
+            async move { c.delete(r).await }
+        })
+        .await
+    }
+
+    pub async fn update_status(
+        &self,
+        kind: &str,
+        name: &str,
+        status_json: String,
+    ) -> Result<pb::Resource, Status> {
+        let req = pb::UpdateStatusRequest {
+            kind: kind.into(),
+            name: name.into(),
+            status_json,
+        };
+        self.call(|mut c| {
+            let r = req.clone();
+            async move { c.update_status(r).await }
+        })
+        .await
+    }
+
+    pub async fn members(&self) -> Result<pb::MembersResponse, Status> {
+        self.call(|mut c| async move { c.members(pb::MembersRequest {}).await })
+            .await
+    }
+}
+
+/// Where the snapshot came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotSource {
+    ControlPlane,
+    Cache,
+}
+
+/// Everything one edge needs, as plain serde structs (JSON-able), keyed by
+/// resource name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSnapshot {
+    pub edge: String,
+    /// Control-plane revision this snapshot reflects.
+    pub revision: u64,
+    pub source: SnapshotSource,
+    pub virtual_clusters: BTreeMap<String, VirtualClusterSpec>,
+    pub kafka_clusters: BTreeMap<String, KafkaClusterSpec>,
+    pub authorization_policies: BTreeMap<String, AuthorizationPolicySpec>,
+    pub encryption_policies: BTreeMap<String, EncryptionPolicySpec>,
+    pub kms_realms: BTreeMap<String, KmsRealmSpec>,
+    pub trust_bundles: BTreeMap<String, TrustBundleSpec>,
+}
+
+impl EdgeSnapshot {
+    fn same_content(&self, o: &EdgeSnapshot) -> bool {
+        self.virtual_clusters == o.virtual_clusters
+            && self.kafka_clusters == o.kafka_clusters
+            && self.authorization_policies == o.authorization_policies
+            && self.encryption_policies == o.encryption_policies
+            && self.kms_realms == o.kms_realms
+            && self.trust_bundles == o.trust_bundles
+    }
+}
+
+/// Kinds an edge watches.
+pub const EDGE_KINDS: [Kind; 6] = [
+    Kind::VirtualCluster,
+    Kind::KafkaCluster,
+    Kind::AuthorizationPolicy,
+    Kind::EncryptionPolicy,
+    Kind::KmsRealm,
+    Kind::TrustBundle,
+];
+
+type Store = BTreeMap<(Kind, String), serde_json::Value>;
+
+fn typed_map<T: serde::de::DeserializeOwned>(
+    store: &Store,
+    kind: Kind,
+    mut keep: impl FnMut(&str, &T) -> bool,
+) -> BTreeMap<String, T> {
+    store
+        .iter()
+        .filter(|((k, _), _)| *k == kind)
+        .filter_map(|((_, name), spec)| {
+            // Specs were validated on write; one that no longer parses (an
+            // older client) is skipped rather than breaking the whole edge.
+            match serde_json::from_value::<T>(spec.clone()) {
+                Ok(t) => Some((name.clone(), t)),
+                Err(e) => {
+                    tracing::warn!(%kind, %name, error = %e, "skipping resource this client cannot read");
+                    None
+                }
+            }
+        })
+        .filter(|(name, t)| keep(name, t))
+        .collect()
+}
+
+/// Selects and types what `edge` needs out of the watched resources.
+pub fn build_snapshot(edge: &str, revision: u64, store: &Store) -> EdgeSnapshot {
+    let vcs: BTreeMap<String, VirtualClusterSpec> =
+        typed_map(store, Kind::VirtualCluster, |_, v: &VirtualClusterSpec| {
+            v.edge == edge
+        });
+    let applies =
+        |targets: &[String]| targets.is_empty() || targets.iter().any(|t| vcs.contains_key(t));
+    let kafka_clusters = typed_map(store, Kind::KafkaCluster, |name, _: &KafkaClusterSpec| {
+        vcs.values().any(|v| v.cluster == name)
+    });
+    let authorization_policies = typed_map(
+        store,
+        Kind::AuthorizationPolicy,
+        |_, p: &AuthorizationPolicySpec| applies(&p.virtual_clusters),
+    );
+    let encryption_policies = typed_map(
+        store,
+        Kind::EncryptionPolicy,
+        |_, p: &EncryptionPolicySpec| applies(&p.virtual_clusters),
+    );
+    let kms_realms = typed_map(store, Kind::KmsRealm, |name, _: &KmsRealmSpec| {
+        encryption_policies
+            .values()
+            .any(|p| p.rules.iter().any(|r| r.kms == name))
+    });
+    let trust_bundles = typed_map(store, Kind::TrustBundle, |_, _: &TrustBundleSpec| true);
+    EdgeSnapshot {
+        edge: edge.to_string(),
+        revision,
+        source: SnapshotSource::ControlPlane,
+        virtual_clusters: vcs,
+        kafka_clusters,
+        authorization_policies,
+        encryption_policies,
+        kms_realms,
+        trust_bundles,
+    }
+}
+
+pub fn cache_path(cache_dir: &Path, edge: &str) -> PathBuf {
+    cache_dir.join(format!("edge-{edge}.json"))
+}
+
+/// Writes the snapshot so that a crash leaves either the old or the new file:
+/// temp file, fsync, rename, fsync of the directory.
+pub fn write_cache(cache_dir: &Path, snap: &EdgeSnapshot) -> Result<(), ClientError> {
+    let path = cache_path(cache_dir, &snap.edge);
+    let io = |source| ClientError::Cache {
+        path: path.clone(),
+        source,
+    };
+    std::fs::create_dir_all(cache_dir).map_err(io)?;
+    let tmp = path.with_extension("json.tmp");
+    let bytes = serde_json::to_vec_pretty(snap).expect("snapshot serializes");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(&bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, &path).map_err(io)?;
+    if let Ok(d) = std::fs::File::open(cache_dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+pub fn read_cache(cache_dir: &Path, edge: &str) -> Option<EdgeSnapshot> {
+    let path = cache_path(cache_dir, edge);
+    let bytes = std::fs::read(&path).ok()?;
+    match serde_json::from_slice::<EdgeSnapshot>(&bytes) {
+        Ok(mut s) if s.edge == edge => {
+            s.source = SnapshotSource::Cache;
+            Some(s)
+        }
+        Ok(_) => None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable config cache");
+            None
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct EdgeWatchConfig {
+    pub client: ClientConfig,
+    pub edge_name: String,
+    pub cache_dir: PathBuf,
+    pub backoff_min: Duration,
+    pub backoff_max: Duration,
+}
+
+impl EdgeWatchConfig {
+    pub fn new<S: AsRef<str>>(endpoints: &[S], edge_name: &str, cache_dir: &Path) -> Self {
+        Self {
+            client: ClientConfig::new(endpoints),
+            edge_name: edge_name.to_string(),
+            cache_dir: cache_dir.to_path_buf(),
+            backoff_min: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(5),
+        }
+    }
+}
+
+pub struct EdgeWatch {
+    /// `None` until a config is known (from the cache or the control plane).
+    pub config: watch::Receiver<Option<Arc<EdgeSnapshot>>>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+/// Starts following the control plane for `edge_name`. The cached snapshot,
+/// if any, is published before this returns, so an edge that starts while
+/// the control plane is down serves its last config immediately.
+pub fn watch_edge_config(cfg: EdgeWatchConfig) -> Result<EdgeWatch, ClientError> {
+    let client = ControlClient::new(&cfg.client)?;
+    let cached = read_cache(&cfg.cache_dir, &cfg.edge_name).map(Arc::new);
+    let (tx, rx) = watch::channel(cached);
+    let task = tokio::spawn(run_edge_watch(cfg, client, tx));
+    Ok(EdgeWatch { config: rx, task })
+}
+
+enum WatchEnd {
+    /// The requested revision is gone: list again.
+    Relist,
+    Failed(Status),
+}
+
+async fn run_edge_watch(
+    cfg: EdgeWatchConfig,
+    client: ControlClient,
+    tx: watch::Sender<Option<Arc<EdgeSnapshot>>>,
+) {
+    let mut store: Store = BTreeMap::new();
+    let mut next_rev = 0u64;
+    let mut backoff = cfg.backoff_min;
+    loop {
+        let (endpoint, pb_client) = client.current();
+        let started = tokio::time::Instant::now();
+        let end = watch_once(&cfg, pb_client, &mut store, &mut next_rev, &tx).await;
+        match end {
+            WatchEnd::Relist => {
+                tracing::info!(%endpoint, "watch revision compacted; listing again");
+                next_rev = 0;
+                continue;
+            }
+            WatchEnd::Failed(s) => {
+                tracing::warn!(%endpoint, error = %s, "control-plane watch lost; reconnecting");
+            }
+        }
+        if tx.is_closed() {
+            return;
+        }
+        client.rotate();
+        if started.elapsed() > Duration::from_secs(5) {
+            backoff = cfg.backoff_min;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(cfg.backoff_max);
+    }
+}
+
+async fn watch_once(
+    cfg: &EdgeWatchConfig,
+    mut c: PbClient<Channel>,
+    store: &mut Store,
+    next_rev: &mut u64,
+    tx: &watch::Sender<Option<Arc<EdgeSnapshot>>>,
+) -> WatchEnd {
+    let req = pb::WatchRequest {
+        kinds: EDGE_KINDS.iter().map(|k| k.as_str().to_string()).collect(),
+        label_selector: String::new(),
+        start_revision: *next_rev,
+    };
+    let mut stream = match c.watch(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if s.code() == Code::OutOfRange => return WatchEnd::Relist,
+        Err(s) => return WatchEnd::Failed(s),
+    };
+    let listing = *next_rev == 0;
+    let mut fresh: Store = BTreeMap::new();
+    let mut synced = !listing;
+    loop {
+        let ev = match stream.message().await {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return WatchEnd::Failed(Status::unavailable("watch stream ended")),
+            Err(s) if s.code() == Code::OutOfRange => return WatchEnd::Relist,
+            Err(s) => return WatchEnd::Failed(s),
+        };
+        let target = if synced { &mut *store } else { &mut fresh };
+        match pb::EventType::try_from(ev.r#type) {
+            Ok(pb::EventType::Synced) => {
+                *store = std::mem::take(&mut fresh);
+                synced = true;
+                *next_rev = ev.revision + 1;
+            }
+            Ok(t @ (pb::EventType::Put | pb::EventType::Delete)) => {
+                let Some(r) = ev.resource else { continue };
+                let Ok(kind) = Kind::parse(&r.kind) else {
+                    continue;
+                };
+                if t == pb::EventType::Put {
+                    match serde_json::from_str(&r.spec_json) {
+                        Ok(spec) => {
+                            target.insert((kind, r.name), spec);
+                        }
+                        Err(e) => tracing::warn!(error = %e, "bad spec JSON from control plane"),
+                    }
+                } else {
+                    target.remove(&(kind, r.name));
+                }
+                if synced {
+                    *next_rev = ev.revision + 1;
+                }
+            }
+            _ => continue,
+        }
+        if synced {
+            publish(cfg, store, next_rev.saturating_sub(1), tx);
+        }
+    }
+}
+
+fn publish(
+    cfg: &EdgeWatchConfig,
+    store: &Store,
+    revision: u64,
+    tx: &watch::Sender<Option<Arc<EdgeSnapshot>>>,
+) {
+    let snap = build_snapshot(&cfg.edge_name, revision, store);
+    let unchanged = tx
+        .borrow()
+        .as_ref()
+        .is_some_and(|cur| cur.source == SnapshotSource::ControlPlane && cur.same_content(&snap));
+    if unchanged {
+        return;
+    }
+    if let Err(e) = write_cache(&cfg.cache_dir, &snap) {
+        tracing::warn!(error = %e, "could not write the config cache");
+    }
+    tx.send_replace(Some(Arc::new(snap)));
+}
+
+#[derive(Clone, Debug)]
+pub struct HeartbeatConfig {
+    pub client: ClientConfig,
+    pub edge_name: String,
+    pub interval: Duration,
+}
+
+/// Every `interval`, writes `status()` (with the current time) into the
+/// Edge resource's status, creating the Edge if it does not exist yet.
+pub fn spawn_heartbeat<F>(
+    cfg: HeartbeatConfig,
+    status: F,
+) -> Result<tokio::task::JoinHandle<()>, ClientError>
+where
+    F: Fn() -> EdgeStatus + Send + 'static,
+{
+    let client = ControlClient::new(&cfg.client)?;
+    Ok(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(cfg.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let mut st = status();
+            st.last_heartbeat_unix_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0);
+            if let Err(e) = heartbeat_once(&client, &cfg.edge_name, &st).await {
+                tracing::warn!(error = %e, "heartbeat failed");
+            }
+        }
+    }))
+}
+
+pub async fn heartbeat_once(
+    client: &ControlClient,
+    edge: &str,
+    status: &EdgeStatus,
+) -> Result<(), Status> {
+    let json = serde_json::to_string(status).expect("status serializes");
+    match client.update_status("Edge", edge, json.clone()).await {
+        Err(s) if s.code() == Code::NotFound => {
+            let create = pb::ApplyRequest {
+                resource: Some(pb::Resource {
+                    kind: "Edge".into(),
+                    name: edge.into(),
+                    spec_json: "{}".into(),
+                    ..Default::default()
+                }),
+                expected_revision: Some(0),
+            };
+            match client.apply(create).await {
+                Ok(_) => {}
+                Err(s) if s.code() == Code::AlreadyExists => {}
+                Err(s) => return Err(s),
+            }
+            client.update_status("Edge", edge, json).await.map(|_| ())
+        }
+        other => other.map(|_| ()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn snapshot_selects_what_the_edge_needs() {
+        let mut store: Store = BTreeMap::new();
+        let vc = |edge: &str, cluster: &str| {
+            json!({"edge": edge, "cluster": cluster, "bootstrap": "127.0.0.1:19092",
+                   "brokers": {"advertised_host": "127.0.0.1", "port_range": "19100-19199"}})
+        };
+        store.insert((Kind::VirtualCluster, "a".into()), vc("e1", "east"));
+        store.insert((Kind::VirtualCluster, "b".into()), vc("e2", "west"));
+        store.insert(
+            (Kind::KafkaCluster, "east".into()),
+            json!({"bootstrap_servers": ["h:1"]}),
+        );
+        store.insert(
+            (Kind::KafkaCluster, "west".into()),
+            json!({"bootstrap_servers": ["h:2"]}),
+        );
+        store.insert(
+            (Kind::AuthorizationPolicy, "all".into()),
+            json!({"rules": [{"principal": "*", "allow": ["read"], "topics": ["*"]}]}),
+        );
+        store.insert(
+            (Kind::AuthorizationPolicy, "only-b".into()),
+            json!({"virtual_clusters": ["b"], "rules": [{"principal": "*", "allow": ["read"], "topics": ["*"]}]}),
+        );
+        store.insert(
+            (Kind::EncryptionPolicy, "enc".into()),
+            json!({"virtual_clusters": ["a"], "rules": [{"topics": ["*"], "kms": "v", "kek_template": "K"}]}),
+        );
+        store.insert((Kind::KmsRealm, "v".into()), json!({"provider": "local"}));
+        store.insert(
+            (Kind::KmsRealm, "other".into()),
+            json!({"provider": "local"}),
+        );
+        let s = build_snapshot("e1", 9, &store);
+        assert_eq!(s.virtual_clusters.keys().collect::<Vec<_>>(), vec!["a"]);
+        assert_eq!(s.kafka_clusters.keys().collect::<Vec<_>>(), vec!["east"]);
+        assert_eq!(
+            s.authorization_policies.keys().collect::<Vec<_>>(),
+            vec!["all"]
+        );
+        assert_eq!(
+            s.encryption_policies.keys().collect::<Vec<_>>(),
+            vec!["enc"]
+        );
+        assert_eq!(s.kms_realms.keys().collect::<Vec<_>>(), vec!["v"]);
+
+        let dir = tempfile::tempdir().unwrap();
+        write_cache(dir.path(), &s).unwrap();
+        let back = read_cache(dir.path(), "e1").unwrap();
+        assert_eq!(back.source, SnapshotSource::Cache);
+        assert!(back.same_content(&s));
+        assert!(read_cache(dir.path(), "e2").is_none());
+    }
+}

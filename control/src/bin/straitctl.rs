@@ -1,0 +1,558 @@
+//! straitctl: command-line client of the Strait control plane.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use serde::{Deserialize, Serialize};
+use strait_control_client::{ClientConfig, ControlClient, TlsConfig};
+use strait_control_state::{validate_command, Command, CommandError, Kind};
+use strait_proto::control as pb;
+
+#[derive(Parser, Debug)]
+#[command(name = "straitctl", about = "Manage the Strait control plane")]
+struct Cli {
+    /// Control-plane members, comma-separated host:port.
+    #[arg(
+        long,
+        env = "STRAITCTL_ENDPOINTS",
+        default_value = "127.0.0.1:7001",
+        global = true
+    )]
+    endpoints: String,
+    /// CA certificate (PEM) that signed the servers' certificates; enables TLS.
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// Client certificate and key (PEM) for mTLS.
+    #[arg(long, global = true, requires = "key")]
+    cert: Option<PathBuf>,
+    #[arg(long, global = true, requires = "cert")]
+    key: Option<PathBuf>,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+enum Output {
+    Table,
+    Yaml,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create or update the resources of a YAML file (documents separated by ---).
+    Apply {
+        #[arg(short = 'f', long = "file")]
+        file: PathBuf,
+    },
+    /// Show resources of a kind, or one by name.
+    Get {
+        kind: String,
+        name: Option<String>,
+        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
+        output: Output,
+        /// Label selector: k=v,k!=v,k,!k
+        #[arg(short = 'l', long, default_value = "")]
+        selector: String,
+        /// Read the answering member's replica without a ReadIndex round
+        /// (works without a leader; may be behind).
+        #[arg(long)]
+        stale: bool,
+    },
+    Delete {
+        kind: String,
+        name: String,
+    },
+    /// Stream changes of a kind ("all" for every kind).
+    Watch {
+        kind: String,
+        /// Start from this revision instead of listing first.
+        #[arg(long, default_value_t = 0)]
+        from: u64,
+    },
+    /// List members, or add/remove one.
+    Members {
+        #[command(subcommand)]
+        action: Option<MembersCmd>,
+    },
+    /// Raft status of every endpoint.
+    Status,
+}
+
+#[derive(Subcommand, Debug)]
+enum MembersCmd {
+    Add { id: u64, addr: String },
+    Remove { id: u64 },
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Manifest {
+    kind: String,
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    spec: serde_yaml_ng::Value,
+}
+
+#[derive(Debug, Serialize)]
+struct Printable {
+    kind: String,
+    name: String,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    labels: BTreeMap<String, String>,
+    spec: serde_json::Value,
+    #[serde(skip_serializing_if = "serde_json::Value::is_null")]
+    status: serde_json::Value,
+    revision: u64,
+    create_revision: u64,
+}
+
+fn printable(r: &pb::Resource) -> Printable {
+    Printable {
+        kind: r.kind.clone(),
+        name: r.name.clone(),
+        labels: r.labels.clone().into_iter().collect(),
+        spec: serde_json::from_str(&r.spec_json).unwrap_or(serde_json::Value::Null),
+        status: if r.status_json.is_empty() {
+            serde_json::Value::Null
+        } else {
+            serde_json::from_str(&r.status_json).unwrap_or(serde_json::Value::Null)
+        },
+        revision: r.revision,
+        create_revision: r.create_revision,
+    }
+}
+
+/// Parses and validates every document before anything is sent, so a bad
+/// file changes nothing.
+fn load_manifests(path: &PathBuf) -> Result<Vec<(usize, Command)>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = path.display().to_string();
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (i, doc) in serde_yaml_ng::Deserializer::from_str(&text).enumerate() {
+        let n = i + 1;
+        let value = match serde_yaml_ng::Value::deserialize(doc) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(format!("{file}: document {n}: YAML syntax: {e}"));
+                // The parser cannot resynchronise after a syntax error.
+                break;
+            }
+        };
+        if value.is_null() {
+            continue;
+        }
+        let m: Manifest = match serde_path_to_error::deserialize(value) {
+            Ok(m) => m,
+            Err(e) => {
+                let p = e.path().to_string();
+                let at = if p == "." {
+                    String::new()
+                } else {
+                    format!("{p}: ")
+                };
+                errors.push(format!("{file}: document {n}: {at}{}", e.into_inner()));
+                continue;
+            }
+        };
+        let kind = match Kind::parse(&m.kind) {
+            Ok(k) => k,
+            Err(msg) => {
+                errors.push(format!("{file}: document {n} ({}): kind: {msg}", m.name));
+                continue;
+            }
+        };
+        let spec = match serde_json::to_value(&m.spec) {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(format!(
+                    "{file}: document {n} ({kind} {}): spec: {e}",
+                    m.name
+                ));
+                continue;
+            }
+        };
+        let cmd = Command::Apply {
+            kind,
+            name: m.name.clone(),
+            labels: m.labels,
+            spec,
+            expected_revision: None,
+        };
+        match validate_command(&cmd) {
+            Ok(()) => out.push((n, cmd)),
+            Err(CommandError::Invalid { errors: es, .. }) => {
+                for e in es {
+                    errors.push(format!("{file}: document {n} ({kind} {}): {e}", m.name));
+                }
+            }
+            Err(e) => errors.push(format!("{file}: document {n}: {e}")),
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{}", errors.join("\n"));
+    }
+    Ok(out)
+}
+
+fn summary(r: &pb::Resource) -> String {
+    let s = r.spec_json.replace('"', "");
+    if s.len() > 70 {
+        format!(
+            "{}...",
+            &s[..s.char_indices().nth(67).map(|(i, _)| i).unwrap_or(s.len())]
+        )
+    } else {
+        s
+    }
+}
+
+fn print_table(rows: &[pb::Resource]) {
+    let headers = ["KIND", "NAME", "REVISION", "LABELS", "SPEC"];
+    let body: Vec<[String; 5]> = rows
+        .iter()
+        .map(|r| {
+            let labels: Vec<String> = {
+                let mut l: Vec<_> = r.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                l.sort();
+                l
+            };
+            [
+                r.kind.clone(),
+                r.name.clone(),
+                r.revision.to_string(),
+                if labels.is_empty() {
+                    "<none>".into()
+                } else {
+                    labels.join(",")
+                },
+                summary(r),
+            ]
+        })
+        .collect();
+    let mut w = headers.map(str::len);
+    for row in &body {
+        for (i, c) in row.iter().enumerate() {
+            w[i] = w[i].max(c.len());
+        }
+    }
+    let line = |cells: [&str; 5]| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i == 4 {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{:<width$}   ", c, width = w[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(headers);
+    for row in &body {
+        line([&row[0], &row[1], &row[2], &row[3], &row[4]]);
+    }
+}
+
+fn print_resources(rows: &[pb::Resource], output: Output, single: bool) -> Result<()> {
+    match output {
+        Output::Table => print_table(rows),
+        Output::Json => {
+            let p: Vec<Printable> = rows.iter().map(printable).collect();
+            if single && p.len() == 1 {
+                println!("{}", serde_json::to_string_pretty(&p[0])?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&p)?);
+            }
+        }
+        Output::Yaml => {
+            for (i, r) in rows.iter().enumerate() {
+                if i > 0 {
+                    println!("---");
+                }
+                print!("{}", serde_yaml_ng::to_string(&printable(r))?);
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_event(ev: &pb::WatchEvent) {
+    let t = pb::EventType::try_from(ev.r#type)
+        .map(|t| {
+            t.as_str_name()
+                .trim_start_matches("EVENT_TYPE_")
+                .to_string()
+        })
+        .unwrap_or_else(|_| "?".into());
+    match &ev.resource {
+        Some(r) => println!(
+            "{}\t{t}\t{}/{}\t{}",
+            ev.revision, r.kind, r.name, r.spec_json
+        ),
+        None => println!("{}\t{t}", ev.revision),
+    }
+}
+
+fn kind_arg(s: &str) -> Result<String> {
+    Ok(Kind::parse(s).map_err(|e| anyhow!(e))?.as_str().to_string())
+}
+
+fn status_err(s: tonic::Status) -> anyhow::Error {
+    anyhow!("{} ({:?})", s.message(), s.code())
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let endpoints: Vec<String> = cli
+        .endpoints
+        .split(',')
+        .map(|s| s.trim().to_string())
+        .filter(|s| !s.is_empty())
+        .collect();
+    let mut cfg = ClientConfig::new(&endpoints);
+    if let Some(ca) = &cli.ca {
+        cfg.tls = Some(TlsConfig {
+            ca_pem: std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,
+            cert_pem: cli.cert.as_ref().map(std::fs::read).transpose()?,
+            key_pem: cli.key.as_ref().map(std::fs::read).transpose()?,
+            domain: None,
+        });
+    }
+    let client = ControlClient::new(&cfg)?;
+    match cli.cmd {
+        Cmd::Apply { file } => {
+            let cmds = load_manifests(&file)?;
+            for (n, cmd) in cmds {
+                let Command::Apply {
+                    kind,
+                    name,
+                    labels,
+                    spec,
+                    ..
+                } = cmd
+                else {
+                    continue;
+                };
+                let req = pb::ApplyRequest {
+                    resource: Some(pb::Resource {
+                        kind: kind.as_str().into(),
+                        name: name.clone(),
+                        labels: labels.into_iter().collect(),
+                        spec_json: spec.to_string(),
+                        ..Default::default()
+                    }),
+                    expected_revision: None,
+                };
+                let resp = client.apply(req).await.map_err(|s| {
+                    anyhow!(
+                        "{}: document {n} ({kind} {name}): {}",
+                        file.display(),
+                        status_err(s)
+                    )
+                })?;
+                let r = resp.resource.unwrap_or_default();
+                let verb = if !resp.changed {
+                    "unchanged"
+                } else if r.create_revision == r.revision {
+                    "created"
+                } else {
+                    "configured"
+                };
+                println!("{kind}/{name} {verb} (revision {})", r.revision);
+            }
+        }
+        Cmd::Get {
+            kind,
+            name,
+            output,
+            selector,
+            stale,
+        } => {
+            let kind = if kind == "all" {
+                String::new()
+            } else {
+                kind_arg(&kind)?
+            };
+            match name {
+                Some(name) => {
+                    let req = pb::GetRequest { kind, name, stale };
+                    let r = client
+                        .call(|mut c| {
+                            let r = req.clone();
+                            async move { c.get(r).await }
+                        })
+                        .await
+                        .map_err(status_err)?;
+                    print_resources(&[r], output, true)?;
+                }
+                None => {
+                    let req = pb::ListRequest {
+                        kind,
+                        label_selector: selector,
+                        stale,
+                    };
+                    let l = client
+                        .call(|mut c| {
+                            let r = req.clone();
+                            async move { c.list(r).await }
+                        })
+                        .await
+                        .map_err(status_err)?;
+                    print_resources(&l.resources, output, false)?;
+                }
+            }
+        }
+        Cmd::Delete { kind, name } => {
+            let kind = kind_arg(&kind)?;
+            let r = client.delete(&kind, &name).await.map_err(status_err)?;
+            println!("{kind}/{name} deleted (revision {})", r.revision);
+        }
+        Cmd::Watch { kind, from } => {
+            let kinds = if kind == "all" {
+                vec![]
+            } else {
+                vec![kind_arg(&kind)?]
+            };
+            // Follows the stream across member failures: resume from the
+            // next revision on another member, list again if it was compacted.
+            let mut next = from;
+            let mut failures = 0u32;
+            loop {
+                let (ep, mut c) = client.current();
+                let res = c
+                    .watch(pb::WatchRequest {
+                        kinds: kinds.clone(),
+                        label_selector: String::new(),
+                        start_revision: next,
+                    })
+                    .await;
+                let err = match res {
+                    Ok(resp) => {
+                        let mut stream = resp.into_inner();
+                        // Listing events are not in revision order: only
+                        // the SYNCED marker and later events move `next`.
+                        let mut synced = next != 0;
+                        loop {
+                            match stream.message().await {
+                                Ok(Some(ev)) => {
+                                    failures = 0;
+                                    if ev.r#type == pb::EventType::Synced as i32 {
+                                        synced = true;
+                                    }
+                                    if synced {
+                                        next = ev.revision + 1;
+                                    }
+                                    print_event(&ev);
+                                }
+                                Ok(None) => break tonic::Status::unavailable("stream ended"),
+                                Err(e) => break e,
+                            }
+                        }
+                    }
+                    Err(e) => e,
+                };
+                if err.code() == tonic::Code::OutOfRange {
+                    eprintln!("# revision {next} was compacted; listing again");
+                    next = 0;
+                    continue;
+                }
+                if !matches!(
+                    err.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::Unknown
+                        | tonic::Code::Aborted
+                        | tonic::Code::Cancelled
+                ) {
+                    return Err(status_err(err));
+                }
+                failures += 1;
+                if failures > 3 * client.endpoints().len() as u32 {
+                    return Err(anyhow!("no member reachable: {}", err.message()));
+                }
+                eprintln!("# {ep}: {}; resuming from revision {next}", err.message());
+                client.rotate();
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+        }
+        Cmd::Members { action } => {
+            let resp = match action {
+                None => client.members().await,
+                Some(MembersCmd::Add { id, addr }) => {
+                    client
+                        .call(|mut c| {
+                            let addr = addr.clone();
+                            async move { c.add_member(pb::AddMemberRequest { id, addr }).await }
+                        })
+                        .await
+                }
+                Some(MembersCmd::Remove { id }) => {
+                    client
+                        .call(|mut c| async move {
+                            c.remove_member(pb::RemoveMemberRequest { id }).await
+                        })
+                        .await
+                }
+            }
+            .map_err(status_err)?;
+            println!("{:<6} {:<24} {:<8} ROLE", "ID", "ADDRESS", "VOTER");
+            for m in resp.members {
+                println!(
+                    "{:<6} {:<24} {:<8} {}",
+                    m.id,
+                    m.addr,
+                    m.is_voter,
+                    if m.is_leader { "leader" } else { "follower" }
+                );
+            }
+        }
+        Cmd::Status => {
+            println!(
+                "{:<22} {:<4} {:<10} {:<7} {:<6} {:<8} {:<8} {:<9} REVISION",
+                "ENDPOINT", "ID", "ROLE", "LEADER", "TERM", "COMMIT", "APPLIED", "SNAPSHOT"
+            );
+            for ep in client.endpoints() {
+                let one = ControlClient::new(&ClientConfig {
+                    endpoints: vec![ep.clone()],
+                    ..cfg.clone()
+                })?;
+                let (_, mut c) = one.current();
+                match c.status(pb::StatusRequest {}).await {
+                    Ok(s) => {
+                        let s = s.into_inner();
+                        println!(
+                            "{:<22} {:<4} {:<10} {:<7} {:<6} {:<8} {:<8} {:<9} {}",
+                            ep,
+                            s.id,
+                            s.role,
+                            s.leader_id,
+                            s.term,
+                            s.commit_index,
+                            s.applied_index,
+                            s.snapshot_index,
+                            s.revision
+                        );
+                    }
+                    Err(e) => println!("{ep:<22} unreachable: {}", e.message()),
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,519 @@
+//! Typed specs of every resource kind. The wire carries specs as JSON; these
+//! structs are the schema, enforced on every write (`deny_unknown_fields`) and
+//! reused by clients (the edge) to read what they receive.
+
+use serde::{Deserialize, Serialize};
+
+use crate::ValidationError;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KafkaClusterSpec {
+    /// `host:port` of the upstream brokers used to bootstrap.
+    pub bootstrap_servers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// Name of a TrustBundle whose PEM verifies the brokers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trust_bundle: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_pem: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+    /// Paths on the edge host of the client certificate presented upstream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster: Option<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub advertised_addresses: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// What an edge writes into its Edge resource's status on every heartbeat.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EdgeStatus {
+    pub last_heartbeat_unix_ms: u64,
+    /// Control-plane revision of the config the edge runs.
+    #[serde(default)]
+    pub config_revision: u64,
+    #[serde(default)]
+    pub ready: bool,
+    #[serde(default)]
+    pub version: String,
+    #[serde(default)]
+    pub virtual_clusters: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VirtualClusterSpec {
+    /// Name of the Edge that exposes this virtual cluster.
+    pub edge: String,
+    /// Name of the KafkaCluster behind it.
+    pub cluster: String,
+    /// `host:port` the edge listens on for bootstrap.
+    pub bootstrap: String,
+    pub brokers: BrokerAddressing,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ListenerTls>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BrokerAddressing {
+    pub advertised_host: String,
+    /// `first-last`, inclusive; broker N of the upstream maps to `first + N`.
+    pub port_range: String,
+}
+
+impl BrokerAddressing {
+    pub fn ports(&self) -> Result<(u16, u16), String> {
+        parse_port_range(&self.port_range)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTls {
+    pub cert_file: String,
+    pub key_file: String,
+    /// TrustBundle names whose roots verify client certificates (mTLS).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub client_trust_bundles: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, PartialOrd, Ord)]
+#[serde(rename_all = "snake_case")]
+pub enum Operation {
+    Read,
+    Write,
+    Create,
+    Delete,
+    Alter,
+    Describe,
+    DescribeConfigs,
+    AlterConfigs,
+    ClusterAction,
+    IdempotentWrite,
+    All,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationPolicySpec {
+    /// Virtual clusters the rules apply to; empty means every one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtual_clusters: Vec<String>,
+    pub rules: Vec<AuthorizationRule>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthorizationRule {
+    /// Glob over the client principal (e.g. `spiffe://east/*`).
+    pub principal: String,
+    pub allow: Vec<Operation>,
+    /// Topic name globs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
+    /// Consumer group globs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub groups: Vec<String>,
+    /// Lease start, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_before: Option<String>,
+    /// Lease end, RFC 3339.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+}
+
+impl AuthorizationRule {
+    /// Lease bounds as unix seconds (validated on write, so parse cannot fail
+    /// for stored resources).
+    pub fn lease_unix(&self) -> (Option<i64>, Option<i64>) {
+        let parse = |s: &Option<String>| s.as_deref().and_then(|v| parse_rfc3339(v).ok());
+        (parse(&self.not_before), parse(&self.not_after))
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionPolicySpec {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub virtual_clusters: Vec<String>,
+    pub rules: Vec<EncryptionRule>,
+    #[serde(default)]
+    pub unresolved_key_policy: UnresolvedKeyPolicy,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncryptionRule {
+    /// Topic name globs.
+    pub topics: Vec<String>,
+    /// Name of the KmsRealm holding the KEK.
+    pub kms: String,
+    /// KEK name template; `$(topicName)` is replaced by the topic.
+    pub kek_template: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum UnresolvedKeyPolicy {
+    #[default]
+    PassthroughUnencrypted,
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum KmsProvider {
+    Vault,
+    Aws,
+    Broker,
+    Local,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsRealmSpec {
+    pub provider: KmsProvider,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub endpoints: Vec<String>,
+    /// Reference to credentials held on the edge/broker host (never the secret).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_ref: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub region: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vault_mount: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustBundleSpec {
+    pub trust_domain: String,
+    pub pem: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverGroupSpec {
+    pub primary: String,
+    pub standby: Vec<String>,
+    #[serde(default)]
+    pub health: HealthPolicy,
+    #[serde(default)]
+    pub mode: FailoverMode,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthPolicy {
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+}
+
+fn default_interval_ms() -> u64 {
+    1000
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        Self {
+            interval_ms: default_interval_ms(),
+            failure_threshold: default_failure_threshold(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverMode {
+    #[default]
+    Manual,
+    Automatic,
+}
+
+pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
+    let (a, b) = s
+        .split_once('-')
+        .ok_or_else(|| format!("'{s}' is not a range 'first-last'"))?;
+    let a: u16 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{a}' is not a port number"))?;
+    let b: u16 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("'{b}' is not a port number"))?;
+    if a == 0 || a > b {
+        return Err(format!("range '{s}' is empty or starts at port 0"));
+    }
+    Ok((a, b))
+}
+
+pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .map(|t| t.unix_timestamp())
+        .map_err(|e| format!("'{s}' is not an RFC 3339 timestamp: {e}"))
+}
+
+fn check_host_port(path: &str, v: &str, errs: &mut Vec<ValidationError>) {
+    let ok = v
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    if !ok {
+        errs.push(ValidationError::new(
+            path,
+            format!("'{v}' is not host:port"),
+        ));
+    }
+}
+
+fn check_name_ref(path: &str, v: &str, errs: &mut Vec<ValidationError>) {
+    if let Err(m) = crate::validate_name(v) {
+        errs.push(ValidationError::new(path, m));
+    }
+}
+
+fn check_non_empty<T>(path: &str, v: &[T], errs: &mut Vec<ValidationError>) {
+    if v.is_empty() {
+        errs.push(ValidationError::new(path, "must not be empty"));
+    }
+}
+
+fn check_pattern(path: &str, v: &str, errs: &mut Vec<ValidationError>) {
+    if v.trim().is_empty() {
+        errs.push(ValidationError::new(path, "pattern must not be empty"));
+    }
+}
+
+/// Semantic checks beyond the serde schema; every error carries its path
+/// below `spec`.
+pub trait Validate {
+    fn validate(&self, errs: &mut Vec<ValidationError>);
+}
+
+impl Validate for KafkaClusterSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        check_non_empty("spec.bootstrap_servers", &self.bootstrap_servers, errs);
+        for (i, s) in self.bootstrap_servers.iter().enumerate() {
+            check_host_port(&format!("spec.bootstrap_servers[{i}]"), s, errs);
+        }
+        if let Some(tls) = &self.tls {
+            if let Some(tb) = &tls.trust_bundle {
+                check_name_ref("spec.tls.trust_bundle", tb, errs);
+            }
+            if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+                errs.push(ValidationError::new(
+                    "spec.tls",
+                    "client_cert_file and client_key_file go together",
+                ));
+            }
+        }
+    }
+}
+
+impl Validate for EdgeSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        if let Some(c) = &self.cluster {
+            check_name_ref("spec.cluster", c, errs);
+        }
+        for (i, a) in self.advertised_addresses.iter().enumerate() {
+            check_host_port(&format!("spec.advertised_addresses[{i}]"), a, errs);
+        }
+    }
+}
+
+impl Validate for VirtualClusterSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        check_name_ref("spec.edge", &self.edge, errs);
+        check_name_ref("spec.cluster", &self.cluster, errs);
+        check_host_port("spec.bootstrap", &self.bootstrap, errs);
+        if self.brokers.advertised_host.trim().is_empty() {
+            errs.push(ValidationError::new(
+                "spec.brokers.advertised_host",
+                "must not be empty",
+            ));
+        }
+        match self.brokers.ports() {
+            Err(m) => errs.push(ValidationError::new("spec.brokers.port_range", m)),
+            Ok((a, b)) => {
+                let boot = self
+                    .bootstrap
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok());
+                if let Some(p) = boot {
+                    if (a..=b).contains(&p) {
+                        errs.push(ValidationError::new(
+                            "spec.brokers.port_range",
+                            format!("range {a}-{b} contains the bootstrap port {p}"),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(tls) = &self.tls {
+            for (i, tb) in tls.client_trust_bundles.iter().enumerate() {
+                check_name_ref(&format!("spec.tls.client_trust_bundles[{i}]"), tb, errs);
+            }
+        }
+    }
+}
+
+impl Validate for AuthorizationPolicySpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        for (i, vc) in self.virtual_clusters.iter().enumerate() {
+            check_name_ref(&format!("spec.virtual_clusters[{i}]"), vc, errs);
+        }
+        for (i, r) in self.rules.iter().enumerate() {
+            let p = format!("spec.rules[{i}]");
+            check_pattern(&format!("{p}.principal"), &r.principal, errs);
+            check_non_empty(&format!("{p}.allow"), &r.allow, errs);
+            if r.topics.is_empty() && r.groups.is_empty() {
+                errs.push(ValidationError::new(
+                    &p,
+                    "a rule needs at least one of topics or groups",
+                ));
+            }
+            for (j, t) in r.topics.iter().enumerate() {
+                check_pattern(&format!("{p}.topics[{j}]"), t, errs);
+            }
+            for (j, g) in r.groups.iter().enumerate() {
+                check_pattern(&format!("{p}.groups[{j}]"), g, errs);
+            }
+            let mut bounds = [None, None];
+            for (k, (field, v)) in [("not_before", &r.not_before), ("not_after", &r.not_after)]
+                .into_iter()
+                .enumerate()
+            {
+                if let Some(v) = v {
+                    match parse_rfc3339(v) {
+                        Ok(t) => bounds[k] = Some(t),
+                        Err(m) => errs.push(ValidationError::new(&format!("{p}.{field}"), m)),
+                    }
+                }
+            }
+            if let [Some(a), Some(b)] = bounds {
+                if a >= b {
+                    errs.push(ValidationError::new(
+                        &format!("{p}.not_after"),
+                        "must be later than not_before",
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl Validate for EncryptionPolicySpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        for (i, vc) in self.virtual_clusters.iter().enumerate() {
+            check_name_ref(&format!("spec.virtual_clusters[{i}]"), vc, errs);
+        }
+        check_non_empty("spec.rules", &self.rules, errs);
+        for (i, r) in self.rules.iter().enumerate() {
+            let p = format!("spec.rules[{i}]");
+            check_non_empty(&format!("{p}.topics"), &r.topics, errs);
+            for (j, t) in r.topics.iter().enumerate() {
+                check_pattern(&format!("{p}.topics[{j}]"), t, errs);
+            }
+            check_name_ref(&format!("{p}.kms"), &r.kms, errs);
+            if r.kek_template.trim().is_empty() {
+                errs.push(ValidationError::new(
+                    &format!("{p}.kek_template"),
+                    "must not be empty",
+                ));
+            }
+        }
+    }
+}
+
+impl Validate for KmsRealmSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        if matches!(self.provider, KmsProvider::Vault | KmsProvider::Broker)
+            && self.endpoints.is_empty()
+        {
+            errs.push(ValidationError::new(
+                "spec.endpoints",
+                "vault and broker realms need at least one endpoint",
+            ));
+        }
+        for (i, e) in self.endpoints.iter().enumerate() {
+            if e.trim().is_empty() {
+                errs.push(ValidationError::new(
+                    &format!("spec.endpoints[{i}]"),
+                    "must not be empty",
+                ));
+            }
+        }
+    }
+}
+
+impl Validate for TrustBundleSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        if self.trust_domain.trim().is_empty() {
+            errs.push(ValidationError::new(
+                "spec.trust_domain",
+                "must not be empty",
+            ));
+        }
+        if !self.pem.contains("-----BEGIN CERTIFICATE-----") {
+            errs.push(ValidationError::new(
+                "spec.pem",
+                "contains no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            ));
+        }
+    }
+}
+
+impl Validate for FailoverGroupSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        check_name_ref("spec.primary", &self.primary, errs);
+        check_non_empty("spec.standby", &self.standby, errs);
+        for (i, s) in self.standby.iter().enumerate() {
+            check_name_ref(&format!("spec.standby[{i}]"), s, errs);
+            if *s == self.primary {
+                errs.push(ValidationError::new(
+                    &format!("spec.standby[{i}]"),
+                    "the primary cannot be its own standby",
+                ));
+            }
+        }
+        if self.health.interval_ms == 0 {
+            errs.push(ValidationError::new(
+                "spec.health.interval_ms",
+                "must be positive",
+            ));
+        }
+        if self.health.failure_threshold == 0 {
+            errs.push(ValidationError::new(
+                "spec.health.failure_threshold",
+                "must be positive",
+            ));
+        }
+    }
+}

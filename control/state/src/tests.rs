@@ -1,0 +1,337 @@
+use super::*;
+use serde_json::json;
+
+fn kc(name: &str, servers: &[&str], expected: Option<u64>) -> Command {
+    Command::Apply {
+        kind: Kind::KafkaCluster,
+        name: name.into(),
+        labels: BTreeMap::new(),
+        spec: json!({ "bootstrap_servers": servers }),
+        expected_revision: expected,
+    }
+}
+
+fn del(name: &str, expected: Option<u64>) -> Command {
+    Command::Delete {
+        kind: Kind::KafkaCluster,
+        name: name.into(),
+        expected_revision: expected,
+    }
+}
+
+#[derive(Debug)]
+enum Want {
+    Changed(u64),
+    Unchanged(u64),
+    Deleted(u64),
+    Status(u64),
+    Noop,
+    Conflict,
+    NotFound,
+    Exists,
+    Invalid(&'static str),
+}
+
+fn check(out: &Result<Outcome, CommandError>, want: &Want) -> bool {
+    match (out, want) {
+        (
+            Ok(Outcome::Applied {
+                resource,
+                changed: true,
+            }),
+            Want::Changed(r),
+        ) => resource.revision == *r,
+        (
+            Ok(Outcome::Applied {
+                resource,
+                changed: false,
+            }),
+            Want::Unchanged(r),
+        ) => resource.revision == *r,
+        (Ok(Outcome::Deleted { revision }), Want::Deleted(r)) => revision == r,
+        (Ok(Outcome::StatusUpdated { resource }), Want::Status(r)) => resource.revision == *r,
+        (Ok(Outcome::Noop), Want::Noop) => true,
+        (Err(CommandError::Conflict { .. }), Want::Conflict) => true,
+        (Err(CommandError::NotFound { .. }), Want::NotFound) => true,
+        (Err(CommandError::AlreadyExists { .. }), Want::Exists) => true,
+        (Err(CommandError::Invalid { errors, .. }), Want::Invalid(path)) => {
+            errors.iter().any(|e| e.path == *path)
+        }
+        _ => false,
+    }
+}
+
+#[test]
+fn command_sequences() {
+    let status = Command::UpdateStatus {
+        kind: Kind::KafkaCluster,
+        name: "a".into(),
+        status: json!({"ok": true}),
+    };
+    let cases: Vec<(&str, Vec<(Command, Want)>)> = vec![
+        (
+            "create then idempotent re-apply",
+            vec![
+                (kc("a", &["h:1"], None), Want::Changed(1)),
+                (kc("a", &["h:1"], None), Want::Unchanged(1)),
+            ],
+        ),
+        (
+            "update bumps revision",
+            vec![
+                (kc("a", &["h:1"], None), Want::Changed(1)),
+                (kc("a", &["h:2"], None), Want::Changed(2)),
+            ],
+        ),
+        (
+            "cas create must not exist",
+            vec![
+                (kc("a", &["h:1"], Some(0)), Want::Changed(1)),
+                (kc("a", &["h:2"], Some(0)), Want::Exists),
+            ],
+        ),
+        (
+            "cas update on revision",
+            vec![
+                (kc("a", &["h:1"], None), Want::Changed(1)),
+                (kc("a", &["h:2"], Some(7)), Want::Conflict),
+                (kc("a", &["h:2"], Some(1)), Want::Changed(2)),
+            ],
+        ),
+        (
+            "cas update of missing",
+            vec![(kc("a", &["h:1"], Some(3)), Want::NotFound)],
+        ),
+        ("delete missing", vec![(del("a", None), Want::NotFound)]),
+        (
+            "delete with cas",
+            vec![
+                (kc("a", &["h:1"], None), Want::Changed(1)),
+                (del("a", Some(5)), Want::Conflict),
+                (del("a", Some(1)), Want::Deleted(2)),
+                (del("a", None), Want::NotFound),
+            ],
+        ),
+        (
+            "status update",
+            vec![
+                (status.clone(), Want::NotFound),
+                (kc("a", &["h:1"], None), Want::Changed(1)),
+                (status.clone(), Want::Status(2)),
+                // Re-applying the same spec keeps the status and the revision.
+                (kc("a", &["h:1"], None), Want::Unchanged(2)),
+            ],
+        ),
+        (
+            "invalid does not consume a revision",
+            vec![
+                (kc("a", &[], None), Want::Invalid("spec.bootstrap_servers")),
+                (
+                    kc("a", &["nohost"], None),
+                    Want::Invalid("spec.bootstrap_servers[0]"),
+                ),
+                (kc("Bad_Name", &["h:1"], None), Want::Invalid("name")),
+                (kc("b", &["h:1"], None), Want::Changed(1)),
+            ],
+        ),
+        ("noop", vec![(Command::Noop, Want::Noop)]),
+    ];
+    for (name, steps) in cases {
+        let mut st = State::new(100);
+        for (i, (cmd, want)) in steps.iter().enumerate() {
+            let (out, _) = st.apply(cmd);
+            assert!(
+                check(&out, want),
+                "case '{name}' step {i}: got {out:?}, want {want:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn spec_validation_paths() {
+    let cases: Vec<(Kind, Value, Option<&str>)> = vec![
+        (
+            Kind::VirtualCluster,
+            json!({"edge":"e","cluster":"c","bootstrap":"127.0.0.1:19092",
+                   "brokers":{"advertised_host":"127.0.0.1","port_range":"19100-19199"}}),
+            None,
+        ),
+        (
+            Kind::VirtualCluster,
+            json!({"edge":"e","cluster":"c","bootstrap":"127.0.0.1:19092",
+                   "brokers":{"advertised_host":"127.0.0.1","port_range":"19199-19100"}}),
+            Some("spec.brokers.port_range"),
+        ),
+        (
+            Kind::VirtualCluster,
+            json!({"edge":"e","cluster":"c","bootstrap":"127.0.0.1:19150",
+                   "brokers":{"advertised_host":"127.0.0.1","port_range":"19100-19199"}}),
+            Some("spec.brokers.port_range"),
+        ),
+        (
+            Kind::VirtualCluster,
+            json!({"edge":"e","cluster":"c","bootstrap":"127.0.0.1:19092",
+                   "brokers":{"advertised_host":"127.0.0.1","port_range":"1-2","extra":1}}),
+            Some("spec.brokers.extra"),
+        ),
+        (
+            Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"tls":{"server_nam":"x"}}),
+            Some("spec.tls.server_nam"),
+        ),
+        (
+            Kind::AuthorizationPolicy,
+            json!({"rules":[{"principal":"spiffe://east/*","allow":["read","write"],"topics":["orders-*"],
+                    "not_before":"2026-01-01T00:00:00Z","not_after":"2027-01-01T00:00:00Z"}]}),
+            None,
+        ),
+        (
+            Kind::AuthorizationPolicy,
+            json!({"rules":[{"principal":"p","allow":["fly"],"topics":["t"]}]}),
+            Some("spec.rules[0].allow[0]"),
+        ),
+        (
+            Kind::AuthorizationPolicy,
+            json!({"rules":[{"principal":"p","allow":["read"],"topics":["t"],"not_after":"yesterday"}]}),
+            Some("spec.rules[0].not_after"),
+        ),
+        (
+            Kind::AuthorizationPolicy,
+            json!({"rules":[{"principal":"p","allow":["read"],"topics":["t"],
+                    "not_before":"2027-01-01T00:00:00Z","not_after":"2026-01-01T00:00:00Z"}]}),
+            Some("spec.rules[0].not_after"),
+        ),
+        (
+            Kind::EncryptionPolicy,
+            json!({"rules":[{"topics":["pay-*"],"kms":"vault-east","kek_template":"KEK-$(topicName)"}]}),
+            None,
+        ),
+        (
+            Kind::EncryptionPolicy,
+            json!({"rules":[]}),
+            Some("spec.rules"),
+        ),
+        (
+            Kind::KmsRealm,
+            json!({"provider":"vault"}),
+            Some("spec.endpoints"),
+        ),
+        (
+            Kind::KmsRealm,
+            json!({"provider":"aws","region":"us-east-1"}),
+            None,
+        ),
+        (
+            Kind::KmsRealm,
+            json!({"provider":"gcp"}),
+            Some("spec.provider"),
+        ),
+        (
+            Kind::TrustBundle,
+            json!({"trust_domain":"east","pem":"nope"}),
+            Some("spec.pem"),
+        ),
+        (Kind::TrustBundle, json!({"pem":"x"}), Some("spec")),
+        (
+            Kind::FailoverGroup,
+            json!({"primary":"a","standby":["a"]}),
+            Some("spec.standby[0]"),
+        ),
+        (
+            Kind::FailoverGroup,
+            json!({"primary":"a","standby":["b"]}),
+            None,
+        ),
+        (Kind::Edge, json!({}), None),
+    ];
+    for (kind, spec, want) in cases {
+        let got = kind.validate_spec(&spec);
+        match (want, &got) {
+            (None, Ok(())) => {}
+            (Some(p), Err(errs)) if errs.iter().any(|e| e.path == p) => {}
+            _ => panic!("{kind} {spec}: got {got:?}, want error at {want:?}"),
+        }
+    }
+}
+
+#[test]
+fn watch_history_and_compaction() {
+    let mut st = State::new(3);
+    for i in 0..5 {
+        let (out, ev) = st.apply(&kc("a", &[&format!("h:{}", i + 1)], None));
+        assert!(out.is_ok());
+        assert_eq!(ev.len(), 1);
+        assert_eq!(ev[0].revision, i + 1);
+    }
+    assert_eq!(st.revision(), 5);
+    assert_eq!(st.compacted_revision(), 2);
+    let revs: Vec<u64> = st.events_from(3).unwrap().map(|e| e.revision).collect();
+    assert_eq!(revs, vec![3, 4, 5]);
+    assert_eq!(st.events_from(6).unwrap().count(), 0);
+    let err = st.events_from(2).err().unwrap();
+    assert_eq!(err.oldest, 3);
+    assert!(st.events_from(1).is_err());
+}
+
+#[test]
+fn selectors() {
+    let labels: BTreeMap<String, String> = [
+        ("env".to_string(), "prod".to_string()),
+        ("team".into(), "pay".into()),
+    ]
+    .into();
+    let cases = [
+        ("", true),
+        ("env=prod", true),
+        ("env==prod", true),
+        ("env=dev", false),
+        ("env!=dev", true),
+        ("team", true),
+        ("!team", false),
+        ("!owner", true),
+        ("env=prod,team=pay", true),
+        ("env=prod,team=ops", false),
+    ];
+    for (sel, want) in cases {
+        assert_eq!(
+            Selector::parse(sel).unwrap().matches(&labels),
+            want,
+            "{sel}"
+        );
+    }
+    assert!(Selector::parse("bad key=1").is_err());
+}
+
+#[test]
+fn kind_parse_aliases() {
+    for (s, k) in [
+        ("KafkaCluster", Kind::KafkaCluster),
+        ("kafkaclusters", Kind::KafkaCluster),
+        ("vc", Kind::VirtualCluster),
+        ("authorizationpolicies", Kind::AuthorizationPolicy),
+        ("edges", Kind::Edge),
+        ("kms", Kind::KmsRealm),
+    ] {
+        assert_eq!(Kind::parse(s).unwrap(), k, "{s}");
+    }
+    assert!(Kind::parse("pod").is_err());
+}
+
+#[test]
+fn deterministic_replicas_and_snapshot_roundtrip() {
+    let cmds = vec![
+        kc("a", &["h:1"], None),
+        kc("b", &["h:2"], None),
+        del("a", None),
+        kc("b", &["h:3"], Some(2)),
+    ];
+    let mut r1 = State::new(10);
+    let mut r2 = State::new(10);
+    for c in &cmds {
+        assert_eq!(r1.apply(c), r2.apply(c));
+    }
+    let bytes = serde_json::to_vec(&r1).unwrap();
+    let restored: State = serde_json::from_slice(&bytes).unwrap();
+    assert_eq!(restored, r1);
+}

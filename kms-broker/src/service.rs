@@ -321,3 +321,47 @@ pub async fn serve_metrics(
     );
     axum::serve(listener, app).await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn broker_config_errors_have_paths_and_paths_resolve() {
+        let bad = r#"
+listen: "nowhere"
+tls: { cert: s.pem, key: s.key, client_ca: ca.pem }
+kms:
+  - name: b
+    broker: { endpoints: ["https://127.0.0.1:1"], ca: c, cert: c, key: k }
+  - name: aws
+    aws_kms: { region: "" }
+"#;
+        let errs = BrokerConfig::from_yaml(bad, Path::new("/etc/strait"))
+            .unwrap_err()
+            .to_string();
+        for want in [
+            "listen: must be an ip:port socket address",
+            "kms[0].broker: a broker cannot use another broker as backend",
+            "kms[1].aws_kms.region: must not be empty",
+        ] {
+            assert!(errs.contains(want), "missing {want:?} in\n{errs}");
+        }
+        let good = r#"
+listen: "127.0.0.1:7443"
+tls: { cert: s.pem, key: s.key, client_ca: /abs/ca.pem }
+kms:
+  - name: dev
+    local: { path: keys.json }
+"#;
+        let cfg = BrokerConfig::from_yaml(good, Path::new("/etc/strait")).unwrap();
+        assert_eq!(cfg.tls.cert, Path::new("/etc/strait/s.pem"));
+        assert_eq!(cfg.tls.client_ca, Path::new("/abs/ca.pem"));
+        assert_eq!(
+            cfg.kms[0].local.as_ref().unwrap().path,
+            Path::new("/etc/strait/keys.json")
+        );
+        assert_eq!(cfg.alias_cache_ttl, Duration::from_secs(600));
+        assert!(BrokerConfig::from_yaml("listen: x\nbogus: 1\n", Path::new(".")).is_err());
+    }
+}

@@ -7,6 +7,10 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use prometheus_client::registry::Registry;
+use strait_authz::{
+    AuditConfig, AuditSink, AuthorizationConfig, AuthorizationFilterFactory, Authorizer,
+    AuthzMetrics,
+};
 use strait_edge_config::Config;
 use strait_encryption::{EncryptionConfig, RecordEncryption};
 use strait_filter::FilterFactory;
@@ -18,14 +22,27 @@ use tokio::sync::RwLock;
 
 pub struct FilterBuilder {
     registry: Arc<RwLock<Registry>>,
+    authz_metrics: Option<AuthzMetrics>,
+    /// Per virtual cluster: the live rules (reloaded in place, so open
+    /// connections see changes on their next request) and the audit sink.
+    authorization: HashMap<String, AuthzEntry>,
     kms: Option<(Vec<KmsConfig>, KmsSet)>,
     encryption: HashMap<String, (EncryptionConfig, Arc<dyn FilterFactory>)>,
+}
+
+struct AuthzEntry {
+    rules: AuthorizationConfig,
+    audit: Option<AuditConfig>,
+    authorizer: Arc<Authorizer>,
+    factory: Arc<dyn FilterFactory>,
 }
 
 impl FilterBuilder {
     pub fn new(registry: Arc<RwLock<Registry>>) -> Self {
         FilterBuilder {
             registry,
+            authz_metrics: None,
+            authorization: HashMap::new(),
             kms: None,
             encryption: HashMap::new(),
         }
@@ -34,8 +51,17 @@ impl FilterBuilder {
     pub async fn build(&mut self, config: &Config) -> anyhow::Result<FiltersByCluster> {
         let mut filters = FiltersByCluster::new();
         let mut encryption = HashMap::new();
+        let mut authorization = HashMap::new();
         for vc in &config.virtual_clusters {
             let mut chain: Vec<Arc<dyn FilterFactory>> = Vec::new();
+            // Authorization first: a denied request is never encrypted or forwarded.
+            if let Some(rules) = vc.authorization.as_ref().filter(|a| !a.rules.is_empty()) {
+                let entry = self
+                    .authorization_entry(&vc.name, rules, vc.audit.as_ref())
+                    .await?;
+                chain.push(entry.factory.clone());
+                authorization.insert(vc.name.clone(), entry);
+            }
             if let Some(enc) = &vc.encryption {
                 let factory = match self.encryption.remove(&vc.name) {
                     Some((old, factory)) if &old == enc && self.kms_unchanged(&config.kms) => {
@@ -49,7 +75,86 @@ impl FilterBuilder {
             filters.insert(vc.name.clone(), chain);
         }
         self.encryption = encryption;
+        self.authorization = authorization;
         Ok(filters)
+    }
+
+    async fn authorization_entry(
+        &mut self,
+        virtual_cluster: &str,
+        rules: &AuthorizationConfig,
+        audit: Option<&AuditConfig>,
+    ) -> anyhow::Result<AuthzEntry> {
+        let metrics = match &self.authz_metrics {
+            Some(metrics) => metrics.clone(),
+            None => {
+                let metrics = AuthzMetrics::register(&mut *self.registry.write().await);
+                self.authz_metrics = Some(metrics.clone());
+                metrics
+            }
+        };
+        if let Some(mut entry) = self.authorization.remove(virtual_cluster) {
+            if entry.rules != *rules {
+                entry.authorizer.reload(rules).map_err(|errors| {
+                    anyhow::anyhow!("virtual cluster '{virtual_cluster}': {errors}")
+                })?;
+                tracing::info!(
+                    virtual_cluster,
+                    rules = rules.rules.len(),
+                    "authorization rules reloaded"
+                );
+                entry.rules = rules.clone();
+            }
+            if entry.audit.as_ref() == audit {
+                return Ok(entry);
+            }
+            return self.authz_factory(virtual_cluster, entry.authorizer, rules, audit, metrics);
+        }
+        let authorizer =
+            Arc::new(Authorizer::new(rules).map_err(|errors| {
+                anyhow::anyhow!("virtual cluster '{virtual_cluster}': {errors}")
+            })?);
+        tracing::info!(
+            virtual_cluster,
+            rules = rules.rules.len(),
+            "authorization enabled"
+        );
+        self.authz_factory(virtual_cluster, authorizer, rules, audit, metrics)
+    }
+
+    fn authz_factory(
+        &self,
+        virtual_cluster: &str,
+        authorizer: Arc<Authorizer>,
+        rules: &AuthorizationConfig,
+        audit: Option<&AuditConfig>,
+        metrics: AuthzMetrics,
+    ) -> anyhow::Result<AuthzEntry> {
+        let sink = match audit {
+            Some(audit) => {
+                AuditSink::spawn(audit, metrics.clone())
+                    .with_context(|| {
+                        format!(
+                            "virtual cluster '{virtual_cluster}': cannot open audit log {}",
+                            audit.path
+                        )
+                    })?
+                    .0
+            }
+            None => AuditSink::disabled(),
+        };
+        let factory = Arc::new(AuthorizationFilterFactory::new(
+            authorizer.clone(),
+            sink,
+            &metrics,
+            virtual_cluster.to_owned(),
+        ));
+        Ok(AuthzEntry {
+            rules: rules.clone(),
+            audit: audit.cloned(),
+            authorizer,
+            factory,
+        })
     }
 
     fn kms_unchanged(&self, kms: &[KmsConfig]) -> bool {

@@ -110,14 +110,7 @@ async fn run(path: PathBuf, config: strait_edge_config::Config) -> anyhow::Resul
         None => None,
     };
 
-    let mut edge = Edge::start(
-        &config,
-        metrics,
-        tls_metrics,
-        initial_filters,
-        ready,
-    )
-    .await?;
+    let mut edge = Edge::start(&config, metrics, tls_metrics, initial_filters, ready).await?;
     tracing::info!(
         virtual_clusters = ?edge.cluster_names().collect::<Vec<_>>(),
         "strait-edge started"

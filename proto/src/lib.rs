@@ -4,6 +4,9 @@
 /// The KMS broker contract (`proto/kms.proto`).
 pub mod kms {
     tonic::include_proto!("strait.kms.v1");
+}
+
+/// The control plane contract (`proto/control.proto`).
 pub mod control {
     tonic::include_proto!("strait.control.v1");
 }

@@ -262,9 +262,11 @@ virtual_clusters:
     let mut filters = HashMap::new();
     filters.insert("secure".to_string(), vec![factory]);
     let proxy_metrics = ProxyMetrics::register(&mut registry);
+    let tls_metrics = strait_tls::TlsMetrics::register(&mut registry);
     let edge = Edge::start(
         &config,
         proxy_metrics,
+        tls_metrics,
         filters,
         Arc::new(AtomicBool::new(false)),
     )

@@ -54,6 +54,9 @@ pub struct VirtualCluster {
     pub tls: Option<Tls>,
     pub quotas: Option<Quotas>,
     pub encryption: Option<strait_encryption::EncryptionConfig>,
+    /// Installed when it has at least one rule.
+    pub authorization: Option<strait_authz::AuthorizationConfig>,
+    pub audit: Option<strait_authz::AuditConfig>,
 }
 
 /// Per-principal rates; `None` is unlimited.

@@ -50,6 +50,8 @@ pub struct RawVirtualCluster {
     pub tls: Option<RawTls>,
     pub quotas: Option<RawQuotas>,
     pub encryption: Option<strait_encryption::EncryptionConfig>,
+    pub authorization: Option<strait_authz::AuthorizationConfig>,
+    pub audit: Option<strait_authz::AuditConfig>,
 }
 
 #[derive(Debug, Deserialize)]

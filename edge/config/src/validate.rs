@@ -170,6 +170,20 @@ fn validate_virtual_cluster(
             errors.push(error.path, error.message);
         }
     }
+    if let Some(authorization) = &raw.authorization {
+        if let Err(found) = authorization.validate() {
+            for error in found.0 {
+                errors.push(format!("{path}.{}", error.path), error.message);
+            }
+        }
+    }
+    if let Some(audit) = &raw.audit {
+        if let Err(found) = audit.validate() {
+            for error in found.0 {
+                errors.push(format!("{path}.{}", error.path), error.message);
+            }
+        }
+    }
     let quotas = raw
         .quotas
         .as_ref()
@@ -195,6 +209,8 @@ fn validate_virtual_cluster(
         tls,
         quotas,
         encryption: raw.encryption.clone(),
+        authorization: raw.authorization.clone(),
+        audit: raw.audit.clone(),
     })
 }
 

@@ -2,15 +2,21 @@
 
 #![forbid(unsafe_code)]
 
+mod control;
 mod filters;
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicBool;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use prometheus_client::registry::Registry;
+use strait_control_client::state::spec::EdgeStatus;
+use strait_control_client::{EdgeSnapshot, EdgeWatchConfig};
 use strait_proxy::admin::AdminServer;
 use strait_proxy::metrics::ProxyMetrics;
 use strait_proxy::Edge;
@@ -21,12 +27,24 @@ use tokio_util::sync::CancellationToken;
 #[derive(Parser)]
 #[command(name = "strait-edge", version, about = "Strait Kafka edge gateway")]
 struct Args {
-    /// Configuration file (YAML).
-    #[arg(long, value_name = "FILE", required_unless_present = "check_config")]
+    /// Configuration file (YAML). Optional with --control.
+    #[arg(long, value_name = "FILE", required_unless_present_any = ["check_config", "control"])]
     config: Option<PathBuf>,
     /// Validate a configuration file, print every error with its path, and exit.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
+    /// Control-plane members to follow (`host:port,host:port`).
+    #[arg(long, value_delimiter = ',', requires = "name")]
+    control: Vec<String>,
+    /// This edge's name in the control plane.
+    #[arg(long)]
+    name: Option<String>,
+    /// Where the last control-plane configuration is kept, to serve it when the control plane is down.
+    #[arg(long, default_value = ".strait-edge-cache")]
+    cache_dir: PathBuf,
+    /// Admin endpoint address; overrides `admin.listen`.
+    #[arg(long)]
+    admin: Option<SocketAddr>,
     /// Log format; the level comes from RUST_LOG (default: info).
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "STRAIT_LOG_FORMAT")]
     log_format: LogFormat,
@@ -56,18 +74,6 @@ fn main() -> ExitCode {
         };
     }
     init_logging(args.log_format);
-    let Some(path) = args.config else {
-        return ExitCode::FAILURE;
-    };
-    let config = match strait_edge_config::load(&path) {
-        Ok(config) => config,
-        Err(errors) => {
-            for error in &errors.0 {
-                tracing::error!(%error, "invalid configuration");
-            }
-            return ExitCode::FAILURE;
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -78,7 +84,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(path, config)) {
+    match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             tracing::error!("{err:#}");
@@ -87,9 +93,82 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(path: PathBuf, config: strait_edge_config::Config) -> anyhow::Result<()> {
+/// The inputs the configuration is composed from.
+struct Sources {
+    file: Option<PathBuf>,
+    file_text: Option<String>,
+    snapshot: Option<Arc<EdgeSnapshot>>,
+    controlled: bool,
+    cache_dir: PathBuf,
+    admin: Option<SocketAddr>,
+}
+
+impl Sources {
+    fn compose(&self) -> anyhow::Result<strait_edge_config::Config> {
+        let mut config = control::compose(
+            self.file_text.as_deref(),
+            self.snapshot.as_deref(),
+            self.controlled,
+            &self.cache_dir,
+        )?;
+        if self.admin.is_some() {
+            config.admin = self.admin;
+        }
+        Ok(config)
+    }
+
+    /// Re-reads the file; true if its text changed.
+    fn file_changed(&mut self) -> bool {
+        let Some(path) = &self.file else {
+            return false;
+        };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return false;
+        };
+        if self.file_text.as_deref() == Some(text.as_str()) {
+            return false;
+        }
+        tracing::info!(path = %path.display(), "configuration file changed");
+        self.file_text = Some(text);
+        true
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     // The AWS SDK and tonic bring different rustls crypto providers; pick one.
     strait_kms_broker::kms::ensure_crypto_provider();
+    let file_text = match &args.config {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let mut control_watch = match (&args.name, args.control.is_empty()) {
+        (Some(name), false) => {
+            let watch = strait_control_client::watch_edge_config(EdgeWatchConfig::new(
+                &args.control,
+                name,
+                &args.cache_dir,
+            ))
+            .map_err(|err| anyhow::anyhow!("cannot follow the control plane: {err}"))?;
+            Some(watch.config)
+        }
+        _ => None,
+    };
+    let mut sources = Sources {
+        file: args.config.clone(),
+        file_text,
+        snapshot: control_watch.as_ref().and_then(|w| w.borrow().clone()),
+        controlled: control_watch.is_some(),
+        cache_dir: args.cache_dir.clone(),
+        admin: args.admin,
+    };
+    if let Some(snapshot) = &sources.snapshot {
+        tracing::info!(revision = snapshot.revision, source = ?snapshot.source, "control-plane configuration");
+    }
+    let config = sources.compose()?;
+
     let mut registry = Registry::with_prefix("strait");
     let metrics = ProxyMetrics::register(&mut registry);
     let tls_metrics = strait_tls::TlsMetrics::register(&mut registry);
@@ -110,35 +189,101 @@ async fn run(path: PathBuf, config: strait_edge_config::Config) -> anyhow::Resul
         None => None,
     };
 
-    let mut edge = Edge::start(&config, metrics, tls_metrics, initial_filters, ready).await?;
+    let mut edge = Edge::start(
+        &config,
+        metrics,
+        tls_metrics,
+        initial_filters,
+        ready.clone(),
+    )
+    .await?;
+    let status = Arc::new(Mutex::new(EdgeStatus {
+        ready: true,
+        version: env!("CARGO_PKG_VERSION").to_owned(),
+        config_revision: sources.snapshot.as_ref().map_or(0, |s| s.revision),
+        virtual_clusters: edge.cluster_names().map(str::to_owned).collect(),
+        ..EdgeStatus::default()
+    }));
     tracing::info!(
         virtual_clusters = ?edge.cluster_names().collect::<Vec<_>>(),
         "strait-edge started"
     );
+    let heartbeat = match (&args.name, args.control.is_empty()) {
+        (Some(name), false) => {
+            let status = status.clone();
+            Some(
+                strait_control_client::spawn_heartbeat(
+                    strait_control_client::HeartbeatConfig {
+                        client: strait_control_client::ClientConfig::new(&args.control),
+                        edge_name: name.clone(),
+                        interval: Duration::from_secs(2),
+                    },
+                    move || status.lock().unwrap_or_else(|e| e.into_inner()).clone(),
+                )
+                .map_err(|err| anyhow::anyhow!("cannot start heartbeats: {err}"))?,
+            )
+        }
+        _ => None,
+    };
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let mut watcher = ConfigWatcher::new(path, config);
-    let mut ticker = tokio::time::interval(std::time::Duration::from_secs(1));
+    let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut running = config;
     loop {
-        tokio::select! {
+        let changed = tokio::select! {
             _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break }
             _ = interrupt.recv() => { tracing::info!("SIGINT: draining"); break }
-            _ = ticker.tick() => {
-                if let Some(config) = watcher.changed() {
-                    match filter_builder.build(&config).await {
-                        Ok(filters) => {
-                            if let Err(err) = edge.apply(&config, filters).await {
-                                tracing::warn!(%err, "new configuration could not be applied in full");
-                            }
-                        }
-                        Err(err) => tracing::warn!("{err:#}; keeping the running configuration"),
+            _ = ticker.tick() => sources.file_changed(),
+            changed = wait_snapshot(&mut control_watch) => {
+                if changed {
+                    sources.snapshot = control_watch.as_ref().and_then(|w| w.borrow().clone());
+                    if let Some(snapshot) = &sources.snapshot {
+                        tracing::info!(revision = snapshot.revision, "control-plane configuration changed");
                     }
+                } else {
+                    control_watch = None;
                 }
+                changed
             }
+        };
+        if !changed {
+            continue;
         }
+        let config = match sources.compose() {
+            Ok(config) => config,
+            Err(err) => {
+                tracing::warn!("{err:#}; keeping the running configuration");
+                continue;
+            }
+        };
+        if config == running {
+            continue;
+        }
+        let message = match filter_builder.build(&config).await {
+            Ok(filters) => match edge.apply(&config, filters).await {
+                Ok(_) => None,
+                Err(err) => {
+                    tracing::warn!(%err, "new configuration could not be applied in full");
+                    Some(err.to_string())
+                }
+            },
+            Err(err) => {
+                tracing::warn!("{err:#}; keeping the running configuration");
+                Some(format!("{err:#}"))
+            }
+        };
+        running = config;
+        let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
+        status.config_revision = sources.snapshot.as_ref().map_or(0, |s| s.revision);
+        status.virtual_clusters = edge.cluster_names().map(str::to_owned).collect();
+        status.message = message;
     }
+    if let Some(heartbeat) = heartbeat {
+        heartbeat.abort();
+    }
+    ready.store(false, Ordering::Release);
     edge.shutdown().await;
     stop_admin.cancel();
     if let Some(admin) = admin {
@@ -148,44 +293,14 @@ async fn run(path: PathBuf, config: strait_edge_config::Config) -> anyhow::Resul
     Ok(())
 }
 
-/// Notices edits of the configuration file: a valid new version is applied
-/// live, an invalid one is reported once and the running configuration stays.
-struct ConfigWatcher {
-    path: PathBuf,
-    text: Option<String>,
-    current: strait_edge_config::Config,
-}
-
-impl ConfigWatcher {
-    fn new(path: PathBuf, current: strait_edge_config::Config) -> Self {
-        let text = std::fs::read_to_string(&path).ok();
-        ConfigWatcher {
-            path,
-            text,
-            current,
-        }
-    }
-
-    fn changed(&mut self) -> Option<strait_edge_config::Config> {
-        let text = std::fs::read_to_string(&self.path).ok()?;
-        if self.text.as_deref() == Some(text.as_str()) {
-            return None;
-        }
-        self.text = Some(text.clone());
-        match strait_edge_config::parse(&text) {
-            Ok(config) if config == self.current => None,
-            Ok(config) => {
-                tracing::info!(path = %self.path.display(), "configuration file changed");
-                self.current = config.clone();
-                Some(config)
-            }
-            Err(errors) => {
-                for error in &errors.0 {
-                    tracing::warn!(%error, "configuration file changed but is invalid; keeping the running configuration");
-                }
-                None
-            }
-        }
+/// Resolves when the control-plane snapshot changes (true) or the watch ends
+/// (false); never resolves without a control plane.
+async fn wait_snapshot(
+    watch: &mut Option<tokio::sync::watch::Receiver<Option<Arc<EdgeSnapshot>>>>,
+) -> bool {
+    match watch {
+        Some(receiver) => receiver.changed().await.is_ok(),
+        None => std::future::pending().await,
     }
 }
 

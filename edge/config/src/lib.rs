@@ -15,7 +15,7 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
-pub use validate::{validate, NODE_ID};
+pub use validate::{validate, validate_with, NODE_ID};
 
 /// Default frame limit: the same as Kafka's `socket.request.max.bytes`.
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 100 * 1024 * 1024;
@@ -151,15 +151,19 @@ pub struct ConfigErrors(pub Vec<ConfigError>);
 
 /// Parses and validates YAML text.
 pub fn parse(yaml: &str) -> Result<Config, ConfigErrors> {
+    validate(&parse_raw(yaml)?)
+}
+
+/// Parses YAML (or JSON, a subset) into the raw structs, unknown keys refused.
+pub fn parse_raw(yaml: &str) -> Result<raw::RawConfig, ConfigErrors> {
     let deserializer = serde_yaml_ng::Deserializer::from_str(yaml);
-    let raw: raw::RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|err| {
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();
         ConfigErrors(vec![ConfigError {
             path: if path == "." { String::new() } else { path },
             message: err.into_inner().to_string(),
         }])
-    })?;
-    validate(&raw)
+    })
 }
 
 /// Reads, parses and validates a configuration file.

@@ -28,6 +28,12 @@ impl Errors {
 
 /// Validates a raw configuration, reporting every error found.
 pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
+    validate_with(raw, false)
+}
+
+/// Like [`validate`]; `allow_empty` accepts a configuration with no virtual
+/// cluster, as an edge that gets its clusters from the control plane starts.
+pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, ConfigErrors> {
     let mut errors = Errors::default();
 
     let admin = raw.admin.as_ref().and_then(|admin| {
@@ -66,7 +72,7 @@ pub fn validate(raw: &RawConfig) -> Result<Config, ConfigErrors> {
     }
     let kms_names: Vec<&str> = raw.kms.iter().map(|k| k.name.as_str()).collect();
 
-    if raw.virtual_clusters.is_empty() {
+    if raw.virtual_clusters.is_empty() && !allow_empty {
         errors.push(
             "virtual_clusters",
             "at least one virtual cluster is required",

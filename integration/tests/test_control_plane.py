@@ -1,0 +1,159 @@
+"""The edge follows the control plane: a virtual cluster applied with straitctl is served by an edge
+that has no config file; a rule change applies to an open connection; with the control plane gone
+the edge keeps serving, and after a restart it serves from its cache."""
+
+import json
+import signal
+import socket
+import subprocess
+from pathlib import Path
+
+from lib.clients import unique
+from lib.edge import default_target_dir
+from lib.ports import free_port, free_range
+from lib.procs import Proc
+from lib.wait import wait_for
+
+
+def binary(name: str) -> str:
+    path = default_target_dir() / "debug" / name
+    assert path.is_file(), f"{path} missing: cargo build --workspace --bins"
+    return str(path)
+
+
+def accepts(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+        return True
+    except OSError:
+        return False
+
+
+class Control:
+    def __init__(self, logs: Path, data: Path):
+        self.port = free_port()
+        self.logs = logs
+        self.applied = 0
+        self.endpoint = f"127.0.0.1:{self.port}"
+        self.proc = Proc(f"control-{self.port}", [binary("strait-control"), "--dev", "--data-dir", str(data),
+                                                  "--listen", self.endpoint], logs)
+
+    def start(self) -> "Control":
+        self.proc.start()
+        wait_for(lambda: self.ctl("members").returncode == 0, 30, what="control plane answering")
+        return self
+
+    def ctl(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([binary("straitctl"), "--endpoints", self.endpoint, *args],
+                              capture_output=True, text=True, timeout=30)
+
+    def apply(self, yaml_text: str) -> None:
+        self.applied += 1
+        path = self.logs / f"resources-{self.port}-{self.applied}.yaml"
+        path.write_text(yaml_text)
+        result = self.ctl("apply", "-f", str(path))
+        assert result.returncode == 0, result.stderr
+
+    def stop(self) -> None:
+        self.proc.stop()
+
+
+def resources(tansu_bootstrap: str, bootstrap_port: int, ports: range, ops: list[str]) -> str:
+    return f"""
+kind: KafkaCluster
+name: east
+spec:
+  bootstrap_servers: ["{tansu_bootstrap}"]
+---
+kind: VirtualCluster
+name: east-local
+spec:
+  edge: edge-east
+  cluster: east
+  bootstrap: 127.0.0.1:{bootstrap_port}
+  brokers: {{ advertised_host: 127.0.0.1, port_range: {ports.start}-{ports.stop - 1} }}
+---
+kind: AuthorizationPolicy
+name: apps
+spec:
+  rules:
+  - principal: "*"
+    allow: [{", ".join(ops)}]
+    topics: ["orders-*"]
+"""
+
+
+def start_edge(logs: Path, control: Control, cache: Path, admin_port: int) -> Proc:
+    edge = Proc(f"edge-{admin_port}", [binary("strait-edge"), "--control", control.endpoint, "--name", "edge-east",
+                                      "--cache-dir", str(cache), "--admin", f"127.0.0.1:{admin_port}"], logs)
+    edge.start()
+    return edge
+
+
+def test_edge_follows_the_control_plane(tansu, logs, tmp_path):
+    from confluent_kafka import KafkaError, Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    t = tansu()
+    topic = unique("orders")
+    direct = AdminClient({"bootstrap.servers": t.bootstrap})
+    direct.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+
+    control = Control(logs, tmp_path / "control").start()
+    bootstrap_port, ports, admin_port = free_port(), free_range(8), free_port()
+    control.apply(resources(t.bootstrap, bootstrap_port, ports, ["write", "describe", "read"]))
+    cache = tmp_path / "edge-cache"
+    edge = start_edge(logs, control, cache, admin_port)
+    try:
+        wait_for(lambda: accepts(bootstrap_port), 30, what="edge serving the virtual cluster it was given")
+        bootstrap = f"127.0.0.1:{bootstrap_port}"
+        producer = Producer({"bootstrap.servers": bootstrap, "message.timeout.ms": 10000})
+        errors: list = []
+
+        def produce(value: bytes) -> None:
+            producer.produce(topic, value=value, on_delivery=lambda err, msg: errors.append(err))
+            producer.flush(20)
+
+        produce(b"allowed")
+        assert errors == [None]
+
+        # The edge reports itself.
+        def heartbeat():
+            out = control.ctl("get", "Edge", "edge-east", "-o", "json")
+            return out.returncode == 0 and "east-local" in json.dumps(json.loads(out.stdout).get("status"))
+        wait_for(heartbeat, 20, what="edge heartbeat naming the virtual cluster it serves")
+
+        # Remove Write: the same producer (same open connection) is denied on its next request.
+        control.apply(resources(t.bootstrap, bootstrap_port, ports, ["describe", "read"]))
+
+        def denied():
+            errors.clear()
+            produce(b"denied")
+            return errors and errors[0] is not None and errors[0].code() == KafkaError.TOPIC_AUTHORIZATION_FAILED
+        wait_for(denied, 20, interval=0.2, what="rule change enforced on the open connection")
+
+        # Give Write back, then lose the whole control plane: the edge keeps serving.
+        control.apply(resources(t.bootstrap, bootstrap_port, ports, ["write", "describe", "read"]))
+
+        def allowed_again():
+            errors.clear()
+            produce(b"allowed-again")
+            return errors == [None]
+        wait_for(allowed_again, 20, interval=0.2, what="Write granted again")
+        control.stop()
+        errors.clear()
+        produce(b"control-plane-down")
+        assert errors == [None]
+
+        # A restart with the control plane still down serves the cached configuration.
+        edge.signal(signal.SIGTERM)
+        assert edge.wait(30) == 0
+        edge = start_edge(logs, control, cache, admin_port)
+        wait_for(lambda: accepts(bootstrap_port), 30, what="edge serving from its cache")
+        producer2 = Producer({"bootstrap.servers": bootstrap, "message.timeout.ms": 10000})
+        results: list = []
+        producer2.produce(topic, value=b"from-cache", on_delivery=lambda err, msg: results.append(err))
+        producer2.flush(20)
+        assert results == [None]
+    finally:
+        edge.stop()
+        control.stop()

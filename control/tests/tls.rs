@@ -117,8 +117,9 @@ fn three_nodes_with_mutual_tls() {
     )
     .unwrap();
     let eps = addrs.join(",");
-    // Raft over mTLS must elect a leader for a write to commit.
-    let deadline = Instant::now() + Duration::from_secs(20);
+    // Raft over mTLS must elect a leader for a write to commit; a loaded
+    // 2-core CI machine can take a while to start three nodes.
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let o = ctl(
             dir,

@@ -1,6 +1,12 @@
-"""Start Tansu where the quick-start config's upstream points, start strait-edge with that config,
-produce and consume a few records through the edge with confluent-kafka, print them, stop everything."""
+"""The quick-start demo: Tansu, a single-node control plane, a local (development) KMS keyring, and
+strait-edge configured only by the control plane. Records to `payments-orders` are encrypted at the
+edge (the broker stores ciphertext), records to `demo` are not; both read back in clear through the
+edge. Ports: Tansu 9092, control plane 7001, edge 19092 (brokers 19100+), admin 9901."""
 
+import base64
+import json
+import os
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -8,66 +14,93 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "integration"))
 
-import yaml  # noqa: E402
 from confluent_kafka import Consumer, Producer  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
-from lib.edge import edge_bin  # noqa: E402
+from lib.edge import default_target_dir  # noqa: E402
 from lib.kafka_wire import answers_api_versions  # noqa: E402
 from lib.procs import Proc  # noqa: E402
 from lib.tansu import Tansu  # noqa: E402
 from lib.wait import wait_for  # noqa: E402
 
+BIN = default_target_dir() / "debug"
 
-def main(config_path: str) -> int:
-    cfg = yaml.safe_load(Path(config_path).read_text())
-    vc = cfg["virtual_clusters"][0]
-    upstream = vc["upstream"]["bootstrap_servers"][0]
-    up_port = int(upstream.rsplit(":", 1)[1])
-    bootstrap = vc["bootstrap"]
-    admin = cfg["admin"]["listen"]
-    logs = Path(tempfile.mkdtemp(prefix="strait-demo-"))
-    print(f"[demo] logs in {logs}")
-    tansu = Tansu(logs, port=up_port)
-    edge = Proc("strait-edge", [edge_bin(), "--config", config_path], logs)
+
+def consume(bootstrap: str, topic: str, count: int, group: str):
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest"})
+    c.subscribe([topic])
+    got = []
+
+    def poll():
+        m = c.poll(0.5)
+        if m is not None and not m.error():
+            got.append(m)
+        return len(got) >= count
+    wait_for(poll, 60, interval=0, what=f"{count} records from {topic}")
+    c.close()
+    return got
+
+
+def main() -> int:
+    work = Path(tempfile.mkdtemp(prefix="strait-demo-"))
+    logs = work / "logs"
+    print(f"[demo] working directory {work}")
+    keyring = work / "keyring.json"
+    keyring.write_text(json.dumps({"keys": {"kek-payments-orders": [base64.b64encode(os.urandom(32)).decode()]}}))
+    mesh = work / "mesh.yaml"
+    mesh.write_text((ROOT / "examples/quickstart/mesh.yaml").read_text().replace("@KEYRING@", str(keyring)))
+
+    tansu = Tansu(logs, port=9092)
+    control = Proc("strait-control", [str(BIN / "strait-control"), "--dev", "--data-dir", str(work / "control"),
+                                      "--listen", "127.0.0.1:7001"], logs)
+    edge = Proc("strait-edge", [str(BIN / "strait-edge"), "--control", "127.0.0.1:7001", "--name", "edge-local",
+                                "--cache-dir", str(work / "edge-cache"), "--admin", "127.0.0.1:9901"], logs)
+    straitctl = [str(BIN / "straitctl"), "--endpoints", "127.0.0.1:7001"]
     try:
-        print(f"[demo] starting tansu on {tansu.bootstrap}")
+        print("[demo] starting Tansu on 127.0.0.1:9092 and the control plane on 127.0.0.1:7001")
         tansu.start()
-        print(f"[demo] starting strait-edge: bootstrap {bootstrap}, admin http://{admin}")
+        control.start()
+        wait_for(lambda: subprocess.run(straitctl + ["members"], capture_output=True).returncode == 0, 30,
+                 what="control plane")
+        print("[demo] straitctl apply -f examples/quickstart/mesh.yaml")
+        subprocess.run(straitctl + ["apply", "-f", str(mesh)], check=True)
+        print("[demo] starting strait-edge (configured by the control plane only)")
         edge.start()
-        host, port = bootstrap.rsplit(":", 1)
 
         def edge_ready():
             if not edge.alive():
                 raise SystemExit(f"strait-edge exited:\n{edge.tail()}")
-            return answers_api_versions(host, int(port))
-        wait_for(edge_ready, 30, what="strait-edge")
+            return answers_api_versions("127.0.0.1", 19092)
+        wait_for(edge_ready, 60, what="strait-edge on 127.0.0.1:19092")
+
+        bootstrap = "127.0.0.1:19092"
         admin = AdminClient({"bootstrap.servers": bootstrap})  # must outlive its futures
-        admin.create_topics([NewTopic("demo", num_partitions=1, replication_factor=1)])["demo"].result(30)
-        p = Producer({"bootstrap.servers": bootstrap})
-        for i in range(5):
+        for topic in ("payments-orders", "demo"):
+            admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(30)
+        p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+        for i in range(3):
+            p.produce("payments-orders", key=f"order-{i}".encode(), value=f"card=4111-0000-0000-{i:04d}".encode())
             p.produce("demo", key=f"key-{i}".encode(), value=f"hello strait #{i}".encode())
         assert p.flush(30) == 0
-        print("[demo] produced 5 records through the edge")
-        c = Consumer({"bootstrap.servers": bootstrap, "group.id": "demo", "auto.offset.reset": "earliest"})
-        c.subscribe(["demo"])
-        got = []
+        print("[demo] produced 3 records to payments-orders (encrypted) and 3 to demo (plain) through the edge")
 
-        def poll():
-            m = c.poll(0.5)
-            if m is not None and not m.error():
-                got.append(m)
-                print(f"[demo] consumed partition={m.partition()} offset={m.offset()} "
-                      f"key={m.key().decode()} value={m.value().decode()}")
-            return len(got) >= 5
-        wait_for(poll, 60, interval=0, what="5 records")
-        c.close()
-        print("[demo] OK")
+        for topic in ("payments-orders", "demo"):
+            for m in consume(bootstrap, topic, 3, f"demo-{topic}"):
+                print(f"[demo] via edge   {topic:16} key={m.key().decode():9} value={m.value().decode()}")
+        for topic in ("payments-orders", "demo"):
+            for m in consume(tansu.bootstrap, topic, 3, f"direct-{topic}"):
+                headers = [k for k, _ in (m.headers() or [])]
+                shown = m.value()[:40].hex() + "..." if topic.startswith("payments") else m.value().decode()
+                print(f"[demo] at broker  {topic:16} key={m.key().decode():9} headers={headers} value={shown}")
+        print("[demo] control plane view of the edge:")
+        subprocess.run(straitctl + ["get", "Edge"], check=False)
+        print("[demo] OK: the broker holds ciphertext for payments-*, clients see plaintext through the edge")
         return 0
     finally:
         edge.stop()
+        control.stop()
         tansu.stop()
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1]))
+    sys.exit(main())

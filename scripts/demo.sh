@@ -4,4 +4,4 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/strait/target}"
 VENV="${VENV:-$HOME/.cache/strait/venv}"
-exec "$VENV/bin/python" "$ROOT/scripts/demo.py" "${1:-$ROOT/examples/quickstart/edge.yaml}"
+exec "$VENV/bin/python" "$ROOT/scripts/demo.py"

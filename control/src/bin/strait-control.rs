@@ -85,6 +85,9 @@ fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    // Built in one workspace with the AWS SDK, rustls has two crypto
+    // providers compiled in and cannot pick one by itself.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

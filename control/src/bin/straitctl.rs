@@ -547,6 +547,9 @@ async fn run(cli: Cli) -> Result<()> {
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    // Built in one workspace with the AWS SDK, rustls has two crypto
+    // providers compiled in and cannot pick one by itself.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let cli = Cli::parse();
     match run(cli).await {
         Ok(()) => ExitCode::SUCCESS,

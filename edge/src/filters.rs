@@ -88,7 +88,8 @@ impl FilterBuilder {
         let metrics = match &self.authz_metrics {
             Some(metrics) => metrics.clone(),
             None => {
-                let metrics = AuthzMetrics::register(&mut *self.registry.write().await);
+                let mut registry = self.registry.write().await;
+                let metrics = AuthzMetrics::register(registry.sub_registry_with_prefix("strait"));
                 self.authz_metrics = Some(metrics.clone());
                 metrics
             }

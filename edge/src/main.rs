@@ -169,9 +169,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let config = sources.compose()?;
 
-    let mut registry = Registry::with_prefix("strait");
-    let metrics = ProxyMetrics::register(&mut registry);
-    let tls_metrics = strait_tls::TlsMetrics::register(&mut registry);
+    // Library metrics (KMS, encryption) carry their full `strait_*` names; the
+    // edge's own families get the prefix from a sub-registry.
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::register(registry.sub_registry_with_prefix("strait"));
+    let tls_metrics = strait_tls::TlsMetrics::register(registry.sub_registry_with_prefix("strait"));
     let registry = Arc::new(RwLock::new(registry));
     let ready = Arc::new(AtomicBool::new(false));
     let mut filter_builder = filters::FilterBuilder::new(registry.clone());

@@ -105,7 +105,79 @@ pub fn encode_request(header: &RequestHeader, body: &RequestKind) -> Result<Byte
 }
 
 /// Decodes a whole response frame for the request it answers.
+///
+/// Some brokers put tagged fields into versions that do not define them
+/// (Tansu 0.6 sends Fetch v12 with tag 0, which exists from v16). Such a
+/// frame is decoded without its trailing top-level tagged fields, which
+/// clients ignore anyway; re-encoding then produces a valid frame.
 pub fn decode_response(
+    api_key: ApiKey,
+    version: i16,
+    frame: Bytes,
+) -> Result<(ResponseHeader, ResponseKind), CodecError> {
+    match decode_response_strict(api_key, version, frame.clone()) {
+        Err(err @ CodecError::Decode { .. }) => without_trailing_tags(api_key, version, &frame)
+            .and_then(|stripped| decode_response_strict(api_key, version, stripped).ok())
+            .ok_or(err),
+        other => other,
+    }
+}
+
+/// The frame with its final tagged-field section replaced by an empty one,
+/// for flexible versions. The section is found by scanning back for a
+/// `count, (tag, size, data)...` run that ends exactly at the frame's end.
+fn without_trailing_tags(api_key: ApiKey, version: i16, frame: &Bytes) -> Option<Bytes> {
+    if api_key.response_header_version(version) < 1 || frame.len() < 8 {
+        return None;
+    }
+    let end = frame.len();
+    let lowest = end.saturating_sub(64 * 1024).max(8);
+    for start in (lowest..end.saturating_sub(2)).rev() {
+        if tagged_section_len(&frame[start..]) == Some(end - start) {
+            let mut out = BytesMut::with_capacity(start + 1);
+            out.extend_from_slice(&frame[..start]);
+            out.put_u8(0);
+            let size = (out.len() - 4) as i32;
+            out[..4].copy_from_slice(&size.to_be_bytes());
+            return Some(out.freeze());
+        }
+    }
+    None
+}
+
+/// Length of a well-formed tagged-field section with at least one field at
+/// the start of `buf`, if there is one.
+fn tagged_section_len(buf: &[u8]) -> Option<usize> {
+    let mut pos = 0;
+    let count = uvarint(buf, &mut pos)?;
+    if count == 0 || count > 16 {
+        return None;
+    }
+    for _ in 0..count {
+        uvarint(buf, &mut pos)?;
+        let size = uvarint(buf, &mut pos)? as usize;
+        pos = pos.checked_add(size)?;
+        if pos > buf.len() {
+            return None;
+        }
+    }
+    Some(pos)
+}
+
+fn uvarint(buf: &[u8], pos: &mut usize) -> Option<u32> {
+    let mut value = 0u32;
+    for shift in (0..35).step_by(7) {
+        let byte = *buf.get(*pos)?;
+        *pos += 1;
+        value |= u32::from(byte & 0x7f) << shift;
+        if byte & 0x80 == 0 {
+            return Some(value);
+        }
+    }
+    None
+}
+
+fn decode_response_strict(
     api_key: ApiKey,
     version: i16,
     frame: Bytes,
@@ -189,6 +261,40 @@ mod tests {
             };
             assert_eq!(decoded.brokers[0].host.as_str(), "kafka-3.internal");
         }
+    }
+
+    /// Tansu 0.6 sends Fetch v12 with top-level tag 0 (NodeEndpoints, v16+).
+    #[test]
+    fn tolerates_a_tagged_field_the_version_does_not_define() {
+        use kafka_protocol::messages::FetchResponse;
+        let header = ResponseHeader::default().with_correlation_id(4);
+        let clean = encode_response(
+            ApiKey::Fetch,
+            12,
+            &header,
+            &ResponseKind::Fetch(FetchResponse::default().with_session_id(77)),
+        )
+        .unwrap();
+        // Replace the empty trailing tag section (0x00) with one field: tag 0, 3 bytes.
+        let mut dirty = BytesMut::from(&clean[..clean.len() - 1]);
+        dirty.extend_from_slice(&[1, 0, 3, 0xaa, 0xbb, 0xcc]);
+        let size = (dirty.len() - 4) as i32;
+        dirty[..4].copy_from_slice(&size.to_be_bytes());
+        let dirty = dirty.freeze();
+        assert!(decode_response_strict(ApiKey::Fetch, 12, dirty.clone()).is_err());
+        let (header, body) = decode_response(ApiKey::Fetch, 12, dirty).unwrap();
+        assert_eq!(header.correlation_id, 4);
+        let ResponseKind::Fetch(fetch) = body else {
+            panic!()
+        };
+        assert_eq!(fetch.session_id, 77);
+        // Garbage stays an error.
+        assert!(decode_response(
+            ApiKey::Fetch,
+            12,
+            Bytes::from_static(&[0, 0, 0, 5, 0, 0, 0, 4, 9])
+        )
+        .is_err());
     }
 
     #[test]

@@ -153,7 +153,11 @@ impl Edge {
         let stale: Vec<String> = self
             .clusters
             .iter()
-            .filter(|(name, entry)| wanted.get(name.as_str()) != Some(&&entry.config))
+            .filter(|(name, entry)| {
+                !wanted
+                    .get(name.as_str())
+                    .is_some_and(|vc| same_runtime(vc, &entry.config))
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
@@ -168,8 +172,9 @@ impl Edge {
         }
         for vc in &config.virtual_clusters {
             let factories = filters.remove(&vc.name).unwrap_or_default();
-            if let Some(entry) = self.clusters.get(&vc.name) {
+            if let Some(entry) = self.clusters.get_mut(&vc.name) {
                 entry.runtime.set_filters(factories);
+                entry.config = vc.clone();
                 report.unchanged.push(vc.name.clone());
                 continue;
             }
@@ -368,6 +373,19 @@ impl Edge {
         }
         drained
     }
+}
+
+/// Whether two configurations of a virtual cluster can share one runtime:
+/// everything but what filters carry (authorization, audit, encryption), which
+/// changes through the filter factories and live rule reloads instead.
+fn same_runtime(a: &VirtualCluster, b: &VirtualCluster) -> bool {
+    let strip = |vc: &VirtualCluster| VirtualCluster {
+        authorization: None,
+        audit: None,
+        encryption: None,
+        ..vc.clone()
+    };
+    strip(a) == strip(b)
 }
 
 async fn futures_wait_all(trackers: Vec<TaskTracker>) {

@@ -52,7 +52,10 @@ def _http(method: str, url: str, token: str | None = None, body: dict | None = N
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
             raw = resp.read()
-            return resp.status, (json.loads(raw) if raw else {})
+            try:
+                return resp.status, (json.loads(raw) if raw else {})
+            except ValueError:
+                return resp.status, {"raw": raw.decode(errors="replace")}
     except urllib.error.HTTPError as e:
         raw = e.read()
         try:

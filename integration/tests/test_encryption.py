@@ -319,6 +319,11 @@ def test_vault_round_trip_ciphertext_at_rest(tansu, edge, bao, producer_lib, cod
     assert metric(cold, "strait_encryption_kms_calls", operation="unwrap_dek") >= 1
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "edge bug: with an encryption rule the filter decodes Fetch responses; Tansu's FetchResponse v12 (what "
+    "kafka-python 3 sends) fails to decode in the edge ('cannot decode response body: Failed to decode "
+    "kafka_protocol::messages::fetch_response::FetchResponse v12 body', reason undecodable), so the edge closes "
+    "every kafka-python fetch connection and the consumer receives nothing"))
 def test_kafka_python_consumer_reads_plaintext(tansu, edge, bao):
     """kafka-python on the consuming side too (subscribe, group), after a confluent produce."""
     from kafka import KafkaConsumer
@@ -405,6 +410,9 @@ def test_missing_kek_reject_and_passthrough(tansu, edge, bao):
     strict = enc_cluster(t, rule, name="strict", on_missing_key="reject")
     lax = enc_cluster(t, rule, name="lax", on_missing_key="passthrough")
     e = edge([strict, lax], extra={"kms": [bao.kms_entry()]})
+    # vaultrs/rustify log every non-2xx answer at ERROR, including the 404 for the missing key (see report).
+    e.expect_error(r'"target":"(rustify::client|rustify::endpoint|vaultrs::api)".*' + missing)
+    e.expect_error(r'"(Server returned error|The Vault server returned an error \(status code 404\))".*' + missing)
     topic_r, topic_p = unique("secret-rej"), unique("secret-pass")
     create_topic(t.bootstrap, topic_r)
     create_topic(t.bootstrap, topic_p)
@@ -554,3 +562,23 @@ def test_tampered_record_never_delivered(tansu, edge, bao):
     assert [g for g in got if g.partition == 1] == []
     log = e.log_text()
     assert "records withheld" in log and topic in log
+
+
+# ---------------------------------------------------------------- metric names
+
+@pytest.mark.xfail(strict=True, reason=(
+    "edge bug: metrics are exported as strait_strait_encryption_* and strait_strait_kms_* (main.rs builds "
+    "Registry::with_prefix(\"strait\") and the components add sub_registry_with_prefix(\"strait_encryption\") / "
+    "\"strait_kms\"), while edge/encryption/README.md and kms-broker/README.md document strait_encryption_* "
+    "and strait_kms_*"))
+def test_metric_names_as_documented(tansu, edge, bao):
+    t = tansu()
+    kek = unique("kek")
+    bao.create_key(kek)
+    vc = enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}])
+    e = start_enc_edge(edge, vc, [bao.kms_entry()])
+    topic = unique("secret-metrics")
+    create_topic(e.bootstrap, topic)
+    produce_ok_confluent(e.bootstrap, topic, workload(n=4, big=False))
+    assert e.metric("strait_encryption_encrypted_records") == 3
+    assert e.metric("strait_kms_operations", kms="vault", operation="generate_dek", outcome="success") == 1

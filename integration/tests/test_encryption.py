@@ -278,6 +278,11 @@ def metric(e, name: str, **labels) -> float:
     return e.metric(name, **labels) + e.metric("strait_" + name, **labels)
 
 
+# vaultrs and rustify log every failed HTTP call to Vault at ERROR (their own targets, not Strait's); during
+# a deliberate KMS outage those lines are the expected behaviour of the dependency, not an edge failure.
+VAULT_CLIENT_ERRORS = r'"target":"(rustify::[a-z:]+|vaultrs::api)"'
+
+
 def start_enc_edge(edge, vc: VirtualCluster, kms_list: list[dict]):
     return edge([vc], extra={"kms": kms_list})
 
@@ -337,7 +342,7 @@ def test_kafka_python_consumer_reads_plaintext(tansu, edge, bao):
     sent = workload(big=False)
     produce_ok_confluent(e.bootstrap, topic, sent, **{"compression.type": "lz4"})
     c = KafkaConsumer(topic, bootstrap_servers=e.bootstrap, group_id=unique("g"), auto_offset_reset="earliest",
-                      enable_auto_commit=False, consumer_timeout_ms=30000)
+                      enable_auto_commit=False, consumer_timeout_ms=15000)
     try:
         got = [m for _, m in zip(range(len(sent)), c)]
     finally:
@@ -441,6 +446,7 @@ def test_kms_outage_cached_deks_then_clean_errors_then_recovery(tansu, edge, pri
     kms = [bao.kms_entry(retry={"attempts": 2, "timeout": "1s", "min_backoff": "100ms", "max_backoff": "200ms"})]
     vc = enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}])
     e = start_enc_edge(edge, vc, kms)
+    e.expect_error(VAULT_CLIENT_ERRORS)
     topic = unique("secret-outage")
     create_topic(e.bootstrap, topic)
     before = workload(n=10, big=False)
@@ -459,6 +465,7 @@ def test_kms_outage_cached_deks_then_clean_errors_then_recovery(tansu, edge, pri
         assert_plaintext(read(e.bootstrap, topic, len(sent)), sent)
 
         cold = start_enc_edge(edge, cold_copy(vc), kms)
+        cold.expect_error(VAULT_CLIENT_ERRORS)
         c = consumer(cold.bootstrap, topic)
         got: list[Got] = []
         errs: list = []
@@ -582,3 +589,26 @@ def test_metric_names_as_documented(tansu, edge, bao):
     produce_ok_confluent(e.bootstrap, topic, workload(n=4, big=False))
     assert e.metric("strait_encryption_encrypted_records") == 3
     assert e.metric("strait_kms_operations", kms="vault", operation="generate_dek", outcome="success") == 1
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "edge bug: once a virtual cluster has any encryption rule, every Fetch response is decoded, and Tansu's "
+    "FetchResponse v12 (kafka-python 3) fails to decode in the edge, so kafka-python cannot consume even an "
+    "UNENCRYPTED (or empty) topic of that cluster: the edge logs 'closing connection ... FetchResponse v12 body' "
+    "(reason undecodable) and drops the connection"))
+def test_kafka_python_consumes_unencrypted_topic_beside_encrypted(tansu, edge, bao):
+    from kafka import KafkaConsumer
+    t = tansu()
+    kek = unique("kek")
+    bao.create_key(kek)
+    e = start_enc_edge(edge, enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}]), [bao.kms_entry()])
+    plain = unique("plain-kp")
+    create_topic(e.bootstrap, plain)
+    sent = workload(n=6, big=False)
+    produce_ok_confluent(e.bootstrap, plain, sent)
+    c = KafkaConsumer(plain, bootstrap_servers=e.bootstrap, auto_offset_reset="earliest", consumer_timeout_ms=15000)
+    try:
+        got = [m.value for _, m in zip(range(len(sent)), c)]
+    finally:
+        c.close()
+    assert got == [s.value for s in sent]

@@ -188,7 +188,7 @@ def poll_into(c, out: list, errors: list, seconds: float) -> None:
         if m is None:
             continue
         if m.error():
-            errors.append(m.error())
+            errors.append((m.partition(), m.error()))
             continue
         out.append(Got(m))
 
@@ -477,6 +477,8 @@ def test_kms_outage_cached_deks_then_clean_errors_then_recovery(tansu, edge, pri
                                     error="kms_unavailable") >= 2
                         and "records withheld" in cold.log_text() and time.monotonic() - t0 > 4)
             wait_for(withheld, 40, interval=0, what="the cold edge to withhold records while the KMS is down")
+            # KAFKA_STORAGE_ERROR is retriable: the client retries quietly, it neither fails nor gets data.
+            assert [err for _, err in errs if not err.retriable() and err.code() >= 0] == []
             assert got == [], f"{len(got)} records delivered with the KMS down: {[g.value[:20] for g in got]}"
 
             bao.thaw()
@@ -561,6 +563,8 @@ def test_tampered_record_never_delivered(tansu, edge, bao):
         wait_for(settled, 40, interval=0, what="partition 0 delivered and partition 1 failed as tampered")
     finally:
         c.close()
+    # The client saw the partition fail with CORRUPT_MESSAGE (2; librdkafka calls it "Invalid message").
+    assert {(p, err.code()) for p, err in errs} == {(1, 2)}, [(p, err.str()) for p, err in errs]
     plaintexts = {s.value for s in good0 + good1}
     assert all(g.value in plaintexts for g in got), "something other than plaintext was delivered"
     assert not any(g.key == b"tampered" or g.value == forged or g.value == victim.value for g in got)

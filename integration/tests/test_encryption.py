@@ -289,7 +289,8 @@ def start_enc_edge(edge, vc: VirtualCluster, kms_list: list[dict]):
 
 # ---------------------------------------------------------------- 1. Vault round trip, both libraries
 
-@pytest.mark.parametrize("producer_lib,codec", [("confluent", c) for c in CODECS] + [("kafka-python", c) for c in CODECS])
+@pytest.mark.parametrize("producer_lib,codec",
+                         [("confluent", c) for c in CODECS] + [("kafka-python", c) for c in CODECS])
 def test_vault_round_trip_ciphertext_at_rest(tansu, edge, bao, producer_lib, codec):
     t = tansu()
     kek = unique("kek")
@@ -579,6 +580,49 @@ def test_tampered_record_never_delivered(tansu, edge, bao):
     assert [g for g in got if g.partition == 1] == []
     log = e.log_text()
     assert "records withheld" in log and topic in log
+
+
+# ---------------------------------------------------------------- injected marker / injected plaintext
+
+def test_forged_marker_rejected_and_injected_plaintext_policy(tansu, edge, bao):
+    """A producer cannot smuggle "ciphertext" through the edge (marker header -> INVALID_RECORD, nothing stored);
+    plaintext written behind the edge's back is passed (`on_plaintext_fetch: pass`) or the partition is failed
+    with POLICY_VIOLATION (`reject`), never mixed up with decrypted data."""
+    t = tansu()
+    kek = unique("kek")
+    bao.create_key(kek)
+    rule = [{"topic": "secret-*", "kms": "vault", "kek": kek}]
+    passing = enc_cluster(t, rule, name="passing", on_plaintext_fetch="pass")
+    strict = enc_cluster(t, rule, name="strict", on_plaintext_fetch="reject")
+    e = edge([passing, strict], extra={"kms": [bao.kms_entry()]})
+    topic = unique("secret-inject")
+    create_topic(t.bootstrap, topic)
+
+    forged = [Sent(b"forged", b"\x01not really ciphertext", [(MARKER, b"\x01\x01")], int(time.time() * 1000))]
+    errors, _ = produce_confluent(passing.bootstrap, topic, forged, timeout=20)
+    assert [err.code() if err else None for err in errors] == [87], errors  # INVALID_RECORD
+    assert end_offset(t.bootstrap, topic) == 0, "a record carrying a forged marker reached the broker"
+    assert metric(e, "strait_encryption_partition_errors", direction="produce", error="marker_injected") >= 1
+
+    injected = [Sent(b"raw-%d" % i, b"written directly to the broker %d" % i, [], int(time.time() * 1000) + i)
+                for i in range(3)]
+    produce_ok_confluent(t.bootstrap, topic, injected)
+    assert_plaintext(read(passing.bootstrap, topic, len(injected)), injected)
+
+    c = consumer(strict.bootstrap, topic)
+    got: list[Got] = []
+    errs: list = []
+    t0 = time.monotonic()
+    try:
+        def refused():
+            poll_into(c, got, errs, 0.2)
+            return (metric(e, "strait_encryption_partition_errors", direction="fetch", error="plaintext") >= 2
+                    and errs and time.monotonic() - t0 > 2)
+        wait_for(refused, 30, interval=0, what="the strict cluster to refuse the injected plaintext")
+    finally:
+        c.close()
+    assert got == [], f"plaintext delivered despite on_plaintext_fetch: reject: {[g.value for g in got]}"
+    assert {(p, err.code()) for p, err in errs} == {(0, 44)}, [(p, err.str()) for p, err in errs]
 
 
 # ---------------------------------------------------------------- metric names

@@ -5,6 +5,11 @@ What the broker stores is read DIRECTLY from Tansu (bypassing the edge) to prove
 clients get through the edge (and through a second, freshly started edge with a cold DEK cache) must be
 the exact plaintext. Failure scenarios (missing KEK, KMS outage, KEK rotation, tampered record) check that
 ciphertext is never handed out as plaintext and plaintext never reaches an encrypted topic.
+
+Run: ~/.cache/strait/venv/bin/python -m pytest integration/tests/test_encryption.py -q -p no:cacheprovider
+Binaries: STRAIT_EDGE_BIN, STRAIT_TANSU_BIN, STRAIT_BAO_BIN (bao), STRAIT_MOTO_BIN (moto_server); the KMS ones
+default to PATH, then ~/.cache/strait/venv/bin (lib/kms.py). A missing binary fails the test with the paths tried.
+Tests marked xfail(strict=True) pin edge bugs found by these scenarios; each reason says exactly what is wrong.
 """
 
 import copy
@@ -628,10 +633,11 @@ def test_forged_marker_rejected_and_injected_plaintext_policy(tansu, edge, bao):
 # ---------------------------------------------------------------- metric names
 
 @pytest.mark.xfail(strict=True, reason=(
-    "edge bug: metrics are exported as strait_strait_encryption_* and strait_strait_kms_* (main.rs builds "
-    "Registry::with_prefix(\"strait\") and the components add sub_registry_with_prefix(\"strait_encryption\") / "
-    "\"strait_kms\"), while edge/encryption/README.md and kms-broker/README.md document strait_encryption_* "
-    "and strait_kms_*"))
+    "edge bug: metrics are exported as strait_strait_encryption_* and strait_strait_kms_*: edge/src/main.rs "
+    "builds Registry::with_prefix(\"strait\") and hands it to components that already prefix their names "
+    "(edge/encryption/src/metrics.rs sub_registry_with_prefix(\"strait_encryption\"), kms-broker/core/src/retry.rs "
+    "registers \"strait_kms_operations\" etc.), while edge/encryption/README.md and kms-broker/README.md document "
+    "strait_encryption_* and strait_kms_*"))
 def test_metric_names_as_documented(tansu, edge, bao):
     t = tansu()
     kek = unique("kek")

@@ -9,7 +9,6 @@ ciphertext is never handed out as plaintext and plaintext never reaches an encry
 Run: ~/.cache/strait/venv/bin/python -m pytest integration/tests/test_encryption.py -q -p no:cacheprovider
 Binaries: STRAIT_EDGE_BIN, STRAIT_TANSU_BIN, STRAIT_BAO_BIN (bao), STRAIT_MOTO_BIN (moto_server); the KMS ones
 default to PATH, then ~/.cache/strait/venv/bin (lib/kms.py). A missing binary fails the test with the paths tried.
-Tests marked xfail(strict=True) pin edge bugs found by these scenarios; each reason says exactly what is wrong.
 """
 
 import copy
@@ -275,14 +274,6 @@ def assert_plaintext(got: list[Got], sent: list[Sent]) -> None:
         assert g.ts == s.ts, f"offset {g.offset}: timestamp"
 
 
-def metric(e, name: str, **labels) -> float:
-    """A documented metric (`strait_encryption_*`, `strait_kms_*`). The edge built from main registers them
-    under a doubled prefix (`strait_strait_encryption_*`: the "strait" registry prefix plus the component's
-    own "strait_encryption" sub-registry); that naming bug is pinned by test_metric_names_as_documented, so
-    the other scenarios read either spelling and keep testing behaviour."""
-    return e.metric(name, **labels) + e.metric("strait_" + name, **labels)
-
-
 # vaultrs and rustify log every failed HTTP call to Vault at ERROR (their own targets, not Strait's); during
 # a deliberate KMS outage those lines are the expected behaviour of the dependency, not an edge failure.
 VAULT_CLIENT_ERRORS = r'"target":"(rustify::[a-z:]+|vaultrs::api)"'
@@ -321,26 +312,17 @@ def test_vault_round_trip_ciphertext_at_rest(tansu, edge, bao, producer_lib, cod
                for p in parsed), {(p["key_id"], p["key_version"], p["wrapped"][:9]) for p in parsed}
 
     assert_plaintext(read(e.bootstrap, topic, len(sent)), sent)
-    assert metric(e, "strait_encryption_encrypted_records") == len([s for s in sent if s.value is not None])
+    assert e.metric("strait_encryption_encrypted_records") == len([s for s in sent if s.value is not None])
 
     cold = start_enc_edge(edge, cold_copy(vc), [bao.kms_entry()])
     assert_plaintext(read(cold.bootstrap, topic, len(sent)), sent)
-    assert metric(cold, "strait_encryption_dek_cache_misses") >= 1
-    assert metric(cold, "strait_encryption_kms_calls", operation="unwrap_dek") >= 1
+    assert cold.metric("strait_encryption_dek_cache_misses") >= 1
+    assert cold.metric("strait_encryption_kms_calls", operation="unwrap_dek") >= 1
 
 
-# Root cause (found with a raw Fetch v12 to Tansu): Tansu 0.6.0 ends its FetchResponse v12 with one top-level
-# tagged field, tag 0 (NodeEndpoints, defined only for v16+), bytes `01 00 01 01`. kafka-protocol 0.18's
-# FetchResponse::decode bails "Tag 0 is not valid for version 12"; kafka-python itself tolerates it.
-FETCH_V12_BUG = (
-    "edge bug: with an encryption rule on the virtual cluster the edge decodes every Fetch response; Tansu's "
-    "FetchResponse v12 (what kafka-python 3 uses) carries top-level tagged field 0 (NodeEndpoints, v16+ only), "
-    "kafka-protocol rejects it ('Tag 0 is not valid for version 12'), the edge logs 'cannot decode response body: "
-    "Failed to decode kafka_protocol::messages::fetch_response::FetchResponse v12 body' (reason undecodable) and "
-    "closes the connection, so a kafka-python consumer receives nothing")
-
-
-@pytest.mark.xfail(strict=True, reason=FETCH_V12_BUG)
+# Regression: Tansu 0.6.0 ends its FetchResponse v12 with top-level tagged field 0 (NodeEndpoints, defined only
+# for v16+); the edge, which decodes every Fetch response once a cluster has an encryption rule, used to reject
+# it and close kafka-python's connections (fixed in main 6129063).
 def test_kafka_python_consumer_reads_plaintext(tansu, edge, bao):
     """kafka-python on the consuming side too (subscribe, group), after a confluent produce."""
     from kafka import KafkaConsumer
@@ -387,8 +369,8 @@ def test_aws_kms_round_trip(tansu, edge, moto):
     assert_plaintext(read(e.bootstrap, topic, len(sent)), sent)
     cold = start_enc_edge(edge, cold_copy(vc), [moto.kms_entry()])
     assert_plaintext(read(cold.bootstrap, topic, len(sent)), sent)
-    assert metric(cold, "strait_kms_operations", kms="aws", operation="unwrap_dek", outcome="success") >= 1 or \
-        metric(cold, "strait_encryption_kms_calls", operation="unwrap_dek") >= 1
+    assert cold.metric("strait_kms_operations", kms="aws", operation="unwrap_dek", outcome="success") >= 1
+    assert cold.metric("strait_encryption_kms_calls", operation="unwrap_dek") >= 1
 
 
 # ---------------------------------------------------------------- 3. unencrypted topic beside an encrypted one
@@ -404,9 +386,9 @@ def test_unencrypted_topic_beside_encrypted(tansu, edge, bao):
         create_topic(e.bootstrap, topic)
     sent = workload(n=12, big=False)
     produce_ok_confluent(e.bootstrap, secret, sent, **{"compression.type": "snappy"})
-    encrypted_before = metric(e, "strait_encryption_encrypted_records")
+    encrypted_before = e.metric("strait_encryption_encrypted_records")
     produce_ok_confluent(e.bootstrap, plain, sent, **{"compression.type": "snappy"})
-    assert metric(e, "strait_encryption_encrypted_records") == encrypted_before
+    assert e.metric("strait_encryption_encrypted_records") == encrypted_before
 
     assert_stored_encrypted(read(t.bootstrap, secret, len(sent)), sent, kms="vault")
     plain_raw = read(t.bootstrap, plain, len(sent))
@@ -439,12 +421,12 @@ def test_missing_kek_reject_and_passthrough(tansu, edge, bao):
     codes = {err.code() if err else None for err, s in zip(errors, sent)}
     assert codes == {KafkaError.POLICY_VIOLATION}, f"delivery results: {errors}"
     assert end_offset(t.bootstrap, topic_r) == 0, "a rejected produce reached the broker"
-    assert metric(e, "strait_encryption_partition_errors", direction="produce", error="missing_key") >= 1
+    assert e.metric("strait_encryption_partition_errors", direction="produce", error="missing_key") >= 1
 
     produce_ok_confluent(lax.bootstrap, topic_p, sent)
     raw = read(t.bootstrap, topic_p, len(sent))
     assert_plaintext(raw, sent)
-    assert metric(e, "strait_encryption_passthrough_records") >= len([s for s in sent if s.value is not None])
+    assert e.metric("strait_encryption_passthrough_records") >= len([s for s in sent if s.value is not None])
     assert "on_missing_key = passthrough" in e.log_text()
 
 
@@ -463,14 +445,14 @@ def test_kms_outage_cached_deks_then_clean_errors_then_recovery(tansu, edge, pri
     create_topic(e.bootstrap, topic)
     before = workload(n=10, big=False)
     produce_ok_confluent(e.bootstrap, topic, before, **{"enable.idempotence": True})
-    generated = metric(e, "strait_encryption_deks_generated")
+    generated = e.metric("strait_encryption_deks_generated")
 
     try:
         bao.freeze()
         during = [Sent(b"during-%d" % i, b"written while the KMS is down %d" % i, [("h", b"%d" % i)],
                        before[-1].ts + 1000 * (i + 1)) for i in range(10)]
         produce_ok_confluent(e.bootstrap, topic, during, timeout=30, **{"enable.idempotence": True})
-        assert metric(e, "strait_encryption_deks_generated") == generated, "a DEK was generated with the KMS down"
+        assert e.metric("strait_encryption_deks_generated") == generated, "a DEK was generated with the KMS down"
         sent = before + during
         assert_stored_encrypted(read(t.bootstrap, topic, len(sent)), sent, kms="vault")
         # The edge that generated the DEK still decrypts from its cache.
@@ -485,7 +467,7 @@ def test_kms_outage_cached_deks_then_clean_errors_then_recovery(tansu, edge, pri
         try:
             def withheld():
                 poll_into(c, got, errs, 0.2)
-                return (metric(cold, "strait_encryption_partition_errors", direction="fetch",
+                return (cold.metric("strait_encryption_partition_errors", direction="fetch",
                                     error="kms_unavailable") >= 2
                         and "records withheld" in cold.log_text() and time.monotonic() - t0 > 4)
             wait_for(withheld, 40, interval=0, what="the cold edge to withhold records while the KMS is down")
@@ -570,7 +552,7 @@ def test_tampered_record_never_delivered(tansu, edge, bao):
         def settled():
             poll_into(c, got, errs, 0.2)
             return (len([g for g in got if g.partition == 0]) >= 3
-                    and metric(e, "strait_encryption_partition_errors", direction="fetch", error="tampered") >= 2
+                    and e.metric("strait_encryption_partition_errors", direction="fetch", error="tampered") >= 2
                     and time.monotonic() - t0 > 3)
         wait_for(settled, 40, interval=0, what="partition 0 delivered and partition 1 failed as tampered")
     finally:
@@ -607,7 +589,7 @@ def test_forged_marker_rejected_and_injected_plaintext_policy(tansu, edge, bao):
     errors, _ = produce_confluent(passing.bootstrap, topic, forged, timeout=20)
     assert [err.code() if err else None for err in errors] == [87], errors  # INVALID_RECORD
     assert end_offset(t.bootstrap, topic) == 0, "a record carrying a forged marker reached the broker"
-    assert metric(e, "strait_encryption_partition_errors", direction="produce", error="marker_injected") >= 1
+    assert e.metric("strait_encryption_partition_errors", direction="produce", error="marker_injected") >= 1
 
     injected = [Sent(b"raw-%d" % i, b"written directly to the broker %d" % i, [], int(time.time() * 1000) + i)
                 for i in range(3)]
@@ -621,7 +603,7 @@ def test_forged_marker_rejected_and_injected_plaintext_policy(tansu, edge, bao):
     try:
         def refused():
             poll_into(c, got, errs, 0.2)
-            return (metric(e, "strait_encryption_partition_errors", direction="fetch", error="plaintext") >= 2
+            return (e.metric("strait_encryption_partition_errors", direction="fetch", error="plaintext") >= 2
                     and errs and time.monotonic() - t0 > 2)
         wait_for(refused, 30, interval=0, what="the strict cluster to refuse the injected plaintext")
     finally:
@@ -632,13 +614,8 @@ def test_forged_marker_rejected_and_injected_plaintext_policy(tansu, edge, bao):
 
 # ---------------------------------------------------------------- metric names
 
-@pytest.mark.xfail(strict=True, reason=(
-    "edge bug: metrics are exported as strait_strait_encryption_* and strait_strait_kms_*: edge/src/main.rs "
-    "builds Registry::with_prefix(\"strait\") and hands it to components that already prefix their names "
-    "(edge/encryption/src/metrics.rs sub_registry_with_prefix(\"strait_encryption\"), kms-broker/core/src/retry.rs "
-    "registers \"strait_kms_operations\" etc.), while edge/encryption/README.md and kms-broker/README.md document "
-    "strait_encryption_* and strait_kms_*"))
 def test_metric_names_as_documented(tansu, edge, bao):
+    """Regression: the edge once exported strait_strait_encryption_* / strait_strait_kms_* (double prefix)."""
     t = tansu()
     kek = unique("kek")
     bao.create_key(kek)
@@ -649,9 +626,9 @@ def test_metric_names_as_documented(tansu, edge, bao):
     produce_ok_confluent(e.bootstrap, topic, workload(n=4, big=False))
     assert e.metric("strait_encryption_encrypted_records") == 3
     assert e.metric("strait_kms_operations", kms="vault", operation="generate_dek", outcome="success") == 1
+    assert "strait_strait_" not in e.metrics_text()
 
 
-@pytest.mark.xfail(strict=True, reason=FETCH_V12_BUG + " (even for an UNENCRYPTED or empty topic)")
 def test_kafka_python_consumes_unencrypted_topic_beside_encrypted(tansu, edge, bao):
     from kafka import KafkaConsumer
     t = tansu()

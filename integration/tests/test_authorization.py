@@ -140,7 +140,8 @@ def test_leased_grant_expires_mid_run(tansu, edge, pki, lib):
     """billing may Write orders-lease only until `not_after`, a few seconds after the edge starts."""
     t = tansu()
     create_topics_at_broker(t.bootstrap, ["orders-lease"])
-    not_after_dt = in_seconds(7)
+    # Long enough for the edge to start and the client to connect on a busy 2-core machine.
+    not_after_dt = in_seconds(8)
     not_after = not_after_dt.timestamp()
     rules = example_rules() + [{"principal": SPIFFE_BILLING, "allow": ["Write"], "topic": "orders-lease",
                                 "not_after": rfc3339(not_after_dt)}]
@@ -155,10 +156,12 @@ def test_leased_grant_expires_mid_run(tansu, edge, pki, lib):
         sent = time.time()
         outcome = p.send("orders-lease", v)
         results.append((sent, time.time(), v, outcome))
+        # The loop's request rate (about 10/s), not a synchronisation.
+        time.sleep(0.1)
     p.close()
     before = [r for r in results if r[1] < not_after]
     after = [r for r in results if r[0] >= not_after]
-    assert len(before) >= 3 and len(after) >= 3, f"too few requests around the expiry: {results}"
+    assert len(before) >= 2 and len(after) >= 2, f"too few requests around the expiry: {results}"
     assert [r[3] for r in before] == [None] * len(before), results
     assert [r[3] for r in after] == [TOPIC_AUTHORIZATION_FAILED] * len(after), results
     # Once denied, never allowed again.
@@ -193,7 +196,8 @@ def test_rule_removed_live_denies_the_open_producer(tansu, edge, pki, lib):
              what="the edge to reload its rules")
     # The same producer is denied on its next request, over the connection it already has.
     denied = [b"live-after-%d" % i for i in range(3)]
-    assert [p.send("orders-live", v, timeout=8) for v in denied] == [TOPIC_AUTHORIZATION_FAILED] * 3
+    assert p.send("orders-live", denied[0], timeout=8) == TOPIC_AUTHORIZATION_FAILED
+    assert [p.send("orders-live", v, timeout=8) for v in denied[1:]] == [TOPIC_AUTHORIZATION_FAILED] * 2
     assert e.metric("strait_connections", virtual_cluster="secure") == connections, \
         "the producer had to reconnect: the rule change closed its connections"
     assert e.metric("strait_connections_open", virtual_cluster="secure") >= 1
@@ -299,12 +303,20 @@ def test_audit_lines_for_every_decision_and_metrics(tansu, edge, pki, tmp_path):
     assert has(dlines, principal=SPIFFE_BILLING, api_key="FindCoordinator", resource_name="analytics",
                virtual_cluster="denies")
 
-    # Metrics count decisions per cluster and result; denies are never sampled away, so the
-    # counter and the deny lines agree.
-    for name, path in (("full", full_path), ("denies", denies_path)):
-        deny_lines = [line for line in read_audit(path) if line["decision"] == "deny"]
-        assert e.metric("strait_authz_decisions", virtual_cluster=name, result="deny") == len(deny_lines)
+    # Metrics count decisions per cluster and result. Denies are never sampled away, so the counter
+    # and the deny lines agree once the writer has caught up; allows are counted even when not logged.
+    def counters_match_lines():
+        for name, path in (("full", full_path), ("denies", denies_path)):
+            deny_lines = [line for line in read_audit(path) if line["decision"] == "deny"]
+            if e.metric("strait_authz_decisions", virtual_cluster=name, result="deny") != len(deny_lines):
+                return False
+        # sample_allows 1.0: every allow decision has its line too.
+        full_allows = [line for line in read_audit(full_path) if line["decision"] == "allow"]
+        if e.metric("strait_authz_decisions", virtual_cluster="full", result="allow") != len(full_allows):
+            return False
+        written = len(read_audit(full_path)) + len(read_audit(denies_path))
+        return e.metric("strait_authz_audit_lines_written") == written
+    wait_for(counters_match_lines, 10, what="decision counters and audit lines to agree")
+    for name in ("full", "denies"):
+        assert e.metric("strait_authz_decisions", virtual_cluster=name, result="deny") >= 2
         assert e.metric("strait_authz_decisions", virtual_cluster=name, result="allow") > 0
-    allow_lines = [line for line in read_audit(full_path) if line["decision"] == "allow"]
-    assert e.metric("strait_authz_decisions", virtual_cluster="full", result="allow") >= len(allow_lines) > 0
-    assert e.metric("strait_authz_audit_lines_written") == len(read_audit(full_path)) + len(read_audit(denies_path))

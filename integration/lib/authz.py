@@ -230,6 +230,47 @@ def group_error(principal: Principal, lib: str, topic: str, group: str, timeout:
     raise AssertionError(f"no error reported for group {group} within {timeout}s")
 
 
+def fetch_error(principal: Principal, lib: str, topic: str, timeout: float = 30.0) -> int:
+    """Read partition 0 of `topic` from the beginning without a group; return the first non-retriable
+    Kafka error code the client reports. Fails if any record arrives."""
+    deadline = time.monotonic() + timeout
+    if lib == "confluent":
+        from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+        # librdkafka always looks up its group's coordinator: use one the shop accounts may use.
+        c = Consumer(principal.confluent(**{"group.id": "shop-fetch", "enable.auto.commit": False}))
+        c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        try:
+            while time.monotonic() < deadline:
+                m = c.poll(0.2)
+                if m is None:
+                    continue
+                if not m.error():
+                    raise AssertionError(f"record {m.value()!r} arrived although {topic} may not be read")
+                if not m.error().retriable():
+                    return m.error().code()
+        finally:
+            c.close()
+        raise AssertionError(f"no error reported for {topic} within {timeout}s")
+    from kafka import KafkaConsumer, TopicPartition
+    from kafka.errors import KafkaError
+    c = KafkaConsumer(**principal.kafka_python(enable_auto_commit=False, auto_offset_reset="earliest"))
+    c.assign([TopicPartition(topic, 0)])
+    c.seek_to_beginning()
+    try:
+        while time.monotonic() < deadline:
+            try:
+                batches = c.poll(timeout_ms=200)
+            except KafkaError as e:
+                if not e.retriable:
+                    return e.errno
+                continue
+            if batches:
+                raise AssertionError(f"records arrived although {topic} may not be read: {batches}")
+    finally:
+        c.close()
+    raise AssertionError(f"no error reported for {topic} within {timeout}s")
+
+
 def create_topics_at_broker(bootstrap: str, topics: list[str]) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
     admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive while its futures are used

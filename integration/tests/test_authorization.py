@@ -19,6 +19,7 @@ from lib.authz import (
     consume_with_group,
     create_topics_at_broker,
     example_rules,
+    fetch_error,
     group_error,
     in_seconds,
     parse_time,
@@ -107,6 +108,22 @@ def test_denied_produce_and_group_never_reach_the_broker(tansu, edge, pki, lib):
     assert read_at_broker(t.bootstrap, "payments") == []
     assert read_at_broker(t.bootstrap, "ledger") == []
     assert e.metric("strait_authz_decisions", virtual_cluster="secure", result="deny") >= 6
+
+
+def test_denied_fetch_delivers_nothing(tansu, edge, pki, lib, tmp_path):
+    """orders may Describe `ledger` but not Read it: Fetch is refused, the broker's record never arrives."""
+    audit = tmp_path / "audit.jsonl"
+    t, vc, e = secure_edge(tansu, edge, pki, rules_with_ledger(), audit={"path": str(audit), "sample_allows": 0.0})
+    from confluent_kafka import Producer
+    direct = Producer({"bootstrap.servers": t.bootstrap})
+    direct.produce("ledger", value=b"secret-ledger-entry")
+    assert direct.flush(30) == 0
+    assert fetch_error(Principal(pki, vc, "orders"), lib, "ledger") == TOPIC_AUTHORIZATION_FAILED
+    # The refusal is the Fetch itself (ListOffsets, a Describe, is allowed).
+    wait_for(lambda: [line for line in read_audit(audit)
+                      if (line["api_key"], line["resource_name"], line["operation"], line["principal"])
+                      == ("Fetch", "ledger", "Read", SPIFFE_ORDERS)], 10, what="the Fetch deny audited")
+    assert not [line for line in read_audit(audit) if line["api_key"] == "ListOffsets"]
 
 
 def test_other_trust_domain_with_valid_certificate_gets_nothing(tansu, edge, pki, lib):

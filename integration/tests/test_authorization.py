@@ -153,7 +153,7 @@ def _direct_topics(bootstrap: str) -> set[str]:
     return set(admin.list_topics(timeout=10).topics)
 
 
-def test_leased_grant_expires_mid_run(tansu, edge, pki, lib):
+def test_leased_grant_expires_mid_run(tansu, edge, pki, lib, tmp_path):
     """billing may Write orders-lease only until `not_after`, a few seconds after the edge starts."""
     t = tansu()
     create_topics_at_broker(t.bootstrap, ["orders-lease"])
@@ -162,7 +162,8 @@ def test_leased_grant_expires_mid_run(tansu, edge, pki, lib):
     not_after = not_after_dt.timestamp()
     rules = example_rules() + [{"principal": SPIFFE_BILLING, "allow": ["Write"], "topic": "orders-lease",
                                 "not_after": rfc3339(not_after_dt)}]
-    vc = authz_cluster(t, pki, rules)
+    audit = tmp_path / "audit.jsonl"
+    vc = authz_cluster(t, pki, rules, audit={"path": str(audit), "sample_allows": 1.0})
     edge([vc])
     p = Principal(pki, vc, "billing").producer(lib)
     results = []  # (sent at, settled at, value, outcome)
@@ -185,6 +186,18 @@ def test_leased_grant_expires_mid_run(tansu, edge, pki, lib):
     outcomes = [r[3] for r in results]
     first_denied = outcomes.index(TOPIC_AUTHORIZATION_FAILED)
     assert all(o == TOPIC_AUTHORIZATION_FAILED for o in outcomes[first_denied:])
+    # The edge's own record: Produce allowed by the lease (rule 3) strictly before not_after, denied
+    # by default from not_after on.
+    def produce_lines():
+        lines = [line for line in read_audit(audit) if line["api_key"] == "Produce"]
+        allows = [line for line in lines if line["decision"] == "allow"]
+        denies = [line for line in lines if line["decision"] == "deny"]
+        return (allows, denies) if len(allows) >= len(before) and denies else None
+    allows, denies = wait_for(produce_lines, 10, what="the lease's Produce decisions audited")
+    assert all(line["rule"] == {"index": 3, "principal": SPIFFE_BILLING} for line in allows), allows
+    assert all(parse_time(line["time"]) < not_after_dt for line in allows), allows
+    assert all(parse_time(line["time"]) >= not_after_dt and line["rule"] == "default-deny"
+               for line in denies), denies
     at_broker = read_at_broker(t.bootstrap, "orders-lease")
     assert at_broker == [r[2] for r in results if r[3] is None]
     assert not {r[2] for r in after} & set(at_broker)

@@ -18,7 +18,8 @@ GROUP_AUTHORIZATION_FAILED = 30
 SHOP_ANY = "spiffe://example.org/ns/shop/sa/*"
 
 # Certificate names in the test PKI and the SPIFFE ID each carries.
-PRINCIPALS = {"orders": SPIFFE_ORDERS, "billing": SPIFFE_BILLING, "other-domain": SPIFFE_OTHER_DOMAIN}
+PRINCIPALS = {"orders": SPIFFE_ORDERS, "billing": SPIFFE_BILLING, "other-domain": SPIFFE_OTHER_DOMAIN,
+              "nested-path": SPIFFE_ORDERS + "/extra"}
 
 
 def rfc3339(t: datetime) -> str:

@@ -39,6 +39,8 @@ def pki(tmp_path):
     p = standard_pki(tmp_path / "pki")
     # Same CA, another trust domain: the handshake succeeds, the rules must not match.
     p.leaf("other-domain", uris=[SPIFFE_OTHER_DOMAIN])
+    # One path segment deeper than `.../sa/*` reaches: the glob's `*` must not cross `/`.
+    p.leaf("nested-path", uris=[SPIFFE_ORDERS + "/extra"])
     return p
 
 
@@ -126,9 +128,13 @@ def test_denied_fetch_delivers_nothing(tansu, edge, pki, lib, tmp_path):
     assert not [line for line in read_audit(audit) if line["api_key"] == "ListOffsets"]
 
 
-def test_other_trust_domain_with_valid_certificate_gets_nothing(tansu, edge, pki, lib):
-    t, vc, e = secure_edge(tansu, edge, pki, example_rules())
-    outsider = Principal(pki, vc, "other-domain")  # spiffe://other.org/ns/shop/sa/orders, same CA
+@pytest.mark.parametrize("cert", ["other-domain", "nested-path"])
+def test_outsider_with_valid_certificate_gets_nothing(tansu, edge, pki, lib, cert, tmp_path):
+    """other-domain: spiffe://other.org/ns/shop/sa/orders; nested-path:
+    spiffe://example.org/ns/shop/sa/orders/extra. Both certificates come from the edge's CA."""
+    audit = tmp_path / "audit.jsonl"
+    t, vc, e = secure_edge(tansu, edge, pki, example_rules(), audit={"path": str(audit), "sample_allows": 1.0})
+    outsider = Principal(pki, vc, cert)
     p = outsider.producer(lib)
     assert p.send("orders-eu", b"from-other-domain") == TOPIC_AUTHORIZATION_FAILED
     p.close()
@@ -138,6 +144,10 @@ def test_other_trust_domain_with_valid_certificate_gets_nothing(tansu, edge, pki
     assert e.metric("strait_tls_handshakes", result="ok") >= 1
     assert e.metric("strait_tls_handshakes", result="failed") == 0
     assert read_at_broker(t.bootstrap, "orders-eu") == []
+    # The principal is the certificate's whole SPIFFE ID, and nothing it asked for was allowed.
+    lines = wait_for(lambda: read_audit(audit), 10, what="audit lines")
+    assert {line["principal"] for line in lines} == {outsider.spiffe}, lines
+    assert {line["decision"] for line in lines} == {"deny"}, lines
 
 
 def test_metadata_hides_topics_the_principal_may_not_describe(tansu, edge, pki, lib):

@@ -272,6 +272,42 @@ def fetch_error(principal: Principal, lib: str, topic: str, timeout: float = 30.
     raise AssertionError(f"no error reported for {topic} within {timeout}s")
 
 
+class PollingConsumer:
+    """Assigned to partition 0 from the beginning (no group protocol); `poll_once` returns the values
+    that arrived and the non-retriable Kafka error codes the client reported."""
+
+    def __init__(self, principal: Principal, lib: str, topic: str, group: str):
+        self.lib = lib
+        if lib == "confluent":
+            from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+            self.c = Consumer(principal.confluent(**{"group.id": group, "enable.auto.commit": False}))
+            self.c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
+        else:
+            from kafka import KafkaConsumer, TopicPartition
+            self.c = KafkaConsumer(**principal.kafka_python(enable_auto_commit=False,
+                                                            auto_offset_reset="earliest"))
+            self.c.assign([TopicPartition(topic, 0)])
+            self.c.seek_to_beginning()
+
+    def poll_once(self, timeout: float = 0.1) -> tuple[list[bytes], list[int]]:
+        if self.lib == "confluent":
+            m = self.c.poll(timeout)
+            if m is None:
+                return [], []
+            if m.error():
+                return [], ([] if m.error().retriable() else [m.error().code()])
+            return [m.value()], []
+        from kafka.errors import KafkaError
+        try:
+            batches = self.c.poll(timeout_ms=int(timeout * 1000))
+        except KafkaError as e:
+            return [], ([] if e.retriable else [e.errno])
+        return [r.value for records in batches.values() for r in records], []
+
+    def close(self):
+        self.c.close()
+
+
 def create_topics_at_broker(bootstrap: str, topics: list[str]) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
     admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive while its futures are used

@@ -14,6 +14,7 @@ from lib.authz import (
     GROUP_AUTHORIZATION_FAILED,
     SHOP_ANY,
     TOPIC_AUTHORIZATION_FAILED,
+    PollingConsumer,
     Principal,
     authz_cluster,
     consume_with_group,
@@ -211,6 +212,55 @@ def test_leased_grant_expires_mid_run(tansu, edge, pki, lib, tmp_path):
     at_broker = read_at_broker(t.bootstrap, "orders-lease")
     assert at_broker == [r[2] for r in results if r[3] is None]
     assert not {r[2] for r in after} & set(at_broker)
+
+
+def test_leased_read_expires_under_a_running_consumer(tansu, edge, pki, lib):
+    """billing may Read `stream` until `not_after`; a consumer keeps fetching while records keep
+    arriving at the broker: nothing produced after the lease ended is delivered, and the client is
+    told TOPIC_AUTHORIZATION_FAILED (Fetch sessions are off, so the broker cannot keep serving it)."""
+    from confluent_kafka import Producer
+    t = tansu()
+    create_topics_at_broker(t.bootstrap, ["stream"])
+    not_after_dt = in_seconds(8)
+    not_after = not_after_dt.timestamp()
+    rules = example_rules() + [
+        {"principal": SPIFFE_BILLING, "allow": ["Describe"], "topic": "stream"},
+        {"principal": SPIFFE_BILLING, "allow": ["Read"], "topic": "stream", "not_after": rfc3339(not_after_dt)},
+    ]
+    vc = authz_cluster(t, pki, rules)
+    edge([vc])
+    direct = Producer({"bootstrap.servers": t.bootstrap, "linger.ms": 0})
+    consumer = PollingConsumer(Principal(pki, vc, "billing"), lib, "stream", "shop-stream")
+    produced_at: dict[bytes, float] = {}
+    received: list[tuple[float, bytes]] = []
+    errors: list[tuple[float, int]] = []
+    i = 0
+    next_record = time.time()
+    try:
+        while time.time() < not_after + 4:
+            if time.time() >= next_record:
+                v = b"s-%d" % i
+                i += 1
+                direct.produce("stream", value=v)
+                assert direct.flush(10) == 0
+                produced_at[v] = time.time()
+                next_record += 0.1
+            values, codes = consumer.poll_once(0.05)
+            now = time.time()
+            received += [(now, v) for v in values]
+            errors += [(now, c) for c in codes]
+    finally:
+        consumer.close()
+    assert received and min(at for at, _ in received) < not_after, "nothing consumed while leased"
+    late = [v for at, v in received if produced_at[v] > not_after]
+    assert late == [], f"records produced after the lease ended were delivered: {late}"
+    # It was live up to the expiry, and stopped right after (a Fetch sent just before not_after may
+    # still be answered, after up to the broker's fetch wait).
+    assert max(produced_at[v] for _, v in received) > not_after - 2, received[-5:]
+    assert all(at < not_after + 2 for at, _ in received), received[-5:]
+    assert [c for at, c in errors if at >= not_after] and \
+        {c for at, c in errors if at >= not_after} == {TOPIC_AUTHORIZATION_FAILED}, errors
+    assert not [c for at, c in errors if at < not_after], errors
 
 
 @pytest.mark.xfail(strict=True, reason=(

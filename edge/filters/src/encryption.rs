@@ -144,6 +144,7 @@ impl Filter for EncryptionFilter {
                         for failure in &report.failed_partitions {
                             tracing::warn!(
                                 topic = failure.topic.0.as_str(),
+                                topic_id = %failure.topic_id,
                                 partition = failure.partition,
                                 error = %failure.error,
                                 "records withheld from the client"

@@ -17,7 +17,7 @@ say() { printf '[setup] %s\n' "$*"; }
 mkdir -p "$CACHE"
 
 # ---- Debian packages
-APT_PKGS=(build-essential cmake pkg-config socat python3-venv)
+APT_PKGS=(build-essential cmake pkg-config socat python3-venv libssl-dev)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -76,7 +76,7 @@ def measure(variant: str, logs: Path, pki, connections: int, total: int, timeout
         for p in procs:
             out, err = p.communicate(timeout=timeout + 30)
             if p.returncode != 0:
-                raise RuntimeError(f"{variant}: producer failed: {err[-2000:]}")
+                raise RuntimeError(f"{variant}: producer failed: {err[:1500]}")
         produce_secs = time.monotonic() - start_time
         produced = share * connections
         consume = run_loadgen(["consume", *common, "--topic", topic, "--count", str(produced + 1),

@@ -310,7 +310,7 @@ fn init_logging(format: LogFormat) {
     // The Vault client logs every 404 and failed call at ERROR; the edge
     // reports those outcomes itself (WARN, metrics), so they are muted by default.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustify=off,vaultrs=warn"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,rustify=off,vaultrs=off"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

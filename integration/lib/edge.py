@@ -111,7 +111,7 @@ class Edge:
     def start(self, timeout: float = 30.0) -> "Edge":
         self.write_config()
         argv = [self.binary, "--config", str(self.config_path), "--log-format", self.log_format]
-        env = {"RUST_LOG": os.environ.get("STRAIT_EDGE_RUST_LOG", "info,rustify=off,vaultrs=warn"), "NO_COLOR": "1"}
+        env = {"RUST_LOG": os.environ.get("STRAIT_EDGE_RUST_LOG", "info,rustify=off,vaultrs=off"), "NO_COLOR": "1"}
         self.proc = Proc(f"edge-{self.admin_port}", argv, self.log_dir, env=env)
         self.proc.start()
 

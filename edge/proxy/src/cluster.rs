@@ -11,6 +11,7 @@ use strait_filter::{ConnectionInfo, Endpoint, Filter, FilterChain, FilterFactory
 use strait_tls::tokio_rustls::rustls::ServerConfig;
 use strait_tls::tokio_rustls::{StartHandshake, TlsAcceptor};
 use strait_tls::{handshake_failure_reason, principal_of, PrincipalSource, TlsMetrics};
+use tokio::io::BufReader;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
@@ -193,7 +194,7 @@ impl ClusterRuntime {
     /// Finishes a TLS handshake whose ClientHello was routed here by SNI, then serves.
     pub async fn serve_sni(
         self: Arc<Self>,
-        start: StartHandshake<TcpStream>,
+        start: StartHandshake<BufReader<TcpStream>>,
         peer: SocketAddr,
         endpoint: Endpoint,
     ) {
@@ -294,8 +295,11 @@ impl ClusterRuntime {
                 .await;
         };
         let acceptor = TlsAcceptor::from(tls.config.borrow().clone());
-        let stream = match tokio::time::timeout(tls.handshake_timeout, acceptor.accept(client))
-            .await
+        let stream = match tokio::time::timeout(
+            tls.handshake_timeout,
+            acceptor.accept(strait_tls::buffered(client)),
+        )
+        .await
         {
             Ok(Ok(stream)) => stream,
             Ok(Err(err)) => return self.handshake_failed(&err),

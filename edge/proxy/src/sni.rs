@@ -54,7 +54,7 @@ async fn route(stream: TcpStream, peer: SocketAddr, routes: SniRoutes, hello_tim
     stream.set_nodelay(true).ok();
     let start = match tokio::time::timeout(
         hello_timeout,
-        LazyConfigAcceptor::new(Acceptor::default(), stream),
+        LazyConfigAcceptor::new(Acceptor::default(), strait_tls::buffered(stream)),
     )
     .await
     {

@@ -104,7 +104,9 @@ impl DirectTcp {
                 source: std::io::Error::new(std::io::ErrorKind::InvalidInput, err),
             })?,
         };
-        let handshake = tls.connector.connect(server_name, tcp);
+        let handshake = tls
+            .connector
+            .connect(server_name, strait_tls::buffered(tcp));
         match tokio::time::timeout(self.connect_timeout, handshake).await {
             Ok(Ok(stream)) => Ok(Box::new(stream)),
             Ok(Err(source)) => Err(ConnectError::Io {

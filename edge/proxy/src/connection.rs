@@ -1,9 +1,10 @@
 //! One client connection relayed to one upstream connection.
 //!
 //! Two pumps run side by side. The request pump reads only each frame's
-//! 12-byte prefix; a frame no filter wants is streamed to the broker as it
-//! arrives (a 1 MiB produce is never buffered whole), and everything read in
-//! one go is written in one go. Before a request's bytes go upstream, the pump
+//! 12-byte prefix; a frame no filter wants and larger than the read buffer
+//! is streamed to the broker as it arrives (a 1 MiB produce is never
+//! buffered whole), smaller ones are forwarded once complete, and everything
+//! read in one go is written in one go. Before a request's bytes go upstream, the pump
 //! queues an [`InFlight`] entry for the response pump, which uses it to learn
 //! the API key and version of each response (responses carry only the
 //! correlation id) and to keep responses in request order, including the ones
@@ -211,6 +212,14 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                     let frame = buf.split_to(prefix.frame_len()).freeze();
                     throttle = throttle.max(self.filter_request(api_key, frame).await?);
                     continue;
+                }
+                if pending.len() < prefix.frame_len() && prefix.frame_len() <= READ_BUFFER {
+                    // A frame that fits the buffer goes upstream whole: streaming its
+                    // first part gains nothing (the broker acts on whole frames) and,
+                    // behind TLS, which hands over one record at a time, would cost a
+                    // write here and a read at the broker per record.
+                    buf.reserve(prefix.frame_len() - pending.len());
+                    break;
                 }
                 let expects_response = if prefix.api_key == ApiKey::Produce as i16 {
                     match produce_acks(pending, prefix.api_version)

@@ -191,7 +191,12 @@ async fn control_plane_benchmark() {
             }
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Kill only once the writers are committing through the old leader.
+    eventually("writes committing before the leader kill", T, || {
+        let l = last_ok.clone();
+        async move { l.lock().unwrap().is_some() }
+    })
+    .await;
     *kill_at.lock().unwrap() = Some(Instant::now());
     cluster.kill(leader);
     let k = kill_at.lock().unwrap().unwrap();

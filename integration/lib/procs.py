@@ -19,6 +19,9 @@ class Proc:
 
     def start(self) -> None:
         self.starts += 1
+        # A second Proc under the same name (a restarted edge) must not overwrite the first one's log.
+        while (self.log_dir / f"{self.name}.{self.starts}.log").exists():
+            self.starts += 1
         self.log_path = self.log_dir / f"{self.name}.{self.starts}.log"
         log = open(self.log_path, "wb")
         env = dict(os.environ)

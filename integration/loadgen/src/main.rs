@@ -19,6 +19,8 @@ use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::json;
 
+mod raw;
+
 #[derive(Parser, Debug)]
 #[command(name = "strait-loadgen", version, about)]
 struct Cli {
@@ -32,6 +34,8 @@ enum Mode {
     Produce(ProduceArgs),
     /// Consume COUNT records from the beginning of every partition of the topic.
     Consume(ConsumeArgs),
+    /// Produce over many pipelined connections with a minimal Kafka client (no librdkafka).
+    RawProduce(raw::RawProduceArgs),
 }
 
 #[derive(Args, Debug)]
@@ -366,6 +370,7 @@ fn main() -> Result<()> {
     let report = match &cli.mode {
         Mode::Produce(a) => produce(a)?,
         Mode::Consume(a) => consume(a)?,
+        Mode::RawProduce(a) => raw::raw_produce(a)?,
     };
     println!("{report}");
     Ok(())

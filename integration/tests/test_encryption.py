@@ -24,6 +24,7 @@ from lib.kms import AWS_DUMMY_ENV, ROOT_TOKEN, Moto, OpenBao
 from lib.wait import wait_for
 
 MARKER = "strait.enc"
+FORMAT_VERSION = 2  # what the edge writes (FORMAT.md); version 1 is still read
 MIB = 1 << 20
 BIG_FETCH = {"fetch.max.bytes": 8 * MIB, "max.partition.fetch.bytes": 8 * MIB,
              "receive.message.max.bytes": 16 * MIB}
@@ -222,8 +223,8 @@ def end_offset(bootstrap: str, topic: str, partition: int = 0) -> int:
 
 
 def parse_cipher(value: bytes) -> dict:
-    """Split an encrypted value per FORMAT.md (version 1)."""
-    assert value[0] == 1, f"format version {value[0]}"
+    """Split an encrypted value per FORMAT.md (the layout is the same in versions 1 and 2)."""
+    assert value[0] == FORMAT_VERSION, f"format version {value[0]}"
     (k,) = struct.unpack(">H", value[1:3])
     ref = value[3:3 + k]
     kms_len = ref[0]
@@ -255,7 +256,7 @@ def assert_stored_encrypted(raw: list[Got], sent: list[Sent], kms: str) -> list[
         assert r.value != s.value, f"offset {r.offset}: PLAINTEXT stored at the broker"
         assert s.value[:32] not in r.value, f"offset {r.offset}: plaintext bytes visible in the stored value"
         assert r.headers[:-1] == s.headers, f"offset {r.offset}: user headers changed: {r.headers}"
-        assert r.headers[-1] == (MARKER, b"\x01\x01"), f"offset {r.offset}: marker header {r.headers[-1:]}"
+        assert r.headers[-1] == (MARKER, bytes([FORMAT_VERSION, 1])), f"offset {r.offset}: marker header {r.headers[-1:]}"
         p = parse_cipher(r.value)
         assert p["kms"] == kms
         assert len(p["ciphertext"]) == len(s.value) + 16, "AES-GCM ciphertext + tag length"

@@ -25,7 +25,7 @@ const MASK96: u128 = (1u128 << 96) - 1;
 pub(crate) struct ActiveDek {
     cipher: Aes256Gcm,
     prefix: Bytes,
-    value_aad: Vec<u8>,
+    value_aad: Aad,
     /// Random 96-bit start of the nonce counter; nonce i = start + i mod 2^96.
     nonce_start: u128,
     used: AtomicU64,
@@ -74,15 +74,24 @@ impl ActiveDek {
 
 /// A range of nonce indices reserved under one DEK.
 pub(crate) struct Lease {
-    pub dek: Arc<ActiveDek>,
+    dek: Arc<ActiveDek>,
     next: u64,
     end: u64,
 }
 
 impl Lease {
+    /// Length of an encrypted value for `n` plaintext bytes.
+    pub fn sealed_len(&self, n: usize) -> usize {
+        self.dek.sealed_len(n)
+    }
+
     /// The next nonce of this lease; `None` when the lease is used up.
-    pub fn next_nonce(&mut self) -> Option<[u8; NONCE_LEN]> {
-        self.take_nonce()
+    /// The next nonce of this lease and the DEK to use it with; `None`
+    /// when the lease is used up.
+    #[inline]
+    pub fn next(&mut self) -> Option<([u8; NONCE_LEN], &ActiveDek)> {
+        let n = self.take_nonce()?;
+        Some((n, &self.dek))
     }
 
     fn take_nonce(&mut self) -> Option<[u8; NONCE_LEN]> {
@@ -96,43 +105,87 @@ impl Lease {
     /// Encrypt a record value. `None` when the lease is used up.
     pub fn seal_value(&mut self, plaintext: &[u8]) -> Option<Bytes> {
         let nonce = self.take_nonce()?;
-        Some(seal(&self.dek, &nonce, &self.dek.value_aad, plaintext))
+        Some(seal(
+            &self.dek,
+            &nonce,
+            self.dek.value_aad.as_slice(),
+            plaintext,
+        ))
     }
 
     /// Encrypt a header value, bound to its header key.
     pub fn seal_header(&mut self, key: &[u8], plaintext: &[u8]) -> Option<Bytes> {
         let nonce = self.take_nonce()?;
-        let aad = header_aad_from_value_aad(&self.dek.value_aad, key);
+        let aad = self.dek.value_aad.for_header(key);
         Some(seal(&self.dek, &nonce, &aad, plaintext))
     }
 }
 
-/// AAD of a record value: `version | 0x00 | SHA-256(prefix)`. The prefix
-/// (KEK reference and wrapped DEK) is bound through its digest, computed
-/// once per DEK, so per-record authentication costs 34 bytes of GHASH
-/// instead of the whole prefix (~90 bytes with Vault, ~200 with AWS KMS).
-pub(crate) fn value_aad(prefix: &[u8]) -> Vec<u8> {
-    aad_base(prefix, PURPOSE_VALUE)
+/// The AES-256-GCM key for the values under one prefix (FORMAT.md).
+///
+/// v2: `HKDF-SHA256(salt = "strait.enc/v2", ikm = DEK, info = prefix)`. The
+/// prefix (version, KEK reference, wrapped DEK) is bound through the key, so
+/// record values need no associated data at all and cost exactly the GHASH
+/// blocks of raw AES-GCM; changing any prefix byte derives another key and
+/// fails the tag check. v1 (read only): the DEK itself, the prefix bound
+/// through the AAD ([`Aad`]).
+pub(crate) fn prefix_cipher(dek: &[u8; 32], prefix: &[u8]) -> Aes256Gcm {
+    if prefix.first() == Some(&format::FORMAT_V1) {
+        return Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(dek));
+    }
+    let mut key = zeroize::Zeroizing::new([0u8; 32]);
+    hkdf::Hkdf::<sha2::Sha256>::new(Some(V2_SALT), dek)
+        .expand(prefix, &mut key[..])
+        .expect("HKDF-SHA256 yields up to 8160 bytes; 32 are asked for");
+    Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&key[..]))
 }
 
-/// AAD of a header value: `version | 0x01 | SHA-256(prefix) | header key`,
-/// derived from the value AAD without rehashing.
-pub(crate) fn header_aad_from_value_aad(value_aad: &[u8], key: &[u8]) -> Vec<u8> {
-    let mut aad = Vec::with_capacity(value_aad.len() + key.len());
-    aad.extend_from_slice(value_aad);
-    aad[1] = PURPOSE_HEADER;
-    aad.extend_from_slice(key);
-    aad
+const V2_SALT: &[u8] = b"strait.enc/v2";
+
+/// The associated data under one prefix, per format version (FORMAT.md):
+/// v2 record value: none; v2 header value: `0x01 | header key`;
+/// v1 record value: `0x01 | 0x00 | SHA-256(prefix)`; v1 header value:
+/// `0x01 | 0x01 | SHA-256(prefix) | header key`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Aad {
+    buf: [u8; 34],
+    len: u8,
+    version: u8,
 }
 
-fn aad_base(prefix: &[u8], purpose: u8) -> Vec<u8> {
-    use sha2::Digest;
-    let digest = sha2::Sha256::digest(prefix);
-    let mut aad = Vec::with_capacity(2 + digest.len() + 64);
-    aad.push(prefix.first().copied().unwrap_or(format::FORMAT_V1));
-    aad.push(purpose);
-    aad.extend_from_slice(&digest);
-    aad
+impl Aad {
+    /// The value AAD for a prefix; its first byte selects the version.
+    pub fn for_prefix(prefix: &[u8]) -> Self {
+        let version = prefix.first().copied().unwrap_or(format::FORMAT_CURRENT);
+        let mut buf = [0u8; 34];
+        let mut len = 0;
+        if version == format::FORMAT_V1 {
+            use sha2::Digest;
+            buf[0] = version;
+            buf[1] = PURPOSE_VALUE;
+            buf[2..34].copy_from_slice(&sha2::Sha256::digest(prefix));
+            len = 34;
+        }
+        Self { buf, len, version }
+    }
+
+    pub fn as_slice(&self) -> &[u8] {
+        &self.buf[..usize::from(self.len)]
+    }
+
+    /// AAD of a header value, bound to the header key so that it cannot be
+    /// moved under another key or into the record value.
+    pub fn for_header(&self, key: &[u8]) -> Vec<u8> {
+        let mut aad = Vec::with_capacity(usize::from(self.len) + 1 + key.len());
+        if self.version == format::FORMAT_V1 {
+            aad.extend_from_slice(self.as_slice());
+            aad[1] = PURPOSE_HEADER;
+        } else {
+            aad.push(PURPOSE_HEADER);
+        }
+        aad.extend_from_slice(key);
+        aad
+    }
 }
 
 impl ActiveDek {
@@ -151,7 +204,11 @@ impl ActiveDek {
         // Fails only beyond AES-GCM's 64 GiB message limit, far above Kafka's.
         let tag = self
             .cipher
-            .encrypt_in_place_detached(Nonce::from_slice(nonce), &self.value_aad, &mut buf[start..])
+            .encrypt_in_place_detached(
+                Nonce::from_slice(nonce),
+                self.value_aad.as_slice(),
+                &mut buf[start..],
+            )
             .unwrap_or_default();
         buf.put_slice(&tag);
     }
@@ -217,6 +274,11 @@ pub(crate) struct DekManager {
     inner: Arc<Inner>,
 }
 
+/// The most nonces one lease reserves. Callers size leases from record
+/// counts a client declares; the cap keeps a lying count from burning a
+/// DEK's budget (it then only wastes up to this many nonces).
+pub(crate) const MAX_LEASE: u64 = 4096;
+
 /// After a failed background refresh, wait this long before trying again
 /// so that a dead KMS is not hammered on every produce.
 const REFRESH_RETRY: Duration = Duration::from_secs(5);
@@ -250,8 +312,9 @@ impl DekManager {
         }
     }
 
-    /// Reserve up to `want` encryptions under the active DEK for
-    /// (`kms`, `kek_name`), generating one if there is none usable.
+    /// Reserve up to `want` (at most [`MAX_LEASE`]) encryptions under the
+    /// active DEK for (`kms`, `kek_name`), generating one if there is none
+    /// usable.
     pub async fn lease(&self, kms: &str, kek_name: &str, want: u64) -> Result<Lease, DekError> {
         let key = (kms.to_string(), kek_name.to_string());
         loop {
@@ -260,7 +323,7 @@ impl DekManager {
                 let slot = active.entry(key.clone()).or_default();
                 if let Some(d) = slot.current.clone() {
                     if d.usable(self.inner.cfg.max_age) {
-                        if let Some((start, n)) = d.reserve(want.max(1)) {
+                        if let Some((start, n)) = d.reserve(want.clamp(1, MAX_LEASE)) {
                             if d.wants_refresh(&self.inner.cfg)
                                 && !slot.refreshing
                                 && slot
@@ -387,14 +450,14 @@ impl DekManager {
             },
             &pair.wrapped,
         )?;
-        let cipher = Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&pair.plaintext[..]));
+        let cipher = prefix_cipher(&pair.plaintext, &prefix);
         let mut start = [0u8; 16];
         rand::rng().fill_bytes(&mut start[4..]);
         self.inner.metrics.deks_generated.inc();
         tracing::debug!(kms = kms_name, kek = %pair.kek, "generated a new DEK");
         Ok(Arc::new(ActiveDek {
             cipher,
-            value_aad: value_aad(&prefix),
+            value_aad: Aad::for_prefix(&prefix),
             prefix,
             nonce_start: u128::from_be_bytes(start) & MASK96,
             used: AtomicU64::new(0),
@@ -502,9 +565,7 @@ impl DekManager {
             .ok_or_else(|| DekError::UnknownKms(loc.kms.clone()))?;
         self.count("unwrap_dek");
         let dek = kms.unwrap_dek(&loc.kek, wrapped).await?;
-        Ok(Arc::new(Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(
-            &dek[..],
-        ))))
+        Ok(Arc::new(prefix_cipher(&dek, prefix)))
     }
 }
 
@@ -539,12 +600,110 @@ impl strait_kms_core::Kms for CountingKms<'_> {
 mod tests {
     use super::*;
 
+    fn hex(b: &[u8]) -> String {
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    fn golden_prefix(version: u8) -> Bytes {
+        let loc = KekLocator {
+            kms: "vault".into(),
+            kek: KekRef::with_version("orders", "3"),
+        };
+        let mut p = format::encode_prefix(&loc, b"vault:v3:wrapped")
+            .unwrap()
+            .to_vec();
+        p[0] = version;
+        Bytes::from(p)
+    }
+
+    /// Known answers computed outside Rust (Python `cryptography`: HKDF and
+    /// AESGCM, with keys and AAD built as FORMAT.md describes), so a change to
+    /// the key derivation, the AAD or the value layout cannot go unnoticed.
+    #[test]
+    fn golden_vectors_v1_and_v2() {
+        let dek = [0x42u8; 32];
+        let nonce: [u8; NONCE_LEN] = core::array::from_fn(|i| i as u8);
+        let cases = [
+            (
+                format::FORMAT_V1,
+                "76aae3bcd858d26cf26a2076bffd2d5e51e9a118a164be53c8ea74a5627612453dab41e4",
+                "71ef8739bd92c527afe02a6760b7446b8efa",
+            ),
+            (
+                format::FORMAT_V2,
+                "89616d567ca0e01b1add0c4932d6cc32a5216a96c80f46eb7c3bd82620f960a7e2ff974a",
+                "8e243e89cac574b6ab18c2b4e6ea648a86eb",
+            ),
+        ];
+        for (version, value_ct, header_ct) in cases {
+            let prefix = golden_prefix(version);
+            assert_eq!(
+                hex(&prefix),
+                format!("{version:02x}0010057661756c7400066f7264657273013300107661756c743a76333a77726170706564")
+            );
+            let cipher = prefix_cipher(&dek, &prefix);
+            let aad = Aad::for_prefix(&prefix);
+            assert_eq!(aad.as_slice().len(), if version == 1 { 34 } else { 0 });
+            let seal = |aad: &[u8], pt: &[u8]| {
+                let mut buf = pt.to_vec();
+                let tag = cipher
+                    .encrypt_in_place_detached(Nonce::from_slice(&nonce), aad, &mut buf)
+                    .unwrap();
+                buf.extend_from_slice(&tag);
+                hex(&buf)
+            };
+            assert_eq!(
+                seal(aad.as_slice(), b"strait golden vector"),
+                value_ct,
+                "v{version} value"
+            );
+            assert_eq!(
+                seal(&aad.for_header(b"trace"), b"t1"),
+                header_ct,
+                "v{version} header"
+            );
+        }
+        // What the encrypting path writes is the v2 vector.
+        let prefix = golden_prefix(format::FORMAT_CURRENT);
+        let active = ActiveDek {
+            cipher: prefix_cipher(&dek, &prefix),
+            value_aad: Aad::for_prefix(&prefix),
+            prefix,
+            nonce_start: 0,
+            used: AtomicU64::new(0),
+            max: 1,
+            created: Instant::now(),
+        };
+        let mut out = BytesMut::new();
+        active.seal_value_into(&mut out, &nonce, b"strait golden vector");
+        assert_eq!(out.len(), active.sealed_len(20));
+        let tail = &out[active.prefix.len()..];
+        assert_eq!(&tail[..NONCE_LEN], &nonce);
+        assert_eq!(hex(&tail[NONCE_LEN..]), cases[1].1);
+
+        // Every prefix byte is bound: flip any one and the value no longer opens.
+        let sealed = tail[NONCE_LEN..].to_vec();
+        let (ct, tag) = sealed.split_at(sealed.len() - TAG_LEN);
+        for i in 1..active.prefix.len() {
+            let mut altered = active.prefix.to_vec();
+            altered[i] ^= 0x01;
+            let mut buf = ct.to_vec();
+            let opened = prefix_cipher(&dek, &altered).decrypt_in_place_detached(
+                Nonce::from_slice(&nonce),
+                Aad::for_prefix(&altered).as_slice(),
+                &mut buf,
+                aes_gcm::Tag::from_slice(tag),
+            );
+            assert!(opened.is_err(), "prefix byte {i} is not authenticated");
+        }
+    }
+
     #[test]
     fn nonce_counter_wraps_at_96_bits_without_repeating_within_budget() {
         let dek = ActiveDek {
             cipher: Aes256Gcm::new(Key::<Aes256Gcm>::from_slice(&[1u8; 32])),
             prefix: Bytes::new(),
-            value_aad: vec![],
+            value_aad: Aad::for_prefix(&[format::FORMAT_CURRENT]),
             nonce_start: MASK96 - 1,
             used: AtomicU64::new(0),
             max: 4,

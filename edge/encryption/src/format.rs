@@ -1,15 +1,22 @@
-//! Cipher record format v1 (see FORMAT.md).
+//! Cipher record format v2, and v1 for reading (see FORMAT.md).
 //!
 //! value = prefix | nonce (12) | ciphertext + tag (16), where
 //! prefix = version (1) | u16 kek_ref_len | kek_ref | u16 wrapped_len | wrapped_dek
 //! kek_ref = u8 kms_len | kms | u16 key_id_len | key_id | u8 version_len | version
-//! AAD = version | purpose | SHA-256(prefix), purpose = 0x00 for a record
-//!       value; 0x01 followed by the header key for a header value.
+//! v2: key = HKDF-SHA256(DEK, info = prefix); AAD none for a record value,
+//!     0x01 | header key for a header value.
+//! v1: key = DEK; AAD = version | purpose | SHA-256(prefix), purpose = 0x00
+//!     for a record value; 0x01 followed by the header key for a header value.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use strait_kms_core::KekRef;
 
+/// Written until 2026-11-30: the prefix is bound through a 34-byte AAD.
 pub const FORMAT_V1: u8 = 1;
+/// Written now: the prefix is bound through the derived key; no AAD.
+pub const FORMAT_V2: u8 = 2;
+/// The version this edge writes. Every version up to it is read.
+pub const FORMAT_CURRENT: u8 = FORMAT_V2;
 /// Header marking an encrypted record. Value: `[version, flags]`.
 pub const MARKER_HEADER: &str = "strait.enc";
 pub const FLAG_VALUE: u8 = 0x01;
@@ -45,7 +52,7 @@ pub fn encode_prefix(loc: &KekLocator, wrapped: &[u8]) -> Result<Bytes, FormatEr
         return Err(FormatError("KEK reference too long"));
     }
     let mut b = BytesMut::with_capacity(1 + 2 + kek_len + 2 + wrapped.len());
-    b.put_u8(FORMAT_V1);
+    b.put_u8(FORMAT_CURRENT);
     b.put_u16(kek_len as u16);
     b.put_u8(loc.kms.len() as u8);
     b.put_slice(loc.kms.as_bytes());
@@ -80,7 +87,7 @@ fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], FormatError> {
 pub fn parse(value: &[u8]) -> Result<Parsed<'_>, FormatError> {
     let mut b = value;
     let v = take(&mut b, 1)?[0];
-    if v != FORMAT_V1 {
+    if v != FORMAT_V1 && v != FORMAT_V2 {
         return Err(FormatError("unsupported format version"));
     }
     let kl = take(&mut b, 2)?;
@@ -146,8 +153,12 @@ mod tests {
         assert_eq!(parsed.sealed.len(), TAG_LEN + 5);
         assert_eq!(parse_locator(parsed.prefix).unwrap(), loc);
         assert!(parse(&v[..p.len() + 3]).is_err());
-        let mut wrong = v.clone();
-        wrong[0] = 2;
-        assert!(parse(&wrong).is_err());
+        assert_eq!(parsed.prefix[0], FORMAT_CURRENT);
+        let mut older = v.clone();
+        older[0] = FORMAT_V1;
+        assert_eq!(parse(&older).unwrap().prefix[0], FORMAT_V1);
+        let mut unknown = v.clone();
+        unknown[0] = 3;
+        assert!(parse(&unknown).is_err());
     }
 }

@@ -268,7 +268,7 @@ async fn round_trip_all_codecs_preserves_batch_fields() {
                             .get(&StrBytes::from_static_str(MARKER_HEADER))
                             .unwrap()
                             .as_deref(),
-                        Some(&[1u8, 1][..])
+                        Some(&[format::FORMAT_CURRENT, 1][..])
                     );
                 }
             }
@@ -525,7 +525,7 @@ async fn header_encryption_round_trip() {
             .get(&StrBytes::from_static_str(MARKER_HEADER))
             .unwrap()
             .as_deref(),
-        Some(&[1u8, 2][..])
+        Some(&[format::FORMAT_CURRENT, 2][..])
     );
     let mut resp = fetch("secret-h", vec![records_of(&req, 0)]);
     enc.decrypt_fetch(&mut resp, 12).await;
@@ -904,4 +904,164 @@ async fn compacted_batch_header_survives_decrypt() {
     let offsets: Vec<i64> = sets[0].records.iter().map(|r| r.offset).collect();
     assert_eq!(offsets, vec![1, 2, 3, 4]);
     assert_eq!(sets[0].records[0].value, records(6, 8)[1].value);
+}
+
+/// Records written in format v1 (whole 32-byte prefix digest in the AAD)
+/// still decrypt after the upgrade to v2, and the version byte selects the
+/// AAD: a v1 value relabelled v2 (or the reverse) fails authentication.
+#[tokio::test]
+async fn format_v1_records_still_decrypt() {
+    use aes_gcm::aead::{AeadInPlace, KeyInit};
+    use sha2::Digest;
+
+    let ring = keyring(&["kek-secret-v1"]);
+    let kek = ring.resolve_alias("kek-secret-v1").await.unwrap();
+    let pair = ring.generate_dek(&kek).await.unwrap();
+    let kms = Arc::new(ring);
+    let enc = engine(config(DekConfig::default()), kms);
+
+    // A value as the v1 writer produced it, built here from FORMAT.md.
+    let seal_v1 = |plaintext: &[u8], nonce: [u8; 12], label: u8| {
+        let loc = format::KekLocator {
+            kms: "dev".into(),
+            kek: pair.kek.clone(),
+        };
+        let mut prefix = format::encode_prefix(&loc, &pair.wrapped).unwrap().to_vec();
+        prefix[0] = label;
+        let mut aad = vec![format::FORMAT_V1, 0x00];
+        aad.extend_from_slice(&sha2::Sha256::digest(&prefix));
+        let cipher = aes_gcm::Aes256Gcm::new_from_slice(&pair.plaintext[..]).unwrap();
+        let mut ct = plaintext.to_vec();
+        let tag = cipher
+            .encrypt_in_place_detached(aes_gcm::Nonce::from_slice(&nonce), &aad, &mut ct)
+            .unwrap();
+        let mut v = prefix;
+        v.extend_from_slice(&nonce);
+        v.extend_from_slice(&ct);
+        v.extend_from_slice(&tag);
+        Bytes::from(v)
+    };
+    let batch_of = |values: Vec<Bytes>, marker: u8| {
+        let mut recs = records(values.len(), 8);
+        for (r, v) in recs.iter_mut().zip(values) {
+            r.value = Some(v);
+            r.headers.insert(
+                StrBytes::from_static_str(MARKER_HEADER),
+                Some(Bytes::copy_from_slice(&[marker, 0x01])),
+            );
+        }
+        encode(&recs, Compression::Lz4)
+    };
+
+    let plain: Vec<Bytes> = (0..4)
+        .map(|i| Bytes::from(format!("written by a v1 edge {i}")))
+        .collect();
+    let v1: Vec<Bytes> = plain
+        .iter()
+        .enumerate()
+        .map(|(i, p)| seal_v1(p, [i as u8; 12], format::FORMAT_V1))
+        .collect();
+    let mut resp = fetch("secret-v1", vec![batch_of(v1, format::FORMAT_V1)]);
+    let report = enc.decrypt_fetch(&mut resp, 12).await;
+    assert!(report.failed_partitions.is_empty(), "{report:?}");
+    assert_eq!(report.decrypted_records, 4);
+    let got = decode(fetched(&resp, 0).records.as_ref().unwrap());
+    let values: Vec<Bytes> = got[0]
+        .records
+        .iter()
+        .map(|r| r.value.clone().unwrap())
+        .collect();
+    assert_eq!(values, plain);
+    assert!(
+        got[0].records.iter().all(|r| r.headers.len() == 1),
+        "marker removed, user header kept"
+    );
+
+    // The same v1 ciphertext labelled v2 must not authenticate.
+    let relabelled = vec![seal_v1(&plain[0], [9; 12], format::FORMAT_V2)];
+    let mut resp = fetch("secret-v1", vec![batch_of(relabelled, format::FORMAT_V2)]);
+    let report = enc.decrypt_fetch(&mut resp, 12).await;
+    assert_eq!(report.failed_partitions[0].error, EncryptionError::Tampered);
+    assert_eq!(fetched(&resp, 0).records.as_ref().map(Bytes::len), Some(0));
+
+    // And what this edge writes now is v2 and round-trips.
+    let mut req = produce(
+        "secret-v1",
+        vec![encode(&records(5, 40), Compression::None)],
+    );
+    enc.encrypt_produce(&mut req, 9).await.unwrap();
+    let stored = decode(&records_of(&req, 0));
+    let first = stored[0].records[0].value.clone().unwrap();
+    assert_eq!(first[0], format::FORMAT_V2);
+    let mut resp = fetch("secret-v1", vec![records_of(&req, 0)]);
+    let report = enc.decrypt_fetch(&mut resp, 12).await;
+    assert!(report.failed_partitions.is_empty(), "{report:?}");
+    assert_eq!(report.decrypted_records, 4);
+}
+
+/// Overwrite a batch's declared record count (the CRC is not checked by the
+/// edge, so no need to fix it).
+fn with_declared_count(batch: &Bytes, count: i32) -> Bytes {
+    let mut b = batch.to_vec();
+    b[57..61].copy_from_slice(&count.to_be_bytes());
+    Bytes::from(b)
+}
+
+/// The record count in a batch header comes from the client. Leases are
+/// sized from it, so a client claiming two billion records must not be able
+/// to reserve (and burn) a DEK's whole encryption budget.
+#[tokio::test]
+async fn lying_record_count_cannot_burn_the_dek_budget() {
+    let kms = Arc::new(keyring(&["kek-secret-lie"]));
+    let dek = DekConfig {
+        max_encryptions: 6000,
+        ..DekConfig::default()
+    };
+    let enc = engine(config(dek), kms);
+    let liar = with_declared_count(&encode(&records(3, 8), Compression::None), i32::MAX);
+    let mut req = produce("secret-lie", vec![liar]);
+    let rej = enc.encrypt_produce(&mut req, 9).await.unwrap_err();
+    assert!(
+        matches!(rej.partitions[0].error, EncryptionError::CorruptBatch(_)),
+        "{rej:?}"
+    );
+    assert!(
+        req.topic_data.is_empty(),
+        "the lying batch is not forwarded"
+    );
+    for _ in 0..3 {
+        let mut req = produce(
+            "secret-lie",
+            vec![encode(&records(10, 8), Compression::None)],
+        );
+        enc.encrypt_produce(&mut req, 9).await.unwrap();
+    }
+    assert_eq!(
+        enc.metrics().deks_generated(),
+        1,
+        "the lie wasted at most one lease, the DEK kept its budget"
+    );
+}
+
+/// Records beyond the declared count must not slip through unencrypted
+/// (a batch declaring 0 records used to be copied as it was).
+#[tokio::test]
+async fn records_beyond_the_declared_count_are_rejected() {
+    let kms = Arc::new(keyring(&["kek-secret-under"]));
+    let enc = engine(config(DekConfig::default()), kms);
+    for (declared, codec) in [
+        (0, Compression::None),
+        (2, Compression::None),
+        (2, Compression::Zstd),
+    ] {
+        let batch = with_declared_count(&encode(&records(3, 8), codec), declared);
+        let mut req = produce("secret-under", vec![batch]);
+        let rej = enc.encrypt_produce(&mut req, 9).await.unwrap_err();
+        assert!(
+            matches!(rej.partitions[0].error, EncryptionError::CorruptBatch(_)),
+            "declared {declared}: {rej:?}"
+        );
+        assert!(req.topic_data.is_empty(), "declared {declared}: forwarded");
+    }
+    assert_eq!(enc.metrics().encrypted_records(), 0);
 }

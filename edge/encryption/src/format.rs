@@ -75,6 +75,7 @@ pub struct Parsed<'a> {
     pub sealed: &'a [u8],
 }
 
+#[inline]
 fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], FormatError> {
     if b.len() < n {
         return Err(FormatError("truncated"));
@@ -84,6 +85,7 @@ fn take<'a>(b: &mut &'a [u8], n: usize) -> Result<&'a [u8], FormatError> {
     Ok(h)
 }
 
+#[inline]
 pub fn parse(value: &[u8]) -> Result<Parsed<'_>, FormatError> {
     let mut b = value;
     let v = take(&mut b, 1)?[0];

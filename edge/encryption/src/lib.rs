@@ -912,7 +912,7 @@ fn open_values<'a>(
         }
         let value = r.value.ok_or(EncryptionError::Tampered)?;
         let parsed = format::parse(value).map_err(|_| EncryptionError::Tampered)?;
-        let Some(k) = key.filter(|k| k.prefix == parsed.prefix) else {
+        let Some(k) = key.filter(|k| batch::same_bytes(&k.prefix, parsed.prefix)) else {
             *recs = before;
             return Ok(OpenStep::NeedKey {
                 prefix: parsed.prefix,
@@ -940,8 +940,13 @@ fn open_values<'a>(
             r.header_count - 1,
             r.headers_raw.len() - (marker.end - marker.start),
             |buf| {
-                buf.extend_from_slice(&r.headers_raw[..marker.start]);
-                buf.extend_from_slice(&r.headers_raw[marker.end..]);
+                // Usually the marker is the only header: skip empty copies.
+                if marker.start > 0 {
+                    buf.extend_from_slice(&r.headers_raw[..marker.start]);
+                }
+                if marker.end < r.headers_raw.len() {
+                    buf.extend_from_slice(&r.headers_raw[marker.end..]);
+                }
             },
         )?;
         opened.records += 1;
@@ -957,6 +962,20 @@ pub mod testing {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn same_bytes_is_slice_equality() {
+        let a: Vec<u8> = (0..70u8).collect();
+        for len in 0..a.len() {
+            assert!(batch::same_bytes(&a[..len], &a[..len]));
+            assert!(!batch::same_bytes(&a[..len], &a[..len + 1]));
+            for i in 0..len {
+                let mut b = a[..len].to_vec();
+                b[i] ^= 0x80;
+                assert!(!batch::same_bytes(&a[..len], &b), "len {len}, byte {i}");
+            }
+        }
+    }
 
     #[test]
     fn marker_encoding_matches_the_record_codec() {

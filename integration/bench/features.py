@@ -139,6 +139,8 @@ def main() -> int:
     parser.add_argument("--timeout", type=int, default=180)
     parser.add_argument("--variants", default=",".join(VARIANTS),
                         help="comma-separated subset of " + ",".join(VARIANTS) + " (plain is always included)")
+    parser.add_argument("--out", default="features",
+                        help="report name: writes integration/bench/OUT.md and OUT.json")
     args = parser.parse_args()
     variants = [v for v in VARIANTS if v == "plain" or v in args.variants.split(",")]
     logs = Path(os.environ.get("TMPDIR", "/tmp")) / f"strait-features-{os.getpid()}"
@@ -192,8 +194,8 @@ def main() -> int:
                       f"decrypted ({1e6 * calls / max(records, 1):.2f} per million records)."]
     text = "\n".join(lines) + "\n"
     print(text)
-    (HERE / "features.md").write_text(text)
-    (HERE / "features.json").write_text(json.dumps(results, indent=2))
+    (HERE / f"{args.out}.md").write_text(text)
+    (HERE / f"{args.out}.json").write_text(json.dumps(results, indent=2))
     return 0
 
 

@@ -134,11 +134,28 @@ impl RawBatch {
             start,
             code,
             plain,
-            crc: crc_fast::Digest::new(crc_fast::CrcAlgorithm::Crc32Iscsi),
+            crc: crc_fast::Digest::new_with_params(*CRC32C_FOLDING),
             crc_done: start + ATTR_OFFSET,
         }
     }
 }
+
+/// CRC-32C (Castagnoli, what Kafka batches carry) computed by crc-fast's
+/// generic PCLMULQDQ folding rather than its default for this polynomial,
+/// which interleaves the `crc32` instruction: that instruction issues once
+/// every 3 cycles on AMD Zen, where folding measured 1.8x faster (6.4 vs
+/// 3.6 GB/s); on Intel both run well above the AES-GCM they sit next to.
+static CRC32C_FOLDING: std::sync::LazyLock<crc_fast::CrcParams> = std::sync::LazyLock::new(|| {
+    crc_fast::CrcParams::new(
+        "CRC-32/ISCSI",
+        32,
+        0x1edc_6f41,
+        0xffff_ffff,
+        true,
+        0xffff_ffff,
+        0xe306_9283,
+    )
+});
 
 /// Checksum written records in pieces of this size, while they are still in
 /// the L1/L2 cache: one pass over a whole batch after the fact read it back
@@ -705,6 +722,39 @@ mod tests {
             assert_eq!(decoded[0].records, krecords(10), "{c:?}");
             assert_eq!(decoded[0].compression, c);
         }
+    }
+
+    #[test]
+    fn batch_crc_is_crc32c() {
+        let data: Vec<u8> = (0..100_000u32).map(|i| (i * 31 + 7) as u8).collect();
+        for len in [0, 1, 9, 63, 64, 65, 8191, 8192, 8193, 100_000] {
+            let mut d = crc_fast::Digest::new_with_params(*CRC32C_FOLDING);
+            let (a, b) = data[..len].split_at(len / 3);
+            d.update(a);
+            d.update(b);
+            assert_eq!(
+                d.finalize(),
+                u64::from(crc32c_reference(&data[..len])),
+                "{len}"
+            );
+        }
+        assert_eq!(crc32c_reference(b"123456789"), 0xe306_9283);
+    }
+
+    /// Bitwise CRC-32C, the definition, for checking the fast one.
+    fn crc32c_reference(data: &[u8]) -> u32 {
+        let mut crc = !0u32;
+        for &b in data {
+            crc ^= u32::from(b);
+            for _ in 0..8 {
+                crc = if crc & 1 != 0 {
+                    (crc >> 1) ^ 0x82f6_3b78
+                } else {
+                    crc >> 1
+                };
+            }
+        }
+        !crc
     }
 
     #[test]

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from .wait import wait_for
 
-LIBS = ["confluent", "kafka-python"]
+LIBS = ["confluent", "kafka-python", "java"]
 
 
 @dataclass
@@ -303,4 +303,8 @@ class KafkaPythonConsumer:
 
 
 def client(lib: str, bootstrap: str):
+    if lib == "java":
+        # The Java client (kafka-clients) through the session's JVM; imported here, it imports this module.
+        from .java_client import JavaClient
+        return JavaClient(bootstrap)
     return {"confluent": Confluent, "kafka-python": KafkaPython}[lib](bootstrap)

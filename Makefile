@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export STRAIT_TANSU_BIN ?= $(HOME)/.cache/strait/tools/bin/tansu
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test pytest demo bench bench-features lint fmt
+.PHONY: all setup build test pytest demo bench bench-features bench-compare bench-compare-smoke lint fmt
 
 all: build
 
@@ -15,13 +15,18 @@ setup:
 build:
 	cargo build --workspace --bins
 
+# The Tansu compatibility subset: edge core and bad input, with the two libraries Tansu was proven with.
+TANSU_SUBSET := integration/tests/test_edge_core.py integration/tests/test_bad_input.py -k "not java"
+
 test: setup build
 	cargo test --workspace
 	$(PYTHON) -m pytest integration/ $(PYTEST_ARGS)
+	STRAIT_BROKER=tansu $(PYTHON) -m pytest $(TANSU_SUBSET) $(PYTEST_ARGS)
 
-# Only the Python scenarios (assumes setup and build were done).
+# Only the Python scenarios (assumes setup and build were done): Apache Kafka, then the Tansu subset.
 pytest:
 	$(PYTHON) -m pytest integration/ $(PYTEST_ARGS)
+	STRAIT_BROKER=tansu $(PYTHON) -m pytest $(TANSU_SUBSET) $(PYTEST_ARGS)
 
 demo: setup build
 	scripts/demo.sh
@@ -36,6 +41,19 @@ bench-features: setup
 	cargo build --release -p strait-loadgen -p strait-edge -p strait-testcerts
 	cargo build -p strait-testcerts
 	$(PYTHON) integration/bench/features.py
+
+# Apache Kafka direct vs strait-edge vs Kroxylicious vs socat, passthrough and encrypting (OpenBao), 3 rounds;
+# writes integration/bench/compare.json, compare.md and the table in docs/benchmarks.md. About an hour on
+# 2 cores: run it on a quiet machine. BENCH_ARGS='--rounds 5', '--rows 1000x1', '--scale 0.5', ...
+BENCH_ARGS ?=
+bench-compare: setup
+	cargo build --release -p strait-edge -p strait-loadgen
+	$(PYTHON) integration/bench/compare.py $(BENCH_ARGS)
+
+# The same with tiny counts, one round, 1 KB / one connection; asserts delivery and ciphertext at rest
+# (what integration/tests/test_bench_smoke.py runs in CI). Debug binaries from `make build`.
+bench-compare-smoke: setup build
+	$(PYTHON) integration/bench/compare.py --smoke --profile debug
 
 lint:
 	cargo fmt --all -- --check

@@ -1,11 +1,19 @@
-"""Fixtures for the Strait integration tests: real Tansu brokers, the real strait-edge binary, both client libs.
+"""Fixtures for the Strait integration tests: real brokers, the real strait-edge binary, real client libs.
 
-Scenarios that take `via` run twice: `direct` (clients talk to Tansu; proves the scenario itself is right)
-and `edge` (clients talk to strait-edge in front of the same Tansu). The edge variant FAILS when the
-binary is missing. Scenarios that take `lib` run once per client library.
+Brokers: Apache Kafka (KRaft, from Maven Central via scripts/setup.sh) by default. `STRAIT_BROKER=tansu`
+runs the same scenarios on Tansu instead (the compatibility subset `make test` runs that way).
+`broker()` hands out one single-node cluster shared by the whole session (scenarios keep apart by unique
+topic and group names); `broker(dedicated=True, ...)` starts a cluster of the test's own, for scenarios
+that restart, kill or reconfigure it.
+
+Scenarios that take `via` run twice: `direct` (clients talk to the broker; proves the scenario itself is
+right) and `edge` (clients talk to strait-edge in front of the same broker). The edge variant FAILS when
+the binary is missing. Scenarios that take `lib` run once per client library.
 """
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,9 +22,12 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from lib.clients import LIBS, client  # noqa: E402
 from lib.edge import Edge, EdgeBinaryMissing, VirtualCluster, edge_bin  # noqa: E402
+from lib.kafka import KafkaCluster  # noqa: E402
 from lib.tansu import Tansu  # noqa: E402
 
 VIAS = ["direct", "edge"]
+BROKER_KIND = os.environ.get("STRAIT_BROKER", "kafka")
+assert BROKER_KIND in ("kafka", "tansu"), f"STRAIT_BROKER must be kafka or tansu, not {BROKER_KIND!r}"
 
 
 def pytest_generate_tests(metafunc):
@@ -52,11 +63,59 @@ def tansu(logs):
         t.stop()
 
 
+@pytest.fixture(scope="session")
+def shared_kafka():
+    """One single-node Kafka for the session, started on first use."""
+    holder: list[KafkaCluster] = []
+
+    def get() -> KafkaCluster:
+        if not holder:
+            logs = Path(tempfile.mkdtemp(prefix="strait-shared-kafka-logs-"))
+            holder.append(KafkaCluster(logs, brokers=1, name="kafka-shared").start())
+        return holder[0]
+
+    yield get
+    for k in holder:
+        k.stop()
+
+
+@pytest.fixture
+def kafka(logs):
+    """Factory: `kafka(brokers=3, sasl=..., tls=..., acls=...)` starts a dedicated KafkaCluster."""
+    started: list[KafkaCluster] = []
+
+    def make(**kwargs) -> KafkaCluster:
+        k = KafkaCluster(logs, **kwargs)
+        started.append(k)
+        return k.start()
+
+    yield make
+    for k in started:
+        k.stop()
+
+
+@pytest.fixture
+def broker(shared_kafka, kafka, tansu):
+    """Factory: a broker for a scenario; see the module docstring. Kafka by default, Tansu with
+    STRAIT_BROKER=tansu. `persistent=True` asks for storage that survives `restart()`."""
+
+    def make(dedicated: bool = False, persistent: bool = False, name: str | None = None, **kwargs):
+        if BROKER_KIND == "tansu":
+            if persistent:
+                kwargs.setdefault("storage", f"sqlite:///{tempfile.mkdtemp(prefix='strait-tansu-')}/t.db")
+            return tansu(**({"name": name} if name else {}), **kwargs)
+        if dedicated or persistent or kwargs:
+            return kafka(**({"name": name} if name else {}), **kwargs)
+        return shared_kafka()
+
+    return make
+
+
 @pytest.fixture
 def edge(logs, request):
     """Factory: `edge(upstreams)` starts strait-edge with one virtual cluster per entry.
 
-    `upstreams` is a Tansu, a list of Tansu, or a list of VirtualCluster. After the test body the edge
+    `upstreams` is a broker (KafkaCluster or Tansu), a list of them, or a list of VirtualCluster. After the test body the edge
     gets SIGTERM and the test FAILS if the log has ERROR lines not declared with `edge.expect_error()`.
     """
     started: list[Edge] = []
@@ -67,10 +126,10 @@ def edge(logs, request):
             binary = kwargs.pop("binary", None) or edge_bin()
         except EdgeBinaryMissing as e:
             pytest.fail(str(e), pytrace=False)
-        if isinstance(upstreams, Tansu):
+        if isinstance(upstreams, (Tansu, KafkaCluster)):
             upstreams = [upstreams]
         clusters = [
-            u if isinstance(u, VirtualCluster) else VirtualCluster(name=f"vc{i}", upstream=[u.bootstrap])
+            u if isinstance(u, VirtualCluster) else VirtualCluster(name=f"vc{i}", upstream=u.bootstrap_servers)
             for i, u in enumerate(upstreams)
         ]
         e = Edge(logs, clusters, binary=binary, **kwargs)
@@ -111,25 +170,25 @@ def _stop_edges(item) -> list[str]:
 
 
 class Target:
-    """Where a scenario's clients connect: Tansu itself or strait-edge in front of it."""
+    """Where a scenario's clients connect: the broker itself or strait-edge in front of it."""
 
-    def __init__(self, via: str, tansu: Tansu, edge: Edge | None):
+    def __init__(self, via: str, broker, edge: Edge | None):
         self.via = via
-        self.tansu = tansu
+        self.broker = broker
         self.edge = edge
 
     @property
     def bootstrap(self) -> str:
-        return self.edge.bootstrap if self.edge else self.tansu.bootstrap
+        return self.edge.bootstrap if self.edge else self.broker.bootstrap
 
     def client(self, lib: str):
         return client(lib, self.bootstrap)
 
 
 @pytest.fixture
-def make_target(via, tansu, edge):
-    def make(**tansu_kwargs) -> Target:
-        t = tansu(**tansu_kwargs)
+def make_target(via, broker, edge):
+    def make(**broker_kwargs) -> Target:
+        t = broker(**broker_kwargs)
         e = edge(t) if via == "edge" else None
         return Target(via, t, e)
     return make

@@ -3,6 +3,7 @@
 # (as root) and on a developer machine. Prints each step.
 #   - Debian packages: compiler toolchain, cmake, pkg-config, socat, python3-venv
 #   - Tansu 0.6.0 (Kafka-compatible broker) into ~/.cache/strait/tools/bin, built once and cached
+#   - Apache Kafka (broker, tools, MirrorMaker 2) from Maven Central into ~/.cache/strait/kafka/<version>
 #   - Python venv ~/.cache/strait/venv from integration/requirements.txt (skipped when unchanged)
 set -euo pipefail
 
@@ -17,7 +18,7 @@ say() { printf '[setup] %s\n' "$*"; }
 mkdir -p "$CACHE"
 
 # ---- Debian packages
-APT_PKGS=(build-essential cmake pkg-config socat python3-venv libssl-dev)
+APT_PKGS=(build-essential cmake pkg-config socat python3-venv libssl-dev maven openjdk-17-jdk-headless)
 missing=()
 for p in "${APT_PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -42,6 +43,23 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 say "cargo: $(cargo --version)"
+
+# ---- Apache Kafka (jars only: the harness in integration/lib/kafka.py writes configs and starts nodes)
+KAFKA_POM="$ROOT/integration/kafka/pom.xml"
+KAFKA_VERSION="$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' "$KAFKA_POM")"
+KAFKA_DIR="$CACHE/kafka/$KAFKA_VERSION"
+KAFKA_STAMP="$KAFKA_DIR/.pom.sha256"
+kafka_want="$(sha256sum "$KAFKA_POM" | cut -d' ' -f1)"
+if [ -f "$KAFKA_STAMP" ] && [ "$(cat "$KAFKA_STAMP")" = "$kafka_want" ]; then
+    say "kafka $KAFKA_VERSION present: $KAFKA_DIR/libs"
+else
+    say "resolving kafka $KAFKA_VERSION jars from Maven Central into $KAFKA_DIR/libs"
+    rm -rf "$KAFKA_DIR/libs"
+    mkdir -p "$KAFKA_DIR"
+    mvn -q -B -f "$KAFKA_POM" dependency:copy-dependencies -DoutputDirectory="$KAFKA_DIR/libs" \
+        > "$KAFKA_DIR/mvn.log" 2>&1 || { say "ERROR: mvn failed, see $KAFKA_DIR/mvn.log"; exit 1; }
+    echo "$kafka_want" > "$KAFKA_STAMP"
+fi
 
 # ---- Tansu
 TANSU="$TOOLS/bin/tansu"

@@ -39,13 +39,13 @@ def example_rules() -> list[dict]:
     ]
 
 
-def authz_cluster(tansu, pki: Pki, rules: list[dict], name: str = "secure", audit: dict | None = None,
+def authz_cluster(broker, pki: Pki, rules: list[dict], name: str = "secure", audit: dict | None = None,
                   ) -> VirtualCluster:
     extra = {"tls": pki.server_tls(), "authorization": {"rules": rules, "unknown_api_keys": "deny"}}
     if audit is not None:
         extra["audit"] = audit
     # Advertise "localhost": clients verify the edge's certificate by name.
-    return VirtualCluster(name=name, upstream=[tansu.bootstrap], advertised_host="localhost", extra=extra)
+    return VirtualCluster(name=name, upstream=broker.bootstrap_servers, advertised_host="localhost", extra=extra)
 
 
 def write_config_atomically(edge: Edge) -> None:

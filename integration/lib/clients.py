@@ -89,6 +89,9 @@ class Confluent:
             "session.timeout.ms": 10000,
         }
         base.update(conf)
+        if base.get("group.protocol") == "consumer":
+            # KIP-848: the broker owns session timeouts and assignment; librdkafka refuses these keys.
+            base.pop("session.timeout.ms", None)
         c = Consumer(base)
         c.subscribe([topic])
         return ConfluentConsumer(c)
@@ -124,6 +127,19 @@ class ConfluentProducer:
         if errors:
             raise AssertionError(f"{len(errors)} delivery errors, first: {errors[0]}")
         return results
+
+    # Transactions (the producer needs a `transactional.id`).
+    def init_transactions(self, timeout: float = 60.0) -> None:
+        self.p.init_transactions(timeout)
+
+    def begin_transaction(self) -> None:
+        self.p.begin_transaction()
+
+    def commit_transaction(self, timeout: float = 60.0) -> None:
+        self.p.commit_transaction(timeout)
+
+    def abort_transaction(self, timeout: float = 60.0) -> None:
+        self.p.abort_transaction(timeout)
 
     def close(self):
         self.p.flush(10)
@@ -245,6 +261,9 @@ class KafkaPython:
             "auto_offset_reset": "earliest",
             "enable_auto_commit": False,
             "session_timeout_ms": 10000,
+            # kafka-python can lead a join before its metadata has a just-created topic, assign nothing,
+            # and only rejoin at the next metadata refresh (metadata_max_age_ms, 5 min by default).
+            "metadata_max_age_ms": 2000,
         }
         base.update(conf)
         c = KafkaConsumer(**base)
@@ -267,6 +286,19 @@ class KafkaPythonProducer:
             md = f.get(timeout=timeout)
             out.append(Rec(r.key, r.value, r.headers, md.partition, md.offset, md.topic))
         return out
+
+    # Transactions (the producer needs a `transactional_id`).
+    def init_transactions(self, timeout: float = 60.0) -> None:
+        self.p.init_transactions()
+
+    def begin_transaction(self) -> None:
+        self.p.begin_transaction()
+
+    def commit_transaction(self, timeout: float = 60.0) -> None:
+        self.p.commit_transaction()
+
+    def abort_transaction(self, timeout: float = 60.0) -> None:
+        self.p.abort_transaction()
 
     def close(self):
         self.p.close(timeout=10)

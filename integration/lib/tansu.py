@@ -51,6 +51,10 @@ class Tansu:
     def bootstrap(self) -> str:
         return f"{self.host}:{self.port}"
 
+    @property
+    def bootstrap_servers(self) -> list[str]:
+        return [self.bootstrap]
+
     def start(self, timeout: float = 30.0) -> "Tansu":
         self.proc.start()
         self._wait_ready(timeout)

@@ -51,16 +51,16 @@ def rules_with_ledger() -> list[dict]:
     return example_rules() + [{"principal": SPIFFE_ORDERS, "allow": ["Describe"], "topic": "ledger"}]
 
 
-def secure_edge(tansu, edge, pki, rules, **kw):
-    t = tansu()
+def secure_edge(broker, edge, pki, rules, **kw):
+    t = broker(dedicated=True)  # fixed topic names: a cluster of its own
     create_topics_at_broker(t.bootstrap, TOPICS)
     vc = authz_cluster(t, pki, rules, **kw)
     e = edge([vc])
     return t, vc, e
 
 
-def test_allowed_produce_and_group_consume(tansu, edge, pki, lib):
-    t, vc, e = secure_edge(tansu, edge, pki, example_rules())
+def test_allowed_produce_and_group_consume(broker, edge, pki, lib):
+    t, vc, e = secure_edge(broker, edge, pki, example_rules())
     orders = Principal(pki, vc, "orders")
     billing = Principal(pki, vc, "billing")
     producer = orders.producer(lib)
@@ -80,8 +80,8 @@ def test_allowed_produce_and_group_consume(tansu, edge, pki, lib):
     assert e.metric("strait_authz_decisions", virtual_cluster="secure", result="allow") > 0
 
 
-def test_denied_produce_and_group_never_reach_the_broker(tansu, edge, pki, lib):
-    t, vc, e = secure_edge(tansu, edge, pki, rules_with_ledger())
+def test_denied_produce_and_group_never_reach_the_broker(broker, edge, pki, lib):
+    t, vc, e = secure_edge(broker, edge, pki, rules_with_ledger())
     orders = Principal(pki, vc, "orders")
     billing = Principal(pki, vc, "billing")
     denied_values = []
@@ -113,10 +113,10 @@ def test_denied_produce_and_group_never_reach_the_broker(tansu, edge, pki, lib):
     assert e.metric("strait_authz_decisions", virtual_cluster="secure", result="deny") >= 6
 
 
-def test_denied_fetch_delivers_nothing(tansu, edge, pki, lib, tmp_path):
+def test_denied_fetch_delivers_nothing(broker, edge, pki, lib, tmp_path):
     """orders may Describe `ledger` but not Read it: Fetch is refused, the broker's record never arrives."""
     audit = tmp_path / "audit.jsonl"
-    t, vc, e = secure_edge(tansu, edge, pki, rules_with_ledger(), audit={"path": str(audit), "sample_allows": 0.0})
+    t, vc, e = secure_edge(broker, edge, pki, rules_with_ledger(), audit={"path": str(audit), "sample_allows": 0.0})
     from confluent_kafka import Producer
     direct = Producer({"bootstrap.servers": t.bootstrap})
     direct.produce("ledger", value=b"secret-ledger-entry")
@@ -130,11 +130,11 @@ def test_denied_fetch_delivers_nothing(tansu, edge, pki, lib, tmp_path):
 
 
 @pytest.mark.parametrize("cert", ["other-domain", "nested-path"])
-def test_outsider_with_valid_certificate_gets_nothing(tansu, edge, pki, lib, cert, tmp_path):
+def test_outsider_with_valid_certificate_gets_nothing(broker, edge, pki, lib, cert, tmp_path):
     """other-domain: spiffe://other.org/ns/shop/sa/orders; nested-path:
     spiffe://example.org/ns/shop/sa/orders/extra. Both certificates come from the edge's CA."""
     audit = tmp_path / "audit.jsonl"
-    t, vc, e = secure_edge(tansu, edge, pki, example_rules(), audit={"path": str(audit), "sample_allows": 1.0})
+    t, vc, e = secure_edge(broker, edge, pki, example_rules(), audit={"path": str(audit), "sample_allows": 1.0})
     outsider = Principal(pki, vc, cert)
     p = outsider.producer(lib)
     assert p.send("orders-eu", b"from-other-domain") == TOPIC_AUTHORIZATION_FAILED
@@ -151,8 +151,8 @@ def test_outsider_with_valid_certificate_gets_nothing(tansu, edge, pki, lib, cer
     assert {line["decision"] for line in lines} == {"deny"}, lines
 
 
-def test_metadata_hides_topics_the_principal_may_not_describe(tansu, edge, pki, lib):
-    t, vc, e = secure_edge(tansu, edge, pki, rules_with_ledger())
+def test_metadata_hides_topics_the_principal_may_not_describe(broker, edge, pki, lib):
+    t, vc, e = secure_edge(broker, edge, pki, rules_with_ledger())
     assert set(TOPICS) <= _direct_topics(t.bootstrap)  # all four exist at the broker
     assert Principal(pki, vc, "orders").list_topics(lib) & set(TOPICS) == {"orders-eu", "orders-us", "ledger"}
     assert Principal(pki, vc, "billing").list_topics(lib) & set(TOPICS) == {"orders-eu", "orders-us"}
@@ -164,9 +164,9 @@ def _direct_topics(bootstrap: str) -> set[str]:
     return set(admin.list_topics(timeout=10).topics)
 
 
-def test_leased_grant_expires_mid_run(tansu, edge, pki, lib, tmp_path):
+def test_leased_grant_expires_mid_run(broker, edge, pki, lib, tmp_path):
     """billing may Write orders-lease only until `not_after`, a few seconds after the edge starts."""
-    t = tansu()
+    t = broker(dedicated=True)  # fixed topic names: a cluster of its own
     create_topics_at_broker(t.bootstrap, ["orders-lease"])
     # Long enough for the edge to start and the client to connect on a busy 2-core machine.
     not_after_dt = in_seconds(8)
@@ -214,12 +214,12 @@ def test_leased_grant_expires_mid_run(tansu, edge, pki, lib, tmp_path):
     assert not {r[2] for r in after} & set(at_broker)
 
 
-def test_leased_read_expires_under_a_running_consumer(tansu, edge, pki, lib):
+def test_leased_read_expires_under_a_running_consumer(broker, edge, pki, lib):
     """billing may Read `stream` until `not_after`; a consumer keeps fetching while records keep
     arriving at the broker: nothing produced after the lease ended is delivered, and the client is
     told TOPIC_AUTHORIZATION_FAILED (Fetch sessions are off, so the broker cannot keep serving it)."""
     from confluent_kafka import Producer
-    t = tansu()
+    t = broker(dedicated=True)  # fixed topic names: a cluster of its own
     create_topics_at_broker(t.bootstrap, ["stream"])
     not_after_dt = in_seconds(8)
     not_after = not_after_dt.timestamp()
@@ -263,11 +263,11 @@ def test_leased_read_expires_under_a_running_consumer(tansu, edge, pki, lib):
     assert not [c for at, c in errors if at < not_after], errors
 
 
-def test_rule_removed_live_denies_the_open_producer(tansu, edge, pki, lib):
+def test_rule_removed_live_denies_the_open_producer(broker, edge, pki, lib):
     """Removing a grant from the config file applies to the connection a producer already has: no
     reconnect, its next Produce is denied. (Edges built before main 6129063 restarted the whole
     virtual cluster on such a change, closing connections and leaving broker ports unbound.)"""
-    t = tansu()
+    t = broker(dedicated=True)  # fixed topic names: a cluster of its own
     create_topics_at_broker(t.bootstrap, ["orders-live"])
     grant = {"principal": SPIFFE_BILLING, "allow": ["Write"], "topic": "orders-live"}
     vc = authz_cluster(t, pki, example_rules() + [grant])
@@ -295,9 +295,9 @@ def test_rule_removed_live_denies_the_open_producer(tansu, edge, pki, lib):
     assert read_at_broker(t.bootstrap, "orders-live") == [b"live-before"]
 
 
-def test_audit_lines_for_every_decision_and_metrics(tansu, edge, pki, tmp_path):
+def test_audit_lines_for_every_decision_and_metrics(broker, edge, pki, tmp_path):
     """Two virtual clusters on one broker: `full` audits every allow, `denies` none (sample 0.0)."""
-    t = tansu()
+    t = broker(dedicated=True)  # fixed topic names: a cluster of its own
     create_topics_at_broker(t.bootstrap, TOPICS)
     full_path = tmp_path / "audit-full.jsonl"
     denies_path = tmp_path / "audit-denies.jsonl"

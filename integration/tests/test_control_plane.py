@@ -58,12 +58,12 @@ class Control:
         self.proc.stop()
 
 
-def resources(tansu_bootstrap: str, bootstrap_port: int, ports: range, ops: list[str]) -> str:
+def resources(broker_bootstrap: str, bootstrap_port: int, ports: range, ops: list[str]) -> str:
     return f"""
 kind: KafkaCluster
 name: east
 spec:
-  bootstrap_servers: ["{tansu_bootstrap}"]
+  bootstrap_servers: ["{broker_bootstrap}"]
 ---
 kind: VirtualCluster
 name: east-local
@@ -99,10 +99,10 @@ def start_edge(logs: Path, control: Control, cache: Path, admin_port: int) -> Pr
     return edge
 
 
-def test_edge_follows_the_control_plane(tansu, logs, tmp_path):
+def test_edge_follows_the_control_plane(broker, logs, tmp_path):
     from confluent_kafka import KafkaError, Producer
     from confluent_kafka.admin import AdminClient, NewTopic
-    t = tansu()
+    t = broker()
     topic = unique("orders")
     direct = AdminClient({"bootstrap.servers": t.bootstrap})
     direct.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)

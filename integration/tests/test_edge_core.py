@@ -144,22 +144,21 @@ def test_metadata_lists_only_edge_addresses(target, lib):
     assert brokers, "metadata returned no brokers"
     assert described == brokers, f"DescribeCluster {described} != Metadata {brokers}"
     if target.via == "direct":
-        assert brokers == [("127.0.0.1", target.tansu.port)]
-        assert coordinator == ("127.0.0.1", target.tansu.port)
+        assert brokers == [("127.0.0.1", target.broker.port)]
+        assert coordinator == ("127.0.0.1", target.broker.port)
         return
     vc = target.edge.cluster()
     for host, port in brokers + described + [coordinator]:
         assert host == vc.advertised_host, (host, port)
         assert port in vc.ports, f"{port} not in edge port range {vc.ports}"
-        assert port != target.tansu.port
+        assert port != target.broker.port
 
 
-def test_broker_restart_under_connected_producer(via, lib, tansu, edge, tmp_path):
-    # File-backed storage so the topic survives the restart (memory storage would forget it).
-    # Tansu joins the URL path to its cwd unless it starts with a double slash, hence four slashes.
-    broker = tansu(storage=f"sqlite:///{tmp_path}/restart.db")
-    e = edge(broker) if via == "edge" else None
-    bootstrap = e.bootstrap if e else broker.bootstrap
+def test_broker_restart_under_connected_producer(via, lib, broker, edge, tmp_path):
+    # A cluster of its own whose storage survives the restart (Tansu: sqlite instead of memory).
+    b = broker(persistent=True)
+    e = edge(b) if via == "edge" else None
+    bootstrap = e.bootstrap if e else b.bootstrap
     c = client(lib, bootstrap)
     topic = unique("restart")
     c.create_topic(topic)
@@ -169,7 +168,7 @@ def test_broker_restart_under_connected_producer(via, lib, tansu, edge, tmp_path
     p = c.producer(**conf)
     try:
         p.send_all(topic, records(5, "before-"), timeout=30)
-        broker.restart()
+        b.restart()
         if e:
             e.expect_error(r"(?i)upstream|connect|broker|reset|closed|eof")
         after = p.send_all(topic, records(5, "after-", start=5), timeout=60)
@@ -185,8 +184,8 @@ def test_broker_restart_under_connected_producer(via, lib, tansu, edge, tmp_path
 
 
 @pytest.mark.edge_only
-def test_two_virtual_clusters_are_isolated(via, lib, tansu, edge):
-    a, b = tansu(name="tansu-a"), tansu(name="tansu-b")
+def test_two_virtual_clusters_are_isolated(via, lib, broker, edge):
+    a, b = broker(dedicated=True, name="broker-a"), broker(dedicated=True, name="broker-b")
     e = edge([VirtualCluster("alpha", [a.bootstrap]), VirtualCluster("beta", [b.bootstrap])])
     ca, cb = client(lib, e.cluster("alpha").bootstrap), client(lib, e.cluster("beta").bootstrap)
     topic = unique("iso")
@@ -205,10 +204,9 @@ def test_two_virtual_clusters_are_isolated(via, lib, tansu, edge):
 
 
 @pytest.mark.edge_only
-def test_sigterm_while_consumer_fetching_exits_cleanly(via, tansu, edge):
-    broker = tansu()
+def test_sigterm_while_consumer_fetching_exits_cleanly(via, broker, edge):
     drain = 5.0
-    e = edge(broker, extra={"shutdown": {"drain_timeout": f"{drain:.0f}s"}})
+    e = edge(broker(), extra={"shutdown": {"drain_timeout": f"{drain:.0f}s"}})
     c = client("confluent", e.bootstrap)
     topic = unique("drain")
     c.create_topic(topic)

@@ -73,8 +73,8 @@ def kms_env(monkeypatch):
 
 # ---------------------------------------------------------------- helpers
 
-def enc_cluster(tansu, rules, name="enc", **encryption) -> VirtualCluster:
-    return VirtualCluster(name=name, upstream=[tansu.bootstrap],
+def enc_cluster(broker, rules, name="enc", **encryption) -> VirtualCluster:
+    return VirtualCluster(name=name, upstream=broker.bootstrap_servers,
                           extra={"encryption": {"rules": rules, **encryption}})
 
 
@@ -288,8 +288,8 @@ def start_enc_edge(edge, vc: VirtualCluster, kms_list: list[dict]):
 
 @pytest.mark.parametrize("producer_lib,codec",
                          [("confluent", c) for c in CODECS] + [("kafka-python", c) for c in CODECS])
-def test_vault_round_trip_ciphertext_at_rest(tansu, edge, bao, producer_lib, codec):
-    t = tansu()
+def test_vault_round_trip_ciphertext_at_rest(broker, edge, bao, producer_lib, codec):
+    t = broker()
     kek = unique("kek")
     bao.create_key(kek)
     vc = enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}])
@@ -324,10 +324,10 @@ def test_vault_round_trip_ciphertext_at_rest(tansu, edge, bao, producer_lib, cod
 # Regression: Tansu 0.6.0 ends its FetchResponse v12 with top-level tagged field 0 (NodeEndpoints, defined only
 # for v16+); the edge, which decodes every Fetch response once a cluster has an encryption rule, used to reject
 # it and close kafka-python's connections (fixed in main 6129063).
-def test_kafka_python_consumer_reads_plaintext(tansu, edge, bao):
+def test_kafka_python_consumer_reads_plaintext(broker, edge, bao):
     """kafka-python on the consuming side too (subscribe, group), after a confluent produce."""
     from kafka import KafkaConsumer
-    t = tansu()
+    t = broker()
     kek = unique("kek")
     bao.create_key(kek)
     vc = enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}])
@@ -350,8 +350,8 @@ def test_kafka_python_consumer_reads_plaintext(tansu, edge, bao):
 
 # ---------------------------------------------------------------- 2. AWS KMS (moto)
 
-def test_aws_kms_round_trip(tansu, edge, moto):
-    t = tansu()
+def test_aws_kms_round_trip(broker, edge, moto):
+    t = broker()
     alias = unique("kek-aws")
     key_id = moto.create_key(alias)
     vc = enc_cluster(t, [{"topic": "secret-*", "kms": "aws", "kek": alias}])
@@ -376,8 +376,8 @@ def test_aws_kms_round_trip(tansu, edge, moto):
 
 # ---------------------------------------------------------------- 3. unencrypted topic beside an encrypted one
 
-def test_unencrypted_topic_beside_encrypted(tansu, edge, bao):
-    t = tansu()
+def test_unencrypted_topic_beside_encrypted(broker, edge, bao):
+    t = broker()
     kek = unique("kek")
     bao.create_key(kek)
     vc = enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}])
@@ -402,9 +402,9 @@ def test_unencrypted_topic_beside_encrypted(tansu, edge, bao):
 
 # ---------------------------------------------------------------- 4. missing KEK: reject / passthrough
 
-def test_missing_kek_reject_and_passthrough(tansu, edge, bao):
+def test_missing_kek_reject_and_passthrough(broker, edge, bao):
     from confluent_kafka import KafkaError
-    t = tansu()
+    t = broker()
     missing = unique("kek-missing")  # never created in Vault
     rule = [{"topic": "secret-*", "kms": "vault", "kek": missing}]
     strict = enc_cluster(t, rule, name="strict", on_missing_key="reject")
@@ -433,9 +433,9 @@ def test_missing_kek_reject_and_passthrough(tansu, edge, bao):
 
 # ---------------------------------------------------------------- 5. KMS outage
 
-def test_kms_outage_cached_deks_then_clean_errors_then_recovery(tansu, edge, private_bao):
+def test_kms_outage_cached_deks_then_clean_errors_then_recovery(broker, edge, private_bao):
     bao = private_bao
-    t = tansu()
+    t = broker()
     kek = unique("kek")
     bao.create_key(kek)
     kms = [bao.kms_entry(retry={"attempts": 2, "timeout": "1s", "min_backoff": "100ms", "max_backoff": "200ms"})]
@@ -490,8 +490,8 @@ def test_kms_outage_cached_deks_then_clean_errors_then_recovery(tansu, edge, pri
 
 # ---------------------------------------------------------------- 6. KEK rotation
 
-def test_kek_rotation_new_deks_use_new_version(tansu, edge, bao):
-    t = tansu()
+def test_kek_rotation_new_deks_use_new_version(broker, edge, bao):
+    t = broker()
     kek = unique("kek")
     bao.create_key(kek)
     max_age = 2.0
@@ -524,8 +524,8 @@ def test_kek_rotation_new_deks_use_new_version(tansu, edge, bao):
 
 # ---------------------------------------------------------------- 7. tampered record
 
-def test_tampered_record_never_delivered(tansu, edge, bao):
-    t = tansu()
+def test_tampered_record_never_delivered(broker, edge, bao):
+    t = broker()
     kek = unique("kek")
     bao.create_key(kek)
     vc = enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}])
@@ -572,11 +572,11 @@ def test_tampered_record_never_delivered(tansu, edge, bao):
 
 # ---------------------------------------------------------------- injected marker / injected plaintext
 
-def test_forged_marker_rejected_and_injected_plaintext_policy(tansu, edge, bao):
+def test_forged_marker_rejected_and_injected_plaintext_policy(broker, edge, bao):
     """A producer cannot smuggle "ciphertext" through the edge (marker header -> INVALID_RECORD, nothing stored);
     plaintext written behind the edge's back is passed (`on_plaintext_fetch: pass`) or the partition is failed
     with POLICY_VIOLATION (`reject`), never mixed up with decrypted data."""
-    t = tansu()
+    t = broker()
     kek = unique("kek")
     bao.create_key(kek)
     rule = [{"topic": "secret-*", "kms": "vault", "kek": kek}]
@@ -615,9 +615,9 @@ def test_forged_marker_rejected_and_injected_plaintext_policy(tansu, edge, bao):
 
 # ---------------------------------------------------------------- metric names
 
-def test_metric_names_as_documented(tansu, edge, bao):
+def test_metric_names_as_documented(broker, edge, bao):
     """Regression: the edge once exported strait_strait_encryption_* / strait_strait_kms_* (double prefix)."""
-    t = tansu()
+    t = broker()
     kek = unique("kek")
     bao.create_key(kek)
     vc = enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}])
@@ -630,9 +630,9 @@ def test_metric_names_as_documented(tansu, edge, bao):
     assert "strait_strait_" not in e.metrics_text()
 
 
-def test_kafka_python_consumes_unencrypted_topic_beside_encrypted(tansu, edge, bao):
+def test_kafka_python_consumes_unencrypted_topic_beside_encrypted(broker, edge, bao):
     from kafka import KafkaConsumer
-    t = tansu()
+    t = broker()
     kek = unique("kek")
     bao.create_key(kek)
     e = start_enc_edge(edge, enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}]), [bao.kms_entry()])

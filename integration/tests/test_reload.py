@@ -16,11 +16,11 @@ def accepts(port: int) -> bool:
         return False
 
 
-def test_config_file_edits_apply_live(tansu, edge):
+def test_config_file_edits_apply_live(broker, edge):
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
-    a, b = tansu(), tansu()
-    vc_a = VirtualCluster(name="a", upstream=[a.bootstrap])
+    a, b = broker(dedicated=True, name="broker-a"), broker(dedicated=True, name="broker-b")
+    vc_a = VirtualCluster(name="a", upstream=a.bootstrap_servers)
     e = edge([vc_a])
     topic = unique("live")
     admin = AdminClient({"bootstrap.servers": vc_a.bootstrap})
@@ -30,7 +30,7 @@ def test_config_file_edits_apply_live(tansu, edge):
     assert producer.flush(30) == 0
 
     # Add a cluster for broker b by editing the file.
-    vc_b = VirtualCluster(name="b", upstream=[b.bootstrap])
+    vc_b = VirtualCluster(name="b", upstream=b.bootstrap_servers)
     e.clusters.append(vc_b)
     e.write_config()
     wait_for(lambda: accepts(vc_b.bootstrap_port), 15, what="new virtual cluster listening")

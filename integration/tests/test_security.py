@@ -21,9 +21,9 @@ def pki(tmp_path):
     return standard_pki(tmp_path / "pki")
 
 
-def tls_cluster(tansu, pki, name="secure", **tls_extra) -> VirtualCluster:
+def tls_cluster(broker, pki, name="secure", **tls_extra) -> VirtualCluster:
     # Advertise "localhost" so clients verify the edge's certificate by name.
-    return VirtualCluster(name=name, upstream=[tansu.bootstrap], advertised_host="localhost",
+    return VirtualCluster(name=name, upstream=broker.bootstrap_servers, advertised_host="localhost",
                           extra={"tls": pki.server_tls(**tls_extra)})
 
 
@@ -57,8 +57,8 @@ def produce_consume_confluent(conf: dict, topic: str, n: int = 20) -> list[bytes
     return got
 
 
-def test_mtls_spiffe_client_produces_and_consumes_confluent(tansu, edge, pki):
-    t = tansu()
+def test_mtls_spiffe_client_produces_and_consumes_confluent(broker, edge, pki):
+    t = broker()
     vc = tls_cluster(t, pki)
     e = edge([vc])
     got = produce_consume_confluent(confluent_conf(vc, pki, "orders"), unique("secure"))
@@ -67,10 +67,10 @@ def test_mtls_spiffe_client_produces_and_consumes_confluent(tansu, edge, pki):
     assert e.metric("strait_tls_certificate_expiry_seconds", certificate="server") > 86400
 
 
-def test_mtls_spiffe_client_produces_and_consumes_kafka_python(tansu, edge, pki):
+def test_mtls_spiffe_client_produces_and_consumes_kafka_python(broker, edge, pki):
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
-    t = tansu()
+    t = broker()
     vc = tls_cluster(t, pki)
     e = edge([vc])
     ssl_conf = pki.kafka_python_ssl("orders")
@@ -97,10 +97,10 @@ def test_mtls_spiffe_client_produces_and_consumes_kafka_python(tansu, edge, pki)
     ("expired", "ca", {"expired"}),
     ("not-yet-valid", "ca", {"not_yet_valid"}),
 ])
-def test_required_mtls_refuses_bad_clients(tansu, edge, pki, client, ca, reasons):
+def test_required_mtls_refuses_bad_clients(broker, edge, pki, client, ca, reasons):
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
-    t = tansu()
+    t = broker()
     vc = tls_cluster(t, pki)
     e = edge([vc])
     admin = AdminClient(confluent_conf(vc, pki, client, ca))
@@ -113,12 +113,12 @@ def test_required_mtls_refuses_bad_clients(tansu, edge, pki, client, ca, reasons
     assert e.metric("strait_connections") == 0
 
 
-def test_sni_routes_two_clusters_on_one_port_kafka_python(tansu, edge, pki, monkeypatch):
+def test_sni_routes_two_clusters_on_one_port_kafka_python(broker, edge, pki, monkeypatch):
     """Two virtual clusters (two brokers) share one TLS port; the SNI name picks the cluster and broker."""
     from kafka import KafkaConsumer, KafkaProducer
     from kafka.admin import KafkaAdminClient, NewTopic
-    names = ["bootstrap.a.strait.test", "broker-111.a.strait.test",
-             "bootstrap.b.strait.test", "broker-111.b.strait.test"]
+    names = ["bootstrap.a.strait.test", "broker-1.a.strait.test",
+             "bootstrap.b.strait.test", "broker-1.b.strait.test"]
     pki.leaf("sni-server", dns=names)
     real_getaddrinfo = socket.getaddrinfo
 
@@ -131,10 +131,10 @@ def test_sni_routes_two_clusters_on_one_port_kafka_python(tansu, edge, pki, monk
 
     port = free_port()
     clusters = []
-    tansus = {}
+    brokers = {}
     for label in ["a", "b"]:
-        tansus[label] = tansu()
-        vc = VirtualCluster(name=f"sni-{label}", upstream=[tansus[label].bootstrap], bootstrap_port=port,
+        brokers[label] = broker(dedicated=True, name=f"broker-{label}")
+        vc = VirtualCluster(name=f"sni-{label}", upstream=brokers[label].bootstrap_servers, bootstrap_port=port,
                             extra={"tls": pki.server_tls("sni-server")})
         sni = {"bootstrap_host": f"bootstrap.{label}.strait.test",
                "broker_host_pattern": f"broker-$(node_id).{label}.strait.test"}
@@ -155,7 +155,7 @@ def test_sni_routes_two_clusters_on_one_port_kafka_python(tansu, edge, pki, monk
     admin.create_topics([NewTopic(topic, 1, 1)])
     cluster = admin.describe_cluster()
     admin.close()
-    assert [(b["host"], b["port"]) for b in cluster["brokers"]] == [("broker-111.a.strait.test", port)]
+    assert [(b["host"], b["port"]) for b in cluster["brokers"]] == [("broker-1.a.strait.test", port)]
     producer = KafkaProducer(bootstrap_servers=bootstrap_a, **ssl_conf)
     producer.send(topic, value=b"only-in-a").get(timeout=30)
     producer.close()
@@ -179,12 +179,12 @@ def test_sni_routes_two_clusters_on_one_port_kafka_python(tansu, edge, pki, monk
              what="unknown SNI refusal counted")
 
 
-def test_certificate_rotation_under_load(tansu, edge, pki):
+def test_certificate_rotation_under_load(broker, edge, pki):
     """Server certificate and client CA bundle rotate every second for a minute while a producer and a
     consumer run over mTLS and new clients keep connecting: no request fails."""
     from confluent_kafka import Consumer, Producer
     from confluent_kafka.admin import AdminClient, NewTopic
-    t = tansu()
+    t = broker()
     vc = tls_cluster(t, pki, client_ca="bundle", reload_interval="250ms")
     (pki.dir / "bundle.pem").write_bytes(pki.pem("ca").read_bytes())
     e = edge([vc])
@@ -257,9 +257,9 @@ def test_certificate_rotation_under_load(tansu, edge, pki):
     assert e.metric("strait_tls_handshakes", result="failed") == 0
 
 
-def test_broken_certificate_file_keeps_the_old_one(tansu, edge, pki):
+def test_broken_certificate_file_keeps_the_old_one(broker, edge, pki):
     from confluent_kafka.admin import AdminClient
-    t = tansu()
+    t = broker()
     vc = tls_cluster(t, pki, reload_interval="100ms")
     e = edge([vc])
     pki.pem("server").write_text("not a certificate\n")
@@ -270,41 +270,51 @@ def test_broken_certificate_file_keeps_the_old_one(tansu, edge, pki):
     assert len(md.brokers) == 1
 
 
-def test_tls_to_brokers_through_openssl(tansu, edge, pki, logs):
-    """Tansu 0.6 cannot enable its own TLS (its --cert and --key flags exclude each other), so an
-    OpenSSL listener (socat) with client verification fronts it; the edge connects with mTLS."""
-    tls_port = free_port()
-    t = tansu(advertised_port=tls_port)
+@pytest.mark.parametrize("mutual", [False, True], ids=["tls", "mtls"])
+def test_edge_originates_tls_to_kafka_brokers(kafka, edge, pki, mutual):
+    """Kafka's own SSL listener (PEM keystore; client certificates required in the mtls case); the edge
+    verifies the broker against the CA and presents its own certificate."""
+    from lib.kafka import BrokerTls
     pki.leaf("broker", dns=["localhost"], ips=["127.0.0.1"])
     pki.leaf("edge-client", uris=["spiffe://example.org/ns/strait/sa/edge"])
-    socat = subprocess.Popen(
-        ["socat", f"OPENSSL-LISTEN:{tls_port},bind=127.0.0.1,reuseaddr,fork,cert={pki.pem('broker')},"
-                  f"key={pki.key('broker')},cafile={pki.pem('ca')},verify=1",
-         f"TCP:127.0.0.1:{t.port}"],
-        stdout=open(logs / "socat.log", "wb"), stderr=subprocess.STDOUT)
-    try:
-        wait_for(lambda: socket.create_connection(("127.0.0.1", tls_port), timeout=1).close() or True, 10,
-                 what="socat listening")
-        vc = VirtualCluster(name="tls-up", upstream=[f"127.0.0.1:{tls_port}"],
-                            extra={"upstream": {"bootstrap_servers": [f"127.0.0.1:{tls_port}"],
-                                                "tls": {"ca": str(pki.pem("ca")),
-                                                        "cert": str(pki.pem("edge-client")),
-                                                        "key": str(pki.key("edge-client"))}}})
-        edge([vc])
-        conf = {"bootstrap.servers": vc.bootstrap}
-        got = produce_consume_confluent(conf, unique("tls-up"), n=10)
-        assert got == [b"v%d" % i for i in range(10)]
-    finally:
-        socat.terminate()
-        socat.wait(10)
+    k = kafka(tls=BrokerTls(cert=pki.pem("broker"), key=pki.key("broker"),
+                            client_ca=pki.pem("ca") if mutual else None))
+    tls = {"ca": str(pki.pem("ca"))}
+    if mutual:
+        tls |= {"cert": str(pki.pem("edge-client")), "key": str(pki.key("edge-client"))}
+    vc = VirtualCluster(name="tls-up", upstream=k.ssl_bootstrap_servers,
+                        extra={"upstream": {"bootstrap_servers": k.ssl_bootstrap_servers, "tls": tls}})
+    e = edge([vc])
+    got = produce_consume_confluent({"bootstrap.servers": vc.bootstrap}, unique("tls-up"), n=10)
+    assert got == [b"v%d" % i for i in range(10)]
+    # Every broker the client learnt about is an edge port, and the edge reached the SSL port only.
+    assert e.metric("strait_upstream_connect_errors_total", virtual_cluster="tls-up") == 0
 
 
-def test_produce_quota_throttles_with_throttle_time(tansu, edge):
+def test_edge_without_client_certificate_is_refused_by_mtls_broker(kafka, edge, pki):
+    from confluent_kafka.admin import AdminClient
+    from lib.kafka import BrokerTls
+    pki.leaf("broker", dns=["localhost"], ips=["127.0.0.1"])
+    k = kafka(tls=BrokerTls(cert=pki.pem("broker"), key=pki.key("broker"), client_ca=pki.pem("ca")))
+    vc = VirtualCluster(name="tls-nocert", upstream=k.ssl_bootstrap_servers,
+                        extra={"upstream": {"bootstrap_servers": k.ssl_bootstrap_servers,
+                                            "tls": {"ca": str(pki.pem("ca"))}}})
+    e = edge([vc])
+    e.expect_error(r"(?i)upstream|connect|tls|handshake|closed|eof|reset")
+    # The client's metadata request fails: the broker refuses the edge's certificate-less handshake.
+    from confluent_kafka import KafkaException
+    with pytest.raises(KafkaException):
+        AdminClient({"bootstrap.servers": vc.bootstrap}).list_topics(timeout=5)
+    wait_for(lambda: e.metric("strait_upstream_connect_errors_total", virtual_cluster="tls-nocert") >= 1, 15,
+             what="the refused upstream handshake counted")
+
+
+def test_produce_quota_throttles_with_throttle_time(broker, edge):
     import json
 
     from confluent_kafka import Producer
     from confluent_kafka.admin import AdminClient, NewTopic
-    t = tansu()
+    t = broker()
     vc = VirtualCluster(name="quota", upstream=[t.bootstrap],
                         extra={"quotas": {"default": {"produce_bytes_per_second": 50000}}})
     e = edge([vc])
@@ -325,7 +335,7 @@ def test_produce_quota_throttles_with_throttle_time(tansu, edge):
     assert e.metric("strait_throttle_seconds") > 0
 
 
-def test_benchmark_raw_client_produces_over_mtls(tansu, edge, pki):
+def test_benchmark_raw_client_produces_over_mtls(broker, edge, pki):
     """The benchmark's minimal client (`strait-loadgen raw-produce`) through an mTLS edge: every
     record it counts as acknowledged is in the broker, so its throughput numbers are real."""
     import json
@@ -334,7 +344,7 @@ def test_benchmark_raw_client_produces_over_mtls(tansu, edge, pki):
     from confluent_kafka.admin import AdminClient, NewTopic
 
     from lib.edge import default_target_dir
-    t = tansu()
+    t = broker()
     vc = tls_cluster(t, pki)
     e = edge([vc])
     topic = unique("raw")

@@ -4,13 +4,15 @@
 //! file holds, merged with the file (the file's virtual clusters and settings
 //! come first), and validated by the same code, so a bad resource is reported
 //! with a path just like a bad file. Trust bundles arrive as PEM text; they
-//! are written under the cache directory and referred to by path.
+//! are written under the cache directory and referred to by path. SASL
+//! credentials arrive only as references (a file path or an environment
+//! variable name on this host), which the edge's validation then reads.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use serde_json::{json, Map, Value};
-use strait_control_client::state::spec::{KmsProvider, Operation};
+use strait_control_client::state::spec::{KmsProvider, Operation, UpstreamSasl};
 use strait_control_client::EdgeSnapshot;
 use strait_edge_config::Config;
 
@@ -98,6 +100,9 @@ fn translate(
                 tls_value["server_name"] = json!(server_name);
             }
             upstream["tls"] = tls_value;
+        }
+        if let Some(sasl) = &kafka.sasl {
+            upstream["sasl"] = sasl_value(sasl);
         }
         let mut cluster = json!({
             "name": name,
@@ -220,6 +225,23 @@ fn translate(
     Ok((clusters, kms))
 }
 
+/// A KafkaCluster's `sasl` as the edge's `upstream.sasl`.
+fn sasl_value(sasl: &UpstreamSasl) -> Value {
+    let mut value = json!({ "mechanism": sasl.mechanism.as_str() });
+    for (field, source) in [
+        ("username", &sasl.username),
+        ("username_file", &sasl.username_file),
+        ("username_env", &sasl.username_env),
+        ("password_file", &sasl.password_file),
+        ("password_env", &sasl.password_env),
+    ] {
+        if let Some(source) = source {
+            value[field] = json!(source);
+        }
+    }
+    value
+}
+
 fn operation_name(op: Operation) -> &'static str {
     match op {
         Operation::Read => "Read",
@@ -247,4 +269,84 @@ fn write_pem(dir: &Path, name: &str, pem: &str) -> anyhow::Result<PathBuf> {
         std::fs::rename(&tmp, &path)?;
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use strait_control_client::state::spec::{
+        BrokerAddressing, KafkaClusterSpec, SaslMechanism, UpstreamSasl, VirtualClusterSpec,
+    };
+    use strait_control_client::{EdgeSnapshot, SnapshotSource};
+
+    use super::compose;
+
+    fn snapshot(sasl: UpstreamSasl) -> EdgeSnapshot {
+        EdgeSnapshot {
+            edge: "edge-east".into(),
+            revision: 7,
+            source: SnapshotSource::ControlPlane,
+            virtual_clusters: BTreeMap::from([(
+                "orders".to_owned(),
+                VirtualClusterSpec {
+                    edge: "edge-east".into(),
+                    cluster: "kafka-east".into(),
+                    bootstrap: "127.0.0.1:19092".into(),
+                    brokers: BrokerAddressing {
+                        advertised_host: "127.0.0.1".into(),
+                        port_range: "19100-19199".into(),
+                    },
+                    tls: None,
+                },
+            )]),
+            kafka_clusters: BTreeMap::from([(
+                "kafka-east".to_owned(),
+                KafkaClusterSpec {
+                    bootstrap_servers: vec!["127.0.0.1:9092".into()],
+                    tls: None,
+                    sasl: Some(sasl),
+                },
+            )]),
+            authorization_policies: BTreeMap::new(),
+            encryption_policies: BTreeMap::new(),
+            kms_realms: BTreeMap::new(),
+            trust_bundles: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn kafka_cluster_sasl_becomes_upstream_sasl_read_on_this_host() {
+        let dir = std::env::temp_dir().join(format!("strait-control-sasl-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let password = dir.join("kafka-password");
+        std::fs::write(&password, "edge-secret\n").unwrap();
+        let sasl = UpstreamSasl {
+            mechanism: SaslMechanism::ScramSha512,
+            username: Some("edge".into()),
+            username_file: None,
+            username_env: None,
+            password_file: Some(password.display().to_string()),
+            password_env: None,
+        };
+        let config = compose(None, Some(&snapshot(sasl.clone())), true, &dir).unwrap();
+        let upstream = &config.virtual_clusters[0].upstream;
+        let got = upstream.sasl.as_ref().unwrap();
+        assert_eq!(
+            got.mechanism,
+            strait_edge_config::SaslMechanism::ScramSha512
+        );
+        assert_eq!(got.username, "edge");
+        assert_eq!(got.password.expose(), "edge-secret");
+
+        // A reference that does not resolve on this host is reported with its path.
+        std::fs::remove_file(&password).unwrap();
+        let err = compose(None, Some(&snapshot(sasl)), true, &dir).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("virtual_clusters[0].upstream.sasl.password_file: cannot read"),
+            "{err}"
+        );
+        std::fs::remove_dir_all(&dir).ok();
+    }
 }

@@ -233,11 +233,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut ticker = tokio::time::interval(Duration::from_secs(1));
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut running = config;
+    let mut credential_files = strait_edge_config::read_credential_files(&running);
     loop {
         let changed = tokio::select! {
             _ = terminate.recv() => { tracing::info!("SIGTERM: draining"); break }
             _ = interrupt.recv() => { tracing::info!("SIGINT: draining"); break }
-            _ = ticker.tick() => sources.file_changed(),
+            // A rotated SASL credential file counts as a change of the configuration
+            // (`|`, not `||`: the credential check also records what it read).
+            _ = ticker.tick() => sources.file_changed() | credential_files_changed(&running, &mut credential_files),
             changed = wait_snapshot(&mut control_watch) => {
                 if changed {
                     sources.snapshot = control_watch.as_ref().and_then(|w| w.borrow().clone());
@@ -277,6 +280,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         };
         running = config;
+        credential_files = strait_edge_config::read_credential_files(&running);
         let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
         status.config_revision = sources.snapshot.as_ref().map_or(0, |s| s.revision);
         status.virtual_clusters = edge.cluster_names().map(str::to_owned).collect();
@@ -293,6 +297,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("strait-edge stopped");
     Ok(())
+}
+
+/// Whether a SASL credential file of `running` changed since the last check.
+fn credential_files_changed(
+    running: &strait_edge_config::Config,
+    last: &mut Vec<Option<strait_edge_config::Secret>>,
+) -> bool {
+    let now = strait_edge_config::read_credential_files(running);
+    if now == *last {
+        return false;
+    }
+    tracing::info!("an upstream SASL credential file changed");
+    *last = now;
+    true
 }
 
 /// Resolves when the control-plane snapshot changes (true) or the watch ends

@@ -13,6 +13,54 @@ pub struct KafkaClusterSpec {
     pub bootstrap_servers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,
+    /// How edges authenticate to these brokers. Credentials appear only as
+    /// references to files or environment variables on the edge host: no
+    /// secret is ever written to the Raft log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<UpstreamSasl>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SaslMechanism {
+    #[serde(rename = "PLAIN")]
+    Plain,
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The name Kafka (and the edge's configuration) uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaslMechanism::Plain => "PLAIN",
+            SaslMechanism::ScramSha256 => "SCRAM-SHA-256",
+            SaslMechanism::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// The edge's `upstream.sasl`: one username source and one password source.
+/// There is deliberately no `password` field (unknown fields are refused).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamSasl {
+    pub mechanism: SaslMechanism,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username: Option<String>,
+    /// Path on the edge host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_file: Option<String>,
+    /// Environment variable of the edge process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub username_env: Option<String>,
+    /// Path on the edge host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// Environment variable of the edge process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_env: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -331,6 +379,40 @@ impl Validate for KafkaClusterSpec {
                 errs.push(ValidationError::new(
                     "spec.tls",
                     "client_cert_file and client_key_file go together",
+                ));
+            }
+        }
+        if let Some(sasl) = &self.sasl {
+            // The files and variables live on the edge host; the edge reads
+            // and checks them when it applies the configuration.
+            for (field, value) in [
+                ("username", &sasl.username),
+                ("username_file", &sasl.username_file),
+                ("username_env", &sasl.username_env),
+                ("password_file", &sasl.password_file),
+                ("password_env", &sasl.password_env),
+            ] {
+                if value.as_deref().is_some_and(|v| v.trim().is_empty()) {
+                    errs.push(ValidationError::new(
+                        &format!("spec.sasl.{field}"),
+                        "must not be empty",
+                    ));
+                }
+            }
+            let usernames = [&sasl.username, &sasl.username_file, &sasl.username_env]
+                .iter()
+                .filter(|v| v.is_some())
+                .count();
+            if usernames != 1 {
+                errs.push(ValidationError::new(
+                    "spec.sasl",
+                    "use exactly one of username, username_file, username_env",
+                ));
+            }
+            if sasl.password_file.is_some() == sasl.password_env.is_some() {
+                errs.push(ValidationError::new(
+                    "spec.sasl",
+                    "use exactly one of password_file, password_env (the password itself is never stored)",
                 ));
             }
         }

@@ -181,6 +181,48 @@ fn spec_validation_paths() {
             Some("spec.tls.server_nam"),
         ),
         (
+            Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"sasl":{"mechanism":"SCRAM-SHA-512",
+                   "username":"edge","password_file":"/etc/strait/kafka-password"}}),
+            None,
+        ),
+        (
+            Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"sasl":{"mechanism":"PLAIN",
+                   "username_env":"KAFKA_USER","password_env":"KAFKA_PASSWORD"}}),
+            None,
+        ),
+        (
+            // A secret never gets into the log: there is no field for it.
+            Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"sasl":{"mechanism":"PLAIN",
+                   "username":"edge","password":"hunter2"}}),
+            Some("spec.sasl.password"),
+        ),
+        (
+            Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"sasl":{"mechanism":"PLAIN","username":"edge"}}),
+            Some("spec.sasl"),
+        ),
+        (
+            Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"sasl":{"mechanism":"PLAIN","username":"edge",
+                   "password_env":"A","password_file":"/b"}}),
+            Some("spec.sasl"),
+        ),
+        (
+            Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"sasl":{"mechanism":"GSSAPI","username":"edge",
+                   "password_env":"A"}}),
+            Some("spec.sasl.mechanism"),
+        ),
+        (
+            Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"sasl":{"mechanism":"PLAIN","username":" ",
+                   "password_env":"A"}}),
+            Some("spec.sasl.username"),
+        ),
+        (
             Kind::AuthorizationPolicy,
             json!({"rules":[{"principal":"spiffe://east/*","allow":["read","write"],"topics":["orders-*"],
                     "not_before":"2026-01-01T00:00:00Z","not_after":"2027-01-01T00:00:00Z"}]}),

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 pub mod raw;
+mod sasl;
 mod validate;
 
 use std::net::{IpAddr, SocketAddr};
@@ -15,6 +16,7 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
+pub use sasl::{read_credential_files, Sasl, SaslMechanism, Secret, SecretSource};
 pub use validate::{validate, validate_with, NODE_ID};
 
 /// Default frame limit: the same as Kafka's `socket.request.max.bytes`.
@@ -109,6 +111,8 @@ pub struct Upstream {
     pub bootstrap_servers: Vec<HostPort>,
     pub connect_timeout: Duration,
     pub tls: Option<strait_tls::ClientTlsSettings>,
+    /// SASL towards the brokers (SASL_PLAINTEXT, or SASL_SSL with `tls`).
+    pub sasl: Option<Sasl>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -125,6 +125,24 @@ pub struct RawUpstream {
     pub tls: Option<RawUpstreamTls>,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,
+    /// How the edge authenticates its connections to the brokers.
+    pub sasl: Option<RawSasl>,
+}
+
+/// `upstream.sasl`. Credentials are named by where they are, never written
+/// here; `password` exists only to refuse it with a helpful message.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSasl {
+    /// `PLAIN`, `SCRAM-SHA-256` or `SCRAM-SHA-512`.
+    pub mechanism: String,
+    pub username: Option<String>,
+    pub username_file: Option<String>,
+    pub username_env: Option<String>,
+    pub password_file: Option<String>,
+    pub password_env: Option<String>,
+    /// Never stored: its value is skipped unread.
+    pub password: Option<serde::de::IgnoredAny>,
 }
 
 #[derive(Debug, Deserialize)]

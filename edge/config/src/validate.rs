@@ -199,6 +199,15 @@ fn validate_virtual_cluster(
         .tls
         .as_ref()
         .and_then(|tls| validate_upstream_tls(tls, &format!("{path}.upstream.tls"), errors));
+    let upstream_sasl = raw.upstream.sasl.as_ref().and_then(|sasl| {
+        crate::sasl::validate_sasl(sasl, &format!("{path}.upstream.sasl"))
+            .map_err(|found| {
+                for error in found {
+                    errors.push(error.path, error.message);
+                }
+            })
+            .ok()
+    });
 
     if errors.0.len() != before {
         return None;
@@ -211,6 +220,7 @@ fn validate_virtual_cluster(
             bootstrap_servers,
             connect_timeout,
             tls: upstream_tls,
+            sasl: upstream_sasl,
         },
         tls,
         quotas,

@@ -24,7 +24,8 @@ use crate::connection::{relay, ConnectionError, ConnectionSettings};
 use crate::metrics::ClusterMetrics;
 use crate::quota::QuotaPolicy;
 use crate::rewrite::{AddressRewriteFilter, ApiVersionsFilter};
-use crate::upstream::{Upstream, UpstreamTarget};
+use crate::sasl::client::ClientSaslFilter;
+use crate::upstream::{ConnectError, Upstream, UpstreamTarget};
 
 /// Client-facing TLS of a virtual cluster.
 pub struct ClusterTls {
@@ -42,6 +43,8 @@ pub struct ClusterRuntime {
     /// Set in SNI mode: the host name that designates the bootstrap.
     sni_bootstrap_host: Option<String>,
     upstream: Arc<dyn Upstream>,
+    /// The edge authenticates upstream itself: clients' SASL is answered here.
+    upstream_sasl: bool,
     /// Replaced on reconfiguration; each connection takes the list current when it opens.
     filters: std::sync::RwLock<Arc<Vec<Arc<dyn FilterFactory>>>>,
     metrics: Arc<ClusterMetrics>,
@@ -113,6 +116,7 @@ impl ClusterRuntime {
             brokers,
             sni_bootstrap_host,
             upstream: parts.upstream,
+            upstream_sasl: config.upstream.sasl.is_some(),
             filters: std::sync::RwLock::new(Arc::new(parts.filters)),
             metrics: parts.metrics,
             settings: parts.settings,
@@ -339,8 +343,15 @@ impl ClusterRuntime {
                 }
             },
         };
-        let upstream = match self.upstream.connect(&target).await {
-            Ok(upstream) => upstream,
+        let (upstream, session_expires_at) = match self.upstream.connect_session(&target).await {
+            Ok(connection) => (connection.io, connection.session_expires_at),
+            Err(err @ ConnectError::Authentication { mechanism, .. }) => {
+                // Closed like an unreachable broker; counted apart, since no
+                // retry fixes it until the credentials do.
+                self.metrics.upstream_auth_failed(mechanism.as_str());
+                tracing::warn!(%err, "upstream SASL authentication failed; closing the client connection");
+                return;
+            }
             Err(err) => {
                 // The client sees a closed connection and retries, as with a broker that is down.
                 self.metrics.upstream_connect_errors.inc();
@@ -358,6 +369,10 @@ impl ClusterRuntime {
             Box::new(ApiVersionsFilter),
             Box::new(AddressRewriteFilter::new(self.brokers.clone())),
         ];
+        if self.upstream_sasl {
+            // Before the configured filters, so none of them sees client SASL.
+            filters.push(Box::new(ClientSaslFilter));
+        }
         let factories = self
             .filters
             .read()
@@ -370,6 +385,10 @@ impl ClusterRuntime {
             .as_ref()
             .and_then(|quotas| quotas.for_principal(&info.principal));
         tracing::debug!("connection open");
+        // A drain of the cluster drains this connection too; the end of the
+        // upstream SASL session drains only this one.
+        let drain = self.drain.child_token();
+        let session_end = close_before_expiry(session_expires_at, drain.clone());
         let relayed = relay(
             client,
             upstream,
@@ -378,7 +397,7 @@ impl ClusterRuntime {
             quota,
             self.metrics.clone(),
             self.settings,
-            self.drain.clone(),
+            drain,
         );
         let result = tokio::select! {
             result = relayed => result,
@@ -386,6 +405,7 @@ impl ClusterRuntime {
                 tracing::info!("drain timeout: connection closed");
                 return;
             }
+            never = session_end => match never {},
         };
         match result {
             Ok(()) => tracing::debug!("connection closed"),
@@ -399,6 +419,33 @@ impl ClusterRuntime {
             }
         }
     }
+}
+
+/// KIP-368: a broker that announced a session lifetime closes the
+/// connection once it has passed, unless it was re-authenticated. The edge
+/// does not re-authenticate between a client's requests; it drains the client
+/// connection (stops reading requests at a frame boundary, delivers the
+/// answers to those sent, closes) at 85-95 % of the lifetime, like the Java
+/// client's re-authentication window, so the client reconnects and gets a
+/// fresh session before the broker would cut it. The jitter keeps
+/// connections opened together from all reconnecting at once.
+/// Never completes: it only cancels `drain`.
+async fn close_before_expiry(
+    expires_at: Option<tokio::time::Instant>,
+    drain: CancellationToken,
+) -> std::convert::Infallible {
+    if let Some(expires_at) = expires_at {
+        let now = tokio::time::Instant::now();
+        let lifetime = expires_at.saturating_duration_since(now);
+        let share = rand::Rng::random_range(&mut rand::rng(), 0.85..0.95);
+        tokio::time::sleep(lifetime.mul_f64(share)).await;
+        tracing::debug!(
+            ?lifetime,
+            "upstream SASL session ends soon: closing the client connection at a frame boundary so it reconnects"
+        );
+        drain.cancel();
+    }
+    std::future::pending().await
 }
 
 fn log_close(err: &ConnectionError) {

@@ -14,6 +14,7 @@ pub mod connection;
 pub mod metrics;
 pub mod quota;
 pub mod rewrite;
+pub mod sasl;
 pub mod sni;
 pub mod upstream;
 
@@ -36,6 +37,7 @@ use crate::cluster::{ClusterRuntime, ClusterTls, RuntimeParts};
 use crate::connection::ConnectionSettings;
 use crate::metrics::ProxyMetrics;
 use crate::quota::QuotaPolicy;
+use crate::sasl::UpstreamSasl;
 use crate::sni::{SniListener, SniRoutes};
 use crate::upstream::{DirectTcp, Upstream};
 
@@ -72,6 +74,8 @@ pub struct Edge {
 struct ClusterEntry {
     config: VirtualCluster,
     runtime: Arc<ClusterRuntime>,
+    /// The upstream credentials, replaced in place on rotation.
+    sasl: Option<Arc<UpstreamSasl>>,
     stop_accepting: CancellationToken,
     drain: CancellationToken,
     kill: CancellationToken,
@@ -174,6 +178,12 @@ impl Edge {
             let factories = filters.remove(&vc.name).unwrap_or_default();
             if let Some(entry) = self.clusters.get_mut(&vc.name) {
                 entry.runtime.set_filters(factories);
+                if let (Some(current), Some(sasl)) = (&entry.sasl, &vc.upstream.sasl) {
+                    if entry.config.upstream.sasl.as_ref() != Some(sasl) {
+                        tracing::info!(virtual_cluster = %vc.name, mechanism = %sasl.mechanism, "upstream SASL credentials changed; new connections use them");
+                    }
+                    current.replace(sasl);
+                }
                 entry.config = vc.clone();
                 report.unchanged.push(vc.name.clone());
                 continue;
@@ -208,6 +218,17 @@ impl Edge {
                 name: vc.name.clone(),
                 source,
             })?;
+        }
+        let sasl = vc.upstream.sasl.as_ref().map(|sasl| {
+            if sasl.mechanism == strait_edge_config::SaslMechanism::Plain
+                && vc.upstream.tls.is_none()
+            {
+                tracing::warn!(virtual_cluster = %vc.name, "SASL PLAIN without upstream.tls: the password crosses the network in clear");
+            }
+            UpstreamSasl::new(sasl)
+        });
+        if let Some(sasl) = &sasl {
+            direct = direct.with_sasl(sasl.clone());
         }
         let upstream: Arc<dyn Upstream> = Arc::new(direct);
         let tls = match &vc.tls {
@@ -270,6 +291,7 @@ impl Edge {
         Ok(ClusterEntry {
             config: vc.clone(),
             runtime,
+            sasl,
             stop_accepting,
             drain,
             kill,
@@ -377,13 +399,23 @@ impl Edge {
 
 /// Whether two configurations of a virtual cluster can share one runtime:
 /// everything but what filters carry (authorization, audit, encryption), which
-/// changes through the filter factories and live rule reloads instead.
+/// changes through the filter factories and live rule reloads instead, and
+/// upstream SASL credentials, which are replaced in place (turning SASL on or
+/// off changes what clients are offered, so that still replaces the cluster).
 fn same_runtime(a: &VirtualCluster, b: &VirtualCluster) -> bool {
-    let strip = |vc: &VirtualCluster| VirtualCluster {
-        authorization: None,
-        audit: None,
-        encryption: None,
-        ..vc.clone()
+    if a.upstream.sasl.is_some() != b.upstream.sasl.is_some() {
+        return false;
+    }
+    let strip = |vc: &VirtualCluster| {
+        let mut upstream = vc.upstream.clone();
+        upstream.sasl = None;
+        VirtualCluster {
+            authorization: None,
+            audit: None,
+            encryption: None,
+            upstream,
+            ..vc.clone()
+        }
     };
     strip(a) == strip(b)
 }

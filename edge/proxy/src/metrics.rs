@@ -39,6 +39,12 @@ struct BytesLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AuthLabels {
+    virtual_cluster: String,
+    mechanism: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RejectLabels {
     virtual_cluster: String,
     reason: String,
@@ -59,6 +65,7 @@ pub struct ProxyMetrics {
     request_duration: HistogramFamily<ApiLabels>,
     bytes: Family<BytesLabels, Counter>,
     upstream_connect_errors: Family<ClusterLabels, Counter>,
+    upstream_auth_failures: Family<AuthLabels, Counter>,
     frames_rejected: Family<RejectLabels, Counter>,
     brokers_discovered: Family<ClusterLabels, Gauge>,
     throttle_seconds: Family<ClusterLabels, Counter<f64, AtomicU64>>,
@@ -73,6 +80,7 @@ impl ProxyMetrics {
             request_duration: Family::new_with_constructor(latency_histogram),
             bytes: Family::default(),
             upstream_connect_errors: Family::default(),
+            upstream_auth_failures: Family::default(),
             frames_rejected: Family::default(),
             brokers_discovered: Family::default(),
             throttle_seconds: Family::default(),
@@ -106,6 +114,11 @@ impl ProxyMetrics {
             "upstream_connect_errors",
             "Failed connections to upstream brokers",
             metrics.upstream_connect_errors.clone(),
+        );
+        registry.register(
+            "upstream_auth_failures",
+            "Upstream connections whose SASL authentication failed (not counted in upstream_connect_errors), by mechanism",
+            metrics.upstream_auth_failures.clone(),
         );
         registry.register(
             "frames_rejected",
@@ -195,6 +208,17 @@ impl ClusterMetrics {
                     .clone(),
             }
         })
+    }
+
+    /// One upstream connection whose SASL authentication failed.
+    pub fn upstream_auth_failed(&self, mechanism: &str) {
+        self.families
+            .upstream_auth_failures
+            .get_or_create(&AuthLabels {
+                virtual_cluster: self.name.clone(),
+                mechanism: mechanism.to_owned(),
+            })
+            .inc();
     }
 
     pub fn rejected(&self, reason: &str) {

@@ -3,20 +3,24 @@
 //! The connection code only asks an [`Upstream`] for a byte stream to the
 //! bootstrap or to broker N. Direct TCP is one implementation; TLS to the
 //! brokers and QUIC tunnels to another edge plug in here without touching the
-//! data path.
+//! data path. With `upstream.sasl`, the stream is authenticated to the
+//! broker before it is handed over ([`crate::sasl`]).
 
 use std::io;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use strait_edge_config::HostPort;
+use strait_edge_config::{HostPort, SaslMechanism};
 use strait_tls::tokio_rustls::rustls::pki_types::ServerName;
 use strait_tls::tokio_rustls::TlsConnector;
 use strait_tls::{ClientTls, ClientTlsSettings};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
+
+use crate::sasl::{SaslFailure, UpstreamSasl};
 
 /// A bidirectional byte stream to a broker.
 pub trait UpstreamIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
@@ -45,11 +49,38 @@ pub enum ConnectError {
     Timeout { address: String, timeout: Duration },
     #[error("no bootstrap server reachable ({0})")]
     NoBootstrap(String),
+    /// The broker refused the edge's SASL credentials, or its answers did not
+    /// verify. `message` is the broker's (or the check's), never a credential.
+    #[error("cannot authenticate to {address} with SASL {mechanism}: {message}")]
+    Authentication {
+        address: String,
+        mechanism: SaslMechanism,
+        message: String,
+    },
+}
+
+/// An upstream connection ready for client bytes.
+pub struct UpstreamConnection {
+    pub io: BoxedIo,
+    /// When the broker will end the connection's SASL session (KIP-368)
+    /// unless it is re-authenticated; `None` for no limit.
+    pub session_expires_at: Option<tokio::time::Instant>,
 }
 
 #[async_trait]
 pub trait Upstream: Send + Sync {
     async fn connect(&self, target: &UpstreamTarget) -> Result<BoxedIo, ConnectError>;
+
+    /// Like [`Upstream::connect`], with what the connection's session allows.
+    async fn connect_session(
+        &self,
+        target: &UpstreamTarget,
+    ) -> Result<UpstreamConnection, ConnectError> {
+        Ok(UpstreamConnection {
+            io: self.connect(target).await?,
+            session_expires_at: None,
+        })
+    }
 }
 
 /// TCP to the brokers, optionally wrapped in TLS.
@@ -57,6 +88,7 @@ pub struct DirectTcp {
     bootstrap_servers: Vec<HostPort>,
     connect_timeout: Duration,
     tls: Option<UpstreamTls>,
+    sasl: Option<Arc<UpstreamSasl>>,
     // Spreads bootstrap connections over the servers, and moves past a dead one.
     next_bootstrap: AtomicUsize,
 }
@@ -72,7 +104,47 @@ impl DirectTcp {
             bootstrap_servers,
             connect_timeout,
             tls: None,
+            sasl: None,
             next_bootstrap: AtomicUsize::new(0),
+        }
+    }
+
+    /// Every connection is authenticated with these credentials (which may
+    /// be replaced while the upstream is in use).
+    pub fn with_sasl(mut self, sasl: Arc<UpstreamSasl>) -> Self {
+        self.sasl = Some(sasl);
+        self
+    }
+
+    async fn open(&self, address: &HostPort) -> Result<UpstreamConnection, ConnectError> {
+        let mut io = self.connect_io(address).await?;
+        let Some(sasl) = &self.sasl else {
+            return Ok(UpstreamConnection {
+                io,
+                session_expires_at: None,
+            });
+        };
+        // Its own connect_timeout, like the TCP connect and the TLS handshake.
+        match tokio::time::timeout(self.connect_timeout, sasl.authenticate(&mut io)).await {
+            Ok((_, Ok(session))) => Ok(UpstreamConnection {
+                io,
+                session_expires_at: session.expires_at,
+            }),
+            Ok((mechanism, Err(SaslFailure::Rejected(message)))) => {
+                Err(ConnectError::Authentication {
+                    address: address.to_string(),
+                    mechanism,
+                    message,
+                })
+            }
+            Ok((_, Err(SaslFailure::Io(source)))) => Err(ConnectError::Io {
+                address: format!("{address} (SASL)"),
+                source,
+            }),
+            Err(_) => Err(ConnectError::Timeout {
+                address: format!("{address} (SASL)"),
+                timeout: self.connect_timeout,
+            }),
         }
     }
 
@@ -149,16 +221,26 @@ impl DirectTcp {
 #[async_trait]
 impl Upstream for DirectTcp {
     async fn connect(&self, target: &UpstreamTarget) -> Result<BoxedIo, ConnectError> {
+        Ok(self.connect_session(target).await?.io)
+    }
+
+    async fn connect_session(
+        &self,
+        target: &UpstreamTarget,
+    ) -> Result<UpstreamConnection, ConnectError> {
         match target {
-            UpstreamTarget::Broker { address, .. } => self.connect_io(address).await,
+            UpstreamTarget::Broker { address, .. } => self.open(address).await,
             UpstreamTarget::Bootstrap => {
                 let count = self.bootstrap_servers.len();
                 let start = self.next_bootstrap.fetch_add(1, Ordering::Relaxed);
                 let mut failures = Vec::new();
                 for offset in 0..count {
                     let server = &self.bootstrap_servers[(start + offset) % count];
-                    match self.connect_io(server).await {
-                        Ok(stream) => return Ok(stream),
+                    match self.open(server).await {
+                        Ok(connection) => return Ok(connection),
+                        // The other servers check the same credentials: trying them
+                        // too would only multiply failed logins (and lockouts).
+                        Err(err @ ConnectError::Authentication { .. }) => return Err(err),
                         Err(err) => failures.push(err.to_string()),
                     }
                 }

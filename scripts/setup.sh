@@ -99,4 +99,11 @@ else
     echo "$want" > "$STAMP"
 fi
 "$VENV/bin/python" -c "import confluent_kafka, kafka; print('[setup] confluent-kafka', confluent_kafka.version(), 'librdkafka', confluent_kafka.libversion()[0], '| kafka-python', kafka.__version__)"
+
+# ---- Kroxylicious (comparison benchmark, integration/bench/compare.py; owned by integration/bench)
+# Proxy runtime, record-encryption filter and Vault KMS jars from Maven Central into
+# ~/.cache/strait/kroxylicious/<version>, resolved once (install.sh is a no-op when complete).
+"$ROOT/integration/bench/kroxylicious/install.sh" >/dev/null
+# ---- end Kroxylicious
+
 say "done"

@@ -73,7 +73,19 @@ class Principal:
     def kafka_python(self, **extra) -> dict:
         return {"bootstrap_servers": self.bootstrap, **self.pki.kafka_python_ssl(self.cert), **extra}
 
+    def java(self):
+        """A JavaClient with this principal's certificate (the confluent settings, mapped by java_conf)."""
+        from .java_client import JavaClient
+        conf = self.confluent()
+        conf.pop("bootstrap.servers")
+        return JavaClient(self.bootstrap, **conf)
+
     def producer(self, lib: str, **extra) -> "OneByOneProducer":
+        if lib == "java":
+            # delivery.timeout.ms (librdkafka's message.timeout.ms) must cover linger + request timeout.
+            return OneByOneProducer(lib, self.java().producer(**{
+                "linger.ms": 0, "delivery.timeout.ms": 15000, "enable.idempotence": False,
+                "max.block.ms": 15000, **extra}))
         if lib == "confluent":
             from confluent_kafka import Producer
             conf = self.confluent(**{"linger.ms": 0, "message.timeout.ms": 15000,
@@ -85,6 +97,8 @@ class Principal:
         return OneByOneProducer(lib, KafkaProducer(**conf))
 
     def list_topics(self, lib: str) -> set[str]:
+        if lib == "java":
+            return self.java().list_topics(timeout=15)
         if lib == "confluent":
             from confluent_kafka.admin import AdminClient
             admin = AdminClient(self.confluent())
@@ -109,6 +123,14 @@ class OneByOneProducer:
 
     def send_many(self, records: list[tuple[str, bytes]], timeout: float = 20.0) -> list[int | None]:
         """Sends all records before waiting, so the client may put them in one Produce request."""
+        if self.lib == "java":
+            from .clients import Rec
+            from .java_client import JavaError
+            # One driver call: every send() before the first wait. A failed record carries the code of
+            # the exception the client raised (send() itself refuses a topic Metadata denied).
+            results = self.p.send_results(records[0][0], [Rec(None, v, topic=t) for t, v in records], timeout)
+            return [(r.kafka_code if r.kafka_code is not None else r.cls) if isinstance(r, JavaError) else None
+                    for r in results]
         if self.lib == "confluent":
             results: list = [False] * len(records)
 
@@ -153,11 +175,32 @@ class OneByOneProducer:
             self.p.close(timeout=10)
 
 
+def java_code(e) -> int | str:
+    """The Kafka error code of a JavaError, else the Java exception class (client-side failures)."""
+    return e.kafka_code if e.kafka_code is not None else e.cls
+
+
 def consume_with_group(principal: Principal, lib: str, topic: str, group: str, n: int,
                        timeout: float = 45.0) -> list[bytes]:
     """Subscribe with `group`, read `n` records, commit synchronously, close. Raises on any error."""
     out: list[bytes] = []
     deadline = time.monotonic() + timeout
+    if lib == "java":
+        from .java_client import JavaError
+        c = principal.java().consumer(topic, group)  # earliest, no auto commit, session timeout 10 s
+        try:
+            while len(out) < n and time.monotonic() < deadline:
+                try:
+                    out.extend(r.value for r in c.poll(0.2))
+                except JavaError as e:
+                    if e.retriable:
+                        continue
+                    raise AssertionError(f"consumer error: {e}") from e
+            assert len(out) >= n, f"consumed {len(out)} of {n} within {timeout}s"
+            c.commit()
+        finally:
+            c.close()
+        return out
     if lib == "confluent":
         from confluent_kafka import Consumer
         c = Consumer(principal.confluent(**{"group.id": group, "auto.offset.reset": "earliest",
@@ -194,8 +237,34 @@ def consume_with_group(principal: Principal, lib: str, topic: str, group: str, n
 
 
 def group_error(principal: Principal, lib: str, topic: str, group: str, timeout: float = 30.0) -> int:
-    """Subscribe with `group` and return the first non-retriable Kafka error code the client reports."""
+    """Subscribe with `group` and return the first non-retriable Kafka error code the client reports
+    (Java: the first one that is not the subscribed topic's own TOPIC_AUTHORIZATION_FAILED, see below)."""
     deadline = time.monotonic() + timeout
+    if lib == "java":
+        from .java_client import JavaError
+        c = principal.java().consumer(topic, group)
+        topic_denied = []
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    got = c.poll(0.2)
+                except JavaError as e:
+                    if e.retriable:
+                        continue
+                    # A principal that may not Describe `topic` also gets its subscription's Metadata
+                    # refused: the Java consumer raises that (TopicAuthorizationException) from whichever
+                    # poll sees it first, then goes on to the group. That is the topic's refusal, not the
+                    # group's: keep polling for the group's own error.
+                    if e.kafka_code == TOPIC_AUTHORIZATION_FAILED:
+                        topic_denied.append(e)
+                        continue
+                    return java_code(e)
+                if got:
+                    raise AssertionError(f"a record arrived although group {group} is not allowed")
+        finally:
+            c.close()
+        raise AssertionError(f"no group error reported for group {group} within {timeout}s"
+                             f" (topic refusals seen: {[str(e) for e in topic_denied[:2]]})")
     if lib == "confluent":
         from confluent_kafka import Consumer
         c = Consumer(principal.confluent(**{"group.id": group, "auto.offset.reset": "earliest",
@@ -235,6 +304,23 @@ def fetch_error(principal: Principal, lib: str, topic: str, timeout: float = 30.
     """Read partition 0 of `topic` from the beginning without a group; return the first non-retriable
     Kafka error code the client reports. Fails if any record arrives."""
     deadline = time.monotonic() + timeout
+    if lib == "java":
+        from .java_client import JavaError
+        # No group.id: the Java client then needs no coordinator (like kafka-python).
+        c = principal.java().assigned_consumer([(topic, 0)])
+        try:
+            while time.monotonic() < deadline:
+                try:
+                    got = c.poll(0.2)
+                except JavaError as e:
+                    if not e.retriable:
+                        return java_code(e)
+                    continue
+                if got:
+                    raise AssertionError(f"records arrived although {topic} may not be read: {got}")
+        finally:
+            c.close()
+        raise AssertionError(f"no error reported for {topic} within {timeout}s")
     if lib == "confluent":
         from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
         # librdkafka always looks up its group's coordinator: use one the shop accounts may use.
@@ -278,7 +364,10 @@ class PollingConsumer:
 
     def __init__(self, principal: Principal, lib: str, topic: str, group: str):
         self.lib = lib
-        if lib == "confluent":
+        if lib == "java":
+            # No group.id, as kafka-python: assignment and offsets need no coordinator.
+            self.c = principal.java().assigned_consumer([(topic, 0)])
+        elif lib == "confluent":
             from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
             self.c = Consumer(principal.confluent(**{"group.id": group, "enable.auto.commit": False}))
             self.c.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
@@ -290,6 +379,12 @@ class PollingConsumer:
             self.c.seek_to_beginning()
 
     def poll_once(self, timeout: float = 0.1) -> tuple[list[bytes], list[int]]:
+        if self.lib == "java":
+            from .java_client import JavaError
+            try:
+                return [r.value for r in self.c.poll(timeout)], []
+            except JavaError as e:
+                return [], ([] if e.retriable else [java_code(e)])
         if self.lib == "confluent":
             m = self.c.poll(timeout)
             if m is None:

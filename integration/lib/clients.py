@@ -20,6 +20,8 @@ class Rec:
     partition: int | None = None
     offset: int | None = None
     topic: str | None = None
+    # CreateTime in ms. Only the Java client sends it (JavaProducer) and fills it in (JavaConsumer).
+    timestamp: int | None = None
 
 
 def unique(prefix: str) -> str:

@@ -117,7 +117,10 @@ class JavaError(Exception):
 
 
 class JavaDriver:
-    def __init__(self, jar: Path | None = None, start_timeout: float = 60.0):
+    """A JVM running the driver. `jvm_args` go before `-jar` (e.g. `-Djdk.net.hosts.file=...`); a driver
+    with its own arguments is the test's to stop, `java_driver()` is the session's shared one."""
+
+    def __init__(self, jar: Path | None = None, start_timeout: float = 60.0, jvm_args: tuple[str, ...] = ()):
         self.log_path = Path(tempfile.gettempdir()) / f"strait-java-driver-{os.getpid()}-{int(time.time())}.log"
         self._log = open(self.log_path, "wb")
         self._ids = itertools.count(1)
@@ -127,7 +130,7 @@ class JavaDriver:
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
         ready = self._expect(0)
         self.proc = subprocess.Popen(
-            [_tool("java"), "-Xmx512m", "-XX:+UseSerialGC", "-jar", str(jar or driver_jar())],
+            [_tool("java"), "-Xmx512m", "-XX:+UseSerialGC", *jvm_args, "-jar", str(jar or driver_jar())],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._log)
         for target in (self._read, self._write):
             threading.Thread(target=target, name=f"java-driver{target.__name__}", daemon=True).start()
@@ -335,7 +338,7 @@ def _unb64(s: str | None) -> bytes | None:
 
 def _rec(r: dict) -> Rec:
     return Rec(_unb64(r["key"]), _unb64(r["value"]), [(k, _unb64(v)) for k, v in r["headers"]],
-               r["partition"], r["offset"], r["topic"])
+               r["partition"], r["offset"], r["topic"], r.get("timestamp"))
 
 
 # ---- the client
@@ -382,6 +385,10 @@ class JavaClient:
     def brokers(self) -> list[tuple[str, int]]:
         return sorted((b["host"], b["port"]) for b in self.metadata()["brokers"])
 
+    def list_topics(self, timeout: float = 15.0) -> set[str]:
+        """Every topic name the cluster shows this client (Admin.listTopics, internal topics included)."""
+        return set(self.driver.call("admin.list_topics", timeout, handle=self._admin()))
+
     def described_brokers(self) -> list[tuple[str, int]]:
         """Brokers from DescribeCluster (Admin.describeCluster)."""
         nodes = self.driver.call("admin.describe_cluster", 15, handle=self._admin())
@@ -413,6 +420,18 @@ class JavaClient:
         h = self.driver.call("consumer.new", conf=self._conf("consumer", base, conf), topics=topics)
         return JavaConsumer(self.driver, h)
 
+    def assigned_consumer(self, partitions: list[tuple[str, int]], group: str | None = None,
+                          seek_to_beginning: bool = True, **conf) -> "JavaConsumer":
+        """A consumer assigned `partitions` (no group protocol; without `group` no coordinator either),
+        reading from the beginning (seekToBeginning) unless told otherwise."""
+        base = {"auto.offset.reset": "earliest", "enable.auto.commit": False}
+        if group is not None:
+            base["group.id"] = group
+        h = self.driver.call("consumer.new", conf=self._conf("consumer", base, conf),
+                             assign=[{"topic": t, "partition": p} for t, p in partitions],
+                             seek_to_beginning=seek_to_beginning)
+        return JavaConsumer(self.driver, h)
+
 
 class _Handle:
     """A driver-side client; closed when the wrapper is garbage-collected if the test did not close it
@@ -437,15 +456,20 @@ class JavaProducer(_Handle):
         self.block_timeout = block_timeout
 
     def send_results(self, topic: str, records: list[Rec], timeout: float = 30.0) -> list[Rec | JavaError]:
-        """Sends all, waits for each acknowledgement: a Rec (with partition/offset) or a JavaError per record."""
-        wire = [{"key": _b64(r.key), "value": _b64(r.value), "partition": r.partition,
-                 "headers": [[k, _b64(v)] for k, v in (r.headers or [])]} for r in records]
+        """Sends all, waits for each acknowledgement: a Rec (with partition/offset) or a JavaError per record.
+
+        A record's own `topic` overrides `topic` (one call may name several topics, so the client may put
+        them in one Produce request); its `timestamp` is sent as CreateTime."""
+        wire = [{"key": _b64(r.key), "value": _b64(r.value), "partition": r.partition, "topic": r.topic,
+                 "timestamp": r.timestamp, "headers": [[k, _b64(v)] for k, v in (r.headers or [])]}
+                for r in records]
         out = []
         for r, res in zip(records, self._call("producer.send", timeout, topic=topic, records=wire)):
             if "error" in res:
                 out.append(JavaError("send", res["error"]))
             else:
-                out.append(Rec(r.key, r.value, list(r.headers or []), res["partition"], res["offset"], res["topic"]))
+                out.append(Rec(r.key, r.value, list(r.headers or []), res["partition"], res["offset"], res["topic"],
+                               r.timestamp))
         return out
 
     def send_all(self, topic: str, records: list[Rec], timeout: float = 30.0) -> list[Rec]:

@@ -1,5 +1,5 @@
 """Authorization and audit at the edge, end to end: real Tansu, the real strait-edge with mTLS, SPIFFE
-client certificates, confluent-kafka and kafka-python.
+client certificates, confluent-kafka, kafka-python and the Java client.
 
 Topics are created directly at Tansu, so no scenario depends on Create rules, and every claim that a
 denied record never reached the broker is checked by reading the topic from Tansu itself.
@@ -143,7 +143,13 @@ def test_outsider_with_valid_certificate_gets_nothing(broker, edge, pki, lib, ce
     assert outsider.list_topics(lib) & set(TOPICS) == set()
     # Authenticated (the certificate is valid), then refused by the rules.
     assert e.metric("strait_tls_handshakes", result="ok") >= 1
-    assert e.metric("strait_tls_handshakes", result="failed") == 0
+    failed = e.metric("strait_tls_handshakes", result="failed")
+    if lib == "java":
+        # The Java consumer opens its broker connection while the group is being refused; closing it right
+        # after the error can cut that handshake short (counted as failed, reason "eof", as any client
+        # hanging up mid-handshake). Waiting 3 s before the close shows none: not a refused certificate.
+        failed -= e.metric("strait_tls_handshakes", result="failed", reason="eof")
+    assert failed == 0
     assert read_at_broker(t.bootstrap, "orders-eu") == []
     # The principal is the certificate's whole SPIFFE ID, and nothing it asked for was allowed.
     lines = wait_for(lambda: read_audit(audit), 10, what="audit lines")

@@ -1,4 +1,5 @@
-"""Client scenarios, each run direct to Tansu and through strait-edge, with both client libraries."""
+"""Client scenarios, each run direct to the broker and through strait-edge, with every client library
+(confluent-kafka, kafka-python, the Java client)."""
 
 import os
 import threading
@@ -101,9 +102,11 @@ def test_one_mib_record(target, lib):
     c.create_topic(topic)
     value = os.urandom(1024 * 1024)
     c.produce(topic, [Rec(b"big", value), Rec(b"small", b"after")], **producer_conf(lib, max_bytes=4 * 1024 * 1024))
-    consumer_conf = ({"fetch.max.bytes": 8 * 1024 * 1024, "max.partition.fetch.bytes": 4 * 1024 * 1024}
-                     if lib == "confluent" else
-                     {"fetch_max_bytes": 8 * 1024 * 1024, "max_partition_fetch_bytes": 4 * 1024 * 1024})
+    consumer_conf = {
+        "confluent": {"fetch.max.bytes": 8 * 1024 * 1024, "max.partition.fetch.bytes": 4 * 1024 * 1024},
+        "kafka-python": {"fetch_max_bytes": 8 * 1024 * 1024, "max_partition_fetch_bytes": 4 * 1024 * 1024},
+        "java": {"fetch.max.bytes": 8 * 1024 * 1024, "max.partition.fetch.bytes": 4 * 1024 * 1024},
+    }[lib]
     got = c.consumer(topic, **consumer_conf).take(2, timeout=60)
     assert len(got[0].value) == len(value) and zlib.crc32(got[0].value) == zlib.crc32(value)
     assert got[1].value == b"after"
@@ -162,9 +165,13 @@ def test_broker_restart_under_connected_producer(via, lib, broker, edge, tmp_pat
     c = client(lib, bootstrap)
     topic = unique("restart")
     c.create_topic(topic)
-    conf = ({"message.timeout.ms": 60000, "reconnect.backoff.max.ms": 500} if lib == "confluent"
-            else {"reconnect_backoff_max_ms": 500, "retries": 1000, "delivery_timeout_ms": 60000,
-                  "request_timeout_ms": 10000})
+    conf = {
+        "confluent": {"message.timeout.ms": 60000, "reconnect.backoff.max.ms": 500},
+        "kafka-python": {"reconnect_backoff_max_ms": 500, "retries": 1000, "delivery_timeout_ms": 60000,
+                         "request_timeout_ms": 10000},
+        # Retries are unbounded by default; delivery.timeout.ms bounds each record.
+        "java": {"reconnect.backoff.max.ms": 500, "delivery.timeout.ms": 60000, "request.timeout.ms": 10000},
+    }[lib]
     p = c.producer(**conf)
     try:
         p.send_all(topic, records(5, "before-"), timeout=30)

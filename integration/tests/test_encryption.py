@@ -1,5 +1,5 @@
 """Record encryption end to end: real Tansu, real OpenBao (Vault Transit), real moto (AWS KMS), the real
-strait-edge binary, real confluent-kafka and kafka-python clients.
+strait-edge binary, real confluent-kafka, kafka-python and Java (kafka-clients) clients.
 
 What the broker stores is read DIRECTLY from Tansu (bypassing the edge) to prove it is ciphertext; what
 clients get through the edge (and through a second, freshly started edge with a cold DEK cache) must be
@@ -177,6 +177,24 @@ def produce_ok_kafka_python(bootstrap, topic, records, **conf) -> list:
         p.close(timeout=10)
 
 
+def produce_ok_java(bootstrap, topic, records, **conf) -> list:
+    """The Java client (lib/java_client.py): explicit partition and CreateTime per record, like the others."""
+    from lib.clients import Rec
+    from lib.java_client import JavaClient
+    p = JavaClient(bootstrap).producer(**{"linger.ms": 5, "max.request.size": 4 * MIB,
+                                          "delivery.timeout.ms": 60000, **conf})
+    try:
+        delivered = p.send_all(topic, [Rec(r.key, r.value, r.headers, r.partition, timestamp=r.ts) for r in records],
+                               timeout=60)
+        return [(d.partition, d.offset) for d in delivered]
+    finally:
+        p.close()
+
+
+# The Java consumer's names for BIG_FETCH (it has no receive.message.max.bytes: fetch.max.bytes bounds a response).
+JAVA_BIG_FETCH = {"fetch.max.bytes": 8 * MIB, "max.partition.fetch.bytes": 8 * MIB}
+
+
 def consumer(bootstrap: str, topic: str, partitions=(0,), **conf):
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
     c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("g"), "enable.auto.commit": False,
@@ -287,7 +305,7 @@ def start_enc_edge(edge, vc: VirtualCluster, kms_list: list[dict]):
 # ---------------------------------------------------------------- 1. Vault round trip, both libraries
 
 @pytest.mark.parametrize("producer_lib,codec",
-                         [("confluent", c) for c in CODECS] + [("kafka-python", c) for c in CODECS])
+                         [(lib, c) for lib in ("confluent", "kafka-python", "java") for c in CODECS])
 def test_vault_round_trip_ciphertext_at_rest(broker, edge, bao, producer_lib, codec):
     t = broker()
     kek = unique("kek")
@@ -300,6 +318,9 @@ def test_vault_round_trip_ciphertext_at_rest(broker, edge, bao, producer_lib, co
 
     if producer_lib == "confluent":
         offsets = produce_ok_confluent(e.bootstrap, topic, sent, **{
+            "enable.idempotence": True, "acks": "all", "compression.type": codec})
+    elif producer_lib == "java":
+        offsets = produce_ok_java(e.bootstrap, topic, sent, **{
             "enable.idempotence": True, "acks": "all", "compression.type": codec})
     else:
         offsets = produce_ok_kafka_python(e.bootstrap, topic, sent, enable_idempotence=True, acks="all",
@@ -346,6 +367,27 @@ def test_kafka_python_consumer_reads_plaintext(broker, edge, bao):
     assert [m.key for m in got] == [s.key for s in sent]
     assert [list(m.headers or []) for m in got] == [s.headers for s in sent]
     assert [m.timestamp for m in got] == [s.ts for s in sent]
+
+
+def test_java_consumer_reads_plaintext(broker, edge, bao):
+    """The Java client on the consuming side (subscribe, group; its Fetch names topics by id), after a
+    confluent produce, the 1 MiB record included."""
+    from lib.java_client import JavaClient
+    t = broker()
+    kek = unique("kek")
+    bao.create_key(kek)
+    vc = enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}])
+    e = start_enc_edge(edge, vc, [bao.kms_entry()])
+    topic = unique("secret-jv")
+    create_topic(e.bootstrap, topic)
+    sent = workload()
+    produce_ok_confluent(e.bootstrap, topic, sent, **{"compression.type": "lz4"})
+    got = JavaClient(e.bootstrap).consumer(topic, **JAVA_BIG_FETCH).take(len(sent), timeout=60, settle=0.5)
+    assert len(got) == len(sent)
+    assert [r.value for r in got] == [s.value for s in sent]
+    assert [r.key for r in got] == [s.key for s in sent]
+    assert [r.headers for r in got] == [s.headers for s in sent]
+    assert [r.timestamp for r in got] == [s.ts for s in sent]
 
 
 # ---------------------------------------------------------------- 2. AWS KMS (moto)
@@ -646,3 +688,17 @@ def test_kafka_python_consumes_unencrypted_topic_beside_encrypted(broker, edge, 
     finally:
         c.close()
     assert got == [s.value for s in sent]
+
+
+def test_java_consumes_unencrypted_topic_beside_encrypted(broker, edge, bao):
+    from lib.java_client import JavaClient
+    t = broker()
+    kek = unique("kek")
+    bao.create_key(kek)
+    e = start_enc_edge(edge, enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}]), [bao.kms_entry()])
+    plain = unique("plain-jv")
+    create_topic(e.bootstrap, plain)
+    sent = workload(n=6, big=False)
+    produce_ok_confluent(e.bootstrap, plain, sent)
+    got = JavaClient(e.bootstrap).consumer(plain).take(len(sent), timeout=60, settle=0.5)
+    assert [r.value for r in got] == [s.value for s in sent]

@@ -1,5 +1,6 @@
-"""Security at the edge with real clients and a real broker: mTLS and SPIFFE identity, refused
-clients, SNI routing, live certificate rotation under load, TLS to the brokers, quotas."""
+"""Security at the edge with real clients (confluent-kafka, kafka-python, Java) and a real broker: mTLS
+and SPIFFE identity, refused clients, SNI routing, live certificate rotation under load, TLS to the
+brokers, quotas."""
 
 import socket
 import ssl
@@ -91,12 +92,32 @@ def test_mtls_spiffe_client_produces_and_consumes_kafka_python(broker, edge, pki
     assert e.metric("strait_tls_handshakes", result="ok") >= 2
 
 
-@pytest.mark.parametrize("client,ca,reasons", [
+def test_mtls_spiffe_client_produces_and_consumes_java(broker, edge, pki):
+    from lib.clients import Rec
+    from lib.java_client import JavaClient
+    t = broker()
+    vc = tls_cluster(t, pki)
+    e = edge([vc])
+    # The PEM files as confluent names them; java_conf turns them into a PEM trust store and key store.
+    java = JavaClient(f"localhost:{vc.bootstrap_port}", **pki.confluent_ssl("orders"))
+    topic = unique("secure-jv")
+    java.create_topic(topic)
+    java.produce(topic, [Rec(None, b"j%d" % i) for i in range(10)], acks="all")
+    got = java.consumer(topic).take(10, timeout=60, settle=0.5)
+    assert [r.value for r in got] == [b"j%d" % i for i in range(10)]
+    assert e.metric("strait_tls_handshakes", result="ok") >= 2
+
+
+BAD_CLIENTS = [
     (None, "ca", {"no_client_certificate"}),
-    ("rogue", "ca", {"no_client_certificate", "unknown_issuer"}),  # OpenSSL withholds a cert the server's CA list does not name
+    # OpenSSL (and JSSE) withhold a cert the server's CA list does not name.
+    ("rogue", "ca", {"no_client_certificate", "unknown_issuer"}),
     ("expired", "ca", {"expired"}),
     ("not-yet-valid", "ca", {"not_yet_valid"}),
-])
+]
+
+
+@pytest.mark.parametrize("client,ca,reasons", BAD_CLIENTS)
 def test_required_mtls_refuses_bad_clients(broker, edge, pki, client, ca, reasons):
     from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
@@ -113,22 +134,28 @@ def test_required_mtls_refuses_bad_clients(broker, edge, pki, client, ca, reason
     assert e.metric("strait_connections") == 0
 
 
-def test_sni_routes_two_clusters_on_one_port_kafka_python(broker, edge, pki, monkeypatch):
-    """Two virtual clusters (two brokers) share one TLS port; the SNI name picks the cluster and broker."""
-    from kafka import KafkaConsumer, KafkaProducer
-    from kafka.admin import KafkaAdminClient, NewTopic
-    names = ["bootstrap.a.strait.test", "broker-1.a.strait.test",
+@pytest.mark.parametrize("client,ca,reasons", BAD_CLIENTS)
+def test_required_mtls_refuses_bad_clients_java(broker, edge, pki, client, ca, reasons):
+    """The same refusals with the Java client (JSSE): a TLS error, never a session."""
+    from lib.java_client import JavaClient, JavaError
+    t = broker()
+    vc = tls_cluster(t, pki)
+    e = edge([vc])
+    with pytest.raises(JavaError):
+        JavaClient(f"localhost:{vc.bootstrap_port}", **pki.confluent_ssl(client, ca)).brokers()
+    wait_for(lambda: sum(e.metric("strait_tls_handshakes", result="failed", reason=r) for r in reasons) > 0,
+             10, what=f"a handshake failure counted as one of {reasons}")
+    assert e.metric("strait_tls_handshakes", result="ok") == 0
+    assert e.metric("strait_connections") == 0
+
+
+SNI_NAMES = ["bootstrap.a.strait.test", "broker-1.a.strait.test",
              "bootstrap.b.strait.test", "broker-1.b.strait.test"]
-    pki.leaf("sni-server", dns=names)
-    real_getaddrinfo = socket.getaddrinfo
 
-    def resolve(host, *args, **kwargs):
-        # The test's own DNS: *.strait.test is the loopback edge.
-        if isinstance(host, str) and host.endswith(".strait.test"):
-            host = "127.0.0.1"
-        return real_getaddrinfo(host, *args, **kwargs)
-    monkeypatch.setattr(socket, "getaddrinfo", resolve)
 
+def sni_edge(broker, edge, pki):
+    """Two virtual clusters (two brokers) on one TLS port, told apart by SNI: (edge, port)."""
+    pki.leaf("sni-server", dns=SNI_NAMES)
     port = free_port()
     clusters = []
     brokers = {}
@@ -146,7 +173,33 @@ def test_sni_routes_two_clusters_on_one_port_kafka_python(broker, edge, pki, mon
             return cfg
         vc.config = config
         clusters.append(vc)
-    e = edge(clusters)
+    return edge(clusters), port
+
+
+def assert_unknown_sni_refused(e, pki, port):
+    """An SNI name no cluster serves gets no TLS session."""
+    ctx = ssl.create_default_context(cafile=str(pki.pem("ca")))
+    ctx.load_cert_chain(str(pki.pem("orders")), str(pki.key("orders")))
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
+        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
+            ctx.wrap_socket(raw, server_hostname="bootstrap.c.strait.test")
+    wait_for(lambda: e.metric("strait_tls_handshakes", reason="unknown_sni") >= 1, 10,
+             what="unknown SNI refusal counted")
+
+
+def test_sni_routes_two_clusters_on_one_port_kafka_python(broker, edge, pki, monkeypatch):
+    """Two virtual clusters (two brokers) share one TLS port; the SNI name picks the cluster and broker."""
+    from kafka import KafkaConsumer, KafkaProducer
+    from kafka.admin import KafkaAdminClient, NewTopic
+    real_getaddrinfo = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        # The test's own DNS: *.strait.test is the loopback edge.
+        if isinstance(host, str) and host.endswith(".strait.test"):
+            host = "127.0.0.1"
+        return real_getaddrinfo(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
+    e, port = sni_edge(broker, edge, pki)
 
     ssl_conf = pki.kafka_python_ssl("orders")
     topic = unique("sni")
@@ -169,14 +222,35 @@ def test_sni_routes_two_clusters_on_one_port_kafka_python(broker, edge, pki, mon
     assert topic not in admin_b.list_topics()
     admin_b.close()
 
-    # An SNI name no cluster serves gets no TLS session.
-    ctx = ssl.create_default_context(cafile=str(pki.pem("ca")))
-    ctx.load_cert_chain(str(pki.pem("orders")), str(pki.key("orders")))
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with pytest.raises((ssl.SSLError, ConnectionError, OSError)):
-            ctx.wrap_socket(raw, server_hostname="bootstrap.c.strait.test")
-    wait_for(lambda: e.metric("strait_tls_handshakes", reason="unknown_sni") >= 1, 10,
-             what="unknown SNI refusal counted")
+    assert_unknown_sni_refused(e, pki, port)
+
+
+def test_sni_routes_two_clusters_on_one_port_java(broker, edge, pki, tmp_path):
+    """The same with the Java client. Patching Python's resolver does not reach the JVM: a driver JVM of
+    the test's own resolves *.strait.test from a hosts file (`-Djdk.net.hosts.file`). The client sends
+    the name it connects to as SNI and checks the edge's certificate against it."""
+    from lib.clients import Rec
+    from lib.java_client import JavaClient, JavaDriver
+    e, port = sni_edge(broker, edge, pki)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("127.0.0.1 " + " ".join(SNI_NAMES) + "\n")
+    driver = JavaDriver(jvm_args=(f"-Djdk.net.hosts.file={hosts}",))
+    try:
+        ssl_conf = pki.confluent_ssl("orders")
+        a = JavaClient(f"bootstrap.a.strait.test:{port}", driver=driver, **ssl_conf)
+        topic = unique("sni-jv")
+        a.create_topic(topic)
+        assert a.described_brokers() == [("broker-1.a.strait.test", port)]
+        assert a.brokers() == [("broker-1.a.strait.test", port)]
+        a.produce(topic, [Rec(None, b"only-in-a")])
+        assert [r.value for r in a.consumer(topic).take(1, timeout=60)] == [b"only-in-a"]
+        # Cluster b is another broker: the topic does not exist there.
+        b = JavaClient(f"bootstrap.b.strait.test:{port}", driver=driver, **ssl_conf)
+        assert topic not in b.list_topics()
+    finally:
+        driver.stop()
+
+    assert_unknown_sni_refused(e, pki, port)
 
 
 def test_certificate_rotation_under_load(broker, edge, pki):
@@ -305,8 +379,11 @@ def test_edge_without_client_certificate_is_refused_by_mtls_broker(kafka, edge, 
     from confluent_kafka import KafkaException
     with pytest.raises(KafkaException):
         AdminClient({"bootstrap.servers": vc.bootstrap}).list_topics(timeout=5)
-    wait_for(lambda: e.metric("strait_upstream_connect_errors_total", virtual_cluster="tls-nocert") >= 1, 15,
-             what="the refused upstream handshake counted")
+    # TLS 1.3: the broker's "certificate required" alert arrives after the edge's side of the handshake
+    # completed, on the first read; the edge logs it at WARN and closes the client connection.
+    wait_for(lambda: any("WARN" in line and "TLS error" in line and "CertificateRequired" in line
+                         for line in e.log_text().splitlines()), 15,
+             what="the broker's TLS alert reported by the edge")
 
 
 def test_produce_quota_throttles_with_throttle_time(broker, edge):

@@ -30,6 +30,7 @@ import org.apache.kafka.clients.admin.Admin;
 import org.apache.kafka.clients.admin.AdminClientConfig;
 import org.apache.kafka.clients.admin.CreateTopicsOptions;
 import org.apache.kafka.clients.admin.DescribeClusterOptions;
+import org.apache.kafka.clients.admin.ListTopicsOptions;
 import org.apache.kafka.clients.admin.NewTopic;
 import org.apache.kafka.clients.consumer.ConsumerConfig;
 import org.apache.kafka.clients.consumer.ConsumerGroupMetadata;
@@ -147,6 +148,13 @@ public final class Driver {
             case "admin.describe_cluster":
                 return nodes(admin(cmd).describeCluster(new DescribeClusterOptions().timeoutMs((int) timeout))
                         .nodes().get(timeout, TimeUnit.MILLISECONDS));
+            case "admin.list_topics": {
+                // Admin.listTopics: one Metadata request for every topic, as a client sees them.
+                ArrayNode names = NODES.arrayNode();
+                admin(cmd).listTopics(new ListTopicsOptions().timeoutMs((int) timeout).listInternal(true)).names()
+                        .get(timeout, TimeUnit.MILLISECONDS).stream().sorted().forEach(names::add);
+                return names;
+            }
             case "metadata":
                 return Raw.metadata(props(cmd, AdminClientConfig.configNames()), strings(cmd.get("topics")), timeout);
             case "find_coordinator":
@@ -184,7 +192,16 @@ public final class Driver {
             case "consumer.new": {
                 KafkaConsumer<byte[], byte[]> c = new KafkaConsumer<>(props(cmd, ConsumerConfig.configNames()),
                         new ByteArrayDeserializer(), new ByteArrayDeserializer());
-                c.subscribe(strings(cmd.get("topics")));
+                if (cmd.hasNonNull("assign")) {
+                    // Manual assignment (no group protocol); where to start is auto.offset.reset's call
+                    // unless seek_to_beginning.
+                    List<TopicPartition> tps = new ArrayList<>();
+                    for (JsonNode a : cmd.get("assign")) tps.add(new TopicPartition(a.get("topic").asText(), a.get("partition").asInt()));
+                    c.assign(tps);
+                    if (cmd.path("seek_to_beginning").asBoolean(false)) c.seekToBeginning(tps);
+                } else {
+                    c.subscribe(strings(cmd.get("topics")));
+                }
                 return newHandle(c);
             }
             case "consumer.poll":
@@ -205,18 +222,22 @@ public final class Driver {
         }
     }
 
-    /** Sends every record, then waits (until the deadline) for each acknowledgement: one result per record. */
+    /**
+     * Sends every record, then waits (until the deadline) for each acknowledgement: one result per record.
+     * A record's own "topic" (else the command's) and "timestamp" (CreateTime ms, else the producer's clock).
+     */
     static JsonNode send(KafkaProducer<byte[], byte[]> p, String topic, JsonNode records, long timeout) {
         long deadline = System.nanoTime() + TimeUnit.MILLISECONDS.toNanos(timeout);
         List<Object> pending = new ArrayList<>(); // a Future, or the exception send() threw
         for (JsonNode r : records) {
             RecordHeaders headers = new RecordHeaders();
             for (JsonNode h : r.path("headers")) headers.add(h.get(0).asText(), bytes(h.get(1)));
-            Integer partition = r.path("partition").isNull() || r.path("partition").isMissingNode()
-                    ? null : r.get("partition").asInt();
+            Integer partition = r.hasNonNull("partition") ? r.get("partition").asInt() : null;
+            Long timestamp = r.hasNonNull("timestamp") ? r.get("timestamp").asLong() : null;
+            String to = r.hasNonNull("topic") ? r.get("topic").asText() : topic;
             try {
-                pending.add(p.send(new ProducerRecord<>(topic, partition, bytes(r.get("key")), bytes(r.get("value")),
-                        headers)));
+                pending.add(p.send(new ProducerRecord<>(to, partition, timestamp, bytes(r.get("key")),
+                        bytes(r.get("value")), headers)));
             } catch (Exception e) {
                 pending.add(e);
             }

@@ -263,12 +263,14 @@ class KafkaPython:
             "auto_offset_reset": "earliest",
             "enable_auto_commit": False,
             "session_timeout_ms": 10000,
-            # kafka-python can lead a join before its metadata has a just-created topic, assign nothing,
-            # and only rejoin at the next metadata refresh (metadata_max_age_ms, 5 min by default).
-            "metadata_max_age_ms": 2000,
         }
         base.update(conf)
         c = KafkaConsumer(**base)
+        # kafka-python 3 can lead the group's first join before its metadata has a just-created topic and
+        # assign nothing; the rejoin that follows sometimes never completes (its SyncGroup answer is
+        # dropped when poll() times out, seen directly against Kafka 4.1). Fetching the topic's metadata
+        # first means the first assignment already has the partitions.
+        wait_for(lambda: c.partitions_for_topic(topic), 30, what=f"{topic} in kafka-python's metadata")
         c.subscribe([topic])
         return KafkaPythonConsumer(c)
 

@@ -232,12 +232,17 @@ class KafkaCluster:
             "share.coordinator.state.topic.replication.factor": rf,
             "share.coordinator.state.topic.min.isr": str(min(2, self.size)),
             "group.initial.rebalance.delay.ms": "0",
-            "auto.create.topics.enable": "true",
+            # As in most production clusters: topics exist only when created (a Metadata request for an
+            # unknown topic must not create it, or "absent" could never be observed).
+            "auto.create.topics.enable": "false",
             "auto.leader.rebalance.enable": "false",
             # Small segments and fast fencing keep a killed node's absence short in tests.
             "broker.session.timeout.ms": "6000",
             "broker.heartbeat.interval.ms": "1000",
             "log.segment.bytes": str(64 * 1024 * 1024),
+            # Scenarios send 1 MiB values (plus batch overhead); the broker default is just under 1 MiB.
+            "message.max.bytes": str(8 * 1024 * 1024),
+            "replica.fetch.max.bytes": str(8 * 1024 * 1024),
             "num.network.threads": "2",
             "num.io.threads": "4",
         }

@@ -26,6 +26,9 @@ def producer_conf(lib: str, **kw) -> dict:
                       "max_bytes": "message.max.bytes"},
         "kafka-python": {"compression": "compression_type", "idempotence": "enable_idempotence",
                          "max_bytes": "max_request_size"},
+        # The Java driver takes librdkafka's names and maps them (lib/java_client.py).
+        "java": {"compression": "compression.type", "idempotence": "enable.idempotence",
+                 "max_bytes": "message.max.bytes"},
     }[lib]
     return {names[k]: v for k, v in kw.items()}
 

@@ -188,6 +188,8 @@ struct Checker<'a> {
     /// The error for a refusal: the highest-ranked denied resource type.
     code: Option<i16>,
     unknown_ids: HashSet<Uuid>,
+    /// The earliest lease end among the rules that allowed this request.
+    valid_until: Option<SystemTime>,
 }
 
 fn rank(code: i16) -> u8 {
@@ -233,6 +235,9 @@ impl Checker<'_> {
     ) -> bool {
         let allowed = decision.allowed;
         if allowed {
+            if let Some(end) = decision.rule.as_ref().and_then(|rule| rule.not_after) {
+                self.valid_until = Some(self.valid_until.map_or(end, |current| current.min(end)));
+            }
             self.conn.counters.allow.inc();
             if self.conn.audit.sample_allow() {
                 let record = self.audit_record(resource, name, operation, decision);
@@ -672,6 +677,7 @@ impl AuthorizationFilter {
             denies: Vec::new(),
             code: None,
             unknown_ids: HashSet::new(),
+            valid_until: None,
         }
     }
 
@@ -734,6 +740,19 @@ impl AuthorizationFilter {
                                 req.session_id = 0;
                                 req.session_epoch = -1;
                                 req.forgotten_topics_data.clear();
+                            }
+                        }
+                    }
+                    // A Fetch allowed just before a Read lease ends would otherwise
+                    // long-poll past its end (max_wait_ms, 500 ms by default) and
+                    // return records written after it: the broker must answer
+                    // before the lease ends.
+                    if let (Some(end), RequestKind::Fetch(req)) = (c.valid_until, frame.body()) {
+                        let left = end.duration_since(now).unwrap_or_default().as_millis();
+                        let left = i32::try_from(left).unwrap_or(i32::MAX);
+                        if left < req.max_wait_ms {
+                            if let RequestKind::Fetch(req) = frame.body_mut() {
+                                req.max_wait_ms = left;
                             }
                         }
                     }

@@ -96,6 +96,9 @@ impl CompiledRule {
 pub struct MatchedRule {
     pub index: usize,
     pub principal: Arc<str>,
+    /// When the rule's lease ends, if it is leased: an answer the broker may
+    /// hold back (a Fetch long-poll) must come before this.
+    pub not_after: Option<SystemTime>,
 }
 
 /// The outcome of one authorization check.
@@ -268,6 +271,7 @@ impl RuleSet {
         MatchedRule {
             index,
             principal: self.rules[index].principal_text.clone(),
+            not_after: self.rules[index].not_after,
         }
     }
 

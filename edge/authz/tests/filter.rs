@@ -1604,3 +1604,48 @@ async fn group_and_cluster_authorized_operations_are_recomputed() {
     };
     assert_eq!(cluster.cluster_authorized_operations, 1 << 8);
 }
+
+/// A Fetch allowed shortly before its Read lease ends must not long-poll past
+/// the end: the broker would answer with records written after it.
+#[tokio::test]
+async fn fetch_wait_is_capped_at_the_read_lease_end() {
+    let harness = Harness::new(
+        r#"
+rules:
+  - principal: "spiffe://example.org/ns/shop/sa/*"
+    allow: [Read]
+    topic: "leased"
+    not_after: "2026-11-22T08:00:00.200Z"
+  - principal: "spiffe://example.org/ns/shop/sa/*"
+    allow: [Read]
+    topic: "open"
+"#,
+    );
+    let (mut filter, info) = harness.connect(BILLING);
+    let fetch = |name: &str| {
+        RequestKind::Fetch(
+            FetchRequest::default().with_max_wait_ms(500).with_topics(vec![
+                fetch_request::FetchTopic::default()
+                    .with_topic(topic(name))
+                    .with_partitions(vec![Default::default()]),
+            ]),
+        )
+    };
+    let max_wait = |frame: &RequestFrame| match frame.body() {
+        RequestKind::Fetch(req) => req.max_wait_ms,
+        _ => panic!(),
+    };
+    let mut leased = frame(ApiKey::Fetch, 12, fetch("leased"));
+    assert!(matches!(
+        request_verdict(&mut filter, &info, &mut leased).await,
+        RequestVerdict::Forward
+    ));
+    assert_eq!(max_wait(&leased), 200, "at most the 200 ms left on the lease");
+    // A rule without a lease leaves the client's wait alone.
+    let mut open = frame(ApiKey::Fetch, 12, fetch("open"));
+    assert!(matches!(
+        request_verdict(&mut filter, &info, &mut open).await,
+        RequestVerdict::Forward
+    ));
+    assert_eq!(max_wait(&open), 500);
+}

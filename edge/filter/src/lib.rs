@@ -8,6 +8,11 @@
 //! * **Declared interest.** A filter names the API keys whose requests and
 //!   responses it wants ([`Filter::request_keys`], [`Filter::response_keys`]).
 //!   Frames no filter wants are never decoded: they are streamed as raw bytes.
+//!   A filter may narrow its response interest to the versions from
+//!   [`Filter::min_response_version`] on, when only newer versions carry what
+//!   it needs (KIP-951's broker addresses in Produce v10+): older responses of
+//!   that key then stay on the raw path unless another filter wants them, and
+//!   the filter is not called for them even when they are decoded for another.
 //!   Interest must not change over the filter's life.
 //! * **Order.** Requests pass the filters in chain order, responses in reverse
 //!   order, like a stack. Responses reach the client in request order, even
@@ -171,13 +176,16 @@ pub struct ResponseFrame {
 impl ResponseFrame {
     /// Decodes a whole response frame answering a request of `api_key`/`version`.
     pub fn decode(api_key: ApiKey, version: i16, frame: Bytes) -> Result<Self, CodecError> {
-        let (header, body) = codec::decode_response(api_key, version, frame.clone())?;
+        // An unchanged frame forwards the bytes that were decoded, which
+        // differ from `frame` when tagged fields its version does not define
+        // had to be dropped: bytes no filter has seen never reach the client.
+        let (header, body, decoded) = codec::decode_response_frame(api_key, version, frame)?;
         Ok(ResponseFrame {
             api_key,
             version,
             header,
             body,
-            original: Some(frame),
+            original: Some(decoded),
         })
     }
 
@@ -250,6 +258,16 @@ pub trait Filter: Send {
     /// API keys whose responses this filter wants to see decoded.
     fn response_keys(&self) -> ApiKeySet;
 
+    /// For a key of [`Filter::response_keys`], the lowest response version
+    /// this filter wants; it sees that version and every newer one, never an
+    /// older one. The default, 0, is every version. Read once, when the chain
+    /// is built, so like the key sets it must not change; it is how the hot
+    /// path keeps responses that cannot carry what the filter looks for
+    /// (e.g. Produce before v10, which has no `node_endpoints`) undecoded.
+    fn min_response_version(&self, _api_key: ApiKey) -> i16 {
+        0
+    }
+
     async fn on_request(
         &mut self,
         _ctx: &FilterContext<'_>,
@@ -272,12 +290,96 @@ pub trait FilterFactory: Send + Sync {
     fn create(&self, connection: &ConnectionInfo) -> Box<dyn Filter>;
 }
 
+/// Which responses are wanted decoded: per API key, the lowest version
+/// wanted, so the hot path tests a key and version with one array lookup.
+#[derive(Clone, PartialEq, Eq)]
+pub struct ResponseInterest {
+    /// Indexed by API key number; `NONE` where the key is not wanted.
+    min_version: [i16; 256],
+}
+
+impl ResponseInterest {
+    const NONE: i16 = i16::MAX;
+
+    /// Wants nothing.
+    pub fn none() -> Self {
+        ResponseInterest {
+            min_version: [Self::NONE; 256],
+        }
+    }
+
+    /// What `filter` declared with [`Filter::response_keys`] and
+    /// [`Filter::min_response_version`].
+    pub fn of(filter: &dyn Filter) -> Self {
+        let mut interest = Self::none();
+        let keys = filter.response_keys();
+        for key in (0i16..256).filter(|key| keys.contains(*key)) {
+            // A number the crate does not know cannot be narrowed by version.
+            let min = ApiKey::try_from(key).map_or(0, |known| filter.min_response_version(known));
+            interest.insert(key, min.max(0));
+        }
+        interest
+    }
+
+    fn insert(&mut self, api_key: i16, min_version: i16) {
+        if let Some(slot) = usize::try_from(api_key)
+            .ok()
+            .and_then(|index| self.min_version.get_mut(index))
+        {
+            *slot = (*slot).min(min_version);
+        }
+    }
+
+    /// Wanted by either.
+    pub fn union(mut self, other: &ResponseInterest) -> Self {
+        for (mine, theirs) in self.min_version.iter_mut().zip(other.min_version) {
+            *mine = (*mine).min(theirs);
+        }
+        self
+    }
+
+    #[inline]
+    pub fn contains(&self, api_key: i16, version: i16) -> bool {
+        usize::try_from(api_key)
+            .ok()
+            .and_then(|index| self.min_version.get(index))
+            .is_some_and(|min| version >= *min)
+    }
+
+    /// The keys wanted at some version.
+    pub fn keys(&self) -> ApiKeySet {
+        let mut keys = ApiKeySet::EMPTY;
+        for (key, min) in (0i16..).zip(self.min_version) {
+            if min != Self::NONE {
+                keys.insert(key);
+            }
+        }
+        keys
+    }
+}
+
+impl fmt::Debug for ResponseInterest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_map()
+            .entries(
+                (0i16..)
+                    .zip(self.min_version)
+                    .filter(|(_, min)| *min != Self::NONE)
+                    .map(|(key, min)| (key, format!("v{min}+"))),
+            )
+            .finish()
+    }
+}
+
 /// The filters of one connection, with the union of their interests
-/// precomputed so the hot path can test a key with one bit lookup.
+/// precomputed so the hot path can test a key with one bit lookup (and a
+/// response's version with one array lookup).
 pub struct FilterChain {
     filters: Vec<Box<dyn Filter>>,
+    /// Each filter's own response interest, in `filters` order.
+    interests: Vec<ResponseInterest>,
     request_keys: ApiKeySet,
-    response_keys: ApiKeySet,
+    response_interest: ResponseInterest,
 }
 
 impl FilterChain {
@@ -285,13 +387,18 @@ impl FilterChain {
         let request_keys = filters
             .iter()
             .fold(ApiKeySet::EMPTY, |acc, f| acc.union(f.request_keys()));
-        let response_keys = filters
+        let interests: Vec<ResponseInterest> = filters
             .iter()
-            .fold(ApiKeySet::EMPTY, |acc, f| acc.union(f.response_keys()));
+            .map(|f| ResponseInterest::of(f.as_ref()))
+            .collect();
+        let response_interest = interests
+            .iter()
+            .fold(ResponseInterest::none(), |acc, i| acc.union(i));
         FilterChain {
             filters,
+            interests,
             request_keys,
-            response_keys,
+            response_interest,
         }
     }
 
@@ -299,8 +406,14 @@ impl FilterChain {
         self.request_keys
     }
 
+    /// Keys whose responses some filter wants, at some version.
     pub fn response_keys(&self) -> ApiKeySet {
-        self.response_keys
+        self.response_interest.keys()
+    }
+
+    /// Which responses some filter wants, by key and version.
+    pub fn response_interest(&self) -> &ResponseInterest {
+        &self.response_interest
     }
 
     #[inline]
@@ -309,8 +422,8 @@ impl FilterChain {
     }
 
     #[inline]
-    pub fn wants_response(&self, api_key: i16) -> bool {
-        self.response_keys.contains(api_key)
+    pub fn wants_response(&self, api_key: i16, version: i16) -> bool {
+        self.response_interest.contains(api_key, version)
     }
 
     /// Runs the request through every interested filter in order, stopping at
@@ -339,9 +452,9 @@ impl FilterChain {
         ctx: &FilterContext<'_>,
         frame: &mut ResponseFrame,
     ) -> ResponseVerdict {
-        let key = frame.api_key() as i16;
-        for filter in self.filters.iter_mut().rev() {
-            if !filter.response_keys().contains(key) {
+        let (key, version) = (frame.api_key() as i16, frame.version());
+        for (filter, interest) in self.filters.iter_mut().zip(&self.interests).rev() {
+            if !interest.contains(key, version) {
                 continue;
             }
             match filter.on_response(ctx, frame).await {
@@ -457,6 +570,85 @@ mod tests {
             *log.lock().unwrap(),
             vec!["req:a", "req:b", "resp:c", "resp:b", "resp:a"]
         );
+    }
+
+    /// Wants Produce responses from `min` on, and records which versions it saw.
+    struct ProduceFrom {
+        min: i16,
+        seen: Arc<Mutex<Vec<(i16, i16)>>>,
+    }
+
+    #[async_trait]
+    impl Filter for ProduceFrom {
+        fn name(&self) -> &'static str {
+            "produce-from"
+        }
+        fn request_keys(&self) -> ApiKeySet {
+            ApiKeySet::EMPTY
+        }
+        fn response_keys(&self) -> ApiKeySet {
+            ApiKeySet::of(&[ApiKey::Produce])
+        }
+        fn min_response_version(&self, api_key: ApiKey) -> i16 {
+            if api_key == ApiKey::Produce {
+                self.min
+            } else {
+                0
+            }
+        }
+        async fn on_response(
+            &mut self,
+            _ctx: &FilterContext<'_>,
+            frame: &mut ResponseFrame,
+        ) -> ResponseVerdict {
+            self.seen.lock().unwrap().push((self.min, frame.version()));
+            ResponseVerdict::Forward
+        }
+    }
+
+    #[tokio::test]
+    async fn version_aware_response_interest() {
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let narrow = || -> Box<dyn Filter> {
+            Box::new(ProduceFrom {
+                min: 10,
+                seen: seen.clone(),
+            })
+        };
+        let chain = FilterChain::new(vec![narrow()]);
+        assert!(!chain.wants_response(ApiKey::Produce as i16, 9));
+        assert!(chain.wants_response(ApiKey::Produce as i16, 10));
+        assert!(chain.wants_response(ApiKey::Produce as i16, 13));
+        assert!(!chain.wants_response(ApiKey::Fetch as i16, 13));
+        assert!(chain.response_keys().contains(ApiKey::Produce as i16));
+
+        // With a second filter wanting every version, v9 is decoded, but only
+        // for the filter that asked for it.
+        let mut chain = FilterChain::new(vec![
+            narrow(),
+            Box::new(ProduceFrom {
+                min: 0,
+                seen: seen.clone(),
+            }),
+        ]);
+        assert!(chain.wants_response(ApiKey::Produce as i16, 9));
+        let connection = info();
+        let ctx = FilterContext {
+            connection: &connection,
+            now: SystemTime::now(),
+        };
+        for version in [9, 10] {
+            let header = RequestHeader::default()
+                .with_request_api_key(ApiKey::Produce as i16)
+                .with_request_api_version(version);
+            let request = RequestFrame::new(header, RequestKind::Produce(Default::default()));
+            let mut response = ResponseFrame::answering(
+                &request.unwrap(),
+                ResponseKind::Produce(Default::default()),
+            );
+            chain.on_response(&ctx, &mut response).await;
+        }
+        assert_eq!(*seen.lock().unwrap(), vec![(0, 9), (0, 10), (10, 10)]);
     }
 
     #[test]

@@ -115,11 +115,31 @@ pub fn decode_response(
     version: i16,
     frame: Bytes,
 ) -> Result<(ResponseHeader, ResponseKind), CodecError> {
+    decode_response_frame(api_key, version, frame).map(|(header, body, _)| (header, body))
+}
+
+/// Like [`decode_response`], and also returns the bytes that were decoded:
+/// `frame` itself, or the frame without its trailing tagged fields when only
+/// that copy could be decoded. Whoever forwards an unchanged frame must
+/// forward these bytes, not `frame`: the stripped fields were never seen by
+/// a filter, and in Produce v10+ and Fetch v16+ the top-level tag 0 holds
+/// broker addresses (KIP-951 `node_endpoints`), so forwarding them unread
+/// would let an address past the rewriter.
+pub fn decode_response_frame(
+    api_key: ApiKey,
+    version: i16,
+    frame: Bytes,
+) -> Result<(ResponseHeader, ResponseKind, Bytes), CodecError> {
     match decode_response_strict(api_key, version, frame.clone()) {
+        Ok((header, body)) => Ok((header, body, frame)),
         Err(err @ CodecError::Decode { .. }) => without_trailing_tags(api_key, version, &frame)
-            .and_then(|stripped| decode_response_strict(api_key, version, stripped).ok())
+            .and_then(|stripped| {
+                decode_response_strict(api_key, version, stripped.clone())
+                    .ok()
+                    .map(|(header, body)| (header, body, stripped))
+            })
             .ok_or(err),
-        other => other,
+        Err(err) => Err(err),
     }
 }
 
@@ -282,12 +302,18 @@ mod tests {
         dirty[..4].copy_from_slice(&size.to_be_bytes());
         let dirty = dirty.freeze();
         assert!(decode_response_strict(ApiKey::Fetch, 12, dirty.clone()).is_err());
-        let (header, body) = decode_response(ApiKey::Fetch, 12, dirty).unwrap();
+        let (header, body) = decode_response(ApiKey::Fetch, 12, dirty.clone()).unwrap();
         assert_eq!(header.correlation_id, 4);
         let ResponseKind::Fetch(fetch) = body else {
             panic!()
         };
         assert_eq!(fetch.session_id, 77);
+        // What was decoded is the frame without the undefined field, and that
+        // (not the frame as received) is what an unchanged frame forwards.
+        let (_, _, decoded) = decode_response_frame(ApiKey::Fetch, 12, dirty).unwrap();
+        assert_eq!(decoded, clean);
+        let (_, _, decoded) = decode_response_frame(ApiKey::Fetch, 12, clean.clone()).unwrap();
+        assert_eq!(decoded, clean);
         // Garbage stays an error.
         assert!(decode_response(
             ApiKey::Fetch,

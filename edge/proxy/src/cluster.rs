@@ -23,7 +23,7 @@ use crate::brokers::{BrokerMap, NewBrokerListener};
 use crate::connection::{relay, ConnectionError, ConnectionSettings};
 use crate::metrics::ClusterMetrics;
 use crate::quota::QuotaPolicy;
-use crate::rewrite::{AddressRewriteFilter, ApiVersionsFilter};
+use crate::rewrite::edge_filters;
 use crate::sasl::client::ClientSaslFilter;
 use crate::upstream::{ConnectError, Upstream, UpstreamTarget};
 
@@ -365,20 +365,23 @@ impl ClusterRuntime {
             endpoint,
             principal,
         };
-        let mut filters: Vec<Box<dyn Filter>> = vec![
-            Box::new(ApiVersionsFilter),
-            Box::new(AddressRewriteFilter::new(self.brokers.clone())),
-        ];
-        if self.upstream_sasl {
-            // Before the configured filters, so none of them sees client SASL.
-            filters.push(Box::new(ClientSaslFilter));
-        }
         let factories = self
             .filters
             .read()
             .unwrap_or_else(|e| e.into_inner())
             .clone();
-        filters.extend(factories.iter().map(|factory| factory.create(&info)));
+        let configured: Vec<Box<dyn Filter>> = factories
+            .iter()
+            .map(|factory| factory.create(&info))
+            .collect();
+        // The edge's own filters depend on what the configured ones decode.
+        let mut filters: Vec<Box<dyn Filter>> =
+            Vec::from(edge_filters(self.brokers.clone(), &configured));
+        if self.upstream_sasl {
+            // Before the configured filters, so none of them sees client SASL.
+            filters.push(Box::new(ClientSaslFilter));
+        }
+        filters.extend(configured);
         let chain = FilterChain::new(filters);
         let quota = self
             .quotas

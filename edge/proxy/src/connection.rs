@@ -17,9 +17,9 @@ use std::time::{Duration, Instant, SystemTime};
 use bytes::{Bytes, BytesMut};
 use strait_filter::{
     ApiKeySet, ConnectionInfo, FilterChain, FilterContext, RequestFrame, RequestVerdict,
-    ResponseFrame, ResponseVerdict,
+    ResponseFrame, ResponseInterest, ResponseVerdict,
 };
-use strait_kafka::codec::{decodable_api_key, CodecError};
+use strait_kafka::codec::CodecError;
 use strait_kafka::frame::{produce_acks, FrameError, RequestPrefix, ResponsePrefix};
 use strait_kafka::kafka_protocol::messages::{ApiKey, RequestKind};
 use thiserror::Error;
@@ -29,6 +29,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::metrics::ClusterMetrics;
 use crate::quota::{set_throttle_time, PrincipalQuota};
+use crate::rewrite::policy::VersionLimits;
 
 const READ_BUFFER: usize = 64 * 1024;
 
@@ -122,7 +123,11 @@ where
     let shared = Shared {
         info,
         request_keys: chain.request_keys(),
-        response_keys: chain.response_keys(),
+        response_interest: chain.response_interest().clone(),
+        // What the chain decodes decides what may be offered (Fetch v16+ only
+        // if its responses pass the rewriter); the edge filters' ApiVersions
+        // answer was narrowed the same way.
+        limits: VersionLimits::for_chain(&chain),
         chain: Mutex::new(chain),
         quota,
         metrics,
@@ -148,7 +153,8 @@ where
 struct Shared {
     info: ConnectionInfo,
     request_keys: ApiKeySet,
-    response_keys: ApiKeySet,
+    response_interest: ResponseInterest,
+    limits: &'static VersionLimits,
     chain: Mutex<FilterChain>,
     quota: Option<Arc<PrincipalQuota>>,
     metrics: Arc<ClusterMetrics>,
@@ -239,7 +245,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                         correlation_id: prefix.correlation_id,
                         api_key: prefix.api_key,
                         version: prefix.api_version,
-                        decode_response: self.wants_response(prefix.api_key)
+                        decode_response: self.wants_response(prefix.api_key, prefix.api_version)
                             || !request_throttle.is_zero(),
                         throttle_ms: millis(request_throttle),
                         sent_at: Instant::now(),
@@ -288,27 +294,32 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
         self.shared.request_keys.contains(api_key)
     }
 
-    fn wants_response(&self, api_key: i16) -> bool {
-        self.shared.response_keys.contains(api_key)
+    fn wants_response(&self, api_key: i16, version: i16) -> bool {
+        self.shared.response_interest.contains(api_key, version)
     }
 
-    /// Unknown API keys and versions outside the edge's range close the
+    /// Unknown API keys and versions outside what the edge offers close the
     /// connection, as a broker would: the edge cannot vouch for a message it
-    /// cannot read. ApiVersions is exempt because clients send their newest
-    /// version first and expect a v0 error answer to fall back.
+    /// cannot read, nor for a version whose answer could carry a broker
+    /// address past the rewriter (a client that ignores the ApiVersions
+    /// answer gets no further than one that follows it). ApiVersions is
+    /// exempt because clients send their newest version first and expect a
+    /// v0 error answer to fall back.
     fn check_version(&self, prefix: &RequestPrefix) -> Result<ApiKey, ConnectionError> {
-        match decodable_api_key(prefix.api_key, prefix.api_version) {
-            Ok(key) => Ok(key),
-            Err(CodecError::UnsupportedVersion { api_key, .. })
-                if api_key == ApiKey::ApiVersions =>
-            {
-                Ok(api_key)
-            }
-            Err(CodecError::UnsupportedVersion {
-                api_key, version, ..
-            }) => Err(ConnectionError::UnsupportedVersion { api_key, version }),
-            Err(_) => Err(ConnectionError::UnknownApiKey(prefix.api_key)),
+        let key = ApiKey::try_from(prefix.api_key)
+            .map_err(|()| ConnectionError::UnknownApiKey(prefix.api_key))?;
+        if key == ApiKey::ApiVersions
+            || self
+                .shared
+                .limits
+                .allows(prefix.api_key, prefix.api_version)
+        {
+            return Ok(key);
         }
+        Err(ConnectionError::UnsupportedVersion {
+            api_key: key,
+            version: prefix.api_version,
+        })
     }
 
     async fn flush(&mut self, buf: &mut BytesMut, ready: usize) -> Result<(), ConnectionError> {
@@ -353,8 +364,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
         };
         match verdict {
             RequestVerdict::Forward => {
-                let decode_response = self.wants_response(api_key as i16) || !throttle.is_zero();
                 let (correlation_id, version) = (request.correlation_id(), request.version());
+                let decode_response =
+                    self.wants_response(api_key as i16, version) || !throttle.is_zero();
                 let bytes = request.into_bytes()?;
                 if expects_response {
                     self.send_in_flight(InFlight::Upstream {

@@ -1,9 +1,18 @@
 """Child processes with logs captured to files, stopped by pid only."""
 
+import ctypes
 import os
 import signal
 import subprocess
 from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the test process dies, so that a crashed or killed pytest
+    never leaves brokers (JVMs hold GBs) or edges running."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
 class Proc:
@@ -28,7 +37,8 @@ class Proc:
         if self.env:
             env.update(self.env)
         self.popen = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            self.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+            preexec_fn=_die_with_parent,
         )
         log.close()
 

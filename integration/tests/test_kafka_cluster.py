@@ -102,6 +102,9 @@ def test_metadata_lists_three_edge_addresses_and_each_port_reaches_its_broker(cl
             res = ConfigResource(ResourceType.BROKER, str(node_id))
             configs = admin.describe_configs([res])[res].result(timeout=30)
             assert configs["node.id"].value == str(node_id)
+            # Broker configs that hold addresses are hidden, as Kafka hides passwords.
+            for name in ("listeners", "advertised.listeners", "controller.quorum.voters"):
+                assert configs[name].value is None and configs[name].is_sensitive, (name, configs[name])
         # And records land in the partition of each leader, read back through the edge.
         sent = [Rec(None, f"p{p}-v".encode(), partition=p) for p in range(3)]
         acked = c.produce(topic, sent, timeout=60)
@@ -192,3 +195,19 @@ def test_broker_killed_under_acks_all_load_loses_and_duplicates_nothing(cluster3
     assert sorted(values) == sorted(r.value for r in acked)
     assert e.alive()
     cluster3.start_node(victim)
+
+
+def test_api_versions_offer_no_version_whose_answers_would_carry_broker_addresses(cluster3, edge):
+    """Fetch v16+ answers end with KIP-951 node endpoints after the records; the edge streams fetch
+    answers undecoded, so it offers Fetch up to v15 (v16 adds only the endpoints, v17+ are for
+    followers). Controller-quorum and broker-to-broker keys are not offered at all."""
+    from lib.kafka_wire import api_versions
+    e = edge(cluster3)
+    direct = api_versions("127.0.0.1", cluster3.nodes[0].port)
+    host, port = e.bootstrap.split(":")
+    via_edge = api_versions(host, int(port))
+    assert direct[1][1] >= 16 and via_edge[1][1] == 15, (direct[1], via_edge[1])
+    assert via_edge[0][1] == min(direct[0][1], 13), "Produce is offered (its endpoints are rewritten)"
+    for dropped in (52, 53, 54, 56, 58, 62, 67):  # Vote, quorum epochs, AlterPartition, Envelope, ...
+        # (a broker may not advertise them on a client listener either; the edge must never)
+        assert dropped not in via_edge, dropped

@@ -1624,11 +1624,11 @@ rules:
     let (mut filter, info) = harness.connect(BILLING);
     let fetch = |name: &str| {
         RequestKind::Fetch(
-            FetchRequest::default().with_max_wait_ms(500).with_topics(vec![
-                fetch_request::FetchTopic::default()
+            FetchRequest::default()
+                .with_max_wait_ms(500)
+                .with_topics(vec![fetch_request::FetchTopic::default()
                     .with_topic(topic(name))
-                    .with_partitions(vec![Default::default()]),
-            ]),
+                    .with_partitions(vec![Default::default()])]),
         )
     };
     let max_wait = |frame: &RequestFrame| match frame.body() {
@@ -1640,7 +1640,11 @@ rules:
         request_verdict(&mut filter, &info, &mut leased).await,
         RequestVerdict::Forward
     ));
-    assert_eq!(max_wait(&leased), 200, "at most the 200 ms left on the lease");
+    assert_eq!(
+        max_wait(&leased),
+        200,
+        "at most the 200 ms left on the lease"
+    );
     // A rule without a lease leaves the client's wait alone.
     let mut open = frame(ApiKey::Fetch, 12, fetch("open"));
     assert!(matches!(

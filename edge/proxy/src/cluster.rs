@@ -453,11 +453,21 @@ async fn close_before_expiry(
 
 fn log_close(err: &ConnectionError) {
     match err {
+        // A TLS failure after the handshake is a configuration problem an operator must see: e.g. a
+        // TLS 1.3 broker that requires a client certificate sends its alert only after the edge's
+        // handshake completed, so the refusal shows up here rather than at connect time.
+        ConnectionError::Io(io) if tls_error(io).is_some() => {
+            tracing::warn!(%err, "TLS error on an established connection; closing it")
+        }
         ConnectionError::Io(_) | ConnectionError::UpstreamClosed => {
             tracing::debug!(%err, "connection closed")
         }
         _ => tracing::info!(%err, "connection closed"),
     }
+}
+
+fn tls_error(io: &std::io::Error) -> Option<&strait_tls::tokio_rustls::rustls::Error> {
+    io.get_ref()?.downcast_ref()
 }
 
 /// Decrements the open-connections gauge however the connection ends.

@@ -1623,13 +1623,11 @@ rules:
     );
     let (mut filter, info) = harness.connect(BILLING);
     let fetch = |name: &str| {
-        RequestKind::Fetch(
-            FetchRequest::default()
-                .with_max_wait_ms(500)
-                .with_topics(vec![fetch_request::FetchTopic::default()
+        RequestKind::Fetch(FetchRequest::default().with_max_wait_ms(500).with_topics(
+            vec![fetch_request::FetchTopic::default()
                     .with_topic(topic(name))
-                    .with_partitions(vec![Default::default()])]),
-        )
+                    .with_partitions(vec![Default::default()])],
+        ))
     };
     let max_wait = |frame: &RequestFrame| match frame.body() {
         RequestKind::Fetch(req) => req.max_wait_ms,

@@ -105,9 +105,13 @@ def test_broker_acls_and_edge_authorization_compose(sasl_kafka, edge, tmp_path, 
     # The broker denied `forbidden` itself (it reached the broker as User:edge) and never saw `elsewhere`.
     wait_for(lambda: forbidden in broker_log(sasl_kafka)[len(log_before):], 15,
              what="the broker's authorizer logging its denial of the forbidden topic")
-    denials = broker_log(sasl_kafka)[len(log_before):]
-    assert "User:edge" in denials
-    assert elsewhere not in denials
+    denials = broker_log(sasl_kafka)[len(log_before):].splitlines()
+    assert any("User:edge" in line and forbidden in line for line in denials)
+    # The edge forwards Metadata and filters its answer (the broker may log a Describe denial for a
+    # name the client asked about), but the Produce it refused never reached the broker.
+    assert not [line for line in denials if elsewhere in line and "request = Produce" in line]
+    assert any(forbidden in line and "request = Produce" in line for line in denials) or \
+        any(forbidden in line and "request = Metadata" in line for line in denials)
 
 
 def broker_log(k: KafkaCluster) -> str:

@@ -54,7 +54,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from lib.edge import Edge, VirtualCluster, default_target_dir  # noqa: E402
-from lib.kafka import KafkaCluster, java_bin, java_tool, kafka_libs, kafka_version  # noqa: E402
+from lib.kafka import BENCH_JVM, KafkaCluster, java_bin, java_tool, kafka_libs, kafka_version  # noqa: E402
 from lib.kafka_wire import answers_api_versions  # noqa: E402
 from lib.kms import ROOT_TOKEN, OpenBao  # noqa: E402
 from lib.ports import free_port, free_range  # noqa: E402
@@ -68,7 +68,7 @@ ENCRYPTING = ["strait-edge", "kroxylicious"]
 # Per row (size, connections): records per round when not calibrated (--seconds 0), and the probe count
 # of the calibration, which sizes each row so that the direct produce takes --seconds (default 12 s):
 # the slowest target then stays within about 30 s.
-DEFAULT_COUNTS = {(100, 1): 10_000_000, (1000, 1): 2_000_000, (100, 64): 5_000_000, (1000, 64): 2_000_000}
+DEFAULT_COUNTS = {(100, 1): 10_000_000, (1000, 1): 2_000_000, (100, 64): 200_000, (1000, 64): 200_000}
 CALIBRATION_FRACTION = 0.1
 SMOKE_COUNT = 20_000
 PARTITIONS = {1: 1, 64: 4}
@@ -139,7 +139,7 @@ class Bench:
         self.socat_backend = free_port()
 
     def start(self) -> None:
-        k = KafkaCluster(self.logs, brokers=1, name="bench-kafka", heap="1g")
+        k = KafkaCluster(self.logs, brokers=1, name="bench-kafka", heap="1g", jvm=BENCH_JVM)
         node = k.nodes[0]
         # A third listener for socat: bound on its own port, advertising socat's port, so a client that
         # bootstraps through socat is told to reconnect through socat.
@@ -264,13 +264,20 @@ class Bench:
                 "rebalance_ms": int(row["rebalance.time.ms"])}
 
     def raw_produce(self, bootstrap: str, topic: str, count: int, size: int, connections: int, timeout: float,
-                    batch_bytes: int = 16384, inflight: int = 4) -> dict:
+                    batch_bytes: int | None = None, inflight: int = 1) -> dict:
+        # One record per Produce request: raw-produce encodes several records as one batch EACH, and
+        # Apache Kafka refuses a Produce request (v3+) with more than one batch per partition
+        # (INVALID_RECORD; Tansu takes them). One request in flight per connection: with more,
+        # raw-produce sometimes stalls until its timeout. So this row is 64 connections of
+        # single-record requests, one at a time each.
+        batch_bytes = batch_bytes or size
         argv = [self.loadgen, "raw-produce", "--bootstrap", bootstrap, "--topic", topic, "--count", str(count),
                 "--size", str(size), "--connections", str(connections), "--batch-bytes", str(batch_bytes),
                 "--inflight", str(inflight), "--acks", "1", "--timeout-secs", str(int(timeout))]
-        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30)
+        env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")
+        r = subprocess.run(argv, capture_output=True, text=True, timeout=timeout + 30, env=env)
         if r.returncode != 0:
-            raise RuntimeError(f"raw-produce failed ({r.returncode}):\n{r.stderr[-2000:]}")
+            raise RuntimeError(f"raw-produce failed ({r.returncode}):\n{r.stderr[:2000]}")
         return json.loads(r.stdout.strip().splitlines()[-1])
 
     def latency_probe(self, bootstrap: str, topic: str, size: int, count: int) -> dict:
@@ -429,7 +436,10 @@ def calibrate(bench: Bench, size: int, conns: int, default: int, seconds: float)
             if conns == 1:
                 rate = bench.producer_perf(bench.kafka.bootstrap, topic, probe, size, 300)["records_per_s"]
             else:
-                rate = bench.raw_produce(bench.kafka.bootstrap, topic, probe, size, conns, 300)["records_per_s"]
+                rate = bench.raw_produce(bench.kafka.bootstrap, topic, probe, size, conns, 120)["records_per_s"]
+    except RuntimeError as e:
+        log(f"WARNING: calibration of {size} B x{conns} failed, using {default:,} records: {str(e)[:300]}")
+        return default
     finally:
         bench.delete_topic(topic)
     n = max(int(rate * seconds), 10_000)
@@ -595,9 +605,10 @@ def render(result: dict) -> str:
         "the same records (fetch rate, group join excluded). Latency = `strait-loadgen raw-produce` with one "
         "record per request and one request in flight (the round trip of a lone request); direct rows show "
         "the absolute value.",
-        "- **64 connections**: `strait-loadgen raw-produce --connections 64` (one process, 16 KiB requests, 4 "
-        "in flight per connection, acks=1) to 4 partitions; latency = request latency under that load. No "
-        "consume (the load generator has no 64-connection consumer).",
+        "- **64 connections**: `strait-loadgen raw-produce --connections 64` (one process, one record per "
+        "Produce request, one request in flight per connection, acks=1) to 4 partitions: a request-rate load; "
+        "latency = request latency under that load. No consume (the load generator has no 64-connection "
+        "consumer).",
         "- **CPU s/GB**: utime+stime of the proxy process (Kroxylicious: its JVM; socat: with its forked "
         "children) over the produce and consume steps, divided by the record-payload GB carried (produced + "
         "consumed). Kafka and the clients share the same 2 cores, so the proxy's CPU is also the clients' loss.",
@@ -638,10 +649,11 @@ DOC = REPO / "docs" / "benchmarks.md"
 BEGIN, END = "<!-- compare.md: begin (generated by integration/bench/compare.py) -->", "<!-- compare.md: end -->"
 
 
-def write_reports(result: dict, md_path: Path, update_doc: bool) -> None:
+def write_reports(result: dict, md_path: Path, update_doc: bool, quiet: bool = False) -> None:
     text = render(result)
     md_path.write_text(text)
-    log(f"wrote {md_path}")
+    if not quiet:
+        log(f"wrote {md_path}")
     if update_doc and DOC.exists():
         doc = DOC.read_text()
         if BEGIN in doc and END in doc:
@@ -649,10 +661,54 @@ def write_reports(result: dict, md_path: Path, update_doc: bool) -> None:
             _, tail = rest.split(END, 1)
             body = text.split("\n", 2)[2]  # without the top-level title
             DOC.write_text(f"{head}{BEGIN}\n{body}{END}{tail}")
-            log(f"updated the generated block in {DOC}")
+            if not quiet:
+                log(f"updated the generated block in {DOC}")
 
 
 # ------------------------------------------------------------------------------------------ main
+
+def write_results(args, counts, rows, samples, bench, started, load_before, json_path, md_path, update_doc,
+              partial: bool) -> None:
+    elapsed = time.monotonic() - started
+    socat = shutil.which("socat")
+    m = re.search(r"socat version (\S+)", subprocess.run([socat, "-V"], capture_output=True, text=True).stdout
+                  if socat else "")
+    socat_version = m.group(1) if m else "unknown"
+    kroxy_version = bench.kroxy_home.name if bench.kroxy_home else "not run"
+    java_version = subprocess.run([bench.kroxy_java(), "-version"], capture_output=True, text=True).stderr.splitlines()[0]
+    meta = {
+        "mode": ("smoke" if args.smoke else "full") + (" (partial: run still going)" if partial else ""),
+        "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
+        "commit": git_commit(),
+        "kafka_version": kafka_version(),
+        "kafka_libs": str(kafka_libs()),
+        "kroxylicious_version": kroxy_version,
+        "kroxylicious_artifacts": "io.kroxylicious:kroxylicious-runtime, kroxylicious-record-encryption, "
+                                  "kroxylicious-kms-provider-hashicorp-vault",
+        "kroxylicious_java": java_version,
+        "socat_version": socat_version,
+        "profile": args.profile,
+        "nproc": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+        "kernel": f"{platform.system()} {platform.release()}",
+        "load_before": load_before,
+        "load_after": os.getloadavg()[0],
+        "elapsed_s": elapsed,
+        "rounds": args.rounds,
+        "counts": {f"{s} B × {c}": n for (s, c), n in counts.items() if (s, c) in rows},
+        "calibrated_seconds": args.seconds if getattr(args, "calibrated", False) else 0,
+        "warmup": args.warmup,
+        "latency_count": args.latency_count,
+        "targets": args.targets,
+        "variants": args.variants,
+    }
+    result = {"meta": meta, "rows": summarize(samples), "samples": samples}
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    if not partial:
+        log(f"wrote {json_path}")
+    write_reports(result, md_path, update_doc, quiet=partial)
+
 
 def parse_rows(spec: str) -> list[tuple[int, int]]:
     rows = []
@@ -721,6 +777,7 @@ def main(argv=None) -> int:
                 continue
             default = DEFAULT_COUNTS.get(r, 1_000_000)
             counts[r] = int((calibrate(bench, *r, default, args.seconds) if args.seconds else default) * args.scale)
+            args.calibrated = True
         for rnd in range(1, args.rounds + 1):
             for size, conns in rows:
                 for target, encrypt in plan:
@@ -735,6 +792,8 @@ def main(argv=None) -> int:
                              "connections": conns, "count": counts[(size, conns)], "error": f"{type(e).__name__}: {e}"}
                     s["wall_s"] = time.monotonic() - t0
                     samples.append(s)
+                    write_results(args, counts, rows, samples, bench, started, load_before, json_path, md_path,
+                                  update_doc, partial=True)
                     if "error" in s:
                         log(f"round {rnd} {size:5d} B x{conns:<3d} {variant:11s} {target:13s} FAILED: "
                             f"{s['error'].splitlines()[0][:200]}")
@@ -745,44 +804,8 @@ def main(argv=None) -> int:
                             f"({(s['cpu_s_per_gb'] or 0):5.2f} s/GB)  [{s['wall_s']:.0f} s]")
     finally:
         bench.stop()
-    elapsed = time.monotonic() - started
-    socat = shutil.which("socat")
-    m = re.search(r"socat version (\S+)", subprocess.run([socat, "-V"], capture_output=True, text=True).stdout
-                  if socat else "")
-    socat_version = m.group(1) if m else "unknown"
-    kroxy_version = bench.kroxy_home.name if bench.kroxy_home else "not run"
-    java_version = subprocess.run([bench.kroxy_java(), "-version"], capture_output=True, text=True).stderr.splitlines()[0]
-    meta = {
-        "mode": "smoke" if args.smoke else "full",
-        "date": f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}",
-        "commit": git_commit(),
-        "kafka_version": kafka_version(),
-        "kafka_libs": str(kafka_libs()),
-        "kroxylicious_version": kroxy_version,
-        "kroxylicious_artifacts": "io.kroxylicious:kroxylicious-runtime, kroxylicious-record-encryption, "
-                                  "kroxylicious-kms-provider-hashicorp-vault",
-        "kroxylicious_java": java_version,
-        "socat_version": socat_version,
-        "profile": args.profile,
-        "nproc": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
-        "kernel": f"{platform.system()} {platform.release()}",
-        "load_before": load_before,
-        "load_after": os.getloadavg()[0],
-        "elapsed_s": elapsed,
-        "rounds": args.rounds,
-        "counts": {f"{s} B × {c}": n for (s, c), n in counts.items() if (s, c) in rows},
-        "calibrated_seconds": 0 if args.smoke else args.seconds,
-        "warmup": args.warmup,
-        "latency_count": args.latency_count,
-        "targets": args.targets,
-        "variants": args.variants,
-    }
-    result = {"meta": meta, "rows": summarize(samples), "samples": samples}
-    json_path.write_text(json.dumps(result, indent=1) + "\n")
-    log(f"wrote {json_path}")
-    write_reports(result, md_path, update_doc)
+    write_results(args, counts, rows, samples, bench, started, load_before, json_path, md_path, update_doc,
+                  partial=False)
     print()
     print(md_path.read_text())
     failures = [s for s in samples if "error" in s]

@@ -250,7 +250,11 @@ fn batch(records: usize, size: usize) -> Result<Bytes> {
             producer_epoch: -1,
             timestamp_type: TimestampType::Creation,
             offset: i as i64,
-            sequence: -1,
+            // Not idempotent: the batch's base sequence is -1. kafka-protocol keeps records in one
+            // batch only while offset - sequence stays constant, so the (unencoded) per-record
+            // sequences must count up with the offsets: -1, 0, 1, ... (one batch per request, as
+            // Produce v3+ requires; Kafka refuses several batches for one partition with error 87).
+            sequence: i as i32 - 1,
             timestamp: now,
             key: Some(Bytes::copy_from_slice(&(i as u64).to_be_bytes())),
             value: Some(value.clone()),
@@ -426,4 +430,19 @@ async fn run(args: &RawProduceArgs) -> Result<serde_json::Value> {
         "p99_us": latency.value_at_quantile(0.99),
         "max_us": latency.max(),
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kafka_protocol::records::RecordBatchDecoder;
+
+    #[test]
+    fn a_request_carries_one_batch_with_every_record() {
+        let mut bytes = batch(10, 100).unwrap();
+        let decoded = RecordBatchDecoder::decode_all(&mut bytes).unwrap();
+        assert_eq!(decoded.len(), 1, "one batch");
+        assert_eq!(decoded[0].records.len(), 10);
+        assert!(decoded[0].records.iter().all(|r| r.producer_id == -1));
+    }
 }

@@ -154,9 +154,16 @@ class KafkaCluster:
         self.extra = config or {}
         self.cluster_id = random_cluster_id()
         self.base_dir = Path(tempfile.mkdtemp(prefix=f"strait-{name}-"))
+        self._jvm = jvm
+        self.nodes: list[KafkaNode] = []
+        self._plan_nodes()
+
+    def _plan_nodes(self) -> None:
+        """Ports, data dirs and argv for every node (again, on fresh ports, after a port clash)."""
+        brokers, sasl, tls, heap, jvm, name = self.size, self.sasl, self.tls, self.heap, self._jvm, self.name
         per_node = 2 + (1 if sasl else 0) + (1 if tls else 0)
         ports = iter(free_range(per_node * brokers))
-        self.nodes: list[KafkaNode] = []
+        self.nodes = []
         for i in range(brokers):
             node_id = i + 1
             port, cport = next(ports), next(ports)
@@ -302,7 +309,7 @@ class KafkaCluster:
 
     # ---- lifecycle
 
-    def start(self, timeout: float = 120.0) -> "KafkaCluster":
+    def start(self, timeout: float = 120.0, attempt: int = 0) -> "KafkaCluster":
         import subprocess
         for node in self.nodes:
             node.data_dir.mkdir(parents=True, exist_ok=True)
@@ -315,7 +322,22 @@ class KafkaCluster:
                 raise RuntimeError(f"kafka storage format failed for node {node.node_id}:\n{out}")
         for node in self.nodes:
             node.proc.start()
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except Exception:
+            # Free ports are only unique within this process: another process (a second pytest, a
+            # benchmark) may bind one between our probe and the broker's bind. Start over on fresh
+            # ports, a bounded number of times; any other failure is the test's.
+            clash = any("Address already in use" in n.proc.all_logs() for n in self.nodes)
+            if not clash or attempt >= 2:
+                raise
+            for node in self.nodes:
+                node.proc.signal(signal.SIGKILL)
+                node.proc.wait(timeout=30)
+            shutil.rmtree(self.base_dir, ignore_errors=True)
+            self.base_dir.mkdir(parents=True)
+            self._plan_nodes()
+            return self.start(timeout, attempt + 1)
         return self
 
     def alive_nodes(self) -> list[KafkaNode]:

@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from lib.clients import LIBS, client  # noqa: E402
 from lib.edge import Edge, EdgeBinaryMissing, VirtualCluster, edge_bin  # noqa: E402
 from lib.kafka import KafkaCluster  # noqa: E402
+from lib.kms import OpenBao  # noqa: E402
 from lib.tansu import Tansu  # noqa: E402
 
 VIAS = ["direct", "edge"]
@@ -77,6 +78,16 @@ def shared_kafka():
     yield get
     for k in holder:
         k.stop()
+
+
+@pytest.fixture(scope="module")
+def bao(tmp_path_factory):
+    """One OpenBao dev server per module for the scenarios that do not stop it; each uses its own keys."""
+    b = OpenBao(tmp_path_factory.mktemp("openbao-logs"))
+    try:
+        yield b.start()
+    finally:
+        b.stop()
 
 
 @pytest.fixture

@@ -34,16 +34,6 @@ CODECS = ["none", "gzip", "snappy", "lz4", "zstd"]
 
 # ---------------------------------------------------------------- fixtures
 
-@pytest.fixture(scope="module")
-def bao(tmp_path_factory):
-    """One OpenBao dev server for the scenarios that do not stop it; each test uses its own key names."""
-    b = OpenBao(tmp_path_factory.mktemp("openbao-logs"))
-    try:
-        yield b.start()
-    finally:
-        b.stop()
-
-
 @pytest.fixture
 def private_bao(logs):
     """An OpenBao only this test uses (the outage scenario freezes it)."""

@@ -7,19 +7,9 @@ import pytest
 
 from lib.clients import Rec, client, unique
 from lib.edge import VirtualCluster
-from lib.kms import OpenBao
 from lib.wait import wait_for
 
 MARKER = "strait.enc"
-
-
-@pytest.fixture(scope="module")
-def bao(tmp_path_factory):
-    b = OpenBao(tmp_path_factory.mktemp("openbao-logs"))
-    try:
-        yield b.start()
-    finally:
-        b.stop()
 
 
 @pytest.fixture(autouse=True)

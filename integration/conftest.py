@@ -3,8 +3,9 @@
 Brokers: Apache Kafka (KRaft, from Maven Central via scripts/setup.sh) by default. `STRAIT_BROKER=tansu`
 runs the same scenarios on Tansu instead (the compatibility subset `make test` runs that way).
 `broker()` hands out one single-node cluster shared by the whole session (scenarios keep apart by unique
-topic and group names); `broker(dedicated=True, ...)` starts a cluster of the test's own, for scenarios
-that restart, kill or reconfigure it.
+topic and group names); `broker(clean=True)` a cluster of the module's own, emptied of topics and groups
+before each scenario (for scenarios with fixed names); `broker(dedicated=True, ...)` starts a cluster of
+the test's own, for scenarios that restart, kill or reconfigure it.
 
 Scenarios that take `via` run twice: `direct` (clients talk to the broker; proves the scenario itself is
 right) and `edge` (clients talk to strait-edge in front of the same broker). The edge variant FAILS when
@@ -90,6 +91,24 @@ def bao(tmp_path_factory):
         b.stop()
 
 
+@pytest.fixture(scope="module")
+def module_kafka(tmp_path_factory):
+    """One single-node Kafka per module, started on first use and emptied (`reset()`) on every use."""
+    holder: list[KafkaCluster] = []
+
+    def get() -> KafkaCluster:
+        if not holder:
+            logs = tmp_path_factory.mktemp("kafka-module-logs")
+            holder.append(KafkaCluster(logs, brokers=1, name="kafka-module").start())
+        else:
+            holder[0].reset()
+        return holder[0]
+
+    yield get
+    for k in holder:
+        k.stop()
+
+
 @pytest.fixture
 def kafka(logs):
     """Factory: `kafka(brokers=3, sasl=..., tls=..., acls=...)` starts a dedicated KafkaCluster."""
@@ -106,15 +125,18 @@ def kafka(logs):
 
 
 @pytest.fixture
-def broker(shared_kafka, kafka, tansu):
+def broker(shared_kafka, module_kafka, kafka, tansu):
     """Factory: a broker for a scenario; see the module docstring. Kafka by default, Tansu with
-    STRAIT_BROKER=tansu. `persistent=True` asks for storage that survives `restart()`."""
+    STRAIT_BROKER=tansu (always a fresh one). `persistent=True` asks for storage that survives `restart()`."""
 
-    def make(dedicated: bool = False, persistent: bool = False, name: str | None = None, **kwargs):
+    def make(dedicated: bool = False, persistent: bool = False, clean: bool = False, name: str | None = None,
+             **kwargs):
         if BROKER_KIND == "tansu":
             if persistent:
                 kwargs.setdefault("storage", f"sqlite:///{tempfile.mkdtemp(prefix='strait-tansu-')}/t.db")
             return tansu(**({"name": name} if name else {}), **kwargs)
+        if clean and not (dedicated or persistent or kwargs or name):
+            return module_kafka()
         if dedicated or persistent or kwargs:
             return kafka(**({"name": name} if name else {}), **kwargs)
         return shared_kafka()

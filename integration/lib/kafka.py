@@ -422,6 +422,37 @@ class KafkaCluster:
         wait_for(lambda: self.leaders(topic) and len(self.leaders(topic)) == partitions, timeout,
                  what=f"{topic}: a leader for each of {partitions} partitions")
 
+    def reset(self, timeout: float = 60.0) -> None:
+        """Deletes every topic (internal ones aside) and every consumer group, and waits until metadata
+        shows none: a module's cluster handed from scenario to scenario that use the same fixed names."""
+        admin = self.admin()
+
+        def groups_left() -> list[str]:
+            listed = admin.list_consumer_groups(request_timeout=10).result(timeout=15)
+            return [g.group_id for g in listed.valid]
+
+        def delete_groups() -> bool:
+            # A group is deletable once empty; members of a closed client leave at once, others
+            # (a client that died) when their session times out: retried until the deadline.
+            names = groups_left()
+            if names:
+                for f in admin.delete_consumer_groups(names, request_timeout=10).values():
+                    try:
+                        f.result(timeout=15)
+                    except Exception:  # noqa: BLE001 - NON_EMPTY_GROUP: retried below
+                        pass
+            return not groups_left()
+
+        def topics_left() -> set[str]:
+            return {t for t in admin.list_topics(timeout=10).topics if not t.startswith("__")}
+
+        topics = topics_left()
+        if topics:
+            for f in admin.delete_topics(sorted(topics), operation_timeout=30).values():
+                f.result(timeout=60)
+        wait_for(lambda: not topics_left(), timeout, what=f"{self.name}: every topic deleted")
+        wait_for(delete_groups, timeout, interval=0.5, what=f"{self.name}: every consumer group deleted")
+
     def leaders(self, topic: str) -> dict[int, int]:
         """partition -> leader node id, for partitions that have a leader now."""
         md = self.admin().list_topics(topic=topic, timeout=10)

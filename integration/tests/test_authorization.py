@@ -52,7 +52,7 @@ def rules_with_ledger() -> list[dict]:
 
 
 def secure_edge(broker, edge, pki, rules, **kw):
-    t = broker(dedicated=True)  # fixed topic names: a cluster of its own
+    t = broker(clean=True)  # fixed topic and group names: the module's cluster, emptied
     create_topics_at_broker(t.bootstrap, TOPICS)
     vc = authz_cluster(t, pki, rules, **kw)
     e = edge([vc])
@@ -172,7 +172,7 @@ def _direct_topics(bootstrap: str) -> set[str]:
 
 def test_leased_grant_expires_mid_run(broker, edge, pki, lib, tmp_path):
     """billing may Write orders-lease only until `not_after`, a few seconds after the edge starts."""
-    t = broker(dedicated=True)  # fixed topic names: a cluster of its own
+    t = broker(clean=True)  # fixed topic and group names: the module's cluster, emptied
     create_topics_at_broker(t.bootstrap, ["orders-lease"])
     # Long enough for the edge to start and the client to connect on a busy 2-core machine.
     not_after_dt = in_seconds(8)
@@ -225,7 +225,7 @@ def test_leased_read_expires_under_a_running_consumer(broker, edge, pki, lib):
     arriving at the broker: nothing produced after the lease ended is delivered, and the client is
     told TOPIC_AUTHORIZATION_FAILED (Fetch sessions are off, so the broker cannot keep serving it)."""
     from confluent_kafka import Producer
-    t = broker(dedicated=True)  # fixed topic names: a cluster of its own
+    t = broker(clean=True)  # fixed topic and group names: the module's cluster, emptied
     create_topics_at_broker(t.bootstrap, ["stream"])
     not_after_dt = in_seconds(8)
     not_after = not_after_dt.timestamp()
@@ -273,7 +273,7 @@ def test_rule_removed_live_denies_the_open_producer(broker, edge, pki, lib):
     """Removing a grant from the config file applies to the connection a producer already has: no
     reconnect, its next Produce is denied. (Edges built before main 6129063 restarted the whole
     virtual cluster on such a change, closing connections and leaving broker ports unbound.)"""
-    t = broker(dedicated=True)  # fixed topic names: a cluster of its own
+    t = broker(clean=True)  # fixed topic and group names: the module's cluster, emptied
     create_topics_at_broker(t.bootstrap, ["orders-live"])
     grant = {"principal": SPIFFE_BILLING, "allow": ["Write"], "topic": "orders-live"}
     vc = authz_cluster(t, pki, example_rules() + [grant])
@@ -303,7 +303,7 @@ def test_rule_removed_live_denies_the_open_producer(broker, edge, pki, lib):
 
 def test_audit_lines_for_every_decision_and_metrics(broker, edge, pki, tmp_path):
     """Two virtual clusters on one broker: `full` audits every allow, `denies` none (sample 0.0)."""
-    t = broker(dedicated=True)  # fixed topic names: a cluster of its own
+    t = broker(clean=True)  # fixed topic and group names: the module's cluster, emptied
     create_topics_at_broker(t.bootstrap, TOPICS)
     full_path = tmp_path / "audit-full.jsonl"
     denies_path = tmp_path / "audit-denies.jsonl"

@@ -333,23 +333,32 @@ async fn run_connection(
         let sent_at = sent_at.clone();
         let window = window.clone();
         tokio::spawn(async move {
-            let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-            for _ in 0..requests {
-                let body = read_frame(&mut reader).await?;
-                let started = sent_at
-                    .lock()
-                    .await
-                    .pop_front()
-                    .ok_or_else(|| anyhow!("a response nobody asked for"))?;
-                check_produce(body)?;
-                h.saturating_record((started.elapsed().as_micros() as u64).max(1));
-                window.add_permits(1);
-            }
-            anyhow::Ok(h)
+            let read_all = async {
+                let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+                for _ in 0..requests {
+                    let body = read_frame(&mut reader).await?;
+                    let started = sent_at
+                        .lock()
+                        .await
+                        .pop_front()
+                        .ok_or_else(|| anyhow!("a response nobody asked for"))?;
+                    check_produce(body)?;
+                    h.saturating_record((started.elapsed().as_micros() as u64).max(1));
+                    window.add_permits(1);
+                }
+                anyhow::Ok(h)
+            };
+            let result = read_all.await;
+            // A failed reader returns no more permits: close the window so the writer stops
+            // waiting for one and the reader's error surfaces now, not as the run's timeout.
+            window.close();
+            result
         })
     };
     for correlation_id in 0..requests {
-        window.acquire().await?.forget();
+        if window.acquire().await.map(|p| p.forget()).is_err() {
+            break;
+        }
         let f = frame(
             ApiKey::Produce,
             PRODUCE_VERSION,
@@ -357,9 +366,20 @@ async fn run_connection(
             &request(batch(records_per_request, size)?),
         )?;
         sent_at.lock().await.push_back(Instant::now());
-        writer.write_all(&f).await.context("sending a request")?;
+        if let Err(e) = writer.write_all(&f).await {
+            // The reader usually knows why the peer closed (an error response before it): prefer
+            // its error, waiting for it only briefly.
+            let why = match tokio::time::timeout(Duration::from_secs(5), reader_task).await {
+                Ok(Ok(Err(reader_error))) => reader_error,
+                _ => anyhow::Error::new(e).context(format!("sending request {correlation_id}")),
+            };
+            return Err(why.context(format!("connection to {host}:{port} (partition {partition})")));
+        }
     }
-    let latency_us = reader_task.await.context("response reader")??;
+    let latency_us = reader_task
+        .await
+        .context("response reader")?
+        .with_context(|| format!("connection to {host}:{port} (partition {partition})"))?;
     Ok(ConnResult {
         records: requests * records_per_request as u64,
         latency_us,
@@ -389,22 +409,23 @@ async fn run(args: &RawProduceArgs) -> Result<serde_json::Value> {
 
     let started_at = SystemTime::now();
     let start = Instant::now();
-    let mut tasks = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
     for i in 0..args.connections.max(1) {
         let l = &leaders[i % leaders.len()];
-        tasks.push(tokio::spawn(run_connection(
+        tasks.spawn(run_connection(
             dialer.clone(),
             (l.host.clone(), l.port, l.partition),
             args.topic.clone(),
             requests_per_conn,
             per_request,
             (args.inflight, args.acks, args.size),
-        )));
+        ));
     }
     let mut records = 0u64;
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-    for t in tasks {
-        let r = t.await.context("connection task")??;
+    // In completion order: the first connection to fail ends the run with its error.
+    while let Some(t) = tasks.join_next().await {
+        let r = t.context("connection task")??;
         records += r.records;
         latency.add(&r.latency_us)?;
     }

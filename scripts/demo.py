@@ -51,11 +51,11 @@ def main() -> int:
     mesh.write_text((ROOT / "examples/quickstart/mesh.yaml").read_text().replace("@KEYRING@", str(keyring)))
 
     tansu = Tansu(logs, port=9092)
-    control = Proc("strait-control", [str(BIN / "strait-control"), "--dev", "--data-dir", str(work / "control"),
+    control = Proc("strait-control", [str(BIN / "strait-control"), "--dev", "--insecure-plaintext", "--data-dir", str(work / "control"),
                                       "--listen", "127.0.0.1:7001"], logs)
-    edge = Proc("strait-edge", [str(BIN / "strait-edge"), "--control", "127.0.0.1:7001", "--name", "edge-local",
+    edge = Proc("strait-edge", [str(BIN / "strait-edge"), "--control", "127.0.0.1:7001", "--insecure-plaintext", "--name", "edge-local",
                                 "--cache-dir", str(work / "edge-cache"), "--admin", "127.0.0.1:9901"], logs)
-    straitctl = [str(BIN / "straitctl"), "--endpoints", "127.0.0.1:7001"]
+    straitctl = [str(BIN / "straitctl"), "--insecure-plaintext", "--endpoints", "127.0.0.1:7001"]
     try:
         print("[demo] starting Tansu on 127.0.0.1:9092 and the control plane on 127.0.0.1:7001")
         tansu.start()

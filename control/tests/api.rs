@@ -18,7 +18,7 @@ use tonic::Code;
 const T: Duration = Duration::from_secs(15);
 
 fn ctl(endpoints: &str, args: &[&str]) -> Output {
-    std::process::Command::new(CTL)
+    ctl_cmd()
         .arg("--endpoints")
         .arg(endpoints)
         .args(args)
@@ -261,7 +261,7 @@ async fn straitctl_watch_survives_member_loss() {
     let mut cluster = Cluster::start(3, &[]);
     cluster.wait_leader(T).await;
     let eps = cluster.endpoints().join(",");
-    let mut child = std::process::Command::new(CTL)
+    let mut child = ctl_cmd()
         .args(["--endpoints", &eps, "watch", "kc"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::null())

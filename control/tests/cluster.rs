@@ -331,7 +331,7 @@ async fn partitioned_follower_does_not_disrupt_and_catches_up() {
         );
     }
     // A stale read is still served by the isolated node (that is its point).
-    let stale = std::process::Command::new(CTL)
+    let stale = ctl_cmd()
         .args([
             "--endpoints",
             &cluster.addr(follower),
@@ -462,7 +462,7 @@ async fn add_member_catches_up_from_snapshot_then_remove_member() {
     })
     .await;
     let addr4 = cluster.spawn_joiner(4, &[]);
-    let out = std::process::Command::new(CTL)
+    let out = ctl_cmd()
         .args(["--endpoints", &cluster.endpoints()[..3].join(",")])
         .args(["members", "add", "4", &addr4])
         .output()
@@ -488,7 +488,7 @@ async fn add_member_catches_up_from_snapshot_then_remove_member() {
 
     // Remove a follower that is not the leader.
     let victim = (1..=3).find(|i| *i != leader).unwrap();
-    let out = std::process::Command::new(CTL)
+    let out = ctl_cmd()
         .args(["--endpoints", &cluster.addr(leader)])
         .args(["members", "remove", &victim.to_string()])
         .output()
@@ -531,7 +531,7 @@ async fn add_member_catches_up_from_snapshot_then_remove_member() {
 async fn removing_the_leader_hands_over_leadership() {
     let mut cluster = Cluster::start(3, &[]);
     let leader = cluster.wait_leader(T).await;
-    let out = std::process::Command::new(CTL)
+    let out = ctl_cmd()
         .args(["--endpoints", &cluster.endpoints().join(",")])
         .args(["members", "remove", &leader.to_string()])
         .output()
@@ -670,4 +670,68 @@ async fn crash_all_nodes_under_writes_keeps_acknowledged_writes() {
         acked.len(),
         &missing[..missing.len().min(10)]
     );
+}
+
+fn kc_manifest(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &path,
+        format!("kind: KafkaCluster\nname: {name}\nspec: {{bootstrap_servers: [127.0.0.1:9092]}}\n"),
+    )
+    .unwrap();
+    path
+}
+
+/// A script that applies as soon as it started the nodes: straitctl waits
+/// through "connection refused" and "no leader is known" until a leader is
+/// elected, instead of failing at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn apply_right_after_a_fresh_start_succeeds() {
+    let cluster = Cluster::start(3, &[]);
+    let manifest = kc_manifest(cluster.tmp.path(), "first");
+    let out = ctl_cmd()
+        .args(["--endpoints", &cluster.endpoints().join(","), "--timeout", "30s"])
+        .arg("apply")
+        .arg("-f")
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.starts_with("KafkaCluster/first created (revision "),
+        "{stdout}"
+    );
+}
+
+/// 40 applies with straitctl, the leader killed after the tenth: every one
+/// succeeds (those during the election wait for the new leader).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn applies_ride_through_a_leader_kill() {
+    let mut cluster = Cluster::start(3, &[]);
+    let leader = cluster.wait_leader(T).await;
+    let eps = cluster.endpoints().join(",");
+    for i in 0..40 {
+        if i == 10 {
+            cluster.kill(leader);
+        }
+        let name = format!("k{i}");
+        let manifest = kc_manifest(cluster.tmp.path(), &name);
+        let out = ctl_cmd()
+            .args(["--endpoints", &eps, "--timeout", "20s", "apply", "-f"])
+            .arg(&manifest)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "apply {i}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let names = list_names(&cluster.client(), "KafkaCluster").await;
+    assert_eq!(names.len(), 40, "{names:?}");
 }

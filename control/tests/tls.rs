@@ -7,7 +7,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{free_port, BIN, CTL};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 
 struct Kill(Vec<Child>);
 
@@ -25,18 +25,24 @@ fn write_certs(dir: &Path) {
     ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
     let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
     std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    for (name, sans) in [
+    for (name, sans, id) in [
         (
             "node",
             vec!["127.0.0.1".to_string(), "localhost".to_string()],
+            "spiffe://test.example/control/node",
         ),
-        ("client", vec!["straitctl.test".to_string()]),
+        (
+            "client",
+            vec!["straitctl.test".to_string()],
+            "spiffe://test.example/admin/ops",
+        ),
     ] {
         let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(sans)
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
+        let mut params = CertificateParams::new(sans).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::URI(id.try_into().unwrap()));
+        let cert = params.signed_by(&key, &ca).unwrap();
         std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
         std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
     }
@@ -57,6 +63,7 @@ fn ctl(dir: &Path, endpoints: &str, client: Option<&str>, args: &[&str]) -> Outp
     let mut c = Command::new(CTL);
     c.arg("--endpoints")
         .arg(endpoints)
+        .args(["--timeout", "3s"])
         .arg("--ca")
         .arg(dir.join("ca.pem"));
     if let Some(name) = client {
@@ -104,6 +111,8 @@ fn three_nodes_with_mutual_tls() {
                 .arg(dir.join("node.key"))
                 .arg("--tls-client-ca")
                 .arg(dir.join("ca.pem"))
+                .args(["--trust-domain", "test.example"])
+                .args(["--admin-identity", "spiffe://test.example/admin/*"])
                 .stdout(Stdio::null())
                 .stderr(log)
                 .spawn()

@@ -39,6 +39,19 @@ struct Args {
     /// This edge's name in the control plane.
     #[arg(long)]
     name: Option<String>,
+    /// CA (PEM) that signed the control-plane nodes' certificates.
+    #[arg(long, value_name = "FILE", requires_all = ["control", "control_cert", "control_key"])]
+    control_ca: Option<PathBuf>,
+    /// This edge's client certificate (PEM) towards the control plane; its
+    /// SPIFFE ID (`spiffe://<domain>/edge/<name>`) decides what it may read.
+    #[arg(long, value_name = "FILE", requires = "control_ca")]
+    control_cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "control_ca")]
+    control_key: Option<PathBuf>,
+    /// Follow the control plane without TLS; only when every --control
+    /// address is loopback.
+    #[arg(long, requires = "control", conflicts_with = "control_ca")]
+    insecure_plaintext: bool,
     /// Where the last control-plane configuration is kept, to serve it when the control plane is down.
     #[arg(long, default_value = ".strait-edge-cache")]
     cache_dir: PathBuf,
@@ -144,14 +157,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
+    let control_client = control_client_config(&args)?;
     let mut control_watch = match (&args.name, args.control.is_empty()) {
         (Some(name), false) => {
-            let watch = strait_control_client::watch_edge_config(EdgeWatchConfig::new(
-                &args.control,
-                name,
-                &args.cache_dir,
-            ))
-            .map_err(|err| anyhow::anyhow!("cannot follow the control plane: {err}"))?;
+            let mut watch_config = EdgeWatchConfig::new(&args.control, name, &args.cache_dir);
+            watch_config.client = control_client.clone();
+            let watch = strait_control_client::watch_edge_config(watch_config)
+                .map_err(|err| anyhow::anyhow!("cannot follow the control plane: {err}"))?;
             Some(watch.config)
         }
         _ => None,
@@ -216,7 +228,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             Some(
                 strait_control_client::spawn_heartbeat(
                     strait_control_client::HeartbeatConfig {
-                        client: strait_control_client::ClientConfig::new(&args.control),
+                        client: control_client.clone(),
                         edge_name: name.clone(),
                         interval: Duration::from_secs(2),
                     },
@@ -297,6 +309,40 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     tracing::info!("strait-edge stopped");
     Ok(())
+}
+
+/// The connection to the control plane: mTLS with `--control-ca/-cert/-key`,
+/// or plaintext when asked for and every address is loopback.
+fn control_client_config(args: &Args) -> anyhow::Result<strait_control_client::ClientConfig> {
+    let mut config = strait_control_client::ClientConfig::new(&args.control);
+    if args.control.is_empty() {
+        return Ok(config);
+    }
+    match (&args.control_ca, &args.control_cert, &args.control_key) {
+        (Some(ca), Some(cert), Some(key)) => {
+            let read = |p: &PathBuf| {
+                std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
+            };
+            config.tls = Some(strait_control_client::TlsConfig {
+                ca_pem: read(ca)?,
+                cert_pem: Some(read(cert)?),
+                key_pem: Some(read(key)?),
+                domain: None,
+            });
+        }
+        _ => {
+            strait_control_client::plaintext::check_plaintext(
+                args.insecure_plaintext,
+                "strait-edge --control",
+                args.control.iter().map(String::as_str),
+            )
+            .map_err(anyhow::Error::msg)?;
+            tracing::warn!(
+                "following the control plane WITHOUT TLS (--insecure-plaintext); loopback only"
+            );
+        }
+    }
+    Ok(config)
 }
 
 /// Whether a SASL credential file of `running` changed since the last check.

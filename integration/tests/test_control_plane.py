@@ -1,6 +1,7 @@
 """The edge follows the control plane: a virtual cluster applied with straitctl is served by an edge
 that has no config file; a rule change applies to an open connection; with the control plane gone
-the edge keeps serving, and after a restart it serves from its cache."""
+the edge keeps serving, and after a restart it serves from its cache. Everything talks mTLS: the
+node, straitctl (an admin SPIFFE ID) and the edge (`spiffe://test.example/edge/edge-east`)."""
 
 import json
 import signal
@@ -10,6 +11,7 @@ from pathlib import Path
 
 from lib.clients import unique
 from lib.edge import default_target_dir
+from lib.pki import Pki
 from lib.ports import free_port, free_range
 from lib.procs import Proc
 from lib.wait import wait_for
@@ -29,14 +31,30 @@ def accepts(port: int) -> bool:
         return False
 
 
+DOMAIN = "test.example"
+
+
+def control_pki(directory: Path) -> Pki:
+    pki = Pki(directory)
+    pki.ca("ca")
+    pki.leaf("node", ips=["127.0.0.1"], dns=["localhost"], uris=[f"spiffe://{DOMAIN}/control/1"])
+    pki.leaf("admin", uris=[f"spiffe://{DOMAIN}/admin/ops"])
+    pki.leaf("edge-east", uris=[f"spiffe://{DOMAIN}/edge/edge-east"])
+    return pki
+
+
 class Control:
-    def __init__(self, logs: Path, data: Path):
+    def __init__(self, logs: Path, data: Path, pki: Pki):
         self.port = free_port()
         self.logs = logs
+        self.pki = pki
         self.applied = 0
         self.endpoint = f"127.0.0.1:{self.port}"
-        self.proc = Proc(f"control-{self.port}", [binary("strait-control"), "--dev", "--data-dir", str(data),
-                                                  "--listen", self.endpoint], logs)
+        self.proc = Proc(f"control-{self.port}", [
+            binary("strait-control"), "--dev", "--data-dir", str(data), "--listen", self.endpoint,
+            "--tls-cert", str(pki.pem("node")), "--tls-key", str(pki.key("node")),
+            "--tls-client-ca", str(pki.pem("ca")), "--trust-domain", DOMAIN,
+            "--admin-identity", f"spiffe://{DOMAIN}/admin/*"], logs)
 
     def start(self) -> "Control":
         self.proc.start()
@@ -44,7 +62,8 @@ class Control:
         return self
 
     def ctl(self, *args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([binary("straitctl"), "--endpoints", self.endpoint, *args],
+        return subprocess.run([binary("straitctl"), "--endpoints", self.endpoint, "--ca", str(self.pki.pem("ca")),
+                               "--cert", str(self.pki.pem("admin")), "--key", str(self.pki.key("admin")), *args],
                               capture_output=True, text=True, timeout=30)
 
     def apply(self, yaml_text: str) -> None:
@@ -94,6 +113,9 @@ def delivered(errors: list) -> bool:
 
 def start_edge(logs: Path, control: Control, cache: Path, admin_port: int) -> Proc:
     edge = Proc(f"edge-{admin_port}", [binary("strait-edge"), "--control", control.endpoint, "--name", "edge-east",
+                                      "--control-ca", str(control.pki.pem("ca")),
+                                      "--control-cert", str(control.pki.pem("edge-east")),
+                                      "--control-key", str(control.pki.key("edge-east")),
                                       "--cache-dir", str(cache), "--admin", f"127.0.0.1:{admin_port}"], logs)
     edge.start()
     return edge
@@ -107,7 +129,7 @@ def test_edge_follows_the_control_plane(broker, logs, tmp_path):
     direct = AdminClient({"bootstrap.servers": t.bootstrap})
     direct.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
 
-    control = Control(logs, tmp_path / "control").start()
+    control = Control(logs, tmp_path / "control", control_pki(tmp_path / "pki")).start()
     bootstrap_port, ports, admin_port = free_port(), free_range(8), free_port()
     control.apply(resources(t.bootstrap, bootstrap_port, ports, ["write", "describe", "read"]))
     cache = tmp_path / "edge-cache"

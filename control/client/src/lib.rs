@@ -26,6 +26,8 @@ use tonic::{Code, Status};
 
 pub use strait_control_state as state;
 
+pub mod plaintext;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("no control-plane endpoints given")]
@@ -57,6 +59,7 @@ pub struct ClientConfig {
     pub endpoints: Vec<String>,
     pub tls: Option<TlsConfig>,
     pub connect_timeout: Duration,
+    /// How long one call may take, retries across members included.
     pub request_timeout: Duration,
 }
 
@@ -77,8 +80,37 @@ impl ClientConfig {
 pub struct ControlClient {
     clients: Arc<Vec<(String, PbClient<Channel>)>>,
     current: Arc<AtomicUsize>,
+    retry: Retry,
 }
 
+/// Backoff between rounds of [`ControlClient::call`].
+#[derive(Clone, Copy, Debug)]
+struct Retry {
+    deadline: Duration,
+    backoff_min: Duration,
+    backoff_max: Duration,
+}
+
+/// `d` scaled by a random factor in [0.5, 1.5), so that clients that failed
+/// together do not retry together.
+fn jittered(d: Duration) -> Duration {
+    d.mul_f64(0.5 + rand::random::<f64>())
+}
+
+fn gave_up(last: Status, after: Duration) -> Status {
+    Status::new(
+        last.code(),
+        format!(
+            "{} (gave up after {})",
+            last.message(),
+            humantime::format_duration(after)
+        ),
+    )
+}
+
+/// Whether a failed call may be sent again to another member: the member
+/// is down, has no leader, or the connection broke (tonic reports transport
+/// errors as UNAVAILABLE or UNKNOWN).
 fn retryable(s: &Status) -> bool {
     matches!(
         s.code(),
@@ -124,6 +156,11 @@ impl ControlClient {
         Ok(Self {
             clients: Arc::new(clients),
             current: Arc::new(AtomicUsize::new(0)),
+            retry: Retry {
+                deadline: cfg.request_timeout,
+                backoff_min: Duration::from_millis(50),
+                backoff_max: Duration::from_secs(1),
+            },
         })
     }
 
@@ -143,30 +180,53 @@ impl ControlClient {
     }
 
     /// Runs `f` against members in turn until one answers with something
-    /// other than "unavailable".
+    /// other than "unavailable". A round in which every member was
+    /// unavailable (no leader yet, an election after a leader died, a member
+    /// down) is followed by an exponential backoff with jitter, and the rounds
+    /// go on until `request_timeout` has passed since the call began.
     pub async fn call<T, F, Fut>(&self, f: F) -> Result<T, Status>
     where
         F: Fn(PbClient<Channel>) -> Fut,
         Fut: std::future::Future<Output = Result<tonic::Response<T>, Status>>,
     {
         let n = self.clients.len();
-        let start = self.current.load(Ordering::Relaxed);
+        let deadline = tokio::time::Instant::now() + self.retry.deadline;
+        let mut backoff = self.retry.backoff_min;
         let mut last = Status::unavailable("no endpoint tried");
-        for k in 0..n {
-            let i = (start + k) % n;
-            match f(self.clients[i].1.clone()).await {
-                Ok(r) => {
-                    self.current.store(i, Ordering::Relaxed);
-                    return Ok(r.into_inner());
+        loop {
+            let start = self.current.load(Ordering::Relaxed);
+            for k in 0..n {
+                let i = (start + k) % n;
+                let now = tokio::time::Instant::now();
+                if now >= deadline {
+                    return Err(gave_up(last, self.retry.deadline));
                 }
-                Err(s) if retryable(&s) => {
-                    tracing::debug!(endpoint = %self.clients[i].0, error = %s, "trying next member");
-                    last = Status::new(s.code(), format!("{}: {}", self.clients[i].0, s.message()));
+                let attempt = tokio::time::timeout(deadline - now, f(self.clients[i].1.clone()));
+                match attempt.await {
+                    Ok(Ok(r)) => {
+                        self.current.store(i, Ordering::Relaxed);
+                        return Ok(r.into_inner());
+                    }
+                    Ok(Err(s)) if retryable(&s) => {
+                        tracing::debug!(endpoint = %self.clients[i].0, error = %s, "trying next member");
+                        last = Status::new(
+                            s.code(),
+                            format!("{}: {}", self.clients[i].0, s.message()),
+                        );
+                    }
+                    Ok(Err(s)) => return Err(s),
+                    Err(_) => return Err(gave_up(last, self.retry.deadline)),
                 }
-                Err(s) => return Err(s),
             }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(gave_up(last, self.retry.deadline));
+            }
+            let pause = jittered(backoff).min(deadline - now);
+            tokio::time::sleep(pause).await;
+            backoff = (backoff * 2).min(self.retry.backoff_max);
+            self.rotate();
         }
-        Err(last)
     }
 
     pub async fn apply(&self, req: pb::ApplyRequest) -> Result<pb::ApplyResponse, Status> {

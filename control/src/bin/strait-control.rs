@@ -7,7 +7,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
-use strait_control_api::{spawn_health, ControlService};
+use strait_control_api::access::{
+    rules_of, Access, Audit, Authorizer, Caller, ControlMethod, Glob, Operation, Policy,
+};
+use strait_control_api::{spawn_health, status_of, ControlService};
+use strait_control_client::plaintext::check_plaintext;
+use strait_control_state::spec::AccessRole;
+use strait_control_state::{validate_command, Command, CommandError, Kind};
 use strait_control_raft::{Node, NodeConfig, TlsClientConfig};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
@@ -39,9 +45,31 @@ struct Args {
     tls_cert: Option<PathBuf>,
     #[arg(long, requires = "tls_cert")]
     tls_key: Option<PathBuf>,
-    /// CA that client and peer certificates must chain to (enables mTLS).
+    /// CA that client and peer certificates must chain to. Callers are
+    /// authorized by the SPIFFE ID of their certificate; one without a
+    /// certificate reaches only what needs none (health).
     #[arg(long, requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve without TLS, where every caller may do everything. Only when
+    /// --listen, --advertise and every --peers address are loopback.
+    #[arg(long, conflicts_with_all = ["tls_cert", "tls_key", "tls_client_ca"])]
+    insecure_plaintext: bool,
+    /// Trust domain of this control plane: `spiffe://D/edge/*`,
+    /// `/kms-broker/*` and `/control/*` get the edge, kms-broker and
+    /// control roles. Required with TLS.
+    #[arg(long, value_name = "D")]
+    trust_domain: Option<String>,
+    /// SPIFFE ID glob that may do everything (repeatable). Always in force,
+    /// whatever the AccessRule resources say.
+    #[arg(long = "admin-identity", value_name = "GLOB")]
+    admin_identities: Vec<String>,
+    /// YAML list of AccessRules (`- {name, identities, role}`) created at
+    /// start when no AccessRule of that name exists.
+    #[arg(long, value_name = "FILE")]
+    access_rules: Option<PathBuf>,
+    /// Append one JSON line per write and per refused call to FILE.
+    #[arg(long, value_name = "FILE")]
+    audit_log: Option<PathBuf>,
     /// Raft tick. Election timeout is randomised in [1, 2) x election_ticks.
     #[arg(long, default_value_t = 50)]
     tick_ms: u64,
@@ -81,6 +109,89 @@ fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
         out.insert(id, addr.trim().to_string());
     }
     Ok(out)
+}
+
+/// One entry of `--access-rules`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RuleEntry {
+    name: String,
+    identities: Vec<String>,
+    role: AccessRole,
+}
+
+/// Parses and validates the whole file, reporting every error with its
+/// place, before the node starts.
+fn load_access_rules(path: &PathBuf) -> Result<Vec<Command>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file = path.display().to_string();
+    let de = serde_yaml_ng::Deserializer::from_str(&text);
+    let entries: Vec<RuleEntry> = serde_path_to_error::deserialize(de)
+        .map_err(|e| anyhow::anyhow!("--access-rules {file}: {}: {}", e.path(), e.inner()))?;
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for (i, e) in entries.into_iter().enumerate() {
+        let cmd = Command::Apply {
+            kind: Kind::AccessRule,
+            name: e.name.clone(),
+            labels: BTreeMap::new(),
+            spec: serde_json::json!({"identities": e.identities, "role": e.role}),
+            expected_revision: Some(0),
+        };
+        match validate_command(&cmd) {
+            Ok(()) => out.push(cmd),
+            Err(CommandError::Invalid { errors: es, .. }) => {
+                for err in es {
+                    errors.push(format!("--access-rules {file}: [{i}] ({}): {err}", e.name));
+                }
+            }
+            Err(err) => errors.push(format!("--access-rules {file}: [{i}]: {err}")),
+        }
+    }
+    if !errors.is_empty() {
+        bail!("{}", errors.join("\n"));
+    }
+    Ok(out)
+}
+
+/// Creates the `--access-rules` that do not exist yet, once a leader is
+/// known; a rule an admin changed since is left as it is.
+async fn bootstrap_access_rules(node: Node, authz: Authorizer, rules: Vec<Command>) {
+    let caller = Caller::Local("--access-rules");
+    for cmd in rules {
+        let Command::Apply { name, .. } = &cmd else {
+            continue;
+        };
+        let access = Access::resource(
+            Operation::Control(ControlMethod::Create),
+            Kind::AccessRule,
+            name,
+        );
+        let mut pause = Duration::from_millis(100);
+        loop {
+            if node.state().get(Kind::AccessRule, name).is_some() {
+                break;
+            }
+            if node.status().leader_id != 0 {
+                let result = node.propose(&cmd).await.map_err(status_of);
+                match &result {
+                    Ok(_) => {
+                        authz.audit_write(&caller, &access, &result);
+                        break;
+                    }
+                    Err(s) if s.code() == tonic::Code::AlreadyExists => break,
+                    Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                        authz.audit_write(&caller, &access, &result);
+                        break;
+                    }
+                    Err(s) => tracing::debug!(rule = %name, error = %s, "AccessRule bootstrap: retrying"),
+                }
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(Duration::from_secs(2));
+        }
+    }
 }
 
 #[tokio::main]
@@ -125,24 +236,60 @@ async fn main() -> Result<()> {
     }
 
     let read = |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-    let (server_tls, client_tls) = match (&args.tls_cert, &args.tls_key) {
-        (Some(cert), Some(key)) => {
+    let (server_tls, client_tls) = match (&args.tls_cert, &args.tls_key, &args.tls_client_ca) {
+        (Some(cert), Some(key), Some(ca)) => {
+            if args.trust_domain.is_none() {
+                bail!(
+                    "--trust-domain is required with TLS: the roles of edges, kms-brokers and \
+                     control nodes (Raft peers) derive from it"
+                );
+            }
             let cert = read(cert)?;
             let key = read(key)?;
-            let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(&cert, &key));
-            let mut client = None;
-            if let Some(ca) = &args.tls_client_ca {
-                let ca = read(ca)?;
-                cfg = cfg.client_ca_root(Certificate::from_pem(&ca));
-                client = Some(TlsClientConfig {
-                    ca_pem: ca,
-                    cert_pem: cert,
-                    key_pem: key,
-                });
-            }
-            (Some(cfg), client)
+            let ca = read(ca)?;
+            // Optional at the handshake, so that a caller without a
+            // certificate gets UNAUTHENTICATED naming what it lacks; a
+            // certificate that is presented must chain to the CA.
+            let cfg = ServerTlsConfig::new()
+                .identity(Identity::from_pem(&cert, &key))
+                .client_ca_root(Certificate::from_pem(&ca))
+                .client_auth_optional(true);
+            let client = TlsClientConfig {
+                ca_pem: ca,
+                cert_pem: cert,
+                key_pem: key,
+            };
+            (Some(cfg), Some(client))
         }
-        _ => (None, None),
+        (Some(_), Some(_), None) => bail!(
+            "--tls-client-ca is required with --tls-cert: callers are authorized by their client certificate"
+        ),
+        _ => {
+            let listen = args.listen.to_string();
+            let addrs = [listen.as_str(), advertise.as_str()]
+                .into_iter()
+                .chain(peers.values().map(String::as_str));
+            check_plaintext(args.insecure_plaintext, "strait-control", addrs)
+                .map_err(anyhow::Error::msg)?;
+            tracing::warn!(
+                "serving the control plane WITHOUT TLS (--insecure-plaintext): every local caller may do everything"
+            );
+            (None, None)
+        }
+    };
+    let tls = server_tls.is_some();
+    let mut admins = Vec::new();
+    for g in &args.admin_identities {
+        admins.push(Glob::new(g).map_err(|e| anyhow::anyhow!("--admin-identity: {e}"))?);
+    }
+    let policy = Policy::new(args.trust_domain.as_deref(), admins)
+        .map_err(|e| anyhow::anyhow!("--trust-domain: {e}"))?;
+    if tls && args.admin_identities.is_empty() {
+        tracing::warn!("no --admin-identity: only AccessRule resources grant the admin role");
+    }
+    let bootstrap_rules = match &args.access_rules {
+        Some(p) => load_access_rules(p)?,
+        None => Vec::new(),
     };
 
     let cfg = NodeConfig {
@@ -162,7 +309,22 @@ async fn main() -> Result<()> {
     let mut registry = prometheus_client::registry::Registry::default();
     let metrics = strait_control_raft::RaftMetrics::new(&mut registry);
     let (node, raft_svc) = Node::start(cfg, metrics).context("starting the raft node")?;
-    let control = ControlService::new(node.clone(), args.enable_test_hooks, &mut registry);
+    let audit = Audit::new(args.audit_log.as_deref(), &mut registry)?;
+    let rules_node = node.clone();
+    let authz = Authorizer::new(policy, tls, move || rules_of(&rules_node.state()), audit);
+    if !bootstrap_rules.is_empty() {
+        tokio::spawn(bootstrap_access_rules(
+            node.clone(),
+            authz.clone(),
+            bootstrap_rules,
+        ));
+    }
+    let control = ControlService::new(
+        node.clone(),
+        args.enable_test_hooks,
+        authz.clone(),
+        &mut registry,
+    );
     if let Some(addr) = args.metrics_listen {
         let registry = std::sync::Arc::new(registry);
         let app = axum::Router::new().route(
@@ -207,7 +369,10 @@ async fn main() -> Result<()> {
         .tcp_nodelay(true)
         .add_service(health)
         .add_service(control.into_server())
-        .add_service(raft_svc.into_server())
+        .add_service(tonic::service::interceptor::InterceptedService::new(
+            raft_svc.into_server(),
+            authz.raft_interceptor(),
+        ))
         .serve_with_shutdown(args.listen, async {
             let _ = tokio::signal::ctrl_c().await;
         })

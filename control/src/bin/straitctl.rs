@@ -30,6 +30,18 @@ struct Cli {
     cert: Option<PathBuf>,
     #[arg(long, global = true, requires = "cert")]
     key: Option<PathBuf>,
+    /// Talk to the control plane without TLS; only to loopback endpoints.
+    #[arg(
+        long,
+        global = true,
+        env = "STRAITCTL_INSECURE_PLAINTEXT",
+        conflicts_with = "ca"
+    )]
+    insecure_plaintext: bool,
+    /// How long a command keeps trying members that are unavailable or have
+    /// no leader yet (an election), e.g. `10s`, `1m`.
+    #[arg(long, global = true, default_value = "10s", value_parser = humantime::parse_duration)]
+    timeout: std::time::Duration,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -315,6 +327,15 @@ async fn run(cli: Cli) -> Result<()> {
         .filter(|s| !s.is_empty())
         .collect();
     let mut cfg = ClientConfig::new(&endpoints);
+    cfg.request_timeout = cli.timeout;
+    if cli.ca.is_none() {
+        strait_control_client::plaintext::check_plaintext(
+            cli.insecure_plaintext,
+            "straitctl",
+            endpoints.iter().map(String::as_str),
+        )
+        .map_err(anyhow::Error::msg)?;
+    }
     if let Some(ca) = &cli.ca {
         cfg.tls = Some(TlsConfig {
             ca_pem: std::fs::read(ca).with_context(|| format!("reading {}", ca.display()))?,

@@ -23,10 +23,12 @@ pub enum Kind {
     KmsRealm,
     TrustBundle,
     FailoverGroup,
+    /// Who may call the control plane, and as what (see `spec::AccessRuleSpec`).
+    AccessRule,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::KafkaCluster,
         Kind::Edge,
         Kind::VirtualCluster,
@@ -35,6 +37,7 @@ impl Kind {
         Kind::KmsRealm,
         Kind::TrustBundle,
         Kind::FailoverGroup,
+        Kind::AccessRule,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -47,6 +50,7 @@ impl Kind {
             Kind::KmsRealm => "KmsRealm",
             Kind::TrustBundle => "TrustBundle",
             Kind::FailoverGroup => "FailoverGroup",
+            Kind::AccessRule => "AccessRule",
         }
     }
 
@@ -65,6 +69,7 @@ impl Kind {
             "kmsrealm" | "kms" => Kind::KmsRealm,
             "trustbundle" | "tb" => Kind::TrustBundle,
             "failovergroup" | "fg" => Kind::FailoverGroup,
+            "accessrule" | "ar" => Kind::AccessRule,
             _ => {
                 let names: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
                 return Err(format!(
@@ -97,6 +102,7 @@ impl Kind {
             Kind::KmsRealm => check::<spec::KmsRealmSpec>(spec),
             Kind::TrustBundle => check::<spec::TrustBundleSpec>(spec),
             Kind::FailoverGroup => check::<spec::FailoverGroupSpec>(spec),
+            Kind::AccessRule => check::<spec::AccessRuleSpec>(spec),
         }
     }
 }

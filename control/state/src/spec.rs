@@ -305,6 +305,63 @@ pub enum FailoverMode {
     Automatic,
 }
 
+/// Grants a role of the control-plane API to the callers whose SPIFFE ID
+/// matches one of `identities`. Rules only add: there is no deny rule, and
+/// what no rule grants is refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessRuleSpec {
+    /// SPIFFE ID globs: `*` matches within one path segment, `**` across
+    /// segments, e.g. `spiffe://example.org/ns/ops/sa/*`.
+    pub identities: Vec<String>,
+    pub role: AccessRole,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AccessRole {
+    /// Everything.
+    Admin,
+    /// What an edge needs; the edge's name is the last segment of the ID.
+    Edge,
+    /// What a KMS broker needs.
+    KmsBroker,
+    /// Raft transport between control nodes only.
+    Control,
+    /// Get/List/Watch of every kind that holds no secret, Members, Status.
+    Reader,
+}
+
+impl AccessRole {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AccessRole::Admin => "admin",
+            AccessRole::Edge => "edge",
+            AccessRole::KmsBroker => "kms_broker",
+            AccessRole::Control => "control",
+            AccessRole::Reader => "reader",
+        }
+    }
+}
+
+/// Syntax of a SPIFFE ID glob (shared by AccessRule and the
+/// `--admin-identity` flag, so both refuse the same mistakes).
+pub fn check_spiffe_glob(glob: &str) -> Result<(), String> {
+    let Some(rest) = glob.strip_prefix("spiffe://") else {
+        return Err(format!("'{glob}' must start with spiffe://"));
+    };
+    if rest.is_empty() {
+        return Err(format!("'{glob}' names no trust domain"));
+    }
+    if glob.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!("'{glob}' contains whitespace"));
+    }
+    if glob.contains("***") {
+        return Err(format!("'{glob}': use * (one segment) or ** (any depth)"));
+    }
+    Ok(())
+}
+
 pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s
         .split_once('-')
@@ -596,6 +653,17 @@ impl Validate for FailoverGroupSpec {
                 "spec.health.failure_threshold",
                 "must be positive",
             ));
+        }
+    }
+}
+
+impl Validate for AccessRuleSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        check_non_empty("spec.identities", &self.identities, errs);
+        for (i, g) in self.identities.iter().enumerate() {
+            if let Err(m) = check_spiffe_glob(g) {
+                errs.push(ValidationError::new(&format!("spec.identities[{i}]"), m));
+            }
         }
     }
 }

@@ -286,6 +286,31 @@ fn spec_validation_paths() {
             None,
         ),
         (Kind::Edge, json!({}), None),
+        (
+            Kind::AccessRule,
+            json!({"identities":["spiffe://example.org/ns/ops/sa/*"],"role":"reader"}),
+            None,
+        ),
+        (
+            Kind::AccessRule,
+            json!({"identities":[],"role":"reader"}),
+            Some("spec.identities"),
+        ),
+        (
+            Kind::AccessRule,
+            json!({"identities":["example.org/admin/x"],"role":"admin"}),
+            Some("spec.identities[0]"),
+        ),
+        (
+            Kind::AccessRule,
+            json!({"identities":["spiffe://a/b"],"role":"root"}),
+            Some("spec.role"),
+        ),
+        (
+            Kind::AccessRule,
+            json!({"identities":["spiffe://a/b"],"role":"admin","extra":1}),
+            Some("spec"),
+        ),
     ];
     for (kind, spec, want) in cases {
         let got = kind.validate_spec(&spec);

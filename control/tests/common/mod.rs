@@ -6,13 +6,20 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use strait_control_client::{ClientConfig, ControlClient};
+use strait_control_client::{ClientConfig, ControlClient, TlsConfig};
 use strait_proto::control as pb;
 use strait_proto::control::control_client::ControlClient as PbClient;
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_strait-control");
 pub const CTL: &str = env!("CARGO_BIN_EXE_straitctl");
+
+/// straitctl against the plaintext test clusters.
+pub fn ctl_cmd() -> Command {
+    let mut c = Command::new(CTL);
+    c.arg("--insecure-plaintext");
+    c
+}
 
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -33,6 +40,9 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, NodeProc>,
     pub peers: String,
     pub base_args: Vec<String>,
+    /// Client identity for the harness's own calls (status, client()) when
+    /// the nodes run mTLS.
+    pub tls: Option<TlsConfig>,
 }
 
 impl Cluster {
@@ -78,6 +88,7 @@ impl Cluster {
             nodes,
             peers,
             base_args,
+            tls: None,
         };
         let ids: Vec<u64> = c.nodes.keys().copied().collect();
         for id in ids {
@@ -106,6 +117,10 @@ impl Cluster {
                 .arg(format!("{}={}", id, n.addr));
         } else {
             cmd.arg("--peers").arg(&self.peers);
+        }
+        let tls = self.base_args.iter().chain(&n.extra).any(|a| a == "--tls-cert");
+        if !tls {
+            cmd.arg("--insecure-plaintext");
         }
         cmd.args(&self.base_args)
             .args(&n.extra)
@@ -161,11 +176,15 @@ impl Cluster {
     pub fn client(&self) -> ControlClient {
         let mut cfg = ClientConfig::new(&self.endpoints());
         cfg.connect_timeout = Duration::from_millis(300);
+        cfg.tls = self.tls.clone();
         ControlClient::new(&cfg).expect("client")
     }
 
     pub fn node_client(&self, id: u64) -> PbClient<Channel> {
-        raw_client(&self.addr(id))
+        match &self.tls {
+            Some(tls) => PbClient::new(tls_channel(&self.addr(id), tls)),
+            None => raw_client(&self.addr(id)),
+        }
     }
 
     pub async fn status(&self, id: u64) -> Option<pb::StatusResponse> {
@@ -226,6 +245,21 @@ impl Drop for Cluster {
     }
 }
 
+/// A lazily connected mTLS channel to one node.
+pub fn tls_channel(addr: &str, tls: &TlsConfig) -> Channel {
+    let mut t = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&tls.ca_pem));
+    if let (Some(c), Some(k)) = (&tls.cert_pem, &tls.key_pem) {
+        t = t.identity(tonic::transport::Identity::from_pem(c, k));
+    }
+    tonic::transport::Endpoint::from_shared(format!("https://{addr}"))
+        .expect("endpoint")
+        .connect_timeout(Duration::from_millis(300))
+        .tls_config(t)
+        .expect("tls config")
+        .connect_lazy()
+}
+
 pub fn raw_client(addr: &str) -> PbClient<Channel> {
     let ep = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .expect("endpoint")
@@ -258,3 +292,4 @@ where
     }
 }
 pub mod lin;
+pub mod pki;

@@ -125,12 +125,23 @@ async fn callers_are_authorized_by_their_spiffe_id() {
 
     let admin = client(&cluster, tls(&pki, Some("admin")));
     for (kind, name, spec) in [
-        ("KafkaCluster", "east", r#"{"bootstrap_servers":["127.0.0.1:9092"]}"#.to_string()),
-        ("KafkaCluster", "west", r#"{"bootstrap_servers":["127.0.0.1:9093"]}"#.to_string()),
+        (
+            "KafkaCluster",
+            "east",
+            r#"{"bootstrap_servers":["127.0.0.1:9092"]}"#.to_string(),
+        ),
+        (
+            "KafkaCluster",
+            "west",
+            r#"{"bootstrap_servers":["127.0.0.1:9093"]}"#.to_string(),
+        ),
         ("VirtualCluster", "a", vc("e1", "east", 19000)),
         ("VirtualCluster", "b", vc("e2", "west", 19100)),
     ] {
-        admin.apply(apply_req(kind, name, &spec)).await.expect("admin writes");
+        admin
+            .apply(apply_req(kind, name, &spec))
+            .await
+            .expect("admin writes");
     }
 
     // No certificate: UNAUTHENTICATED, saying so.
@@ -145,14 +156,26 @@ async fn callers_are_authorized_by_their_spiffe_id() {
     let plain = client(&cluster, tls(&pki, Some("plain")));
     let e = plain.list("KafkaCluster", "").await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
-    assert!(e.message().ends_with("the client certificate carries no spiffe:// URI SAN"), "{e:?}");
-    // A certificate from another CA claiming the admin's ID: the handshake fails.
+    assert!(
+        e.message()
+            .ends_with("the client certificate carries no spiffe:// URI SAN"),
+        "{e:?}"
+    );
+    // A certificate from another CA claiming the admin's ID: the server ends
+    // the TLS handshake. With TLS 1.3 the client learns it on its first
+    // request, as a broken connection (which code depends on the timing).
     let mut rogue_tls = tls(&pki, None);
     rogue_tls.cert_pem = Some(std::fs::read(pki.cert("rogue-admin")).unwrap());
     rogue_tls.key_pem = Some(std::fs::read(pki.key("rogue-admin")).unwrap());
     let rogue = client(&cluster, rogue_tls);
     let e = rogue.list("KafkaCluster", "").await.unwrap_err();
-    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(
+        matches!(
+            e.code(),
+            Code::Unavailable | Code::Cancelled | Code::Unknown
+        ),
+        "{e:?}"
+    );
 
     // An edge may not write configuration.
     let e1 = client(&cluster, tls(&pki, Some("e1")));
@@ -185,7 +208,9 @@ async fn callers_are_authorized_by_their_spiffe_id() {
     let e = e1.list("AccessRule", "").await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
     // Its own status (the heartbeat registers the Edge), not another's.
-    heartbeat_once(&e1, "e1", &EdgeStatus::default()).await.expect("own heartbeat");
+    heartbeat_once(&e1, "e1", &EdgeStatus::default())
+        .await
+        .expect("own heartbeat");
     let e = e1
         .update_status("Edge", "e2", "{\"last_heartbeat_unix_ms\":1}".into())
         .await
@@ -238,7 +263,11 @@ async fn callers_are_authorized_by_their_spiffe_id() {
         ))
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied, "an edge cannot grant itself a role");
+    assert_eq!(
+        e.code(),
+        Code::PermissionDenied,
+        "an edge cannot grant itself a role"
+    );
     admin
         .apply(apply_req(
             "AccessRule",
@@ -256,7 +285,12 @@ async fn callers_are_authorized_by_their_spiffe_id() {
                 let mut cfg = ClientConfig::new(&[ep]);
                 cfg.tls = Some(tls(pki, Some("dash")));
                 let c = ControlClient::new(&cfg).unwrap();
-                if c.list("KafkaCluster", "").await.map(|l| l.resources.len()).ok() != Some(2) {
+                if c.list("KafkaCluster", "")
+                    .await
+                    .map(|l| l.resources.len())
+                    .ok()
+                    != Some(2)
+                {
                     return false;
                 }
             }
@@ -265,7 +299,11 @@ async fn callers_are_authorized_by_their_spiffe_id() {
     })
     .await;
     let e = dash
-        .apply(apply_req("KafkaCluster", "east", r#"{"bootstrap_servers":["h:1"]}"#))
+        .apply(apply_req(
+            "KafkaCluster",
+            "east",
+            r#"{"bootstrap_servers":["h:1"]}"#,
+        ))
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied, "a reader cannot write");
@@ -277,13 +315,20 @@ async fn callers_are_authorized_by_their_spiffe_id() {
         messages: vec![],
     };
     let target = cluster.addr(if leader == 1 { 2 } else { 1 });
-    let mut as_node = pb::raft_client::RaftClient::new(tls_channel(&target, &tls(&pki, Some("node"))));
-    as_node.send(batch()).await.expect("a control node may send Raft messages");
+    let mut as_node =
+        pb::raft_client::RaftClient::new(tls_channel(&target, &tls(&pki, Some("node"))));
+    as_node
+        .send(batch())
+        .await
+        .expect("a control node may send Raft messages");
     let mut as_admin =
         pb::raft_client::RaftClient::new(tls_channel(&target, &tls(&pki, Some("admin"))));
     let e = as_admin.send(batch()).await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    assert_eq!(e.message(), "spiffe://test.example/admin/ops may not Raft/Send");
+    assert_eq!(
+        e.message(),
+        "spiffe://test.example/admin/ops may not Raft/Send"
+    );
     let mut as_nobody = pb::raft_client::RaftClient::new(tls_channel(&target, &tls(&pki, None)));
     let e = as_nobody.send(batch()).await.unwrap_err();
     assert_eq!(e.code(), Code::Unauthenticated);
@@ -314,12 +359,48 @@ async fn callers_are_authorized_by_their_spiffe_id() {
                 && l["time"].as_str().is_some_and(|t| t.ends_with('Z'))
         })
     };
-    assert!(has("spiffe://test.example/admin/ops", "Control/Apply", "VirtualCluster", "a", "ok"));
-    assert!(has("spiffe://test.example/edge/e1", "Control/Apply", "VirtualCluster", "x", "denied"));
-    assert!(has("spiffe://test.example/edge/e1", "Control/UpdateStatus", "Edge", "e2", "denied"));
-    assert!(has("spiffe://test.example/edge/e1", "Control/UpdateStatus", "Edge", "e1", "ok"));
-    assert!(has("anonymous", "Control/List", "KafkaCluster", "", "unauthenticated"));
-    assert!(has("spiffe://test.example/admin/ops", "Raft/Send", "", "", "denied"));
+    assert!(has(
+        "spiffe://test.example/admin/ops",
+        "Control/Apply",
+        "VirtualCluster",
+        "a",
+        "ok"
+    ));
+    assert!(has(
+        "spiffe://test.example/edge/e1",
+        "Control/Apply",
+        "VirtualCluster",
+        "x",
+        "denied"
+    ));
+    assert!(has(
+        "spiffe://test.example/edge/e1",
+        "Control/UpdateStatus",
+        "Edge",
+        "e2",
+        "denied"
+    ));
+    assert!(has(
+        "spiffe://test.example/edge/e1",
+        "Control/UpdateStatus",
+        "Edge",
+        "e1",
+        "ok"
+    ));
+    assert!(has(
+        "anonymous",
+        "Control/List",
+        "KafkaCluster",
+        "",
+        "unauthenticated"
+    ));
+    assert!(has(
+        "spiffe://test.example/admin/ops",
+        "Raft/Send",
+        "",
+        "",
+        "denied"
+    ));
     let denied = lines
         .iter()
         .find(|l| l["caller"] == "spiffe://test.example/edge/e1" && l["name"] == "x")
@@ -360,7 +441,11 @@ async fn access_rules_file_bootstraps_rules() {
     let dash = client(&cluster, tls(&pki, Some("dash")));
     eventually("the bootstrapped rule", T, || {
         let dash = dash.clone();
-        async move { dash.list("AccessRule", "").await.is_ok_and(|l| names(&l) == ["dashboards"]) }
+        async move {
+            dash.list("AccessRule", "")
+                .await
+                .is_ok_and(|l| names(&l) == ["dashboards"])
+        }
     })
     .await;
     // Without --admin-identity nobody is admin, not even by its ID's path.
@@ -386,16 +471,33 @@ fn plaintext_only_when_asked_for_and_on_loopback() {
     assert!(err.contains("no TLS configured"), "{err}");
     let o = run(
         BIN,
-        &["--dev", "--insecure-plaintext", "--data-dir", d, "--listen", &format!("0.0.0.0:{port}")],
+        &[
+            "--dev",
+            "--insecure-plaintext",
+            "--data-dir",
+            d,
+            "--listen",
+            &format!("0.0.0.0:{port}"),
+        ],
     );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains(&format!("not loopback: 0.0.0.0:{port}")), "{err}");
+    assert!(
+        err.contains(&format!("not loopback: 0.0.0.0:{port}")),
+        "{err}"
+    );
     let o = run(
         BIN,
         &[
-            "--id", "1", "--insecure-plaintext", "--data-dir", d, "--listen", &listen,
-            "--peers", &format!("1={listen},2=10.9.9.9:7001"),
+            "--id",
+            "1",
+            "--insecure-plaintext",
+            "--data-dir",
+            d,
+            "--listen",
+            &listen,
+            "--peers",
+            &format!("1={listen},2=10.9.9.9:7001"),
         ],
     );
     assert!(!o.status.success());
@@ -403,7 +505,17 @@ fn plaintext_only_when_asked_for_and_on_loopback() {
     assert!(err.contains("not loopback: 10.9.9.9:7001"), "{err}");
     let o = run(
         BIN,
-        &["--dev", "--data-dir", d, "--listen", &listen, "--tls-cert", "c.pem", "--tls-key", "k.pem"],
+        &[
+            "--dev",
+            "--data-dir",
+            d,
+            "--listen",
+            &listen,
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+        ],
     );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
@@ -413,7 +525,15 @@ fn plaintext_only_when_asked_for_and_on_loopback() {
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("straitctl: no TLS configured"), "{err}");
-    let o = run(CTL, &["--insecure-plaintext", "--endpoints", "10.9.9.9:7001", "members"]);
+    let o = run(
+        CTL,
+        &[
+            "--insecure-plaintext",
+            "--endpoints",
+            "10.9.9.9:7001",
+            "members",
+        ],
+    );
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(err.contains("not loopback: 10.9.9.9:7001"), "{err}");

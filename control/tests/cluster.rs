@@ -676,7 +676,9 @@ fn kc_manifest(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     let path = dir.join(format!("{name}.yaml"));
     std::fs::write(
         &path,
-        format!("kind: KafkaCluster\nname: {name}\nspec: {{bootstrap_servers: [127.0.0.1:9092]}}\n"),
+        format!(
+            "kind: KafkaCluster\nname: {name}\nspec: {{bootstrap_servers: [127.0.0.1:9092]}}\n"
+        ),
     )
     .unwrap();
     path
@@ -690,7 +692,12 @@ async fn apply_right_after_a_fresh_start_succeeds() {
     let cluster = Cluster::start(3, &[]);
     let manifest = kc_manifest(cluster.tmp.path(), "first");
     let out = ctl_cmd()
-        .args(["--endpoints", &cluster.endpoints().join(","), "--timeout", "30s"])
+        .args([
+            "--endpoints",
+            &cluster.endpoints().join(","),
+            "--timeout",
+            "30s",
+        ])
         .arg("apply")
         .arg("-f")
         .arg(&manifest)

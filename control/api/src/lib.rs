@@ -95,7 +95,8 @@ impl ReadFilter {
 
     fn visible(&self, kind: Kind, name: &str) -> bool {
         self.grants.reads_all_of(kind)
-            || (self.grants.edge.is_some() && self.scope.as_ref().is_some_and(|s| s.contains(kind, name)))
+            || (self.grants.edge.is_some()
+                && self.scope.as_ref().is_some_and(|s| s.contains(kind, name)))
     }
 }
 
@@ -336,7 +337,9 @@ impl Control for ControlService {
         } else {
             Some(parse_kind(&req.kind)?)
         };
-        let grants = self.authz.check(&caller, Access::kind(ctl(C::List), kind))?;
+        let grants = self
+            .authz
+            .check(&caller, Access::kind(ctl(C::List), kind))?;
         let sel = Selector::parse(&req.label_selector).map_err(Status::invalid_argument)?;
         self.barrier(req.stale).await?;
         let state = self.node.state();
@@ -413,11 +416,14 @@ impl Control for ControlService {
             .map(|k| parse_kind(k))
             .collect::<Result<_, _>>()?;
         let grants = if kinds.is_empty() {
-            self.authz.check(&caller, Access::kind(ctl(C::Watch), None))?
+            self.authz
+                .check(&caller, Access::kind(ctl(C::Watch), None))?
         } else {
             let mut g = Grants::default();
             for k in &kinds {
-                g = self.authz.check(&caller, Access::kind(ctl(C::Watch), Some(*k)))?;
+                g = self
+                    .authz
+                    .check(&caller, Access::kind(ctl(C::Watch), Some(*k)))?;
             }
             g
         };
@@ -468,7 +474,9 @@ impl Control for ControlService {
                 let evs = state.events_from(req.start_revision).map_err(|c| {
                     Status::out_of_range(format!("{c}; list again (watch from revision 0)"))
                 })?;
-                for ev in evs.filter(|e| wanted(&e.resource) && grants.reads_all_of(e.resource.kind)) {
+                for ev in
+                    evs.filter(|e| wanted(&e.resource) && grants.reads_all_of(e.resource.kind))
+                {
                     initial.push(event_pb(ev));
                 }
                 last_rev = state.revision().max(req.start_revision.saturating_sub(1));
@@ -498,7 +506,9 @@ impl Control for ControlService {
                                 let state = node.state();
                                 s.events(&ev, &state, &wanted).into_iter().map(Ok).collect()
                             }
-                            None if wanted(&ev.resource) && grants.reads_all_of(ev.resource.kind) => {
+                            None if wanted(&ev.resource)
+                                && grants.reads_all_of(ev.resource.kind) =>
+                            {
                                 vec![Ok(event_pb(&ev))]
                             }
                             None => continue,

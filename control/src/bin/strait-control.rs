@@ -12,9 +12,9 @@ use strait_control_api::access::{
 };
 use strait_control_api::{spawn_health, status_of, ControlService};
 use strait_control_client::plaintext::check_plaintext;
+use strait_control_raft::{Node, NodeConfig, TlsClientConfig};
 use strait_control_state::spec::AccessRole;
 use strait_control_state::{validate_command, Command, CommandError, Kind};
-use strait_control_raft::{Node, NodeConfig, TlsClientConfig};
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 #[derive(Parser, Debug)]
@@ -185,7 +185,9 @@ async fn bootstrap_access_rules(node: Node, authz: Authorizer, rules: Vec<Comman
                         authz.audit_write(&caller, &access, &result);
                         break;
                     }
-                    Err(s) => tracing::debug!(rule = %name, error = %s, "AccessRule bootstrap: retrying"),
+                    Err(s) => {
+                        tracing::debug!(rule = %name, error = %s, "AccessRule bootstrap: retrying")
+                    }
                 }
             }
             tokio::time::sleep(pause).await;

@@ -309,7 +309,7 @@ fn spec_validation_paths() {
         (
             Kind::AccessRule,
             json!({"identities":["spiffe://a/b"],"role":"admin","extra":1}),
-            Some("spec"),
+            Some("spec.extra"),
         ),
     ];
     for (kind, spec, want) in cases {

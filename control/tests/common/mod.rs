@@ -118,7 +118,11 @@ impl Cluster {
         } else {
             cmd.arg("--peers").arg(&self.peers);
         }
-        let tls = self.base_args.iter().chain(&n.extra).any(|a| a == "--tls-cert");
+        let tls = self
+            .base_args
+            .iter()
+            .chain(&n.extra)
+            .any(|a| a == "--tls-cert");
         if !tls {
             cmd.arg("--insecure-plaintext");
         }

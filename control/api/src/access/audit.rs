@@ -88,7 +88,13 @@ impl Audit {
         Ok(Audit { file, denied })
     }
 
-    pub fn record(&self, caller: &Caller, access: &Access<'_>, outcome: AuditOutcome, reason: &str) {
+    pub fn record(
+        &self,
+        caller: &Caller,
+        access: &Access<'_>,
+        outcome: AuditOutcome,
+        reason: &str,
+    ) {
         let kind = access.kind.map(|k| k.as_str()).unwrap_or("");
         let name = access.name.unwrap_or("");
         let operation = access.op.as_str();

@@ -69,7 +69,11 @@ impl Authorizer {
 
     /// Allows or refuses `access` for `caller`; a refusal is audited and
     /// comes back as the gRPC status to return.
-    pub fn check<'a>(&self, caller: &Caller, access: impl Into<Access<'a>>) -> Result<Grants, Status> {
+    pub fn check<'a>(
+        &self,
+        caller: &Caller,
+        access: impl Into<Access<'a>>,
+    ) -> Result<Grants, Status> {
         let access = access.into();
         let rules = (self.inner.rules)();
         match self.inner.policy.decide(caller, &access, &rules) {
@@ -81,7 +85,9 @@ impl Authorizer {
                 Err(Status::unauthenticated(msg))
             }
             Decision::Denied(msg) => {
-                self.inner.audit.record(caller, &access, AuditOutcome::Denied, &msg);
+                self.inner
+                    .audit
+                    .record(caller, &access, AuditOutcome::Denied, &msg);
                 Err(Status::permission_denied(msg))
             }
         }
@@ -92,14 +98,19 @@ impl Authorizer {
     /// edge's VirtualCluster).
     pub fn refuse(&self, caller: &Caller, access: &Access<'_>) -> Status {
         let msg = super::policy::denied(caller, access);
-        self.inner.audit.record(caller, access, AuditOutcome::Denied, &msg);
+        self.inner
+            .audit
+            .record(caller, access, AuditOutcome::Denied, &msg);
         Status::permission_denied(msg)
     }
 
     /// Records the result of an authorized write.
     pub fn audit_write<T>(&self, caller: &Caller, access: &Access<'_>, result: &Result<T, Status>) {
         match result {
-            Ok(_) => self.inner.audit.record(caller, access, AuditOutcome::Ok, ""),
+            Ok(_) => self
+                .inner
+                .audit
+                .record(caller, access, AuditOutcome::Ok, ""),
             Err(s) => self
                 .inner
                 .audit

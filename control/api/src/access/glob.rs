@@ -46,7 +46,11 @@ mod tests {
             ("spiffe://d/edge/*", "spiffe://other/edge/e1", false),
             ("spiffe://d/**", "spiffe://d/ns/a/sa/b", true),
             ("spiffe://d/ns/*/sa/ops-*", "spiffe://d/ns/x/sa/ops-1", true),
-            ("spiffe://d/ns/*/sa/ops-*", "spiffe://d/ns/x/y/sa/ops-1", false),
+            (
+                "spiffe://d/ns/*/sa/ops-*",
+                "spiffe://d/ns/x/y/sa/ops-1",
+                false,
+            ),
             ("spiffe://d/admin/alice", "spiffe://d/admin/alice", true),
             ("spiffe://d/admin/alice", "spiffe://d/admin/alice2", false),
             ("spiffe://*/admin/alice", "spiffe://evil/admin/alice", true),

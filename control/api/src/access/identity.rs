@@ -69,7 +69,9 @@ pub enum Caller {
     /// there is no identity to check, and the operator chose that.
     InsecureLocal,
     /// TLS without a usable client certificate; `why` says what was missing.
-    Anonymous { why: &'static str },
+    Anonymous {
+        why: &'static str,
+    },
     Spiffe(SpiffeId),
     /// This node itself, writing on its own behalf (the `--access-rules`
     /// bootstrap); named for the audit trail, never a request's caller.

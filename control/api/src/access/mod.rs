@@ -18,7 +18,7 @@ pub use audit::{Audit, AuditOutcome};
 pub use authorizer::{rules_of, Authorizer};
 pub use glob::Glob;
 pub use identity::{Caller, SpiffeId};
-pub use scope::EdgeScope;
 pub use policy::{
     Access, ControlMethod, Decision, Grants, IdentityMethod, Operation, Policy, RaftMethod,
 };
+pub use scope::EdgeScope;

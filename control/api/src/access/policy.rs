@@ -235,7 +235,9 @@ impl Grants {
 
     /// Whether every resource of `kind` may be read, regardless of content.
     pub fn reads_all_of(&self, kind: Kind) -> bool {
-        self.admin || (self.reader && !is_secret(kind)) || (self.kms_broker && kms_broker_reads(kind))
+        self.admin
+            || (self.reader && !is_secret(kind))
+            || (self.kms_broker && kms_broker_reads(kind))
     }
 
     /// Whether some resources of `kind` may be read.
@@ -303,7 +305,9 @@ impl Policy {
             admins.into_iter().map(|g| (g, AccessRole::Admin)).collect();
         if let Some(d) = trust_domain {
             if d.is_empty() || d.contains(['/', ':', '*']) {
-                return Err(format!("'{d}' is not a trust domain (a name like example.org)"));
+                return Err(format!(
+                    "'{d}' is not a trust domain (a name like example.org)"
+                ));
             }
             for (path, role) in [
                 ("edge", AccessRole::Edge),
@@ -335,7 +339,12 @@ impl Policy {
         g
     }
 
-    pub fn decide(&self, caller: &Caller, access: &Access<'_>, rules: &[AccessRuleSpec]) -> Decision {
+    pub fn decide(
+        &self,
+        caller: &Caller,
+        access: &Access<'_>,
+        rules: &[AccessRuleSpec],
+    ) -> Decision {
         let anyone = matches!(
             access.op,
             Operation::Identity(IdentityMethod::Join | IdentityMethod::TrustBundle)
@@ -412,42 +421,134 @@ mod tests {
         use Want::*;
         let cases: Vec<(&Caller, Access, Want)> = vec![
             (&admin, vc, Allow),
-            (&admin, Access::kind(ctl(C::List), Some(Kind::AccessRule)), Allow),
+            (
+                &admin,
+                Access::kind(ctl(C::List), Some(Kind::AccessRule)),
+                Allow,
+            ),
             (&admin, Access::op(ctl(C::AddMember)), Allow),
             (&admin, Access::op(Operation::Raft(RaftMethod::Send)), Deny),
-            (&admin, Access::op(Operation::Identity(IdentityMethod::Issue)), Allow),
+            (
+                &admin,
+                Access::op(Operation::Identity(IdentityMethod::Issue)),
+                Allow,
+            ),
             (&edge, vc, Deny),
-            (&edge, Access::resource(ctl(C::Delete), Kind::VirtualCluster, "vc1"), Deny),
-            (&edge, Access::kind(ctl(C::Watch), Some(Kind::VirtualCluster)), Allow),
+            (
+                &edge,
+                Access::resource(ctl(C::Delete), Kind::VirtualCluster, "vc1"),
+                Deny,
+            ),
+            (
+                &edge,
+                Access::kind(ctl(C::Watch), Some(Kind::VirtualCluster)),
+                Allow,
+            ),
             (&edge, Access::kind(ctl(C::Watch), None), Allow),
-            (&edge, Access::kind(ctl(C::List), Some(Kind::AccessRule)), Deny),
-            (&edge, Access::resource(ctl(C::UpdateStatus), Kind::Edge, "e1"), Allow),
-            (&edge, Access::resource(ctl(C::UpdateStatus), Kind::Edge, "e2"), Deny),
-            (&edge, Access::resource(ctl(C::UpdateStatus), Kind::VirtualCluster, "e1"), Deny),
-            (&edge, Access::resource(ctl(C::Create), Kind::Edge, "e1"), Allow),
-            (&edge, Access::resource(ctl(C::Apply), Kind::Edge, "e1"), Deny),
+            (
+                &edge,
+                Access::kind(ctl(C::List), Some(Kind::AccessRule)),
+                Deny,
+            ),
+            (
+                &edge,
+                Access::resource(ctl(C::UpdateStatus), Kind::Edge, "e1"),
+                Allow,
+            ),
+            (
+                &edge,
+                Access::resource(ctl(C::UpdateStatus), Kind::Edge, "e2"),
+                Deny,
+            ),
+            (
+                &edge,
+                Access::resource(ctl(C::UpdateStatus), Kind::VirtualCluster, "e1"),
+                Deny,
+            ),
+            (
+                &edge,
+                Access::resource(ctl(C::Create), Kind::Edge, "e1"),
+                Allow,
+            ),
+            (
+                &edge,
+                Access::resource(ctl(C::Apply), Kind::Edge, "e1"),
+                Deny,
+            ),
             (&edge, Access::op(ctl(C::Members)), Deny),
             (&edge, Access::op(Operation::Raft(RaftMethod::Send)), Deny),
-            (&edge, Access::op(Operation::Identity(IdentityMethod::Renew)), Allow),
-            (&edge, Access::op(Operation::Identity(IdentityMethod::Issue)), Deny),
+            (
+                &edge,
+                Access::op(Operation::Identity(IdentityMethod::Renew)),
+                Allow,
+            ),
+            (
+                &edge,
+                Access::op(Operation::Identity(IdentityMethod::Issue)),
+                Deny,
+            ),
             (&foreign_edge, Access::kind(ctl(C::Watch), None), Deny),
-            (&kms, Access::kind(ctl(C::List), Some(Kind::KmsRealm)), Allow),
-            (&kms, Access::kind(ctl(C::Watch), Some(Kind::TrustBundle)), Allow),
-            (&kms, Access::kind(ctl(C::List), Some(Kind::VirtualCluster)), Deny),
-            (&kms, Access::resource(ctl(C::UpdateStatus), Kind::Edge, "k1"), Deny),
+            (
+                &kms,
+                Access::kind(ctl(C::List), Some(Kind::KmsRealm)),
+                Allow,
+            ),
+            (
+                &kms,
+                Access::kind(ctl(C::Watch), Some(Kind::TrustBundle)),
+                Allow,
+            ),
+            (
+                &kms,
+                Access::kind(ctl(C::List), Some(Kind::VirtualCluster)),
+                Deny,
+            ),
+            (
+                &kms,
+                Access::resource(ctl(C::UpdateStatus), Kind::Edge, "k1"),
+                Deny,
+            ),
             (&node, Access::op(Operation::Raft(RaftMethod::Send)), Allow),
-            (&node, Access::kind(ctl(C::List), Some(Kind::KafkaCluster)), Deny),
-            (&reader, Access::kind(ctl(C::List), Some(Kind::AccessRule)), Allow),
+            (
+                &node,
+                Access::kind(ctl(C::List), Some(Kind::KafkaCluster)),
+                Deny,
+            ),
+            (
+                &reader,
+                Access::kind(ctl(C::List), Some(Kind::AccessRule)),
+                Allow,
+            ),
             (&reader, Access::op(ctl(C::Status)), Allow),
             (&reader, vc, Deny),
             (&stranger, Access::kind(ctl(C::List), None), Deny),
-            (&stranger, Access::op(Operation::Identity(IdentityMethod::TrustBundle)), Allow),
+            (
+                &stranger,
+                Access::op(Operation::Identity(IdentityMethod::TrustBundle)),
+                Allow,
+            ),
             (&nocert, Access::kind(ctl(C::List), None), Unauth),
-            (&nocert, Access::op(Operation::Raft(RaftMethod::Send)), Unauth),
-            (&nocert, Access::op(Operation::Identity(IdentityMethod::Join)), Allow),
-            (&nocert, Access::op(Operation::Identity(IdentityMethod::Renew)), Unauth),
+            (
+                &nocert,
+                Access::op(Operation::Raft(RaftMethod::Send)),
+                Unauth,
+            ),
+            (
+                &nocert,
+                Access::op(Operation::Identity(IdentityMethod::Join)),
+                Allow,
+            ),
+            (
+                &nocert,
+                Access::op(Operation::Identity(IdentityMethod::Renew)),
+                Unauth,
+            ),
             (&Caller::InsecureLocal, vc, Allow),
-            (&Caller::InsecureLocal, Access::op(Operation::Raft(RaftMethod::Send)), Allow),
+            (
+                &Caller::InsecureLocal,
+                Access::op(Operation::Raft(RaftMethod::Send)),
+                Allow,
+            ),
         ];
         for (caller, access, want) in cases {
             let got = match policy.decide(caller, &access, &rules) {

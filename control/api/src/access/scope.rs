@@ -14,9 +14,12 @@ fn typed<'a, T: DeserializeOwned>(
     all: &'a [&'a Resource],
     kind: Kind,
 ) -> impl Iterator<Item = (&'a str, T)> + 'a {
-    all.iter()
-        .filter(move |r| r.kind == kind)
-        .filter_map(|r| Some((r.name.as_str(), serde_json::from_value(r.spec.clone()).ok()?)))
+    all.iter().filter(move |r| r.kind == kind).filter_map(|r| {
+        Some((
+            r.name.as_str(),
+            serde_json::from_value(r.spec.clone()).ok()?,
+        ))
+    })
 }
 
 /// The names, per kind, that concern one edge. Names, not resources: a
@@ -102,9 +105,11 @@ impl EdgeScope {
             | Kind::FailoverGroup
             | Kind::AuthorizationPolicy
             | Kind::EncryptionPolicy => true,
-            Kind::Edge | Kind::KafkaCluster | Kind::KmsRealm | Kind::TrustBundle | Kind::AccessRule => {
-                false
-            }
+            Kind::Edge
+            | Kind::KafkaCluster
+            | Kind::KmsRealm
+            | Kind::TrustBundle
+            | Kind::AccessRule => false,
         }
     }
 }
@@ -137,10 +142,26 @@ mod tests {
             res(Kind::Edge, "e2", json!({})),
             res(Kind::VirtualCluster, "a", vc("e1", "east")),
             res(Kind::VirtualCluster, "b", vc("e2", "west")),
-            res(Kind::KafkaCluster, "east", json!({"bootstrap_servers": ["h:1"]})),
-            res(Kind::KafkaCluster, "west", json!({"bootstrap_servers": ["h:2"]})),
-            res(Kind::KafkaCluster, "east-dr", json!({"bootstrap_servers": ["h:3"]})),
-            res(Kind::FailoverGroup, "fg", json!({"primary": "east", "standby": ["east-dr"]})),
+            res(
+                Kind::KafkaCluster,
+                "east",
+                json!({"bootstrap_servers": ["h:1"]}),
+            ),
+            res(
+                Kind::KafkaCluster,
+                "west",
+                json!({"bootstrap_servers": ["h:2"]}),
+            ),
+            res(
+                Kind::KafkaCluster,
+                "east-dr",
+                json!({"bootstrap_servers": ["h:3"]}),
+            ),
+            res(
+                Kind::FailoverGroup,
+                "fg",
+                json!({"primary": "east", "standby": ["east-dr"]}),
+            ),
             res(
                 Kind::AuthorizationPolicy,
                 "all",
@@ -158,8 +179,16 @@ mod tests {
             ),
             res(Kind::KmsRealm, "v", json!({"provider": "local"})),
             res(Kind::KmsRealm, "other", json!({"provider": "local"})),
-            res(Kind::TrustBundle, "tb", json!({"trust_domain": "d", "pem": "-----BEGIN CERTIFICATE-----"})),
-            res(Kind::AccessRule, "r", json!({"identities": ["spiffe://d/**"], "role": "admin"})),
+            res(
+                Kind::TrustBundle,
+                "tb",
+                json!({"trust_domain": "d", "pem": "-----BEGIN CERTIFICATE-----"}),
+            ),
+            res(
+                Kind::AccessRule,
+                "r",
+                json!({"identities": ["spiffe://d/**"], "role": "admin"}),
+            ),
         ];
         let keys = |edge: &str| -> Vec<String> {
             let scope = EdgeScope::of(edge, &all);
@@ -186,7 +215,10 @@ mod tests {
                 "FailoverGroup/fg",
             ]
         );
-        assert_eq!(keys("e3"), vec!["AuthorizationPolicy/all", "TrustBundle/tb"]);
+        assert_eq!(
+            keys("e3"),
+            vec!["AuthorizationPolicy/all", "TrustBundle/tb"]
+        );
         // A cluster named by the edge's VirtualCluster is in scope before it exists.
         assert!(EdgeScope::of("e1", &all).contains(Kind::KafkaCluster, "east"));
         assert!(!EdgeScope::of("e2", &all).contains(Kind::VirtualCluster, "a"));

@@ -1,7 +1,10 @@
 """The quick-start demo: Tansu, a single-node control plane, a local (development) KMS keyring, and
 strait-edge configured only by the control plane. Records to `payments-orders` are encrypted at the
 edge (the broker stores ciphertext), records to `demo` are not; both read back in clear through the
-edge. Ports: Tansu 9092, control plane 7001, edge 19092 (brokers 19100+), admin 9901."""
+edge. The control plane runs mTLS: the node, straitctl (`spiffe://demo.example/admin/demo`) and the
+edge (`spiffe://demo.example/edge/edge-local`) have certificates from a demo CA, and the edge's
+SPIFFE ID limits it to its own configuration. Ports: Tansu 9092, control plane 7001, edge 19092
+(brokers 19100+), admin 9901."""
 
 import base64
 import json
@@ -19,6 +22,7 @@ from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 from lib.edge import default_target_dir  # noqa: E402
 from lib.kafka_wire import answers_api_versions  # noqa: E402
+from lib.pki import Pki  # noqa: E402
 from lib.procs import Proc  # noqa: E402
 from lib.tansu import Tansu  # noqa: E402
 from lib.wait import wait_for  # noqa: E402
@@ -50,12 +54,26 @@ def main() -> int:
     mesh = work / "mesh.yaml"
     mesh.write_text((ROOT / "examples/quickstart/mesh.yaml").read_text().replace("@KEYRING@", str(keyring)))
 
+    domain = "demo.example"
+    pki = Pki(work / "pki")
+    pki.ca("ca")
+    pki.leaf("control", ips=["127.0.0.1"], dns=["localhost"], uris=[f"spiffe://{domain}/control/1"])
+    pki.leaf("admin", uris=[f"spiffe://{domain}/admin/demo"])
+    pki.leaf("edge-local", uris=[f"spiffe://{domain}/edge/edge-local"])
+
     tansu = Tansu(logs, port=9092)
-    control = Proc("strait-control", [str(BIN / "strait-control"), "--dev", "--insecure-plaintext", "--data-dir", str(work / "control"),
-                                      "--listen", "127.0.0.1:7001"], logs)
-    edge = Proc("strait-edge", [str(BIN / "strait-edge"), "--control", "127.0.0.1:7001", "--insecure-plaintext", "--name", "edge-local",
-                                "--cache-dir", str(work / "edge-cache"), "--admin", "127.0.0.1:9901"], logs)
-    straitctl = [str(BIN / "straitctl"), "--insecure-plaintext", "--endpoints", "127.0.0.1:7001"]
+    control = Proc("strait-control", [
+        str(BIN / "strait-control"), "--dev", "--data-dir", str(work / "control"), "--listen", "127.0.0.1:7001",
+        "--tls-cert", str(pki.pem("control")), "--tls-key", str(pki.key("control")),
+        "--tls-client-ca", str(pki.pem("ca")), "--trust-domain", domain,
+        "--admin-identity", f"spiffe://{domain}/admin/*", "--audit-log", str(work / "audit.jsonl")], logs)
+    edge = Proc("strait-edge", [
+        str(BIN / "strait-edge"), "--control", "127.0.0.1:7001", "--name", "edge-local",
+        "--control-ca", str(pki.pem("ca")), "--control-cert", str(pki.pem("edge-local")),
+        "--control-key", str(pki.key("edge-local")),
+        "--cache-dir", str(work / "edge-cache"), "--admin", "127.0.0.1:9901"], logs)
+    straitctl = [str(BIN / "straitctl"), "--endpoints", "127.0.0.1:7001", "--ca", str(pki.pem("ca")),
+                 "--cert", str(pki.pem("admin")), "--key", str(pki.key("admin"))]
     try:
         print("[demo] starting Tansu on 127.0.0.1:9092 and the control plane on 127.0.0.1:7001")
         tansu.start()

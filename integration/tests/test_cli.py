@@ -1,4 +1,5 @@
-"""strait-edge --check-config: every error with its path, exit codes."""
+"""strait-edge command line: --check-config (every error with its path, exit codes), and the rule for
+following the control plane without TLS."""
 
 import subprocess
 
@@ -67,3 +68,27 @@ def test_check_config_unknown_key(binary, tmp_path):
 def test_check_config_not_yaml(binary, tmp_path):
     r = check(binary, tmp_path, "admin: [unclosed\n")
     assert r.returncode == 1, r.stdout + r.stderr
+
+
+def run_edge(binary, tmp_path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([binary, "--cache-dir", str(tmp_path / "cache"), *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_control_plane_without_tls_needs_insecure_plaintext(binary, tmp_path):
+    r = run_edge(binary, tmp_path, "--control", "127.0.0.1:7001", "--name", "e1")
+    assert r.returncode != 0
+    assert "strait-edge --control: no TLS configured; give the TLS flags, or --insecure-plaintext" in r.stderr
+
+
+def test_insecure_plaintext_only_to_loopback(binary, tmp_path):
+    r = run_edge(binary, tmp_path, "--control", "127.0.0.1:7001,10.9.9.9:7001", "--name", "e1",
+                 "--insecure-plaintext")
+    assert r.returncode != 0
+    assert "only works when every address is loopback; not loopback: 10.9.9.9:7001" in r.stderr
+
+
+def test_control_tls_needs_all_three_files(binary, tmp_path):
+    r = run_edge(binary, tmp_path, "--control", "127.0.0.1:7001", "--name", "e1", "--control-ca", "ca.pem")
+    assert r.returncode != 0
+    assert "--control-cert" in r.stderr

@@ -417,6 +417,7 @@ async fn access_rules_file_bootstraps_rules() {
     let dir = tmp.path();
     let pki = write_pki(dir);
     let rules = dir.join("rules.yaml");
+    let metrics = format!("127.0.0.1:{}", free_port());
     std::fs::write(
         &rules,
         "- name: dashboards\n  identities: [\"spiffe://test.example/ns/ops/sa/*\"]\n  role: reader\n",
@@ -434,6 +435,8 @@ async fn access_rules_file_bootstraps_rules() {
         DOMAIN.into(),
         "--access-rules".into(),
         p(rules),
+        "--metrics-listen".into(),
+        metrics.clone(),
     ];
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let mut cluster = Cluster::start(1, &args);
@@ -449,9 +452,34 @@ async fn access_rules_file_bootstraps_rules() {
     })
     .await;
     // Without --admin-identity nobody is admin, not even by its ID's path.
+    // (The dashboards' own calls before the rule existed were refused too.)
+    let before = denied_lists(&metrics);
     let admin = client(&cluster, tls(&pki, Some("admin")));
     let e = admin.list("KafkaCluster", "").await.unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
+    assert_eq!(denied_lists(&metrics), before + 1);
+}
+
+fn denied_lists(metrics: &str) -> u64 {
+    let body = http_get(metrics, "/metrics");
+    body.lines()
+        .find_map(|l| {
+            l.strip_prefix("strait_control_requests_denied_total{operation=\"Control/List\"} ")
+        })
+        .map_or(0, |v| v.parse().unwrap())
+}
+
+fn http_get(addr: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).unwrap();
+    out
 }
 
 fn run(bin: &str, args: &[&str]) -> std::process::Output {

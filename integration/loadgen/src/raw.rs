@@ -373,7 +373,9 @@ async fn run_connection(
                 Ok(Ok(Err(reader_error))) => reader_error,
                 _ => anyhow::Error::new(e).context(format!("sending request {correlation_id}")),
             };
-            return Err(why.context(format!("connection to {host}:{port} (partition {partition})")));
+            return Err(why.context(format!(
+                "connection to {host}:{port} (partition {partition})"
+            )));
         }
     }
     let latency_us = reader_task

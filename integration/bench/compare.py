@@ -264,13 +264,10 @@ class Bench:
                 "rebalance_ms": int(row["rebalance.time.ms"])}
 
     def raw_produce(self, bootstrap: str, topic: str, count: int, size: int, connections: int, timeout: float,
-                    batch_bytes: int | None = None, inflight: int = 1) -> dict:
-        # One record per Produce request: raw-produce encodes several records as one batch EACH, and
-        # Apache Kafka refuses a Produce request (v3+) with more than one batch per partition
-        # (INVALID_RECORD; Tansu takes them). One request in flight per connection: with more,
-        # raw-produce sometimes stalls until its timeout. So this row is 64 connections of
-        # single-record requests, one at a time each.
-        batch_bytes = batch_bytes or size
+                    batch_bytes: int = 16 * 1024, inflight: int = 4) -> dict:
+        # The 64-connection load: each connection keeps 4 requests of one 16 KB record batch in flight, as
+        # a batching producer does (librdkafka's and the Java client's default batch size is 16 KB or more).
+        # The latency probe asks for one record per request, one in flight.
         argv = [self.loadgen, "raw-produce", "--bootstrap", bootstrap, "--topic", topic, "--count", str(count),
                 "--size", str(size), "--connections", str(connections), "--batch-bytes", str(batch_bytes),
                 "--inflight", str(inflight), "--acks", "1", "--timeout-secs", str(int(timeout))]
@@ -577,6 +574,16 @@ def render(result: dict) -> str:
         + (f" (calibrated: about {meta['calibrated_seconds']:.0f} s of direct produce)"
            if meta.get("calibrated_seconds") else "")
         + f"; warm-up {meta['warmup'] * 100:.0f} % of that first; latency probe {meta['latency_count']:,} records",
+    ]
+    if meta.get("rows_measured") and meta.get("earlier_runs"):
+        lines[-1] += "; rows " + ", ".join(f"{s} B × {c}" for s, c in meta["rows_measured"]) + " from this run"
+    for m in meta.get("earlier_runs", []):
+        lines.append(
+            "- Rows " + ", ".join(f"{s} B × {c}" for s, c in m["rows_measured"])
+            + f" from an earlier run: {m['date']}, commit {m['commit']}, {m['rounds']} round(s), 1-min load "
+            f"{m['load_before']:.1f} before / {m['load_after']:.1f} after; records per round: "
+            + ", ".join(f"{k} → {v:,}" for k, v in m["counts"].items()))
+    lines += [
         "",
         "Cells: median over rounds, (min – max) when rounds differ. \"vs direct\" and \"added\" compare each "
         "round with the same round's direct run.",
@@ -605,10 +612,9 @@ def render(result: dict) -> str:
         "the same records (fetch rate, group join excluded). Latency = `strait-loadgen raw-produce` with one "
         "record per request and one request in flight (the round trip of a lone request); direct rows show "
         "the absolute value.",
-        "- **64 connections**: `strait-loadgen raw-produce --connections 64` (one process, one record per "
-        "Produce request, one request in flight per connection, acks=1) to 4 partitions: a request-rate load; "
-        "latency = request latency under that load. No consume (the load generator has no 64-connection "
-        "consumer).",
+        "- **64 connections**: `strait-loadgen raw-produce --connections 64` (one process; per connection 4 "
+        "Produce requests in flight, each one 16 KB record batch; acks=1) to 4 partitions; latency = request "
+        "latency under that load. No consume (the load generator has no 64-connection consumer).",
         "- **CPU s/GB**: utime+stime of the proxy process (Kroxylicious: its JVM; socat: with its forked "
         "children) over the produce and consume steps, divided by the record-payload GB carried (produced + "
         "consumed). Kafka and the clients share the same 2 cores, so the proxy's CPU is also the clients' loss.",
@@ -703,6 +709,16 @@ def write_results(args, counts, rows, samples, bench, started, load_before, json
         "targets": args.targets,
         "variants": args.variants,
     }
+    if getattr(args, "merge_from", None):
+        # Rows measured now replace the same rows of the earlier results; the others are kept with the
+        # metadata of the run that measured them.
+        old = args.merge_from
+        measured = {(s, c) for s, c in rows}
+        samples = [s for s in old["samples"] if (s["size"], s["connections"]) not in measured] + samples
+        earlier = [m for m in [old["meta"], *old["meta"].get("earlier_runs", [])] if m.get("rows_measured")
+                   and not set(map(tuple, m["rows_measured"])) <= measured]
+        meta["earlier_runs"] = [{k: v for k, v in m.items() if k != "earlier_runs"} for m in earlier]
+    meta["rows_measured"] = [[s, c] for s, c in rows]
     result = {"meta": meta, "rows": summarize(samples), "samples": samples}
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     if not partial:
@@ -738,6 +754,8 @@ def main(argv=None) -> int:
                                                   "smoke: in the log folder)")
     ap.add_argument("--md", default=None, help="table (default next to the JSON, .md)")
     ap.add_argument("--render", action="store_true", help="only regenerate the Markdown from the JSON")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the results file's other rows (with their run's metadata); replace only --rows")
     args = ap.parse_args(argv)
 
     logs = Path(os.environ.get("STRAIT_BENCH_LOGS", "/tmp")) / f"strait-compare-{os.getpid()}"
@@ -749,6 +767,11 @@ def main(argv=None) -> int:
         write_reports(json.loads(json_path.read_text()), md_path, update_doc)
         return 0
 
+    args.merge_from = json.loads(json_path.read_text()) if args.merge and json_path.exists() else None
+    if args.merge_from and "rows_measured" not in args.merge_from["meta"]:
+        # Results written before --merge existed: the rows are those its samples cover.
+        args.merge_from["meta"]["rows_measured"] = sorted(
+            {(s["size"], s["connections"]) for s in args.merge_from["samples"]})
     args.targets = [t for t in args.targets.split(",") if t]
     args.variants = [v for v in args.variants.split(",") if v]
     rows = parse_rows(args.rows)

@@ -6,7 +6,10 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use strait_tls::{ClientAuth, ClientTlsSettings, PrincipalSource, ServerTlsSettings};
+use strait_tls::{
+    BundleSource, ClientAuth, ClientTlsSettings, PrincipalSource, ServerTlsSettings,
+    TrustBundleSettings,
+};
 
 use crate::raw::{RawConfig, RawQuotas, RawRates, RawTls, RawUpstreamTls, RawVirtualCluster};
 use crate::{
@@ -90,6 +93,7 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
         }
     }
     check_cross_cluster(&virtual_clusters, admin, &mut errors);
+    let deny_identities = validate_deny_identities(&raw.deny_identities, &mut errors);
 
     if errors.0.is_empty() {
         Ok(Config {
@@ -106,6 +110,7 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
                     .drain_timeout
                     .unwrap_or(Duration::from_secs(10)),
             },
+            deny_identities,
         })
     } else {
         Err(ConfigErrors(errors.0))
@@ -416,9 +421,27 @@ fn validate_upstream_tls(
 
 fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
     let before = errors.0.len();
+    let verifies = raw.client_ca.is_some() || !raw.client_trust_bundles.is_empty();
     let client_auth = match raw.client_auth.as_deref() {
-        None if raw.client_ca.is_some() => ClientAuth::Required,
-        None | Some("none") => ClientAuth::None,
+        None if verifies => ClientAuth::Required,
+        // Fail closed: TLS without a way to verify clients is a mistake
+        // unless it is asked for in so many words.
+        None => {
+            errors.push(
+                format!("{path}.client_trust_bundles"),
+                "no client trust bundle: add client_trust_bundles (or a client_ca for certificates without a SPIFFE ID), or write client_auth: none to accept clients without certificates",
+            );
+            ClientAuth::None
+        }
+        Some("none") => {
+            if verifies {
+                errors.push(
+                    format!("{path}.client_auth"),
+                    "'none' asks for no client certificate, so client_ca and client_trust_bundles would be ignored: remove them or use required/optional",
+                );
+            }
+            ClientAuth::None
+        }
         Some("required") => ClientAuth::Required,
         Some("optional") => ClientAuth::Optional,
         Some(other) => {
@@ -429,12 +452,13 @@ fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
             ClientAuth::None
         }
     };
-    if client_auth != ClientAuth::None && raw.client_ca.is_none() {
+    if client_auth != ClientAuth::None && !verifies {
         errors.push(
-            format!("{path}.client_ca"),
-            "required when client_auth is required or optional",
+            format!("{path}.client_trust_bundles"),
+            "required (or client_ca) when client_auth is required or optional",
         );
     }
+    let client_trust_bundles = validate_trust_bundles(raw, path, errors);
     let mut principal_sources = Vec::new();
     for (index, source) in raw
         .principal
@@ -479,6 +503,7 @@ fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
         cert: PathBuf::from(&raw.cert),
         key: PathBuf::from(&raw.key),
         client_ca: raw.client_ca.as_ref().map(PathBuf::from),
+        client_trust_bundles,
         client_auth,
         principal_sources,
     };
@@ -492,6 +517,85 @@ fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
         reload_interval,
         handshake_timeout: raw.handshake_timeout.unwrap_or(Duration::from_secs(10)),
     })
+}
+
+fn validate_trust_bundles(
+    raw: &RawTls,
+    path: &str,
+    errors: &mut Errors,
+) -> Vec<TrustBundleSettings> {
+    let mut bundles = Vec::new();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (index, bundle) in raw.client_trust_bundles.iter().enumerate() {
+        let entry = format!("{path}.client_trust_bundles[{index}]");
+        if !strait_tls::is_trust_domain(&bundle.trust_domain) {
+            errors.push(
+                format!("{entry}.trust_domain"),
+                format!(
+                    "'{}' is not a trust domain (lower-case letters, digits, '.', '-', '_'; no scheme or path)",
+                    bundle.trust_domain
+                ),
+            );
+        } else if let Some(first) = seen.insert(&bundle.trust_domain, index) {
+            errors.push(
+                format!("{entry}.trust_domain"),
+                format!(
+                    "'{}' already has a bundle in client_trust_bundles[{first}]: concatenate the CAs into one",
+                    bundle.trust_domain
+                ),
+            );
+        }
+        let source = match (&bundle.pem_file, &bundle.pem) {
+            (Some(file), None) => {
+                if !Path::new(file).is_file() {
+                    errors.push(
+                        format!("{entry}.pem_file"),
+                        format!("'{file}' is not a readable file"),
+                    );
+                }
+                BundleSource::File(PathBuf::from(file))
+            }
+            (None, Some(pem)) => BundleSource::Inline(pem.clone()),
+            _ => {
+                errors.push(&entry, "use exactly one of pem_file, pem");
+                continue;
+            }
+        };
+        bundles.push(TrustBundleSettings {
+            trust_domain: bundle.trust_domain.clone(),
+            source,
+        });
+    }
+    bundles
+}
+
+/// Exact principal names; sorted and deduplicated so that an unchanged list
+/// compares equal however it is written.
+fn validate_deny_identities(raw: &[String], errors: &mut Errors) -> Vec<String> {
+    let mut identities = Vec::new();
+    for (index, identity) in raw.iter().enumerate() {
+        if identity.trim().is_empty() || identity.trim() != identity {
+            errors.push(
+                format!("deny_identities[{index}]"),
+                "must be a principal name without surrounding spaces",
+            );
+        } else if identity.contains('*') {
+            errors.push(
+                format!("deny_identities[{index}]"),
+                format!("'{identity}': entries are exact identities, not patterns"),
+            );
+        } else if identity.starts_with("spiffe://") {
+            if let Err(err) = strait_tls::trust_domain_of(identity) {
+                errors.push(format!("deny_identities[{index}]"), err.to_string());
+            }
+            identities.push(identity.clone());
+        } else {
+            identities.push(identity.clone());
+        }
+    }
+    identities.sort();
+    identities.dedup();
+    identities
 }
 
 /// Names, bootstrap addresses and port ranges must not collide between clusters.

@@ -258,7 +258,11 @@ fn client_trust_bundles(
     by_domain
         .into_iter()
         .map(|(domain, pem)| {
-            let file = write_pem(pem_dir, &format!("clients-{virtual_cluster}-{domain}"), &pem)?;
+            let file = write_pem(
+                pem_dir,
+                &format!("clients-{virtual_cluster}-{domain}"),
+                &pem,
+            )?;
             Ok(json!({ "trust_domain": domain, "pem_file": file }))
         })
         .collect()
@@ -570,7 +574,8 @@ mod tests {
                 reason: Some("key leaked".into()),
             },
         );
-        let file = "deny_identities: [\"spiffe://east.example/ns/shop/sa/orders\", \"CN=legacy\"]\n";
+        let file =
+            "deny_identities: [\"spiffe://east.example/ns/shop/sa/orders\", \"CN=legacy\"]\n";
         let config = compose(Some(file), Some(&snap), true, dir.path()).unwrap();
         assert_eq!(
             config.deny_identities,

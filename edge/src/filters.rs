@@ -69,7 +69,8 @@ impl FilterBuilder {
                     authorization.insert(vc.name.clone(), entry);
                 }
                 Some(_) => {
-                    if self.open_clusters.insert(vc.name.clone(), "allow_all") != Some("allow_all") {
+                    if self.open_clusters.insert(vc.name.clone(), "allow_all") != Some("allow_all")
+                    {
                         tracing::info!(virtual_cluster = %vc.name, "authorization: mode allow_all, every request is allowed");
                     }
                 }
@@ -79,7 +80,11 @@ impl FilterBuilder {
                     }
                 }
             }
-            if vc.authorization.as_ref().is_some_and(|a| a.mode == AuthorizationMode::Rules) {
+            if vc
+                .authorization
+                .as_ref()
+                .is_some_and(|a| a.mode == AuthorizationMode::Rules)
+            {
                 self.open_clusters.remove(&vc.name);
             }
             if let Some(enc) = &vc.encryption {

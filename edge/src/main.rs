@@ -287,7 +287,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
         };
         if config == running {
-            status.lock().unwrap_or_else(|e| e.into_inner()).message = None;
+            // Nothing to change, but what is in force is this revision.
+            let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
+            status.config_revision = sources.snapshot.as_ref().map_or(0, |s| s.revision);
+            status.message = None;
             continue;
         }
         // A revocation takes effect even if the rest of the change fails below.

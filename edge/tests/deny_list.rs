@@ -31,7 +31,13 @@ async fn a_denied_identity_is_cut_off_at_its_next_request() {
     let write = |deny: &str| {
         write_atomic(
             &config,
-            &edge_config(port, base, &upstream, &tls, &format!("deny_identities: [{deny}]\n")),
+            &edge_config(
+                port,
+                base,
+                &upstream,
+                &tls,
+                &format!("deny_identities: [{deny}]\n"),
+            ),
         )
     };
     write("");
@@ -90,7 +96,11 @@ async fn a_denied_identity_is_cut_off_at_its_next_request() {
         ) == 1.0
     })
     .await;
-    assert_eq!(broker.connections(), connections, "the broker is never reached");
+    assert_eq!(
+        broker.connections(),
+        connections,
+        "the broker is never reached"
+    );
 
     // Lifted: the identity connects again.
     write("");

@@ -75,7 +75,10 @@ async fn rotated_certificates_reach_new_handshakes_and_open_connections_keep_wor
     assert_eq!(served(&open), first_served);
     assert_eq!(round_trip(&mut open, 4).await.unwrap(), 4);
     let log = edge.log_text();
-    assert!(log.contains("certificate reloaded; new handshakes use it"), "{log}");
+    assert!(
+        log.contains("certificate reloaded; new handshakes use it"),
+        "{log}"
+    );
     assert!(
         edge.metric(
             "strait_tls_credential_reloads_total",

@@ -86,11 +86,23 @@ async fn a_spiffe_id_is_accepted_only_from_the_ca_of_its_trust_domain() {
     let s = setup().await;
 
     // Y's CA vouches for y.example.
-    assert!(served(&s, &s.y.leaf("y", &["spiffe://y.example/ns/shop/sa/orders"])).await);
+    assert!(
+        served(
+            &s,
+            &s.y.leaf("y", &["spiffe://y.example/ns/shop/sa/orders"])
+        )
+        .await
+    );
     assert_eq!(s.broker.connections(), 1);
 
     // CA X claiming y.example: refused at the handshake, the broker never reached.
-    assert!(!served(&s, &s.x.leaf("forged", &["spiffe://y.example/ns/shop/sa/orders"])).await);
+    assert!(
+        !served(
+            &s,
+            &s.x.leaf("forged", &["spiffe://y.example/ns/shop/sa/orders"])
+        )
+        .await
+    );
     s.edge
         .wait_for("the wrong_trust_domain refusal", |e| {
             e.metric(
@@ -104,7 +116,14 @@ async fn a_spiffe_id_is_accepted_only_from_the_ca_of_its_trust_domain() {
     ));
 
     // A plain client_ca vouches for no trust domain.
-    assert!(!served(&s, &s.plain.leaf("plain-spiffe", &["spiffe://x.example/ns/a/sa/b"])).await);
+    assert!(
+        !served(
+            &s,
+            &s.plain
+                .leaf("plain-spiffe", &["spiffe://x.example/ns/a/sa/b"])
+        )
+        .await
+    );
     // A domain without a bundle.
     assert!(!served(&s, &s.x.leaf("z", &["spiffe://z.example/ns/a/sa/b"])).await);
     s.edge

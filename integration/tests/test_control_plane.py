@@ -188,3 +188,47 @@ def test_edge_follows_the_control_plane(broker, logs, tmp_path):
     finally:
         edge.stop()
         control.stop()
+
+
+def test_untranslatable_change_keeps_the_last_good_config_and_says_why(logs, tmp_path):
+    """Fail closed: a VirtualCluster the edge cannot translate (its tls names a TrustBundle that does not
+    exist) leaves the edge serving its last good configuration, and its status says why."""
+    control = Control(logs, tmp_path / "control").start()
+    bootstrap_port, ports, admin_port = free_port(), free_range(8), free_port()
+    good = resources("127.0.0.1:9", bootstrap_port, ports, ["read"])
+    control.apply(good)
+    edge = start_edge(logs, control, tmp_path / "edge-cache", admin_port)
+
+    def status() -> dict:
+        out = control.ctl("get", "Edge", "edge-east", "-o", "json")
+        return (json.loads(out.stdout).get("status") or {}) if out.returncode == 0 else {}
+    try:
+        wait_for(lambda: accepts(bootstrap_port), 30, what="edge serving the virtual cluster it was given")
+        wait_for(lambda: status().get("config_revision", 0) > 0, 20, what="edge reporting its revision")
+        running = status()["config_revision"]
+        control.apply(f"""
+kind: VirtualCluster
+name: east-local
+spec:
+  edge: edge-east
+  cluster: east
+  bootstrap: 127.0.0.1:{bootstrap_port}
+  brokers: {{ advertised_host: 127.0.0.1, port_range: {ports.start}-{ports.stop - 1} }}
+  tls: {{ cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem, client_trust_bundles: [missing] }}
+""")
+
+        def reported() -> bool:
+            message = status().get("message") or ""
+            return "not applied, running the last good one" in message and \
+                "VirtualCluster east-local: TrustBundle 'missing' is not known" in message
+        wait_for(reported, 20, what="the refused change named in the edge's status")
+        assert status()["config_revision"] == running
+        assert accepts(bootstrap_port)
+
+        # Putting the good configuration back clears the message.
+        control.apply(good)
+        wait_for(lambda: status().get("config_revision", 0) > running and not status().get("message"), 20,
+                 what="status message cleared once a good configuration is in force")
+    finally:
+        edge.stop()
+        control.stop()

@@ -8,16 +8,16 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use hyper_util::rt::TokioIo;
+use strait_kms_core::config::BrokerClientConfig;
+use strait_kms_core::{dek_from_slice, DekPair, KekRef, Kms, KmsError, Result, DEK_LEN};
+use strait_proto::kms as pb;
+use strait_proto::kms::kms_broker_client::KmsBrokerClient;
 use strait_tls::tokio_rustls::{self, rustls::pki_types::ServerName, TlsConnector};
 use strait_tls::{client_config, CredentialLabel, FileCredentials};
 use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::codegen::http::Uri;
 use tonic::codegen::Service;
-use strait_kms_core::config::BrokerClientConfig;
-use strait_kms_core::{dek_from_slice, DekPair, KekRef, Kms, KmsError, Result, DEK_LEN};
-use strait_proto::kms as pb;
-use strait_proto::kms::kms_broker_client::KmsBrokerClient;
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 use zeroize::Zeroizing;
@@ -62,8 +62,9 @@ impl BrokerClient {
         cfg.endpoints
             .iter()
             .map(|ep| {
-                let invalid_endpoint =
-                    |e: &dyn std::fmt::Display| KmsError::Invalid(format!("broker endpoint {ep}: {e}"));
+                let invalid_endpoint = |e: &dyn std::fmt::Display| {
+                    KmsError::Invalid(format!("broker endpoint {ep}: {e}"))
+                };
                 let uri: Uri = ep.parse().map_err(|e| invalid_endpoint(&e))?;
                 let host = uri
                     .host()

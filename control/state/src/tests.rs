@@ -341,7 +341,7 @@ fn spec_validation_paths() {
             json!({"spiffe_ids":["CN=orders"]}),
             Some("spec.spiffe_ids[0]"),
         ),
-        (Kind::DenyList, json!({"ids":[]}), Some("spec")),
+        (Kind::DenyList, json!({"ids":[]}), Some("spec.ids")),
     ];
     for (kind, spec, want) in cases {
         let got = kind.validate_spec(&spec);

@@ -30,8 +30,8 @@ pub mod rules;
 
 pub use audit::{AuditRecord, AuditSink};
 pub use config::{
-    AuditConfig, AuthorizationConfig, AuthorizationMode, FieldError, Operation, ResourceType, RuleConfig,
-    UnknownApiKeys, ValidationErrors,
+    AuditConfig, AuthorizationConfig, AuthorizationMode, FieldError, Operation, ResourceType,
+    RuleConfig, UnknownApiKeys, ValidationErrors,
 };
 pub use filter::{AuthorizationFilter, AuthorizationFilterFactory};
 pub use metrics::AuthzMetrics;

@@ -585,8 +585,11 @@ fn validate_deny_identities(raw: &[String], errors: &mut Errors) -> Vec<String> 
                 format!("'{identity}': entries are exact identities, not patterns"),
             );
         } else if identity.starts_with("spiffe://") {
-            if let Err(err) = strait_tls::trust_domain_of(identity) {
-                errors.push(format!("deny_identities[{index}]"), err.to_string());
+            if strait_tls::trust_domain_of(identity).is_err() {
+                errors.push(
+                    format!("deny_identities[{index}]"),
+                    format!("'{identity}' is not a SPIFFE ID (spiffe://<trust-domain>/<path>, trust domain in lower case)"),
+                );
             }
             identities.push(identity.clone());
         } else {
@@ -877,5 +880,92 @@ virtual_clusters:
     fn empty_config_needs_a_cluster() {
         let errors = parse("{}").unwrap_err().0;
         assert_eq!(errors[0].path, "virtual_clusters");
+    }
+
+    fn with_tls(tls: &str) -> String {
+        format!(
+            "virtual_clusters:\n  - name: a\n    bootstrap: 127.0.0.1:19092\n    brokers: {{ advertised_host: h, port_range: 19100-19199 }}\n    upstream: {{ bootstrap_servers: [\"h:1\"] }}\n    tls: {tls}\n"
+        )
+    }
+
+    fn errors_of(yaml: &str) -> Vec<String> {
+        parse(yaml)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn tls_without_a_client_trust_bundle_is_an_error_unless_none_is_written() {
+        let errors = errors_of(&with_tls(
+            "{ cert: /nonexistent/c.pem, key: /nonexistent/k.pem }",
+        ));
+        assert!(
+            errors.iter().any(|e| e.starts_with(
+                "virtual_clusters[0].tls.client_trust_bundles: no client trust bundle: add client_trust_bundles"
+            )),
+            "{errors:?}"
+        );
+        let errors = errors_of(&with_tls(
+            "{ cert: /nonexistent/c.pem, key: /nonexistent/k.pem, client_auth: none }",
+        ));
+        assert!(
+            !errors.iter().any(|e| e.contains("client_trust_bundles")),
+            "{errors:?}"
+        );
+        let errors = errors_of(&with_tls(
+            "{ cert: /nonexistent/c.pem, key: /nonexistent/k.pem, client_auth: none, client_trust_bundles: [{ trust_domain: example.org, pem: x }] }",
+        ));
+        assert!(
+            errors.iter().any(|e| e.starts_with(
+                "virtual_clusters[0].tls.client_auth: 'none' asks for no client certificate"
+            )),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn client_trust_bundles_are_checked_with_their_paths() {
+        let errors = errors_of(&with_tls(
+            "{ cert: /nonexistent/c.pem, key: /nonexistent/k.pem, client_trust_bundles: [{ trust_domain: example.org, pem: x }, { trust_domain: example.org, pem_file: /nonexistent/b.pem }, { trust_domain: \"spiffe://Bad\", pem: x }, { trust_domain: ok.example }] }",
+        ));
+        for expected in [
+            "virtual_clusters[0].tls.client_trust_bundles[1].trust_domain: 'example.org' already has a bundle in client_trust_bundles[0]",
+            "virtual_clusters[0].tls.client_trust_bundles[1].pem_file: '/nonexistent/b.pem' is not a readable file",
+            "virtual_clusters[0].tls.client_trust_bundles[2].trust_domain: 'spiffe://Bad' is not a trust domain",
+            "virtual_clusters[0].tls.client_trust_bundles[3]: use exactly one of pem_file, pem",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(expected)),
+                "missing {expected} in {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn deny_identities_are_exact_sorted_and_checked() {
+        let yaml = format!(
+            "deny_identities: [\"spiffe://b.example/x\", \"CN=legacy\", \"spiffe://b.example/x\"]\n{GOOD}"
+        );
+        assert_eq!(
+            parse(&yaml).unwrap().deny_identities,
+            vec!["CN=legacy".to_owned(), "spiffe://b.example/x".to_owned()]
+        );
+        let yaml = format!(
+            "deny_identities: [\"spiffe://b.example/*\", \"spiffe://Bad/x\", \" x\"]\n{GOOD}"
+        );
+        let errors = errors_of(&yaml);
+        for expected in [
+            "deny_identities[0]: 'spiffe://b.example/*': entries are exact identities, not patterns",
+            "deny_identities[1]: 'spiffe://Bad/x' is not a SPIFFE ID (spiffe://<trust-domain>/<path>, trust domain in lower case)",
+            "deny_identities[2]: must be a principal name without surrounding spaces",
+        ] {
+            assert!(
+                errors.iter().any(|e| e == expected),
+                "missing {expected} in {errors:?}"
+            );
+        }
     }
 }

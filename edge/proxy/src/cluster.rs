@@ -10,7 +10,9 @@ use strait_edge_config::{BrokerAddressing, VirtualCluster};
 use strait_filter::{ConnectionInfo, Endpoint, Filter, FilterChain, FilterFactory, Principal};
 use strait_tls::tokio_rustls::rustls::ServerConfig;
 use strait_tls::tokio_rustls::{StartHandshake, TlsAcceptor};
-use strait_tls::{handshake_failure_reason, principal_of, PrincipalSource, TlsMetrics};
+use strait_tls::{
+    handshake_failure_reason, principal_of, trust_domain_refusal, PrincipalSource, TlsMetrics,
+};
 use tokio::io::BufReader;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -59,6 +61,7 @@ pub struct ClusterRuntime {
     /// Closes open connections at once (after a drain timed out).
     kill: CancellationToken,
     tracker: TaskTracker,
+    deny: DenyList,
     /// Accept loops, awaited on stop so their ports are free again.
     listeners: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -245,9 +248,9 @@ impl ClusterRuntime {
         if let Some(tls) = &self.tls {
             tls.metrics.handshake(&self.name, Some(reason));
         }
-        if reason.ends_with("trust_domain") || reason.contains("spiffe") {
+        if let Some(refusal) = trust_domain_refusal(err) {
             // A certificate that claims an identity its CA may not vouch for.
-            tracing::warn!(virtual_cluster = %self.name, %err, reason, "TLS handshake refused");
+            tracing::warn!(virtual_cluster = %self.name, %refusal, reason, "TLS handshake refused");
         } else {
             tracing::info!(virtual_cluster = %self.name, %err, reason, "TLS handshake failed");
         }

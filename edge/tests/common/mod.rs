@@ -132,7 +132,7 @@ pub fn client_config(server_ca: &str, client: Option<&Leaf>) -> Arc<ClientConfig
         .with_safe_default_protocol_versions()
         .unwrap()
         .with_root_certificates(roots(server_ca));
-    Arc::new(match client {
+    let mut config = match client {
         Some(leaf) => builder
             .with_client_auth_cert(
                 vec![leaf.der()],
@@ -140,7 +140,11 @@ pub fn client_config(server_ca: &str, client: Option<&Leaf>) -> Arc<ClientConfig
             )
             .unwrap(),
         None => builder.with_no_client_auth(),
-    })
+    };
+    // Every connection a full handshake: a resumed session shows the
+    // certificates of the session it resumes, not the ones served now.
+    config.resumption = rustls::client::Resumption::disabled();
+    Arc::new(config)
 }
 
 pub async fn connect_tls(
@@ -159,11 +163,7 @@ pub fn produce(correlation_id: i32) -> Vec<u8> {
         .with_request_api_key(ApiKey::Produce as i16)
         .with_request_api_version(8)
         .with_correlation_id(correlation_id);
-    let body = RequestKind::Produce(
-        ProduceRequest::default()
-            .with_acks(1)
-            .with_timeout_ms(1000),
-    );
+    let body = RequestKind::Produce(ProduceRequest::default().with_acks(1).with_timeout_ms(1000));
     encode_request(&header, &body).unwrap().to_vec()
 }
 
@@ -237,8 +237,11 @@ impl FakeBroker {
                             let Ok(stream) = acceptor.accept(stream).await else {
                                 return;
                             };
-                            if let Some(cert) =
-                                stream.get_ref().1.peer_certificates().and_then(|c| c.first())
+                            if let Some(cert) = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|c| c.first())
                             {
                                 state.client_certs.lock().unwrap().push(cert.clone());
                             }
@@ -359,7 +362,10 @@ impl EdgeProcess {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("timed out waiting for {what}; edge log:\n{}", self.log_text());
+        panic!(
+            "timed out waiting for {what}; edge log:\n{}",
+            self.log_text()
+        );
     }
 }
 

@@ -34,10 +34,11 @@ pub use credentials::{
 pub use identity::{principal_of, PrincipalSource};
 pub use metrics::TlsMetrics;
 pub use server::{
-    handshake_failure_reason, ClientAuth, CredentialWatcher, ServerTls, ServerTlsSettings, TlsError,
+    handshake_failure_reason, trust_domain_refusal, ClientAuth, CredentialWatcher, ServerTls,
+    ServerTlsSettings, TlsError,
 };
-pub use trust::{is_trust_domain, trust_domain_of, SpiffeClientVerifier, TrustDomainError};
 pub use tokio_rustls;
+pub use trust::{is_trust_domain, trust_domain_of, SpiffeClientVerifier, TrustDomainError};
 
 /// Bytes read from the socket at once beneath a TLS session.
 pub const TLS_READ_BUFFER: usize = 64 * 1024;

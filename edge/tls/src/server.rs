@@ -214,7 +214,14 @@ impl CredentialWatcher {
             interval,
             stop.clone(),
         )?;
-        Self::start_with_credentials(virtual_cluster, settings, credentials, metrics, interval, stop)
+        Self::start_with_credentials(
+            virtual_cluster,
+            settings,
+            credentials,
+            metrics,
+            interval,
+            stop,
+        )
     }
 
     /// Like [`CredentialWatcher::start`], serving whatever `credentials`
@@ -280,6 +287,13 @@ impl CredentialWatcher {
         });
         Ok(rx)
     }
+}
+
+/// The trust-domain refusal that made a handshake fail, if that is why.
+pub fn trust_domain_refusal(err: &std::io::Error) -> Option<&crate::TrustDomainError> {
+    err.get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .and_then(trust_domain_error)
 }
 
 /// A short label for why a handshake failed, for metrics and logs.

@@ -97,7 +97,9 @@ fn spiffe_ids(end_entity: &CertificateDer<'_>) -> Result<Vec<String>, rustls::Er
                 .general_names
                 .iter()
                 .filter_map(|name| match name {
-                    GeneralName::URI(uri) if uri.starts_with("spiffe://") => Some((*uri).to_owned()),
+                    GeneralName::URI(uri) if uri.starts_with("spiffe://") => {
+                        Some((*uri).to_owned())
+                    }
                     _ => None,
                 })
                 .collect()
@@ -146,6 +148,9 @@ impl SpiffeClientVerifier {
             }
             None => None,
         };
+        // One CA may be bound to several domains and be the client_ca too: hint it once.
+        let mut seen = std::collections::HashSet::new();
+        hints.retain(|name| seen.insert(name.as_ref().to_vec()));
         let signatures = plain
             .clone()
             .or_else(|| verifiers.values().next().cloned())
@@ -262,7 +267,10 @@ mod tests {
             trust_domain_of("spiffe://example.org/ns/a/sa/b").unwrap(),
             "example.org"
         );
-        assert_eq!(trust_domain_of("spiffe://example.org").unwrap(), "example.org");
+        assert_eq!(
+            trust_domain_of("spiffe://example.org").unwrap(),
+            "example.org"
+        );
         for bad in [
             "spiffe:///ns/a",
             "spiffe://Example.org/x",

@@ -968,4 +968,32 @@ virtual_clusters:
             );
         }
     }
+
+    #[test]
+    fn allow_all_is_explicit_and_takes_no_rules() {
+        let cluster = |authorization: &str| {
+            format!("virtual_clusters:\n  - name: a\n    bootstrap: 127.0.0.1:19092\n    brokers: {{ advertised_host: h, port_range: 19100-19199 }}\n    upstream: {{ bootstrap_servers: [\"h:1\"] }}\n    authorization: {authorization}\n")
+        };
+        let errors = errors_of(&cluster(
+            r#"{ mode: allow_all, rules: [{ principal: "*", allow: [All], topic: "*" }] }"#,
+        ));
+        assert_eq!(
+            errors,
+            vec!["virtual_clusters[0].authorization.mode: allow_all takes no rules: remove the rules or the mode"]
+        );
+        let config = parse(&cluster("{ mode: allow_all }")).unwrap();
+        assert_eq!(
+            config.virtual_clusters[0]
+                .authorization
+                .as_ref()
+                .unwrap()
+                .mode,
+            strait_authz::AuthorizationMode::AllowAll
+        );
+        // An empty block is the rules mode with no rule: everything denied.
+        let config = parse(&cluster("{}")).unwrap();
+        let authorization = config.virtual_clusters[0].authorization.as_ref().unwrap();
+        assert_eq!(authorization.mode, strait_authz::AuthorizationMode::Rules);
+        assert!(authorization.rules.is_empty());
+    }
 }

@@ -1,7 +1,6 @@
 //! A real `strait-edge` process, rcgen certificates, a TLS client, and an
-//! in-process stand-in broker that answers every request with a raw
-//! response (the edge does not decode Produce below v10, so the body's
-//! content does not matter to it).
+//! in-process stand-in broker that answers every request with an empty
+//! Produce v3-v8 response (the tests send only Produce).
 
 #![allow(dead_code)]
 
@@ -157,6 +156,30 @@ pub async fn connect_tls(
         .await
 }
 
+/// A Produce v8 request (acks=1) to partition 0 of `topic`, with no records.
+pub fn produce_to(correlation_id: i32, topic: &str) -> Vec<u8> {
+    use strait_kafka::kafka_protocol::messages::produce_request::{
+        PartitionProduceData, TopicProduceData,
+    };
+    use strait_kafka::kafka_protocol::messages::TopicName;
+    use strait_kafka::kafka_protocol::protocol::StrBytes;
+    let header = RequestHeader::default()
+        .with_request_api_key(ApiKey::Produce as i16)
+        .with_request_api_version(8)
+        .with_correlation_id(correlation_id);
+    let body = RequestKind::Produce(
+        ProduceRequest::default()
+            .with_acks(1)
+            .with_timeout_ms(1000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(TopicName(StrBytes::from_string(topic.to_owned())))
+                .with_partition_data(
+                    vec![PartitionProduceData::default().with_index(0)],
+                )]),
+    );
+    encode_request(&header, &body).unwrap().to_vec()
+}
+
 /// A Produce v8 request (acks=1, no topics: the edge forwards it raw).
 pub fn produce(correlation_id: i32) -> Vec<u8> {
     let header = RequestHeader::default()
@@ -173,7 +196,15 @@ pub async fn round_trip<S: AsyncRead + AsyncWrite + Unpin>(
     stream: &mut S,
     correlation_id: i32,
 ) -> std::io::Result<i32> {
-    stream.write_all(&produce(correlation_id)).await?;
+    send(stream, &produce(correlation_id)).await
+}
+
+/// Sends a request frame and returns the correlation id of the answer.
+pub async fn send<S: AsyncRead + AsyncWrite + Unpin>(
+    stream: &mut S,
+    request: &[u8],
+) -> std::io::Result<i32> {
+    stream.write_all(request).await?;
     stream.flush().await?;
     let read = async {
         let size = stream.read_i32().await? as usize;
@@ -186,13 +217,14 @@ pub async fn round_trip<S: AsyncRead + AsyncWrite + Unpin>(
         .map_err(|_| std::io::Error::from(std::io::ErrorKind::TimedOut))?
 }
 
-/// A broker stand-in: answers each request frame with its correlation id and
-/// filler bytes; counts connections and records the client certificate of
+/// A broker stand-in: answers each request frame with an empty Produce
+/// response under its correlation id; counts connections and records the client certificate of
 /// each when it speaks TLS.
 #[derive(Clone)]
 pub struct FakeBroker {
     pub port: u16,
     connections: Arc<AtomicUsize>,
+    frames: Arc<AtomicUsize>,
     client_certs: Arc<Mutex<Vec<CertificateDer<'static>>>>,
 }
 
@@ -202,6 +234,7 @@ impl FakeBroker {
         let broker = FakeBroker {
             port: listener.local_addr().unwrap().port(),
             connections: Arc::default(),
+            frames: Arc::default(),
             client_certs: Arc::default(),
         };
         let acceptor = tls.map(|(leaf, client_ca)| {
@@ -245,9 +278,9 @@ impl FakeBroker {
                             {
                                 state.client_certs.lock().unwrap().push(cert.clone());
                             }
-                            answer(stream).await
+                            answer(stream, state.frames).await
                         }
-                        None => answer(stream).await,
+                        None => answer(stream, state.frames).await,
                     }
                 });
             }
@@ -259,12 +292,17 @@ impl FakeBroker {
         self.connections.load(Ordering::SeqCst)
     }
 
+    /// Request frames received.
+    pub fn frames(&self) -> usize {
+        self.frames.load(Ordering::SeqCst)
+    }
+
     pub fn client_certs(&self) -> Vec<CertificateDer<'static>> {
         self.client_certs.lock().unwrap().clone()
     }
 }
 
-async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
+async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S, frames: Arc<AtomicUsize>) {
     let mut buf = BytesMut::new();
     loop {
         while buf.len() >= 12 {
@@ -273,11 +311,13 @@ async fn answer<S: AsyncRead + AsyncWrite + Unpin>(mut stream: S) {
                 break;
             }
             let frame = buf.split_to(4 + size);
+            frames.fetch_add(1, Ordering::SeqCst);
             let correlation_id = (&frame[8..12]).get_i32();
+            // A valid Produce v3-v8 answer: no topics, throttle_time_ms 0.
             let mut out = Vec::new();
-            out.extend_from_slice(&(4 + 16i32).to_be_bytes());
+            out.extend_from_slice(&(4 + 8i32).to_be_bytes());
             out.extend_from_slice(&correlation_id.to_be_bytes());
-            out.extend_from_slice(&[0xab; 16]);
+            out.extend_from_slice(&[0; 8]);
             if stream.write_all(&out).await.is_err() {
                 return;
             }

@@ -635,10 +635,19 @@ impl Validate for KmsRealmSpec {
 
 impl Validate for TrustBundleSpec {
     fn validate(&self, errs: &mut Vec<ValidationError>) {
-        if self.trust_domain.trim().is_empty() {
+        // Edges bind the bundle to this domain and compare it with the
+        // domain of each client's SPIFFE ID, which is lower case by spec.
+        let valid = !self.trust_domain.is_empty()
+            && self.trust_domain.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')
+            });
+        if !valid {
             errs.push(ValidationError::new(
                 "spec.trust_domain",
-                "must not be empty",
+                format!(
+                    "'{}' is not a trust domain (lower-case letters, digits, '.', '-', '_'; no scheme or path)",
+                    self.trust_domain
+                ),
             ));
         }
         if !self.pem.contains("-----BEGIN CERTIFICATE-----") {

@@ -276,6 +276,11 @@ fn spec_validation_paths() {
         ),
         (Kind::TrustBundle, json!({"pem":"x"}), Some("spec")),
         (
+            Kind::TrustBundle,
+            json!({"trust_domain":"spiffe://East","pem":"-----BEGIN CERTIFICATE-----"}),
+            Some("spec.trust_domain"),
+        ),
+        (
             Kind::FailoverGroup,
             json!({"primary":"a","standby":["a"]}),
             Some("spec.standby[0]"),

@@ -7,6 +7,12 @@
 //! are written under the cache directory and referred to by path. SASL
 //! credentials arrive only as references (a file path or an environment
 //! variable name on this host), which the edge's validation then reads.
+//!
+//! Translation fails closed: a VirtualCluster with `tls` and no client trust
+//! bundle, or naming an unknown one, is an error (the edge keeps its last good
+//! configuration and reports why in its status); a TrustBundle becomes an
+//! entry bound to its `trust_domain`; an AuthorizationPolicy with no rule left
+//! denies everything; DenyLists become `deny_identities`.
 
 use std::path::{Path, PathBuf};
 
@@ -40,6 +46,12 @@ pub fn compose(
         let (clusters, kms) = translate(snapshot, cache_dir)?;
         append(object, "virtual_clusters", clusters);
         append(object, "kms", kms);
+        let denied = snapshot
+            .deny_lists
+            .values()
+            .flat_map(|list| list.spiffe_ids.iter().map(|id| json!(id)))
+            .collect();
+        append(object, "deny_identities", denied);
     }
     let text = serde_json::to_string(&root)?;
     let raw = strait_edge_config::parse_raw(&text).map_err(|errors| anyhow::anyhow!("{errors}"))?;
@@ -111,31 +123,24 @@ fn translate(
             "upstream": upstream,
         });
         if let Some(tls) = &vc.tls {
-            let mut value =
-                json!({ "cert": tls.cert_file, "key": tls.key_file, "client_auth": "none" });
-            if !tls.client_trust_bundles.is_empty() {
-                let mut bundle = String::new();
-                for name in &tls.client_trust_bundles {
-                    let trust = snapshot
-                        .trust_bundles
-                        .get(name)
-                        .with_context(|| format!("TrustBundle '{name}' is not known"))?;
-                    bundle.push_str(&trust.pem);
-                    bundle.push('\n');
-                }
-                value["client_ca"] =
-                    json!(write_pem(&pem_dir, &format!("clients-{name}"), &bundle)?);
-                value["client_auth"] = json!("required");
-            }
-            cluster["tls"] = value;
+            cluster["tls"] = json!({
+                "cert": tls.cert_file,
+                "key": tls.key_file,
+                "client_auth": "required",
+                "client_trust_bundles": client_trust_bundles(snapshot, name, &tls.client_trust_bundles, &pem_dir)?,
+            });
         }
 
         let applies = |targets: &[String]| targets.is_empty() || targets.iter().any(|t| t == name);
         let mut rules = Vec::new();
+        // Fail closed: a policy that applies installs authorization even with
+        // no rule left, which then denies everything.
+        let mut authorized = false;
         for policy in snapshot.authorization_policies.values() {
             if !applies(&policy.virtual_clusters) {
                 continue;
             }
+            authorized = true;
             for rule in &policy.rules {
                 let allow: Vec<&str> = rule.allow.iter().map(|op| operation_name(*op)).collect();
                 let mut base = json!({ "principal": rule.principal, "allow": allow });
@@ -157,7 +162,7 @@ fn translate(
                 }
             }
         }
-        if !rules.is_empty() {
+        if authorized {
             cluster["authorization"] = json!({ "rules": rules });
         }
 
@@ -225,6 +230,44 @@ fn translate(
     Ok((clusters, kms))
 }
 
+/// A virtual cluster's `tls.client_trust_bundles`: one entry per trust
+/// domain, each bound to the TrustBundles of that domain (several are
+/// concatenated, as during a CA rotation). The PEM goes to a file so that a
+/// rotated bundle reaches new handshakes through the file watcher without
+/// restarting the cluster.
+fn client_trust_bundles(
+    snapshot: &EdgeSnapshot,
+    virtual_cluster: &str,
+    names: &[String],
+    pem_dir: &Path,
+) -> anyhow::Result<Vec<Value>> {
+    if names.is_empty() {
+        anyhow::bail!(
+            "VirtualCluster {virtual_cluster}: tls.client_trust_bundles is empty; a virtual cluster with tls must verify client certificates"
+        );
+    }
+    let mut by_domain: std::collections::BTreeMap<&str, String> = Default::default();
+    for bundle_name in names {
+        let trust = snapshot.trust_bundles.get(bundle_name).with_context(|| {
+            format!("VirtualCluster {virtual_cluster}: TrustBundle '{bundle_name}' is not known")
+        })?;
+        let pem = by_domain.entry(trust.trust_domain.as_str()).or_default();
+        pem.push_str(&trust.pem);
+        pem.push('\n');
+    }
+    by_domain
+        .into_iter()
+        .map(|(domain, pem)| {
+            let file = write_pem(
+                pem_dir,
+                &format!("clients-{virtual_cluster}-{domain}"),
+                &pem,
+            )?;
+            Ok(json!({ "trust_domain": domain, "pem_file": file }))
+        })
+        .collect()
+}
+
 /// A KafkaCluster's `sasl` as the edge's `upstream.sasl`.
 fn sasl_value(sasl: &UpstreamSasl) -> Value {
     let mut value = json!({ "mechanism": sasl.mechanism.as_str() });
@@ -276,7 +319,9 @@ mod tests {
     use std::collections::BTreeMap;
 
     use strait_control_client::state::spec::{
-        BrokerAddressing, KafkaClusterSpec, SaslMechanism, UpstreamSasl, VirtualClusterSpec,
+        AuthorizationPolicySpec, BrokerAddressing, DenyListSpec, EncryptionPolicySpec,
+        EncryptionRule, KafkaClusterSpec, KmsProvider, KmsRealmSpec, ListenerTls, SaslMechanism,
+        TrustBundleSpec, UpstreamSasl, VirtualClusterSpec,
     };
     use strait_control_client::{EdgeSnapshot, SnapshotSource};
 
@@ -312,6 +357,7 @@ mod tests {
             encryption_policies: BTreeMap::new(),
             kms_realms: BTreeMap::new(),
             trust_bundles: BTreeMap::new(),
+            deny_lists: BTreeMap::new(),
         }
     }
 
@@ -348,5 +394,196 @@ mod tests {
             "{err}"
         );
         std::fs::remove_dir_all(&dir).ok();
+    }
+
+    fn plain_snapshot() -> EdgeSnapshot {
+        let mut snap = snapshot(UpstreamSasl {
+            mechanism: SaslMechanism::Plain,
+            username: Some("edge".into()),
+            username_file: None,
+            username_env: Some("HOME".into()),
+            password_file: None,
+            password_env: Some("HOME".into()),
+        });
+        snap.kafka_clusters.get_mut("kafka-east").unwrap().sasl = None;
+        snap
+    }
+
+    fn ca(dir: &std::path::Path, name: &str) -> (rcgen::Issuer<'static, rcgen::KeyPair>, String) {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let cert = params.self_signed(&key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        (rcgen::Issuer::new(params, key), cert.pem())
+    }
+
+    fn with_tls(snap: &mut EdgeSnapshot, dir: &std::path::Path, bundles: &[&str]) {
+        let (issuer, _) = ca(dir, "server-ca");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let params = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap();
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+        std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+        snap.virtual_clusters.get_mut("orders").unwrap().tls = Some(ListenerTls {
+            cert_file: dir.join("server.pem").display().to_string(),
+            key_file: dir.join("server.key").display().to_string(),
+            client_trust_bundles: bundles.iter().map(|b| b.to_string()).collect(),
+        });
+    }
+
+    #[test]
+    fn virtual_cluster_tls_without_client_trust_bundle_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut snap = plain_snapshot();
+        with_tls(&mut snap, dir.path(), &[]);
+        let err = compose(None, Some(&snap), true, dir.path()).unwrap_err();
+        assert!(
+            err.to_string().contains(
+                "VirtualCluster orders: tls.client_trust_bundles is empty; a virtual cluster with tls must verify client certificates"
+            ),
+            "{err}"
+        );
+        with_tls(&mut snap, dir.path(), &["missing"]);
+        let err = compose(None, Some(&snap), true, dir.path()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("VirtualCluster orders: TrustBundle 'missing' is not known"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn trust_bundles_are_bound_to_their_trust_domains() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut snap = plain_snapshot();
+        let (_, east_old) = ca(dir.path(), "east-old");
+        let (_, east_new) = ca(dir.path(), "east-new");
+        let (_, partner) = ca(dir.path(), "partner");
+        for (name, domain, pem) in [
+            ("east-old", "east.example", &east_old),
+            ("east-new", "east.example", &east_new),
+            ("partner", "partner.example", &partner),
+        ] {
+            snap.trust_bundles.insert(
+                name.into(),
+                TrustBundleSpec {
+                    trust_domain: domain.into(),
+                    pem: pem.clone(),
+                },
+            );
+        }
+        with_tls(&mut snap, dir.path(), &["east-old", "east-new", "partner"]);
+        let config = compose(None, Some(&snap), true, dir.path()).unwrap();
+        let tls = config.virtual_clusters[0].tls.as_ref().unwrap();
+        assert_eq!(tls.server.client_auth, strait_tls::ClientAuth::Required);
+        assert_eq!(tls.server.client_ca, None);
+        let bundles: Vec<(&str, String)> = tls
+            .server
+            .client_trust_bundles
+            .iter()
+            .map(|b| {
+                let strait_tls::BundleSource::File(path) = &b.source else {
+                    panic!("bundles are written to files")
+                };
+                (
+                    b.trust_domain.as_str(),
+                    std::fs::read_to_string(path).unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            bundles,
+            vec![
+                ("east.example", format!("{east_old}\n{east_new}\n")),
+                ("partner.example", format!("{partner}\n")),
+            ]
+        );
+    }
+
+    #[test]
+    fn emptied_authorization_policy_denies_and_no_policy_means_no_authorization() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut snap = plain_snapshot();
+        let config = compose(None, Some(&snap), true, dir.path()).unwrap();
+        assert_eq!(config.virtual_clusters[0].authorization, None);
+
+        snap.authorization_policies.insert(
+            "orders".into(),
+            AuthorizationPolicySpec {
+                virtual_clusters: vec!["orders".into()],
+                rules: vec![],
+            },
+        );
+        let config = compose(None, Some(&snap), true, dir.path()).unwrap();
+        let authorization = config.virtual_clusters[0].authorization.as_ref().unwrap();
+        assert_eq!(authorization.mode, strait_authz::AuthorizationMode::Rules);
+        assert!(authorization.rules.is_empty());
+    }
+
+    #[test]
+    fn encryption_policy_without_unresolved_key_policy_rejects() {
+        let dir = tempfile::tempdir().unwrap();
+        let keyring = dir.path().join("keyring");
+        let mut snap = plain_snapshot();
+        snap.kms_realms.insert(
+            "dev".into(),
+            KmsRealmSpec {
+                provider: KmsProvider::Local,
+                endpoints: vec![],
+                credentials_ref: Some(keyring.display().to_string()),
+                region: None,
+                vault_mount: None,
+            },
+        );
+        let policy: EncryptionPolicySpec = serde_json::from_value(serde_json::json!({
+            "rules": [{"topics": ["payments-*"], "kms": "dev", "kek_template": "KEK-$(topicName)"}]
+        }))
+        .unwrap();
+        assert_eq!(
+            policy.rules,
+            vec![EncryptionRule {
+                topics: vec!["payments-*".into()],
+                kms: "dev".into(),
+                kek_template: "KEK-$(topicName)".into(),
+            }]
+        );
+        snap.encryption_policies.insert("payments".into(), policy);
+        let config = compose(None, Some(&snap), true, dir.path()).unwrap();
+        let encryption = config.virtual_clusters[0].encryption.as_ref().unwrap();
+        assert_eq!(
+            serde_json::to_value(encryption).unwrap()["on_missing_key"],
+            "reject"
+        );
+    }
+
+    #[test]
+    fn deny_lists_become_deny_identities_merged_with_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut snap = plain_snapshot();
+        snap.deny_lists.insert(
+            "leaked".into(),
+            DenyListSpec {
+                spiffe_ids: vec![
+                    "spiffe://east.example/ns/shop/sa/orders".into(),
+                    "spiffe://east.example/ns/shop/sa/billing".into(),
+                ],
+                reason: Some("key leaked".into()),
+            },
+        );
+        let file =
+            "deny_identities: [\"spiffe://east.example/ns/shop/sa/orders\", \"CN=legacy\"]\n";
+        let config = compose(Some(file), Some(&snap), true, dir.path()).unwrap();
+        assert_eq!(
+            config.deny_identities,
+            vec![
+                "CN=legacy".to_owned(),
+                "spiffe://east.example/ns/shop/sa/billing".to_owned(),
+                "spiffe://east.example/ns/shop/sa/orders".to_owned(),
+            ]
+        );
     }
 }

@@ -8,8 +8,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use prometheus_client::registry::Registry;
 use strait_authz::{
-    AuditConfig, AuditSink, AuthorizationConfig, AuthorizationFilterFactory, Authorizer,
-    AuthzMetrics,
+    AuditConfig, AuditSink, AuthorizationConfig, AuthorizationFilterFactory, AuthorizationMode,
+    Authorizer, AuthzMetrics,
 };
 use strait_edge_config::Config;
 use strait_encryption::{EncryptionConfig, RecordEncryption};
@@ -28,6 +28,9 @@ pub struct FilterBuilder {
     authorization: HashMap<String, AuthzEntry>,
     kms: Option<(Vec<KmsConfig>, KmsSet)>,
     encryption: HashMap<String, (EncryptionConfig, Arc<dyn FilterFactory>)>,
+    /// Virtual clusters without rules, and why, so that the WARN is written
+    /// once when a cluster starts (or changes to) that state, not on every change.
+    open_clusters: HashMap<String, &'static str>,
 }
 
 struct AuthzEntry {
@@ -45,6 +48,7 @@ impl FilterBuilder {
             authorization: HashMap::new(),
             kms: None,
             encryption: HashMap::new(),
+            open_clusters: HashMap::new(),
         }
     }
 
@@ -55,12 +59,33 @@ impl FilterBuilder {
         for vc in &config.virtual_clusters {
             let mut chain: Vec<Arc<dyn FilterFactory>> = Vec::new();
             // Authorization first: a denied request is never encrypted or forwarded.
-            if let Some(rules) = vc.authorization.as_ref().filter(|a| !a.rules.is_empty()) {
-                let entry = self
-                    .authorization_entry(&vc.name, rules, vc.audit.as_ref())
-                    .await?;
-                chain.push(entry.factory.clone());
-                authorization.insert(vc.name.clone(), entry);
+            match &vc.authorization {
+                // Fail closed: an emptied rule list denies everything.
+                Some(rules) if rules.mode == AuthorizationMode::Rules => {
+                    let entry = self
+                        .authorization_entry(&vc.name, rules, vc.audit.as_ref())
+                        .await?;
+                    chain.push(entry.factory.clone());
+                    authorization.insert(vc.name.clone(), entry);
+                }
+                Some(_) => {
+                    if self.open_clusters.insert(vc.name.clone(), "allow_all") != Some("allow_all")
+                    {
+                        tracing::info!(virtual_cluster = %vc.name, "authorization: mode allow_all, every request is allowed");
+                    }
+                }
+                None => {
+                    if self.open_clusters.insert(vc.name.clone(), "none") != Some("none") {
+                        tracing::warn!(virtual_cluster = %vc.name, "no authorization configured: every client that connects may do everything; add an authorization block (or mode: allow_all to say so)");
+                    }
+                }
+            }
+            if vc
+                .authorization
+                .as_ref()
+                .is_some_and(|a| a.mode == AuthorizationMode::Rules)
+            {
+                self.open_clusters.remove(&vc.name);
             }
             if let Some(enc) = &vc.encryption {
                 let factory = match self.encryption.remove(&vc.name) {
@@ -76,6 +101,8 @@ impl FilterBuilder {
         }
         self.encryption = encryption;
         self.authorization = authorization;
+        self.open_clusters
+            .retain(|name, _| config.virtual_clusters.iter().any(|vc| &vc.name == name));
         Ok(filters)
     }
 

@@ -271,13 +271,30 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let config = match sources.compose() {
             Ok(config) => config,
             Err(err) => {
+                // Fail closed: the last good configuration stays in force,
+                // and the control plane sees why the new one is not.
                 tracing::warn!("{err:#}; keeping the running configuration");
+                let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
+                status.message = Some(format!(
+                    "configuration{} not applied, running the last good one: {err:#}",
+                    sources
+                        .snapshot
+                        .as_ref()
+                        .map(|s| format!(" revision {}", s.revision))
+                        .unwrap_or_default()
+                ));
                 continue;
             }
         };
         if config == running {
+            // Nothing to change, but what is in force is this revision.
+            let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
+            status.config_revision = sources.snapshot.as_ref().map_or(0, |s| s.revision);
+            status.message = None;
             continue;
         }
+        // A revocation takes effect even if the rest of the change fails below.
+        edge.set_deny_list(&config.deny_identities);
         let message = match filter_builder.build(&config).await {
             Ok(filters) => match edge.apply(&config, filters).await {
                 Ok(_) => None,
@@ -287,8 +304,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             },
             Err(err) => {
+                // Nothing of it was applied (but the deny list): the running
+                // configuration and its revision stay, and the next change retries.
                 tracing::warn!("{err:#}; keeping the running configuration");
-                Some(format!("{err:#}"))
+                status.lock().unwrap_or_else(|e| e.into_inner()).message = Some(format!(
+                    "configuration not applied, running the last good one: {err:#}"
+                ));
+                continue;
             }
         };
         running = config;

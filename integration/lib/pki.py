@@ -9,6 +9,9 @@ from .edge import default_target_dir
 SPIFFE_ORDERS = "spiffe://example.org/ns/shop/sa/orders"
 SPIFFE_BILLING = "spiffe://example.org/ns/shop/sa/billing"
 SPIFFE_OTHER_DOMAIN = "spiffe://other.org/ns/shop/sa/orders"
+# The trust domains the test CA is bound to by default (other.org federated with the same CA, so
+# authorization tests can tell the two domains' principals apart).
+TRUST_DOMAINS = ("example.org", "other.org")
 
 
 def testcerts_bin() -> str:
@@ -52,10 +55,15 @@ class Pki:
         return self.dir / f"{name}.key"
 
     def server_tls(self, name: str = "server", client_ca: str | None = "ca", client_auth: str = "required",
-                   **extra) -> dict:
+                   trust_domains=TRUST_DOMAINS, **extra) -> dict:
+        """The CA verifies certificates without a SPIFFE ID (`client_ca`) and, bound to each of
+        `trust_domains`, those whose SPIFFE ID names that domain: the edge accepts a SPIFFE ID only
+        from a bundle bound to its trust domain."""
         cfg = {"cert": str(self.pem(name)), "key": str(self.key(name)), "client_auth": client_auth, **extra}
         if client_ca:
             cfg["client_ca"] = str(self.pem(client_ca))
+            cfg["client_trust_bundles"] = [{"trust_domain": d, "pem_file": str(self.pem(client_ca))}
+                                           for d in trust_domains]
         return cfg
 
     def confluent_ssl(self, client: str | None, ca: str = "ca") -> dict:

@@ -188,3 +188,137 @@ def test_edge_follows_the_control_plane(broker, logs, tmp_path):
     finally:
         edge.stop()
         control.stop()
+
+
+def test_untranslatable_change_keeps_the_last_good_config_and_says_why(logs, tmp_path):
+    """Fail closed: a VirtualCluster the edge cannot translate (its tls names a TrustBundle that does not
+    exist) leaves the edge serving its last good configuration, and its status says why."""
+    control = Control(logs, tmp_path / "control", control_pki(tmp_path / "pki")).start()
+    bootstrap_port, ports, admin_port = free_port(), free_range(8), free_port()
+    good = resources("127.0.0.1:9", bootstrap_port, ports, ["read"])
+    control.apply(good)
+    edge = start_edge(logs, control, tmp_path / "edge-cache", admin_port)
+
+    def status() -> dict:
+        out = control.ctl("get", "Edge", "edge-east", "-o", "json")
+        return (json.loads(out.stdout).get("status") or {}) if out.returncode == 0 else {}
+    try:
+        wait_for(lambda: accepts(bootstrap_port), 30, what="edge serving the virtual cluster it was given")
+        wait_for(lambda: status().get("config_revision", 0) > 0, 20, what="edge reporting its revision")
+        running = status()["config_revision"]
+        control.apply(f"""
+kind: VirtualCluster
+name: east-local
+spec:
+  edge: edge-east
+  cluster: east
+  bootstrap: 127.0.0.1:{bootstrap_port}
+  brokers: {{ advertised_host: 127.0.0.1, port_range: {ports.start}-{ports.stop - 1} }}
+  tls: {{ cert_file: /nonexistent/c.pem, key_file: /nonexistent/k.pem, client_trust_bundles: [missing] }}
+""")
+
+        def reported() -> bool:
+            message = status().get("message") or ""
+            return "not applied, running the last good one" in message and \
+                "VirtualCluster east-local: TrustBundle 'missing' is not known" in message
+        wait_for(reported, 20, what="the refused change named in the edge's status")
+        assert status()["config_revision"] == running
+        assert accepts(bootstrap_port)
+
+        # Putting the good configuration back clears the message.
+        control.apply(good)
+        wait_for(lambda: status().get("config_revision", 0) > running and not status().get("message"), 20,
+                 what="status message cleared once a good configuration is in force")
+    finally:
+        edge.stop()
+        control.stop()
+
+
+def edge_metric(admin_port: int, name: str, **labels) -> float:
+    import re
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    total = 0.0
+    for line in text.splitlines():
+        m = re.match(r"^([a-zA-Z_:][\w:]*)(?:\{(.*)\})? (\S+)$", line)
+        if not m or m.group(1) != name:
+            continue
+        sample = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""))
+        if all(sample.get(k) == v for k, v in labels.items()):
+            total += float(m.group(3))
+    return total
+
+
+def test_deny_list_from_the_control_plane_cuts_off_an_open_producer(broker, logs, tmp_path):
+    """A DenyList applied with straitctl reaches the edge, which closes the denied identity's open
+    mTLS connection at its next request; another identity keeps producing. The client certificates
+    are verified against a TrustBundle bound to their trust domain."""
+    from confluent_kafka import Producer
+    from confluent_kafka.admin import AdminClient, NewTopic
+    t = broker()
+    topic = unique("deny")
+    direct = AdminClient({"bootstrap.servers": t.bootstrap})  # kept alive: a collected one fails its futures
+    direct.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    pki = control_pki(tmp_path / "pki")
+    pki.leaf("listener", dns=["localhost"], ips=["127.0.0.1"])
+    pki.leaf("orders", uris=[f"spiffe://{DOMAIN}/ns/shop/sa/orders"])
+    pki.leaf("billing", uris=[f"spiffe://{DOMAIN}/ns/shop/sa/billing"])
+    control = Control(logs, tmp_path / "control", pki).start()
+    bootstrap_port, ports, admin_port = free_port(), free_range(8), free_port()
+    ca_pem = "\n".join("    " + line for line in pki.pem("ca").read_text().splitlines())
+    control.apply(f"""
+kind: KafkaCluster
+name: east
+spec:
+  bootstrap_servers: ["{t.bootstrap}"]
+---
+kind: TrustBundle
+name: test-example
+spec:
+  trust_domain: {DOMAIN}
+  pem: |
+{ca_pem}
+---
+kind: VirtualCluster
+name: east-local
+spec:
+  edge: edge-east
+  cluster: east
+  bootstrap: 127.0.0.1:{bootstrap_port}
+  brokers: {{ advertised_host: localhost, port_range: {ports.start}-{ports.stop - 1} }}
+  tls: {{ cert_file: "{pki.pem('listener')}", key_file: "{pki.key('listener')}", client_trust_bundles: [test-example] }}
+""")
+    edge = start_edge(logs, control, tmp_path / "edge-cache", admin_port)
+    try:
+        wait_for(lambda: accepts(bootstrap_port), 30, what="edge serving the virtual cluster")
+
+        def producer(client: str) -> "Producer":
+            return Producer({"bootstrap.servers": f"localhost:{bootstrap_port}", **pki.confluent_ssl(client),
+                             "message.timeout.ms": 5000, "retries": 0})
+
+        def send(p, value: bytes) -> list:
+            errors: list = []
+            p.produce(topic, value=value, on_delivery=lambda err, msg: errors.append(err))
+            p.flush(10)
+            return errors
+        orders, billing = producer("orders"), producer("billing")
+        assert delivered(send(orders, b"before")), "orders produces before the deny list"
+        assert delivered(send(billing, b"before"))
+
+        control.apply(f"""
+kind: DenyList
+name: incident
+spec:
+  spiffe_ids: ["spiffe://{DOMAIN}/ns/shop/sa/orders"]
+  reason: key leaked
+""")
+        wait_for(lambda: edge_metric(admin_port, "strait_deny_list_identities") == 1, 20,
+                 what="the deny list in force at the edge")
+        assert not delivered(send(orders, b"after")), "the denied producer is cut off"
+        wait_for(lambda: edge_metric(admin_port, "strait_identities_denied_total", stage="request") >= 1, 10,
+                 what="the open connection cut off at its next request")
+        assert delivered(send(billing, b"after")), "another identity keeps producing"
+    finally:
+        edge.stop()
+        control.stop()

@@ -111,7 +111,7 @@ def test_mtls_spiffe_client_produces_and_consumes_java(broker, edge, pki):
 BAD_CLIENTS = [
     (None, "ca", {"no_client_certificate"}),
     # OpenSSL (and JSSE) withhold a cert the server's CA list does not name.
-    ("rogue", "ca", {"no_client_certificate", "unknown_issuer"}),
+    ("rogue", "ca", {"no_client_certificate", "wrong_trust_domain"}),
     ("expired", "ca", {"expired"}),
     ("not-yet-valid", "ca", {"not_yet_valid"}),
 ]
@@ -147,6 +147,32 @@ def test_required_mtls_refuses_bad_clients_java(broker, edge, pki, client, ca, r
              10, what=f"a handshake failure counted as one of {reasons}")
     assert e.metric("strait_tls_handshakes", result="ok") == 0
     assert e.metric("strait_connections") == 0
+
+
+def test_trust_domains_bound_to_bundles(broker, edge, pki):
+    """Each bundle vouches only for its own trust domain: otherca is federated for partner.org, so its
+    partner.org client is served, while its certificate claiming example.org (a domain of "ca") is
+    refused at the handshake."""
+    from confluent_kafka import KafkaException
+    from confluent_kafka.admin import AdminClient
+    pki.leaf("partner", ca="otherca", uris=["spiffe://partner.org/ns/shop/sa/orders"])
+    bundle = pki.dir / "both.pem"
+    bundle.write_bytes(pki.pem("ca").read_bytes() + pki.pem("otherca").read_bytes())
+    t = broker()
+    vc = tls_cluster(t, pki, client_ca=None, client_trust_bundles=[
+        {"trust_domain": "example.org", "pem_file": str(pki.pem("ca"))},
+        {"trust_domain": "partner.org", "pem_file": str(pki.pem("otherca"))},
+    ])
+    e = edge([vc])
+    # The client trusts the edge's server certificate (signed by "ca") and presents otherca's leaf.
+    got = produce_consume_confluent(confluent_conf(vc, pki, "partner"), unique("partner"), n=5)
+    assert got == [b"v%d" % i for i in range(5)]
+    assert e.metric("strait_tls_handshakes", result="ok") >= 1
+    rogue = AdminClient(confluent_conf(vc, pki, "rogue"))
+    with pytest.raises(KafkaException):
+        rogue.list_topics(timeout=3)
+    wait_for(lambda: e.metric("strait_tls_handshakes", result="failed", reason="wrong_trust_domain") > 0,
+             10, what="the certificate of otherca claiming example.org refused")
 
 
 SNI_NAMES = ["bootstrap.a.strait.test", "broker-1.a.strait.test",

@@ -1,13 +1,24 @@
 //! A [`Kms`] implemented over the broker's gRPC API (mTLS).
 
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use hyper_util::rt::TokioIo;
 use strait_kms_core::config::BrokerClientConfig;
 use strait_kms_core::{dek_from_slice, DekPair, KekRef, Kms, KmsError, Result, DEK_LEN};
 use strait_proto::kms as pb;
 use strait_proto::kms::kms_broker_client::KmsBrokerClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Identity};
+use strait_tls::tokio_rustls::{self, rustls::pki_types::ServerName, TlsConnector};
+use strait_tls::{client_config, CredentialLabel, FileCredentials};
+use tokio::net::TcpStream;
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tonic::codegen::http::Uri;
+use tonic::codegen::Service;
+use tonic::transport::Channel;
 use tonic::{Code, Status};
 use zeroize::Zeroizing;
 
@@ -17,47 +28,109 @@ use zeroize::Zeroizing;
 pub struct BrokerClient {
     client: KmsBrokerClient<Channel>,
     backend: String,
-}
-
-fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>> {
-    std::fs::read(path)
-        .map_err(|e| KmsError::Invalid(format!("reading {what} {}: {e}", path.display())))
+    /// Stops re-reading the client certificate once the last clone is gone.
+    _credentials: Arc<DropGuard>,
 }
 
 impl BrokerClient {
     /// A lazily connecting client per configured endpoint, labelled by URL.
+    /// The client certificate is re-read every second and swapped live: new
+    /// connections to the broker present the newest one, open ones keep theirs.
     pub fn connect_all(
         cfg: &BrokerClientConfig,
         timeout: Duration,
     ) -> Result<Vec<(String, BrokerClient)>> {
         crate::kms::ensure_crypto_provider();
-        let ca = Certificate::from_pem(read(&cfg.ca, "CA")?);
-        let identity = Identity::from_pem(read(&cfg.cert, "certificate")?, read(&cfg.key, "key")?);
+        let invalid = |e: strait_tls::TlsError| KmsError::Invalid(format!("broker TLS: {e}"));
+        let stop = CancellationToken::new();
+        let credentials = FileCredentials::start(
+            cfg.cert.clone(),
+            cfg.key.clone(),
+            CredentialLabel {
+                owner: format!("kms-broker {}", cfg.endpoints.join(",")),
+                certificate: "kms_client",
+            },
+            None,
+            CREDENTIAL_INTERVAL,
+            stop.clone(),
+        )
+        .map_err(invalid)?;
+        let guard = Arc::new(stop.drop_guard());
+        let mut config = client_config(&cfg.ca, Some(credentials)).map_err(invalid)?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        let config = Arc::new(config);
         cfg.endpoints
             .iter()
             .map(|ep| {
-                let mut tls = ClientTlsConfig::new()
-                    .ca_certificate(ca.clone())
-                    .identity(identity.clone());
-                if let Some(sn) = &cfg.server_name {
-                    tls = tls.domain_name(sn.clone());
-                }
-                let channel = Channel::from_shared(ep.clone())
-                    .map_err(|e| KmsError::Invalid(format!("broker endpoint {ep}: {e}")))?
-                    .tls_config(tls)
-                    .map_err(|e| KmsError::Invalid(format!("broker TLS for {ep}: {e}")))?
+                let invalid_endpoint = |e: &dyn std::fmt::Display| {
+                    KmsError::Invalid(format!("broker endpoint {ep}: {e}"))
+                };
+                let uri: Uri = ep.parse().map_err(|e| invalid_endpoint(&e))?;
+                let host = uri
+                    .host()
+                    .ok_or_else(|| invalid_endpoint(&"no host"))?
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .to_owned();
+                let port = uri.port_u16().unwrap_or(443);
+                let name = cfg.server_name.clone().unwrap_or_else(|| host.clone());
+                let server_name = ServerName::try_from(name.clone())
+                    .map_err(|e| KmsError::Invalid(format!("broker server name {name}: {e}")))?;
+                // TLS is the connector's, so tonic is handed a plain http URI.
+                let authority = uri.authority().map_or(ep.as_str(), |a| a.as_str());
+                let channel = Channel::from_shared(format!("http://{authority}"))
+                    .map_err(|e| invalid_endpoint(&e))?
                     .connect_timeout(timeout)
                     .timeout(timeout)
-                    .connect_lazy();
+                    .connect_with_connector_lazy(RustlsConnector {
+                        connector: TlsConnector::from(config.clone()),
+                        host,
+                        port,
+                        server_name,
+                    });
                 Ok((
                     ep.clone(),
                     BrokerClient {
                         client: KmsBrokerClient::new(channel),
                         backend: cfg.backend.clone().unwrap_or_default(),
+                        _credentials: guard.clone(),
                     },
                 ))
             })
             .collect()
+    }
+}
+
+/// How often the client certificate files are re-read.
+const CREDENTIAL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// TCP and TLS to one broker with the resolver-backed configuration (tonic's
+/// own TLS reads the certificate once).
+#[derive(Clone)]
+struct RustlsConnector {
+    connector: TlsConnector,
+    host: String,
+    port: u16,
+    server_name: ServerName<'static>,
+}
+
+impl Service<Uri> for RustlsConnector {
+    type Response = TokioIo<tokio_rustls::client::TlsStream<TcpStream>>;
+    type Error = std::io::Error;
+    type Future = Pin<Box<dyn Future<Output = std::io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let this = self.clone();
+        Box::pin(async move {
+            let tcp = TcpStream::connect((this.host.as_str(), this.port)).await?;
+            tcp.set_nodelay(true)?;
+            let tls = this.connector.connect(this.server_name, tcp).await?;
+            Ok(TokioIo::new(tls))
+        })
     }
 }
 

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use strait_control_state::spec::{
-    AuthorizationPolicySpec, EdgeStatus, EncryptionPolicySpec, KafkaClusterSpec, KmsRealmSpec,
-    TrustBundleSpec, VirtualClusterSpec,
+    AuthorizationPolicySpec, DenyListSpec, EdgeStatus, EncryptionPolicySpec, KafkaClusterSpec,
+    KmsRealmSpec, TrustBundleSpec, VirtualClusterSpec,
 };
 use strait_control_state::Kind;
 use strait_proto::control as pb;
@@ -323,6 +323,10 @@ pub struct EdgeSnapshot {
     pub encryption_policies: BTreeMap<String, EncryptionPolicySpec>,
     pub kms_realms: BTreeMap<String, KmsRealmSpec>,
     pub trust_bundles: BTreeMap<String, TrustBundleSpec>,
+    /// Every DenyList: each edge refuses their identities. Absent from
+    /// caches written before deny lists existed.
+    #[serde(default)]
+    pub deny_lists: BTreeMap<String, DenyListSpec>,
 }
 
 impl EdgeSnapshot {
@@ -333,17 +337,19 @@ impl EdgeSnapshot {
             && self.encryption_policies == o.encryption_policies
             && self.kms_realms == o.kms_realms
             && self.trust_bundles == o.trust_bundles
+            && self.deny_lists == o.deny_lists
     }
 }
 
 /// Kinds an edge watches.
-pub const EDGE_KINDS: [Kind; 6] = [
+pub const EDGE_KINDS: [Kind; 7] = [
     Kind::VirtualCluster,
     Kind::KafkaCluster,
     Kind::AuthorizationPolicy,
     Kind::EncryptionPolicy,
     Kind::KmsRealm,
     Kind::TrustBundle,
+    Kind::DenyList,
 ];
 
 type Store = BTreeMap<(Kind, String), serde_json::Value>;
@@ -398,6 +404,7 @@ pub fn build_snapshot(edge: &str, revision: u64, store: &Store) -> EdgeSnapshot 
             .any(|p| p.rules.iter().any(|r| r.kms == name))
     });
     let trust_bundles = typed_map(store, Kind::TrustBundle, |_, _: &TrustBundleSpec| true);
+    let deny_lists = typed_map(store, Kind::DenyList, |_, _: &DenyListSpec| true);
     EdgeSnapshot {
         edge: edge.to_string(),
         revision,
@@ -408,6 +415,7 @@ pub fn build_snapshot(edge: &str, revision: u64, store: &Store) -> EdgeSnapshot 
         encryption_policies,
         kms_realms,
         trust_bundles,
+        deny_lists,
     }
 }
 

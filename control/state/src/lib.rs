@@ -25,10 +25,11 @@ pub enum Kind {
     FailoverGroup,
     /// Who may call the control plane, and as what (see `spec::AccessRuleSpec`).
     AccessRule,
+    DenyList,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 9] = [
+    pub const ALL: [Kind; 10] = [
         Kind::KafkaCluster,
         Kind::Edge,
         Kind::VirtualCluster,
@@ -38,6 +39,7 @@ impl Kind {
         Kind::TrustBundle,
         Kind::FailoverGroup,
         Kind::AccessRule,
+        Kind::DenyList,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -51,6 +53,7 @@ impl Kind {
             Kind::TrustBundle => "TrustBundle",
             Kind::FailoverGroup => "FailoverGroup",
             Kind::AccessRule => "AccessRule",
+            Kind::DenyList => "DenyList",
         }
     }
 
@@ -70,6 +73,7 @@ impl Kind {
             "trustbundle" | "tb" => Kind::TrustBundle,
             "failovergroup" | "fg" => Kind::FailoverGroup,
             "accessrule" | "ar" => Kind::AccessRule,
+            "denylist" | "deny" => Kind::DenyList,
             _ => {
                 let names: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
                 return Err(format!(
@@ -103,6 +107,7 @@ impl Kind {
             Kind::TrustBundle => check::<spec::TrustBundleSpec>(spec),
             Kind::FailoverGroup => check::<spec::FailoverGroupSpec>(spec),
             Kind::AccessRule => check::<spec::AccessRuleSpec>(spec),
+            Kind::DenyList => check::<spec::DenyListSpec>(spec),
         }
     }
 }

@@ -222,11 +222,14 @@ pub struct EncryptionRule {
     pub kek_template: String,
 }
 
+/// What an edge does with a record for a topic whose KEK cannot be resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum UnresolvedKeyPolicy {
-    #[default]
+    /// Must be written out: a missing key never turns into plaintext by default.
     PassthroughUnencrypted,
+    /// The default (fail closed).
+    #[default]
     Reject,
 }
 
@@ -259,6 +262,17 @@ pub struct KmsRealmSpec {
 pub struct TrustBundleSpec {
     pub trust_domain: String,
     pub pem: String,
+}
+
+/// Identities every edge refuses at once, on open connections too: the
+/// emergency brake when a key or workload is compromised.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DenyListSpec {
+    /// Exact SPIFFE IDs (no patterns).
+    pub spiffe_ids: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -516,6 +530,13 @@ impl Validate for VirtualClusterSpec {
             }
         }
         if let Some(tls) = &self.tls {
+            // Fail closed: TLS that verifies no client would let anyone in.
+            if tls.client_trust_bundles.is_empty() {
+                errs.push(ValidationError::new(
+                    "spec.tls.client_trust_bundles",
+                    "must name at least one TrustBundle: a virtual cluster with tls verifies client certificates",
+                ));
+            }
             for (i, tb) in tls.client_trust_bundles.iter().enumerate() {
                 check_name_ref(&format!("spec.tls.client_trust_bundles[{i}]"), tb, errs);
             }
@@ -614,10 +635,19 @@ impl Validate for KmsRealmSpec {
 
 impl Validate for TrustBundleSpec {
     fn validate(&self, errs: &mut Vec<ValidationError>) {
-        if self.trust_domain.trim().is_empty() {
+        // Edges bind the bundle to this domain and compare it with the
+        // domain of each client's SPIFFE ID, which is lower case by spec.
+        let valid = !self.trust_domain.is_empty()
+            && self.trust_domain.chars().all(|c| {
+                c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')
+            });
+        if !valid {
             errs.push(ValidationError::new(
                 "spec.trust_domain",
-                "must not be empty",
+                format!(
+                    "'{}' is not a trust domain (lower-case letters, digits, '.', '-', '_'; no scheme or path)",
+                    self.trust_domain
+                ),
             ));
         }
         if !self.pem.contains("-----BEGIN CERTIFICATE-----") {
@@ -625,6 +655,28 @@ impl Validate for TrustBundleSpec {
                 "spec.pem",
                 "contains no PEM certificate (-----BEGIN CERTIFICATE-----)",
             ));
+        }
+    }
+}
+
+impl Validate for DenyListSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        for (i, id) in self.spiffe_ids.iter().enumerate() {
+            let path = format!("spec.spiffe_ids[{i}]");
+            let domain = id
+                .strip_prefix("spiffe://")
+                .and_then(|rest| rest.split('/').next())
+                .unwrap_or_default();
+            let valid_domain = !domain.is_empty()
+                && domain.chars().all(|c| {
+                    c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_')
+                });
+            if !valid_domain || id.contains('*') || id.trim() != id {
+                errs.push(ValidationError::new(
+                    &path,
+                    format!("'{id}' is not a SPIFFE ID (spiffe://<trust-domain>/<path>, exact, no patterns)"),
+                ));
+            }
         }
     }
 }

@@ -276,6 +276,11 @@ fn spec_validation_paths() {
         ),
         (Kind::TrustBundle, json!({"pem":"x"}), Some("spec")),
         (
+            Kind::TrustBundle,
+            json!({"trust_domain":"spiffe://East","pem":"-----BEGIN CERTIFICATE-----"}),
+            Some("spec.trust_domain"),
+        ),
+        (
             Kind::FailoverGroup,
             json!({"primary":"a","standby":["a"]}),
             Some("spec.standby[0]"),
@@ -311,6 +316,37 @@ fn spec_validation_paths() {
             json!({"identities":["spiffe://a/b"],"role":"admin","extra":1}),
             Some("spec.extra"),
         ),
+        // Fail closed: TLS without a client trust bundle is refused, not client_auth none.
+        (
+            Kind::VirtualCluster,
+            json!({"edge":"e","cluster":"c","bootstrap":"127.0.0.1:19092",
+                   "brokers":{"advertised_host":"127.0.0.1","port_range":"19100-19199"},
+                   "tls":{"cert_file":"/c.pem","key_file":"/k.pem"}}),
+            Some("spec.tls.client_trust_bundles"),
+        ),
+        (
+            Kind::VirtualCluster,
+            json!({"edge":"e","cluster":"c","bootstrap":"127.0.0.1:19092",
+                   "brokers":{"advertised_host":"127.0.0.1","port_range":"19100-19199"},
+                   "tls":{"cert_file":"/c.pem","key_file":"/k.pem","client_trust_bundles":["east"]}}),
+            None,
+        ),
+        (
+            Kind::DenyList,
+            json!({"spiffe_ids":["spiffe://example.org/ns/shop/sa/orders"],"reason":"key leaked"}),
+            None,
+        ),
+        (
+            Kind::DenyList,
+            json!({"spiffe_ids":["spiffe://example.org/ns/shop/sa/orders","spiffe://example.org/ns/*"]}),
+            Some("spec.spiffe_ids[1]"),
+        ),
+        (
+            Kind::DenyList,
+            json!({"spiffe_ids":["CN=orders"]}),
+            Some("spec.spiffe_ids[0]"),
+        ),
+        (Kind::DenyList, json!({"ids":[]}), Some("spec.ids")),
     ];
     for (kind, spec, want) in cases {
         let got = kind.validate_spec(&spec);
@@ -401,4 +437,16 @@ fn deterministic_replicas_and_snapshot_roundtrip() {
     let bytes = serde_json::to_vec(&r1).unwrap();
     let restored: State = serde_json::from_slice(&bytes).unwrap();
     assert_eq!(restored, r1);
+}
+
+#[test]
+fn encryption_policy_without_unresolved_key_policy_rejects() {
+    let spec: crate::spec::EncryptionPolicySpec = serde_json::from_value(
+        json!({"rules":[{"topics":["t"],"kms":"k","kek_template":"KEK-$(topicName)"}]}),
+    )
+    .unwrap();
+    assert_eq!(
+        spec.unresolved_key_policy,
+        crate::spec::UnresolvedKeyPolicy::Reject
+    );
 }

@@ -118,11 +118,25 @@ pub enum UnknownApiKeys {
     Allow,
 }
 
+/// How a virtual cluster with an `authorization:` block decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuthorizationMode {
+    /// Only what a rule allows; no rule at all denies everything (fail closed).
+    #[default]
+    Rules,
+    /// Everything is allowed; written out so that allowing all is a choice,
+    /// never the result of a missing or emptied rule list. Takes no rules.
+    AllowAll,
+}
+
 /// The `authorization:` block of a virtual cluster.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthorizationConfig {
-    /// Allow rules. Once any rule exists, everything not allowed is denied.
+    #[serde(default)]
+    pub mode: AuthorizationMode,
+    /// Allow rules: everything not allowed is denied, and an empty list denies everything.
     #[serde(default)]
     pub rules: Vec<RuleConfig>,
     #[serde(default)]

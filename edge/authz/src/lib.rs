@@ -12,9 +12,10 @@
 //! * [`AuthzMetrics`]: the Prometheus metrics, registered into a registry
 //!   passed in.
 //!
-//! Install the filter only when a virtual cluster has an `authorization:`
-//! block with at least one rule: once installed, everything not allowed is
-//! denied (a reload to zero rules denies everything).
+//! Install the filter whenever a virtual cluster has an `authorization:`
+//! block in `mode: rules` (the default): everything not allowed is denied,
+//! and zero rules deny everything. `mode: allow_all` is the explicit way to
+//! allow all (no filter).
 //!
 //! See `README.md` for the rule reference and the API key mapping table.
 
@@ -29,8 +30,8 @@ pub mod rules;
 
 pub use audit::{AuditRecord, AuditSink};
 pub use config::{
-    AuditConfig, AuthorizationConfig, FieldError, Operation, ResourceType, RuleConfig,
-    UnknownApiKeys, ValidationErrors,
+    AuditConfig, AuthorizationConfig, AuthorizationMode, FieldError, Operation, ResourceType,
+    RuleConfig, UnknownApiKeys, ValidationErrors,
 };
 pub use filter::{AuthorizationFilter, AuthorizationFilterFactory};
 pub use metrics::AuthzMetrics;

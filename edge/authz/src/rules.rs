@@ -126,6 +126,12 @@ impl RuleSet {
     /// with its path (`authorization.rules[2].not_after: ...`).
     pub fn compile(config: &AuthorizationConfig) -> Result<RuleSet, ValidationErrors> {
         let mut errors = Vec::new();
+        if config.mode == crate::config::AuthorizationMode::AllowAll && !config.rules.is_empty() {
+            errors.push(FieldError {
+                path: "authorization.mode".into(),
+                message: "allow_all takes no rules: remove the rules or the mode".into(),
+            });
+        }
         let mut rules = Vec::with_capacity(config.rules.len());
         for (index, rule) in config.rules.iter().enumerate() {
             let base = format!("authorization.rules[{index}]");

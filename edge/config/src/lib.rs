@@ -30,6 +30,8 @@ pub struct Config {
     pub virtual_clusters: Vec<VirtualCluster>,
     pub limits: Limits,
     pub shutdown: Shutdown,
+    /// Principals refused on every virtual cluster (exact names, sorted, deduplicated).
+    pub deny_identities: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -56,7 +58,8 @@ pub struct VirtualCluster {
     pub tls: Option<Tls>,
     pub quotas: Option<Quotas>,
     pub encryption: Option<strait_encryption::EncryptionConfig>,
-    /// Installed when it has at least one rule.
+    /// `None`: no authorization (allowed by design, with a WARN at start);
+    /// `mode: rules` with no rule denies everything; `mode: allow_all` allows all.
     pub authorization: Option<strait_authz::AuthorizationConfig>,
     pub audit: Option<strait_authz::AuditConfig>,
 }

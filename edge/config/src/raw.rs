@@ -17,6 +17,11 @@ pub struct RawConfig {
     /// KMSs that encryption rules name.
     #[serde(default)]
     pub kms: Vec<strait_kms_core::config::KmsConfig>,
+    /// Principals (SPIFFE IDs) refused on every virtual cluster: new
+    /// handshakes right after they complete, open connections at their next
+    /// request.
+    #[serde(default)]
+    pub deny_identities: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -85,7 +90,12 @@ pub struct RawPrincipalRates {
 pub struct RawTls {
     pub cert: String,
     pub key: String,
+    /// Verifies certificates without a SPIFFE ID; binds no trust domain.
     pub client_ca: Option<String>,
+    /// One bundle per trust domain; a certificate with a SPIFFE ID must chain
+    /// to the bundle of its ID's trust domain.
+    #[serde(default)]
+    pub client_trust_bundles: Vec<RawTrustBundle>,
     /// `required`, `optional` or `none`.
     pub client_auth: Option<String>,
     /// Where principals come from, tried in order: `spiffe`, `subject`, `cn`, `dns_san`.
@@ -95,6 +105,16 @@ pub struct RawTls {
     pub reload_interval: Option<Duration>,
     #[serde(default, with = "humantime_serde")]
     pub handshake_timeout: Option<Duration>,
+}
+
+/// `tls.client_trust_bundles[]`: a trust domain and its bundle, as a file
+/// or inline, PEM or SPIFFE bundle (JWK set) format.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTrustBundle {
+    pub trust_domain: String,
+    pub pem_file: Option<String>,
+    pub pem: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]

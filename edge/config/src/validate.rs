@@ -6,7 +6,10 @@ use std::ops::RangeInclusive;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use strait_tls::{ClientAuth, ClientTlsSettings, PrincipalSource, ServerTlsSettings};
+use strait_tls::{
+    BundleSource, ClientAuth, ClientTlsSettings, PrincipalSource, ServerTlsSettings,
+    TrustBundleSettings,
+};
 
 use crate::raw::{RawConfig, RawQuotas, RawRates, RawTls, RawUpstreamTls, RawVirtualCluster};
 use crate::{
@@ -90,6 +93,7 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
         }
     }
     check_cross_cluster(&virtual_clusters, admin, &mut errors);
+    let deny_identities = validate_deny_identities(&raw.deny_identities, &mut errors);
 
     if errors.0.is_empty() {
         Ok(Config {
@@ -106,6 +110,7 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
                     .drain_timeout
                     .unwrap_or(Duration::from_secs(10)),
             },
+            deny_identities,
         })
     } else {
         Err(ConfigErrors(errors.0))
@@ -416,9 +421,27 @@ fn validate_upstream_tls(
 
 fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
     let before = errors.0.len();
+    let verifies = raw.client_ca.is_some() || !raw.client_trust_bundles.is_empty();
     let client_auth = match raw.client_auth.as_deref() {
-        None if raw.client_ca.is_some() => ClientAuth::Required,
-        None | Some("none") => ClientAuth::None,
+        None if verifies => ClientAuth::Required,
+        // Fail closed: TLS without a way to verify clients is a mistake
+        // unless it is asked for in so many words.
+        None => {
+            errors.push(
+                format!("{path}.client_trust_bundles"),
+                "no client trust bundle: add client_trust_bundles (or a client_ca for certificates without a SPIFFE ID), or write client_auth: none to accept clients without certificates",
+            );
+            ClientAuth::None
+        }
+        Some("none") => {
+            if verifies {
+                errors.push(
+                    format!("{path}.client_auth"),
+                    "'none' asks for no client certificate, so client_ca and client_trust_bundles would be ignored: remove them or use required/optional",
+                );
+            }
+            ClientAuth::None
+        }
         Some("required") => ClientAuth::Required,
         Some("optional") => ClientAuth::Optional,
         Some(other) => {
@@ -429,12 +452,13 @@ fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
             ClientAuth::None
         }
     };
-    if client_auth != ClientAuth::None && raw.client_ca.is_none() {
+    if client_auth != ClientAuth::None && !verifies {
         errors.push(
-            format!("{path}.client_ca"),
-            "required when client_auth is required or optional",
+            format!("{path}.client_trust_bundles"),
+            "required (or client_ca) when client_auth is required or optional",
         );
     }
+    let client_trust_bundles = validate_trust_bundles(raw, path, errors);
     let mut principal_sources = Vec::new();
     for (index, source) in raw
         .principal
@@ -479,6 +503,7 @@ fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
         cert: PathBuf::from(&raw.cert),
         key: PathBuf::from(&raw.key),
         client_ca: raw.client_ca.as_ref().map(PathBuf::from),
+        client_trust_bundles,
         client_auth,
         principal_sources,
     };
@@ -492,6 +517,88 @@ fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
         reload_interval,
         handshake_timeout: raw.handshake_timeout.unwrap_or(Duration::from_secs(10)),
     })
+}
+
+fn validate_trust_bundles(
+    raw: &RawTls,
+    path: &str,
+    errors: &mut Errors,
+) -> Vec<TrustBundleSettings> {
+    let mut bundles = Vec::new();
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (index, bundle) in raw.client_trust_bundles.iter().enumerate() {
+        let entry = format!("{path}.client_trust_bundles[{index}]");
+        if !strait_tls::is_trust_domain(&bundle.trust_domain) {
+            errors.push(
+                format!("{entry}.trust_domain"),
+                format!(
+                    "'{}' is not a trust domain (lower-case letters, digits, '.', '-', '_'; no scheme or path)",
+                    bundle.trust_domain
+                ),
+            );
+        } else if let Some(first) = seen.insert(&bundle.trust_domain, index) {
+            errors.push(
+                format!("{entry}.trust_domain"),
+                format!(
+                    "'{}' already has a bundle in client_trust_bundles[{first}]: concatenate the CAs into one",
+                    bundle.trust_domain
+                ),
+            );
+        }
+        let source = match (&bundle.pem_file, &bundle.pem) {
+            (Some(file), None) => {
+                if !Path::new(file).is_file() {
+                    errors.push(
+                        format!("{entry}.pem_file"),
+                        format!("'{file}' is not a readable file"),
+                    );
+                }
+                BundleSource::File(PathBuf::from(file))
+            }
+            (None, Some(pem)) => BundleSource::Inline(pem.clone()),
+            _ => {
+                errors.push(&entry, "use exactly one of pem_file, pem");
+                continue;
+            }
+        };
+        bundles.push(TrustBundleSettings {
+            trust_domain: bundle.trust_domain.clone(),
+            source,
+        });
+    }
+    bundles
+}
+
+/// Exact principal names; sorted and deduplicated so that an unchanged list
+/// compares equal however it is written.
+fn validate_deny_identities(raw: &[String], errors: &mut Errors) -> Vec<String> {
+    let mut identities = Vec::new();
+    for (index, identity) in raw.iter().enumerate() {
+        if identity.trim().is_empty() || identity.trim() != identity {
+            errors.push(
+                format!("deny_identities[{index}]"),
+                "must be a principal name without surrounding spaces",
+            );
+        } else if identity.contains('*') {
+            errors.push(
+                format!("deny_identities[{index}]"),
+                format!("'{identity}': entries are exact identities, not patterns"),
+            );
+        } else if identity.starts_with("spiffe://") {
+            if strait_tls::trust_domain_of(identity).is_err() {
+                errors.push(
+                    format!("deny_identities[{index}]"),
+                    format!("'{identity}' is not a SPIFFE ID (spiffe://<trust-domain>/<path>, trust domain in lower case)"),
+                );
+            }
+            identities.push(identity.clone());
+        } else {
+            identities.push(identity.clone());
+        }
+    }
+    identities.sort();
+    identities.dedup();
+    identities
 }
 
 /// Names, bootstrap addresses and port ranges must not collide between clusters.
@@ -773,5 +880,120 @@ virtual_clusters:
     fn empty_config_needs_a_cluster() {
         let errors = parse("{}").unwrap_err().0;
         assert_eq!(errors[0].path, "virtual_clusters");
+    }
+
+    fn with_tls(tls: &str) -> String {
+        format!(
+            "virtual_clusters:\n  - name: a\n    bootstrap: 127.0.0.1:19092\n    brokers: {{ advertised_host: h, port_range: 19100-19199 }}\n    upstream: {{ bootstrap_servers: [\"h:1\"] }}\n    tls: {tls}\n"
+        )
+    }
+
+    fn errors_of(yaml: &str) -> Vec<String> {
+        parse(yaml)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    #[test]
+    fn tls_without_a_client_trust_bundle_is_an_error_unless_none_is_written() {
+        let errors = errors_of(&with_tls(
+            "{ cert: /nonexistent/c.pem, key: /nonexistent/k.pem }",
+        ));
+        assert!(
+            errors.iter().any(|e| e.starts_with(
+                "virtual_clusters[0].tls.client_trust_bundles: no client trust bundle: add client_trust_bundles"
+            )),
+            "{errors:?}"
+        );
+        let errors = errors_of(&with_tls(
+            "{ cert: /nonexistent/c.pem, key: /nonexistent/k.pem, client_auth: none }",
+        ));
+        assert!(
+            !errors.iter().any(|e| e.contains("client_trust_bundles")),
+            "{errors:?}"
+        );
+        let errors = errors_of(&with_tls(
+            "{ cert: /nonexistent/c.pem, key: /nonexistent/k.pem, client_auth: none, client_trust_bundles: [{ trust_domain: example.org, pem: x }] }",
+        ));
+        assert!(
+            errors.iter().any(|e| e.starts_with(
+                "virtual_clusters[0].tls.client_auth: 'none' asks for no client certificate"
+            )),
+            "{errors:?}"
+        );
+    }
+
+    #[test]
+    fn client_trust_bundles_are_checked_with_their_paths() {
+        let errors = errors_of(&with_tls(
+            "{ cert: /nonexistent/c.pem, key: /nonexistent/k.pem, client_trust_bundles: [{ trust_domain: example.org, pem: x }, { trust_domain: example.org, pem_file: /nonexistent/b.pem }, { trust_domain: \"spiffe://Bad\", pem: x }, { trust_domain: ok.example }] }",
+        ));
+        for expected in [
+            "virtual_clusters[0].tls.client_trust_bundles[1].trust_domain: 'example.org' already has a bundle in client_trust_bundles[0]",
+            "virtual_clusters[0].tls.client_trust_bundles[1].pem_file: '/nonexistent/b.pem' is not a readable file",
+            "virtual_clusters[0].tls.client_trust_bundles[2].trust_domain: 'spiffe://Bad' is not a trust domain",
+            "virtual_clusters[0].tls.client_trust_bundles[3]: use exactly one of pem_file, pem",
+        ] {
+            assert!(
+                errors.iter().any(|e| e.starts_with(expected)),
+                "missing {expected} in {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn deny_identities_are_exact_sorted_and_checked() {
+        let yaml = format!(
+            "deny_identities: [\"spiffe://b.example/x\", \"CN=legacy\", \"spiffe://b.example/x\"]\n{GOOD}"
+        );
+        assert_eq!(
+            parse(&yaml).unwrap().deny_identities,
+            vec!["CN=legacy".to_owned(), "spiffe://b.example/x".to_owned()]
+        );
+        let yaml = format!(
+            "deny_identities: [\"spiffe://b.example/*\", \"spiffe://Bad/x\", \" x\"]\n{GOOD}"
+        );
+        let errors = errors_of(&yaml);
+        for expected in [
+            "deny_identities[0]: 'spiffe://b.example/*': entries are exact identities, not patterns",
+            "deny_identities[1]: 'spiffe://Bad/x' is not a SPIFFE ID (spiffe://<trust-domain>/<path>, trust domain in lower case)",
+            "deny_identities[2]: must be a principal name without surrounding spaces",
+        ] {
+            assert!(
+                errors.iter().any(|e| e == expected),
+                "missing {expected} in {errors:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn allow_all_is_explicit_and_takes_no_rules() {
+        let cluster = |authorization: &str| {
+            format!("virtual_clusters:\n  - name: a\n    bootstrap: 127.0.0.1:19092\n    brokers: {{ advertised_host: h, port_range: 19100-19199 }}\n    upstream: {{ bootstrap_servers: [\"h:1\"] }}\n    authorization: {authorization}\n")
+        };
+        let errors = errors_of(&cluster(
+            r#"{ mode: allow_all, rules: [{ principal: "*", allow: [All], topic: "*" }] }"#,
+        ));
+        assert_eq!(
+            errors,
+            vec!["virtual_clusters[0].authorization.mode: allow_all takes no rules: remove the rules or the mode"]
+        );
+        let config = parse(&cluster("{ mode: allow_all }")).unwrap();
+        assert_eq!(
+            config.virtual_clusters[0]
+                .authorization
+                .as_ref()
+                .unwrap()
+                .mode,
+            strait_authz::AuthorizationMode::AllowAll
+        );
+        // An empty block is the rules mode with no rule: everything denied.
+        let config = parse(&cluster("{}")).unwrap();
+        let authorization = config.virtual_clusters[0].authorization.as_ref().unwrap();
+        assert_eq!(authorization.mode, strait_authz::AuthorizationMode::Rules);
+        assert!(authorization.rules.is_empty());
     }
 }

@@ -10,7 +10,9 @@ use strait_edge_config::{BrokerAddressing, VirtualCluster};
 use strait_filter::{ConnectionInfo, Endpoint, Filter, FilterChain, FilterFactory, Principal};
 use strait_tls::tokio_rustls::rustls::ServerConfig;
 use strait_tls::tokio_rustls::{StartHandshake, TlsAcceptor};
-use strait_tls::{handshake_failure_reason, principal_of, PrincipalSource, TlsMetrics};
+use strait_tls::{
+    handshake_failure_reason, principal_of, trust_domain_refusal, PrincipalSource, TlsMetrics,
+};
 use tokio::io::BufReader;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -20,7 +22,8 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::brokers::{BrokerMap, NewBrokerListener};
-use crate::connection::{relay, ConnectionError, ConnectionSettings};
+use crate::connection::{relay_checked, ConnectionError, ConnectionSettings};
+use crate::deny::DenyList;
 use crate::metrics::ClusterMetrics;
 use crate::quota::QuotaPolicy;
 use crate::rewrite::edge_filters;
@@ -58,6 +61,7 @@ pub struct ClusterRuntime {
     /// Closes open connections at once (after a drain timed out).
     kill: CancellationToken,
     tracker: TaskTracker,
+    deny: DenyList,
     /// Accept loops, awaited on stop so their ports are free again.
     listeners: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
@@ -74,6 +78,8 @@ pub struct RuntimeParts {
     pub drain: CancellationToken,
     pub kill: CancellationToken,
     pub tracker: TaskTracker,
+    /// The edge's deny list.
+    pub deny: DenyList,
 }
 
 impl ClusterRuntime {
@@ -126,6 +132,7 @@ impl ClusterRuntime {
             drain: parts.drain,
             kill: parts.kill,
             tracker: parts.tracker.clone(),
+            deny: parts.deny,
             listeners: std::sync::Mutex::default(),
         });
         if let (Some(bootstrap), Some(new_brokers)) = (bootstrap, new_brokers) {
@@ -223,12 +230,30 @@ impl ClusterRuntime {
         self.serve(stream, peer, endpoint, principal).await;
     }
 
+    /// Counts and audits a connection closed because its identity is deny-listed.
+    fn identity_denied(&self, principal: &Principal, stage: &str) {
+        self.metrics.identity_denied(stage);
+        tracing::warn!(
+            target: "strait::audit",
+            event = "identity_denied",
+            virtual_cluster = %self.name,
+            %principal,
+            stage,
+            "connection closed: identity is on the deny list"
+        );
+    }
+
     fn handshake_failed(&self, err: &std::io::Error) {
         let reason = handshake_failure_reason(err);
         if let Some(tls) = &self.tls {
             tls.metrics.handshake(&self.name, Some(reason));
         }
-        tracing::info!(virtual_cluster = %self.name, %err, reason, "TLS handshake failed");
+        if let Some(refusal) = trust_domain_refusal(err) {
+            // A certificate that claims an identity its CA may not vouch for.
+            tracing::warn!(virtual_cluster = %self.name, %refusal, reason, "TLS handshake refused");
+        } else {
+            tracing::info!(virtual_cluster = %self.name, %err, reason, "TLS handshake failed");
+        }
     }
 
     async fn broker_listeners(
@@ -332,6 +357,12 @@ impl ClusterRuntime {
         self.metrics.connections.inc();
         self.metrics.connections_open.inc();
         let _open = scopeguard(&self.metrics.connections_open);
+        // Before the broker is reached: a deny-listed identity gets nothing
+        // but a completed handshake and a closed connection.
+        if self.deny.is_denied(&principal) {
+            self.identity_denied(&principal, "handshake");
+            return;
+        }
 
         let target = match endpoint {
             Endpoint::Bootstrap => UpstreamTarget::Bootstrap,
@@ -392,7 +423,8 @@ impl ClusterRuntime {
         // upstream SASL session drains only this one.
         let drain = self.drain.child_token();
         let session_end = close_before_expiry(session_expires_at, drain.clone());
-        let relayed = relay(
+        let deny = self.deny.check(info.principal.clone());
+        let relayed = relay_checked(
             client,
             upstream,
             info,
@@ -401,6 +433,7 @@ impl ClusterRuntime {
             self.metrics.clone(),
             self.settings,
             drain,
+            Some(deny),
         );
         let result = tokio::select! {
             result = relayed => result,
@@ -412,6 +445,9 @@ impl ClusterRuntime {
         };
         match result {
             Ok(()) => tracing::debug!("connection closed"),
+            Err(ConnectionError::IdentityDenied(principal)) => {
+                self.identity_denied(&Principal::Named(principal.into()), "request");
+            }
             Err(err) => {
                 if let Some(reason) = err.rejection_reason() {
                     self.metrics.rejected(reason);

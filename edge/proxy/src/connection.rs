@@ -27,6 +27,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, Mutex};
 use tokio_util::sync::CancellationToken;
 
+use crate::deny::DenyCheck;
 use crate::metrics::ClusterMetrics;
 use crate::quota::{set_throttle_time, PrincipalQuota};
 use crate::rewrite::policy::VersionLimits;
@@ -56,6 +57,8 @@ pub enum ConnectionError {
     FilterClosed(String),
     #[error("a filter did not finish within {0:?}")]
     FilterTimeout(Duration),
+    #[error("identity {0} is on the deny list")]
+    IdentityDenied(String),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -116,6 +119,31 @@ where
     C: AsyncRead + AsyncWrite + Send + 'static,
     U: AsyncRead + AsyncWrite + Send + 'static,
 {
+    relay_checked(
+        client, upstream, info, chain, quota, metrics, settings, drain, None,
+    )
+    .await
+}
+
+/// Like [`relay`]; with `deny`, the connection ends with
+/// [`ConnectionError::IdentityDenied`] at the first request read after its
+/// identity was deny-listed.
+#[allow(clippy::too_many_arguments)]
+pub async fn relay_checked<C, U>(
+    client: C,
+    upstream: U,
+    info: ConnectionInfo,
+    chain: FilterChain,
+    quota: Option<Arc<PrincipalQuota>>,
+    metrics: Arc<ClusterMetrics>,
+    settings: ConnectionSettings,
+    drain: CancellationToken,
+    deny: Option<DenyCheck>,
+) -> Result<(), ConnectionError>
+where
+    C: AsyncRead + AsyncWrite + Send + 'static,
+    U: AsyncRead + AsyncWrite + Send + 'static,
+{
     let (client_read, client_write) = tokio::io::split(client);
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
     let (in_flight_tx, in_flight_rx) = mpsc::unbounded_channel();
@@ -139,6 +167,7 @@ where
         upstream: upstream_write,
         in_flight: in_flight_tx,
         drain,
+        deny,
     };
     let responses = ResponsePump {
         shared: &shared,
@@ -180,6 +209,7 @@ struct RequestPump<'a, R, W> {
     upstream: W,
     in_flight: mpsc::UnboundedSender<InFlight>,
     drain: CancellationToken,
+    deny: Option<DenyCheck>,
 }
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
@@ -207,6 +237,13 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                 let prefix = RequestPrefix::parse(pending, self.shared.settings.max_frame_bytes)
                     .map_err(ConnectionError::ClientFrame)?;
                 let Some(prefix) = prefix else { break };
+                if let Some(deny) = &mut self.deny {
+                    if deny.denied() {
+                        return Err(ConnectionError::IdentityDenied(
+                            deny.principal().to_string(),
+                        ));
+                    }
+                }
                 let api_key = self.check_version(&prefix)?;
                 if self.wants_request(prefix.api_key) {
                     if pending.len() < prefix.frame_len() {

@@ -11,6 +11,7 @@ pub mod admin;
 pub mod brokers;
 pub mod cluster;
 pub mod connection;
+pub mod deny;
 pub mod metrics;
 pub mod quota;
 pub mod rewrite;
@@ -27,7 +28,7 @@ use std::net::SocketAddr;
 
 use strait_edge_config::{BrokerAddressing, Config, VirtualCluster};
 use strait_filter::FilterFactory;
-use strait_tls::{CredentialWatcher, TlsMetrics};
+use strait_tls::{ClientTls, CredentialLabel, CredentialWatcher, TlsMetrics};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -35,6 +36,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::cluster::{ClusterRuntime, ClusterTls, RuntimeParts};
 use crate::connection::ConnectionSettings;
+use crate::deny::DenyList;
 use crate::metrics::ProxyMetrics;
 use crate::quota::QuotaPolicy;
 use crate::sasl::UpstreamSasl;
@@ -60,6 +62,9 @@ pub enum StartError {
     },
 }
 
+/// How often the client certificate presented to the brokers is re-read.
+const UPSTREAM_CREDENTIAL_INTERVAL: Duration = Duration::from_secs(1);
+
 /// A running edge.
 pub struct Edge {
     clusters: BTreeMap<String, ClusterEntry>,
@@ -69,6 +74,7 @@ pub struct Edge {
     ready: Arc<AtomicBool>,
     settings: ConnectionSettings,
     drain_timeout: Duration,
+    deny: DenyList,
 }
 
 struct ClusterEntry {
@@ -111,7 +117,7 @@ impl Edge {
         let mut edge = Edge {
             clusters: BTreeMap::new(),
             sni: HashMap::new(),
-            metrics,
+            metrics: metrics.clone(),
             tls_metrics,
             ready: ready.clone(),
             settings: ConnectionSettings {
@@ -119,6 +125,7 @@ impl Edge {
                 filter_timeout: config.limits.filter_timeout,
             },
             drain_timeout: config.shutdown.drain_timeout,
+            deny: DenyList::new(metrics.deny_list_identities.clone()),
         };
         if let Err(err) = edge.apply(config, filters).await {
             edge.shutdown().await;
@@ -126,6 +133,19 @@ impl Edge {
         }
         ready.store(true, Ordering::Release);
         Ok(edge)
+    }
+
+    /// Puts a deny list in force at once: open connections of a listed
+    /// identity are closed at their next request. [`Edge::apply`] does this
+    /// too; call it on its own when the rest of a new configuration cannot be
+    /// applied, since a revocation must not wait for an unrelated fix.
+    pub fn set_deny_list(&self, identities: &[String]) {
+        if self.deny.replace(identities) {
+            tracing::info!(
+                identities = identities.len(),
+                "deny list changed; denied identities are cut off at their next request"
+            );
+        }
     }
 
     pub fn cluster_names(&self) -> impl Iterator<Item = &str> {
@@ -147,6 +167,7 @@ impl Edge {
             filter_timeout: config.limits.filter_timeout,
         };
         self.drain_timeout = config.shutdown.drain_timeout;
+        self.set_deny_list(&config.deny_identities);
         let mut report = ApplyReport::default();
         let wanted: HashMap<&str, &VirtualCluster> = config
             .virtual_clusters
@@ -214,10 +235,22 @@ impl Edge {
             vc.upstream.connect_timeout,
         );
         if let Some(tls) = &vc.upstream.tls {
-            direct = direct.with_tls(tls).map_err(|source| StartError::Tls {
+            let tls_error = |source| StartError::Tls {
                 name: vc.name.clone(),
                 source,
-            })?;
+            };
+            let config = ClientTls::start(
+                tls,
+                CredentialLabel {
+                    owner: vc.name.clone(),
+                    certificate: "upstream_client",
+                },
+                Some(self.tls_metrics.clone()),
+                UPSTREAM_CREDENTIAL_INTERVAL,
+                stop_accepting.clone(),
+            )
+            .map_err(tls_error)?;
+            direct = direct.with_tls_config(tls, config).map_err(tls_error)?;
         }
         let sasl = vc.upstream.sasl.as_ref().map(|sasl| {
             if sasl.mechanism == strait_edge_config::SaslMechanism::Plain
@@ -276,6 +309,7 @@ impl Edge {
             drain: drain.clone(),
             kill: kill.clone(),
             tracker: tracker.clone(),
+            deny: self.deny.clone(),
         };
         let runtime =
             ClusterRuntime::start(vc, parts)

@@ -45,6 +45,13 @@ struct AuthLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeniedLabels {
+    virtual_cluster: String,
+    /// `handshake` (refused right after it) or `request` (an open connection cut off).
+    stage: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RejectLabels {
     virtual_cluster: String,
     reason: String,
@@ -69,6 +76,9 @@ pub struct ProxyMetrics {
     frames_rejected: Family<RejectLabels, Counter>,
     brokers_discovered: Family<ClusterLabels, Gauge>,
     throttle_seconds: Family<ClusterLabels, Counter<f64, AtomicU64>>,
+    identities_denied: Family<DeniedLabels, Counter>,
+    /// Entries in the deny list now in force.
+    pub deny_list_identities: Gauge,
 }
 
 impl ProxyMetrics {
@@ -84,6 +94,8 @@ impl ProxyMetrics {
             frames_rejected: Family::default(),
             brokers_discovered: Family::default(),
             throttle_seconds: Family::default(),
+            identities_denied: Family::default(),
+            deny_list_identities: Gauge::default(),
         };
         registry.register(
             "connections_open",
@@ -134,6 +146,16 @@ impl ProxyMetrics {
             "throttle_seconds",
             "Quota throttle time imposed on clients",
             metrics.throttle_seconds.clone(),
+        );
+        registry.register(
+            "identities_denied",
+            "Connections of deny-listed identities closed, by stage (handshake: refused right after it; request: cut off at its next request)",
+            metrics.identities_denied.clone(),
+        );
+        registry.register(
+            "deny_list_identities",
+            "Identities in the deny list now in force",
+            metrics.deny_list_identities.clone(),
         );
         Arc::new(metrics)
     }
@@ -217,6 +239,17 @@ impl ClusterMetrics {
             .get_or_create(&AuthLabels {
                 virtual_cluster: self.name.clone(),
                 mechanism: mechanism.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A connection of a deny-listed identity closed at `stage`.
+    pub fn identity_denied(&self, stage: &str) {
+        self.families
+            .identities_denied
+            .get_or_create(&DeniedLabels {
+                virtual_cluster: self.name.clone(),
+                stage: stage.to_owned(),
             })
             .inc();
     }

@@ -148,9 +148,20 @@ impl DirectTcp {
         }
     }
 
-    /// Brokers are reached over TLS, verified against `settings.ca`.
-    pub fn with_tls(mut self, settings: &ClientTlsSettings) -> Result<Self, strait_tls::TlsError> {
+    /// Brokers are reached over TLS, verified against `settings.ca`, with
+    /// the client certificate as it is now.
+    pub fn with_tls(self, settings: &ClientTlsSettings) -> Result<Self, strait_tls::TlsError> {
         let config = ClientTls::load(settings)?;
+        self.with_tls_config(settings, config)
+    }
+
+    /// Brokers are reached over TLS with `config` (e.g. from
+    /// [`ClientTls::start`], whose client certificate is swapped live).
+    pub fn with_tls_config(
+        mut self,
+        settings: &ClientTlsSettings,
+        config: Arc<strait_tls::tokio_rustls::rustls::ClientConfig>,
+    ) -> Result<Self, strait_tls::TlsError> {
         let server_name = match &settings.server_name {
             Some(name) => Some(ServerName::try_from(name.clone()).map_err(|err| {
                 strait_tls::TlsError::Verifier(format!("invalid server_name '{name}': {err}"))

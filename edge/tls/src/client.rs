@@ -1,12 +1,17 @@
 //! TLS from the edge to the brokers.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
+use crate::credentials::{
+    certified_key, CredentialLabel, CredentialReceiver, FileCredentials, WatchedCertifiedKey,
+};
+use crate::metrics::TlsMetrics;
 use crate::server::TlsError;
 
 /// Validated upstream TLS settings.
@@ -23,48 +28,79 @@ pub struct ClientTlsSettings {
 pub struct ClientTls;
 
 impl ClientTls {
+    /// Reads the files and builds a configuration with the certificate as it
+    /// is now, to check them.
     pub fn load(settings: &ClientTlsSettings) -> Result<Arc<ClientConfig>, TlsError> {
-        let pem_error = |path: &PathBuf| {
-            let path = path.clone();
-            move |err: rustls_pki_types::pem::Error| TlsError::Pem {
-                path: path.clone(),
-                what: err.to_string(),
-            }
-        };
-        let mut roots = RootCertStore::empty();
-        for cert in CertificateDer::pem_file_iter(&settings.ca).map_err(pem_error(&settings.ca))? {
-            roots
-                .add(cert.map_err(pem_error(&settings.ca))?)
-                .map_err(|err| TlsError::Pem {
-                    path: settings.ca.clone(),
-                    what: err.to_string(),
-                })?;
-        }
-        if roots.is_empty() {
-            return Err(TlsError::Pem {
-                path: settings.ca.clone(),
-                what: "no certificate found in the trust bundle".into(),
-            });
-        }
-        let builder =
-            ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-                .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
-                .with_root_certificates(roots);
-        let mut config = match &settings.identity {
+        let credentials = match &settings.identity {
             Some((cert, key)) => {
-                let certs = CertificateDer::pem_file_iter(cert)
-                    .map_err(pem_error(cert))?
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(pem_error(cert))?;
-                let key = PrivateKeyDer::from_pem_file(key).map_err(pem_error(key))?;
-                builder.with_client_auth_cert(certs, key)?
+                let certified = certified_key(&read(cert)?, &read(key)?, cert, key)?;
+                // No sender: the configuration keeps this certificate.
+                Some(watch::channel(Arc::new(certified)).1)
             }
-            None => builder.with_no_client_auth(),
+            None => None,
         };
-        // Session resumption saves little on long-lived broker connections,
-        // and OpenSSL servers that verify clients without a session id
-        // context (socat, some appliances) abort resumed handshakes.
-        config.resumption = rustls::client::Resumption::disabled();
-        Ok(Arc::new(config))
+        Ok(Arc::new(client_config(&settings.ca, credentials)?))
     }
+
+    /// A configuration whose client certificate (if any) is re-read from its
+    /// files every `interval` until `stop` and swapped live: new connections
+    /// present the newest one.
+    pub fn start(
+        settings: &ClientTlsSettings,
+        label: CredentialLabel,
+        metrics: Option<TlsMetrics>,
+        interval: Duration,
+        stop: CancellationToken,
+    ) -> Result<Arc<ClientConfig>, TlsError> {
+        let credentials = match &settings.identity {
+            Some((cert, key)) => Some(FileCredentials::start(
+                cert.clone(),
+                key.clone(),
+                label,
+                metrics,
+                interval,
+                stop,
+            )?),
+            None => None,
+        };
+        Ok(Arc::new(client_config(&settings.ca, credentials)?))
+    }
+}
+
+/// A client configuration trusting the PEM bundle at `ca` and presenting
+/// whatever `credentials` holds at each handshake (no client certificate
+/// without it).
+pub fn client_config(
+    ca: &Path,
+    credentials: Option<CredentialReceiver>,
+) -> Result<ClientConfig, TlsError> {
+    let mut roots = RootCertStore::empty();
+    for cert in crate::bundle::certificates(&read(ca)?, ca)? {
+        roots.add(cert).map_err(|err| TlsError::Pem {
+            path: ca.to_owned(),
+            what: err.to_string(),
+        })?;
+    }
+    let builder =
+        ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?
+            .with_root_certificates(roots);
+    let mut config = match credentials {
+        Some(credentials) => {
+            builder.with_client_cert_resolver(WatchedCertifiedKey::new(credentials))
+        }
+        None => builder.with_no_client_auth(),
+    };
+    // Session resumption saves little on long-lived broker connections,
+    // and OpenSSL servers that verify clients without a session id
+    // context (socat, some appliances) abort resumed handshakes.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.to_owned(),
+        source,
+    })
 }

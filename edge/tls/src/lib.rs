@@ -2,28 +2,43 @@
 //!
 //! * [`ServerTls`] builds rustls server configurations from PEM files: TLS 1.3
 //!   and 1.2 with rustls' AEAD-only suites, and client certificates verified
-//!   against a trust bundle when `client_auth` is `required` or `optional`.
-//! * [`CredentialWatcher`] re-reads the files and publishes a new
-//!   configuration on a `watch` channel when they change. New handshakes use
-//!   the newest configuration; open connections keep theirs. A broken file is
-//!   rejected with a log line and the previous configuration stays.
+//!   when `client_auth` is `required` or `optional`: a certificate with a
+//!   SPIFFE ID only against the bundle of its trust domain
+//!   ([`SpiffeClientVerifier`]), one without against the plain `client_ca`.
+//! * Certificates are swapped live: [`FileCredentials`] polls a certificate
+//!   and key and publishes [`CertifiedKey`](rustls::sign::CertifiedKey)s on a
+//!   `watch` channel that [`WatchedCertifiedKey`] (a rustls server and client
+//!   resolver) reads at every handshake. New handshakes use the newest
+//!   certificate; open connections keep theirs. A broken file is rejected
+//!   with a log line and the previous certificate stays.
+//! * [`CredentialWatcher`] publishes a virtual cluster's server configuration
+//!   and a new one when its trust bundles change.
 //! * [`principal_of`] turns a client certificate into a [`Principal`]: its
 //!   SPIFFE ID by default.
 
 #![forbid(unsafe_code)]
 
+mod bundle;
 mod client;
+mod credentials;
 mod identity;
 mod metrics;
 mod server;
+mod trust;
 
-pub use client::{ClientTls, ClientTlsSettings};
+pub use bundle::{BundleSource, TrustBundleSettings};
+pub use client::{client_config, ClientTls, ClientTlsSettings};
+pub use credentials::{
+    certified_key, CredentialLabel, CredentialReceiver, FileCredentials, WatchedCertifiedKey,
+};
 pub use identity::{principal_of, PrincipalSource};
 pub use metrics::TlsMetrics;
 pub use server::{
-    handshake_failure_reason, ClientAuth, CredentialWatcher, ServerTls, ServerTlsSettings, TlsError,
+    handshake_failure_reason, trust_domain_refusal, ClientAuth, CredentialWatcher, ServerTls,
+    ServerTlsSettings, TlsError,
 };
 pub use tokio_rustls;
+pub use trust::{is_trust_domain, trust_domain_of, SpiffeClientVerifier, TrustDomainError};
 
 /// Bytes read from the socket at once beneath a TLS session.
 pub const TLS_READ_BUFFER: usize = 64 * 1024;

@@ -1,20 +1,24 @@
 //! Server configurations from PEM files, and their hot reload.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls::server::WebPkiClientVerifier;
 use rustls::{CertificateError, RootCertStore, ServerConfig};
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use rustls_pki_types::CertificateDer;
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
+use crate::bundle::{self, TrustBundleSettings};
+use crate::credentials::{
+    certified_key, CredentialLabel, CredentialReceiver, FileCredentials, WatchedCertifiedKey,
+};
 use crate::identity::PrincipalSource;
 use crate::metrics::TlsMetrics;
+use crate::trust::{trust_domain_error, SpiffeClientVerifier};
 
 #[derive(Debug, Error)]
 pub enum TlsError {
@@ -48,31 +52,46 @@ pub enum ClientAuth {
 pub struct ServerTlsSettings {
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// Verifies certificates without a SPIFFE ID; binds no trust domain.
     pub client_ca: Option<PathBuf>,
+    /// Each trust domain's bundle: a certificate with a SPIFFE ID is verified
+    /// only against the bundle of its ID's trust domain.
+    pub client_trust_bundles: Vec<TrustBundleSettings>,
     pub client_auth: ClientAuth,
     pub principal_sources: Vec<PrincipalSource>,
 }
 
-/// The bytes a configuration was built from, to notice when files change.
-#[derive(PartialEq, Eq)]
-struct Material {
-    cert: Vec<u8>,
-    key: Vec<u8>,
-    client_ca: Option<Vec<u8>>,
+impl ServerTlsSettings {
+    fn verifies_clients(&self) -> bool {
+        self.client_ca.is_some() || !self.client_trust_bundles.is_empty()
+    }
 }
 
-impl Material {
+/// The bytes the client verifier was built from, to notice when files change.
+#[derive(PartialEq, Eq)]
+struct TrustMaterial {
+    client_ca: Option<Vec<u8>>,
+    bundles: Vec<Vec<u8>>,
+}
+
+impl TrustMaterial {
     fn read(settings: &ServerTlsSettings) -> Result<Self, TlsError> {
-        let read = |path: &PathBuf| {
-            std::fs::read(path).map_err(|source| TlsError::Read {
-                path: path.clone(),
-                source,
-            })
-        };
-        Ok(Material {
-            cert: read(&settings.cert)?,
-            key: read(&settings.key)?,
-            client_ca: settings.client_ca.as_ref().map(read).transpose()?,
+        Ok(TrustMaterial {
+            client_ca: settings
+                .client_ca
+                .as_ref()
+                .map(|path| {
+                    std::fs::read(path).map_err(|source| TlsError::Read {
+                        path: path.clone(),
+                        source,
+                    })
+                })
+                .transpose()?,
+            bundles: settings
+                .client_trust_bundles
+                .iter()
+                .map(|bundle| bundle.source.read())
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -81,99 +100,102 @@ impl Material {
 pub struct ServerTls;
 
 impl ServerTls {
-    /// Reads the files and builds a configuration.
+    /// Reads the files and builds a configuration, to check them.
     pub fn load(settings: &ServerTlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
-        let material = Material::read(settings)?;
-        Ok(Self::build(settings, &material)?.0)
+        let cert = read(&settings.cert)?;
+        let key = read(&settings.key)?;
+        let certified = certified_key(&cert, &key, &settings.cert, &settings.key)?;
+        // No sender: the configuration keeps this certificate.
+        let (_, credentials) = watch::channel(Arc::new(certified));
+        let trust = TrustMaterial::read(settings)?;
+        Ok(Self::build(settings, &trust, credentials)?.0)
     }
 
-    /// The configuration, and the seconds until the served certificate and
-    /// the trust bundle's first certificate expire.
+    /// The configuration, serving whatever `credentials` holds at each
+    /// handshake, and the seconds until the trust bundles' first certificate
+    /// expires.
     fn build(
         settings: &ServerTlsSettings,
-        material: &Material,
-    ) -> Result<(Arc<ServerConfig>, i64, Option<i64>), TlsError> {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(&material.cert)
-            .collect::<Result<_, _>>()
-            .map_err(|err| TlsError::Pem {
-                path: settings.cert.clone(),
-                what: err.to_string(),
-            })?;
-        if certs.is_empty() {
-            return Err(TlsError::Pem {
-                path: settings.cert.clone(),
-                what: "no certificate found".into(),
-            });
-        }
-        let key = PrivateKeyDer::from_pem_slice(&material.key).map_err(|err| TlsError::Pem {
-            path: settings.key.clone(),
-            what: err.to_string(),
-        })?;
+        trust: &TrustMaterial,
+        credentials: CredentialReceiver,
+    ) -> Result<(Arc<ServerConfig>, Option<i64>), TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])?;
 
         let mut ca_expiry = None;
-        let builder = match (settings.client_auth, &material.client_ca) {
-            (ClientAuth::None, _) => builder.with_no_client_auth(),
-            (auth, Some(bundle)) => {
-                let path = settings.client_ca.clone().unwrap_or_default();
-                let mut roots = RootCertStore::empty();
-                for cert in CertificateDer::pem_slice_iter(bundle) {
-                    let cert = cert.map_err(|err| TlsError::Pem {
-                        path: path.clone(),
-                        what: err.to_string(),
-                    })?;
-                    ca_expiry = ca_expiry.or_else(|| seconds_until_expiry(&cert));
-                    roots.add(cert).map_err(|err| TlsError::Pem {
-                        path: path.clone(),
-                        what: err.to_string(),
-                    })?;
-                }
-                if roots.is_empty() {
-                    return Err(TlsError::Pem {
-                        path,
-                        what: "no certificate found in the trust bundle".into(),
-                    });
-                }
-                let verifier =
-                    WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
-                let verifier = if auth == ClientAuth::Optional {
-                    verifier.allow_unauthenticated()
-                } else {
-                    verifier
-                };
-                let verifier = verifier
-                    .build()
-                    .map_err(|err| TlsError::Verifier(err.to_string()))?;
-                builder.with_client_cert_verifier(verifier)
-            }
-            (_, None) => {
+        let builder = match settings.client_auth {
+            ClientAuth::None => builder.with_no_client_auth(),
+            _ if !settings.verifies_clients() => {
                 return Err(TlsError::Verifier(
-                    "client_auth needs a client_ca trust bundle".into(),
+                    "client_auth needs client_trust_bundles or a client_ca".into(),
                 ))
             }
+            auth => {
+                let plain = match (&settings.client_ca, &trust.client_ca) {
+                    (Some(path), Some(bytes)) => {
+                        let certs = bundle::certificates(bytes, path)?;
+                        let mut roots = RootCertStore::empty();
+                        for cert in certs {
+                            ca_expiry = ca_expiry.or_else(|| seconds_until_expiry(&cert));
+                            roots.add(cert).map_err(|err| TlsError::Pem {
+                                path: path.clone(),
+                                what: err.to_string(),
+                            })?;
+                        }
+                        Some(roots)
+                    }
+                    _ => None,
+                };
+                let mut domains = BTreeMap::new();
+                for (bundle, bytes) in settings.client_trust_bundles.iter().zip(&trust.bundles) {
+                    let (roots, certs) = bundle::roots(bytes, bundle)?;
+                    ca_expiry = ca_expiry.or_else(|| certs.first().and_then(seconds_until_expiry));
+                    if domains.insert(bundle.trust_domain.clone(), roots).is_some() {
+                        return Err(TlsError::Verifier(format!(
+                            "trust domain '{}' has two bundles",
+                            bundle.trust_domain
+                        )));
+                    }
+                }
+                let verifier = SpiffeClientVerifier::new(
+                    domains,
+                    plain,
+                    auth == ClientAuth::Required,
+                    provider,
+                )
+                .map_err(TlsError::Verifier)?;
+                builder.with_client_cert_verifier(Arc::new(verifier))
+            }
         };
-        let expiry = seconds_until_expiry(&certs[0]).unwrap_or(0);
-        let config = builder.with_single_cert(certs, key)?;
-        Ok((Arc::new(config), expiry, ca_expiry))
+        let config = builder.with_cert_resolver(WatchedCertifiedKey::new(credentials));
+        Ok((Arc::new(config), ca_expiry))
     }
 }
 
-fn seconds_until_expiry(cert: &CertificateDer<'_>) -> Option<i64> {
+fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        path: path.clone(),
+        source,
+    })
+}
+
+pub(crate) fn seconds_until_expiry(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
     let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
     Some(parsed.validity().not_after.timestamp() - now)
 }
 
-/// Publishes a virtual cluster's server configuration and replaces it when
-/// its files change.
+/// Publishes a virtual cluster's server configuration. The certificate is
+/// swapped live through a resolver (new handshakes get the new one, open
+/// connections keep theirs); a change of the trust bundles publishes a new
+/// configuration.
 pub struct CredentialWatcher;
 
 impl CredentialWatcher {
-    /// Loads the configuration (failing if it is invalid: an edge must not
-    /// start without its certificate) and re-reads the files every `interval`
-    /// until `stop`.
+    /// Serves the certificate and key files of `settings`, re-read every
+    /// `interval` until `stop`. Fails if they are invalid: an edge must not
+    /// start without its certificate.
     pub fn start(
         virtual_cluster: &str,
         settings: ServerTlsSettings,
@@ -181,18 +203,52 @@ impl CredentialWatcher {
         interval: Duration,
         stop: CancellationToken,
     ) -> Result<watch::Receiver<Arc<ServerConfig>>, TlsError> {
-        let material = Material::read(&settings)?;
-        let (config, expiry, ca_expiry) = ServerTls::build(&settings, &material)?;
-        metrics.expiry(virtual_cluster, "server", expiry);
+        let credentials = FileCredentials::start(
+            settings.cert.clone(),
+            settings.key.clone(),
+            CredentialLabel {
+                owner: virtual_cluster.to_owned(),
+                certificate: "server",
+            },
+            Some(metrics.clone()),
+            interval,
+            stop.clone(),
+        )?;
+        Self::start_with_credentials(
+            virtual_cluster,
+            settings,
+            credentials,
+            metrics,
+            interval,
+            stop,
+        )
+    }
+
+    /// Like [`CredentialWatcher::start`], serving whatever `credentials`
+    /// publishes (e.g. an SVID from the control plane's CA) instead of the
+    /// certificate files.
+    pub fn start_with_credentials(
+        virtual_cluster: &str,
+        settings: ServerTlsSettings,
+        credentials: CredentialReceiver,
+        metrics: TlsMetrics,
+        interval: Duration,
+        stop: CancellationToken,
+    ) -> Result<watch::Receiver<Arc<ServerConfig>>, TlsError> {
+        let material = TrustMaterial::read(&settings)?;
+        let (config, ca_expiry) = ServerTls::build(&settings, &material, credentials.clone())?;
         if let Some(ca_expiry) = ca_expiry {
             metrics.expiry(virtual_cluster, "client_ca", ca_expiry);
         }
         let (tx, rx) = watch::channel(config);
+        if !settings.verifies_clients() {
+            return Ok(rx);
+        }
         let name = virtual_cluster.to_owned();
         tokio::spawn(async move {
             let mut current = material;
             // The last rejected material, so a broken file is reported once, not every tick.
-            let mut rejected: Option<Material> = None;
+            let mut rejected: Option<TrustMaterial> = None;
             let mut ticker = tokio::time::interval(interval);
             ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -200,33 +256,30 @@ impl CredentialWatcher {
                     _ = stop.cancelled() => return,
                     _ = ticker.tick() => {}
                 }
-                let material = match Material::read(&settings) {
+                let material = match TrustMaterial::read(&settings) {
                     Ok(material) => material,
                     Err(err) => {
-                        tracing::warn!(virtual_cluster = %name, %err, "cannot read TLS files; keeping the current credentials");
+                        tracing::warn!(virtual_cluster = %name, %err, "cannot read client trust bundles; keeping the current ones");
                         continue;
                     }
                 };
                 if material == current || rejected.as_ref() == Some(&material) {
                     continue;
                 }
-                match ServerTls::build(&settings, &material) {
-                    Ok((config, expiry, ca_expiry)) => {
-                        metrics.expiry(&name, "server", expiry);
+                match ServerTls::build(&settings, &material, credentials.clone()) {
+                    Ok((config, ca_expiry)) => {
                         if let Some(ca_expiry) = ca_expiry {
                             metrics.expiry(&name, "client_ca", ca_expiry);
                         }
                         metrics.reload(&name, true);
-                        tracing::info!(virtual_cluster = %name, "TLS credentials reloaded");
+                        tracing::info!(virtual_cluster = %name, "client trust bundles reloaded");
                         tx.send_replace(config);
                         current = material;
                         rejected = None;
                     }
                     Err(err) => {
-                        // Often a rotation caught between writing the certificate and the key:
-                        // the next tick sees both.
                         metrics.reload(&name, false);
-                        tracing::warn!(virtual_cluster = %name, %err, "new TLS credentials rejected; keeping the current ones");
+                        tracing::warn!(virtual_cluster = %name, %err, "new client trust bundles rejected; keeping the current ones");
                         rejected = Some(material);
                     }
                 }
@@ -234,6 +287,13 @@ impl CredentialWatcher {
         });
         Ok(rx)
     }
+}
+
+/// The trust-domain refusal that made a handshake fail, if that is why.
+pub fn trust_domain_refusal(err: &std::io::Error) -> Option<&crate::TrustDomainError> {
+    err.get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+        .and_then(trust_domain_error)
 }
 
 /// A short label for why a handshake failed, for metrics and logs.
@@ -252,6 +312,9 @@ pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
     };
     match tls {
         rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        other if trust_domain_error(other).is_some() => {
+            trust_domain_error(other).map_or("bad_certificate", |e| e.reason())
+        }
         rustls::Error::InvalidCertificate(cert) => match cert {
             CertificateError::Expired | CertificateError::ExpiredContext { .. } => "expired",
             CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {

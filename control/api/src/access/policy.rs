@@ -170,7 +170,8 @@ pub fn is_secret(kind: Kind) -> bool {
         | Kind::KmsRealm
         | Kind::TrustBundle
         | Kind::FailoverGroup
-        | Kind::AccessRule => false,
+        | Kind::AccessRule
+        | Kind::DenyList => false,
     }
 }
 
@@ -185,7 +186,8 @@ pub fn edge_reads(kind: Kind) -> bool {
         | Kind::EncryptionPolicy
         | Kind::KmsRealm
         | Kind::TrustBundle
-        | Kind::FailoverGroup => true,
+        | Kind::FailoverGroup
+        | Kind::DenyList => true,
         Kind::AccessRule => false,
     }
 }
@@ -193,7 +195,7 @@ pub fn edge_reads(kind: Kind) -> bool {
 /// Kinds a KMS broker may read. No wildcard arm, as in [`is_secret`].
 pub fn kms_broker_reads(kind: Kind) -> bool {
     match kind {
-        Kind::KmsRealm | Kind::TrustBundle => true,
+        Kind::KmsRealm | Kind::TrustBundle | Kind::DenyList => true,
         Kind::KafkaCluster
         | Kind::Edge
         | Kind::VirtualCluster

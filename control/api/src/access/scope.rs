@@ -93,6 +93,8 @@ impl EdgeScope {
             Kind::KmsRealm => self.realms.contains(name),
             // Public certificates; an edge may need any of them to verify peers.
             Kind::TrustBundle => true,
+            // Every edge enforces every deny list.
+            Kind::DenyList => true,
             Kind::AccessRule => false,
         }
     }
@@ -109,7 +111,8 @@ impl EdgeScope {
             | Kind::KafkaCluster
             | Kind::KmsRealm
             | Kind::TrustBundle
-            | Kind::AccessRule => false,
+            | Kind::AccessRule
+            | Kind::DenyList => false,
         }
     }
 }

@@ -6,7 +6,8 @@ pub mod kms {
     tonic::include_proto!("strait.kms.v1");
 }
 
-/// The control plane contract (`proto/control.proto`).
+/// The control plane contract (`proto/control.proto`, and the Identity
+/// service of `proto/identity.proto` in the same package).
 pub mod control {
     tonic::include_proto!("strait.control.v1");
 }

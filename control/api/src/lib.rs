@@ -3,6 +3,12 @@
 //! leader inside raft-rs); reads are linearizable (ReadIndex) unless the
 //! caller asks for a stale read. Every call is authorized by [`access`]
 //! from the caller's certificate; writes and refusals are audited.
+//!
+//! [`identity`]: the `Identity` service (the mesh's CA); [`tls`]: the
+//! listener used when the node runs the CA.
+
+pub mod identity;
+pub mod tls;
 
 pub mod access;
 

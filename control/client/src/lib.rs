@@ -5,6 +5,10 @@
 //!   folded into an [`EdgeSnapshot`], cached on disk (atomic write) and
 //!   loaded from there when the control plane is unreachable.
 //! - [`spawn_heartbeat`]: periodic write of the Edge resource's status.
+//! - [`identity`]: join with a token and renew an X.509 SVID from the
+//!   control plane's CA (key generated in memory).
+
+pub mod identity;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -7,6 +7,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Parser;
+
+#[path = "../ca_flags.rs"]
+mod ca_flags;
 use strait_control_api::access::{
     rules_of, Access, Audit, Authorizer, Caller, ControlMethod, Glob, Operation, Policy,
 };
@@ -91,6 +94,8 @@ struct Args {
     /// Serve Prometheus metrics on http://ADDR/metrics.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
+    #[command(flatten)]
+    ca: ca_flags::CaArgs,
 }
 
 fn parse_peers(s: &str) -> Result<BTreeMap<u64, String>> {
@@ -360,6 +365,64 @@ async fn main() -> Result<()> {
     }
     let (reporter, health) = tonic_health::server::health_reporter();
     spawn_health(node.clone(), reporter);
+
+    if args.ca.enabled() {
+        // The node runs the CA of --trust-domain on its own TLS listener:
+        // client certificates are verified against --tls-client-ca plus the
+        // CA's live bundle (certificates the CA issued work at once and
+        // across rotation); the Authorizer decides every call as elsewhere.
+        let (Some(td), Some(cert), Some(key), Some(client_ca)) = (
+            args.trust_domain.clone(),
+            &args.tls_cert,
+            &args.tls_key,
+            &args.tls_client_ca,
+        ) else {
+            bail!(
+                "the CA (--ca-seal-key-file / --ca-seal-kms) needs TLS: --tls-cert, --tls-key, \
+                 --tls-client-ca and --trust-domain"
+            );
+        };
+        let cert = read(cert)?;
+        let key = read(key)?;
+        let client_ca = read(client_ca)?;
+        let identity =
+            ca_flags::identity_service(&args.ca, &td, node.clone(), &client_ca, authz.clone())
+                .await?;
+        strait_control_api::identity::spawn_manager(identity.clone(), Duration::from_secs(1));
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let bootstrap = strait_control_api::tls::parse_certs("--tls-client-ca", &client_ca)?;
+        let source: strait_control_api::tls::BundleSource = {
+            let identity = identity.clone();
+            std::sync::Arc::new(move || {
+                identity.bundle_pem(strait_control_api::identity::now_unix())
+            })
+        };
+        let verifier = std::sync::Arc::new(strait_control_api::tls::DynamicClientVerifier::new(
+            provider.clone(),
+            bootstrap,
+            Some(source),
+        ));
+        let acceptor = strait_control_api::tls::acceptor(&cert, &key, verifier, provider)?;
+        let incoming = strait_control_api::tls::incoming(args.listen, acceptor).await?;
+        tracing::info!(id = args.id, listen = %args.listen, trust_domain = %td, "strait-control listening (CA)");
+        let shutdown_node = node.clone();
+        Server::builder()
+            .tcp_nodelay(true)
+            .add_service(health)
+            .add_service(identity.into_server())
+            .add_service(control.into_server())
+            .add_service(tonic::service::interceptor::InterceptedService::new(
+                raft_svc.into_server(),
+                authz.raft_interceptor(),
+            ))
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = tokio::signal::ctrl_c().await;
+            })
+            .await
+            .context("gRPC server")?;
+        shutdown_node.shutdown();
+        return Ok(());
+    }
 
     let mut builder = Server::builder();
     if let Some(tls) = server_tls {

@@ -1,5 +1,8 @@
 //! straitctl: command-line client of the Strait control plane.
 
+#[path = "../ctl_identity.rs"]
+mod ctl_identity;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -92,6 +95,21 @@ enum Cmd {
     },
     /// Raft status of every endpoint.
     Status,
+    /// Join tokens (admin).
+    Token {
+        #[command(subcommand)]
+        action: ctl_identity::TokenCmd,
+    },
+    /// The control plane's certificate authority.
+    Ca {
+        #[command(subcommand)]
+        action: ctl_identity::CaCmd,
+    },
+    /// Certificates from the control plane's CA.
+    Cert {
+        #[command(subcommand)]
+        action: ctl_identity::CertCmd,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -328,7 +346,15 @@ async fn run(cli: Cli) -> Result<()> {
         .collect();
     let mut cfg = ClientConfig::new(&endpoints);
     cfg.request_timeout = cli.timeout;
-    if cli.ca.is_none() {
+    // `cert agent` authenticates the control plane by its join token's pin
+    // and always uses TLS; it needs neither --ca nor the plaintext rule.
+    let pinned = matches!(
+        cli.cmd,
+        Cmd::Cert {
+            action: ctl_identity::CertCmd::Agent { .. }
+        }
+    );
+    if cli.ca.is_none() && !pinned {
         strait_control_client::plaintext::check_plaintext(
             cli.insecure_plaintext,
             "straitctl",
@@ -346,6 +372,9 @@ async fn run(cli: Cli) -> Result<()> {
     }
     let client = ControlClient::new(&cfg)?;
     match cli.cmd {
+        Cmd::Token { action } => ctl_identity::run_token(&cfg, action).await?,
+        Cmd::Cert { action } => ctl_identity::run_cert(&cfg, action).await?,
+        Cmd::Ca { action } => ctl_identity::run_ca(&cfg, action).await?,
         Cmd::Apply { file } => {
             let cmds = load_manifests(&file)?;
             for (n, cmd) in cmds {

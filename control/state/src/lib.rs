@@ -26,10 +26,14 @@ pub enum Kind {
     /// Who may call the control plane, and as what (see `spec::AccessRuleSpec`).
     AccessRule,
     DenyList,
+    // Identity (issue 11): written by the Identity service only.
+    JoinToken,
+    IssuedCertificate,
+    CertificateAuthority,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 13] = [
         Kind::KafkaCluster,
         Kind::Edge,
         Kind::VirtualCluster,
@@ -40,6 +44,9 @@ impl Kind {
         Kind::FailoverGroup,
         Kind::AccessRule,
         Kind::DenyList,
+        Kind::JoinToken,
+        Kind::IssuedCertificate,
+        Kind::CertificateAuthority,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -54,6 +61,9 @@ impl Kind {
             Kind::FailoverGroup => "FailoverGroup",
             Kind::AccessRule => "AccessRule",
             Kind::DenyList => "DenyList",
+            Kind::JoinToken => "JoinToken",
+            Kind::IssuedCertificate => "IssuedCertificate",
+            Kind::CertificateAuthority => "CertificateAuthority",
         }
     }
 
@@ -74,6 +84,9 @@ impl Kind {
             "failovergroup" | "fg" => Kind::FailoverGroup,
             "accessrule" | "ar" => Kind::AccessRule,
             "denylist" | "deny" => Kind::DenyList,
+            "jointoken" | "token" => Kind::JoinToken,
+            "issuedcertificate" | "cert" | "certificate" => Kind::IssuedCertificate,
+            "certificateauthority" | "certificateauthoritie" | "ca" => Kind::CertificateAuthority,
             _ => {
                 let names: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
                 return Err(format!(
@@ -108,6 +121,9 @@ impl Kind {
             Kind::FailoverGroup => check::<spec::FailoverGroupSpec>(spec),
             Kind::AccessRule => check::<spec::AccessRuleSpec>(spec),
             Kind::DenyList => check::<spec::DenyListSpec>(spec),
+            Kind::JoinToken => check::<spec::JoinTokenSpec>(spec),
+            Kind::IssuedCertificate => check::<spec::IssuedCertificateSpec>(spec),
+            Kind::CertificateAuthority => check::<spec::CertificateAuthoritySpec>(spec),
         }
     }
 }
@@ -626,3 +642,5 @@ impl Selector {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_identity;

@@ -719,3 +719,174 @@ impl Validate for AccessRuleSpec {
         }
     }
 }
+
+// --- Identity kinds (issue 11: the CA, join tokens, issuance records). ---
+// Written only by the Identity service; never returned to edges or
+// kms-brokers. None holds a secret in the clear: a token's secret appears
+// as its SHA-256, a CA key only sealed.
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JoinTokenSpec {
+    /// Equal to the resource name.
+    pub id: String,
+    /// SHA-256 of the token's secret, lowercase hex.
+    pub secret_sha256: String,
+    /// Glob over the SPIFFE IDs the token may be redeemed for.
+    pub spiffe_id_pattern: String,
+    pub expires_at_unix: i64,
+    pub uses_left: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IssuedCertificateSpec {
+    /// Lowercase hex; equal to the resource name.
+    pub serial: String,
+    pub spiffe_id: String,
+    pub not_after_unix: i64,
+    pub ca_generation: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CaGenerationState {
+    /// In trust bundles, not signing yet.
+    Prepared,
+    Active,
+    /// In trust bundles until `retire_after_unix`, no longer signing.
+    Retiring,
+    Retired,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateAuthoritySpec {
+    pub trust_domain: String,
+    pub generation: u64,
+    /// The root certificate (public).
+    pub cert_pem: String,
+    /// The private key sealed by `sealer` (base64 envelope); never the key.
+    pub sealed_key: String,
+    /// `file` or `kms:<kek>`.
+    pub sealer: String,
+    pub state: CaGenerationState,
+    pub not_after_unix: i64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub activate_at_unix: Option<i64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retire_after_unix: Option<i64>,
+}
+
+fn is_lower_hex(s: &str, len: Option<usize>) -> bool {
+    !s.is_empty()
+        && len.is_none_or(|l| s.len() == l)
+        && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+fn check_spiffe(path: &str, v: &str, errs: &mut Vec<ValidationError>) {
+    let ok = v
+        .strip_prefix("spiffe://")
+        .and_then(|r| r.split_once('/'))
+        .is_some_and(|(td, p)| !td.is_empty() && !p.is_empty());
+    if !ok {
+        errs.push(ValidationError::new(
+            path,
+            format!("'{v}' is not a SPIFFE ID (spiffe://<trust-domain>/<path>)"),
+        ));
+    }
+}
+
+impl Validate for JoinTokenSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        if !is_lower_hex(&self.id, Some(16)) {
+            errs.push(ValidationError::new(
+                "spec.id",
+                "must be 16 lowercase hex chars",
+            ));
+        }
+        if !is_lower_hex(&self.secret_sha256, Some(64)) {
+            errs.push(ValidationError::new(
+                "spec.secret_sha256",
+                "must be a SHA-256 in lowercase hex (64 chars); the secret itself is never stored",
+            ));
+        }
+        check_spiffe("spec.spiffe_id_pattern", &self.spiffe_id_pattern, errs);
+        if self.expires_at_unix <= 0 {
+            errs.push(ValidationError::new(
+                "spec.expires_at_unix",
+                "must be positive",
+            ));
+        }
+    }
+}
+
+impl Validate for IssuedCertificateSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        if !is_lower_hex(&self.serial, None) || self.serial.len() > 40 {
+            errs.push(ValidationError::new(
+                "spec.serial",
+                "must be 1-40 lowercase hex chars",
+            ));
+        }
+        check_spiffe("spec.spiffe_id", &self.spiffe_id, errs);
+        if self.not_after_unix <= 0 {
+            errs.push(ValidationError::new(
+                "spec.not_after_unix",
+                "must be positive",
+            ));
+        }
+        if self.ca_generation == 0 {
+            errs.push(ValidationError::new(
+                "spec.ca_generation",
+                "must be positive",
+            ));
+        }
+    }
+}
+
+impl Validate for CertificateAuthoritySpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        if self.trust_domain.trim().is_empty() {
+            errs.push(ValidationError::new(
+                "spec.trust_domain",
+                "must not be empty",
+            ));
+        }
+        if self.generation == 0 {
+            errs.push(ValidationError::new("spec.generation", "must be positive"));
+        }
+        if !self.cert_pem.contains("-----BEGIN CERTIFICATE-----") {
+            errs.push(ValidationError::new(
+                "spec.cert_pem",
+                "contains no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            ));
+        }
+        if self.sealed_key.contains("PRIVATE KEY") {
+            errs.push(ValidationError::new(
+                "spec.sealed_key",
+                "looks like a clear private key; only a sealed key may be stored",
+            ));
+        } else if self.sealed_key.trim().is_empty() {
+            errs.push(ValidationError::new("spec.sealed_key", "must not be empty"));
+        }
+        if self.sealer != "file" && !self.sealer.starts_with("kms:") {
+            errs.push(ValidationError::new(
+                "spec.sealer",
+                format!("'{}' is not a sealer (file or kms:<kek>)", self.sealer),
+            ));
+        }
+        if self.state == CaGenerationState::Prepared && self.activate_at_unix.is_none() {
+            errs.push(ValidationError::new(
+                "spec.activate_at_unix",
+                "a prepared generation needs its activation time",
+            ));
+        }
+        if self.state == CaGenerationState::Retiring && self.retire_after_unix.is_none() {
+            errs.push(ValidationError::new(
+                "spec.retire_after_unix",
+                "a retiring generation needs its retirement time",
+            ));
+        }
+    }
+}

@@ -45,6 +45,8 @@ pub enum IdentityMethod {
     CreateJoinToken,
     /// Public roots: no certificate needed.
     TrustBundle,
+    /// Admin: start the next CA generation now.
+    RotateCa,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -80,6 +82,7 @@ impl Operation {
                 I::Issue => "Identity/Issue",
                 I::CreateJoinToken => "Identity/CreateJoinToken",
                 I::TrustBundle => "Identity/TrustBundle",
+                I::RotateCa => "Identity/RotateCa",
             },
         }
     }
@@ -102,6 +105,7 @@ impl Operation {
                     | IdentityMethod::Renew
                     | IdentityMethod::Issue
                     | IdentityMethod::CreateJoinToken
+                    | IdentityMethod::RotateCa
             )
         )
     }
@@ -158,8 +162,9 @@ impl fmt::Display for Access<'_> {
     }
 }
 
-/// Kinds that hold credentials. None exists yet; the match has no wildcard
-/// arm so that a new kind cannot be added without deciding this.
+/// Kinds that hold credentials (a join token's hash, a sealed CA key) or
+/// the CA's records: admin only. The match has no wildcard arm so that a
+/// new kind cannot be added without deciding this.
 pub fn is_secret(kind: Kind) -> bool {
     match kind {
         Kind::KafkaCluster
@@ -172,6 +177,7 @@ pub fn is_secret(kind: Kind) -> bool {
         | Kind::FailoverGroup
         | Kind::AccessRule
         | Kind::DenyList => false,
+        Kind::JoinToken | Kind::IssuedCertificate | Kind::CertificateAuthority => true,
     }
 }
 
@@ -188,7 +194,10 @@ pub fn edge_reads(kind: Kind) -> bool {
         | Kind::TrustBundle
         | Kind::FailoverGroup
         | Kind::DenyList => true,
-        Kind::AccessRule => false,
+        Kind::AccessRule
+        | Kind::JoinToken
+        | Kind::IssuedCertificate
+        | Kind::CertificateAuthority => false,
     }
 }
 
@@ -202,7 +211,10 @@ pub fn kms_broker_reads(kind: Kind) -> bool {
         | Kind::AuthorizationPolicy
         | Kind::EncryptionPolicy
         | Kind::FailoverGroup
-        | Kind::AccessRule => false,
+        | Kind::AccessRule
+        | Kind::JoinToken
+        | Kind::IssuedCertificate
+        | Kind::CertificateAuthority => false,
     }
 }
 
@@ -264,9 +276,9 @@ impl Grants {
             Operation::Identity(IdentityMethod::Join | IdentityMethod::TrustBundle) => true,
             // Any authenticated caller; the handler binds the CSR to the ID.
             Operation::Identity(IdentityMethod::Renew) => true,
-            Operation::Identity(IdentityMethod::Issue | IdentityMethod::CreateJoinToken) => {
-                self.admin
-            }
+            Operation::Identity(
+                IdentityMethod::Issue | IdentityMethod::CreateJoinToken | IdentityMethod::RotateCa,
+            ) => self.admin,
             Operation::Control(_) if self.admin => true,
             Operation::Control(C::Get | C::List | C::Watch) => match a.kind {
                 Some(k) => self.reads_some_of(k),

@@ -95,7 +95,10 @@ impl EdgeScope {
             Kind::TrustBundle => true,
             // Every edge enforces every deny list.
             Kind::DenyList => true,
-            Kind::AccessRule => false,
+            Kind::AccessRule
+            | Kind::JoinToken
+            | Kind::IssuedCertificate
+            | Kind::CertificateAuthority => false,
         }
     }
 
@@ -112,7 +115,10 @@ impl EdgeScope {
             | Kind::KmsRealm
             | Kind::TrustBundle
             | Kind::AccessRule
-            | Kind::DenyList => false,
+            | Kind::DenyList
+            | Kind::JoinToken
+            | Kind::IssuedCertificate
+            | Kind::CertificateAuthority => false,
         }
     }
 }

@@ -1,0 +1,340 @@
+//! The node's TLS listener when it runs the CA (`--trust-domain`): client
+//! certificates are optional at the handshake (Join and TrustBundle work
+//! without one) and are verified against the bootstrap client CA
+//! (`--tls-client-ca`) plus the CA's current trust bundle, which changes
+//! with rotation, so the verifier's roots follow it. Whether a call needs a
+//! certificate, and which, is the [`crate::access::Authorizer`]'s decision.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::WebPkiClientVerifier;
+use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_stream::wrappers::ReceiverStream;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TlsSetupError {
+    #[error("{what}: {message}")]
+    Pem { what: String, message: String },
+    #[error("TLS configuration: {0}")]
+    Rustls(#[from] rustls::Error),
+    #[error("binding {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+}
+
+pub fn parse_certs(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, TlsSetupError> {
+    let certs: Result<Vec<_>, _> = rustls_pemfile::certs(&mut &pem[..]).collect();
+    let certs = certs.map_err(|e| TlsSetupError::Pem {
+        what: what.into(),
+        message: e.to_string(),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsSetupError::Pem {
+            what: what.into(),
+            message: "no PEM certificate found".into(),
+        });
+    }
+    Ok(certs)
+}
+
+fn parse_key(what: &str, pem: &[u8]) -> Result<PrivateKeyDer<'static>, TlsSetupError> {
+    rustls_pemfile::private_key(&mut &pem[..])
+        .map_err(|e| TlsSetupError::Pem {
+            what: what.into(),
+            message: e.to_string(),
+        })?
+        .ok_or_else(|| TlsSetupError::Pem {
+            what: what.into(),
+            message: "no PEM private key found".into(),
+        })
+}
+
+/// Where the verifier reads the CA's current bundle (concatenated PEM).
+pub type BundleSource = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Client-certificate verification over the bootstrap roots plus the CA's
+/// bundle. The bundle is read at every handshake (from the local replica:
+/// cheap) and the verifier rebuilt only when it changed, so a certificate
+/// is accepted as soon as this node knows the root that signed it.
+pub struct DynamicClientVerifier {
+    provider: Arc<CryptoProvider>,
+    bootstrap: Vec<CertificateDer<'static>>,
+    source: Option<BundleSource>,
+    last_pem: std::sync::Mutex<Option<String>>,
+    /// None: no root at all yet; every presented certificate is refused.
+    current: ArcSwap<Option<Arc<dyn ClientCertVerifier>>>,
+}
+
+impl std::fmt::Debug for DynamicClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DynamicClientVerifier")
+            .field("bootstrap_roots", &self.bootstrap.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DynamicClientVerifier {
+    pub fn new(
+        provider: Arc<CryptoProvider>,
+        bootstrap: Vec<CertificateDer<'static>>,
+        source: Option<BundleSource>,
+    ) -> Self {
+        let v = DynamicClientVerifier {
+            provider,
+            bootstrap,
+            source,
+            last_pem: std::sync::Mutex::new(None),
+            current: ArcSwap::from_pointee(None),
+        };
+        v.set_bundle(&[]);
+        v
+    }
+
+    /// Re-reads the bundle from the source; rebuilds when it changed.
+    fn refresh(&self) {
+        let Some(source) = &self.source else {
+            return;
+        };
+        let pem = source();
+        let mut last = self.last_pem.lock().unwrap_or_else(|p| p.into_inner());
+        if last.as_deref() == Some(pem.as_str()) {
+            return;
+        }
+        let certs = if pem.trim().is_empty() {
+            Vec::new()
+        } else {
+            match parse_certs("CA bundle", pem.as_bytes()) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "CA bundle unusable; keeping the previous roots");
+                    return;
+                }
+            }
+        };
+        self.set_bundle(&certs);
+        *last = Some(pem);
+    }
+
+    /// Trusts the bootstrap roots plus `bundle` from now on.
+    pub fn set_bundle(&self, bundle: &[CertificateDer<'static>]) {
+        let mut roots = RootCertStore::empty();
+        for c in self.bootstrap.iter().chain(bundle) {
+            if let Err(e) = roots.add(c.clone()) {
+                tracing::warn!(error = %e, "ignoring an unusable client root");
+            }
+        }
+        let inner = if roots.is_empty() {
+            None
+        } else {
+            match WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                self.provider.clone(),
+            )
+            .allow_unauthenticated()
+            .build()
+            {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    tracing::error!(error = %e, "client verifier");
+                    None
+                }
+            }
+        };
+        self.current.store(Arc::new(inner));
+    }
+}
+
+impl ClientCertVerifier for DynamicClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        false
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        self.refresh();
+        match self.current.load().as_ref() {
+            Some(v) => v.verify_client_cert(end_entity, intermediates, now),
+            None => Err(rustls::Error::General(
+                "no client certificate is trusted yet".into(),
+            )),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// The acceptor for the node's gRPC port.
+pub fn acceptor(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    verifier: Arc<DynamicClientVerifier>,
+    provider: Arc<CryptoProvider>,
+) -> Result<TlsAcceptor, TlsSetupError> {
+    let certs = parse_certs("--tls-cert", cert_pem)?;
+    let key = parse_key("--tls-key", key_pem)?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(certs, key)?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
+type Incoming = ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>;
+
+/// Accepts TCP connections on `addr` and hands completed TLS handshakes
+/// to tonic (`serve_with_incoming`); a failed handshake only drops that
+/// connection.
+pub async fn incoming(addr: SocketAddr, acceptor: TlsAcceptor) -> Result<Incoming, TlsSetupError> {
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| TlsSetupError::Bind { addr, source })?;
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        loop {
+            let (tcp, peer) = match listener.accept().await {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    // Out of descriptors and the like: back off a little.
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = tx.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                    Ok(Ok(s)) => {
+                        let _ = tx.send(Ok(s)).await;
+                    }
+                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                }
+            });
+        }
+    });
+    Ok(ReceiverStream::new(rx))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    use strait_control_ca::{generate_root, new_key_and_csr, Lifetimes, SignRequest, Signer};
+
+    use super::*;
+
+    fn ca(generation: u64, now: i64) -> (String, Signer) {
+        let root =
+            generate_root("example.org", generation, now, Duration::from_secs(86400)).unwrap();
+        let signer = Signer::new("example.org", generation, &root.cert_pem, &root.key_der).unwrap();
+        (root.cert_pem, signer)
+    }
+
+    fn leaf(signer: &Signer, id: &str, now: i64) -> CertificateDer<'static> {
+        let (_key, csr) = new_key_and_csr().unwrap();
+        let issued = signer
+            .sign(
+                &SignRequest {
+                    csr_pem: csr,
+                    spiffe_id: id.into(),
+                    dns_names: vec![],
+                    ips: vec![],
+                    ttl: None,
+                },
+                &Lifetimes::default(),
+                now,
+            )
+            .unwrap();
+        parse_certs("leaf", issued.cert_pem.as_bytes())
+            .unwrap()
+            .remove(0)
+    }
+
+    #[test]
+    fn client_roots_follow_the_bundle() {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        let now = UnixTime::now().as_secs() as i64;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (boot_pem, boot) = ca(1, now);
+        let (ca_pem, issuing) = ca(2, now);
+        let bootstrap = parse_certs("bootstrap", boot_pem.as_bytes()).unwrap();
+        let bundle = Arc::new(Mutex::new(String::new()));
+        let src = bundle.clone();
+        let source: BundleSource = Arc::new(move || src.lock().unwrap().clone());
+        let v = DynamicClientVerifier::new(provider.clone(), bootstrap.clone(), Some(source));
+        let admin = leaf(&boot, "spiffe://example.org/admin/a", now);
+        let workload = leaf(&issuing, "spiffe://example.org/ns/a/sa/b", now);
+        let t = UnixTime::now();
+        assert!(v.verify_client_cert(&admin, &[], t).is_ok());
+        // The CA's root is not known yet: its certificates are refused...
+        assert!(v.verify_client_cert(&workload, &[], t).is_err());
+        // ... and accepted as soon as the bundle names it.
+        *bundle.lock().unwrap() = ca_pem.clone();
+        assert!(v.verify_client_cert(&workload, &[], t).is_ok());
+        // A root that leaves the bundle (retired) stops being trusted.
+        *bundle.lock().unwrap() = String::new();
+        assert!(v.verify_client_cert(&workload, &[], t).is_err());
+        assert!(!v.client_auth_mandatory());
+    }
+}

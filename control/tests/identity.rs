@@ -283,6 +283,40 @@ fn ca_issues_joins_renews_and_refuses() {
     );
     assert!(o.status.success(), "{}", text(&o));
 
+    // A deny-listed identity gets no new certificate, even from an admin.
+    let deny = dir.join("deny.yaml");
+    std::fs::write(
+        &deny,
+        "kind: DenyList\nname: stolen\nspec: {spiffe_ids: [spiffe://example.org/ns/payments/sa/stolen], reason: laptop lost}\n",
+    )
+    .unwrap();
+    let o = ctl(
+        dir,
+        &ep,
+        Some("admin"),
+        &["apply", "-f", deny.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", text(&o));
+    let o = ctl(
+        dir,
+        &ep,
+        Some("admin"),
+        &[
+            "cert",
+            "issue",
+            "--spiffe-id",
+            "spiffe://example.org/ns/payments/sa/stolen",
+        ],
+    );
+    assert!(!o.status.success());
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains(
+            "spiffe://example.org/ns/payments/sa/stolen is on the deny list stolen (laptop lost)"
+        ),
+        "{}",
+        text(&o)
+    );
+
     // Admin-only calls: an edge identity is PERMISSION_DENIED, no certificate UNAUTHENTICATED.
     let o = ctl(
         dir,

@@ -192,12 +192,21 @@ impl IdentityService {
         Ok(s)
     }
 
+    /// Signs `req`, unless its identity is on a DenyList: a revoked
+    /// identity gets no new certificate, by token, renewal or an admin.
     fn sign_with(
         &self,
         signer: &Signer,
         req: &SignRequest,
         now: i64,
     ) -> Result<strait_control_ca::Issued, Status> {
+        if let Some((list, reason)) = store::denied(&self.inner.node, &req.spiffe_id) {
+            return Err(Status::permission_denied(format!(
+                "{} is on the deny list {list}{}",
+                req.spiffe_id,
+                reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            )));
+        }
         signer
             .sign(req, &self.inner.cfg.lifetimes, now)
             .map_err(ca_status)

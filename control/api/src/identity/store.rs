@@ -8,7 +8,7 @@ use strait_control_ca::issued::IssuedRecord;
 use strait_control_ca::{CaState, Generation, TokenRecord};
 use strait_control_raft::Node;
 use strait_control_state::spec::{
-    CaGenerationState, CertificateAuthoritySpec, IssuedCertificateSpec, JoinTokenSpec,
+    CaGenerationState, CertificateAuthoritySpec, DenyListSpec, IssuedCertificateSpec, JoinTokenSpec,
 };
 use strait_control_state::{typed, Command, Kind, Outcome, Selector};
 use tonic::Status;
@@ -101,6 +101,20 @@ pub fn expired_tokens(node: &Node, now: i64) -> Vec<String> {
             (s.expires_at_unix <= now).then(|| r.name.clone())
         })
         .collect()
+}
+
+/// The DenyList naming `spiffe_id`, if any (name, reason).
+pub fn denied(node: &Node, spiffe_id: &str) -> Option<(String, Option<String>)> {
+    let state = node.state();
+    let all = Selector::default();
+    let found = state.list(Some(Kind::DenyList), &all).find_map(|r| {
+        let s: DenyListSpec = typed(&r.spec).ok()?;
+        s.spiffe_ids
+            .iter()
+            .any(|i| i == spiffe_id)
+            .then(|| (r.name.clone(), s.reason.clone()))
+    });
+    found
 }
 
 pub fn token(node: &Node, id: &str) -> Option<(TokenRecord, u64)> {

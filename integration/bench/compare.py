@@ -68,7 +68,7 @@ ENCRYPTING = ["strait-edge", "kroxylicious"]
 # Per row (size, connections): records per round when not calibrated (--seconds 0), and the probe count
 # of the calibration, which sizes each row so that the direct produce takes --seconds (default 12 s):
 # the slowest target then stays within about 30 s.
-DEFAULT_COUNTS = {(100, 1): 10_000_000, (1000, 1): 2_000_000, (100, 64): 200_000, (1000, 64): 200_000}
+DEFAULT_COUNTS = {(100, 1): 10_000_000, (1000, 1): 2_000_000, (100, 64): 20_000_000, (1000, 64): 4_000_000}
 CALIBRATION_FRACTION = 0.1
 SMOKE_COUNT = 20_000
 PARTITIONS = {1: 1, 64: 4}
@@ -178,7 +178,9 @@ class Bench:
             return self.kafka.bootstrap, None, lambda: None, lambda: ""
         if target == "socat":
             socat = shutil.which("socat") or sys.exit("socat not found: run scripts/setup.sh")
-            p = Proc(f"socat-{tag}", [socat, f"TCP-LISTEN:{self.socat_port},bind=127.0.0.1,fork,reuseaddr",
+            # backlog: socat's default of 5 overflows when 64 connections arrive at once, and the
+            # connections the kernel then drops reach the client as an early end of file.
+            p = Proc(f"socat-{tag}", [socat, f"TCP-LISTEN:{self.socat_port},bind=127.0.0.1,fork,reuseaddr,backlog=512",
                                       f"TCP:127.0.0.1:{self.socat_backend},nodelay"], self.logs)
             p.start()
             wait_for(lambda: answers_api_versions("127.0.0.1", self.socat_port), 30, what="socat")

@@ -274,25 +274,39 @@ fn batch(records: usize, size: usize) -> Result<Bytes> {
     Ok(buf.freeze())
 }
 
-fn check_produce(mut body: Bytes) -> Result<()> {
+/// Partition errors a producer retries: leadership not (yet) where the client looked, as right
+/// after a topic is created or a leader moves. Anything else ends the run.
+const RETRIABLE: [i16; 3] = [
+    3, // UNKNOWN_TOPIC_OR_PARTITION
+    5, // LEADER_NOT_AVAILABLE
+    6, // NOT_LEADER_OR_FOLLOWER
+];
+/// Retries per connection before the run gives up: a leader that never arrives is an error.
+const MAX_RETRIES: u32 = 200;
+const RETRY_BACKOFF: Duration = Duration::from_millis(50);
+
+enum Produced {
+    Ok,
+    Retry(i16),
+}
+
+fn check_produce(mut body: Bytes) -> Result<Produced> {
     ResponseHeader::decode(&mut body, ProduceResponse::header_version(PRODUCE_VERSION))?;
     let resp = ProduceResponse::decode(&mut body, PRODUCE_VERSION)?;
-    for t in &resp.responses {
-        for p in &t.partition_responses {
-            if p.error_code != 0 {
-                bail!(
-                    "produce to {}-{}: error {}",
-                    t.name.as_str(),
-                    p.index,
-                    p.error_code
-                );
-            }
-        }
-    }
     if body.has_remaining() {
         bail!("{} unread bytes after a Produce response", body.remaining());
     }
-    Ok(())
+    let mut retry = None;
+    for t in &resp.responses {
+        for p in &t.partition_responses {
+            match p.error_code {
+                0 => {}
+                code if RETRIABLE.contains(&code) => retry = Some(code),
+                code => bail!("produce to {}-{}: error {code}", t.name.as_str(), p.index),
+            }
+        }
+    }
+    Ok(retry.map_or(Produced::Ok, Produced::Retry))
 }
 
 struct ConnResult {
@@ -329,23 +343,44 @@ async fn run_connection(
     let sent_at: Arc<Mutex<VecDeque<Instant>>> = Arc::new(Mutex::new(VecDeque::new()));
     let window = Arc::new(tokio::sync::Semaphore::new(inflight.max(1)));
 
+    // A request refused with a retriable error is sent again (as a fresh batch) after a backoff:
+    // the reader asks the writer for it on this channel, and drops its end when every request has
+    // been acknowledged, which ends the writer.
+    let (retry_tx, mut retry_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     let reader_task = {
         let sent_at = sent_at.clone();
         let window = window.clone();
         tokio::spawn(async move {
             let read_all = async {
                 let mut h = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
-                for _ in 0..requests {
+                let (mut acknowledged, mut retries) = (0u64, 0u32);
+                while acknowledged < requests {
                     let body = read_frame(&mut reader).await?;
                     let started = sent_at
                         .lock()
                         .await
                         .pop_front()
                         .ok_or_else(|| anyhow!("a response nobody asked for"))?;
-                    check_produce(body)?;
-                    h.saturating_record((started.elapsed().as_micros() as u64).max(1));
+                    match check_produce(body)? {
+                        Produced::Ok => {
+                            acknowledged += 1;
+                            h.saturating_record((started.elapsed().as_micros() as u64).max(1));
+                        }
+                        Produced::Retry(code) => {
+                            retries += 1;
+                            if retries > MAX_RETRIES {
+                                bail!("error {code} after {MAX_RETRIES} retries");
+                            }
+                            let tx = retry_tx.clone();
+                            tokio::spawn(async move {
+                                tokio::time::sleep(RETRY_BACKOFF).await;
+                                let _ = tx.send(());
+                            });
+                        }
+                    }
                     window.add_permits(1);
                 }
+                drop(retry_tx);
                 anyhow::Ok(h)
             };
             let result = read_all.await;
@@ -355,7 +390,17 @@ async fn run_connection(
             result
         })
     };
-    for correlation_id in 0..requests {
+    let mut fresh_left = requests;
+    for correlation_id in 0u64.. {
+        // A retry first, then a fresh request; with none left, wait for retries until the reader
+        // has every acknowledgement (it then drops the channel's last sender).
+        if retry_rx.try_recv().is_err() {
+            if fresh_left > 0 {
+                fresh_left -= 1;
+            } else if retry_rx.recv().await.is_none() {
+                break;
+            }
+        }
         if window.acquire().await.map(|p| p.forget()).is_err() {
             break;
         }
@@ -459,6 +504,40 @@ async fn run(args: &RawProduceArgs) -> Result<serde_json::Value> {
 mod tests {
     use super::*;
     use kafka_protocol::records::RecordBatchDecoder;
+
+    fn produce_response(error_code: i16) -> Bytes {
+        use kafka_protocol::messages::produce_response::{
+            PartitionProduceResponse, TopicProduceResponse,
+        };
+        let resp = ProduceResponse::default().with_responses(vec![TopicProduceResponse::default()
+            .with_name(TopicName(StrBytes::from_static_str("t")))
+            .with_partition_responses(vec![
+                PartitionProduceResponse::default().with_error_code(error_code)
+            ])]);
+        let mut buf = BytesMut::new();
+        ResponseHeader::default()
+            .with_correlation_id(1)
+            .encode(&mut buf, ProduceResponse::header_version(PRODUCE_VERSION))
+            .unwrap();
+        resp.encode(&mut buf, PRODUCE_VERSION).unwrap();
+        buf.freeze()
+    }
+
+    #[test]
+    fn leadership_errors_are_retried_and_others_end_the_run() {
+        assert!(matches!(
+            check_produce(produce_response(0)),
+            Ok(Produced::Ok)
+        ));
+        assert!(matches!(
+            check_produce(produce_response(6)),
+            Ok(Produced::Retry(6))
+        ));
+        let err = check_produce(produce_response(87))
+            .err()
+            .expect("error 87 is fatal");
+        assert_eq!(err.to_string(), "produce to t-0: error 87");
+    }
 
     #[test]
     fn a_request_carries_one_batch_with_every_record() {

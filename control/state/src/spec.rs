@@ -376,6 +376,25 @@ pub fn check_spiffe_glob(glob: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether SPIFFE ID `id` matches `glob`: `*` stays within one path
+/// segment, `**` crosses them, so `spiffe://d/edge/*` never matches
+/// `spiffe://d/edge/a/b`. Shared by the control plane's access rules and
+/// the KMS broker's caller list.
+pub fn spiffe_glob_matches(glob: &str, id: &str) -> bool {
+    fn matches(p: &[u8], s: &[u8]) -> bool {
+        match p {
+            [] => s.is_empty(),
+            [b'*', b'*', rest @ ..] => (0..=s.len()).any(|i| matches(rest, &s[i..])),
+            [b'*', rest @ ..] => {
+                let seg = s.iter().position(|&c| c == b'/').unwrap_or(s.len());
+                (0..=seg).any(|i| matches(rest, &s[i..]))
+            }
+            [c, rest @ ..] => s.first() == Some(c) && matches(rest, &s[1..]),
+        }
+    }
+    matches(glob.as_bytes(), id.as_bytes())
+}
+
 pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s
         .split_once('-')

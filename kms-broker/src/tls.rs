@@ -374,8 +374,12 @@ pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> Incoming {
                     Ok(Ok(s)) => {
                         let _ = tx.send(Ok(s)).await;
                     }
+                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        // A port probe or a client that gave up: nothing refused.
+                        tracing::debug!(%peer, error = %e, "connection closed during the handshake")
+                    }
                     Ok(Err(e)) => {
-                        tracing::warn!(target: "audit", %peer, reason = %e, "kms-broker handshake refused")
+                        tracing::warn!(target: "audit", %peer, reason = %refusal_reason(&e), "kms-broker handshake refused")
                     }
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
@@ -383,6 +387,18 @@ pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> Incoming {
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// The handshake error as a sentence: the trust-domain refusal itself
+/// when that is what it was.
+pub fn refusal_reason(e: &std::io::Error) -> String {
+    let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(o))) = inner {
+        if let Some(t) = o.0.downcast_ref::<TrustDomainError>() {
+            return t.to_string();
+        }
+    }
+    e.to_string()
 }
 
 #[cfg(test)]

@@ -51,6 +51,10 @@ impl Callers {
         self.denied.store(Arc::new(denied));
     }
 
+    pub fn denied_count(&self) -> usize {
+        self.denied.load().len()
+    }
+
     pub fn allowed(&self) -> &[String] {
         &self.allowed
     }

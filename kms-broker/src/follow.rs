@@ -9,7 +9,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use strait_control_client::broker::{watch_broker_config, BrokerSnapshot, BrokerWatchConfig};
-use strait_control_client::{ClientConfig, ClientError, TlsConfig};
+use strait_control_client::state::spec::KmsBrokerStatus;
+use strait_control_client::{ClientConfig, ClientError, ControlClient, SnapshotSource, TlsConfig};
 
 use crate::callers::{deny_lists, Callers};
 use crate::tls::{certificates, spiffe_id_of_der, Bundles, TrustDomainVerifier};
@@ -23,6 +24,8 @@ pub struct ControlArgs {
     pub key: Option<PathBuf>,
     pub insecure_plaintext: bool,
     pub cache_dir: PathBuf,
+    /// How often the broker writes its KmsBroker status.
+    pub heartbeat_interval: Duration,
 }
 
 impl ControlArgs {
@@ -148,6 +151,12 @@ pub fn follow_control_plane(
     })
     .map_err(|e| format!("cannot follow the control plane: {e}"))?;
     let mut rx = watch.config;
+    tokio::spawn(heartbeat(
+        args.clone(),
+        rx.clone(),
+        verifier.clone(),
+        callers.clone(),
+    ));
     if let Some(snap) = rx.borrow_and_update().clone() {
         apply(&snap, &file_bundles, &verifier, &callers);
     }
@@ -160,4 +169,55 @@ pub fn follow_control_plane(
             }
         }
     }))
+}
+
+/// Every `heartbeat_interval`, writes the broker's state into the status of
+/// its KmsBroker resource (created on the first beat). A failure is logged
+/// and the next beat tries again; serving never depends on it.
+async fn heartbeat(
+    args: Arc<ControlArgs>,
+    snapshots: tokio::sync::watch::Receiver<Option<Arc<BrokerSnapshot>>>,
+    verifier: Arc<TrustDomainVerifier>,
+    callers: Arc<Callers>,
+) {
+    let mut tick = tokio::time::interval(args.heartbeat_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let (revision, source) = match snapshots.borrow().as_ref() {
+            Some(s) => (
+                s.revision,
+                match s.source {
+                    SnapshotSource::ControlPlane => "control_plane",
+                    SnapshotSource::Cache => "cache",
+                },
+            ),
+            None => (0, "none"),
+        };
+        let status = KmsBrokerStatus {
+            last_heartbeat_unix_ms: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            config_revision: revision,
+            config_source: source.into(),
+            trust_domains: verifier.trust_domains(),
+            denied_identities: callers.denied_count(),
+            version: env!("CARGO_PKG_VERSION").into(),
+        };
+        let json = serde_json::to_string(&status).expect("status serializes");
+        // A fresh client each beat: a rotated client certificate is used at once.
+        let result = match client_config(&args).map(|c| ControlClient::new(&c)) {
+            Ok(Ok(client)) => {
+                strait_control_client::write_own_status(&client, "KmsBroker", &args.name, json)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e),
+        };
+        if let Err(e) = result {
+            tracing::warn!(error = %e, "heartbeat failed");
+        }
+    }
 }

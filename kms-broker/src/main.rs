@@ -49,6 +49,9 @@ struct Args {
     /// it when the control plane is down.
     #[arg(long, default_value = ".strait-kms-broker-cache")]
     cache_dir: PathBuf,
+    /// How often the broker writes the status of its KmsBroker resource.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: std::time::Duration,
 }
 
 #[tokio::main]
@@ -96,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
                     key: args.control_key.clone(),
                     insecure_plaintext: args.insecure_plaintext,
                     cache_dir: args.cache_dir.clone(),
+                    heartbeat_interval: args.heartbeat_interval,
                 },
                 file_bundles,
                 verifier.clone(),

@@ -407,9 +407,25 @@ async fn follows_an_mtls_control_plane_and_swaps_its_serving_certificate() {
         String::from_utf8_lossy(&out.stderr)
     );
 
-    let broker = start_broker(dir, port, &tls_args("k1"), "broker.log").await;
+    let mut args = tls_args("k1");
+    args.extend(["--heartbeat-interval".to_string(), "200ms".to_string()]);
+    let broker = start_broker(dir, port, &args, "broker.log").await;
     let ca = home.pem();
     assert_eq!(call(&broker.url, &ca, &e1).await.unwrap(), "kek-a");
+    // Its heartbeat: the KmsBroker resource it created, with its status.
+    wait_until("the broker's heartbeat", DEADLINE, || {
+        let admin = admin.clone();
+        async move {
+            let Ok(r) = admin.get("KmsBroker", "k1").await else {
+                return false;
+            };
+            let st: serde_json::Value = serde_json::from_str(&r.status_json).unwrap_or_default();
+            st["last_heartbeat_unix_ms"].as_u64().unwrap_or(0) > 0
+                && st["config_source"] == "control_plane"
+                && st["trust_domains"] == serde_json::json!(["example.org"])
+        }
+    })
+    .await;
     // The deny list arrives over the mTLS watch.
     apply(&admin, "DenyList", "leak", serde_json::json!({"spiffe_ids": [id("edge/e1")]})).await;
     wait_until("e1 to be refused", DEADLINE, || {

@@ -724,12 +724,25 @@ pub async fn heartbeat_once(
     status: &EdgeStatus,
 ) -> Result<(), Status> {
     let json = serde_json::to_string(status).expect("status serializes");
-    match client.update_status("Edge", edge, json.clone()).await {
+    write_own_status(client, "Edge", edge, json).await
+}
+
+/// Writes `status_json` into the status of the caller's own resource
+/// `kind`/`name`, creating it (empty spec, `expected_revision: 0`, the only
+/// write an edge or broker may make besides its status) if it does not
+/// exist yet.
+pub async fn write_own_status(
+    client: &ControlClient,
+    kind: &str,
+    name: &str,
+    status_json: String,
+) -> Result<(), Status> {
+    match client.update_status(kind, name, status_json.clone()).await {
         Err(s) if s.code() == Code::NotFound => {
             let create = pb::ApplyRequest {
                 resource: Some(pb::Resource {
-                    kind: "Edge".into(),
-                    name: edge.into(),
+                    kind: kind.into(),
+                    name: name.into(),
                     spec_json: "{}".into(),
                     ..Default::default()
                 }),
@@ -740,7 +753,10 @@ pub async fn heartbeat_once(
                 Err(s) if s.code() == Code::AlreadyExists => {}
                 Err(s) => return Err(s),
             }
-            client.update_status("Edge", edge, json).await.map(|_| ())
+            client
+                .update_status(kind, name, status_json)
+                .await
+                .map(|_| ())
         }
         other => other.map(|_| ()),
     }

@@ -91,6 +91,35 @@ pub struct EdgeSpec {
     pub description: Option<String>,
 }
 
+/// A KMS broker's registration (created by the broker itself on its first
+/// heartbeat, as an edge creates its Edge).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KmsBrokerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// What a KMS broker writes into its KmsBroker resource's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KmsBrokerStatus {
+    pub last_heartbeat_unix_ms: u64,
+    /// Control-plane revision of the snapshot (bundles, deny lists) in force.
+    #[serde(default)]
+    pub config_revision: u64,
+    /// `control_plane` or `cache`.
+    #[serde(default)]
+    pub config_source: String,
+    /// Trust domains whose callers it can verify.
+    #[serde(default)]
+    pub trust_domains: Vec<String>,
+    #[serde(default)]
+    pub denied_identities: usize,
+    #[serde(default)]
+    pub version: String,
+}
+
 /// What an edge writes into its Edge resource's status on every heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -676,6 +705,10 @@ impl Validate for TrustBundleSpec {
             ));
         }
     }
+}
+
+impl Validate for KmsBrokerSpec {
+    fn validate(&self, _: &mut Vec<ValidationError>) {}
 }
 
 impl Validate for DenyListSpec {

@@ -88,7 +88,10 @@ impl Callers {
         let Some(id) = id else {
             // The handshake already requires a SPIFFE certificate; this is
             // the belt to those braces.
-            let msg = format!("{} needs a client certificate with a SPIFFE ID", op.as_str());
+            let msg = format!(
+                "{} needs a client certificate with a SPIFFE ID",
+                op.as_str()
+            );
             tracing::warn!(target: "audit", operation = op.as_str(), reason = %msg, "kms-broker call refused");
             return Err(Status::unauthenticated(msg));
         };

@@ -31,10 +31,7 @@ pub struct ControlArgs {
 impl ControlArgs {
     /// The identity the control plane must see.
     pub fn identity(&self) -> String {
-        format!(
-            "spiffe://{}/kms-broker/{}",
-            self.trust_domain, self.name
-        )
+        format!("spiffe://{}/kms-broker/{}", self.trust_domain, self.name)
     }
 }
 
@@ -48,8 +45,8 @@ fn client_config(a: &ControlArgs) -> Result<ClientConfig, String> {
                 std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
             };
             let cert_pem = read(cert)?;
-            let leaf = certificates(&cert.display().to_string(), &cert_pem)
-                .map_err(|e| e.to_string())?;
+            let leaf =
+                certificates(&cert.display().to_string(), &cert_pem).map_err(|e| e.to_string())?;
             let want = a.identity();
             let got = spiffe_id_of_der(leaf[0].as_ref());
             if got.as_deref() != Some(want.as_str()) {
@@ -85,27 +82,27 @@ pub fn merged_bundles(file: &Bundles, snap: &BrokerSnapshot) -> (Bundles, Vec<St
     let mut errors = Vec::new();
     for (name, tb) in &snap.trust_bundles {
         match certificates(&format!("TrustBundle/{name}"), tb.pem.as_bytes()) {
-            Ok(certs) => out.entry(tb.trust_domain.clone()).or_default().extend(certs),
+            Ok(certs) => out
+                .entry(tb.trust_domain.clone())
+                .or_default()
+                .extend(certs),
             Err(e) => errors.push(e.to_string()),
         }
     }
     (out, errors)
 }
 
-fn apply(
-    snap: &BrokerSnapshot,
-    file: &Bundles,
-    verifier: &TrustDomainVerifier,
-    callers: &Callers,
-) {
+fn apply(snap: &BrokerSnapshot, file: &Bundles, verifier: &TrustDomainVerifier, callers: &Callers) {
     let (bundles, mut errors) = merged_bundles(file, snap);
     errors.extend(verifier.set_bundles(&bundles));
     for e in &errors {
         tracing::warn!(error = %e, "trust bundle left out; its callers are refused");
     }
-    let denied = deny_lists(snap.deny_lists.iter().map(|(n, d)| {
-        (n, d.spiffe_ids.as_slice(), d.reason.as_deref())
-    }));
+    let denied = deny_lists(
+        snap.deny_lists
+            .iter()
+            .map(|(n, d)| (n, d.spiffe_ids.as_slice(), d.reason.as_deref())),
+    );
     let count = denied.len();
     callers.set_deny_lists(denied);
     tracing::info!(

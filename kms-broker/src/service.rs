@@ -472,7 +472,10 @@ kms:
             cfg.tls.client_trust_bundles[0].pem_file,
             Path::new("/etc/strait/p.pem")
         );
-        assert_eq!(cfg.callers(), vec!["spiffe://example.org/edge/*".to_string()]);
+        assert_eq!(
+            cfg.callers(),
+            vec!["spiffe://example.org/edge/*".to_string()]
+        );
         assert_eq!(cfg.tls.reload_interval, Duration::from_secs(1));
         assert_eq!(
             cfg.kms[0].local.as_ref().unwrap().path,

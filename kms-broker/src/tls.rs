@@ -84,7 +84,11 @@ pub fn certificates(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static
 }
 
 /// A certificate chain and its key from PEM; the key must match.
-pub fn certified_key(what: &str, cert_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, TlsError> {
+pub fn certified_key(
+    what: &str,
+    cert_pem: &[u8],
+    key_pem: &[u8],
+) -> Result<CertifiedKey, TlsError> {
     let certs = certificates(what, cert_pem)?;
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
         what: format!("{what} key"),

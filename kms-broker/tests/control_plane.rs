@@ -252,7 +252,11 @@ async fn follows_a_plaintext_control_plane_and_keeps_serving_without_it() {
     write_pair(
         dir,
         "server",
-        &home.leaf(&["127.0.0.1", "localhost"], Some(&id("kms-broker/k1")), "k1"),
+        &home.leaf(
+            &["127.0.0.1", "localhost"],
+            Some(&id("kms-broker/k1")),
+            "k1",
+        ),
     );
     let e1 = home.leaf(&[], Some(&id("edge/e1")), "e1");
     let e2 = home.leaf(&[], Some(&id("edge/e2")), "e2");
@@ -276,10 +280,26 @@ async fn follows_a_plaintext_control_plane_and_keeps_serving_without_it() {
 
     // No bundle yet: nobody chains to anything, fail closed.
     assert!(call(&broker.url, &ca, &e1).await.is_err());
-    log_contains(&broker.log, "trust domain 'example.org' has no trust bundle here").await;
+    log_contains(
+        &broker.log,
+        "trust domain 'example.org' has no trust bundle here",
+    )
+    .await;
 
-    apply(&admin, "TrustBundle", "home", serde_json::json!({"trust_domain": "example.org", "pem": home.pem()})).await;
-    apply(&admin, "TrustBundle", "partner", serde_json::json!({"trust_domain": "other.org", "pem": other.pem()})).await;
+    apply(
+        &admin,
+        "TrustBundle",
+        "home",
+        serde_json::json!({"trust_domain": "example.org", "pem": home.pem()}),
+    )
+    .await;
+    apply(
+        &admin,
+        "TrustBundle",
+        "partner",
+        serde_json::json!({"trust_domain": "other.org", "pem": other.pem()}),
+    )
+    .await;
     wait_until("e1 to be served", DEADLINE, || {
         let (url, ca, e1) = (broker.url.clone(), ca.clone(), e1.clone());
         async move { call(&url, &ca, &e1).await.is_ok() }
@@ -315,7 +335,13 @@ async fn follows_a_plaintext_control_plane_and_keeps_serving_without_it() {
     // Deny list: applies to an open connection on its next request.
     let mut open_e1 = client(&broker.url, &ca, &e1);
     assert_eq!(resolve(&mut open_e1).await.unwrap(), "kek-a");
-    apply(&admin, "DenyList", "leak", serde_json::json!({"spiffe_ids": [id("edge/e1")], "reason": "key leaked"})).await;
+    apply(
+        &admin,
+        "DenyList",
+        "leak",
+        serde_json::json!({"spiffe_ids": [id("edge/e1")], "reason": "key leaked"}),
+    )
+    .await;
     let want = "spiffe://example.org/edge/e1 may not KmsBroker/ResolveAlias (deny-listed by DenyList/leak: key leaked)";
     wait_until("e1 to be refused", DEADLINE, || {
         let mut c = open_e1.clone();
@@ -332,14 +358,20 @@ async fn follows_a_plaintext_control_plane_and_keeps_serving_without_it() {
     for _ in 0..3 {
         assert_eq!(resolve(&mut open_e2).await.unwrap(), "kek-a");
         assert_eq!(call(&broker.url, &ca, &e2).await.unwrap(), "kek-a");
-        assert_eq!(call(&broker.url, &ca, &e1).await.unwrap_err().message(), want);
+        assert_eq!(
+            call(&broker.url, &ca, &e1).await.unwrap_err().message(),
+            want
+        );
     }
     // Restarted with the control plane still down: trust and deny list from the cache.
     drop(broker);
     let broker = start_broker(dir, port, &args, "broker2.log").await;
     log_contains(&broker.log, "source=Cache").await;
     assert_eq!(call(&broker.url, &ca, &e2).await.unwrap(), "kek-a");
-    assert_eq!(call(&broker.url, &ca, &e1).await.unwrap_err().message(), want);
+    assert_eq!(
+        call(&broker.url, &ca, &e1).await.unwrap_err().message(),
+        want
+    );
     drop(broker.proc);
 }
 
@@ -357,7 +389,11 @@ async fn follows_an_mtls_control_plane_and_swaps_its_serving_certificate() {
     write_pair(dir, "admin", &home.leaf(&[], Some(&id("admin/ops")), "ops"));
     write_pair(dir, "k1", &home.leaf(&[], Some(&id("kms-broker/k1")), "k1"));
     write_pair(dir, "k2", &home.leaf(&[], Some(&id("kms-broker/k2")), "k2"));
-    let first = home.leaf(&["127.0.0.1", "localhost"], Some(&id("kms-broker/k1")), "first");
+    let first = home.leaf(
+        &["127.0.0.1", "localhost"],
+        Some(&id("kms-broker/k1")),
+        "first",
+    );
     write_pair(dir, "server", &first);
     let e1 = home.leaf(&[], Some(&id("edge/e1")), "e1");
     let e2 = home.leaf(&[], Some(&id("edge/e2")), "e2");
@@ -397,7 +433,13 @@ async fn follows_an_mtls_control_plane_and_swaps_its_serving_certificate() {
     let out = Command::new(env!("CARGO_BIN_EXE_strait-kms-broker"))
         .arg("--config")
         .arg(dir.join("broker.yaml"))
-        .args(["--control", "10.0.0.1:7000", "--name", "k1", "--insecure-plaintext"])
+        .args([
+            "--control",
+            "10.0.0.1:7000",
+            "--name",
+            "k1",
+            "--insecure-plaintext",
+        ])
         .output()
         .unwrap();
     assert!(!out.status.success());
@@ -427,7 +469,13 @@ async fn follows_an_mtls_control_plane_and_swaps_its_serving_certificate() {
     })
     .await;
     // The deny list arrives over the mTLS watch.
-    apply(&admin, "DenyList", "leak", serde_json::json!({"spiffe_ids": [id("edge/e1")]})).await;
+    apply(
+        &admin,
+        "DenyList",
+        "leak",
+        serde_json::json!({"spiffe_ids": [id("edge/e1")]}),
+    )
+    .await;
     wait_until("e1 to be refused", DEADLINE, || {
         let (url, ca, e1) = (broker.url.clone(), ca.clone(), e1.clone());
         async move {
@@ -442,7 +490,11 @@ async fn follows_an_mtls_control_plane_and_swaps_its_serving_certificate() {
     let mut open = client(&broker.url, &ca, &e2);
     assert_eq!(resolve(&mut open).await.unwrap(), "kek-a");
     assert_eq!(served_cn(port, &ca, &e2).await, "first");
-    let second = home.leaf(&["127.0.0.1", "localhost"], Some(&id("kms-broker/k1")), "second");
+    let second = home.leaf(
+        &["127.0.0.1", "localhost"],
+        Some(&id("kms-broker/k1")),
+        "second",
+    );
     // The key first, then the certificate: the poller may see a mismatched
     // pair in between, which it must reject and then pick up the good one.
     write(dir, "server.key", &second.1);

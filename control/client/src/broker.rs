@@ -143,10 +143,7 @@ mod tests {
             (Kind::DenyList, "leak".into()),
             json!({"spiffe_ids": ["spiffe://example.org/edge/e9"], "reason": "key leaked"}),
         );
-        store.insert(
-            (Kind::KmsRealm, "v".into()),
-            json!({"provider": "local"}),
-        );
+        store.insert((Kind::KmsRealm, "v".into()), json!({"provider": "local"}));
         let s = build_broker_snapshot("k1", 4, &store);
         assert_eq!(s.trust_bundles["home"].trust_domain, "example.org");
         assert_eq!(

@@ -137,7 +137,7 @@ impl BrokerConfig {
         if self.listen.parse::<SocketAddr>().is_err() {
             push("listen", "must be an ip:port socket address");
         }
-        if crate::tls::trust_domain_of(&format!("spiffe://{}", self.trust_domain)).is_none() {
+        if !strait_tls::is_trust_domain(&self.trust_domain) {
             push(
                 "trust_domain",
                 "must be a trust domain name such as example.org (lower case, no scheme)",
@@ -156,7 +156,7 @@ impl BrokerConfig {
         }
         for (i, b) in self.tls.client_trust_bundles.iter().enumerate() {
             let path = format!("tls.client_trust_bundles[{i}].trust_domain");
-            if crate::tls::trust_domain_of(&format!("spiffe://{}", b.trust_domain)).is_none() {
+            if !strait_tls::is_trust_domain(&b.trust_domain) {
                 push(&path, "must be a trust domain name such as example.org");
             } else if !domains.insert(b.trust_domain.as_str()) {
                 push(
@@ -383,11 +383,14 @@ pub async fn serve(
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), ServeError> {
     crate::kms::ensure_crypto_provider();
-    let cert = crate::tls::watch_files(
-        "serving",
+    let stop = tokio_util::sync::CancellationToken::new();
+    // Stops re-reading the certificate files when serving ends.
+    let _stop = stop.clone().drop_guard();
+    let cert = crate::tls::serving_certificate(
         tls.cert.clone(),
         tls.key.clone(),
         tls.reload_interval,
+        stop,
     )?;
     let acceptor = crate::tls::acceptor(cert, verifier)?;
     Server::builder()

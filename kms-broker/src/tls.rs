@@ -1,65 +1,53 @@
-//! The broker's TLS listener: a serving certificate swapped live and client
-//! certificates verified against the bundle of the trust domain they claim.
+//! The broker's TLS listener, built from `strait-tls` (the edge's pieces):
+//! a serving certificate swapped live and client certificates verified
+//! against the bundle of the trust domain they claim.
 //!
-//! * [`watch_files`] polls a certificate and key and publishes
-//!   [`CertifiedKey`]s on a `watch` channel; [`WatchedCert`] (a rustls
-//!   server and client resolver) answers every handshake with the newest
-//!   one. New handshakes use a replaced certificate at once; open
-//!   connections keep the session they negotiated. An SVID issued by the
-//!   control plane's CA can publish into the same kind of channel.
-//! * [`TrustDomainVerifier`]: a certificate whose SPIFFE ID names trust
-//!   domain `Y` is accepted only if it chains to `Y`'s bundle. The bundles
-//!   are replaced live ([`TrustDomainVerifier::set_bundles`]) when the
-//!   control plane's TrustBundles change.
-//!
-//! This file is self-contained on purpose: the edge (`strait-tls`) and the
-//! control nodes have the same pieces, and the three belong in one small
-//! shared crate.
+//! * The serving certificate: [`strait_tls::FileCredentials`] polls the
+//!   files and publishes `CertifiedKey`s on a `watch` channel that
+//!   [`strait_tls::WatchedCertifiedKey`] reads at every handshake. New
+//!   handshakes use a replaced certificate at once; open connections keep
+//!   the session they negotiated. An SVID issued by the control plane's CA
+//!   can publish into the same kind of channel.
+//! * [`TrustDomainVerifier`]: [`strait_tls::SpiffeClientVerifier`] (a
+//!   certificate whose SPIFFE ID names trust domain `Y` must chain to `Y`'s
+//!   bundle), swapped live when the control plane's TrustBundles change.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::client::ResolvesClientCert;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
-use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
     SignatureScheme,
 };
+use strait_tls::{
+    CredentialLabel, CredentialReceiver, FileCredentials, SpiffeClientVerifier, TrustDomainError,
+    WatchedCertifiedKey,
+};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsError {
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("{what}: {message}")]
     Pem { what: String, message: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
-}
-
-fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
-    std::fs::read(path).map_err(|source| TlsError::Read {
-        path: path.to_path_buf(),
-        source,
-    })
+    #[error("{0}")]
+    Credentials(#[from] strait_tls::TlsError),
 }
 
 pub fn provider() -> Arc<CryptoProvider> {
@@ -83,109 +71,20 @@ pub fn certificates(what: &str, pem: &[u8]) -> Result<Vec<CertificateDer<'static
     Ok(certs)
 }
 
-/// A certificate chain and its key from PEM; the key must match.
-pub fn certified_key(
-    what: &str,
-    cert_pem: &[u8],
-    key_pem: &[u8],
-) -> Result<CertifiedKey, TlsError> {
-    let certs = certificates(what, cert_pem)?;
-    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| TlsError::Pem {
-        what: format!("{what} key"),
-        message: e.to_string(),
-    })?;
-    Ok(CertifiedKey::from_der(certs, key, &provider())?)
-}
-
-pub type CredentialReceiver = watch::Receiver<Arc<CertifiedKey>>;
-
-/// Loads `cert` and `key` (failing if they do not load: nothing serves
-/// without its certificate), then re-reads them every `interval` while
-/// anyone holds the receiver. A changed pair that does not load (often a
-/// rotation caught between writing the certificate and the key) is
-/// reported once and the current one stays.
-pub fn watch_files(
-    what: &'static str,
+/// The serving certificate, re-read every `interval` until `stop`.
+pub fn serving_certificate(
     cert: PathBuf,
     key: PathBuf,
     interval: Duration,
+    stop: CancellationToken,
 ) -> Result<CredentialReceiver, TlsError> {
-    let mut current = (read(&cert)?, read(&key)?);
-    let loaded = certified_key(what, &current.0, &current.1)?;
-    let (tx, rx) = watch::channel(Arc::new(loaded));
-    tokio::spawn(async move {
-        let mut rejected: Option<(Vec<u8>, Vec<u8>)> = None;
-        let mut tick = tokio::time::interval(interval);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        while !tx.is_closed() {
-            tick.tick().await;
-            let material = match (read(&cert), read(&key)) {
-                (Ok(c), Ok(k)) => (c, k),
-                (Err(e), _) | (_, Err(e)) => {
-                    tracing::warn!(certificate = what, error = %e, "cannot read the certificate files; keeping the current certificate");
-                    continue;
-                }
-            };
-            if material == current || rejected.as_ref() == Some(&material) {
-                continue;
-            }
-            match certified_key(what, &material.0, &material.1) {
-                Ok(k) => {
-                    tracing::info!(
-                        certificate = what,
-                        "certificate reloaded; new handshakes use it"
-                    );
-                    tx.send_replace(Arc::new(k));
-                    current = material;
-                    rejected = None;
-                }
-                Err(e) => {
-                    tracing::warn!(certificate = what, error = %e, "new certificate rejected; keeping the current one");
-                    rejected = Some(material);
-                }
-            }
-        }
-    });
-    Ok(rx)
-}
-
-/// Answers every handshake with the newest certificate of its channel.
-#[derive(Debug)]
-pub struct WatchedCert(pub CredentialReceiver);
-
-impl ResolvesServerCert for WatchedCert {
-    fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.borrow().clone())
-    }
-}
-
-impl ResolvesClientCert for WatchedCert {
-    fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.borrow().clone())
-    }
-
-    fn has_certs(&self) -> bool {
-        true
-    }
-}
-
-/// Why a client certificate was refused; carried in the handshake error.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TrustDomainError {
-    #[error("the client certificate carries no spiffe:// URI SAN; this broker serves SPIFFE identities only")]
-    NoSpiffeId,
-    #[error("the client certificate's SPIFFE ID '{0}' is malformed")]
-    Malformed(String),
-    #[error("client certificate names {id}, but trust domain '{domain}' has no trust bundle here")]
-    NoBundle { id: String, domain: String },
-    #[error("client certificate names {id}, but does not chain to the trust bundle of '{domain}'")]
-    WrongIssuer { id: String, domain: String },
-}
-
-impl TrustDomainError {
-    fn into_rustls(self) -> rustls::Error {
-        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(self))))
-    }
+    let label = CredentialLabel {
+        owner: "kms-broker".into(),
+        certificate: "server",
+    };
+    Ok(FileCredentials::start(
+        cert, key, label, None, interval, stop,
+    )?)
 }
 
 /// The first `spiffe://` URI SAN of a DER certificate (the caller's
@@ -199,30 +98,22 @@ pub fn spiffe_id_of_der(der: &[u8]) -> Option<String> {
     })
 }
 
-/// The trust domain of `spiffe://<domain>/...`, if it is a valid one.
-pub fn trust_domain_of(id: &str) -> Option<&str> {
-    let domain = id.strip_prefix("spiffe://")?.split('/').next()?;
-    let ok = !domain.is_empty()
-        && domain
-            .chars()
-            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '.' | '-' | '_'));
-    ok.then_some(domain)
-}
-
 /// Roots per trust domain.
 pub type Bundles = BTreeMap<String, Vec<CertificateDer<'static>>>;
 
-/// Client certificates verified per trust domain, bundles replaceable live.
-/// Client certificates are mandatory.
+/// [`SpiffeClientVerifier`] with bundles replaceable live; client
+/// certificates are mandatory, and certificates without a SPIFFE ID are
+/// refused (no plain `client_ca`: the broker has no subject-based callers).
 pub struct TrustDomainVerifier {
     provider: Arc<CryptoProvider>,
-    domains: ArcSwap<BTreeMap<String, Arc<dyn ClientCertVerifier>>>,
+    /// None: no bundle at all; every certificate is refused.
+    current: ArcSwap<Option<Arc<SpiffeClientVerifier>>>,
 }
 
 impl std::fmt::Debug for TrustDomainVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TrustDomainVerifier")
-            .field("domains", &self.domains.load().keys().collect::<Vec<_>>())
+            .field("trust_domains", &self.trust_domains())
             .finish()
     }
 }
@@ -231,7 +122,7 @@ impl TrustDomainVerifier {
     pub fn new(provider: Arc<CryptoProvider>) -> Arc<Self> {
         Arc::new(TrustDomainVerifier {
             provider,
-            domains: ArcSwap::from_pointee(BTreeMap::new()),
+            current: ArcSwap::from_pointee(None),
         })
     }
 
@@ -239,31 +130,44 @@ impl TrustDomainVerifier {
     /// (its callers are refused) and named in the returned errors.
     pub fn set_bundles(&self, bundles: &Bundles) -> Vec<String> {
         let mut errors = Vec::new();
-        let mut built = BTreeMap::new();
+        let mut domains = BTreeMap::new();
         for (domain, certs) in bundles {
             let mut roots = RootCertStore::empty();
             let (_, bad) = roots.add_parsable_certificates(certs.iter().cloned());
-            let verifier = if bad > 0 || roots.is_empty() {
-                Err(format!("{bad} of {} certificates unusable", certs.len()))
-            } else {
-                WebPkiClientVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                    .build()
-                    .map_err(|e| e.to_string())
-            };
-            match verifier {
-                Ok(v) => {
-                    built.insert(domain.clone(), v);
-                }
-                Err(e) => errors.push(format!("trust bundle of '{domain}': {e}")),
+            if bad > 0 || roots.is_empty() {
+                errors.push(format!(
+                    "trust bundle of '{domain}': {bad} of {} certificates unusable",
+                    certs.len()
+                ));
+                continue;
             }
+            domains.insert(domain.clone(), roots);
         }
-        self.domains.store(Arc::new(built));
+        let verifier = if domains.is_empty() {
+            None
+        } else {
+            match SpiffeClientVerifier::new(domains, None, true, self.provider.clone()) {
+                Ok(v) => Some(Arc::new(v)),
+                Err(e) => {
+                    errors.push(format!("trust bundles: {e}"));
+                    None
+                }
+            }
+        };
+        self.current.store(Arc::new(verifier));
         errors
     }
 
     pub fn trust_domains(&self) -> Vec<String> {
-        self.domains.load().keys().cloned().collect()
+        match self.current.load().as_ref() {
+            Some(v) => v.trust_domains().map(str::to_string).collect(),
+            None => Vec::new(),
+        }
     }
+}
+
+fn refused(e: TrustDomainError) -> rustls::Error {
+    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
 }
 
 impl ClientCertVerifier for TrustDomainVerifier {
@@ -283,23 +187,20 @@ impl ClientCertVerifier for TrustDomainVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        let id = spiffe_id_of_der(end_entity.as_ref())
-            .ok_or_else(|| TrustDomainError::NoSpiffeId.into_rustls())?;
-        let domain = trust_domain_of(&id)
-            .ok_or_else(|| TrustDomainError::Malformed(id.clone()).into_rustls())?
-            .to_string();
-        let domains = self.domains.load();
-        let Some(verifier) = domains.get(&domain) else {
-            return Err(TrustDomainError::NoBundle { id, domain }.into_rustls());
-        };
-        verifier
-            .verify_client_cert(end_entity, intermediates, now)
-            .map_err(|e| match e {
-                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
-                    TrustDomainError::WrongIssuer { id, domain }.into_rustls()
-                }
-                other => other,
-            })
+        let current = self.current.load();
+        match current.as_ref() {
+            Some(v) => v.verify_client_cert(end_entity, intermediates, now),
+            None => {
+                let id = spiffe_id_of_der(end_entity.as_ref())
+                    .ok_or_else(|| refused(TrustDomainError::NoSpiffeId))?;
+                let domain = strait_tls::trust_domain_of(&id).map_err(refused)?;
+                Err(refused(TrustDomainError::NoBundle {
+                    id,
+                    domain,
+                    hint: "",
+                }))
+            }
+        }
     }
 
     fn verify_tls12_signature(
@@ -345,7 +246,7 @@ pub fn acceptor(
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(WatchedCert(cert)));
+        .with_cert_resolver(WatchedCertifiedKey::new(cert));
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
@@ -383,7 +284,9 @@ pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> Incoming {
                         tracing::debug!(%peer, error = %e, "connection closed during the handshake")
                     }
                     Ok(Err(e)) => {
-                        tracing::warn!(target: "audit", %peer, reason = %refusal_reason(&e), "kms-broker handshake refused")
+                        let reason = strait_tls::trust_domain_refusal(&e)
+                            .map_or_else(|| e.to_string(), |t| t.to_string());
+                        tracing::warn!(target: "audit", %peer, %reason, "kms-broker handshake refused")
                     }
                     Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
                 }
@@ -391,36 +294,4 @@ pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> Incoming {
         }
     });
     ReceiverStream::new(rx)
-}
-
-/// The handshake error as a sentence: the trust-domain refusal itself
-/// when that is what it was.
-pub fn refusal_reason(e: &std::io::Error) -> String {
-    let inner = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
-    if let Some(rustls::Error::InvalidCertificate(CertificateError::Other(o))) = inner {
-        if let Some(t) = o.0.downcast_ref::<TrustDomainError>() {
-            return t.to_string();
-        }
-    }
-    e.to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn trust_domains() {
-        assert_eq!(
-            trust_domain_of("spiffe://example.org/edge/e1"),
-            Some("example.org")
-        );
-        for bad in [
-            "spiffe:///edge",
-            "spiffe://Example.org/x",
-            "https://example.org/x",
-        ] {
-            assert_eq!(trust_domain_of(bad), None, "{bad}");
-        }
-    }
 }

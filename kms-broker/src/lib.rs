@@ -3,8 +3,11 @@
 //! `strait-kms-broker` gRPC service (mTLS, failover, alias cache) and a
 //! [`Kms`](strait_kms_core::Kms) client for it.
 
+pub mod callers;
 pub mod client;
+pub mod follow;
 pub mod kms;
 pub mod service;
+pub mod tls;
 
 pub use strait_kms_core as core;

@@ -1,12 +1,18 @@
-//! `strait-kms-broker --config FILE`: serve the KMS broker over mTLS gRPC.
+//! `strait-kms-broker --config FILE [--control ADDRS --name NAME ...]`:
+//! serve the KMS broker over mTLS gRPC, optionally following the control
+//! plane for trust bundles and deny lists.
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
+use strait_kms_broker::callers::Callers;
+use strait_kms_broker::follow::{follow_control_plane, ControlArgs};
 use strait_kms_broker::kms::build_kms_set;
 use strait_kms_broker::service::{serve, serve_metrics, BrokerConfig, BrokerService};
+use strait_kms_broker::tls::{provider, TrustDomainVerifier};
 
 #[derive(Parser)]
 #[command(
@@ -17,6 +23,35 @@ struct Args {
     /// YAML config file.
     #[arg(long, env = "STRAIT_KMS_BROKER_CONFIG")]
     config: PathBuf,
+    /// Control-plane members to follow (`host:port,host:port`) for
+    /// TrustBundles and DenyLists.
+    #[arg(long, value_delimiter = ',', requires = "name")]
+    control: Vec<String>,
+    /// This broker's name: its identity is
+    /// `spiffe://<trust_domain>/kms-broker/<name>`.
+    #[arg(long)]
+    name: Option<String>,
+    /// CA (PEM) that signed the control-plane nodes' certificates.
+    #[arg(long, value_name = "FILE", requires_all = ["control", "control_cert", "control_key"])]
+    control_ca: Option<PathBuf>,
+    /// This broker's client certificate (PEM) towards the control plane,
+    /// re-read at every reconnect; its SPIFFE ID must be
+    /// `spiffe://<trust_domain>/kms-broker/<name>`.
+    #[arg(long, value_name = "FILE", requires = "control_ca")]
+    control_cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", requires = "control_ca")]
+    control_key: Option<PathBuf>,
+    /// Follow the control plane without TLS; only when every --control
+    /// address is loopback.
+    #[arg(long, requires = "control", conflicts_with = "control_ca")]
+    insecure_plaintext: bool,
+    /// Where the last control-plane snapshot is kept, to keep serving with
+    /// it when the control plane is down.
+    #[arg(long, default_value = ".strait-kms-broker-cache")]
+    cache_dir: PathBuf,
+    /// How often the broker writes the status of its KmsBroker resource.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    heartbeat_interval: std::time::Duration,
 }
 
 #[tokio::main]
@@ -38,6 +73,42 @@ async fn main() -> anyhow::Result<()> {
         .unwrap_or_else(|| PathBuf::from("."));
     let cfg = BrokerConfig::from_yaml(&text, &base)
         .map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", args.config.display()))?;
+    let file_bundles = cfg.file_bundles()?;
+    if file_bundles.is_empty() && args.control.is_empty() {
+        // Fail closed: with no roots at all every caller would be refused;
+        // say so instead of starting a broker nobody can use.
+        anyhow::bail!(
+            "no trust bundle: give tls.client_ca / tls.client_trust_bundles, or --control to take TrustBundles from the control plane"
+        );
+    }
+    let verifier = TrustDomainVerifier::new(provider());
+    if let Some(e) = verifier.set_bundles(&file_bundles).first() {
+        anyhow::bail!("{e}");
+    }
+    let callers = Callers::new(cfg.callers());
+    tracing::info!(callers = ?callers.allowed(), trust_domains = ?verifier.trust_domains(), "caller policy");
+    let _follow = match &args.name {
+        Some(name) if !args.control.is_empty() => Some(
+            follow_control_plane(
+                ControlArgs {
+                    endpoints: args.control.clone(),
+                    name: name.clone(),
+                    trust_domain: cfg.trust_domain.clone(),
+                    ca: args.control_ca.clone(),
+                    cert: args.control_cert.clone(),
+                    key: args.control_key.clone(),
+                    insecure_plaintext: args.insecure_plaintext,
+                    cache_dir: args.cache_dir.clone(),
+                    heartbeat_interval: args.heartbeat_interval,
+                },
+                file_bundles,
+                verifier.clone(),
+                callers.clone(),
+            )
+            .map_err(anyhow::Error::msg)?,
+        ),
+        _ => None,
+    };
     let mut registry = Registry::default();
     let kms = build_kms_set(&cfg.kms, &mut registry)
         .await
@@ -46,7 +117,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     tracing::info!(listen = %listener.local_addr()?, backends = ?kms, "strait-kms-broker serving (mTLS)");
-    let service = BrokerService::new(&kms, cfg.alias_cache_ttl);
+    let service = BrokerService::new(&kms, cfg.alias_cache_ttl, Arc::clone(&callers));
     if let Some(addr) = &cfg.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -59,7 +130,7 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
-    serve(service, &cfg.tls, listener, async {
+    serve(service, &cfg.tls, verifier, listener, async {
         let _ = tokio::signal::ctrl_c().await;
         tracing::info!("shutting down");
     })

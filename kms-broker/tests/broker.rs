@@ -41,10 +41,14 @@ fn pki() -> Pki {
             .push(rcgen::DnType::CommonName, name.to_string());
         CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
     };
-    let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>, sans: &[&str]| {
+    // Callers are SPIFFE identities; the broker's default callers are the
+    // edges of its trust domain.
+    let leaf = |issuer: &CertifiedIssuer<'_, KeyPair>, sans: &[&str], id: &str| {
         let key = KeyPair::generate().unwrap();
-        let p =
+        let mut p =
             CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+        p.subject_alt_names
+            .push(rcgen::SanType::URI(id.try_into().unwrap()));
         let cert = p.signed_by(&key, issuer).unwrap();
         (cert.pem(), key.serialize_pem())
     };
@@ -52,9 +56,13 @@ fn pki() -> Pki {
     let rogue = ca("rogue CA");
     Pki {
         ca_pem: good.pem(),
-        server: leaf(&good, &["localhost", "127.0.0.1"]),
-        client: leaf(&good, &["edge-1.strait.test"]),
-        rogue_client: leaf(&rogue, &["intruder"]),
+        server: leaf(
+            &good,
+            &["localhost", "127.0.0.1"],
+            "spiffe://strait.test/kms-broker/b1",
+        ),
+        client: leaf(&good, &[], "spiffe://strait.test/edge/edge-1"),
+        rogue_client: leaf(&rogue, &[], "spiffe://strait.test/edge/intruder"),
     }
 }
 
@@ -76,6 +84,7 @@ async fn start_broker(dir: &Path, bao_url: &str) -> Broker {
     let cfg = format!(
         r#"
 listen: "127.0.0.1:{port}"
+trust_domain: strait.test
 tls: {{ cert: server.pem, key: server.key, client_ca: ca.pem }}
 alias_cache_ttl: 10m
 metrics_listen: "127.0.0.1:{metrics_port}"

@@ -21,9 +21,15 @@ fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
     CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
 }
 
+/// The broker's callers are SPIFFE identities (the edges of its trust
+/// domain by default); every leaf here carries one.
 fn leaf(issuer: &CertifiedIssuer<'_, KeyPair>, sans: &[&str]) -> (String, String) {
     let key = KeyPair::generate().unwrap();
-    let p = CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    let mut p =
+        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
+    p.subject_alt_names.push(rcgen::SanType::URI(
+        "spiffe://strait.test/edge/edge-1".try_into().unwrap(),
+    ));
     (
         p.signed_by(&key, issuer).unwrap().pem(),
         key.serialize_pem(),
@@ -51,7 +57,7 @@ async fn a_client_certificate_replaced_on_disk_reaches_the_next_connection() {
     write(broker_dir.path(), "ca.pem", &new_clients.pem());
     let port = free_port();
     let cfg = format!(
-        "listen: \"127.0.0.1:{port}\"\ntls: {{ cert: server.pem, key: server.key, client_ca: ca.pem }}\nkms:\n  - name: vault\n    vault: {{ address: \"{}\", token_env: STRAIT_TEST_VAULT_TOKEN, mount: transit }}\n",
+        "listen: \"127.0.0.1:{port}\"\ntrust_domain: strait.test\ntls: {{ cert: server.pem, key: server.key, client_ca: ca.pem }}\nkms:\n  - name: vault\n    vault: {{ address: \"{}\", token_env: STRAIT_TEST_VAULT_TOKEN, mount: transit }}\n",
         bao.url()
     );
     write(broker_dir.path(), "broker.yaml", &cfg);

@@ -30,6 +30,7 @@ use tonic::{Code, Status};
 
 pub use strait_control_state as state;
 
+pub mod broker;
 pub mod plaintext;
 
 #[derive(Debug, thiserror::Error)]
@@ -356,9 +357,7 @@ pub const EDGE_KINDS: [Kind; 7] = [
     Kind::DenyList,
 ];
 
-type Store = BTreeMap<(Kind, String), serde_json::Value>;
-
-fn typed_map<T: serde::de::DeserializeOwned>(
+pub fn typed_map<T: serde::de::DeserializeOwned>(
     store: &Store,
     kind: Kind,
     mut keep: impl FnMut(&str, &T) -> bool,
@@ -431,20 +430,26 @@ pub fn cache_path(cache_dir: &Path, edge: &str) -> PathBuf {
 /// temp file, fsync, rename, fsync of the directory.
 pub fn write_cache(cache_dir: &Path, snap: &EdgeSnapshot) -> Result<(), ClientError> {
     let path = cache_path(cache_dir, &snap.edge);
+    let bytes = serde_json::to_vec_pretty(snap).expect("snapshot serializes");
+    write_atomic(cache_dir, &path, &bytes)
+}
+
+/// `bytes` into `path` (inside `cache_dir`) so that a crash leaves either
+/// the old or the new file: temp file, fsync, rename, fsync of the directory.
+pub fn write_atomic(cache_dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), ClientError> {
     let io = |source| ClientError::Cache {
-        path: path.clone(),
+        path: path.to_path_buf(),
         source,
     };
     std::fs::create_dir_all(cache_dir).map_err(io)?;
     let tmp = path.with_extension("json.tmp");
-    let bytes = serde_json::to_vec_pretty(snap).expect("snapshot serializes");
     {
         use std::io::Write;
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
-        f.write_all(&bytes).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
         f.sync_all().map_err(io)?;
     }
-    std::fs::rename(&tmp, &path).map_err(io)?;
+    std::fs::rename(&tmp, path).map_err(io)?;
     if let Ok(d) = std::fs::File::open(cache_dir) {
         let _ = d.sync_all();
     }
@@ -511,49 +516,102 @@ enum WatchEnd {
     Failed(Status),
 }
 
-async fn run_edge_watch(
-    cfg: EdgeWatchConfig,
-    client: ControlClient,
-    tx: watch::Sender<Option<Arc<EdgeSnapshot>>>,
-) {
+/// The resources seen so far, by kind and name, as spec JSON.
+pub type Store = BTreeMap<(Kind, String), serde_json::Value>;
+
+/// Lists then watches `kinds` for as long as `keep_going()` holds, calling
+/// `on_change(store, revision)` once the initial listing is complete and
+/// after every later event. A lost watch is reopened on the next member
+/// with backoff; a compacted revision lists again. `connect` is called for
+/// every new connection, so credentials read from files there are fresh
+/// (a rotated client certificate is used by the next reconnect).
+pub async fn follow<C, P, K>(
+    connect: C,
+    kinds: &[Kind],
+    backoff_min: Duration,
+    backoff_max: Duration,
+    mut keep_going: K,
+    mut on_change: P,
+) where
+    C: Fn() -> Result<ControlClient, ClientError>,
+    P: FnMut(&Store, u64),
+    K: FnMut() -> bool,
+{
     let mut store: Store = BTreeMap::new();
     let mut next_rev = 0u64;
-    let mut backoff = cfg.backoff_min;
+    let mut backoff = backoff_min;
+    let mut client: Option<ControlClient> = None;
     loop {
-        let (endpoint, pb_client) = client.current();
+        let c = match client.take().map_or_else(&connect, Ok) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot set up the control-plane connection");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(backoff_max);
+                continue;
+            }
+        };
+        let (endpoint, pb_client) = c.current();
         let started = tokio::time::Instant::now();
-        let end = watch_once(&cfg, pb_client, &mut store, &mut next_rev, &tx).await;
+        let end = watch_once(kinds, pb_client, &mut store, &mut next_rev, &mut on_change).await;
         match end {
             WatchEnd::Relist => {
                 tracing::info!(%endpoint, "watch revision compacted; listing again");
                 next_rev = 0;
+                client = Some(c);
                 continue;
             }
             WatchEnd::Failed(s) => {
                 tracing::warn!(%endpoint, error = %s, "control-plane watch lost; reconnecting");
             }
         }
-        if tx.is_closed() {
+        if !keep_going() {
             return;
         }
-        client.rotate();
+        // A fresh client (credentials re-read), preferring the next member.
+        if let Ok(fresh) = connect() {
+            let n = fresh.endpoints().len();
+            let at = c.current.load(Ordering::Relaxed) + 1;
+            fresh.current.store(at % n.max(1), Ordering::Relaxed);
+            client = Some(fresh);
+        } else {
+            c.rotate();
+            client = Some(c);
+        }
         if started.elapsed() > Duration::from_secs(5) {
-            backoff = cfg.backoff_min;
+            backoff = backoff_min;
         }
         tokio::time::sleep(backoff).await;
-        backoff = (backoff * 2).min(cfg.backoff_max);
+        backoff = (backoff * 2).min(backoff_max);
     }
 }
 
-async fn watch_once(
-    cfg: &EdgeWatchConfig,
+async fn run_edge_watch(
+    cfg: EdgeWatchConfig,
+    client: ControlClient,
+    tx: watch::Sender<Option<Arc<EdgeSnapshot>>>,
+) {
+    let closed = tx.clone();
+    follow(
+        || Ok(client.clone()),
+        &EDGE_KINDS,
+        cfg.backoff_min,
+        cfg.backoff_max,
+        || !closed.is_closed(),
+        |store, revision| publish(&cfg, store, revision, &tx),
+    )
+    .await
+}
+
+async fn watch_once<P: FnMut(&Store, u64)>(
+    kinds: &[Kind],
     mut c: PbClient<Channel>,
     store: &mut Store,
     next_rev: &mut u64,
-    tx: &watch::Sender<Option<Arc<EdgeSnapshot>>>,
+    on_change: &mut P,
 ) -> WatchEnd {
     let req = pb::WatchRequest {
-        kinds: EDGE_KINDS.iter().map(|k| k.as_str().to_string()).collect(),
+        kinds: kinds.iter().map(|k| k.as_str().to_string()).collect(),
         label_selector: String::new(),
         start_revision: *next_rev,
     };
@@ -601,7 +659,7 @@ async fn watch_once(
             _ => continue,
         }
         if synced {
-            publish(cfg, store, next_rev.saturating_sub(1), tx);
+            on_change(store, next_rev.saturating_sub(1));
         }
     }
 }
@@ -666,12 +724,25 @@ pub async fn heartbeat_once(
     status: &EdgeStatus,
 ) -> Result<(), Status> {
     let json = serde_json::to_string(status).expect("status serializes");
-    match client.update_status("Edge", edge, json.clone()).await {
+    write_own_status(client, "Edge", edge, json).await
+}
+
+/// Writes `status_json` into the status of the caller's own resource
+/// `kind`/`name`, creating it (empty spec, `expected_revision: 0`, the only
+/// write an edge or broker may make besides its status) if it does not
+/// exist yet.
+pub async fn write_own_status(
+    client: &ControlClient,
+    kind: &str,
+    name: &str,
+    status_json: String,
+) -> Result<(), Status> {
+    match client.update_status(kind, name, status_json.clone()).await {
         Err(s) if s.code() == Code::NotFound => {
             let create = pb::ApplyRequest {
                 resource: Some(pb::Resource {
-                    kind: "Edge".into(),
-                    name: edge.into(),
+                    kind: kind.into(),
+                    name: name.into(),
                     spec_json: "{}".into(),
                     ..Default::default()
                 }),
@@ -682,7 +753,10 @@ pub async fn heartbeat_once(
                 Err(s) if s.code() == Code::AlreadyExists => {}
                 Err(s) => return Err(s),
             }
-            client.update_status("Edge", edge, json).await.map(|_| ())
+            client
+                .update_status(kind, name, status_json)
+                .await
+                .map(|_| ())
         }
         other => other.map(|_| ()),
     }

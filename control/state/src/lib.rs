@@ -30,10 +30,12 @@ pub enum Kind {
     JoinToken,
     IssuedCertificate,
     CertificateAuthority,
+    /// A KMS broker's registration; its status is the broker's heartbeat.
+    KmsBroker,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 13] = [
+    pub const ALL: [Kind; 14] = [
         Kind::KafkaCluster,
         Kind::Edge,
         Kind::VirtualCluster,
@@ -47,6 +49,7 @@ impl Kind {
         Kind::JoinToken,
         Kind::IssuedCertificate,
         Kind::CertificateAuthority,
+        Kind::KmsBroker,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -64,6 +67,7 @@ impl Kind {
             Kind::JoinToken => "JoinToken",
             Kind::IssuedCertificate => "IssuedCertificate",
             Kind::CertificateAuthority => "CertificateAuthority",
+            Kind::KmsBroker => "KmsBroker",
         }
     }
 
@@ -87,6 +91,7 @@ impl Kind {
             "jointoken" | "token" => Kind::JoinToken,
             "issuedcertificate" | "cert" | "certificate" => Kind::IssuedCertificate,
             "certificateauthority" | "certificateauthoritie" | "ca" => Kind::CertificateAuthority,
+            "kmsbroker" | "kb" => Kind::KmsBroker,
             _ => {
                 let names: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
                 return Err(format!(
@@ -124,6 +129,7 @@ impl Kind {
             Kind::JoinToken => check::<spec::JoinTokenSpec>(spec),
             Kind::IssuedCertificate => check::<spec::IssuedCertificateSpec>(spec),
             Kind::CertificateAuthority => check::<spec::CertificateAuthoritySpec>(spec),
+            Kind::KmsBroker => check::<spec::KmsBrokerSpec>(spec),
         }
     }
 }

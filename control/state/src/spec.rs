@@ -91,6 +91,35 @@ pub struct EdgeSpec {
     pub description: Option<String>,
 }
 
+/// A KMS broker's registration (created by the broker itself on its first
+/// heartbeat, as an edge creates its Edge).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KmsBrokerSpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+}
+
+/// What a KMS broker writes into its KmsBroker resource's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KmsBrokerStatus {
+    pub last_heartbeat_unix_ms: u64,
+    /// Control-plane revision of the snapshot (bundles, deny lists) in force.
+    #[serde(default)]
+    pub config_revision: u64,
+    /// `control_plane` or `cache`.
+    #[serde(default)]
+    pub config_source: String,
+    /// Trust domains whose callers it can verify.
+    #[serde(default)]
+    pub trust_domains: Vec<String>,
+    #[serde(default)]
+    pub denied_identities: usize,
+    #[serde(default)]
+    pub version: String,
+}
+
 /// What an edge writes into its Edge resource's status on every heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -376,6 +405,25 @@ pub fn check_spiffe_glob(glob: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Whether SPIFFE ID `id` matches `glob`: `*` stays within one path
+/// segment, `**` crosses them, so `spiffe://d/edge/*` never matches
+/// `spiffe://d/edge/a/b`. Shared by the control plane's access rules and
+/// the KMS broker's caller list.
+pub fn spiffe_glob_matches(glob: &str, id: &str) -> bool {
+    fn matches(p: &[u8], s: &[u8]) -> bool {
+        match p {
+            [] => s.is_empty(),
+            [b'*', b'*', rest @ ..] => (0..=s.len()).any(|i| matches(rest, &s[i..])),
+            [b'*', rest @ ..] => {
+                let seg = s.iter().position(|&c| c == b'/').unwrap_or(s.len());
+                (0..=seg).any(|i| matches(rest, &s[i..]))
+            }
+            [c, rest @ ..] => s.first() == Some(c) && matches(rest, &s[1..]),
+        }
+    }
+    matches(glob.as_bytes(), id.as_bytes())
+}
+
 pub fn parse_port_range(s: &str) -> Result<(u16, u16), String> {
     let (a, b) = s
         .split_once('-')
@@ -657,6 +705,10 @@ impl Validate for TrustBundleSpec {
             ));
         }
     }
+}
+
+impl Validate for KmsBrokerSpec {
+    fn validate(&self, _: &mut Vec<ValidationError>) {}
 }
 
 impl Validate for DenyListSpec {

@@ -347,6 +347,9 @@ fn spec_validation_paths() {
             Some("spec.spiffe_ids[0]"),
         ),
         (Kind::DenyList, json!({"ids":[]}), Some("spec.ids")),
+        (Kind::KmsBroker, json!({}), None),
+        (Kind::KmsBroker, json!({"description":"eu-west"}), None),
+        (Kind::KmsBroker, json!({"name":"k1"}), Some("spec.name")),
     ];
     for (kind, spec, want) in cases {
         let got = kind.validate_spec(&spec);

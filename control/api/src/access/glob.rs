@@ -16,19 +16,7 @@ impl Glob {
     }
 
     pub fn matches(&self, id: &str) -> bool {
-        matches(self.0.as_bytes(), id.as_bytes())
-    }
-}
-
-fn matches(p: &[u8], s: &[u8]) -> bool {
-    match p {
-        [] => s.is_empty(),
-        [b'*', b'*', rest @ ..] => (0..=s.len()).any(|i| matches(rest, &s[i..])),
-        [b'*', rest @ ..] => {
-            let seg = s.iter().position(|&c| c == b'/').unwrap_or(s.len());
-            (0..=seg).any(|i| matches(rest, &s[i..]))
-        }
-        [c, rest @ ..] => s.first() == Some(c) && matches(rest, &s[1..]),
+        strait_control_state::spec::spiffe_glob_matches(&self.0, id)
     }
 }
 

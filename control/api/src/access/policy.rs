@@ -176,7 +176,8 @@ pub fn is_secret(kind: Kind) -> bool {
         | Kind::TrustBundle
         | Kind::FailoverGroup
         | Kind::AccessRule
-        | Kind::DenyList => false,
+        | Kind::DenyList
+        | Kind::KmsBroker => false,
         Kind::JoinToken | Kind::IssuedCertificate | Kind::CertificateAuthority => true,
     }
 }
@@ -197,7 +198,8 @@ pub fn edge_reads(kind: Kind) -> bool {
         Kind::AccessRule
         | Kind::JoinToken
         | Kind::IssuedCertificate
-        | Kind::CertificateAuthority => false,
+        | Kind::CertificateAuthority
+        | Kind::KmsBroker => false,
     }
 }
 
@@ -214,7 +216,8 @@ pub fn kms_broker_reads(kind: Kind) -> bool {
         | Kind::AccessRule
         | Kind::JoinToken
         | Kind::IssuedCertificate
-        | Kind::CertificateAuthority => false,
+        | Kind::CertificateAuthority
+        | Kind::KmsBroker => false,
     }
 }
 
@@ -224,6 +227,9 @@ pub struct Grants {
     pub admin: bool,
     pub reader: bool,
     pub kms_broker: bool,
+    /// The broker's name (last segment of its ID) when it holds the
+    /// kms_broker role: the one KmsBroker resource whose status it writes.
+    pub kms_broker_name: Option<String>,
     pub control: bool,
     /// The edge's name (last segment of its ID) when it holds the edge role.
     pub edge: Option<String>,
@@ -241,7 +247,10 @@ impl Grants {
         match role {
             AccessRole::Admin => self.admin = true,
             AccessRole::Reader => self.reader = true,
-            AccessRole::KmsBroker => self.kms_broker = true,
+            AccessRole::KmsBroker => {
+                self.kms_broker = true;
+                self.kms_broker_name = Some(id.name().to_string());
+            }
             AccessRole::Control => self.control = true,
             AccessRole::Edge => self.edge = Some(id.name().to_string()),
         }
@@ -286,9 +295,12 @@ impl Grants {
                 None => self.reader || self.kms_broker || self.edge.is_some(),
             },
             Operation::Control(C::Members | C::Status) => self.reader,
-            Operation::Control(C::UpdateStatus | C::Create) => {
-                matches!((&self.edge, a.kind, a.name), (Some(e), Some(Kind::Edge), Some(n)) if e == n)
-            }
+            // Each writes only its own registration and status.
+            Operation::Control(C::UpdateStatus | C::Create) => match (a.kind, a.name) {
+                (Some(Kind::Edge), Some(n)) => self.edge.as_deref() == Some(n),
+                (Some(Kind::KmsBroker), Some(n)) => self.kms_broker_name.as_deref() == Some(n),
+                _ => false,
+            },
             Operation::Control(
                 C::Apply | C::Delete | C::AddMember | C::RemoveMember | C::SetPartitioned,
             ) => false,
@@ -520,6 +532,46 @@ mod tests {
             (
                 &kms,
                 Access::resource(ctl(C::UpdateStatus), Kind::Edge, "k1"),
+                Deny,
+            ),
+            (
+                &kms,
+                Access::kind(ctl(C::Watch), Some(Kind::DenyList)),
+                Allow,
+            ),
+            (
+                &kms,
+                Access::resource(ctl(C::UpdateStatus), Kind::KmsBroker, "k1"),
+                Allow,
+            ),
+            (
+                &kms,
+                Access::resource(ctl(C::Create), Kind::KmsBroker, "k1"),
+                Allow,
+            ),
+            (
+                &kms,
+                Access::resource(ctl(C::UpdateStatus), Kind::KmsBroker, "k2"),
+                Deny,
+            ),
+            (
+                &kms,
+                Access::resource(ctl(C::Apply), Kind::KmsBroker, "k1"),
+                Deny,
+            ),
+            (
+                &kms,
+                Access::kind(ctl(C::List), Some(Kind::KmsBroker)),
+                Deny,
+            ),
+            (
+                &edge,
+                Access::resource(ctl(C::UpdateStatus), Kind::KmsBroker, "e1"),
+                Deny,
+            ),
+            (
+                &edge,
+                Access::resource(ctl(C::Create), Kind::KmsBroker, "e1"),
                 Deny,
             ),
             (&node, Access::op(Operation::Raft(RaftMethod::Send)), Allow),

@@ -98,7 +98,8 @@ impl EdgeScope {
             Kind::AccessRule
             | Kind::JoinToken
             | Kind::IssuedCertificate
-            | Kind::CertificateAuthority => false,
+            | Kind::CertificateAuthority
+            | Kind::KmsBroker => false,
         }
     }
 
@@ -118,7 +119,8 @@ impl EdgeScope {
             | Kind::DenyList
             | Kind::JoinToken
             | Kind::IssuedCertificate
-            | Kind::CertificateAuthority => false,
+            | Kind::CertificateAuthority
+            | Kind::KmsBroker => false,
         }
     }
 }

@@ -4,6 +4,7 @@
 
 mod control;
 mod filters;
+mod svid;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use prometheus_client::registry::Registry;
 use strait_control_client::state::spec::EdgeStatus;
+use strait_control_client::identity::SvidRequest;
 use strait_control_client::{EdgeSnapshot, EdgeWatchConfig};
 use strait_proxy::admin::AdminServer;
 use strait_proxy::metrics::ProxyMetrics;
@@ -52,6 +54,22 @@ struct Args {
     /// address is loopback.
     #[arg(long, requires = "control", conflicts_with = "control_ca")]
     insecure_plaintext: bool,
+    /// Join the control plane with this token (from `straitctl token create`):
+    /// the edge gets its certificate `spiffe://<domain>/edge/<name>` from the
+    /// control plane's CA and renews it itself. Not needed again while a
+    /// still-valid certificate is in --cache-dir.
+    #[arg(long, env = "STRAIT_JOIN_TOKEN", hide_env_values = true, requires = "control",
+          conflicts_with_all = ["control_ca", "insecure_plaintext"])]
+    join_token: Option<String>,
+    /// Extra DNS names for the edge's certificate (besides the listeners' hosts).
+    #[arg(long, value_delimiter = ',')]
+    svid_dns: Vec<String>,
+    /// Extra IP addresses for the edge's certificate.
+    #[arg(long, value_delimiter = ',')]
+    svid_ip: Vec<String>,
+    /// Lifetime to ask for (default: the control plane's `--cert-ttl-edge`).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    svid_ttl: Option<Duration>,
     /// Where the last control-plane configuration is kept, to serve it when the control plane is down.
     #[arg(long, default_value = ".strait-edge-cache")]
     cache_dir: PathBuf,
@@ -157,13 +175,62 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let control_client = control_client_config(&args)?;
-    let mut control_watch = match (&args.name, args.control.is_empty()) {
-        (Some(name), false) => {
-            let mut watch_config = EdgeWatchConfig::new(&args.control, name, &args.cache_dir);
-            watch_config.client = control_client.clone();
-            let watch = strait_control_client::watch_edge_config(watch_config)
-                .map_err(|err| anyhow::anyhow!("cannot follow the control plane: {err}"))?;
+    let svid_expiry = prometheus_client::metrics::gauge::Gauge::<i64>::default();
+    let (svid_names, svid_names_rx) = tokio::sync::watch::channel(SvidRequest::default());
+    let edge_svid = match svid_mode(&args) {
+        Some(name) => {
+            // The names the listeners serve, from what is known before the
+            // control plane answers (the file, the cached snapshot).
+            let known = control::compose(
+                file_text.as_deref(),
+                strait_control_client::read_cache(&args.cache_dir, name).as_ref(),
+                true,
+                &args.cache_dir,
+            )
+            .ok();
+            svid_names.send_replace(svid_request(&args, known.as_ref()));
+            let started = svid::start(
+                svid::SvidOptions {
+                    endpoints: args.control.clone(),
+                    edge_name: name.to_owned(),
+                    token: args.join_token.clone(),
+                    cache: svid::SvidCache::new(&args.cache_dir),
+                    request: svid_names.borrow().clone(),
+                    timeout: Duration::from_secs(10),
+                },
+                svid_names_rx,
+                svid_expiry.clone(),
+            )
+            .await
+            .context("cannot get the edge's certificate from the control plane")?;
+            Some(started)
+        }
+        None => None,
+    };
+    let control_client = control_client_config(&args, edge_svid.is_some())?;
+    let control = match &edge_svid {
+        Some(identity) => {
+            let tls = strait_control_client::live_tls::live_client_config(
+                identity.control_roots.clone(),
+                strait_tls::WatchedCertifiedKey::new(identity.credentials.clone()),
+            )
+            .map_err(|err| anyhow::anyhow!("control-plane TLS: {err}"))?;
+            Some(
+                strait_control_client::ControlClient::with_rustls(&control_client, tls)
+                    .map_err(|err| anyhow::anyhow!("cannot follow the control plane: {err}"))?,
+            )
+        }
+        None if !args.control.is_empty() => Some(
+            strait_control_client::ControlClient::new(&control_client)
+                .map_err(|err| anyhow::anyhow!("cannot follow the control plane: {err}"))?,
+        ),
+        None => None,
+    };
+    let mut control_watch = match (&args.name, &control) {
+        (Some(name), Some(client)) => {
+            let watch_config = EdgeWatchConfig::new(&args.control, name, &args.cache_dir);
+            let watch =
+                strait_control_client::watch_edge_config_with_client(watch_config, client.clone());
             Some(watch.config)
         }
         _ => None,
@@ -186,6 +253,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::register(registry.sub_registry_with_prefix("strait"));
     let tls_metrics = strait_tls::TlsMetrics::register(registry.sub_registry_with_prefix("strait"));
+    if edge_svid.is_some() {
+        registry.sub_registry_with_prefix("strait").register(
+            "svid_expiry_seconds",
+            "Seconds until the edge's own certificate (SVID) expires; negative once expired",
+            svid_expiry.clone(),
+        );
+    }
     let registry = Arc::new(RwLock::new(registry));
     let ready = Arc::new(AtomicBool::new(false));
     let mut filter_builder = filters::FilterBuilder::new(registry.clone());
@@ -203,14 +277,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
 
-    let mut edge = Edge::start(
+    let mut edge = Edge::start_with_svid(
         &config,
         metrics,
         tls_metrics,
         initial_filters,
         ready.clone(),
+        edge_svid.as_ref().map(|s| s.credentials.clone()),
     )
     .await?;
+    svid_names.send_if_modified(|names| update(names, svid_request(&args, Some(&config))));
     let status = Arc::new(Mutex::new(EdgeStatus {
         ready: true,
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -222,20 +298,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         virtual_clusters = ?edge.cluster_names().collect::<Vec<_>>(),
         "strait-edge started"
     );
-    let heartbeat = match (&args.name, args.control.is_empty()) {
-        (Some(name), false) => {
+    let heartbeat = match (&args.name, &control) {
+        (Some(name), Some(client)) => {
             let status = status.clone();
-            Some(
-                strait_control_client::spawn_heartbeat(
-                    strait_control_client::HeartbeatConfig {
-                        client: control_client.clone(),
-                        edge_name: name.clone(),
-                        interval: Duration::from_secs(2),
-                    },
-                    move || status.lock().unwrap_or_else(|e| e.into_inner()).clone(),
-                )
-                .map_err(|err| anyhow::anyhow!("cannot start heartbeats: {err}"))?,
-            )
+            let svid_state = edge_svid.as_ref().map(|s| s.state.clone());
+            Some(strait_control_client::spawn_heartbeat_with_client(
+                strait_control_client::HeartbeatConfig {
+                    client: control_client.clone(),
+                    edge_name: name.clone(),
+                    interval: Duration::from_secs(2),
+                },
+                client.clone(),
+                move || {
+                    let mut status = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    // The remaining lifetime of the edge's certificate, when it is at risk.
+                    if let Some(line) = svid_state.as_ref().and_then(|s| s.borrow().message()) {
+                        status.message = Some(match status.message {
+                            Some(config) => format!("{config}; {line}"),
+                            None => line,
+                        });
+                    }
+                    status
+                },
+            ))
         }
         _ => None,
     };
@@ -313,6 +398,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 continue;
             }
         };
+        svid_names.send_if_modified(|names| update(names, svid_request(&args, Some(&config))));
         running = config;
         credential_files = strait_edge_config::read_credential_files(&running);
         let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
@@ -333,11 +419,76 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The connection to the control plane: mTLS with `--control-ca/-cert/-key`,
-/// or plaintext when asked for and every address is loopback.
-fn control_client_config(args: &Args) -> anyhow::Result<strait_control_client::ClientConfig> {
+/// The edge's name when it gets its certificate from the control plane's CA:
+/// with `--join-token`, or without other control-plane credentials when a
+/// certificate is cached from an earlier join.
+fn svid_mode(args: &Args) -> Option<&str> {
+    let name = args.name.as_deref()?;
+    if args.control.is_empty() || args.control_ca.is_some() || args.insecure_plaintext {
+        return None;
+    }
+    let cached = svid::SvidCache::new(&args.cache_dir).load(name).is_some();
+    (args.join_token.is_some() || cached).then_some(name)
+}
+
+/// What the edge's certificate should name: the hosts its listeners are
+/// reached at (bootstrap addresses, advertised broker hosts, SNI bootstrap
+/// hosts) and `--svid-dns` / `--svid-ip`.
+fn svid_request(args: &Args, config: Option<&strait_edge_config::Config>) -> SvidRequest {
+    let mut dns = std::collections::BTreeSet::new();
+    let mut ips = std::collections::BTreeSet::new();
+    let mut host = |h: &str| match h.parse::<std::net::IpAddr>() {
+        Ok(ip) if !ip.is_unspecified() => {
+            ips.insert(ip.to_string());
+        }
+        Ok(_) => {}
+        Err(_) => {
+            dns.insert(h.to_ascii_lowercase());
+        }
+    };
+    for vc in config.map(|c| c.virtual_clusters.as_slice()).unwrap_or_default() {
+        host(&vc.bootstrap.ip().to_string());
+        match &vc.brokers {
+            strait_edge_config::BrokerAddressing::PortPerBroker {
+                advertised_host, ..
+            } => host(advertised_host),
+            strait_edge_config::BrokerAddressing::Sni { bootstrap_host, .. } => {
+                host(bootstrap_host)
+            }
+        }
+    }
+    for name in &args.svid_dns {
+        host(name);
+    }
+    for ip in &args.svid_ip {
+        host(ip);
+    }
+    SvidRequest {
+        dns_names: dns.into_iter().collect(),
+        ips: ips.into_iter().collect(),
+        ttl: args.svid_ttl,
+    }
+}
+
+/// `send_if_modified` helper: replaces and reports whether it changed.
+fn update(current: &mut SvidRequest, new: SvidRequest) -> bool {
+    let changed =
+        current.dns_names != new.dns_names || current.ips != new.ips || current.ttl != new.ttl;
+    if changed {
+        *current = new;
+    }
+    changed
+}
+
+/// The connection to the control plane: mTLS with `--control-ca/-cert/-key`
+/// (or the edge's SVID, set up by the caller), or plaintext when asked for
+/// and every address is loopback.
+fn control_client_config(
+    args: &Args,
+    svid: bool,
+) -> anyhow::Result<strait_control_client::ClientConfig> {
     let mut config = strait_control_client::ClientConfig::new(&args.control);
-    if args.control.is_empty() {
+    if args.control.is_empty() || svid {
         return Ok(config);
     }
     match (&args.control_ca, &args.control_cert, &args.control_key) {

@@ -152,6 +152,14 @@ fn host_port(ep: &str) -> String {
 /// Learns the control plane's server root from one member and checks it
 /// against `pin` (SHA-256 of the root's DER, from the join token).
 pub async fn discover_one(ep: &str, pin: &str) -> Result<String, IdentityError> {
+    Ok(discover_one_bundle(ep, pin).await?.server_ca_pem)
+}
+
+/// [`discover_one`], returning the whole answer (trust domain, bundle).
+pub async fn discover_one_bundle(
+    ep: &str,
+    pin: &str,
+) -> Result<pb::TrustBundleResponse, IdentityError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -198,7 +206,23 @@ pub async fn discover_one(ep: &str, pin: &str) -> Result<String, IdentityError> 
             got,
         });
     }
-    Ok(resp.server_ca_pem)
+    Ok(resp)
+}
+
+/// [`discover`], returning the whole verified answer.
+pub async fn discover_bundle(
+    endpoints: &[String],
+    token: &str,
+) -> Result<pb::TrustBundleResponse, IdentityError> {
+    let tok = Token::parse(token)?;
+    let mut errors = Vec::new();
+    for ep in endpoints {
+        match discover_one_bundle(ep, &tok.pin).await {
+            Ok(resp) => return Ok(resp),
+            Err(e) => errors.push(e.to_string()),
+        }
+    }
+    Err(IdentityError::NoMember(errors.join("; ")))
 }
 
 /// [`discover_one`] over members until one is verified.
@@ -283,6 +307,16 @@ impl IdentityEndpoints {
         })
         .await?;
         Ok(svid(resp, key))
+    }
+
+    /// The current trust bundle, from a member verified against the server
+    /// root this was built with.
+    pub async fn trust_bundle(&self) -> Result<pb::TrustBundleResponse, IdentityError> {
+        let channels = self.channels(None)?;
+        Ok(call_any(&channels, self.timeout, |mut c| async move {
+            c.trust_bundle(pb::TrustBundleRequest {}).await
+        })
+        .await?)
     }
 
     /// A new certificate for the identity of `current`, authenticated by it.

@@ -9,6 +9,7 @@
 //!   control plane's CA (key generated in memory).
 
 pub mod identity;
+pub mod live_tls;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -154,6 +155,36 @@ impl ControlClient {
                     .map_err(|err| ClientError::Endpoint(ep.clone(), err.to_string()))?;
             }
             let client = PbClient::new(e.connect_lazy())
+                .max_decoding_message_size(64 * 1024 * 1024)
+                .max_encoding_message_size(64 * 1024 * 1024);
+            clients.push((ep.clone(), client));
+        }
+        Ok(Self {
+            clients: Arc::new(clients),
+            current: Arc::new(AtomicUsize::new(0)),
+            retry: Retry {
+                deadline: cfg.request_timeout,
+                backoff_min: Duration::from_millis(50),
+                backoff_max: Duration::from_secs(1),
+            },
+        })
+    }
+
+    /// A client whose connections use `tls` (see [`live_tls`]: a renewed
+    /// client certificate and refreshed roots reach every new connection);
+    /// `cfg.tls` is ignored.
+    pub fn with_rustls(
+        cfg: &ClientConfig,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> Result<Self, ClientError> {
+        if cfg.endpoints.is_empty() {
+            return Err(ClientError::NoEndpoints);
+        }
+        let mut clients = Vec::new();
+        for ep in &cfg.endpoints {
+            let channel = live_tls::channel(ep, tls.clone(), cfg.connect_timeout)
+                .map_err(|e| ClientError::Endpoint(ep.clone(), e))?;
+            let client = PbClient::new(channel)
                 .max_decoding_message_size(64 * 1024 * 1024)
                 .max_encoding_message_size(64 * 1024 * 1024);
             clients.push((ep.clone(), client));
@@ -504,10 +535,16 @@ pub struct EdgeWatch {
 /// the control plane is down serves its last config immediately.
 pub fn watch_edge_config(cfg: EdgeWatchConfig) -> Result<EdgeWatch, ClientError> {
     let client = ControlClient::new(&cfg.client)?;
+    Ok(watch_edge_config_with_client(cfg, client))
+}
+
+/// [`watch_edge_config`] over a client built by the caller (e.g.
+/// [`ControlClient::with_rustls`]); `cfg.client` is not used.
+pub fn watch_edge_config_with_client(cfg: EdgeWatchConfig, client: ControlClient) -> EdgeWatch {
     let cached = read_cache(&cfg.cache_dir, &cfg.edge_name).map(Arc::new);
     let (tx, rx) = watch::channel(cached);
     let task = tokio::spawn(run_edge_watch(cfg, client, tx));
-    Ok(EdgeWatch { config: rx, task })
+    EdgeWatch { config: rx, task }
 }
 
 enum WatchEnd {
@@ -701,7 +738,19 @@ where
     F: Fn() -> EdgeStatus + Send + 'static,
 {
     let client = ControlClient::new(&cfg.client)?;
-    Ok(tokio::spawn(async move {
+    Ok(spawn_heartbeat_with_client(cfg, client, status))
+}
+
+/// [`spawn_heartbeat`] over a client built by the caller; `cfg.client` is not used.
+pub fn spawn_heartbeat_with_client<F>(
+    cfg: HeartbeatConfig,
+    client: ControlClient,
+    status: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> EdgeStatus + Send + 'static,
+{
+    tokio::spawn(async move {
         let mut tick = tokio::time::interval(cfg.interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -715,7 +764,7 @@ where
                 tracing::warn!(error = %e, "heartbeat failed");
             }
         }
-    }))
+    })
 }
 
 pub async fn heartbeat_once(

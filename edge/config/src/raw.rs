@@ -88,8 +88,11 @@ pub struct RawPrincipalRates {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawTls {
-    pub cert: String,
-    pub key: String,
+    /// `files` (the default: `cert` and `key`) or `svid`: serve the edge's
+    /// own certificate from the control plane's CA (`--join-token`).
+    pub identity: Option<String>,
+    pub cert: Option<String>,
+    pub key: Option<String>,
     /// Verifies certificates without a SPIFFE ID; binds no trust domain.
     pub client_ca: Option<String>,
     /// One bundle per trust domain; a certificate with a SPIFFE ID must chain

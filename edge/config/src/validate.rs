@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use strait_tls::{
-    BundleSource, ClientAuth, ClientTlsSettings, PrincipalSource, ServerTlsSettings,
+    BundleSource, ClientAuth, ClientTlsSettings, PrincipalSource, ServedCertificate,
+    ServerTlsSettings,
     TrustBundleSettings,
 };
 
@@ -419,6 +420,47 @@ fn validate_upstream_tls(
     Some(settings)
 }
 
+/// `tls.identity`: the files `cert` and `key`, or the edge's SVID (then no files).
+fn served_certificate(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<ServedCertificate> {
+    match raw.identity.as_deref() {
+        None | Some("files") => match (&raw.cert, &raw.key) {
+            (Some(cert), Some(key)) => Some(ServedCertificate::Files {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }),
+            (cert, key) => {
+                for (field, value) in [("cert", cert), ("key", key)] {
+                    if value.is_none() {
+                        errors.push(
+                            format!("{path}.{field}"),
+                            "required (or identity: svid to serve the edge's certificate from the control plane's CA)",
+                        );
+                    }
+                }
+                None
+            }
+        },
+        Some("svid") => {
+            for (field, value) in [("cert", &raw.cert), ("key", &raw.key)] {
+                if value.is_some() {
+                    errors.push(
+                        format!("{path}.{field}"),
+                        "not with identity: svid (the edge serves its own SVID); remove it or use identity: files",
+                    );
+                }
+            }
+            Some(ServedCertificate::Svid)
+        }
+        Some(other) => {
+            errors.push(
+                format!("{path}.identity"),
+                format!("'{other}' is not one of files, svid"),
+            );
+            None
+        }
+    }
+}
+
 fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
     let before = errors.0.len();
     let verifies = raw.client_ca.is_some() || !raw.client_trust_bundles.is_empty();
@@ -478,9 +520,10 @@ fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
             ),
         }
     }
+    let certificate = served_certificate(raw, path, errors);
     for (field, file) in [
-        ("cert", Some(&raw.cert)),
-        ("key", Some(&raw.key)),
+        ("cert", raw.cert.as_ref()),
+        ("key", raw.key.as_ref()),
         ("client_ca", raw.client_ca.as_ref()),
     ] {
         if let Some(file) = file {
@@ -500,8 +543,7 @@ fn validate_tls(raw: &RawTls, path: &str, errors: &mut Errors) -> Option<Tls> {
         return None;
     }
     let settings = ServerTlsSettings {
-        cert: PathBuf::from(&raw.cert),
-        key: PathBuf::from(&raw.key),
+        certificate: certificate?,
         client_ca: raw.client_ca.as_ref().map(PathBuf::from),
         client_trust_bundles,
         client_auth,

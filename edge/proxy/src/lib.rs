@@ -28,7 +28,10 @@ use std::net::SocketAddr;
 
 use strait_edge_config::{BrokerAddressing, Config, VirtualCluster};
 use strait_filter::FilterFactory;
-use strait_tls::{ClientTls, CredentialLabel, CredentialWatcher, TlsMetrics};
+use strait_tls::{
+    ClientTls, CredentialLabel, CredentialReceiver, CredentialWatcher, ServedCertificate,
+    TlsMetrics,
+};
 use thiserror::Error;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -75,6 +78,8 @@ pub struct Edge {
     settings: ConnectionSettings,
     drain_timeout: Duration,
     deny: DenyList,
+    /// The edge's own SVID, for listeners with `tls.identity: svid`.
+    svid: Option<CredentialReceiver>,
 }
 
 struct ClusterEntry {
@@ -114,7 +119,21 @@ impl Edge {
         filters: FiltersByCluster,
         ready: Arc<AtomicBool>,
     ) -> Result<Edge, StartError> {
+        Self::start_with_svid(config, metrics, tls_metrics, filters, ready, None).await
+    }
+
+    /// [`Edge::start`], with the edge's SVID (a channel its renewal feeds)
+    /// for the listeners whose `tls.identity` is `svid`.
+    pub async fn start_with_svid(
+        config: &Config,
+        metrics: Arc<ProxyMetrics>,
+        tls_metrics: TlsMetrics,
+        filters: FiltersByCluster,
+        ready: Arc<AtomicBool>,
+        svid: Option<CredentialReceiver>,
+    ) -> Result<Edge, StartError> {
         let mut edge = Edge {
+            svid,
             clusters: BTreeMap::new(),
             sni: HashMap::new(),
             metrics: metrics.clone(),
@@ -266,13 +285,25 @@ impl Edge {
         let upstream: Arc<dyn Upstream> = Arc::new(direct);
         let tls = match &vc.tls {
             Some(tls) => Some(ClusterTls {
-                config: CredentialWatcher::start(
-                    &vc.name,
-                    tls.server.clone(),
-                    self.tls_metrics.clone(),
-                    tls.reload_interval,
-                    stop_accepting.clone(),
-                )
+                config: match (&tls.server.certificate, &self.svid) {
+                    (ServedCertificate::Svid, Some(svid)) => {
+                        CredentialWatcher::start_with_credentials(
+                            &vc.name,
+                            tls.server.clone(),
+                            svid.clone(),
+                            self.tls_metrics.clone(),
+                            tls.reload_interval,
+                            stop_accepting.clone(),
+                        )
+                    }
+                    _ => CredentialWatcher::start(
+                        &vc.name,
+                        tls.server.clone(),
+                        self.tls_metrics.clone(),
+                        tls.reload_interval,
+                        stop_accepting.clone(),
+                    ),
+                }
                 .map_err(|source| StartError::Tls {
                     name: vc.name.clone(),
                     source,

@@ -7,6 +7,7 @@
 //! control plane's CA publishes into the same kind of channel.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,15 +37,44 @@ impl WatchedCertifiedKey {
     }
 }
 
+impl WatchedCertifiedKey {
+    /// The current credentials, unless their certificate has expired: an
+    /// expired certificate is never presented (fail closed), and the
+    /// handshake fails with a WARN (at most one per 10 s) saying why.
+    fn current(&self) -> Option<Arc<CertifiedKey>> {
+        let key = self.0.borrow().clone();
+        match key.cert.first().and_then(seconds_until_expiry) {
+            Some(left) if left < 0 => {
+                let now = crate::server::now_unix();
+                let last = LAST_EXPIRED_WARNING.load(Ordering::Relaxed);
+                if now - last >= 10
+                    && LAST_EXPIRED_WARNING
+                        .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                        .is_ok()
+                {
+                    tracing::warn!(
+                        expired_seconds_ago = -left,
+                        "certificate expired; refusing TLS handshakes that need it (fail closed) until a new one arrives"
+                    );
+                }
+                None
+            }
+            _ => Some(key),
+        }
+    }
+}
+
+static LAST_EXPIRED_WARNING: AtomicI64 = AtomicI64::new(0);
+
 impl ResolvesServerCert for WatchedCertifiedKey {
     fn resolve(&self, _: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.borrow().clone())
+        self.current()
     }
 }
 
 impl ResolvesClientCert for WatchedCertifiedKey {
     fn resolve(&self, _: &[&[u8]], _: &[SignatureScheme]) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.borrow().clone())
+        self.current()
     }
 
     fn has_certs(&self) -> bool {

@@ -34,8 +34,8 @@ pub use credentials::{
 pub use identity::{principal_of, PrincipalSource};
 pub use metrics::TlsMetrics;
 pub use server::{
-    handshake_failure_reason, trust_domain_refusal, ClientAuth, CredentialWatcher, ServerTls,
-    ServerTlsSettings, TlsError,
+    handshake_failure_reason, seconds_until_expiry, trust_domain_refusal, ClientAuth,
+    CredentialWatcher, ServedCertificate, ServerTls, ServerTlsSettings, TlsError,
 };
 pub use tokio_rustls;
 pub use trust::{is_trust_domain, trust_domain_of, SpiffeClientVerifier, TrustDomainError};

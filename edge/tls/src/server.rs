@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use rustls::server::ResolvesServerCert;
 use rustls::{CertificateError, RootCertStore, ServerConfig};
 use rustls_pki_types::CertificateDer;
 use thiserror::Error;
@@ -34,6 +35,8 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("invalid client trust bundle: {0}")]
     Verifier(String),
+    #[error("tls.identity is svid, but this edge has no SVID: start it with --control and --join-token (or a still-valid certificate in its --cache-dir)")]
+    NoSvid,
 }
 
 /// Whether clients must present a certificate.
@@ -47,11 +50,20 @@ pub enum ClientAuth {
     None,
 }
 
+/// Where a listener's certificate comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServedCertificate {
+    /// A certificate and key file pair, re-read every `reload_interval`.
+    Files { cert: PathBuf, key: PathBuf },
+    /// The edge's own SVID from the control plane's CA (`tls.identity: svid`),
+    /// renewed and swapped live by the edge.
+    Svid,
+}
+
 /// Validated TLS settings of one virtual cluster.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerTlsSettings {
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub certificate: ServedCertificate,
     /// Verifies certificates without a SPIFFE ID; binds no trust domain.
     pub client_ca: Option<PathBuf>,
     /// Each trust domain's bundle: a certificate with a SPIFFE ID is verified
@@ -102,13 +114,17 @@ pub struct ServerTls;
 impl ServerTls {
     /// Reads the files and builds a configuration, to check them.
     pub fn load(settings: &ServerTlsSettings) -> Result<Arc<ServerConfig>, TlsError> {
-        let cert = read(&settings.cert)?;
-        let key = read(&settings.key)?;
-        let certified = certified_key(&cert, &key, &settings.cert, &settings.key)?;
-        // No sender: the configuration keeps this certificate.
-        let (_, credentials) = watch::channel(Arc::new(certified));
+        let resolver: Arc<dyn ResolvesServerCert> = match &settings.certificate {
+            ServedCertificate::Files { cert, key } => {
+                let certified = certified_key(&read(cert)?, &read(key)?, cert, key)?;
+                // No sender: the configuration keeps this certificate.
+                WatchedCertifiedKey::new(watch::channel(Arc::new(certified)).1)
+            }
+            // The SVID arrives at run time; this checks the trust material.
+            ServedCertificate::Svid => Arc::new(NoCertificateYet),
+        };
         let trust = TrustMaterial::read(settings)?;
-        Ok(Self::build(settings, &trust, credentials)?.0)
+        Ok(Self::build(settings, &trust, resolver)?.0)
     }
 
     /// The configuration, serving whatever `credentials` holds at each
@@ -117,7 +133,7 @@ impl ServerTls {
     fn build(
         settings: &ServerTlsSettings,
         trust: &TrustMaterial,
-        credentials: CredentialReceiver,
+        resolver: Arc<dyn ResolvesServerCert>,
     ) -> Result<(Arc<ServerConfig>, Option<i64>), TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let builder = ServerConfig::builder_with_provider(provider.clone())
@@ -168,8 +184,18 @@ impl ServerTls {
                 builder.with_client_cert_verifier(Arc::new(verifier))
             }
         };
-        let config = builder.with_cert_resolver(WatchedCertifiedKey::new(credentials));
+        let config = builder.with_cert_resolver(resolver);
         Ok((Arc::new(config), ca_expiry))
+    }
+}
+
+/// Validation only: serves nothing.
+#[derive(Debug)]
+struct NoCertificateYet;
+
+impl ResolvesServerCert for NoCertificateYet {
+    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        None
     }
 }
 
@@ -180,10 +206,16 @@ fn read(path: &PathBuf) -> Result<Vec<u8>, TlsError> {
     })
 }
 
-pub(crate) fn seconds_until_expiry(cert: &CertificateDer<'_>) -> Option<i64> {
+pub(crate) fn now_unix() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Seconds from now until the certificate's notAfter (negative once expired).
+pub fn seconds_until_expiry(cert: &CertificateDer<'_>) -> Option<i64> {
     let (_, parsed) = X509Certificate::from_der(cert.as_ref()).ok()?;
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).ok()?.as_secs() as i64;
-    Some(parsed.validity().not_after.timestamp() - now)
+    Some(parsed.validity().not_after.timestamp() - now_unix())
 }
 
 /// Publishes a virtual cluster's server configuration. The certificate is
@@ -203,9 +235,12 @@ impl CredentialWatcher {
         interval: Duration,
         stop: CancellationToken,
     ) -> Result<watch::Receiver<Arc<ServerConfig>>, TlsError> {
+        let ServedCertificate::Files { cert, key } = &settings.certificate else {
+            return Err(TlsError::NoSvid);
+        };
         let credentials = FileCredentials::start(
-            settings.cert.clone(),
-            settings.key.clone(),
+            cert.clone(),
+            key.clone(),
             CredentialLabel {
                 owner: virtual_cluster.to_owned(),
                 certificate: "server",
@@ -236,7 +271,8 @@ impl CredentialWatcher {
         stop: CancellationToken,
     ) -> Result<watch::Receiver<Arc<ServerConfig>>, TlsError> {
         let material = TrustMaterial::read(&settings)?;
-        let (config, ca_expiry) = ServerTls::build(&settings, &material, credentials.clone())?;
+        let resolver: Arc<dyn ResolvesServerCert> = WatchedCertifiedKey::new(credentials);
+        let (config, ca_expiry) = ServerTls::build(&settings, &material, resolver.clone())?;
         if let Some(ca_expiry) = ca_expiry {
             metrics.expiry(virtual_cluster, "client_ca", ca_expiry);
         }
@@ -266,7 +302,7 @@ impl CredentialWatcher {
                 if material == current || rejected.as_ref() == Some(&material) {
                     continue;
                 }
-                match ServerTls::build(&settings, &material, credentials.clone()) {
+                match ServerTls::build(&settings, &material, resolver.clone()) {
                     Ok((config, ca_expiry)) => {
                         if let Some(ca_expiry) = ca_expiry {
                             metrics.expiry(&name, "client_ca", ca_expiry);
@@ -312,6 +348,8 @@ pub fn handshake_failure_reason(err: &std::io::Error) -> &'static str {
     };
     match tls {
         rustls::Error::NoCertificatesPresented => "no_client_certificate",
+        // The resolver had no certificate to serve: the SVID expired.
+        rustls::Error::General(m) if m.contains("no server certificate") => "no_server_certificate",
         other if trust_domain_error(other).is_some() => {
             trust_domain_error(other).map_or("bad_certificate", |e| e.reason())
         }

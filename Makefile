@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export STRAIT_TANSU_BIN ?= $(HOME)/.cache/strait/tools/bin/tansu
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test pytest demo bench bench-features bench-compare bench-compare-smoke lint fmt
+.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke lint fmt
 
 all: build
 
@@ -30,6 +30,12 @@ pytest:
 
 demo: setup build
 	scripts/demo.sh
+
+# The edge's 1-minute certificates renewed under produce/consume load for 5 minutes (CI runs 90 s).
+ROTATION_SECONDS ?= 300
+soak-rotation: setup build
+	STRAIT_ROTATION_SECONDS=$(ROTATION_SECONDS) $(PYTHON) -m pytest integration/tests/test_identity.py \
+		-k rotates_under_load $(PYTEST_ARGS)
 
 bench: setup
 	cargo build --release -p strait-loadgen

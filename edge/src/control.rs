@@ -124,11 +124,15 @@ fn translate(
         });
         if let Some(tls) = &vc.tls {
             cluster["tls"] = json!({
-                "cert": tls.cert_file,
-                "key": tls.key_file,
                 "client_auth": "required",
                 "client_trust_bundles": client_trust_bundles(snapshot, name, &tls.client_trust_bundles, &pem_dir)?,
             });
+            if tls.identity.as_deref() == Some("svid") {
+                cluster["tls"]["identity"] = json!("svid");
+            } else {
+                cluster["tls"]["cert"] = json!(tls.cert_file);
+                cluster["tls"]["key"] = json!(tls.key_file);
+            }
         }
 
         let applies = |targets: &[String]| targets.is_empty() || targets.iter().any(|t| t == name);
@@ -429,6 +433,7 @@ mod tests {
         std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
         std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
         snap.virtual_clusters.get_mut("orders").unwrap().tls = Some(ListenerTls {
+            identity: None,
             cert_file: dir.join("server.pem").display().to_string(),
             key_file: dir.join("server.key").display().to_string(),
             client_trust_bundles: bundles.iter().map(|b| b.to_string()).collect(),

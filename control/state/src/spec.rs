@@ -169,7 +169,13 @@ impl BrokerAddressing {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerTls {
+    /// `files` (default: `cert_file`, `key_file` on the edge's host) or
+    /// `svid`: the edge serves its own certificate from the CA.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cert_file: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub key_file: String,
     /// TrustBundle names whose roots verify client certificates (mTLS).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -578,6 +584,23 @@ impl Validate for VirtualClusterSpec {
             }
         }
         if let Some(tls) = &self.tls {
+            let files = !tls.cert_file.is_empty() && !tls.key_file.is_empty();
+            let none = tls.cert_file.is_empty() && tls.key_file.is_empty();
+            match tls.identity.as_deref() {
+                None | Some("files") if !files => errs.push(ValidationError::new(
+                    "spec.tls",
+                    "cert_file and key_file are required (or identity: svid to serve the edge's certificate from the CA)",
+                )),
+                Some("svid") if !none => errs.push(ValidationError::new(
+                    "spec.tls",
+                    "identity: svid serves the edge's own certificate: remove cert_file and key_file",
+                )),
+                None | Some("files") | Some("svid") => {}
+                Some(other) => errs.push(ValidationError::new(
+                    "spec.tls.identity",
+                    format!("'{other}' is not one of files, svid"),
+                )),
+            }
             // Fail closed: TLS that verifies no client would let anyone in.
             if tls.client_trust_bundles.is_empty() {
                 errs.push(ValidationError::new(

@@ -198,3 +198,41 @@ fn record_expiry(metrics: &Option<TlsMetrics>, label: &CredentialLabel, key: &Ce
         );
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key_valid_until(not_after: (i32, u8, u8)) -> Arc<CertifiedKey> {
+        let mut params = rcgen::CertificateParams::new(vec!["edge.example".to_string()]).unwrap();
+        params.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        params.not_after = rcgen::date_time_ymd(not_after.0, not_after.1, not_after.2);
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let path = std::path::Path::new("test");
+        Arc::new(
+            certified_key(
+                cert.pem().as_bytes(),
+                key.serialize_pem().as_bytes(),
+                path,
+                path,
+            )
+            .unwrap(),
+        )
+    }
+
+    #[test]
+    fn an_expired_certificate_is_never_presented() {
+        let (tx, rx) = watch::channel(key_valid_until((2099, 1, 1)));
+        let resolver = WatchedCertifiedKey::new(rx);
+        assert!(ResolvesClientCert::resolve(&*resolver, &[], &[]).is_some());
+        tx.send_replace(key_valid_until((2021, 1, 1)));
+        assert!(
+            ResolvesClientCert::resolve(&*resolver, &[], &[]).is_none(),
+            "expired: fail closed"
+        );
+        assert!(resolver.current().is_none());
+        tx.send_replace(key_valid_until((2099, 1, 1)));
+        assert!(resolver.current().is_some(), "a renewed certificate is served again");
+    }
+}

@@ -16,8 +16,8 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use prometheus_client::registry::Registry;
-use strait_control_client::state::spec::EdgeStatus;
 use strait_control_client::identity::SvidRequest;
+use strait_control_client::state::spec::EdgeStatus;
 use strait_control_client::{EdgeSnapshot, EdgeWatchConfig};
 use strait_proxy::admin::AdminServer;
 use strait_proxy::metrics::ProxyMetrics;
@@ -446,7 +446,10 @@ fn svid_request(args: &Args, config: Option<&strait_edge_config::Config>) -> Svi
             dns.insert(h.to_ascii_lowercase());
         }
     };
-    for vc in config.map(|c| c.virtual_clusters.as_slice()).unwrap_or_default() {
+    for vc in config
+        .map(|c| c.virtual_clusters.as_slice())
+        .unwrap_or_default()
+    {
         host(&vc.bootstrap.ip().to_string());
         match &vc.brokers {
             strait_edge_config::BrokerAddressing::PortPerBroker {

@@ -100,7 +100,9 @@ impl SvidCache {
 fn describe(cert_pem: &str) -> anyhow::Result<(String, String, i64)> {
     let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
         .map_err(|e| anyhow::anyhow!("not PEM: {e}"))?;
-    let cert = pem.parse_x509().map_err(|e| anyhow::anyhow!("not X.509: {e}"))?;
+    let cert = pem
+        .parse_x509()
+        .map_err(|e| anyhow::anyhow!("not X.509: {e}"))?;
     let spiffe_id = cert
         .subject_alternative_name()
         .ok()
@@ -194,8 +196,13 @@ fn unreachable(err: &IdentityError) -> bool {
 fn certified(svid: &Svid) -> anyhow::Result<Arc<rustls::sign::CertifiedKey>> {
     let path = Path::new("svid");
     Ok(Arc::new(
-        strait_tls::certified_key(svid.cert_pem.as_bytes(), svid.key_pem.as_bytes(), path, path)
-            .context("the SVID from the control plane does not load")?,
+        strait_tls::certified_key(
+            svid.cert_pem.as_bytes(),
+            svid.key_pem.as_bytes(),
+            path,
+            path,
+        )
+        .context("the SVID from the control plane does not load")?,
     ))
 }
 
@@ -239,7 +246,9 @@ pub async fn start(
                         tracing::warn!(%err, "the cached certificate was not renewed; joining with the token");
                         join(&opts, token).await?
                     }
-                    None => anyhow::bail!("the control plane refused to renew the cached certificate: {err}"),
+                    None => anyhow::bail!(
+                        "the control plane refused to renew the cached certificate: {err}"
+                    ),
                 },
             }
         }
@@ -326,13 +335,19 @@ async fn keep_renewed(
             }
             other => other.map_err(|e| e.to_string()),
         };
-        match result.and_then(|new| certified(&new).map(|k| (new, k)).map_err(|e| format!("{e:#}"))) {
+        match result.and_then(|new| {
+            certified(&new)
+                .map(|k| (new, k))
+                .map_err(|e| format!("{e:#}"))
+        }) {
             Ok((new, key)) => {
                 // The roots that verify the control plane may have moved
                 // (a CA rotation); fetch them over the verified connection.
                 if let Ok(bundle) = ids.trust_bundle().await {
                     if !bundle.server_ca_pem.is_empty() && bundle.server_ca_pem != server_ca {
-                        tracing::info!("control-plane server root changed; new connections verify against it");
+                        tracing::info!(
+                            "control-plane server root changed; new connections verify against it"
+                        );
                         server_ca = bundle.server_ca_pem;
                         roots.send_replace(server_ca.clone());
                     }
@@ -401,7 +416,10 @@ mod tests {
         assert_eq!(back.spiffe_id, id);
         assert_eq!(ca, "server-ca");
         assert!((back.not_after_unix - (now_unix() + 600)).abs() <= 1);
-        assert!(cache.load("e2").is_none(), "another edge's SVID is not used");
+        assert!(
+            cache.load("e2").is_none(),
+            "another edge's SVID is not used"
+        );
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
@@ -431,6 +449,9 @@ mod tests {
         assert!(m.contains("could not be renewed: unavailable"), "{m}");
         s.not_after_unix = now_unix() - 3;
         let m = s.message().unwrap();
-        assert!(m.contains("expired") && m.contains("refuse handshakes"), "{m}");
+        assert!(
+            m.contains("expired") && m.contains("refuse handshakes"),
+            "{m}"
+        );
     }
 }

@@ -96,7 +96,8 @@ def kafka_config(port: int, client: Path) -> dict:
 def create_topic(bootstrap: str) -> str:
     from confluent_kafka.admin import AdminClient, NewTopic
     topic = unique("identity")
-    AdminClient({"bootstrap.servers": bootstrap}).create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until the result is in
+    admin.create_topics([NewTopic(topic, 1, 1)])[topic].result(30)
     return topic
 
 

@@ -74,7 +74,11 @@ impl LiveRoots {
             // A broken bundle keeps the roots in force.
             Err(e) => {
                 tracing::warn!(error = %e, "new control-plane roots rejected; keeping the current ones");
-                self.built.read().unwrap_or_else(|e| e.into_inner()).1.clone()
+                self.built
+                    .read()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .1
+                    .clone()
             }
         }
     }
@@ -162,12 +166,12 @@ pub fn channel(
             let target = target.clone();
             let name = name.clone();
             async move {
-                let tcp = tokio::time::timeout(
-                    connect_timeout,
-                    tokio::net::TcpStream::connect(target),
-                )
-                .await
-                .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out"))??;
+                let tcp =
+                    tokio::time::timeout(connect_timeout, tokio::net::TcpStream::connect(target))
+                        .await
+                        .map_err(|_| {
+                            std::io::Error::new(std::io::ErrorKind::TimedOut, "connect timed out")
+                        })??;
                 let _ = tcp.set_nodelay(true);
                 let tls = connector.connect(name, tcp).await?;
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))

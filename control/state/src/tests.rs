@@ -331,6 +331,28 @@ fn spec_validation_paths() {
                    "tls":{"cert_file":"/c.pem","key_file":"/k.pem","client_trust_bundles":["east"]}}),
             None,
         ),
+        // The edge's own SVID instead of files, never both.
+        (
+            Kind::VirtualCluster,
+            json!({"edge":"e","cluster":"c","bootstrap":"127.0.0.1:19092",
+                   "brokers":{"advertised_host":"127.0.0.1","port_range":"19100-19199"},
+                   "tls":{"identity":"svid","client_trust_bundles":["east"]}}),
+            None,
+        ),
+        (
+            Kind::VirtualCluster,
+            json!({"edge":"e","cluster":"c","bootstrap":"127.0.0.1:19092",
+                   "brokers":{"advertised_host":"127.0.0.1","port_range":"19100-19199"},
+                   "tls":{"identity":"svid","cert_file":"/c.pem","client_trust_bundles":["east"]}}),
+            Some("spec.tls"),
+        ),
+        (
+            Kind::VirtualCluster,
+            json!({"edge":"e","cluster":"c","bootstrap":"127.0.0.1:19092",
+                   "brokers":{"advertised_host":"127.0.0.1","port_range":"19100-19199"},
+                   "tls":{"client_trust_bundles":["east"]}}),
+            Some("spec.tls"),
+        ),
         (
             Kind::DenyList,
             json!({"spiffe_ids":["spiffe://example.org/ns/shop/sa/orders"],"reason":"key leaked"}),

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use strait_tls::{
     BundleSource, ClientAuth, ClientTlsSettings, PrincipalSource, ServedCertificate,
-    ServerTlsSettings,
-    TrustBundleSettings,
+    ServerTlsSettings, TrustBundleSettings,
 };
 
 use crate::raw::{RawConfig, RawQuotas, RawRates, RawTls, RawUpstreamTls, RawVirtualCluster};
@@ -784,6 +783,7 @@ fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
 #[cfg(test)]
 mod tests {
     use crate::parse;
+    use strait_tls::ServedCertificate;
 
     const GOOD: &str = r#"
 admin:
@@ -928,6 +928,41 @@ virtual_clusters:
         format!(
             "virtual_clusters:\n  - name: a\n    bootstrap: 127.0.0.1:19092\n    brokers: {{ advertised_host: h, port_range: 19100-19199 }}\n    upstream: {{ bootstrap_servers: [\"h:1\"] }}\n    tls: {tls}\n"
         )
+    }
+
+    #[test]
+    fn tls_identity_is_files_or_svid_never_both() {
+        let errors = errors_of(&with_tls("{ client_auth: none }"));
+        assert!(
+            errors.iter().any(|e| e.starts_with(
+                "virtual_clusters[0].tls.cert: required (or identity: svid"
+            )),
+            "{errors:?}"
+        );
+        let errors = errors_of(&with_tls(
+            "{ identity: svid, cert: /nonexistent/c.pem, client_auth: none }",
+        ));
+        assert!(
+            errors
+                .iter()
+                .any(|e| e.starts_with("virtual_clusters[0].tls.cert: not with identity: svid")),
+            "{errors:?}"
+        );
+        let errors = errors_of(&with_tls("{ identity: spire, client_auth: none }"));
+        assert_eq!(
+            errors,
+            vec!["virtual_clusters[0].tls.identity: 'spire' is not one of files, svid"]
+        );
+        let config = parse(&with_tls("{ identity: svid, client_auth: none }")).unwrap();
+        assert_eq!(
+            config.virtual_clusters[0]
+                .tls
+                .as_ref()
+                .unwrap()
+                .server
+                .certificate,
+            ServedCertificate::Svid
+        );
     }
 
     fn errors_of(yaml: &str) -> Vec<String> {

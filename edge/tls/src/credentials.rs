@@ -233,6 +233,9 @@ mod tests {
         );
         assert!(resolver.current().is_none());
         tx.send_replace(key_valid_until((2099, 1, 1)));
-        assert!(resolver.current().is_some(), "a renewed certificate is served again");
+        assert!(
+            resolver.current().is_some(),
+            "a renewed certificate is served again"
+        );
     }
 }

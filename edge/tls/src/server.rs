@@ -194,7 +194,10 @@ impl ServerTls {
 struct NoCertificateYet;
 
 impl ResolvesServerCert for NoCertificateYet {
-    fn resolve(&self, _: rustls::server::ClientHello<'_>) -> Option<Arc<rustls::sign::CertifiedKey>> {
+    fn resolve(
+        &self,
+        _: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
         None
     }
 }

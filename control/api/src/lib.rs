@@ -442,6 +442,12 @@ impl Control for ControlService {
             ));
         }
         let sel = Selector::parse(&req.label_selector).map_err(Status::invalid_argument)?;
+        if req.start_revision == 0 {
+            // The listing is linearizable, as a List is: a follower that has not yet applied a
+            // write its caller already saw acknowledged would hand an edge an older, partial
+            // config (a virtual cluster without the policy applied with it).
+            self.barrier(false).await?;
+        }
         let wanted = move |r: &st::Resource| {
             (kinds.is_empty() || kinds.contains(&r.kind)) && sel.matches(&r.labels)
         };

@@ -8,22 +8,11 @@ use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use common::{free_port, BIN, CTL};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+use common::pki::Pki;
+use common::{ctl_tls, free_port, loopback_peers, mtls_node, text, Kill, BIN, CTL};
 use rustls_pki_types::{CertificateDer, UnixTime};
 
 const TD: &str = "example.org";
-
-struct Kill(Vec<Child>);
-
-impl Drop for Kill {
-    fn drop(&mut self) {
-        for c in &mut self.0 {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
 
 fn now() -> i64 {
     SystemTime::now()
@@ -35,59 +24,20 @@ fn now() -> i64 {
 /// Bootstrap CA, the node's serving certificate, an admin and an edge
 /// client certificate (both from the bootstrap CA, with SPIFFE IDs).
 fn write_bootstrap(dir: &Path) {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let pki = Pki::new(dir, "");
     // The node's certificate names it as a control node (Raft accepts only
     // /control/* peers) and carries the names clients dial.
-    let mut node =
-        CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();
-    node.subject_alt_names.push(SanType::URI(
-        "spiffe://example.org/control/node"
-            .to_string()
-            .try_into()
-            .unwrap(),
-    ));
-    let key = KeyPair::generate().unwrap();
-    let cert = node.signed_by(&key, &ca).unwrap();
-    std::fs::write(dir.join("node.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("node.key"), key.serialize_pem()).unwrap();
-    for (name, id) in [
-        ("admin", "spiffe://example.org/admin/alice"),
-        ("edge", "spiffe://example.org/edge/e1"),
-    ] {
-        let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-        p.subject_alt_names = vec![SanType::URI(id.to_string().try_into().unwrap())];
-        let key = KeyPair::generate().unwrap();
-        let cert = p.signed_by(&key, &ca).unwrap();
-        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-    }
+    pki.issue(
+        "node",
+        &["127.0.0.1", "localhost"],
+        Some("spiffe://example.org/control/node"),
+    );
+    pki.issue("admin", &[], Some("spiffe://example.org/admin/alice"));
+    pki.issue("edge", &[], Some("spiffe://example.org/edge/e1"));
 }
 
 fn ctl(dir: &Path, ep: &str, client: Option<&str>, args: &[&str]) -> Output {
-    let mut c = Command::new(CTL);
-    c.arg("--endpoints")
-        .arg(ep)
-        .arg("--ca")
-        .arg(dir.join("ca.pem"));
-    if let Some(name) = client {
-        c.arg("--cert")
-            .arg(dir.join(format!("{name}.pem")))
-            .arg("--key")
-            .arg(dir.join(format!("{name}.key")));
-    }
-    c.args(args).output().unwrap()
-}
-
-fn text(o: &Output) -> String {
-    format!(
-        "status {:?}\nstdout: {}\nstderr: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr)
-    )
+    ctl_tls(dir, ep, client, args)
 }
 
 fn pem_der(pem: &str) -> Vec<CertificateDer<'static>> {
@@ -654,37 +604,11 @@ fn three_nodes_share_a_kms_sealed_ca_and_rotate_with_overlap() {
         ),
     )
     .unwrap();
-    let addrs: Vec<String> = (0..3)
-        .map(|_| format!("127.0.0.1:{}", free_port()))
-        .collect();
-    let peers = addrs
-        .iter()
-        .enumerate()
-        .map(|(i, a)| format!("{}={a}", i + 1))
-        .collect::<Vec<_>>()
-        .join(",");
+    let (addrs, peers) = loopback_peers(3);
     let mut procs = Kill(Vec::new());
     for (i, a) in addrs.iter().enumerate() {
-        let log = std::fs::File::create(dir.join(format!("n{}.log", i + 1))).unwrap();
         procs.0.push(
-            Command::new(BIN)
-                .args([
-                    "--id",
-                    &(i + 1).to_string(),
-                    "--listen",
-                    a,
-                    "--peers",
-                    &peers,
-                ])
-                .arg("--data-dir")
-                .arg(dir.join(format!("d{}", i + 1)))
-                .args(["--tick-ms", "20"])
-                .arg("--tls-cert")
-                .arg(dir.join("node.pem"))
-                .arg("--tls-key")
-                .arg(dir.join("node.key"))
-                .arg("--tls-client-ca")
-                .arg(dir.join("ca.pem"))
+            mtls_node(dir, i + 1, a, &peers)
                 .args(["--trust-domain", TD])
                 .arg("--ca-seal-kms")
                 .arg(dir.join("kms.yaml"))
@@ -697,8 +621,6 @@ fn three_nodes_share_a_kms_sealed_ca_and_rotate_with_overlap() {
                 .args(["--cert-ttl-workload", "1m", "--cert-ttl-edge", "1m"])
                 .args(["--cert-ttl-kms-broker", "1m", "--cert-ttl-control", "1m"])
                 .args(["--cert-ttl-admin", "1m"])
-                .stdout(Stdio::null())
-                .stderr(log)
                 .spawn()
                 .unwrap(),
         );

@@ -10,32 +10,25 @@
 //!   can publish into the same kind of channel.
 //! * [`TrustDomainVerifier`]: [`strait_tls::SpiffeClientVerifier`] (a
 //!   certificate whose SPIFFE ID names trust domain `Y` must chain to `Y`'s
-//!   bundle), swapped live when the control plane's TrustBundles change.
+//!   bundle) inside a [`strait_tls::LiveClientVerifier`], swapped when the
+//!   control plane's TrustBundles change; [`strait_tls::tls_incoming`]
+//!   accepts for tonic.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use arc_swap::ArcSwap;
-use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, UnixTime};
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, OtherError, RootCertStore,
-    SignatureScheme,
-};
+use rustls::pki_types::CertificateDer;
+use rustls::RootCertStore;
 use strait_tls::{
-    CredentialLabel, CredentialReceiver, FileCredentials, SpiffeClientVerifier, TrustDomainError,
-    WatchedCertifiedKey,
+    tls_incoming, CredentialLabel, CredentialReceiver, FileCredentials, LiveClientVerifier,
+    SpiffeClientVerifier, TlsIncoming, WatchedCertifiedKey,
 };
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -101,28 +94,21 @@ pub fn spiffe_id_of_der(der: &[u8]) -> Option<String> {
 /// Roots per trust domain.
 pub type Bundles = BTreeMap<String, Vec<CertificateDer<'static>>>;
 
-/// [`SpiffeClientVerifier`] with bundles replaceable live; client
-/// certificates are mandatory, and certificates without a SPIFFE ID are
-/// refused (no plain `client_ca`: the broker has no subject-based callers).
+/// [`SpiffeClientVerifier`] with bundles replaceable live
+/// ([`LiveClientVerifier`]); client certificates are mandatory, and
+/// certificates without a SPIFFE ID are refused (no plain `client_ca`: the
+/// broker has no subject-based callers).
+#[derive(Debug)]
 pub struct TrustDomainVerifier {
     provider: Arc<CryptoProvider>,
-    /// None: no bundle at all; every certificate is refused.
-    current: ArcSwap<Option<Arc<SpiffeClientVerifier>>>,
-}
-
-impl std::fmt::Debug for TrustDomainVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TrustDomainVerifier")
-            .field("trust_domains", &self.trust_domains())
-            .finish()
-    }
+    live: Arc<LiveClientVerifier<SpiffeClientVerifier>>,
 }
 
 impl TrustDomainVerifier {
     pub fn new(provider: Arc<CryptoProvider>) -> Arc<Self> {
         Arc::new(TrustDomainVerifier {
+            live: Arc::new(LiveClientVerifier::new(provider.clone(), true)),
             provider,
-            current: ArcSwap::from_pointee(None),
         })
     }
 
@@ -154,87 +140,15 @@ impl TrustDomainVerifier {
                 }
             }
         };
-        self.current.store(Arc::new(verifier));
+        self.live.store(verifier);
         errors
     }
 
     pub fn trust_domains(&self) -> Vec<String> {
-        match self.current.load().as_ref() {
+        match self.live.current() {
             Some(v) => v.trust_domains().map(str::to_string).collect(),
             None => Vec::new(),
         }
-    }
-}
-
-fn refused(e: TrustDomainError) -> rustls::Error {
-    rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(e))))
-}
-
-impl ClientCertVerifier for TrustDomainVerifier {
-    fn client_auth_mandatory(&self) -> bool {
-        true
-    }
-
-    /// No hints: the bundles change live, and the callers (edges) present
-    /// their one certificate regardless.
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        let current = self.current.load();
-        match current.as_ref() {
-            Some(v) => v.verify_client_cert(end_entity, intermediates, now),
-            None => {
-                let id = spiffe_id_of_der(end_entity.as_ref())
-                    .ok_or_else(|| refused(TrustDomainError::NoSpiffeId))?;
-                let domain = strait_tls::trust_domain_of(&id).map_err(refused)?;
-                Err(refused(TrustDomainError::NoBundle {
-                    id,
-                    domain,
-                    hint: "",
-                }))
-            }
-        }
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
@@ -245,53 +159,14 @@ pub fn acceptor(
 ) -> Result<TlsAcceptor, TlsError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()?
-        .with_client_cert_verifier(verifier)
+        .with_client_cert_verifier(verifier.live.clone())
         .with_cert_resolver(WatchedCertifiedKey::new(cert));
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-pub type Incoming = ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>;
-
 /// Accepts TCP connections and hands completed handshakes to tonic. A
 /// refused certificate drops that connection and is audited with its reason.
-pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> Incoming {
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    // Out of descriptors and the like: back off a little.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            if tx.is_closed() {
-                return;
-            }
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(s)).await;
-                    }
-                    Ok(Err(e)) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                        // A port probe or a client that gave up: nothing refused.
-                        tracing::debug!(%peer, error = %e, "connection closed during the handshake")
-                    }
-                    Ok(Err(e)) => {
-                        let reason = strait_tls::trust_domain_refusal(&e)
-                            .map_or_else(|| e.to_string(), |t| t.to_string());
-                        tracing::warn!(target: "audit", %peer, %reason, "kms-broker handshake refused")
-                    }
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    ReceiverStream::new(rx)
+pub fn incoming(listener: TcpListener, acceptor: TlsAcceptor) -> TlsIncoming {
+    tls_incoming(listener, acceptor, "kms-broker")
 }

@@ -297,3 +297,82 @@ where
 }
 pub mod lin;
 pub mod pki;
+
+/// Kills (and reaps) the processes it holds when the test ends, passed or not.
+pub struct Kill(pub Vec<Child>);
+
+impl Drop for Kill {
+    fn drop(&mut self) {
+        for c in &mut self.0 {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// `n` free loopback addresses and the `--peers` list naming them 1..=n.
+pub fn loopback_peers(n: usize) -> (Vec<String>, String) {
+    let addrs: Vec<String> = (0..n)
+        .map(|_| format!("127.0.0.1:{}", free_port()))
+        .collect();
+    let peers = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{}={a}", i + 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    (addrs, peers)
+}
+
+/// Node `id` of a multi-node cluster on mTLS with the bootstrap files in
+/// `dir` (`node.pem`, `node.key`, `ca.pem`): data in `dir/d<id>`, stderr
+/// in `dir/n<id>.log`. The caller adds the CA flags and spawns it.
+pub fn mtls_node(dir: &std::path::Path, id: usize, addr: &str, peers: &str) -> Command {
+    let log = std::fs::File::create(dir.join(format!("n{id}.log"))).unwrap();
+    let mut c = Command::new(BIN);
+    c.args(["--id", &id.to_string(), "--listen", addr, "--peers", peers])
+        .arg("--data-dir")
+        .arg(dir.join(format!("d{id}")))
+        .args(["--tick-ms", "20"])
+        .arg("--tls-cert")
+        .arg(dir.join("node.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("node.key"))
+        .arg("--tls-client-ca")
+        .arg(dir.join("ca.pem"))
+        .stdout(Stdio::null())
+        .stderr(log);
+    c
+}
+
+/// straitctl over mTLS against `endpoints`, trusting `dir/ca.pem`, as the
+/// client whose `<name>.pem`/`<name>.key` are in `dir` (none: no certificate).
+pub fn ctl_tls(
+    dir: &std::path::Path,
+    endpoints: &str,
+    client: Option<&str>,
+    args: &[&str],
+) -> std::process::Output {
+    let mut c = Command::new(CTL);
+    c.arg("--endpoints")
+        .arg(endpoints)
+        .arg("--ca")
+        .arg(dir.join("ca.pem"));
+    if let Some(name) = client {
+        c.arg("--cert")
+            .arg(dir.join(format!("{name}.pem")))
+            .arg("--key")
+            .arg(dir.join(format!("{name}.key")));
+    }
+    c.args(args).output().unwrap()
+}
+
+/// A process's outcome, for assertion messages.
+pub fn text(o: &std::process::Output) -> String {
+    format!(
+        "status {:?}\nstdout: {}\nstderr: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}

@@ -13,25 +13,33 @@
 //!   with a log line and the previous certificate stays.
 //! * [`CredentialWatcher`] publishes a virtual cluster's server configuration
 //!   and a new one when its trust bundles change.
+//! * [`LiveClientVerifier`] is a client verifier whose roots are replaced
+//!   live (bundles pushed by the control plane), and [`tls_incoming`] the
+//!   accept loop for a tonic server behind such a verifier
+//!   (`serve_with_incoming`); the kms-broker and the control nodes use both.
 //! * [`principal_of`] turns a client certificate into a [`Principal`]: its
 //!   SPIFFE ID by default.
 
 #![forbid(unsafe_code)]
 
+mod accept;
 mod bundle;
 mod client;
 mod credentials;
 mod identity;
+mod live;
 mod metrics;
 mod server;
 mod trust;
 
+pub use accept::{tls_incoming, TlsIncoming};
 pub use bundle::{BundleSource, TrustBundleSettings};
 pub use client::{client_config, ClientTls, ClientTlsSettings};
 pub use credentials::{
     certified_key, CredentialLabel, CredentialReceiver, FileCredentials, WatchedCertifiedKey,
 };
 pub use identity::{principal_of, PrincipalSource};
+pub use live::LiveClientVerifier;
 pub use metrics::TlsMetrics;
 pub use server::{
     handshake_failure_reason, seconds_until_expiry, trust_domain_refusal, ClientAuth,

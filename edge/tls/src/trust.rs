@@ -55,7 +55,7 @@ impl TrustDomainError {
         }
     }
 
-    fn into_rustls(self) -> rustls::Error {
+    pub(crate) fn into_rustls(self) -> rustls::Error {
         rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(Arc::new(self))))
     }
 }
@@ -85,7 +85,7 @@ pub fn is_trust_domain(text: &str) -> bool {
 }
 
 /// The SPIFFE IDs in a certificate's URI SANs.
-fn spiffe_ids(end_entity: &CertificateDer<'_>) -> Result<Vec<String>, rustls::Error> {
+pub(crate) fn spiffe_ids(end_entity: &CertificateDer<'_>) -> Result<Vec<String>, rustls::Error> {
     let (_, cert) = X509Certificate::from_der(end_entity.as_ref())
         .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
     let sans = cert

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 use prometheus_client::registry::Registry;
+use strait_control_client::ControlConnectionArgs;
 use strait_kms_broker::callers::Callers;
 use strait_kms_broker::follow::{follow_control_plane, ControlArgs};
 use strait_kms_broker::kms::build_kms_set;
@@ -23,28 +24,8 @@ struct Args {
     /// YAML config file.
     #[arg(long, env = "STRAIT_KMS_BROKER_CONFIG")]
     config: PathBuf,
-    /// Control-plane members to follow (`host:port,host:port`) for
-    /// TrustBundles and DenyLists.
-    #[arg(long, value_delimiter = ',', requires = "name")]
-    control: Vec<String>,
-    /// This broker's name: its identity is
-    /// `spiffe://<trust_domain>/kms-broker/<name>`.
-    #[arg(long)]
-    name: Option<String>,
-    /// CA (PEM) that signed the control-plane nodes' certificates.
-    #[arg(long, value_name = "FILE", requires_all = ["control", "control_cert", "control_key"])]
-    control_ca: Option<PathBuf>,
-    /// This broker's client certificate (PEM) towards the control plane,
-    /// re-read at every reconnect; its SPIFFE ID must be
-    /// `spiffe://<trust_domain>/kms-broker/<name>`.
-    #[arg(long, value_name = "FILE", requires = "control_ca")]
-    control_cert: Option<PathBuf>,
-    #[arg(long, value_name = "FILE", requires = "control_ca")]
-    control_key: Option<PathBuf>,
-    /// Follow the control plane without TLS; only when every --control
-    /// address is loopback.
-    #[arg(long, requires = "control", conflicts_with = "control_ca")]
-    insecure_plaintext: bool,
+    #[command(flatten)]
+    control: ControlConnectionArgs,
     /// Where the last control-plane snapshot is kept, to keep serving with
     /// it when the control plane is down.
     #[arg(long, default_value = ".strait-kms-broker-cache")]
@@ -74,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     let cfg = BrokerConfig::from_yaml(&text, &base)
         .map_err(|e| anyhow::anyhow!("invalid config {}:\n{e}", args.config.display()))?;
     let file_bundles = cfg.file_bundles()?;
-    if file_bundles.is_empty() && args.control.is_empty() {
+    if file_bundles.is_empty() && args.control.control.is_empty() {
         // Fail closed: with no roots at all every caller would be refused;
         // say so instead of starting a broker nobody can use.
         anyhow::bail!(
@@ -87,17 +68,17 @@ async fn main() -> anyhow::Result<()> {
     }
     let callers = Callers::new(cfg.callers());
     tracing::info!(callers = ?callers.allowed(), trust_domains = ?verifier.trust_domains(), "caller policy");
-    let _follow = match &args.name {
-        Some(name) if !args.control.is_empty() => Some(
+    let _follow = match &args.control.name {
+        Some(name) if !args.control.control.is_empty() => Some(
             follow_control_plane(
                 ControlArgs {
-                    endpoints: args.control.clone(),
+                    endpoints: args.control.control.clone(),
                     name: name.clone(),
                     trust_domain: cfg.trust_domain.clone(),
-                    ca: args.control_ca.clone(),
-                    cert: args.control_cert.clone(),
-                    key: args.control_key.clone(),
-                    insecure_plaintext: args.insecure_plaintext,
+                    ca: args.control.control_ca.clone(),
+                    cert: args.control.control_cert.clone(),
+                    key: args.control.control_key.clone(),
+                    insecure_plaintext: args.control.insecure_plaintext,
                     cache_dir: args.cache_dir.clone(),
                     heartbeat_interval: args.heartbeat_interval,
                 },

@@ -60,18 +60,9 @@ pub fn write_broker_cache(cache_dir: &Path, snap: &BrokerSnapshot) -> Result<(),
 
 pub fn read_broker_cache(cache_dir: &Path, broker: &str) -> Option<BrokerSnapshot> {
     let path = broker_cache_path(cache_dir, broker);
-    let bytes = std::fs::read(&path).ok()?;
-    match serde_json::from_slice::<BrokerSnapshot>(&bytes) {
-        Ok(mut s) if s.broker == broker => {
-            s.source = SnapshotSource::Cache;
-            Some(s)
-        }
-        Ok(_) => None,
-        Err(e) => {
-            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable config cache");
-            None
-        }
-    }
+    let mut s = crate::read_cached(&path, |s: &BrokerSnapshot| s.broker == broker)?;
+    s.source = SnapshotSource::Cache;
+    Some(s)
 }
 
 /// Builds the client configuration afresh (re-reading certificate files)

@@ -8,8 +8,11 @@
 //! - [`identity`]: join with a token and renew an X.509 SVID from the
 //!   control plane's CA (key generated in memory).
 
+mod args;
 pub mod identity;
 pub mod live_tls;
+
+pub use args::ControlConnectionArgs;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -488,13 +491,22 @@ pub fn write_atomic(cache_dir: &Path, path: &Path, bytes: &[u8]) -> Result<(), C
 }
 
 pub fn read_cache(cache_dir: &Path, edge: &str) -> Option<EdgeSnapshot> {
-    let path = cache_path(cache_dir, edge);
-    let bytes = std::fs::read(&path).ok()?;
-    match serde_json::from_slice::<EdgeSnapshot>(&bytes) {
-        Ok(mut s) if s.edge == edge => {
-            s.source = SnapshotSource::Cache;
-            Some(s)
-        }
+    let mut s = read_cached(&cache_path(cache_dir, edge), |s: &EdgeSnapshot| {
+        s.edge == edge
+    })?;
+    s.source = SnapshotSource::Cache;
+    Some(s)
+}
+
+/// The snapshot cached at `path` if it reads and `owns` it (a cache written
+/// for another name is not used); an unreadable one is skipped with a WARN.
+pub(crate) fn read_cached<T: serde::de::DeserializeOwned>(
+    path: &Path,
+    owns: impl FnOnce(&T) -> bool,
+) -> Option<T> {
+    let bytes = std::fs::read(path).ok()?;
+    match serde_json::from_slice::<T>(&bytes) {
+        Ok(s) if owns(&s) => Some(s),
         Ok(_) => None,
         Err(e) => {
             tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable config cache");

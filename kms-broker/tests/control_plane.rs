@@ -306,6 +306,13 @@ async fn follows_a_plaintext_control_plane_and_keeps_serving_without_it() {
     })
     .await;
     assert_eq!(call(&broker.url, &ca, &e1).await.unwrap(), "kek-a");
+    // The two TrustBundles may arrive in separate watch events: wait until
+    // other.org's is in force too (its callers pass the handshake).
+    wait_until("the other.org bundle", DEADLINE, || {
+        let (url, ca, foreign) = (broker.url.clone(), ca.clone(), foreign.clone());
+        async move { call(&url, &ca, &foreign).await.err().map(|e| e.code()) != Some(Code::Unknown) }
+    })
+    .await;
 
     // other.org's CA vouches for other.org only.
     let err = call(&broker.url, &ca, &impostor).await.unwrap_err();

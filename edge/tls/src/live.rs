@@ -139,3 +139,74 @@ impl<V: ClientCertVerifier + ?Sized> ClientCertVerifier for LiveClientVerifier<V
             .supported_schemes()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+    use rustls::RootCertStore;
+
+    use super::*;
+    use crate::SpiffeClientVerifier;
+
+    fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    }
+
+    fn leaf(ca: &CertifiedIssuer<'static, KeyPair>, id: &str) -> CertificateDer<'static> {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .subject_alt_names
+            .push(SanType::URI(id.try_into().unwrap()));
+        let key = KeyPair::generate().unwrap();
+        params.signed_by(&key, ca).unwrap().der().clone()
+    }
+
+    fn message(err: rustls::Error) -> String {
+        match err {
+            rustls::Error::InvalidCertificate(rustls::CertificateError::Other(o)) => {
+                o.0.to_string()
+            }
+            other => other.to_string(),
+        }
+    }
+
+    #[test]
+    fn refuses_until_a_verifier_is_stored_and_follows_each_swap() {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let (home, other) = (ca("home"), ca("other"));
+        let e1 = leaf(&home, "spiffe://example.org/edge/e1");
+        let live = LiveClientVerifier::<SpiffeClientVerifier>::new(provider.clone(), true);
+        assert!(live.client_auth_mandatory());
+        let now = UnixTime::now();
+        assert_eq!(
+            message(live.verify_client_cert(&e1, &[], now).unwrap_err()),
+            "client certificate names spiffe://example.org/edge/e1, but trust domain 'example.org' has no client trust bundle"
+        );
+        let with = |ca: &CertifiedIssuer<'static, KeyPair>| {
+            let mut roots = RootCertStore::empty();
+            roots.add(ca.der().clone()).unwrap();
+            let domains = BTreeMap::from([("example.org".to_string(), roots)]);
+            Some(Arc::new(
+                SpiffeClientVerifier::new(domains, None, true, provider.clone()).unwrap(),
+            ))
+        };
+        live.store(with(&home));
+        assert!(live.verify_client_cert(&e1, &[], now).is_ok());
+        // The domain's bundle replaced by another CA's: e1 is refused at once.
+        live.store(with(&other));
+        assert_eq!(
+            message(live.verify_client_cert(&e1, &[], now).unwrap_err()),
+            "client certificate names spiffe://example.org/edge/e1, but does not chain to the trust bundle of 'example.org'"
+        );
+        live.store(None);
+        assert!(live.current().is_none());
+        assert!(live.verify_client_cert(&e1, &[], now).is_err());
+    }
+}

@@ -443,178 +443,63 @@ mod tests {
         let nocert = Caller::Anonymous {
             why: "no client certificate",
         };
-        let vc = Access::resource(ctl(C::Apply), Kind::VirtualCluster, "vc1");
+        // Shorthands, so that each case stays one row of the table.
+        let kind = |m: C, k: Kind| Access::kind(ctl(m), Some(k));
+        let res = |m: C, k: Kind, name: &'static str| Access::resource(ctl(m), k, name);
+        let ident = |m: IdentityMethod| Access::op(Operation::Identity(m));
+        let raft = || Access::op(Operation::Raft(RaftMethod::Send));
+        let vc = res(C::Apply, Kind::VirtualCluster, "vc1");
         use Want::*;
         let cases: Vec<(&Caller, Access, Want)> = vec![
             (&admin, vc, Allow),
-            (
-                &admin,
-                Access::kind(ctl(C::List), Some(Kind::AccessRule)),
-                Allow,
-            ),
+            (&admin, kind(C::List, Kind::AccessRule), Allow),
             (&admin, Access::op(ctl(C::AddMember)), Allow),
-            (&admin, Access::op(Operation::Raft(RaftMethod::Send)), Deny),
-            (
-                &admin,
-                Access::op(Operation::Identity(IdentityMethod::Issue)),
-                Allow,
-            ),
+            (&admin, raft(), Deny),
+            (&admin, ident(IdentityMethod::Issue), Allow),
             (&edge, vc, Deny),
-            (
-                &edge,
-                Access::resource(ctl(C::Delete), Kind::VirtualCluster, "vc1"),
-                Deny,
-            ),
-            (
-                &edge,
-                Access::kind(ctl(C::Watch), Some(Kind::VirtualCluster)),
-                Allow,
-            ),
+            (&edge, res(C::Delete, Kind::VirtualCluster, "vc1"), Deny),
+            (&edge, kind(C::Watch, Kind::VirtualCluster), Allow),
             (&edge, Access::kind(ctl(C::Watch), None), Allow),
+            (&edge, kind(C::List, Kind::AccessRule), Deny),
+            (&edge, res(C::UpdateStatus, Kind::Edge, "e1"), Allow),
+            (&edge, res(C::UpdateStatus, Kind::Edge, "e2"), Deny),
             (
                 &edge,
-                Access::kind(ctl(C::List), Some(Kind::AccessRule)),
+                res(C::UpdateStatus, Kind::VirtualCluster, "e1"),
                 Deny,
             ),
-            (
-                &edge,
-                Access::resource(ctl(C::UpdateStatus), Kind::Edge, "e1"),
-                Allow,
-            ),
-            (
-                &edge,
-                Access::resource(ctl(C::UpdateStatus), Kind::Edge, "e2"),
-                Deny,
-            ),
-            (
-                &edge,
-                Access::resource(ctl(C::UpdateStatus), Kind::VirtualCluster, "e1"),
-                Deny,
-            ),
-            (
-                &edge,
-                Access::resource(ctl(C::Create), Kind::Edge, "e1"),
-                Allow,
-            ),
-            (
-                &edge,
-                Access::resource(ctl(C::Apply), Kind::Edge, "e1"),
-                Deny,
-            ),
+            (&edge, res(C::Create, Kind::Edge, "e1"), Allow),
+            (&edge, res(C::Apply, Kind::Edge, "e1"), Deny),
             (&edge, Access::op(ctl(C::Members)), Deny),
-            (&edge, Access::op(Operation::Raft(RaftMethod::Send)), Deny),
-            (
-                &edge,
-                Access::op(Operation::Identity(IdentityMethod::Renew)),
-                Allow,
-            ),
-            (
-                &edge,
-                Access::op(Operation::Identity(IdentityMethod::Issue)),
-                Deny,
-            ),
+            (&edge, raft(), Deny),
+            (&edge, ident(IdentityMethod::Renew), Allow),
+            (&edge, ident(IdentityMethod::Issue), Deny),
             (&foreign_edge, Access::kind(ctl(C::Watch), None), Deny),
-            (
-                &kms,
-                Access::kind(ctl(C::List), Some(Kind::KmsRealm)),
-                Allow,
-            ),
-            (
-                &kms,
-                Access::kind(ctl(C::Watch), Some(Kind::TrustBundle)),
-                Allow,
-            ),
-            (
-                &kms,
-                Access::kind(ctl(C::List), Some(Kind::VirtualCluster)),
-                Deny,
-            ),
-            (
-                &kms,
-                Access::resource(ctl(C::UpdateStatus), Kind::Edge, "k1"),
-                Deny,
-            ),
-            (
-                &kms,
-                Access::kind(ctl(C::Watch), Some(Kind::DenyList)),
-                Allow,
-            ),
-            (
-                &kms,
-                Access::resource(ctl(C::UpdateStatus), Kind::KmsBroker, "k1"),
-                Allow,
-            ),
-            (
-                &kms,
-                Access::resource(ctl(C::Create), Kind::KmsBroker, "k1"),
-                Allow,
-            ),
-            (
-                &kms,
-                Access::resource(ctl(C::UpdateStatus), Kind::KmsBroker, "k2"),
-                Deny,
-            ),
-            (
-                &kms,
-                Access::resource(ctl(C::Apply), Kind::KmsBroker, "k1"),
-                Deny,
-            ),
-            (
-                &kms,
-                Access::kind(ctl(C::List), Some(Kind::KmsBroker)),
-                Deny,
-            ),
-            (
-                &edge,
-                Access::resource(ctl(C::UpdateStatus), Kind::KmsBroker, "e1"),
-                Deny,
-            ),
-            (
-                &edge,
-                Access::resource(ctl(C::Create), Kind::KmsBroker, "e1"),
-                Deny,
-            ),
-            (&node, Access::op(Operation::Raft(RaftMethod::Send)), Allow),
-            (
-                &node,
-                Access::kind(ctl(C::List), Some(Kind::KafkaCluster)),
-                Deny,
-            ),
-            (
-                &reader,
-                Access::kind(ctl(C::List), Some(Kind::AccessRule)),
-                Allow,
-            ),
+            (&kms, kind(C::List, Kind::KmsRealm), Allow),
+            (&kms, kind(C::Watch, Kind::TrustBundle), Allow),
+            (&kms, kind(C::List, Kind::VirtualCluster), Deny),
+            (&kms, res(C::UpdateStatus, Kind::Edge, "k1"), Deny),
+            (&kms, kind(C::Watch, Kind::DenyList), Allow),
+            (&kms, res(C::UpdateStatus, Kind::KmsBroker, "k1"), Allow),
+            (&kms, res(C::Create, Kind::KmsBroker, "k1"), Allow),
+            (&kms, res(C::UpdateStatus, Kind::KmsBroker, "k2"), Deny),
+            (&kms, res(C::Apply, Kind::KmsBroker, "k1"), Deny),
+            (&kms, kind(C::List, Kind::KmsBroker), Deny),
+            (&edge, res(C::UpdateStatus, Kind::KmsBroker, "e1"), Deny),
+            (&edge, res(C::Create, Kind::KmsBroker, "e1"), Deny),
+            (&node, raft(), Allow),
+            (&node, kind(C::List, Kind::KafkaCluster), Deny),
+            (&reader, kind(C::List, Kind::AccessRule), Allow),
             (&reader, Access::op(ctl(C::Status)), Allow),
             (&reader, vc, Deny),
             (&stranger, Access::kind(ctl(C::List), None), Deny),
-            (
-                &stranger,
-                Access::op(Operation::Identity(IdentityMethod::TrustBundle)),
-                Allow,
-            ),
+            (&stranger, ident(IdentityMethod::TrustBundle), Allow),
             (&nocert, Access::kind(ctl(C::List), None), Unauth),
-            (
-                &nocert,
-                Access::op(Operation::Raft(RaftMethod::Send)),
-                Unauth,
-            ),
-            (
-                &nocert,
-                Access::op(Operation::Identity(IdentityMethod::Join)),
-                Allow,
-            ),
-            (
-                &nocert,
-                Access::op(Operation::Identity(IdentityMethod::Renew)),
-                Unauth,
-            ),
+            (&nocert, raft(), Unauth),
+            (&nocert, ident(IdentityMethod::Join), Allow),
+            (&nocert, ident(IdentityMethod::Renew), Unauth),
             (&Caller::InsecureLocal, vc, Allow),
-            (
-                &Caller::InsecureLocal,
-                Access::op(Operation::Raft(RaftMethod::Send)),
-                Allow,
-            ),
+            (&Caller::InsecureLocal, raft(), Allow),
         ];
         for (caller, access, want) in cases {
             let got = match policy.decide(caller, &access, &rules) {

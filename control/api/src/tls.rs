@@ -237,6 +237,21 @@ pub fn acceptor(
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
+/// The acceptor for the node's gRPC port, its certificate chosen per
+/// handshake by `resolver` (see [`crate::node_tls::NodeServerResolver`]).
+pub fn acceptor_with_resolver(
+    resolver: Arc<dyn rustls::server::ResolvesServerCert>,
+    verifier: Arc<DynamicClientVerifier>,
+    provider: Arc<CryptoProvider>,
+) -> Result<TlsAcceptor, TlsSetupError> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_client_cert_verifier(verifier)
+        .with_cert_resolver(resolver);
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(cfg)))
+}
+
 type Incoming = ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>;
 
 /// Accepts TCP connections on `addr` and hands completed TLS handshakes

@@ -15,21 +15,16 @@ use crate::metrics::RaftMetrics;
 use crate::storage::{DurableLog, NodeStorage, StoreError};
 use crate::transport::{RaftService, Transport};
 
-#[derive(Clone, Debug)]
-pub struct TlsClientConfig {
-    pub ca_pem: Vec<u8>,
-    pub cert_pem: Vec<u8>,
-    pub key_pem: Vec<u8>,
-}
+/// How this node connects to its peers over TLS: a function giving the
+/// client configuration for the next connection, so that the certificate
+/// it presents and the roots it verifies peers against (bootstrap CA plus
+/// the CA's bundle) can change while the node runs.
+#[derive(Clone)]
+pub struct TlsClientConfig(pub Arc<dyn Fn() -> Arc<rustls::ClientConfig> + Send + Sync>);
 
-impl TlsClientConfig {
-    pub fn to_tonic(&self) -> tonic::transport::ClientTlsConfig {
-        tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(&self.ca_pem))
-            .identity(tonic::transport::Identity::from_pem(
-                &self.cert_pem,
-                &self.key_pem,
-            ))
+impl std::fmt::Debug for TlsClientConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("TlsClientConfig")
     }
 }
 

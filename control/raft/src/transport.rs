@@ -112,17 +112,40 @@ struct PeerSender {
 
 impl PeerSender {
     fn client(&self, addr: &str) -> Option<RaftClient<Channel>> {
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
+        let ep = Endpoint::from_shared(format!("http://{addr}"))
             .ok()?
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(10))
             .tcp_nodelay(true);
-        if let Some(tls) = &self.tls {
-            ep = ep.tls_config(tls.to_tonic()).ok()?;
-        }
+        let channel = match &self.tls {
+            // TLS is the connector's (tonic's own reads a certificate once):
+            // each new connection takes the configuration of that moment.
+            Some(tls) => {
+                let tls = tls.clone();
+                let target = addr.to_string();
+                let host = target
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.trim_matches(['[', ']']).to_string())
+                    .unwrap_or_else(|| target.clone());
+                let name = rustls::pki_types::ServerName::try_from(host).ok()?;
+                ep.connect_with_connector_lazy(tower::service_fn(move |_uri| {
+                    let config = (tls.0)();
+                    let target = target.clone();
+                    let name = name.clone();
+                    async move {
+                        let tcp = tokio::net::TcpStream::connect(target).await?;
+                        tcp.set_nodelay(true)?;
+                        let tls = tokio_rustls::TlsConnector::from(config)
+                            .connect(name, tcp)
+                            .await?;
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(tls))
+                    }
+                }))
+            }
+            None => ep.connect_lazy(),
+        };
         Some(
-            RaftClient::new(ep.connect_lazy())
+            RaftClient::new(channel)
                 .max_decoding_message_size(MAX_GRPC_MESSAGE)
                 .max_encoding_message_size(MAX_GRPC_MESSAGE),
         )

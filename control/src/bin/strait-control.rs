@@ -13,6 +13,8 @@ mod ca_flags;
 use strait_control_api::access::{
     rules_of, Access, Audit, Authorizer, Caller, ControlMethod, Glob, Operation, Policy,
 };
+use strait_control_api::identity::{IdentityService, NodeCertRequest};
+use strait_control_api::node_tls::{NodeServerResolver, PeerTls};
 use strait_control_api::{spawn_health, status_of, ControlService};
 use strait_control_client::plaintext::check_plaintext;
 use strait_control_raft::{Node, NodeConfig, TlsClientConfig};
@@ -201,6 +203,36 @@ async fn bootstrap_access_rules(node: Node, authz: Authorizer, rules: Vec<Comman
     }
 }
 
+/// The node's certificate request: `spiffe://D/control/<id>` with the
+/// host it advertises and the IP it listens on (when specific) as SANs.
+fn node_cert_request(
+    td: &str,
+    id: u64,
+    listen: SocketAddr,
+    advertise: &str,
+) -> Result<NodeCertRequest> {
+    let mut dns_names = Vec::new();
+    let mut ips = Vec::new();
+    let host = advertise
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(advertise)
+        .trim_matches(['[', ']']);
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => ips.push(ip),
+        Err(_) if !host.is_empty() => dns_names.push(host.to_string()),
+        Err(_) => bail!("--advertise '{advertise}' names no host"),
+    }
+    if !listen.ip().is_unspecified() && !ips.contains(&listen.ip()) {
+        ips.push(listen.ip());
+    }
+    Ok(NodeCertRequest {
+        spiffe_id: format!("spiffe://{td}/control/{id}"),
+        dns_names,
+        ips,
+    })
+}
+
 #[tokio::main]
 async fn main() -> Result<()> {
     // Built in one workspace with the AWS SDK, rustls has two crypto
@@ -261,11 +293,7 @@ async fn main() -> Result<()> {
                 .identity(Identity::from_pem(&cert, &key))
                 .client_ca_root(Certificate::from_pem(&ca))
                 .client_auth_optional(true);
-            let client = TlsClientConfig {
-                ca_pem: ca,
-                cert_pem: cert,
-                key_pem: key,
-            };
+            let client = (ca, cert, key);
             (Some(cfg), Some(client))
         }
         (Some(_), Some(_), None) => bail!(
@@ -285,6 +313,38 @@ async fn main() -> Result<()> {
         }
     };
     let tls = server_tls.is_some();
+    // The node's credential: the bootstrap files, replaced by CA-issued
+    // certificates once the CA runs (see node_tls). Raft connections take
+    // it and the roots (bootstrap CA plus the CA's bundle, once known) at
+    // each new connection.
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let identity_cell: std::sync::Arc<std::sync::OnceLock<IdentityService>> = Default::default();
+    let mut credential = None;
+    let client_tls = match client_tls {
+        Some((ca, cert, key)) => {
+            let bootstrap = std::sync::Arc::new(
+                strait_tls::certified_key(
+                    &cert,
+                    &key,
+                    args.tls_cert.as_deref().unwrap_or(std::path::Path::new("--tls-cert")),
+                    args.tls_key.as_deref().unwrap_or(std::path::Path::new("--tls-key")),
+                )
+                .context("--tls-cert / --tls-key")?,
+            );
+            let (tx, rx) = tokio::sync::watch::channel(bootstrap.clone());
+            let roots = strait_control_api::tls::parse_certs("--tls-client-ca", &ca)?;
+            let cell = identity_cell.clone();
+            let source: strait_control_api::tls::BundleSource = std::sync::Arc::new(move || {
+                cell.get()
+                    .map(|i| i.bundle_pem(strait_control_api::identity::now_unix()))
+                    .unwrap_or_default()
+            });
+            let peers = PeerTls::new(provider.clone(), roots, Some(source), Some(rx.clone()));
+            credential = Some((bootstrap, tx, rx));
+            Some(TlsClientConfig(std::sync::Arc::new(move || peers.config())))
+        }
+        None => None,
+    };
     let mut admins = Vec::new();
     for g in &args.admin_identities {
         admins.push(Glob::new(g).map_err(|e| anyhow::anyhow!("--admin-identity: {e}"))?);
@@ -371,26 +431,26 @@ async fn main() -> Result<()> {
         // client certificates are verified against --tls-client-ca plus the
         // CA's live bundle (certificates the CA issued work at once and
         // across rotation); the Authorizer decides every call as elsewhere.
-        let (Some(td), Some(cert), Some(key), Some(client_ca)) = (
-            args.trust_domain.clone(),
-            &args.tls_cert,
-            &args.tls_key,
-            &args.tls_client_ca,
-        ) else {
+        let (Some(td), Some(client_ca), Some((bootstrap, cred_tx, cred_rx))) =
+            (args.trust_domain.clone(), &args.tls_client_ca, credential)
+        else {
             bail!(
                 "the CA (--ca-seal-key-file / --ca-seal-kms) needs TLS: --tls-cert, --tls-key, \
                  --tls-client-ca and --trust-domain"
             );
         };
-        let cert = read(cert)?;
-        let key = read(key)?;
         let client_ca = read(client_ca)?;
         let identity =
             ca_flags::identity_service(&args.ca, &td, node.clone(), &client_ca, authz.clone())
                 .await?;
+        let _ = identity_cell.set(identity.clone());
         strait_control_api::identity::spawn_manager(identity.clone(), Duration::from_secs(1));
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let bootstrap = strait_control_api::tls::parse_certs("--tls-client-ca", &client_ca)?;
+        strait_control_api::identity::spawn_node_certificate(
+            identity.clone(),
+            node_cert_request(&td, args.id, args.listen, &advertise)?,
+            cred_tx,
+        );
+        let bootstrap_roots = strait_control_api::tls::parse_certs("--tls-client-ca", &client_ca)?;
         let source: strait_control_api::tls::BundleSource = {
             let identity = identity.clone();
             std::sync::Arc::new(move || {
@@ -399,10 +459,14 @@ async fn main() -> Result<()> {
         };
         let verifier = std::sync::Arc::new(strait_control_api::tls::DynamicClientVerifier::new(
             provider.clone(),
-            bootstrap,
+            bootstrap_roots,
             Some(source),
         ));
-        let acceptor = strait_control_api::tls::acceptor(&cert, &key, verifier, provider)?;
+        let acceptor = strait_control_api::tls::acceptor_with_resolver(
+            NodeServerResolver::new(bootstrap, cred_rx),
+            verifier,
+            provider,
+        )?;
         let incoming = strait_control_api::tls::incoming(args.listen, acceptor).await?;
         tracing::info!(id = args.id, listen = %args.listen, trust_domain = %td, "strait-control listening (CA)");
         let shutdown_node = node.clone();

@@ -7,6 +7,7 @@
 //! `strait_control::audit`.
 
 mod manager;
+mod node_cert;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -30,6 +31,7 @@ use tokio::sync::Mutex;
 use tonic::{Code, Request, Response, Status};
 
 pub use manager::spawn_manager;
+pub use node_cert::{spawn_node_certificate, NodeCertRequest};
 
 use crate::access::{Access, Authorizer, Caller, IdentityMethod, Operation};
 
@@ -329,6 +331,32 @@ impl IdentityService {
             id: rec.id,
             expires_at_unix: rec.expires_at_unix,
         })
+    }
+
+    /// A certificate for this node itself (`spiffe://D/control/<id>`),
+    /// signed here and recorded through Raft like any other.
+    pub async fn issue_own(
+        &self,
+        csr_pem: String,
+        spiffe_id: &str,
+        dns_names: Vec<String>,
+        ips: Vec<IpAddr>,
+    ) -> Result<pb::CertificateResponse, Status> {
+        let now = now_unix();
+        let signer = self.active_signer(now).await?;
+        let issued = self.sign_with(
+            &signer,
+            &SignRequest {
+                csr_pem,
+                spiffe_id: spiffe_id.to_string(),
+                dns_names,
+                ips,
+                ttl: None,
+            },
+            now,
+        )?;
+        self.record("node certificate", "this node", issued, now)
+            .await
     }
 
     /// Issuance records, for rotation.

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use strait_control_api::access::Authorizer;
+use strait_control_api::identity::rate::JoinLimit;
 use strait_control_api::identity::{IdentityConfig, IdentityService};
 use strait_control_ca::{FileSealer, KmsSealer, Lifetimes, RotationPolicy, Sealer};
 use strait_control_raft::Node;
@@ -50,6 +51,16 @@ pub struct CaArgs {
     pub cert_ttl_control: Duration,
     #[arg(long, default_value = "1h", value_parser = duration)]
     pub cert_ttl_admin: Duration,
+    /// Identity/Join requests per second allowed per source address (a
+    /// token bucket; refusals are RESOURCE_EXHAUSTED and audited).
+    #[arg(long, default_value_t = 1.0)]
+    pub join_rate: f64,
+    /// Joins a source may make at once (the bucket's size).
+    #[arg(long, default_value_t = 10)]
+    pub join_burst: u32,
+    /// Source addresses tracked at once; beyond, new sources share one bucket.
+    #[arg(long, default_value_t = 10_000)]
+    pub join_rate_sources: usize,
 }
 
 impl CaArgs {
@@ -137,6 +148,12 @@ pub async fn identity_service(
         String::from_utf8(client_ca_pem.to_vec()).context("--tls-client-ca is not UTF-8 PEM")?;
     strait_control_ca::root_pin(&server_ca_pem)
         .map_err(|e| anyhow::anyhow!("--tls-client-ca: {e}"))?;
+    let join_limit = JoinLimit {
+        per_second: args.join_rate,
+        burst: args.join_burst,
+        max_sources: args.join_rate_sources,
+    };
+    join_limit.validate().map_err(anyhow::Error::msg)?;
     let sealer = sealer(args).await?;
     Ok(IdentityService::new(
         node,
@@ -147,6 +164,7 @@ pub async fn identity_service(
             sealer,
             authz,
             server_ca_pem,
+            join_limit,
         },
     ))
 }

@@ -8,7 +8,7 @@ use anyhow::{anyhow, bail, Result};
 use clap::Subcommand;
 use strait_control_ca::new_key_and_csr;
 use strait_control_client::identity::{
-    call_any, discover, now_unix, write_files, IdentityEndpoints, SvidRequest,
+    call_any, discover, now_unix, write_atomic, write_files, IdentityEndpoints, SvidRequest,
 };
 use strait_control_client::ClientConfig;
 use strait_proto::control as pb;
@@ -39,7 +39,16 @@ pub enum CaCmd {
     /// signing after the publication delay; the current one then retires.
     Rotate,
     /// Print the trust bundle (every root to trust now) as PEM.
-    Bundle,
+    Bundle {
+        /// Also include the bootstrap CA the nodes' first certificates
+        /// chain to (`--tls-client-ca` of strait-control): the file then
+        /// verifies the control nodes whichever certificate they serve.
+        #[arg(long)]
+        with_server_ca: bool,
+        /// Write the PEM to FILE (atomically) instead of printing it.
+        #[arg(long, value_name = "FILE")]
+        out: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -149,13 +158,40 @@ pub async fn run_ca(cfg: &ClientConfig, cmd: CaCmd) -> Result<()> {
                 resp.generation, resp.activate_at_unix
             );
         }
-        CaCmd::Bundle => {
+        CaCmd::Bundle {
+            with_server_ca,
+            out,
+        } => {
             let resp = call_any(&channels, cfg.request_timeout, |mut c| async move {
                 c.trust_bundle(pb::TrustBundleRequest {}).await
             })
             .await
             .map_err(status_err)?;
-            print!("{}", resp.bundle_pem);
+            if resp.bundle_pem.trim().is_empty() {
+                bail!("the CA of {} has no root yet; retry", resp.trust_domain);
+            }
+            let mut pem = String::new();
+            if with_server_ca {
+                pem.push_str(&resp.server_ca_pem);
+                if !pem.ends_with('\n') {
+                    pem.push('\n');
+                }
+            }
+            pem.push_str(&resp.bundle_pem);
+            match out {
+                Some(path) => {
+                    let dir = path
+                        .parent()
+                        .filter(|d| !d.as_os_str().is_empty())
+                        .unwrap_or(std::path::Path::new("."));
+                    let name = path
+                        .file_name()
+                        .ok_or_else(|| anyhow!("--out {} names no file", path.display()))?
+                        .to_string_lossy();
+                    write_atomic(dir, &name, pem.as_bytes(), 0o644)?;
+                }
+                None => print!("{pem}"),
+            }
         }
     }
     Ok(())

@@ -704,3 +704,90 @@ fn three_nodes_share_a_kms_sealed_ca_and_rotate_with_overlap() {
         )
         .is_err());
 }
+
+/// Identity/Join needs no certificate, so each source address has a token
+/// bucket: past the burst, joins are refused with RESOURCE_EXHAUSTED before
+/// the token is even looked at, and the refusal is audited.
+#[test]
+fn joins_are_rate_limited_per_source() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    write_bootstrap(dir);
+    let ep = format!("127.0.0.1:{}", free_port());
+    let audit = dir.join("audit.jsonl");
+    let log = std::fs::File::create(dir.join("node.log")).unwrap();
+    let _procs = Kill(vec![Command::new(BIN)
+        .args(["--dev", "--listen", &ep, "--tick-ms", "20"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .arg("--tls-cert")
+        .arg(dir.join("node.pem"))
+        .arg("--tls-key")
+        .arg(dir.join("node.key"))
+        .arg("--tls-client-ca")
+        .arg(dir.join("ca.pem"))
+        .args(["--trust-domain", TD])
+        .arg("--ca-seal-key-file")
+        .arg(dir.join("seal.key"))
+        .args(["--admin-identity", "spiffe://example.org/admin/*"])
+        .args(["--join-burst", "3", "--join-rate", "0.01"])
+        .arg("--audit-log")
+        .arg(&audit)
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca = std::fs::read_to_string(dir.join("ca.pem")).unwrap();
+    let codes = rt.block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("https://{ep}"))
+            .unwrap()
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(&ca)),
+            )
+            .unwrap()
+            .connect_lazy();
+        let mut client =
+            strait_proto::control::identity_client::IdentityClient::new(channel);
+        // Wait for the listener (TrustBundle is not rate limited).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while client
+            .trust_bundle(strait_proto::control::TrustBundleRequest {})
+            .await
+            .is_err()
+        {
+            assert!(Instant::now() < deadline, "node not serving");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut out = Vec::new();
+        for _ in 0..5 {
+            let e = client
+                .join(strait_proto::control::JoinRequest {
+                    token: "not-a-token".into(),
+                    spiffe_id: "spiffe://example.org/edge/e1".into(),
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err();
+            out.push((e.code(), e.message().to_string()));
+        }
+        out
+    });
+    for (code, msg) in &codes[..3] {
+        assert_ne!(*code, tonic::Code::ResourceExhausted, "{msg}");
+    }
+    for (code, msg) in &codes[3..] {
+        assert_eq!(*code, tonic::Code::ResourceExhausted, "{msg}");
+        assert!(
+            msg.starts_with("too many Identity/Join requests from 127.0.0.1; retry in "),
+            "{msg}"
+        );
+    }
+    let lines = std::fs::read_to_string(&audit).unwrap();
+    let refused = lines
+        .lines()
+        .filter(|l| l.contains("Identity/Join") && l.contains("too many Identity/Join requests"))
+        .count();
+    assert_eq!(refused, 2, "{lines}");
+}

@@ -8,6 +8,7 @@
 
 mod manager;
 mod node_cert;
+pub mod rate;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -54,6 +55,8 @@ pub struct IdentityConfig {
     /// PEM of the root that verifies this node's server certificate; join
     /// tokens carry its SHA-256.
     pub server_ca_pem: String,
+    /// Per-source bound on Identity/Join (unauthenticated).
+    pub join_limit: rate::JoinLimit,
 }
 
 struct Inner {
@@ -61,6 +64,7 @@ struct Inner {
     cfg: IdentityConfig,
     /// Unsealed signers by generation (with the root they belong to).
     signers: Mutex<BTreeMap<u64, (String, Arc<Signer>)>>,
+    joins: rate::JoinLimiter,
 }
 
 #[derive(Clone)]
@@ -119,6 +123,7 @@ impl IdentityService {
         IdentityService {
             inner: Arc::new(Inner {
                 node,
+                joins: rate::JoinLimiter::new(cfg.join_limit),
                 cfg,
                 signers: Mutex::new(BTreeMap::new()),
             }),
@@ -400,6 +405,25 @@ impl Identity for IdentityService {
         req: Request<pb::JoinRequest>,
     ) -> Result<Response<pb::CertificateResponse>, Status> {
         let caller = self.authorize(&req, IdentityMethod::Join)?;
+        // Before anything costly (token lookup, signing, a Raft write).
+        let source = req
+            .remote_addr()
+            .map(|a| a.ip())
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED));
+        if let Err(r) = self.inner.joins.check(source, std::time::Instant::now()) {
+            let s = Status::resource_exhausted(format!(
+                "too many Identity/Join requests from {source}{}; retry in {:.1} s",
+                if r.overflow { " (shared overflow bucket: too many sources)" } else { "" },
+                r.retry_after.as_secs_f64()
+            ));
+            audit_refusal("Identity/Join", &format!("source {source}"), &s);
+            let access: Access<'_> = Operation::Identity(IdentityMethod::Join).into();
+            self.inner
+                .cfg
+                .authz
+                .audit_write::<()>(&caller, &access, &Err(s.clone()));
+            return Err(s);
+        }
         let r = req.into_inner();
         let who = Token::parse(&r.token)
             .map(|t| format!("join token {}", t.id))

@@ -748,8 +748,7 @@ fn joins_are_rate_limited_per_source() {
             )
             .unwrap()
             .connect_lazy();
-        let mut client =
-            strait_proto::control::identity_client::IdentityClient::new(channel);
+        let mut client = strait_proto::control::identity_client::IdentityClient::new(channel);
         // Wait for the listener (TrustBundle is not rate limited).
         let deadline = Instant::now() + Duration::from_secs(30);
         while client

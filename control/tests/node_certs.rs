@@ -223,7 +223,11 @@ async fn nodes_serve_and_renew_ca_issued_certificates() {
                 seen.entry(i).or_default().insert(s.serial);
                 break;
             }
-            assert!(Instant::now() < deadline, "node {} never served a CA certificate", i + 1);
+            assert!(
+                Instant::now() < deadline,
+                "node {} never served a CA certificate",
+                i + 1
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         // A client that holds only the bootstrap CA still gets (and
@@ -248,7 +252,10 @@ async fn nodes_serve_and_renew_ca_issued_certificates() {
         let target = &addrs[applies as usize % addrs.len()];
         std::fs::write(
             &kc,
-            format!("kind: KafkaCluster\nname: kc\nspec:\n  bootstrap_servers: [\"127.0.0.1:{}\"]\n", 9000 + applies),
+            format!(
+                "kind: KafkaCluster\nname: kc\nspec:\n  bootstrap_servers: [\"127.0.0.1:{}\"]\n",
+                9000 + applies
+            ),
         )
         .unwrap();
         let o = ctl(&dir, target, &["apply", "-f", kc.to_str().unwrap()]);
@@ -258,13 +265,21 @@ async fn nodes_serve_and_renew_ca_issued_certificates() {
         }
         for (i, a) in addrs.iter().enumerate() {
             let s = served_by(&handshake(hinted.config(), a).await.unwrap(), &boot_subject);
-            assert!(!s.bootstrap, "node {} fell back to the bootstrap certificate", i + 1);
+            assert!(
+                !s.bootstrap,
+                "node {} fell back to the bootstrap certificate",
+                i + 1
+            );
             assert_eq!(s.uri, format!("spiffe://example.org/control/{}", i + 1));
             seen.entry(i).or_default().insert(s.serial);
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
-    assert!(failures.is_empty(), "{} of {applies} applies failed: {failures:?}", failures.len());
+    assert!(
+        failures.is_empty(),
+        "{} of {applies} applies failed: {failures:?}",
+        failures.len()
+    );
     assert!(applies > 50, "only {applies} applies");
     // The last value written is the one every node reads.
     let o = ctl(&dir, &all, &["get", "kafkacluster", "kc", "-o", "json"]);
@@ -277,6 +292,9 @@ async fn nodes_serve_and_renew_ca_issued_certificates() {
     let o = ctl(&dir, &all, &["get", "issuedcertificate", "-o", "json"]);
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     for i in 1..=3 {
-        assert!(out.contains(&format!("spiffe://example.org/control/{i}")), "{out}");
+        assert!(
+            out.contains(&format!("spiffe://example.org/control/{i}")),
+            "{out}"
+        );
     }
 }

@@ -184,8 +184,11 @@ impl PeerTls {
         // An empty root store cannot happen (the bootstrap CA parsed at
         // start); if it did, every peer would be refused, which is closed.
         let verifier: Arc<dyn ServerCertVerifier> =
-            match WebPkiServerVerifier::builder_with_provider(Arc::new(roots), self.provider.clone())
-                .build()
+            match WebPkiServerVerifier::builder_with_provider(
+                Arc::new(roots),
+                self.provider.clone(),
+            )
+            .build()
             {
                 Ok(inner) => Arc::new(HintingVerifier { inner, hints }),
                 Err(e) => {

@@ -326,8 +326,12 @@ async fn main() -> Result<()> {
                 strait_tls::certified_key(
                     &cert,
                     &key,
-                    args.tls_cert.as_deref().unwrap_or(std::path::Path::new("--tls-cert")),
-                    args.tls_key.as_deref().unwrap_or(std::path::Path::new("--tls-key")),
+                    args.tls_cert
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("--tls-cert")),
+                    args.tls_key
+                        .as_deref()
+                        .unwrap_or(std::path::Path::new("--tls-key")),
                 )
                 .context("--tls-cert / --tls-key")?,
             );

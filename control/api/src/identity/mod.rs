@@ -413,7 +413,11 @@ impl Identity for IdentityService {
         if let Err(r) = self.inner.joins.check(source, std::time::Instant::now()) {
             let s = Status::resource_exhausted(format!(
                 "too many Identity/Join requests from {source}{}; retry in {:.1} s",
-                if r.overflow { " (shared overflow bucket: too many sources)" } else { "" },
+                if r.overflow {
+                    " (shared overflow bucket: too many sources)"
+                } else {
+                    ""
+                },
                 r.retry_after.as_secs_f64()
             ));
             audit_refusal("Identity/Join", &format!("source {source}"), &s);

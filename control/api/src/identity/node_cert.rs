@@ -39,12 +39,7 @@ async fn issue_once(
 ) -> Result<(Arc<CertifiedKey>, String, i64), String> {
     let (key, csr) = new_key_and_csr().map_err(|e| e.to_string())?;
     let resp = svc
-        .issue_own(
-            csr,
-            &req.spiffe_id,
-            req.dns_names.clone(),
-            req.ips.clone(),
-        )
+        .issue_own(csr, &req.spiffe_id, req.dns_names.clone(), req.ips.clone())
         .await
         .map_err(|s| s.message().to_string())?;
     let loaded = strait_tls::certified_key(
@@ -85,7 +80,9 @@ pub fn spawn_node_certificate(
                 }
                 Err(e) => {
                     match current_not_after {
-                        None => tracing::debug!(error = %e, "no node certificate from the CA yet; serving the bootstrap certificate"),
+                        None => {
+                            tracing::debug!(error = %e, "no node certificate from the CA yet; serving the bootstrap certificate")
+                        }
                         Some(t) => tracing::warn!(
                             error = %e,
                             expires_in_seconds = t - now_unix(),

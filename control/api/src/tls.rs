@@ -7,7 +7,6 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
@@ -16,11 +15,8 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
-use tokio_rustls::server::TlsStream;
+use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
-use tokio_stream::wrappers::ReceiverStream;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TlsSetupError {
@@ -252,42 +248,21 @@ pub fn acceptor_with_resolver(
     Ok(TlsAcceptor::from(Arc::new(cfg)))
 }
 
-type Incoming = ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>;
-
 /// Accepts TCP connections on `addr` and hands completed TLS handshakes
 /// to tonic (`serve_with_incoming`); a failed handshake only drops that
-/// connection.
-pub async fn incoming(addr: SocketAddr, acceptor: TlsAcceptor) -> Result<Incoming, TlsSetupError> {
+/// connection (and is audited by the shared accept loop).
+pub async fn incoming(
+    addr: SocketAddr,
+    acceptor: TlsAcceptor,
+) -> Result<strait_tls::TlsIncoming, TlsSetupError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| TlsSetupError::Bind { addr, source })?;
-    let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(async move {
-        loop {
-            let (tcp, peer) = match listener.accept().await {
-                Ok(v) => v,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    // Out of descriptors and the like: back off a little.
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = tx.clone();
-            tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                    Ok(Ok(s)) => {
-                        let _ = tx.send(Ok(s)).await;
-                    }
-                    Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                    Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                }
-            });
-        }
-    });
-    Ok(ReceiverStream::new(rx))
+    Ok(strait_tls::tls_incoming(
+        listener,
+        acceptor,
+        "strait-control",
+    ))
 }
 
 #[cfg(test)]

@@ -104,6 +104,9 @@ fn translate(
             };
             let ca = write_pem(&pem_dir, &format!("upstream-{}", vc.cluster), &ca_pem)?;
             let mut tls_value = json!({ "ca": ca });
+            if let Some(identity) = &tls.identity {
+                tls_value["identity"] = json!(identity);
+            }
             if let (Some(cert), Some(key)) = (&tls.client_cert_file, &tls.client_key_file) {
                 tls_value["cert"] = json!(cert);
                 tls_value["key"] = json!(key);

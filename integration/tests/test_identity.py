@@ -242,3 +242,60 @@ def test_edge_certificate_rotates_under_load_with_no_failed_request(broker, logs
     finally:
         edge.stop()
         control.stop()
+
+
+def test_edge_presents_its_svid_to_brokers_that_require_mesh_certificates(kafka, logs, tmp_path):
+    """`upstream.tls.identity: svid`: an Apache Kafka SSL listener that requires client certificates of the
+    mesh CA (truststore = `straitctl ca bundle`) accepts the edge's SVID; the same edge without it does not
+    get a handshake through."""
+    from lib.kafka import BrokerTls
+    pki = Pki(tmp_path / "broker-pki")
+    pki.ca("ca")
+    pki.leaf("broker", dns=["localhost"], ips=["127.0.0.1"])
+    control = CaControl(logs, tmp_path / "control", control_pki(tmp_path / "pki")).start()
+    client = control.issue(tmp_path / "orders")
+    mesh_bundle = client / "bundle.pem"
+    k = kafka(tls=BrokerTls(cert=pki.pem("broker"), key=pki.key("broker"), client_ca=mesh_bundle))
+    port, ports, admin = free_port(), free_range(8), free_port()
+    config = tmp_path / "edge.yaml"
+
+    def write(identity: str) -> None:
+        config.write_text(f"""
+virtual_clusters:
+  - name: shop
+    bootstrap: 127.0.0.1:{port}
+    brokers: {{ advertised_host: 127.0.0.1, port_range: {ports.start}-{ports.stop - 1} }}
+    upstream:
+      bootstrap_servers: {k.ssl_bootstrap_servers}
+      tls: {{ ca: "{pki.pem('ca')}"{identity} }}
+    tls:
+      identity: svid
+      client_trust_bundles: [{{ trust_domain: {DOMAIN}, pem_file: "{mesh_bundle}" }}]
+""")
+
+    write(", identity: svid")
+    edge = start_edge(logs, control, config, tmp_path / "edge-cache", admin, control.token(uses=2))
+    try:
+        wait_for(lambda: accepts(port), 60, what="edge serving after joining")
+        topic = create_topic(k.bootstrap)
+        from confluent_kafka import Producer
+        producer = Producer({**kafka_config(port, client), "message.timeout.ms": 15000})
+        assert produce_one(producer, topic, b"upstream-svid") is None
+        assert consume(kafka_config(port, client), topic, 1) == [b"upstream-svid"]
+        assert edge_metric(admin, "strait_upstream_connect_errors_total", virtual_cluster="shop") == 0
+        del producer
+    finally:
+        edge.stop()
+    # The same edge presenting nothing: the broker ends every handshake, nothing is produced.
+    write("")
+    edge = start_edge(logs, control, config, tmp_path / "edge-cache", admin, control.token())
+    try:
+        wait_for(lambda: accepts(port), 60, what="edge serving after a restart")
+        from confluent_kafka import Producer
+        producer = Producer({**kafka_config(port, client), "message.timeout.ms": 5000})
+        assert produce_one(producer, topic, b"refused") is not None
+        wait_for(lambda: "received fatal alert" in edge.current_log(), 15,
+                 what="the broker's TLS alert reported by the edge")
+    finally:
+        edge.stop()
+        control.stop()

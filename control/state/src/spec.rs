@@ -73,6 +73,10 @@ pub struct UpstreamTls {
     pub ca_pem: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub server_name: Option<String>,
+    /// `svid`: the edge presents its own certificate from the control
+    /// plane's CA (it joined with a token); absent or `files`: the files below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity: Option<String>,
     /// Paths on the edge host of the client certificate presented upstream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub client_cert_file: Option<String>,
@@ -500,11 +504,25 @@ impl Validate for KafkaClusterSpec {
             if let Some(tb) = &tls.trust_bundle {
                 check_name_ref("spec.tls.trust_bundle", tb, errs);
             }
-            if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
-                errs.push(ValidationError::new(
-                    "spec.tls",
-                    "client_cert_file and client_key_file go together",
-                ));
+            let files = tls.client_cert_file.is_some() || tls.client_key_file.is_some();
+            match tls.identity.as_deref() {
+                Some("svid") if files => errs.push(ValidationError::new(
+                    "spec.tls.identity",
+                    "svid presents the edge's own certificate: remove client_cert_file and client_key_file",
+                )),
+                Some("svid") => {}
+                None | Some("files") => {
+                    if tls.client_cert_file.is_some() != tls.client_key_file.is_some() {
+                        errs.push(ValidationError::new(
+                            "spec.tls",
+                            "client_cert_file and client_key_file go together",
+                        ));
+                    }
+                }
+                Some(other) => errs.push(ValidationError::new(
+                    "spec.tls.identity",
+                    format!("'{other}' is not one of files, svid"),
+                )),
             }
         }
         if let Some(sasl) = &self.sasl {

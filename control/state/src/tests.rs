@@ -182,6 +182,22 @@ fn spec_validation_paths() {
         ),
         (
             Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"tls":{"ca_pem":"x","identity":"svid"}}),
+            None,
+        ),
+        (
+            Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"tls":{"ca_pem":"x","identity":"svid",
+                   "client_cert_file":"/c","client_key_file":"/k"}}),
+            Some("spec.tls.identity"),
+        ),
+        (
+            Kind::KafkaCluster,
+            json!({"bootstrap_servers":["a:1"],"tls":{"ca_pem":"x","identity":"spire"}}),
+            Some("spec.tls.identity"),
+        ),
+        (
+            Kind::KafkaCluster,
             json!({"bootstrap_servers":["a:1"],"sasl":{"mechanism":"SCRAM-SHA-512",
                    "username":"edge","password_file":"/etc/strait/kafka-password"}}),
             None,

@@ -172,6 +172,9 @@ pub struct RawSasl {
 #[serde(deny_unknown_fields)]
 pub struct RawUpstreamTls {
     pub ca: String,
+    /// `files` (the default: `cert` and `key`) or `svid` (the edge's own
+    /// certificate from the control plane's CA).
+    pub identity: Option<String>,
     pub cert: Option<String>,
     pub key: Option<String>,
     pub server_name: Option<String>,

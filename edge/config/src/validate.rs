@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use strait_tls::{
-    BundleSource, ClientAuth, ClientTlsSettings, PrincipalSource, ServedCertificate,
+    BundleSource, ClientAuth, ClientIdentity, ClientTlsSettings, PrincipalSource, ServedCertificate,
     ServerTlsSettings, TrustBundleSettings,
 };
 
@@ -396,11 +396,33 @@ fn validate_upstream_tls(
             }
         }
     }
-    let identity = match (&raw.cert, &raw.key) {
-        (Some(cert), Some(key)) => Some((PathBuf::from(cert), PathBuf::from(key))),
-        (None, None) => None,
-        _ => {
+    let identity = match (raw.identity.as_deref(), &raw.cert, &raw.key) {
+        (None | Some("files"), Some(cert), Some(key)) => Some(ClientIdentity::Files {
+            cert: PathBuf::from(cert),
+            key: PathBuf::from(key),
+        }),
+        (None, None, None) => None,
+        (Some("files"), None, None) => {
+            errors.push(path, "identity: files needs cert and key");
+            None
+        }
+        (Some("svid"), None, None) => Some(ClientIdentity::Svid),
+        (Some("svid"), ..) => {
+            errors.push(
+                format!("{path}.identity"),
+                "svid presents the edge's own certificate: remove cert and key",
+            );
+            None
+        }
+        (None | Some("files"), ..) => {
             errors.push(path, "cert and key go together");
+            None
+        }
+        (Some(other), ..) => {
+            errors.push(
+                format!("{path}.identity"),
+                format!("'{other}' is not one of files, svid"),
+            );
             None
         }
     };
@@ -962,6 +984,44 @@ virtual_clusters:
                 .server
                 .certificate,
             ServedCertificate::Svid
+        );
+    }
+
+    fn with_upstream_tls(tls: &str) -> String {
+        format!(
+            "virtual_clusters:\n  - name: a\n    bootstrap: 127.0.0.1:19092\n    brokers: {{ advertised_host: h, port_range: 19100-19199 }}\n    upstream: {{ bootstrap_servers: [\"h:1\"], tls: {tls} }}\n"
+        )
+    }
+
+    #[test]
+    fn upstream_tls_identity_is_files_or_svid_never_both() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        let key = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["h".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        std::fs::write(&ca, cert.pem()).unwrap();
+        let ca = ca.display();
+        let config = parse(&with_upstream_tls(&format!("{{ ca: \"{ca}\", identity: svid }}"))).unwrap();
+        assert_eq!(
+            config.virtual_clusters[0].upstream.tls.as_ref().unwrap().identity,
+            Some(strait_tls::ClientIdentity::Svid)
+        );
+        assert_eq!(
+            errors_of(&with_upstream_tls(&format!(
+                "{{ ca: \"{ca}\", identity: svid, cert: \"{ca}\", key: \"{ca}\" }}"
+            ))),
+            vec!["virtual_clusters[0].upstream.tls.identity: svid presents the edge's own certificate: remove cert and key"]
+        );
+        assert_eq!(
+            errors_of(&with_upstream_tls(&format!("{{ ca: \"{ca}\", identity: files }}"))),
+            vec!["virtual_clusters[0].upstream.tls: identity: files needs cert and key"]
+        );
+        assert_eq!(
+            errors_of(&with_upstream_tls(&format!("{{ ca: \"{ca}\", identity: spire }}"))),
+            vec!["virtual_clusters[0].upstream.tls.identity: 'spire' is not one of files, svid"]
         );
     }
 

@@ -267,6 +267,7 @@ impl Edge {
                 Some(self.tls_metrics.clone()),
                 UPSTREAM_CREDENTIAL_INTERVAL,
                 stop_accepting.clone(),
+                self.svid.as_ref(),
             )
             .map_err(tls_error)?;
             direct = direct.with_tls_config(tls, config).map_err(tls_error)?;

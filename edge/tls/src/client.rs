@@ -19,10 +19,20 @@ use crate::server::TlsError;
 pub struct ClientTlsSettings {
     /// Trust bundle for the brokers' certificates.
     pub ca: PathBuf,
-    /// Client certificate and key, when brokers require mTLS.
-    pub identity: Option<(PathBuf, PathBuf)>,
+    /// What the edge presents when brokers require mTLS (none otherwise).
+    pub identity: Option<ClientIdentity>,
     /// Name to verify brokers against instead of the host they advertise.
     pub server_name: Option<String>,
+}
+
+/// The client certificate towards the brokers.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClientIdentity {
+    /// A certificate and key re-read from these files.
+    Files { cert: PathBuf, key: PathBuf },
+    /// The edge's own SVID from the control plane's CA (`--join-token`),
+    /// renewed by the edge.
+    Svid,
 }
 
 pub struct ClientTls;
@@ -32,28 +42,33 @@ impl ClientTls {
     /// is now, to check them.
     pub fn load(settings: &ClientTlsSettings) -> Result<Arc<ClientConfig>, TlsError> {
         let credentials = match &settings.identity {
-            Some((cert, key)) => {
+            Some(ClientIdentity::Files { cert, key }) => {
                 let certified = certified_key(&read(cert)?, &read(key)?, cert, key)?;
                 // No sender: the configuration keeps this certificate.
                 Some(watch::channel(Arc::new(certified)).1)
             }
-            None => None,
+            // The SVID exists only in a running edge; the roots are checked.
+            Some(ClientIdentity::Svid) | None => None,
         };
         Ok(Arc::new(client_config(&settings.ca, credentials)?))
     }
 
     /// A configuration whose client certificate (if any) is re-read from its
-    /// files every `interval` until `stop` and swapped live: new connections
-    /// present the newest one.
+    /// files every `interval` until `stop`, or is the edge's `svid`, and is
+    /// swapped live: new connections present the newest one. Asking for the
+    /// SVID of an edge that has none is an error, never a connection
+    /// without a client certificate.
     pub fn start(
         settings: &ClientTlsSettings,
         label: CredentialLabel,
         metrics: Option<TlsMetrics>,
         interval: Duration,
         stop: CancellationToken,
+        svid: Option<&CredentialReceiver>,
     ) -> Result<Arc<ClientConfig>, TlsError> {
         let credentials = match &settings.identity {
-            Some((cert, key)) => Some(FileCredentials::start(
+            Some(ClientIdentity::Svid) => Some(svid.cloned().ok_or(TlsError::NoSvid)?),
+            Some(ClientIdentity::Files { cert, key }) => Some(FileCredentials::start(
                 cert.clone(),
                 key.clone(),
                 label,

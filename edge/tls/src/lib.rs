@@ -34,7 +34,7 @@ mod trust;
 
 pub use accept::{tls_incoming, TlsIncoming};
 pub use bundle::{BundleSource, TrustBundleSettings};
-pub use client::{client_config, ClientTls, ClientTlsSettings};
+pub use client::{client_config, ClientIdentity, ClientTls, ClientTlsSettings};
 pub use credentials::{
     certified_key, CredentialLabel, CredentialReceiver, FileCredentials, WatchedCertifiedKey,
 };

@@ -35,7 +35,7 @@ pub enum TlsError {
     Rustls(#[from] rustls::Error),
     #[error("invalid client trust bundle: {0}")]
     Verifier(String),
-    #[error("tls.identity is svid, but this edge has no SVID: start it with --control and --join-token (or a still-valid certificate in its --cache-dir)")]
+    #[error("identity: svid, but this edge has no SVID: start it with --control and --join-token (or a still-valid certificate in its --cache-dir)")]
     NoSvid,
 }
 

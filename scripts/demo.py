@@ -1,10 +1,18 @@
-"""The quick-start demo: Tansu, a single-node control plane, a local (development) KMS keyring, and
-strait-edge configured only by the control plane. Records to `payments-orders` are encrypted at the
-edge (the broker stores ciphertext), records to `demo` are not; both read back in clear through the
-edge. The control plane runs mTLS: the node, straitctl (`spiffe://demo.example/admin/demo`) and the
-edge (`spiffe://demo.example/edge/edge-local`) have certificates from a demo CA, and the edge's
-SPIFFE ID limits it to its own configuration. Ports: Tansu 9092, control plane 7001, edge 19092
-(brokers 19100+), admin 9901."""
+"""The quick-start demo on the trust model of docs/security.md: Tansu, a single-node control plane that
+is the certificate authority of `demo.example` (CA key sealed with a development key file), a local
+(development) KMS keyring, and strait-edge configured only by the control plane.
+
+- a bootstrap PKI made here gives the control node its first serving certificate and straitctl its
+  admin identity (`spiffe://demo.example/admin/demo`, admin by `--admin-identity`);
+- the edge has no certificate file: it joins with a one-time token from `straitctl token create` and
+  gets `spiffe://demo.example/edge/edge-local` from the CA (key generated in memory), which it serves
+  on the virtual cluster's mTLS listener and presents to the control plane;
+- the Kafka client's certificate (`spiffe://demo.example/ns/shop/sa/orders`) comes from
+  `straitctl cert issue`; the authorization policy names that SPIFFE ID;
+- records to `payments-orders` are encrypted at the edge (the broker stores ciphertext), records to
+  `demo` are not; both read back in clear through the edge.
+
+Ports: Tansu 9092, control plane 7001, edge 19092 (brokers 19100+), admin 9901."""
 
 import base64
 import json
@@ -21,7 +29,6 @@ from confluent_kafka import Consumer, Producer  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 from lib.edge import default_target_dir  # noqa: E402
-from lib.kafka_wire import answers_api_versions  # noqa: E402
 from lib.pki import Pki  # noqa: E402
 from lib.procs import Proc  # noqa: E402
 from lib.tansu import Tansu  # noqa: E402
@@ -30,8 +37,8 @@ from lib.wait import wait_for  # noqa: E402
 BIN = default_target_dir() / "debug"
 
 
-def consume(bootstrap: str, topic: str, count: int, group: str):
-    c = Consumer({"bootstrap.servers": bootstrap, "group.id": group, "auto.offset.reset": "earliest"})
+def consume(client: dict, topic: str, count: int, group: str):
+    c = Consumer({**client, "group.id": group, "auto.offset.reset": "earliest"})
     c.subscribe([topic])
     got = []
 
@@ -43,6 +50,20 @@ def consume(bootstrap: str, topic: str, count: int, group: str):
     wait_for(poll, 60, interval=0, what=f"{count} records from {topic}")
     c.close()
     return got
+
+
+def tls_handshake(host: str, port: int, client_dir: Path) -> bool:
+    """Whether the edge completes an mTLS handshake for the client's certificate, verifying its name."""
+    import socket
+    import ssl
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(str(client_dir / "bundle.pem"))
+    ctx.load_cert_chain(str(client_dir / "cert.pem"), str(client_dir / "key.pem"))
+    try:
+        with socket.create_connection((host, port), timeout=2) as raw, ctx.wrap_socket(raw, server_hostname=host):
+            return True
+    except OSError:
+        return False
 
 
 def main() -> int:
@@ -59,21 +80,20 @@ def main() -> int:
     pki.ca("ca")
     pki.leaf("control", ips=["127.0.0.1"], dns=["localhost"], uris=[f"spiffe://{domain}/control/1"])
     pki.leaf("admin", uris=[f"spiffe://{domain}/admin/demo"])
-    pki.leaf("edge-local", uris=[f"spiffe://{domain}/edge/edge-local"])
 
     tansu = Tansu(logs, port=9092)
+    edge = None
     control = Proc("strait-control", [
         str(BIN / "strait-control"), "--dev", "--data-dir", str(work / "control"), "--listen", "127.0.0.1:7001",
         "--tls-cert", str(pki.pem("control")), "--tls-key", str(pki.key("control")),
         "--tls-client-ca", str(pki.pem("ca")), "--trust-domain", domain,
+        "--ca-seal-key-file", str(work / "ca-seal.key"),  # DEVELOPMENT ONLY: use --ca-seal-kms in production
         "--admin-identity", f"spiffe://{domain}/admin/*", "--audit-log", str(work / "audit.jsonl")], logs)
-    edge = Proc("strait-edge", [
-        str(BIN / "strait-edge"), "--control", "127.0.0.1:7001", "--name", "edge-local",
-        "--control-ca", str(pki.pem("ca")), "--control-cert", str(pki.pem("edge-local")),
-        "--control-key", str(pki.key("edge-local")),
-        "--cache-dir", str(work / "edge-cache"), "--admin", "127.0.0.1:9901"], logs)
     straitctl = [str(BIN / "straitctl"), "--endpoints", "127.0.0.1:7001", "--ca", str(pki.pem("ca")),
                  "--cert", str(pki.pem("admin")), "--key", str(pki.key("admin"))]
+
+    def ctl(*args: str) -> str:
+        return subprocess.run(straitctl + list(args), check=True, capture_output=True, text=True).stdout.strip()
     try:
         print("[demo] starting Tansu on 127.0.0.1:9092 and the control plane on 127.0.0.1:7001")
         tansu.start()
@@ -82,20 +102,34 @@ def main() -> int:
                  what="control plane")
         print("[demo] straitctl apply -f examples/quickstart/mesh.yaml")
         subprocess.run(straitctl + ["apply", "-f", str(mesh)], check=True)
-        print("[demo] starting strait-edge (configured by the control plane only)")
+        token = ctl("token", "create", "--spiffe-id", f"spiffe://{domain}/edge/edge-local", "--ttl", "10m",
+                    "--uses", "1")
+        print(f"[demo] straitctl token create --spiffe-id spiffe://{domain}/edge/edge-local --uses 1 "
+              f"-> {token.rsplit('.', 2)[0]}.<secret>.<pin>")
+        client_dir = work / "orders"
+        ctl("cert", "issue", "--spiffe-id", f"spiffe://{domain}/ns/shop/sa/orders", "--ttl", "1h",
+            "--out", str(client_dir))
+        print(f"[demo] straitctl cert issue --spiffe-id spiffe://{domain}/ns/shop/sa/orders --out {client_dir}")
+        print("[demo] starting strait-edge with --join-token only (configured by the control plane)")
+        edge = Proc("strait-edge", [
+            str(BIN / "strait-edge"), "--control", "127.0.0.1:7001", "--name", "edge-local",
+            "--join-token", token, "--cache-dir", str(work / "edge-cache"), "--admin", "127.0.0.1:9901"], logs)
         edge.start()
 
         def edge_ready():
             if not edge.alive():
                 raise SystemExit(f"strait-edge exited:\n{edge.tail()}")
-            return answers_api_versions("127.0.0.1", 19092)
-        wait_for(edge_ready, 60, what="strait-edge on 127.0.0.1:19092")
+            return tls_handshake("127.0.0.1", 19092, client_dir)
+        wait_for(edge_ready, 60, what="strait-edge serving its SVID on 127.0.0.1:19092")
 
-        bootstrap = "127.0.0.1:19092"
-        admin = AdminClient({"bootstrap.servers": bootstrap})  # must outlive its futures
+        client = {"bootstrap.servers": "127.0.0.1:19092", "security.protocol": "SSL",
+                  "ssl.ca.location": str(client_dir / "bundle.pem"),
+                  "ssl.certificate.location": str(client_dir / "cert.pem"),
+                  "ssl.key.location": str(client_dir / "key.pem")}
+        admin = AdminClient(client)  # must outlive its futures
         for topic in ("payments-orders", "demo"):
             admin.create_topics([NewTopic(topic, num_partitions=1, replication_factor=1)])[topic].result(30)
-        p = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True})
+        p = Producer({**client, "enable.idempotence": True})
         for i in range(3):
             p.produce("payments-orders", key=f"order-{i}".encode(), value=f"card=4111-0000-0000-{i:04d}".encode())
             p.produce("demo", key=f"key-{i}".encode(), value=f"hello strait #{i}".encode())
@@ -103,19 +137,21 @@ def main() -> int:
         print("[demo] produced 3 records to payments-orders (encrypted) and 3 to demo (plain) through the edge")
 
         for topic in ("payments-orders", "demo"):
-            for m in consume(bootstrap, topic, 3, f"demo-{topic}"):
+            for m in consume(client, topic, 3, f"demo-{topic}"):
                 print(f"[demo] via edge   {topic:16} key={m.key().decode():9} value={m.value().decode()}")
         for topic in ("payments-orders", "demo"):
-            for m in consume(tansu.bootstrap, topic, 3, f"direct-{topic}"):
+            for m in consume({"bootstrap.servers": tansu.bootstrap}, topic, 3, f"direct-{topic}"):
                 headers = [k for k, _ in (m.headers() or [])]
                 shown = m.value()[:40].hex() + "..." if topic.startswith("payments") else m.value().decode()
                 print(f"[demo] at broker  {topic:16} key={m.key().decode():9} headers={headers} value={shown}")
-        print("[demo] control plane view of the edge:")
+        print("[demo] control plane view of the edge and of the certificates its CA issued:")
         subprocess.run(straitctl + ["get", "Edge"], check=False)
+        subprocess.run(straitctl + ["get", "IssuedCertificate"], check=False)
         print("[demo] OK: the broker holds ciphertext for payments-*, clients see plaintext through the edge")
         return 0
     finally:
-        edge.stop()
+        if edge is not None:
+            edge.stop()
         control.stop()
         tansu.stop()
 

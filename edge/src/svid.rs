@@ -286,7 +286,7 @@ pub async fn start(
 #[allow(clippy::too_many_arguments)]
 async fn keep_renewed(
     opts: SvidOptions,
-    names: watch::Receiver<SvidRequest>,
+    mut names: watch::Receiver<SvidRequest>,
     mut svid: Svid,
     mut server_ca: String,
     expiry: Gauge,
@@ -310,10 +310,18 @@ async fn keep_renewed(
             tracing::warn!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, "the SVID has EXPIRED without a renewal: listeners with tls.identity: svid refuse handshakes until the edge rejoins (a new --join-token)");
             state.send_modify(|_| {});
         }
+        // New listener names (the control plane's config arrived after the
+        // join, a virtual cluster was added): renew now, so clients that
+        // verify the host name are not refused until half-life.
+        if names.has_changed().unwrap_or(false) {
+            names.mark_unchanged();
+            tracing::info!("the names the listeners serve changed; renewing the SVID for them");
+            next_attempt = now_unix();
+        }
         if now_unix() < next_attempt {
             continue;
         }
-        let request = names.borrow().clone();
+        let request = names.borrow_and_update().clone();
         let ids = match IdentityEndpoints::new(&opts.endpoints, &server_ca, opts.timeout) {
             Ok(ids) => ids,
             Err(err) => {

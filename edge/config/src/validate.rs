@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use strait_tls::{
-    BundleSource, ClientAuth, ClientIdentity, ClientTlsSettings, PrincipalSource, ServedCertificate,
-    ServerTlsSettings, TrustBundleSettings,
+    BundleSource, ClientAuth, ClientIdentity, ClientTlsSettings, PrincipalSource,
+    ServedCertificate, ServerTlsSettings, TrustBundleSettings,
 };
 
 use crate::raw::{RawConfig, RawQuotas, RawRates, RawTls, RawUpstreamTls, RawVirtualCluster};
@@ -1004,9 +1004,17 @@ virtual_clusters:
             .unwrap();
         std::fs::write(&ca, cert.pem()).unwrap();
         let ca = ca.display();
-        let config = parse(&with_upstream_tls(&format!("{{ ca: \"{ca}\", identity: svid }}"))).unwrap();
+        let config = parse(&with_upstream_tls(&format!(
+            "{{ ca: \"{ca}\", identity: svid }}"
+        )))
+        .unwrap();
         assert_eq!(
-            config.virtual_clusters[0].upstream.tls.as_ref().unwrap().identity,
+            config.virtual_clusters[0]
+                .upstream
+                .tls
+                .as_ref()
+                .unwrap()
+                .identity,
             Some(strait_tls::ClientIdentity::Svid)
         );
         assert_eq!(
@@ -1016,11 +1024,15 @@ virtual_clusters:
             vec!["virtual_clusters[0].upstream.tls.identity: svid presents the edge's own certificate: remove cert and key"]
         );
         assert_eq!(
-            errors_of(&with_upstream_tls(&format!("{{ ca: \"{ca}\", identity: files }}"))),
+            errors_of(&with_upstream_tls(&format!(
+                "{{ ca: \"{ca}\", identity: files }}"
+            ))),
             vec!["virtual_clusters[0].upstream.tls: identity: files needs cert and key"]
         );
         assert_eq!(
-            errors_of(&with_upstream_tls(&format!("{{ ca: \"{ca}\", identity: spire }}"))),
+            errors_of(&with_upstream_tls(&format!(
+                "{{ ca: \"{ca}\", identity: spire }}"
+            ))),
             vec!["virtual_clusters[0].upstream.tls.identity: 'spire' is not one of files, svid"]
         );
     }

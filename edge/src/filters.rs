@@ -15,6 +15,7 @@ use strait_edge_config::Config;
 use strait_encryption::{EncryptionConfig, RecordEncryption};
 use strait_filter::FilterFactory;
 use strait_filters::encryption::EncryptionFilterFactory;
+use strait_kms_broker::client::OwnIdentity;
 use strait_kms_core::config::KmsConfig;
 use strait_kms_core::KmsSet;
 use strait_proxy::FiltersByCluster;
@@ -31,6 +32,9 @@ pub struct FilterBuilder {
     /// Virtual clusters without rules, and why, so that the WARN is written
     /// once when a cluster starts (or changes to) that state, not on every change.
     open_clusters: HashMap<String, &'static str>,
+    /// The edge's SVID (with `--join-token`), for KMS brokers configured
+    /// with `identity: svid`; without it such a configuration is refused.
+    identity: Option<OwnIdentity>,
 }
 
 struct AuthzEntry {
@@ -41,7 +45,7 @@ struct AuthzEntry {
 }
 
 impl FilterBuilder {
-    pub fn new(registry: Arc<RwLock<Registry>>) -> Self {
+    pub fn new(registry: Arc<RwLock<Registry>>, identity: Option<OwnIdentity>) -> Self {
         FilterBuilder {
             registry,
             authz_metrics: None,
@@ -49,6 +53,7 @@ impl FilterBuilder {
             kms: None,
             encryption: HashMap::new(),
             open_clusters: HashMap::new(),
+            identity,
         }
     }
 
@@ -196,9 +201,10 @@ impl FilterBuilder {
             }
         }
         let mut registry = self.registry.write().await;
-        let set = strait_kms_broker::kms::build_kms_set(kms, &mut registry)
-            .await
-            .context("cannot set up the configured KMSs")?;
+        let set =
+            strait_kms_broker::kms::build_kms_set_with(kms, &mut registry, self.identity.as_ref())
+                .await
+                .context("cannot set up the configured KMSs")?;
         self.kms = Some((kms.to_vec(), set.clone()));
         Ok(set)
     }

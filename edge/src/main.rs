@@ -4,7 +4,6 @@
 
 mod control;
 mod filters;
-mod svid;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -18,7 +17,8 @@ use clap::{Parser, ValueEnum};
 use prometheus_client::registry::Registry;
 use strait_control_client::identity::SvidRequest;
 use strait_control_client::state::spec::EdgeStatus;
-use strait_control_client::{EdgeSnapshot, EdgeWatchConfig};
+use strait_control_client::svid::{self, Role, SvidCache};
+use strait_control_client::{ControlConnectionArgs, EdgeSnapshot, EdgeWatchConfig, SvidArgs};
 use strait_proxy::admin::AdminServer;
 use strait_proxy::metrics::ProxyMetrics;
 use strait_proxy::Edge;
@@ -35,41 +35,14 @@ struct Args {
     /// Validate a configuration file, print every error with its path, and exit.
     #[arg(long, value_name = "FILE", conflicts_with = "config")]
     check_config: Option<PathBuf>,
-    /// Control-plane members to follow (`host:port,host:port`).
-    #[arg(long, value_delimiter = ',', requires = "name")]
-    control: Vec<String>,
-    /// This edge's name in the control plane.
-    #[arg(long)]
-    name: Option<String>,
-    /// CA (PEM) that signed the control-plane nodes' certificates.
-    #[arg(long, value_name = "FILE", requires_all = ["control", "control_cert", "control_key"])]
-    control_ca: Option<PathBuf>,
-    /// This edge's client certificate (PEM) towards the control plane; its
-    /// SPIFFE ID (`spiffe://<domain>/edge/<name>`) decides what it may read.
-    #[arg(long, value_name = "FILE", requires = "control_ca")]
-    control_cert: Option<PathBuf>,
-    #[arg(long, value_name = "FILE", requires = "control_ca")]
-    control_key: Option<PathBuf>,
-    /// Follow the control plane without TLS; only when every --control
-    /// address is loopback.
-    #[arg(long, requires = "control", conflicts_with = "control_ca")]
-    insecure_plaintext: bool,
-    /// Join the control plane with this token (from `straitctl token create`):
-    /// the edge gets its certificate `spiffe://<domain>/edge/<name>` from the
-    /// control plane's CA and renews it itself. Not needed again while a
-    /// still-valid certificate is in --cache-dir.
-    #[arg(long, env = "STRAIT_JOIN_TOKEN", hide_env_values = true, requires = "control",
-          conflicts_with_all = ["control_ca", "insecure_plaintext"])]
-    join_token: Option<String>,
-    /// Extra DNS names for the edge's certificate (besides the listeners' hosts).
-    #[arg(long, value_delimiter = ',')]
-    svid_dns: Vec<String>,
-    /// Extra IP addresses for the edge's certificate.
-    #[arg(long, value_delimiter = ',')]
-    svid_ip: Vec<String>,
-    /// Lifetime to ask for (default: the control plane's `--cert-ttl-edge`).
-    #[arg(long, value_parser = humantime::parse_duration)]
-    svid_ttl: Option<Duration>,
+    // `--control`, `--name`, `--control-ca/-cert/-key`, `--insecure-plaintext`:
+    // the same flags as strait-kms-broker's.
+    #[command(flatten)]
+    control: ControlConnectionArgs,
+    // `--join-token` (the edge gets `spiffe://<domain>/edge/<name>` from the
+    // control plane's CA and renews it itself), `--svid-dns/-ip/-ttl`.
+    #[command(flatten)]
+    svid: SvidArgs,
     /// Where the last control-plane configuration is kept, to serve it when the control plane is down.
     #[arg(long, default_value = ".strait-edge-cache")]
     cache_dir: PathBuf,
@@ -191,11 +164,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
             svid_names.send_replace(svid_request(&args, known.as_ref()));
             let started = svid::start(
                 svid::SvidOptions {
-                    endpoints: args.control.clone(),
-                    edge_name: name.to_owned(),
-                    token: args.join_token.clone(),
-                    cache: svid::SvidCache::new(&args.cache_dir),
-                    request: svid_names.borrow().clone(),
+                    endpoints: args.control.control.clone(),
+                    role: Role::Edge,
+                    name: name.to_owned(),
+                    token: args.svid.join_token.clone(),
+                    cache: SvidCache::new(&args.cache_dir, Role::Edge),
                     timeout: Duration::from_secs(10),
                 },
                 svid_names_rx,
@@ -220,15 +193,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
                     .map_err(|err| anyhow::anyhow!("cannot follow the control plane: {err}"))?,
             )
         }
-        None if !args.control.is_empty() => Some(
+        None if !args.control.control.is_empty() => Some(
             strait_control_client::ControlClient::new(&control_client)
                 .map_err(|err| anyhow::anyhow!("cannot follow the control plane: {err}"))?,
         ),
         None => None,
     };
-    let mut control_watch = match (&args.name, &control) {
+    let mut control_watch = match (&args.control.name, &control) {
         (Some(name), Some(client)) => {
-            let watch_config = EdgeWatchConfig::new(&args.control, name, &args.cache_dir);
+            let watch_config = EdgeWatchConfig::new(&args.control.control, name, &args.cache_dir);
             let watch =
                 strait_control_client::watch_edge_config_with_client(watch_config, client.clone());
             Some(watch.config)
@@ -262,7 +235,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let registry = Arc::new(RwLock::new(registry));
     let ready = Arc::new(AtomicBool::new(false));
-    let mut filter_builder = filters::FilterBuilder::new(registry.clone());
+    let own_identity = edge_svid
+        .as_ref()
+        .map(|s| strait_kms_broker::client::OwnIdentity {
+            credentials: s.credentials.clone(),
+            bundle: s.bundle.clone(),
+            trust_domain: s.state.borrow().trust_domain().to_owned(),
+        });
+    let mut filter_builder = filters::FilterBuilder::new(registry.clone(), own_identity);
     let initial_filters = filter_builder.build(&config).await?;
 
     let stop_admin = CancellationToken::new();
@@ -286,7 +266,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         edge_svid.as_ref().map(|s| s.credentials.clone()),
     )
     .await?;
-    svid_names.send_if_modified(|names| update(names, svid_request(&args, Some(&config))));
+    svid_names
+        .send_if_modified(|names| svid::update_request(names, svid_request(&args, Some(&config))));
     let status = Arc::new(Mutex::new(EdgeStatus {
         ready: true,
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -298,7 +279,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         virtual_clusters = ?edge.cluster_names().collect::<Vec<_>>(),
         "strait-edge started"
     );
-    let heartbeat = match (&args.name, &control) {
+    let heartbeat = match (&args.control.name, &control) {
         (Some(name), Some(client)) => {
             let status = status.clone();
             let svid_state = edge_svid.as_ref().map(|s| s.state.clone());
@@ -398,7 +379,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 continue;
             }
         };
-        svid_names.send_if_modified(|names| update(names, svid_request(&args, Some(&config))));
+        svid_names.send_if_modified(|names| {
+            svid::update_request(names, svid_request(&args, Some(&config)))
+        });
         running = config;
         credential_files = strait_edge_config::read_credential_files(&running);
         let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
@@ -419,68 +402,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The edge's name when it gets its certificate from the control plane's CA:
-/// with `--join-token`, or without other control-plane credentials when a
-/// certificate is cached from an earlier join.
+/// The edge's name when it gets its certificate from the control plane's CA.
 fn svid_mode(args: &Args) -> Option<&str> {
-    let name = args.name.as_deref()?;
-    if args.control.is_empty() || args.control_ca.is_some() || args.insecure_plaintext {
-        return None;
-    }
-    let cached = svid::SvidCache::new(&args.cache_dir).load(name).is_some();
-    (args.join_token.is_some() || cached).then_some(name)
+    svid::svid_mode(
+        &args.control,
+        &args.svid,
+        &SvidCache::new(&args.cache_dir, Role::Edge),
+    )
 }
 
 /// What the edge's certificate should name: the hosts its listeners are
 /// reached at (bootstrap addresses, advertised broker hosts, SNI bootstrap
 /// hosts) and `--svid-dns` / `--svid-ip`.
 fn svid_request(args: &Args, config: Option<&strait_edge_config::Config>) -> SvidRequest {
-    let mut dns = std::collections::BTreeSet::new();
-    let mut ips = std::collections::BTreeSet::new();
-    let mut host = |h: &str| match h.parse::<std::net::IpAddr>() {
-        Ok(ip) if !ip.is_unspecified() => {
-            ips.insert(ip.to_string());
-        }
-        Ok(_) => {}
-        Err(_) => {
-            dns.insert(h.to_ascii_lowercase());
-        }
-    };
+    let mut hosts = Vec::new();
     for vc in config
         .map(|c| c.virtual_clusters.as_slice())
         .unwrap_or_default()
     {
-        host(&vc.bootstrap.ip().to_string());
+        hosts.push(vc.bootstrap.ip().to_string());
         match &vc.brokers {
             strait_edge_config::BrokerAddressing::PortPerBroker {
                 advertised_host, ..
-            } => host(advertised_host),
+            } => hosts.push(advertised_host.clone()),
             strait_edge_config::BrokerAddressing::Sni { bootstrap_host, .. } => {
-                host(bootstrap_host)
+                hosts.push(bootstrap_host.clone())
             }
         }
     }
-    for name in &args.svid_dns {
-        host(name);
-    }
-    for ip in &args.svid_ip {
-        host(ip);
-    }
-    SvidRequest {
-        dns_names: dns.into_iter().collect(),
-        ips: ips.into_iter().collect(),
-        ttl: args.svid_ttl,
-    }
-}
-
-/// `send_if_modified` helper: replaces and reports whether it changed.
-fn update(current: &mut SvidRequest, new: SvidRequest) -> bool {
-    let changed =
-        current.dns_names != new.dns_names || current.ips != new.ips || current.ttl != new.ttl;
-    if changed {
-        *current = new;
-    }
-    changed
+    args.svid.request(hosts.iter().map(String::as_str))
 }
 
 /// The connection to the control plane: mTLS with `--control-ca/-cert/-key`
@@ -490,11 +440,16 @@ fn control_client_config(
     args: &Args,
     svid: bool,
 ) -> anyhow::Result<strait_control_client::ClientConfig> {
-    let mut config = strait_control_client::ClientConfig::new(&args.control);
-    if args.control.is_empty() || svid {
+    let control = &args.control;
+    let mut config = strait_control_client::ClientConfig::new(&control.control);
+    if control.control.is_empty() || svid {
         return Ok(config);
     }
-    match (&args.control_ca, &args.control_cert, &args.control_key) {
+    match (
+        &control.control_ca,
+        &control.control_cert,
+        &control.control_key,
+    ) {
         (Some(ca), Some(cert), Some(key)) => {
             let read = |p: &PathBuf| {
                 std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))
@@ -508,9 +463,9 @@ fn control_client_config(
         }
         _ => {
             strait_control_client::plaintext::check_plaintext(
-                args.insecure_plaintext,
+                control.insecure_plaintext,
                 "strait-edge --control",
-                args.control.iter().map(String::as_str),
+                control.control.iter().map(String::as_str),
             )
             .map_err(anyhow::Error::msg)?;
             tracing::warn!(

@@ -14,6 +14,8 @@ use strait_proto::kms as pb;
 use strait_proto::kms::kms_broker_client::KmsBrokerClient;
 use strait_tls::tokio_rustls::{self, rustls::pki_types::ServerName, TlsConnector};
 use strait_tls::{client_config, CredentialLabel, FileCredentials};
+
+pub use crate::svid_tls::OwnIdentity;
 use tokio::net::TcpStream;
 use tokio_util::sync::{CancellationToken, DropGuard};
 use tonic::codegen::http::Uri;
@@ -28,35 +30,52 @@ use zeroize::Zeroizing;
 pub struct BrokerClient {
     client: KmsBrokerClient<Channel>,
     backend: String,
-    /// Stops re-reading the client certificate once the last clone is gone.
-    _credentials: Arc<DropGuard>,
+    /// Stops re-reading the client certificate files once the last clone
+    /// is gone (none with an SVID).
+    _credentials: Option<Arc<DropGuard>>,
 }
 
 impl BrokerClient {
     /// A lazily connecting client per configured endpoint, labelled by URL.
-    /// The client certificate is re-read every second and swapped live: new
-    /// connections to the broker present the newest one, open ones keep theirs.
+    /// The client certificate is swapped live: re-read every second from
+    /// its files, or the newest SVID of `identity` with `identity: svid`
+    /// (refused without one: fail closed). New connections to the broker
+    /// present the newest certificate, open ones keep theirs.
     pub fn connect_all(
         cfg: &BrokerClientConfig,
         timeout: Duration,
+        identity: Option<&OwnIdentity>,
     ) -> Result<Vec<(String, BrokerClient)>> {
         crate::kms::ensure_crypto_provider();
-        let invalid = |e: strait_tls::TlsError| KmsError::Invalid(format!("broker TLS: {e}"));
-        let stop = CancellationToken::new();
-        let credentials = FileCredentials::start(
-            cfg.cert.clone(),
-            cfg.key.clone(),
-            CredentialLabel {
-                owner: format!("kms-broker {}", cfg.endpoints.join(",")),
-                certificate: "kms_client",
-            },
-            None,
-            CREDENTIAL_INTERVAL,
-            stop.clone(),
-        )
-        .map_err(invalid)?;
-        let guard = Arc::new(stop.drop_guard());
-        let mut config = client_config(&cfg.ca, Some(credentials)).map_err(invalid)?;
+        let invalid = |e: &dyn std::fmt::Display| KmsError::Invalid(format!("broker TLS: {e}"));
+        let (mut config, guard) = if cfg.uses_svid() {
+            let identity = identity.ok_or_else(|| KmsError::Invalid(NO_SVID.into()))?;
+            let config = crate::svid_tls::svid_client_config(identity, cfg.ca.as_deref())
+                .map_err(|e| invalid(&e))?;
+            (config, None)
+        } else {
+            let (Some(ca), Some(cert), Some(key)) = (&cfg.ca, &cfg.cert, &cfg.key) else {
+                return Err(KmsError::Invalid(
+                    "broker TLS: ca, cert and key are required without identity: svid".into(),
+                ));
+            };
+            let stop = CancellationToken::new();
+            let credentials = FileCredentials::start(
+                cert.clone(),
+                key.clone(),
+                CredentialLabel {
+                    owner: format!("kms-broker {}", cfg.endpoints.join(",")),
+                    certificate: "kms_client",
+                },
+                None,
+                CREDENTIAL_INTERVAL,
+                stop.clone(),
+            )
+            .map_err(|e| invalid(&e))?;
+            let guard = Arc::new(stop.drop_guard());
+            let config = client_config(ca, Some(credentials)).map_err(|e| invalid(&e))?;
+            (config, Some(guard))
+        };
         config.alpn_protocols = vec![b"h2".to_vec()];
         let config = Arc::new(config);
         cfg.endpoints
@@ -100,6 +119,9 @@ impl BrokerClient {
             .collect()
     }
 }
+
+/// Why a broker entry with `identity: svid` cannot be used by this process.
+pub const NO_SVID: &str = "broker identity: svid, but this process has no SVID of its own (strait-edge gets one with --control, --name and --join-token)";
 
 /// How often the client certificate files are re-read.
 const CREDENTIAL_INTERVAL: Duration = Duration::from_secs(1);

@@ -1,16 +1,21 @@
 //! Following the control plane: the broker takes the TrustBundles (roots
 //! of its callers, per trust domain) and DenyLists from it, with the same
-//! connection flags as `strait-edge` (mTLS, or `--insecure-plaintext` on
-//! loopback only). The last snapshot is cached on disk, so the broker keeps
-//! its trust and its deny lists while the control plane is down.
+//! connection flags as `strait-edge` (mTLS with files or with its own SVID
+//! from `--join-token`, or `--insecure-plaintext` on loopback only). The
+//! last snapshot is cached on disk, so the broker keeps its trust and its
+//! deny lists while the control plane is down.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use strait_control_client::broker::{watch_broker_config, BrokerSnapshot, BrokerWatchConfig};
+use strait_control_client::broker::{
+    watch_broker_config, BrokerSnapshot, BrokerWatchConfig, ClientSource,
+};
 use strait_control_client::state::spec::KmsBrokerStatus;
+use strait_control_client::svid::SvidState;
 use strait_control_client::{ClientConfig, ClientError, ControlClient, SnapshotSource, TlsConfig};
+use tokio::sync::watch;
 
 use crate::callers::{deny_lists, Callers};
 use crate::tls::{certificates, spiffe_id_of_der, Bundles, TrustDomainVerifier};
@@ -26,6 +31,18 @@ pub struct ControlArgs {
     pub cache_dir: PathBuf,
     /// How often the broker writes its KmsBroker status.
     pub heartbeat_interval: Duration,
+    /// With its own SVID (`--join-token`): the connection's TLS instead of
+    /// the files, and the SVID's state for the status.
+    pub svid: Option<SvidConnection>,
+}
+
+/// The control-plane connection of a broker with its own SVID.
+#[derive(Clone)]
+pub struct SvidConnection {
+    /// From `strait_control_client::live_tls::live_client_config`: the
+    /// newest SVID as client certificate, the newest control-plane roots.
+    pub tls: Arc<rustls::ClientConfig>,
+    pub state: watch::Receiver<SvidState>,
 }
 
 impl ControlArgs {
@@ -72,6 +89,21 @@ fn client_config(a: &ControlArgs) -> Result<ClientConfig, String> {
         }
     }
     Ok(config)
+}
+
+/// A client for a new connection: over the SVID's live TLS, or with the
+/// files read now.
+fn connect(a: &ControlArgs) -> Result<ControlClient, ClientError> {
+    match &a.svid {
+        Some(svid) => {
+            ControlClient::with_rustls(&ClientConfig::new(&a.endpoints), svid.tls.clone())
+        }
+        None => {
+            let config =
+                client_config(a).map_err(|e| ClientError::Endpoint(a.endpoints.join(","), e))?;
+            ControlClient::new(&config)
+        }
+    }
 }
 
 /// The roots in force: the config file's plus the control plane's, per
@@ -123,21 +155,21 @@ pub fn follow_control_plane(
     callers: Arc<Callers>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     // Check the flags and files once up front, with a clear error.
-    client_config(&args)?;
-    if args.ca.is_none() {
-        tracing::warn!(
-            "following the control plane WITHOUT TLS (--insecure-plaintext); loopback only"
-        );
+    if args.svid.is_none() {
+        client_config(&args)?;
+        if args.ca.is_none() {
+            tracing::warn!(
+                "following the control plane WITHOUT TLS (--insecure-plaintext); loopback only"
+            );
+        }
     }
     tracing::info!(identity = %args.identity(), endpoints = ?args.endpoints, "following the control plane");
     let name = args.name.clone();
     let cache_dir = args.cache_dir.clone();
     let args = Arc::new(args);
-    let source = {
+    let source: ClientSource = {
         let args = args.clone();
-        Arc::new(move || {
-            client_config(&args).map_err(|e| ClientError::Endpoint(args.endpoints.join(","), e))
-        })
+        Arc::new(move || connect(&args))
     };
     let watch = watch_broker_config(BrokerWatchConfig {
         client: source,
@@ -201,17 +233,18 @@ async fn heartbeat(
             trust_domains: verifier.trust_domains(),
             denied_identities: callers.denied_count(),
             version: env!("CARGO_PKG_VERSION").into(),
+            // The remaining lifetime of the broker's certificate, when it is at risk.
+            message: args.svid.as_ref().and_then(|s| s.state.borrow().message()),
         };
         let json = serde_json::to_string(&status).expect("status serializes");
         // A fresh client each beat: a rotated client certificate is used at once.
-        let result = match client_config(&args).map(|c| ControlClient::new(&c)) {
-            Ok(Ok(client)) => {
+        let result = match connect(&args) {
+            Ok(client) => {
                 strait_control_client::write_own_status(&client, "KmsBroker", &args.name, json)
                     .await
                     .map_err(|e| e.to_string())
             }
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(e) => Err(e),
+            Err(e) => Err(e.to_string()),
         };
         if let Err(e) = result {
             tracing::warn!(error = %e, "heartbeat failed");

@@ -5,9 +5,11 @@
 
 pub mod callers;
 pub mod client;
+pub mod config;
 pub mod follow;
 pub mod kms;
 pub mod service;
+pub mod svid_tls;
 pub mod tls;
 
 pub use strait_kms_core as core;

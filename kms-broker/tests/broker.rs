@@ -124,9 +124,10 @@ fn client_cfg(dir: &Path, endpoints: Vec<String>) -> KmsConfig {
         local: None,
         broker: Some(BrokerClientConfig {
             endpoints,
-            ca: dir.join("ca.pem"),
-            cert: dir.join("client.pem"),
-            key: dir.join("client.key"),
+            ca: Some(dir.join("ca.pem")),
+            identity: None,
+            cert: Some(dir.join("client.pem")),
+            key: Some(dir.join("client.key")),
             backend: None,
             server_name: None,
         }),

@@ -96,9 +96,10 @@ async fn a_client_certificate_replaced_on_disk_reaches_the_next_connection() {
             local: None,
             broker: Some(BrokerClientConfig {
                 endpoints: vec![format!("https://127.0.0.1:{port}")],
-                ca: client_dir.path().join("ca.pem"),
-                cert: client_dir.path().join("client.pem"),
-                key: client_dir.path().join("client.key"),
+                ca: Some(client_dir.path().join("ca.pem")),
+                identity: None,
+                cert: Some(client_dir.path().join("client.pem")),
+                key: Some(client_dir.path().join("client.key")),
                 backend: None,
                 server_name: None,
             }),

@@ -13,7 +13,7 @@ use strait_control_state::spec::{DenyListSpec, TrustBundleSpec};
 use strait_control_state::Kind;
 use tokio::sync::watch;
 
-use crate::{follow, typed_map, write_atomic, ClientConfig, ClientError, ControlClient};
+use crate::{follow, typed_map, write_atomic, ClientError, ControlClient};
 use crate::{SnapshotSource, Store};
 
 /// Kinds a KMS broker watches (its access role allows these and KmsRealm).
@@ -65,12 +65,12 @@ pub fn read_broker_cache(cache_dir: &Path, broker: &str) -> Option<BrokerSnapsho
     Some(s)
 }
 
-/// Builds the client configuration afresh (re-reading certificate files)
-/// for every new connection.
-pub type ClientConfigSource = Arc<dyn Fn() -> Result<ClientConfig, ClientError> + Send + Sync>;
+/// Builds the client afresh (re-reading certificate files, or over the live
+/// TLS configuration of an SVID) for every new connection.
+pub type ClientSource = Arc<dyn Fn() -> Result<ControlClient, ClientError> + Send + Sync>;
 
 pub struct BrokerWatchConfig {
-    pub client: ClientConfigSource,
+    pub client: ClientSource,
     pub broker_name: String,
     pub cache_dir: PathBuf,
     pub backoff_min: Duration,
@@ -87,14 +87,14 @@ pub struct BrokerWatch {
 /// snapshot, if any, is published before this returns.
 pub fn watch_broker_config(cfg: BrokerWatchConfig) -> Result<BrokerWatch, ClientError> {
     // Fail at start on a configuration that can never connect.
-    ControlClient::new(&(cfg.client)()?)?;
+    (cfg.client)()?;
     let cached = read_broker_cache(&cfg.cache_dir, &cfg.broker_name).map(Arc::new);
     let (tx, rx) = watch::channel(cached);
     let task = tokio::spawn(async move {
         let closed = tx.clone();
         let source = cfg.client.clone();
         follow(
-            move || ControlClient::new(&source()?),
+            move || source(),
             &BROKER_KINDS,
             cfg.backoff_min,
             cfg.backoff_max,

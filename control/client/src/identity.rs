@@ -77,7 +77,7 @@ impl Svid {
 }
 
 /// Names a listener serves (added as SANs) and the lifetime to ask for.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct SvidRequest {
     pub dns_names: Vec<String>,
     pub ips: Vec<String>,

@@ -7,12 +7,15 @@
 //! - [`spawn_heartbeat`]: periodic write of the Edge resource's status.
 //! - [`identity`]: join with a token and renew an X.509 SVID from the
 //!   control plane's CA (key generated in memory).
+//! - [`svid`]: an edge's or kms-broker's own SVID, joined, cached and
+//!   renewed at half-life, published on channels for rustls.
 
 mod args;
 pub mod identity;
 pub mod live_tls;
+pub mod svid;
 
-pub use args::ControlConnectionArgs;
+pub use args::{ControlConnectionArgs, SvidArgs};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

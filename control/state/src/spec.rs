@@ -122,6 +122,9 @@ pub struct KmsBrokerStatus {
     pub denied_identities: usize,
     #[serde(default)]
     pub version: String,
+    /// What is at risk, e.g. the broker's SVID failing to renew.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
 }
 
 /// What an edge writes into its Edge resource's status on every heartbeat.

@@ -10,9 +10,15 @@
 //!     local: { path: keys.json }
 //!   - name: broker
 //!     broker: { endpoints: ["https://127.0.0.1:7443"], ca: ca.pem, cert: edge.pem, key: edge.key }
+//!   - name: mesh-broker
+//!     broker: { endpoints: ["https://kms.example.org:7443"], identity: svid }
 //! ```
 //! Exactly one provider key per entry. `vault.addresses` / `aws_kms.endpoints`
-//! list several endpoints of one KMS for failover.
+//! list several endpoints of one KMS for failover. A broker client presents
+//! either the `cert`/`key` files or, with `identity: svid`, the process's own
+//! SVID from the control plane's CA (then `ca` is optional: without it the
+//! broker is verified against the trust domain's bundle and must be a
+//! `spiffe://<domain>/kms-broker/...` identity).
 
 use std::collections::HashSet;
 use std::fmt;
@@ -21,6 +27,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::RetryPolicy;
+
+mod broker;
+pub use broker::{BrokerClientConfig, IdentitySource};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -102,26 +111,6 @@ impl AwsKmsConfig {
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
     pub path: PathBuf,
-}
-
-/// Use a KMS through the strait-kms-broker service (mTLS gRPC).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct BrokerClientConfig {
-    /// `https://host:port` of each broker replica, tried in order (failover).
-    pub endpoints: Vec<String>,
-    /// CA that signed the broker's server certificate.
-    pub ca: PathBuf,
-    /// This edge's client certificate and key (PEM).
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Name of the backend KMS on the broker (`kms[].name` in the broker's
-    /// config). Absent: the broker's only backend.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub backend: Option<String>,
-    /// TLS server name to verify; absent: the endpoint's host.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub server_name: Option<String>,
 }
 
 /// One config problem, with the path of the offending key.
@@ -281,15 +270,7 @@ impl KmsConfig {
                     &["https"],
                 );
             }
-            for (field, p) in [("ca", &b.ca), ("cert", &b.cert), ("key", &b.key)] {
-                if p.as_os_str().is_empty() {
-                    err(
-                        errors,
-                        format!("{path}.broker.{field}"),
-                        "must not be empty",
-                    );
-                }
-            }
+            b.validate_identity(&format!("{path}.broker"), errors);
         }
         if self.retry.attempts == 0 {
             err(
@@ -321,9 +302,9 @@ impl KmsConfig {
             fix(&mut l.path);
         }
         if let Some(b) = &mut self.broker {
-            fix(&mut b.ca);
-            fix(&mut b.cert);
-            fix(&mut b.key);
+            for p in [&mut b.ca, &mut b.cert, &mut b.key].into_iter().flatten() {
+                fix(p);
+            }
         }
     }
 }
@@ -376,9 +357,25 @@ kms:
   - name: ha
     vault: { addresses: ["http://127.0.0.1:1", "http://127.0.0.1:2"] }
     retry: { attempts: 5, min_backoff: 100ms, max_backoff: 1s, timeout: 2s }
+  - name: mesh
+    broker: { endpoints: ["https://127.0.0.1:7443"], identity: svid }
+  - name: mesh-own-ca
+    broker: { endpoints: ["https://127.0.0.1:7443"], identity: svid, ca: ca.pem }
+  - name: files
+    broker: { endpoints: ["https://127.0.0.1:7443"], identity: files, ca: ca.pem, cert: e.pem, key: e.key }
 "#;
         let root: Root = serde_yaml_ng::from_str(y).unwrap();
         validate_kms_list("kms", &root.kms).unwrap();
+        assert!(!root.kms[3].broker.as_ref().unwrap().uses_svid());
+        let mesh = root.kms[5].broker.as_ref().unwrap();
+        assert!(mesh.uses_svid());
+        assert_eq!((&mesh.ca, &mesh.cert, &mesh.key), (&None, &None, &None));
+        let mut own_ca = root.kms[6].clone();
+        own_ca.resolve_paths(Path::new("/etc/strait"));
+        assert_eq!(
+            own_ca.broker.unwrap().ca.as_deref(),
+            Some(Path::new("/etc/strait/ca.pem"))
+        );
         assert_eq!(root.kms[4].vault.as_ref().unwrap().all_addresses().len(), 2);
         assert_eq!(root.kms[4].vault.as_ref().unwrap().mount, "transit");
         assert_eq!(root.kms[4].retry.attempts, 5);

@@ -17,7 +17,7 @@ pub use strait_kms_core::{
     RetryingKms,
 };
 
-use crate::client::BrokerClient;
+use crate::client::{BrokerClient, OwnIdentity};
 
 /// The AWS SDK pulls rustls with aws-lc-rs while tonic/Strait use ring, so
 /// rustls cannot pick a process-wide provider by itself and would panic on
@@ -31,7 +31,18 @@ pub fn ensure_crypto_provider() {
 
 /// Build one configured KMS: a provider per endpoint, failover between
 /// endpoints when there are several, wrapped in retries/timeouts/metrics.
+/// A broker entry with `identity: svid` is refused (this process has no SVID).
 pub async fn build_kms(cfg: &KmsConfig, metrics: Option<KmsMetrics>) -> Result<Arc<dyn Kms>> {
+    build_kms_with(cfg, metrics, None).await
+}
+
+/// [`build_kms`] for a process with its own SVID (`identity`), which
+/// broker entries with `identity: svid` present.
+pub async fn build_kms_with(
+    cfg: &KmsConfig,
+    metrics: Option<KmsMetrics>,
+    identity: Option<&OwnIdentity>,
+) -> Result<Arc<dyn Kms>> {
     ensure_crypto_provider();
     let timeout = cfg.retry.timeout;
     let mut endpoints: Vec<(String, Arc<dyn Kms>)> = Vec::new();
@@ -64,7 +75,11 @@ pub async fn build_kms(cfg: &KmsConfig, metrics: Option<KmsMetrics>) -> Result<A
             Arc::new(LocalKeyring::open(&l.path)?),
         ));
     } else if let Some(b) = &cfg.broker {
-        for (label, client) in BrokerClient::connect_all(b, timeout)? {
+        let clients = BrokerClient::connect_all(b, timeout, identity).map_err(|e| match e {
+            KmsError::Invalid(m) => KmsError::Invalid(format!("kms {}: {m}", cfg.name)),
+            other => other,
+        })?;
+        for (label, client) in clients {
             endpoints.push((label, Arc::new(client)));
         }
     } else {
@@ -89,12 +104,21 @@ pub async fn build_kms(cfg: &KmsConfig, metrics: Option<KmsMetrics>) -> Result<A
 /// Build every configured KMS, registering one shared set of KMS metrics.
 /// Validate the list first ([`strait_kms_core::config::validate_kms_list`]).
 pub async fn build_kms_set(list: &[KmsConfig], registry: &mut Registry) -> Result<KmsSet> {
+    build_kms_set_with(list, registry, None).await
+}
+
+/// [`build_kms_set`] with the process's own SVID (see [`build_kms_with`]).
+pub async fn build_kms_set_with(
+    list: &[KmsConfig],
+    registry: &mut Registry,
+    identity: Option<&OwnIdentity>,
+) -> Result<KmsSet> {
     let metrics = KmsMetrics::new(registry);
     let mut set = KmsSet::new();
     for cfg in list {
         set.insert(
             cfg.name.clone(),
-            build_kms(cfg, Some(metrics.clone())).await?,
+            build_kms_with(cfg, Some(metrics.clone()), identity).await?,
         );
     }
     Ok(set)

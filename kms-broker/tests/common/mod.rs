@@ -1,6 +1,8 @@
 //! Test harness: real OpenBao and moto servers on loopback, killed on drop.
 #![allow(dead_code)]
 
+pub mod control;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Once;

@@ -12,7 +12,8 @@ use strait_control_client::identity::{
 };
 use strait_control_client::ClientConfig;
 use strait_proto::control as pb;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use strait_control_client::live_tls::{self, TlsSource};
+use tonic::transport::Channel;
 
 fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("'{s}': {e}"))
@@ -104,42 +105,26 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow!("{} ({:?})", s.message(), s.code())
 }
 
-fn endpoint(ep: &str, tls: Option<ClientTlsConfig>, timeout: Duration) -> Result<Endpoint> {
-    let uri = if ep.contains("://") {
-        ep.to_string()
-    } else if tls.is_some() {
-        format!("https://{ep}")
-    } else {
-        format!("http://{ep}")
-    };
-    let mut e = Endpoint::from_shared(uri)
-        .map_err(|e| anyhow!("invalid endpoint '{ep}': {e}"))?
-        .connect_timeout(Duration::from_secs(3))
-        .timeout(timeout);
-    if let Some(t) = tls {
-        e = e
-            .tls_config(t)
-            .map_err(|err| anyhow!("endpoint '{ep}': {err}"))?;
-    }
-    Ok(e)
-}
-
-/// Channels to every endpoint with straitctl's own TLS settings.
+/// Channels to every endpoint with straitctl's own TLS settings, through
+/// the control client's TLS (the `--ca` roots are announced, so a node
+/// serves the certificate they verify).
 fn admin_channels(cfg: &ClientConfig) -> Result<Vec<(String, Channel)>> {
     let tls = cfg.tls.as_ref().ok_or_else(|| {
         anyhow!("identity commands need TLS: give --ca (and --cert/--key for admin commands)")
     })?;
-    let mut t = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
-    if let (Some(c), Some(k)) = (&tls.cert_pem, &tls.key_pem) {
-        t = t.identity(Identity::from_pem(c, k));
-    }
+    let source = TlsSource::from_pem(tls)?;
     cfg.endpoints
         .iter()
         .map(|ep| {
-            Ok((
-                ep.clone(),
-                endpoint(ep, Some(t.clone()), cfg.request_timeout)?.connect_lazy(),
-            ))
+            let channel = live_tls::channel(
+                ep,
+                &source,
+                tls.domain.as_deref(),
+                Duration::from_secs(3),
+                Some(cfg.request_timeout),
+            )
+            .map_err(|e| anyhow!("endpoint '{ep}': {e}"))?;
+            Ok((ep.clone(), channel))
         })
         .collect()
 }

@@ -8,13 +8,13 @@
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use strait_tls::LiveClientVerifier;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
@@ -24,6 +24,8 @@ pub enum TlsSetupError {
     Pem { what: String, message: String },
     #[error("TLS configuration: {0}")]
     Rustls(#[from] rustls::Error),
+    #[error("server roots: {0}")]
+    Roots(String),
     #[error("binding {addr}: {source}")]
     Bind {
         addr: SocketAddr,
@@ -64,14 +66,17 @@ pub type BundleSource = Arc<dyn Fn() -> String + Send + Sync>;
 /// Client-certificate verification over the bootstrap roots plus the CA's
 /// bundle. The bundle is read at every handshake (from the local replica:
 /// cheap) and the verifier rebuilt only when it changed, so a certificate
-/// is accepted as soon as this node knows the root that signed it.
+/// is accepted as soon as this node knows the root that signed it. The
+/// live swap itself is strait-tls's [`LiveClientVerifier`] (the kms-broker
+/// uses the same); this type only decides when to rebuild.
 pub struct DynamicClientVerifier {
     provider: Arc<CryptoProvider>,
     bootstrap: Vec<CertificateDer<'static>>,
     source: Option<BundleSource>,
     last_pem: std::sync::Mutex<Option<String>>,
-    /// None: no root at all yet; every presented certificate is refused.
-    current: ArcSwap<Option<Arc<dyn ClientCertVerifier>>>,
+    /// Optional client certificates; refuses every one while no root is
+    /// usable.
+    live: LiveClientVerifier,
 }
 
 impl std::fmt::Debug for DynamicClientVerifier {
@@ -89,11 +94,11 @@ impl DynamicClientVerifier {
         source: Option<BundleSource>,
     ) -> Self {
         let v = DynamicClientVerifier {
+            live: LiveClientVerifier::new(provider.clone(), false),
             provider,
             bootstrap,
             source,
             last_pem: std::sync::Mutex::new(None),
-            current: ArcSwap::from_pointee(None),
         };
         v.set_bundle(&[]);
         v
@@ -149,21 +154,21 @@ impl DynamicClientVerifier {
                 }
             }
         };
-        self.current.store(Arc::new(inner));
+        self.live.store(inner);
     }
 }
 
 impl ClientCertVerifier for DynamicClientVerifier {
     fn offer_client_auth(&self) -> bool {
-        true
+        self.live.offer_client_auth()
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        self.live.client_auth_mandatory()
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
+        self.live.root_hint_subjects()
     }
 
     fn verify_client_cert(
@@ -173,12 +178,7 @@ impl ClientCertVerifier for DynamicClientVerifier {
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.refresh();
-        match self.current.load().as_ref() {
-            Some(v) => v.verify_client_cert(end_entity, intermediates, now),
-            None => Err(rustls::Error::General(
-                "no client certificate is trusted yet".into(),
-            )),
-        }
+        self.live.verify_client_cert(end_entity, intermediates, now)
     }
 
     fn verify_tls12_signature(
@@ -187,12 +187,7 @@ impl ClientCertVerifier for DynamicClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.live.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -201,18 +196,11 @@ impl ClientCertVerifier for DynamicClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
+        self.live.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
+        self.live.supported_verify_schemes()
     }
 }
 

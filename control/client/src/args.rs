@@ -20,7 +20,9 @@ pub struct ControlConnectionArgs {
     /// `spiffe://<trust_domain>/<edge|kms-broker>/<name>`.
     #[arg(long)]
     pub name: Option<String>,
-    /// CA (PEM) that signed the control-plane nodes' certificates.
+    /// CA certificates (PEM) that verify the control-plane nodes: the
+    /// bootstrap CA, or `straitctl ca bundle --with-server-ca` (then the
+    /// nodes serve their CA-issued certificates; see docs/security.md).
     #[arg(long, value_name = "FILE", requires_all = ["control", "control_cert", "control_key"])]
     pub control_ca: Option<PathBuf>,
     /// The client certificate (PEM) towards the control plane, re-read at

@@ -21,7 +21,7 @@ use sha2::{Digest, Sha256};
 use strait_control_ca::{new_key_and_csr, Token};
 use strait_proto::control as pb;
 use strait_proto::control::identity_client::IdentityClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 use zeroize::Zeroizing;
 
@@ -33,6 +33,8 @@ pub enum IdentityError {
     Status(#[from] Status),
     #[error("endpoint '{0}': {1}")]
     Endpoint(String, String),
+    #[error("control-plane TLS: {0}")]
+    Tls(#[from] crate::live_tls::TlsError),
     #[error("{endpoint}: the control plane's root does not match the join token's pin (got sha256 {got}); refusing to send the token")]
     PinMismatch { endpoint: String, got: String },
     #[error("no control-plane member could be verified: {0}")]
@@ -261,25 +263,31 @@ impl IdentityEndpoints {
         })
     }
 
+    /// Channels verifying the members against `server_ca_pem` (named in
+    /// `certificate_authorities`, see [`crate::live_tls`]), presenting
+    /// `client` (cert, key PEM) if given.
     fn channels(
         &self,
         client: Option<(&str, &str)>,
     ) -> Result<Vec<(String, Channel)>, IdentityError> {
-        let mut t =
-            ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&self.server_ca_pem));
-        if let Some((c, k)) = client {
-            t = t.identity(Identity::from_pem(c, k));
-        }
+        let tls = crate::live_tls::TlsSource::from_pem(&crate::TlsConfig {
+            ca_pem: self.server_ca_pem.as_bytes().to_vec(),
+            cert_pem: client.map(|(c, _)| c.as_bytes().to_vec()),
+            key_pem: client.map(|(_, k)| k.as_bytes().to_vec()),
+            domain: None,
+        })?;
         self.endpoints
             .iter()
             .map(|ep| {
-                let e = Endpoint::from_shared(format!("https://{}", host_port(ep)))
-                    .map_err(|e| IdentityError::Endpoint(ep.clone(), e.to_string()))?
-                    .connect_timeout(Duration::from_secs(3))
-                    .timeout(self.timeout)
-                    .tls_config(t.clone())
-                    .map_err(|e| IdentityError::Endpoint(ep.clone(), e.to_string()))?;
-                Ok((ep.clone(), e.connect_lazy()))
+                let channel = crate::live_tls::channel(
+                    &host_port(ep),
+                    &tls,
+                    None,
+                    Duration::from_secs(3),
+                    Some(self.timeout),
+                )
+                .map_err(|e| IdentityError::Endpoint(ep.clone(), e))?;
+                Ok((ep.clone(), channel))
             })
             .collect()
     }

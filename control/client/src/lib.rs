@@ -32,7 +32,7 @@ use strait_control_state::Kind;
 use strait_proto::control as pb;
 use strait_proto::control::control_client::ControlClient as PbClient;
 use tokio::sync::watch;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
 pub use strait_control_state as state;
@@ -46,6 +46,8 @@ pub enum ClientError {
     NoEndpoints,
     #[error("invalid endpoint '{0}': {1}")]
     Endpoint(String, String),
+    #[error("control-plane TLS: {0}")]
+    Tls(#[from] live_tls::TlsError),
     #[error("{0}")]
     Status(#[from] Status),
     #[error("cache {path}: {source}")]
@@ -55,8 +57,14 @@ pub enum ClientError {
     },
 }
 
+/// TLS to the control plane from PEM held in memory (see
+/// [`live_tls::TlsSource::from_pem`]): connections announce the roots of
+/// `ca_pem` (`certificate_authorities`), so a control node serves the
+/// certificate those roots verify.
 #[derive(Clone, Debug, Default)]
 pub struct TlsConfig {
+    /// Roots that verify the control nodes: the bootstrap CA, or the
+    /// output of `straitctl ca bundle --with-server-ca`.
     pub ca_pem: Vec<u8>,
     /// Client identity for mTLS.
     pub cert_pem: Option<Vec<u8>>,
@@ -131,65 +139,56 @@ fn retryable(s: &Status) -> bool {
 }
 
 impl ControlClient {
+    /// A client over plaintext, or over TLS from `cfg.tls` (roots and client
+    /// certificate read once; see [`live_tls`]).
     pub fn new(cfg: &ClientConfig) -> Result<Self, ClientError> {
-        if cfg.endpoints.is_empty() {
-            return Err(ClientError::NoEndpoints);
-        }
-        let mut clients = Vec::new();
-        for ep in &cfg.endpoints {
-            let scheme = if cfg.tls.is_some() { "https" } else { "http" };
-            let uri = if ep.contains("://") {
-                ep.clone()
-            } else {
-                format!("{scheme}://{ep}")
-            };
-            let mut e = Endpoint::from_shared(uri)
-                .map_err(|e| ClientError::Endpoint(ep.clone(), e.to_string()))?
-                .connect_timeout(cfg.connect_timeout)
-                .tcp_nodelay(true);
-            if let Some(tls) = &cfg.tls {
-                let mut t =
-                    ClientTlsConfig::new().ca_certificate(Certificate::from_pem(&tls.ca_pem));
-                if let (Some(c), Some(k)) = (&tls.cert_pem, &tls.key_pem) {
-                    t = t.identity(Identity::from_pem(c, k));
-                }
-                if let Some(d) = &tls.domain {
-                    t = t.domain_name(d.clone());
-                }
-                e = e
-                    .tls_config(t)
-                    .map_err(|err| ClientError::Endpoint(ep.clone(), err.to_string()))?;
+        match &cfg.tls {
+            Some(tls) => {
+                let source = live_tls::TlsSource::from_pem(tls)?;
+                Self::build(cfg, Some((&source, tls.domain.as_deref())))
             }
-            let client = PbClient::new(e.connect_lazy())
-                .max_decoding_message_size(64 * 1024 * 1024)
-                .max_encoding_message_size(64 * 1024 * 1024);
-            clients.push((ep.clone(), client));
+            None => Self::build(cfg, None),
         }
-        Ok(Self {
-            clients: Arc::new(clients),
-            current: Arc::new(AtomicUsize::new(0)),
-            retry: Retry {
-                deadline: cfg.request_timeout,
-                backoff_min: Duration::from_millis(50),
-                backoff_max: Duration::from_secs(1),
-            },
-        })
     }
 
-    /// A client whose connections use `tls` (see [`live_tls`]: a renewed
+    /// A client whose connections take their TLS configuration from `tls`
+    /// (see [`live_tls`]: with [`live_tls::TlsSource::live`], a renewed
     /// client certificate and refreshed roots reach every new connection);
     /// `cfg.tls` is ignored.
-    pub fn with_rustls(
+    pub fn with_rustls(cfg: &ClientConfig, tls: live_tls::TlsSource) -> Result<Self, ClientError> {
+        Self::build(cfg, Some((&tls, None)))
+    }
+
+    /// `tls`: the source and the server name to verify instead of each
+    /// endpoint's host.
+    fn build(
         cfg: &ClientConfig,
-        tls: Arc<rustls::ClientConfig>,
+        tls: Option<(&live_tls::TlsSource, Option<&str>)>,
     ) -> Result<Self, ClientError> {
         if cfg.endpoints.is_empty() {
             return Err(ClientError::NoEndpoints);
         }
         let mut clients = Vec::new();
         for ep in &cfg.endpoints {
-            let channel = live_tls::channel(ep, tls.clone(), cfg.connect_timeout)
-                .map_err(|e| ClientError::Endpoint(ep.clone(), e))?;
+            let endpoint = |e: String| ClientError::Endpoint(ep.clone(), e);
+            let channel = match tls {
+                Some((source, name)) => {
+                    live_tls::channel(ep, source, name, cfg.connect_timeout, None)
+                        .map_err(endpoint)?
+                }
+                None => {
+                    let uri = if ep.contains("://") {
+                        ep.clone()
+                    } else {
+                        format!("http://{ep}")
+                    };
+                    Endpoint::from_shared(uri)
+                        .map_err(|e| endpoint(e.to_string()))?
+                        .connect_timeout(cfg.connect_timeout)
+                        .tcp_nodelay(true)
+                        .connect_lazy()
+                }
+            };
             let client = PbClient::new(channel)
                 .max_decoding_message_size(64 * 1024 * 1024)
                 .max_encoding_message_size(64 * 1024 * 1024);

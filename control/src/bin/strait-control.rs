@@ -14,7 +14,7 @@ use strait_control_api::access::{
     rules_of, Access, Audit, Authorizer, Caller, ControlMethod, Glob, Operation, Policy,
 };
 use strait_control_api::identity::{IdentityService, NodeCertRequest};
-use strait_control_api::node_tls::{NodeServerResolver, PeerTls};
+use strait_control_api::node_tls::{NodeServerResolver, PeerTls, ServedCertificates};
 use strait_control_api::{spawn_health, status_of, ControlService};
 use strait_control_client::plaintext::check_plaintext;
 use strait_control_raft::{Node, NodeConfig, TlsClientConfig};
@@ -343,7 +343,8 @@ async fn main() -> Result<()> {
                     .map(|i| i.bundle_pem(strait_control_api::identity::now_unix()))
                     .unwrap_or_default()
             });
-            let peers = PeerTls::new(provider.clone(), roots, Some(source), Some(rx.clone()));
+            let peers = PeerTls::new(provider.clone(), roots, Some(source), Some(rx.clone()))
+                .context("--tls-client-ca")?;
             credential = Some((bootstrap, tx, rx));
             Some(TlsClientConfig(std::sync::Arc::new(move || peers.config())))
         }
@@ -396,6 +397,7 @@ async fn main() -> Result<()> {
         authz.clone(),
         &mut registry,
     );
+    let served_certificates = ServedCertificates::new(&mut registry);
     if let Some(addr) = args.metrics_listen {
         let registry = std::sync::Arc::new(registry);
         let app = axum::Router::new().route(
@@ -467,7 +469,7 @@ async fn main() -> Result<()> {
             Some(source),
         ));
         let acceptor = strait_control_api::tls::acceptor_with_resolver(
-            NodeServerResolver::new(bootstrap, cred_rx),
+            NodeServerResolver::new(bootstrap, cred_rx, served_certificates),
             verifier,
             provider,
         )?;

@@ -10,7 +10,8 @@ use std::process::ExitCode;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use serde::{Deserialize, Serialize};
-use strait_control_client::{ClientConfig, ControlClient, TlsConfig};
+use strait_control_client::live_tls::TlsError;
+use strait_control_client::{ClientConfig, ClientError, ControlClient, TlsConfig};
 use strait_control_state::{validate_command, Command, CommandError, Kind};
 use strait_proto::control as pb;
 
@@ -25,7 +26,10 @@ struct Cli {
         global = true
     )]
     endpoints: String,
-    /// CA certificate (PEM) that signed the servers' certificates; enables TLS.
+    /// CA certificates (PEM) that verify the control nodes; enables TLS.
+    /// Their subjects are announced in the handshake, so with the output of
+    /// `ca bundle --with-server-ca` the nodes serve their CA-issued
+    /// certificates, with the bootstrap CA alone their bootstrap one.
     #[arg(long, global = true)]
     ca: Option<PathBuf>,
     /// Client certificate and key (PEM) for mTLS.
@@ -337,6 +341,26 @@ fn status_err(s: tonic::Status) -> anyhow::Error {
     anyhow!("{} ({:?})", s.message(), s.code())
 }
 
+/// A client error naming the file a TLS error comes from.
+fn tls_files_error(e: ClientError, cli: &Cli) -> anyhow::Error {
+    let path = |p: &Option<std::path::PathBuf>| {
+        p.as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_default()
+    };
+    match &e {
+        ClientError::Tls(TlsError::Roots(m)) => anyhow!("--ca {}: {m}", path(&cli.ca)),
+        ClientError::Tls(TlsError::ClientCert(m)) => anyhow!("--cert {}: {m}", path(&cli.cert)),
+        ClientError::Tls(TlsError::ClientKey(m)) => anyhow!("--key {}: {m}", path(&cli.key)),
+        ClientError::Tls(TlsError::ClientPair(m)) => anyhow!(
+            "--cert {} / --key {}: {m}",
+            path(&cli.cert),
+            path(&cli.key)
+        ),
+        _ => e.into(),
+    }
+}
+
 async fn run(cli: Cli) -> Result<()> {
     let endpoints: Vec<String> = cli
         .endpoints
@@ -370,7 +394,7 @@ async fn run(cli: Cli) -> Result<()> {
             domain: None,
         });
     }
-    let client = ControlClient::new(&cfg)?;
+    let client = ControlClient::new(&cfg).map_err(|e| tls_files_error(e, &cli))?;
     match cli.cmd {
         Cmd::Token { action } => ctl_identity::run_token(&cfg, action).await?,
         Cmd::Cert { action } => ctl_identity::run_cert(&cfg, action).await?,

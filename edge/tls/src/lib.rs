@@ -17,6 +17,9 @@
 //!   live (bundles pushed by the control plane), and [`tls_incoming`] the
 //!   accept loop for a tonic server behind such a verifier
 //!   (`serve_with_incoming`); the kms-broker and the control nodes use both.
+//! * [`HintingVerifier`] verifies servers against a root store and names
+//!   those roots in `certificate_authorities`, so a server holding several
+//!   certificates (a control node) can serve one the client verifies.
 //! * [`principal_of`] turns a client certificate into a [`Principal`]: its
 //!   SPIFFE ID by default.
 
@@ -26,6 +29,7 @@ mod accept;
 mod bundle;
 mod client;
 mod credentials;
+mod hints;
 mod identity;
 mod live;
 mod metrics;
@@ -38,6 +42,7 @@ pub use client::{client_config, ClientIdentity, ClientTls, ClientTlsSettings};
 pub use credentials::{
     certified_key, CredentialLabel, CredentialReceiver, FileCredentials, WatchedCertifiedKey,
 };
+pub use hints::HintingVerifier;
 pub use identity::{principal_of, PrincipalSource};
 pub use live::LiveClientVerifier;
 pub use metrics::TlsMetrics;

@@ -10,9 +10,9 @@ use strait_control_ca::new_key_and_csr;
 use strait_control_client::identity::{
     call_any, discover, now_unix, write_atomic, write_files, IdentityEndpoints, SvidRequest,
 };
+use strait_control_client::live_tls::{self, TlsSource};
 use strait_control_client::ClientConfig;
 use strait_proto::control as pb;
-use strait_control_client::live_tls::{self, TlsSource};
 use tonic::transport::Channel;
 
 fn duration(s: &str) -> Result<Duration, String> {

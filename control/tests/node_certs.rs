@@ -148,10 +148,9 @@ fn served_by(leaf: &[u8], bootstrap_subject: &[u8]) -> Served {
 /// One TLS handshake to `addr` with `config`; the leaf it was shown.
 async fn handshake(config: Arc<rustls::ClientConfig>, addr: &str) -> Result<Vec<u8>, String> {
     let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
-    let tls =
-        strait_control_client::live_tls::connect(addr, name, config, Duration::from_secs(5))
-            .await
-            .map_err(|e| e.to_string())?;
+    let tls = strait_control_client::live_tls::connect(addr, name, config, Duration::from_secs(5))
+        .await
+        .map_err(|e| e.to_string())?;
     let (_, conn) = tls.get_ref();
     Ok(conn
         .peer_certificates()
@@ -172,7 +171,8 @@ fn served_count(metrics: &str, certificate: &str) -> u64 {
     .unwrap();
     let mut body = String::new();
     s.read_to_string(&mut body).unwrap();
-    let prefix = format!("strait_control_served_certificates_total{{certificate=\"{certificate}\"}} ");
+    let prefix =
+        format!("strait_control_served_certificates_total{{certificate=\"{certificate}\"}} ");
     body.lines()
         .find_map(|l| l.strip_prefix(prefix.as_str()))
         .map_or(0, |v| v.parse().unwrap())
@@ -233,7 +233,9 @@ fn apply_kc(dir: &Path, ca: &str, ep: &str, port: u32) -> Output {
     let kc = dir.join(format!("kc-{port}.yaml"));
     std::fs::write(
         &kc,
-        format!("kind: KafkaCluster\nname: kc\nspec:\n  bootstrap_servers: [\"127.0.0.1:{port}\"]\n"),
+        format!(
+            "kind: KafkaCluster\nname: kc\nspec:\n  bootstrap_servers: [\"127.0.0.1:{port}\"]\n"
+        ),
     )
     .unwrap();
     ctl(dir, ca, ep, &["apply", "-f", kc.to_str().unwrap()])
@@ -291,7 +293,10 @@ async fn nodes_serve_ca_certificates_and_the_bootstrap_one_retires() {
     }
     // The operator's files: bootstrap root plus the CA's roots, and the
     // CA's roots alone (with which only a CA-issued certificate verifies).
-    for (file, extra) in [("roots.pem", Some("--with-server-ca")), ("ca-only.pem", None)] {
+    for (file, extra) in [
+        ("roots.pem", Some("--with-server-ca")),
+        ("ca-only.pem", None),
+    ] {
         let out = dir.join(file);
         let mut args = vec!["ca", "bundle", "--out", out.to_str().unwrap()];
         args.extend(extra);
@@ -340,10 +345,16 @@ async fn nodes_serve_ca_certificates_and_the_bootstrap_one_retires() {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    assert!(now_unix() + 10 < boot_expiry, "too slow to check the bootstrap certificate");
+    assert!(
+        now_unix() + 10 < boot_expiry,
+        "too slow to check the bootstrap certificate"
+    );
     for (i, (a, n)) in addrs.iter().zip(&nodes).enumerate() {
         // straitctl's TLS with the bundle file gets the CA's certificate.
-        let s = served_by(&handshake(ctl_tls.config(), a).await.unwrap(), &boot_subject);
+        let s = served_by(
+            &handshake(ctl_tls.config(), a).await.unwrap(),
+            &boot_subject,
+        );
         assert!(!s.bootstrap, "{s:?}");
         assert_eq!(s.uri, format!("spiffe://example.org/control/{}", i + 1));
         // Clients naming nothing get (and verify) the bootstrap certificate.
@@ -414,7 +425,12 @@ async fn nodes_serve_ca_certificates_and_the_bootstrap_one_retires() {
     );
     assert!(applies > 50, "only {applies} applies");
     // Each node's certificates are recorded through Raft like any other.
-    let o = ctl(&dir, "roots.pem", &all, &["get", "issuedcertificate", "-o", "json"]);
+    let o = ctl(
+        &dir,
+        "roots.pem",
+        &all,
+        &["get", "issuedcertificate", "-o", "json"],
+    );
     let out = String::from_utf8_lossy(&o.stdout).to_string();
     for i in 1..=3 {
         assert!(
@@ -431,7 +447,10 @@ async fn nodes_serve_ca_certificates_and_the_bootstrap_one_retires() {
         let before = served_count(&n.metrics, "bootstrap");
         // Nobody can verify it any more, so nobody gets it: a client
         // naming nothing but trusting the CA root verifies the CA's...
-        let s = served_by(&handshake(plain_both.clone(), a).await.unwrap(), &boot_subject);
+        let s = served_by(
+            &handshake(plain_both.clone(), a).await.unwrap(),
+            &boot_subject,
+        );
         assert!(!s.bootstrap, "{s:?}");
         assert_eq!(s.uri, format!("spiffe://example.org/control/{}", i + 1));
         // ... and one with the bootstrap CA alone is refused.
@@ -461,7 +480,12 @@ async fn nodes_serve_ca_certificates_and_the_bootstrap_one_retires() {
         let o = apply_kc(&dir, "roots.pem", a, port);
         assert!(o.status.success(), "{}", text(&o));
         for b in &addrs {
-            let o = ctl(&dir, "ca-only.pem", b, &["get", "kafkacluster", "kc", "-o", "json"]);
+            let o = ctl(
+                &dir,
+                "ca-only.pem",
+                b,
+                &["get", "kafkacluster", "kc", "-o", "json"],
+            );
             assert!(
                 String::from_utf8_lossy(&o.stdout).contains(&format!("127.0.0.1:{port}")),
                 "{}",
@@ -499,10 +523,21 @@ async fn nodes_serve_ca_certificates_and_the_bootstrap_one_retires() {
     assert!(o.status.success(), "{}", text(&o));
     let file_serial = {
         let pem = std::fs::read(issued.join("cert.pem")).unwrap();
-        served_by(parse_certs("cert", &pem).unwrap()[0].as_ref(), &boot_subject).serial
+        served_by(
+            parse_certs("cert", &pem).unwrap()[0].as_ref(),
+            &boot_subject,
+        )
+        .serial
     };
     let restart: PathBuf = issued.join("cert.pem");
-    procs.0[2] = spawn_node(&dir, 3, &nodes[2], &peers, &restart, &issued.join("key.pem"));
+    procs.0[2] = spawn_node(
+        &dir,
+        3,
+        &nodes[2],
+        &peers,
+        &restart,
+        &issued.join("key.pem"),
+    );
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         if let Ok(leaf) = handshake(hinted.config(), &addrs[2]).await {
@@ -522,7 +557,12 @@ async fn nodes_serve_ca_certificates_and_the_bootstrap_one_retires() {
     }
     let o = apply_kc(&dir, "roots.pem", &addrs[2], 11_000);
     assert!(o.status.success(), "{}", text(&o));
-    let o = ctl(&dir, "roots.pem", &all, &["get", "kafkacluster", "kc", "-o", "json"]);
+    let o = ctl(
+        &dir,
+        "roots.pem",
+        &all,
+        &["get", "kafkacluster", "kc", "-o", "json"],
+    );
     assert!(
         String::from_utf8_lossy(&o.stdout).contains("127.0.0.1:11000"),
         "{}",

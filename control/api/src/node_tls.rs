@@ -71,7 +71,9 @@ impl ServedCertificates {
     }
 
     fn count(&self, certificate: &'static str) {
-        self.0.get_or_create(&CertificateLabel { certificate }).inc();
+        self.0
+            .get_or_create(&CertificateLabel { certificate })
+            .inc();
     }
 }
 
@@ -190,11 +192,18 @@ impl PeerTls {
                 }
             }
         };
-        match build(&self.provider, &self.bootstrap, &bundle, self.client.as_ref()) {
+        match build(
+            &self.provider,
+            &self.bootstrap,
+            &bundle,
+            self.client.as_ref(),
+        ) {
             Ok(cfg) => *cache = (pem, Arc::new(cfg)),
             // Cannot happen once `new` succeeded (the bootstrap roots are
             // in every store); the last configuration stays.
-            Err(e) => tracing::error!(error = %e, "peer TLS configuration; keeping the previous one"),
+            Err(e) => {
+                tracing::error!(error = %e, "peer TLS configuration; keeping the previous one")
+            }
         }
         cache.1.clone()
     }
@@ -355,7 +364,10 @@ mod tests {
                     shown(plain(&[&boot_ca, &node_ca]), &addr).await.unwrap(),
                     bootstrap_der
                 );
-                assert_eq!(shown(plain(&[&boot_ca]), &addr).await.unwrap(), bootstrap_der);
+                assert_eq!(
+                    shown(plain(&[&boot_ca]), &addr).await.unwrap(),
+                    bootstrap_der
+                );
             } else {
                 // Expired, nobody could verify it: the CA's certificate.
                 assert_eq!(

@@ -72,8 +72,8 @@ fn build(
     roots: RootCertStore,
     client: Option<Arc<dyn ResolvesClientCert>>,
 ) -> Result<Arc<rustls::ClientConfig>, TlsError> {
-    let verifier =
-        HintingVerifier::new(roots, provider.clone()).map_err(|e| TlsError::Roots(e.to_string()))?;
+    let verifier = HintingVerifier::new(roots, provider.clone())
+        .map_err(|e| TlsError::Roots(e.to_string()))?;
     let builder = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -149,7 +149,11 @@ impl LiveRoots {
     ) -> Result<Self, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let pem = roots.borrow().clone();
-        let config = build(&provider, self::roots(pem.as_bytes())?, Some(client.clone()))?;
+        let config = build(
+            &provider,
+            self::roots(pem.as_bytes())?,
+            Some(client.clone()),
+        )?;
         Ok(LiveRoots {
             roots,
             provider,
@@ -165,7 +169,8 @@ impl LiveRoots {
         if built.0 == pem {
             return built.1.clone();
         }
-        match roots(pem.as_bytes()).and_then(|r| build(&self.provider, r, Some(self.client.clone())))
+        match roots(pem.as_bytes())
+            .and_then(|r| build(&self.provider, r, Some(self.client.clone())))
         {
             Ok(config) => *built = (pem, config),
             // A broken bundle keeps the roots in force (and is not retried
@@ -279,8 +284,8 @@ pub fn channel(
 ) -> Result<Channel, String> {
     let (addr, host) = split_endpoint(endpoint);
     let name = server_name.map_or(host, str::to_string);
-    let name = ServerName::try_from(name.clone())
-        .map_err(|e| format!("server name '{name}': {e}"))?;
+    let name =
+        ServerName::try_from(name.clone()).map_err(|e| format!("server name '{name}': {e}"))?;
     let mut ep = Endpoint::from_shared(format!("http://{addr}"))
         .map_err(|e| e.to_string())?
         .connect_timeout(connect_timeout)
@@ -424,7 +429,10 @@ mod tests {
             Some(vec![subject(&old)])
         );
         let first = source.config();
-        assert!(Arc::ptr_eq(&first, &source.config()), "rebuilt for the same roots");
+        assert!(
+            Arc::ptr_eq(&first, &source.config()),
+            "rebuilt for the same roots"
+        );
         tx.send_replace(format!("{}{}", new.pem(), old.pem()));
         assert_eq!(
             hints_of(&source, &addr, &rec).await,
@@ -489,9 +497,17 @@ mod tests {
             domain: None,
             ..tls
         });
-        let err = ControlClient::new(&cfg).unwrap().members().await.unwrap_err();
+        let err = ControlClient::new(&cfg)
+            .unwrap()
+            .members()
+            .await
+            .unwrap_err();
         assert!(!rec.hellos.lock().unwrap().is_empty());
-        assert_eq!(done.load(std::sync::atomic::Ordering::SeqCst), completed, "{err}");
+        assert_eq!(
+            done.load(std::sync::atomic::Ordering::SeqCst),
+            completed,
+            "{err}"
+        );
     }
 
     #[test]
@@ -515,7 +531,10 @@ mod tests {
             err(tls(&root.pem(), &key, &key)),
             "client certificate: no PEM certificate found"
         );
-        assert_eq!(err(tls(&root.pem(), &cert, &cert)), "client key: no items found");
+        assert_eq!(
+            err(tls(&root.pem(), &cert, &cert)),
+            "client key: no items found"
+        );
         assert_eq!(
             err(tls(&root.pem(), &cert, &other_key)),
             "client certificate and key: the key does not belong to the certificate"

@@ -352,11 +352,9 @@ fn tls_files_error(e: ClientError, cli: &Cli) -> anyhow::Error {
         ClientError::Tls(TlsError::Roots(m)) => anyhow!("--ca {}: {m}", path(&cli.ca)),
         ClientError::Tls(TlsError::ClientCert(m)) => anyhow!("--cert {}: {m}", path(&cli.cert)),
         ClientError::Tls(TlsError::ClientKey(m)) => anyhow!("--key {}: {m}", path(&cli.key)),
-        ClientError::Tls(TlsError::ClientPair(m)) => anyhow!(
-            "--cert {} / --key {}: {m}",
-            path(&cli.cert),
-            path(&cli.key)
-        ),
+        ClientError::Tls(TlsError::ClientPair(m)) => {
+            anyhow!("--cert {} / --key {}: {m}", path(&cli.cert), path(&cli.key))
+        }
         _ => e.into(),
     }
 }

@@ -29,7 +29,8 @@ impl HintingVerifier {
         provider: Arc<CryptoProvider>,
     ) -> Result<Self, VerifierBuilderError> {
         let hints = roots.subjects();
-        let inner = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
+        let inner =
+            WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider).build()?;
         Ok(HintingVerifier { inner, hints })
     }
 
@@ -171,7 +172,9 @@ mod tests {
                     .await
                     .map_err(|e| e.to_string())?;
                 let mut got = String::new();
-                tls.read_to_string(&mut got).await.map_err(|e| e.to_string())?;
+                tls.read_to_string(&mut got)
+                    .await
+                    .map_err(|e| e.to_string())?;
                 Ok::<_, String>(got)
             }
         };

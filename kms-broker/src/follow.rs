@@ -41,7 +41,7 @@ pub struct ControlArgs {
 pub struct SvidConnection {
     /// From `strait_control_client::live_tls::live_client_config`: the
     /// newest SVID as client certificate, the newest control-plane roots.
-    pub tls: Arc<rustls::ClientConfig>,
+    pub tls: strait_control_client::live_tls::TlsSource,
     pub state: watch::Receiver<SvidState>,
 }
 

@@ -7,12 +7,14 @@
 //! name cannot pose as it.
 
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::WebPkiServerVerifier;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
-use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
-use strait_control_client::live_tls::LiveRoots;
+use rustls::{ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
 use strait_tls::{CredentialReceiver, WatchedCertifiedKey};
 use tokio::sync::watch;
 
@@ -29,10 +31,65 @@ pub struct OwnIdentity {
     pub trust_domain: String,
 }
 
+/// Verifies against the newest roots of a PEM channel (the SVID's bundle,
+/// which gains the new root of a CA rotation before it signs). A broker
+/// serves one certificate, so no root hints are needed and one verifier
+/// serves every connection; it is rebuilt when the PEM changes.
+#[derive(Debug)]
+struct LiveBundle {
+    pem: watch::Receiver<String>,
+    provider: Arc<CryptoProvider>,
+    built: RwLock<(String, Arc<WebPkiServerVerifier>)>,
+}
+
+fn verifier_of(
+    pem: &str,
+    provider: &Arc<CryptoProvider>,
+) -> Result<Arc<WebPkiServerVerifier>, String> {
+    let mut store = RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem.as_bytes()) {
+        store
+            .add(cert.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())?;
+    }
+    WebPkiServerVerifier::builder_with_provider(Arc::new(store), provider.clone())
+        .build()
+        .map_err(|e| e.to_string())
+}
+
+impl LiveBundle {
+    fn new(pem: watch::Receiver<String>) -> Result<Self, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let current = pem.borrow().clone();
+        let built = verifier_of(&current, &provider)?;
+        Ok(LiveBundle {
+            pem,
+            provider,
+            built: RwLock::new((current, built)),
+        })
+    }
+
+    fn current(&self) -> Arc<WebPkiServerVerifier> {
+        let pem = self.pem.borrow().clone();
+        let mut built = self.built.write().unwrap_or_else(|e| e.into_inner());
+        if built.0 != pem {
+            match verifier_of(&pem, &self.provider) {
+                Ok(v) => built.1 = v,
+                // A broken bundle keeps the roots in force.
+                Err(e) => {
+                    tracing::warn!(error = %e, "new trust bundle rejected; keeping the current roots")
+                }
+            }
+            built.0 = pem;
+        }
+        built.1.clone()
+    }
+}
+
 /// Chains to the bundle (and names the host dialled), then the SPIFFE ID.
 #[derive(Debug)]
 struct MeshBrokerVerifier {
-    roots: LiveRoots,
+    roots: LiveBundle,
     prefix: String,
 }
 
@@ -45,9 +102,13 @@ impl ServerCertVerifier for MeshBrokerVerifier {
         ocsp: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let verified =
-            self.roots
-                .verify_server_cert(end_entity, intermediates, server_name, ocsp, now)?;
+        let verified = self.roots.current().verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp,
+            now,
+        )?;
         match spiffe_id_of_der(end_entity.as_ref()) {
             Some(id) if id.len() > self.prefix.len() && id.starts_with(&self.prefix) => {
                 Ok(verified)
@@ -66,7 +127,9 @@ impl ServerCertVerifier for MeshBrokerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.roots.verify_tls12_signature(message, cert, dss)
+        self.roots
+            .current()
+            .verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -75,11 +138,13 @@ impl ServerCertVerifier for MeshBrokerVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.roots.verify_tls13_signature(message, cert, dss)
+        self.roots
+            .current()
+            .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.roots.supported_verify_schemes()
+        self.roots.current().supported_verify_schemes()
     }
 }
 
@@ -100,7 +165,7 @@ pub fn svid_client_config(
         ));
     }
     let verifier = MeshBrokerVerifier {
-        roots: LiveRoots::new(identity.bundle.clone())
+        roots: LiveBundle::new(identity.bundle.clone())
             .map_err(|e| format!("the SVID's trust bundle: {e}"))?,
         prefix: format!("spiffe://{}/kms-broker/", identity.trust_domain),
     };

@@ -35,7 +35,7 @@ demo: setup build
 ROTATION_SECONDS ?= 300
 soak-rotation: setup build
 	STRAIT_ROTATION_SECONDS=$(ROTATION_SECONDS) $(PYTHON) -m pytest integration/tests/test_identity.py \
-		-k rotates_under_load $(PYTEST_ARGS)
+		integration/tests/test_rotation.py -k rotates $(PYTEST_ARGS)
 
 bench: setup
 	cargo build --release -p strait-loadgen

@@ -228,9 +228,17 @@ fn translate(
                 "name": name,
                 "local": { "path": realm.credentials_ref.clone().or_else(|| realm.endpoints.first().cloned()).unwrap_or_default() },
             }),
-            KmsProvider::Broker => anyhow::bail!(
-                "KmsRealm '{name}': provider broker needs edge client certificates; configure it in the edge's file"
-            ),
+            // The edge presents its SVID and verifies the broker against its
+            // trust domain's bundle as a kms-broker identity: nothing on the
+            // edge host to configure. An edge without an SVID (it did not
+            // join with a token) refuses this config and keeps its last one.
+            KmsProvider::Broker => {
+                let mut broker = json!({ "endpoints": realm.endpoints, "identity": "svid" });
+                if let Some(backend) = &realm.backend {
+                    broker["backend"] = json!(backend);
+                }
+                json!({ "name": name, "broker": broker })
+            }
         };
         kms.push(entry);
     }
@@ -545,6 +553,7 @@ mod tests {
                 credentials_ref: Some(keyring.display().to_string()),
                 region: None,
                 vault_mount: None,
+                backend: None,
             },
         );
         let policy: EncryptionPolicySpec = serde_json::from_value(serde_json::json!({
@@ -565,6 +574,41 @@ mod tests {
         assert_eq!(
             serde_json::to_value(encryption).unwrap()["on_missing_key"],
             "reject"
+        );
+    }
+
+    #[test]
+    fn broker_realm_becomes_a_kms_broker_client_on_the_edges_svid() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut snap = plain_snapshot();
+        snap.kms_realms.insert(
+            "mesh".into(),
+            KmsRealmSpec {
+                provider: KmsProvider::Broker,
+                endpoints: vec!["https://kms-1:7443".into(), "https://kms-2:7443".into()],
+                credentials_ref: None,
+                region: None,
+                vault_mount: None,
+                backend: Some("vault-east".into()),
+            },
+        );
+        let policy: EncryptionPolicySpec = serde_json::from_value(serde_json::json!({
+            "rules": [{"topics": ["payments-*"], "kms": "mesh", "kek_template": "k"}]
+        }))
+        .unwrap();
+        snap.encryption_policies.insert("payments".into(), policy);
+        let config = compose(None, Some(&snap), true, dir.path()).unwrap();
+        assert_eq!(
+            serde_json::to_value(&config.kms).unwrap(),
+            serde_json::json!([{
+                "name": "mesh",
+                "broker": {
+                    "endpoints": ["https://kms-1:7443", "https://kms-2:7443"],
+                    "identity": "svid",
+                    "backend": "vault-east",
+                },
+                "retry": {"attempts": 3, "max_backoff": "5s", "min_backoff": "500ms", "timeout": "10s"},
+            }])
         );
     }
 

@@ -257,6 +257,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => None,
     };
 
+    names_before_listening(&args, &config, &svid_names, edge_svid.as_ref()).await;
     let mut edge = Edge::start_with_svid(
         &config,
         metrics,
@@ -266,8 +267,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
         edge_svid.as_ref().map(|s| s.credentials.clone()),
     )
     .await?;
-    svid_names
-        .send_if_modified(|names| svid::update_request(names, svid_request(&args, Some(&config))));
     let status = Arc::new(Mutex::new(EdgeStatus {
         ready: true,
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -362,13 +361,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // A revocation takes effect even if the rest of the change fails below.
         edge.set_deny_list(&config.deny_identities);
         let message = match filter_builder.build(&config).await {
-            Ok(filters) => match edge.apply(&config, filters).await {
-                Ok(_) => None,
-                Err(err) => {
-                    tracing::warn!(%err, "new configuration could not be applied in full");
-                    Some(err.to_string())
+            Ok(filters) => {
+                names_before_listening(&args, &config, &svid_names, edge_svid.as_ref()).await;
+                match edge.apply(&config, filters).await {
+                    Ok(_) => None,
+                    Err(err) => {
+                        tracing::warn!(%err, "new configuration could not be applied in full");
+                        Some(err.to_string())
+                    }
                 }
-            },
+            }
             Err(err) => {
                 // Nothing of it was applied (but the deny list): the running
                 // configuration and its revision stay, and the next change retries.
@@ -379,9 +381,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 continue;
             }
         };
-        svid_names.send_if_modified(|names| {
-            svid::update_request(names, svid_request(&args, Some(&config)))
-        });
         running = config;
         credential_files = strait_edge_config::read_credential_files(&running);
         let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
@@ -409,6 +408,27 @@ fn svid_mode(args: &Args) -> Option<&str> {
         &args.svid,
         &SvidCache::new(&args.cache_dir, Role::Edge),
     )
+}
+
+/// Asks for an SVID naming the hosts `config`'s listeners are reached at,
+/// and waits (bounded) until it does: a listener that started on a
+/// certificate without its host would be refused by every client that
+/// verifies the host name until the renewal. Without an SVID, nothing.
+async fn names_before_listening(
+    args: &Args,
+    config: &strait_edge_config::Config,
+    names: &tokio::sync::watch::Sender<SvidRequest>,
+    svid: Option<&svid::RunningSvid>,
+) {
+    let Some(svid) = svid else { return };
+    let wanted = svid_request(args, Some(config));
+    names.send_if_modified(|names| svid::update_request(names, wanted.clone()));
+    if !svid
+        .wait_until_it_names(&wanted, Duration::from_secs(10))
+        .await
+    {
+        tracing::warn!(dns = ?wanted.dns_names, ips = ?wanted.ips, "no SVID naming the listeners' hosts yet; starting them on the current one (it is renewed for them as soon as the control plane answers)");
+    }
 }
 
 /// What the edge's certificate should name: the hosts its listeners are

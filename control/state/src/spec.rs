@@ -297,6 +297,10 @@ pub struct KmsRealmSpec {
     pub region: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vault_mount: Option<String>,
+    /// `provider: broker`: the broker's backend KMS (`kms[].name` in the
+    /// broker's config); absent: the broker's only backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -720,7 +724,19 @@ impl Validate for KmsRealmSpec {
                     &format!("spec.endpoints[{i}]"),
                     "must not be empty",
                 ));
+            } else if self.provider == KmsProvider::Broker && !e.starts_with("https://") {
+                // Edges reach brokers only over mTLS.
+                errs.push(ValidationError::new(
+                    &format!("spec.endpoints[{i}]"),
+                    format!("'{e}': broker endpoints are https://host:port"),
+                ));
             }
+        }
+        if self.backend.is_some() && self.provider != KmsProvider::Broker {
+            errs.push(ValidationError::new(
+                "spec.backend",
+                "only a broker realm names a backend",
+            ));
         }
     }
 }

@@ -282,6 +282,21 @@ fn spec_validation_paths() {
         ),
         (
             Kind::KmsRealm,
+            json!({"provider":"broker","endpoints":["https://kms-1:7443"],"backend":"vault-east"}),
+            None,
+        ),
+        (
+            Kind::KmsRealm,
+            json!({"provider":"broker","endpoints":["kms-1:7443"]}),
+            Some("spec.endpoints[0]"),
+        ),
+        (
+            Kind::KmsRealm,
+            json!({"provider":"local","credentials_ref":"keys.json","backend":"x"}),
+            Some("spec.backend"),
+        ),
+        (
+            Kind::KmsRealm,
             json!({"provider":"gcp"}),
             Some("spec.provider"),
         ),

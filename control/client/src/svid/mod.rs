@@ -135,6 +135,26 @@ pub struct RunningSvid {
     /// the old during a rotation): what verifies peers the CA issued.
     pub bundle: watch::Receiver<String>,
     pub state: watch::Receiver<SvidState>,
+    /// The names the current certificate was issued for.
+    pub issued_for: watch::Receiver<SvidRequest>,
+}
+
+impl RunningSvid {
+    /// Waits up to `within` until the certificate names every host of
+    /// `wanted` (a renewal for new names is asked for as soon as they are
+    /// sent to the renewal task), so that a listener does not start on a
+    /// certificate its clients would refuse for the host name. False on
+    /// timeout: the caller goes on with the current certificate.
+    pub async fn wait_until_it_names(&self, wanted: &SvidRequest, within: Duration) -> bool {
+        let mut issued = self.issued_for.clone();
+        let covers = |have: &SvidRequest| {
+            wanted.dns_names.iter().all(|n| have.dns_names.contains(n))
+                && wanted.ips.iter().all(|ip| have.ips.contains(ip))
+        };
+        tokio::time::timeout(within, issued.wait_for(covers))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
 }
 
 /// The process's name when it gets its certificate from the control plane's

@@ -68,7 +68,11 @@ pub async fn start(
     let request = names.borrow().clone();
     let (svid, server_ca) = match opts.cache.load(&opts.name) {
         Some((cached, server_ca)) => {
-            let ids = IdentityEndpoints::new(&opts.endpoints, &server_ca, opts.timeout)?;
+            let ids = IdentityEndpoints::new(
+                &opts.endpoints,
+                &control_roots(&server_ca, &cached),
+                opts.timeout,
+            )?;
             match ids.renew(&cached, &request).await {
                 Ok(svid) => {
                     tracing::info!(spiffe_id = %svid.spiffe_id, serial = %svid.serial, not_after_unix = svid.not_after_unix, "rejoined the control plane with the cached certificate");
@@ -100,9 +104,12 @@ pub async fn start(
     }
     expiry.set(svid.not_after_unix - now_unix());
     let (credentials_tx, credentials) = watch::channel(certified(&svid)?);
-    let (roots_tx, control_roots) = watch::channel(server_ca.clone());
+    let (roots_tx, roots) = watch::channel(control_roots(&server_ca, &svid));
     let (bundle_tx, bundle) = watch::channel(svid.bundle_pem.clone());
     let (state_tx, state) = watch::channel(SvidState::of(&svid));
+    // A cached certificate renewed or kept: it was issued for the names
+    // known at start at best.
+    let (issued_tx, issued_for) = watch::channel(request);
     tokio::spawn(
         Renewal {
             opts,
@@ -114,14 +121,16 @@ pub async fn start(
             roots: roots_tx,
             bundle: bundle_tx,
             state: state_tx,
+            issued_for: issued_tx,
         }
         .run(),
     );
     Ok(RunningSvid {
         credentials,
-        control_roots,
+        control_roots: roots,
         bundle,
         state,
+        issued_for,
     })
 }
 
@@ -137,6 +146,7 @@ struct Renewal {
     roots: watch::Sender<String>,
     bundle: watch::Sender<String>,
     state: watch::Sender<SvidState>,
+    issued_for: watch::Sender<SvidRequest>,
 }
 
 impl Renewal {
@@ -146,7 +156,11 @@ impl Renewal {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut expired_reported = false;
         loop {
-            ticker.tick().await;
+            // New names wake the task at once (see below).
+            let names_changed = tokio::select! {
+                _ = ticker.tick() => false,
+                Ok(()) = self.names.changed() => true,
+            };
             if self.credentials.is_closed() {
                 return;
             }
@@ -160,7 +174,7 @@ impl Renewal {
             // New listener names (the control plane's config arrived after
             // the join, a virtual cluster was added): renew now, so clients
             // that verify the host name are not refused until half-life.
-            if self.names.has_changed().unwrap_or(false) {
+            if names_changed || self.names.has_changed().unwrap_or(false) {
                 self.names.mark_unchanged();
                 tracing::info!("the names the listeners serve changed; renewing the SVID for them");
                 next_attempt = now_unix();
@@ -189,7 +203,8 @@ impl Renewal {
     /// and, on success, its publication.
     async fn renew_once(&mut self, left: i64) -> Result<(), String> {
         let request = self.names.borrow_and_update().clone();
-        let ids = IdentityEndpoints::new(&self.opts.endpoints, &self.server_ca, self.opts.timeout)
+        let roots = control_roots(&self.server_ca, &self.svid);
+        let ids = IdentityEndpoints::new(&self.opts.endpoints, &roots, self.opts.timeout)
             .map_err(|e| e.to_string())?;
         let new = match (ids.renew(&self.svid, &request).await, &self.opts.token) {
             (Err(err), Some(token)) if left <= 0 => {
@@ -213,7 +228,8 @@ impl Renewal {
                 self.server_ca = bundle.server_ca_pem;
             }
         }
-        self.roots.send_if_modified(|r| replace(r, &self.server_ca));
+        self.roots
+            .send_if_modified(|r| replace(r, &control_roots(&self.server_ca, &new)));
         if let Err(err) = self.opts.cache.store(&new, &self.server_ca) {
             tracing::warn!("{err}: the renewed SVID is not cached");
         }
@@ -222,10 +238,26 @@ impl Renewal {
         self.bundle
             .send_if_modified(|b| replace(b, &new.bundle_pem));
         self.state.send_replace(SvidState::of(&new));
+        self.issued_for.send_replace(request);
         self.expiry.set(new.not_after_unix - now_unix());
         self.svid = new;
         Ok(())
     }
+}
+
+/// The roots that verify control nodes: the server root the join pinned
+/// (their bootstrap certificate's) and the CA's bundle, so that clients name
+/// both and get the nodes' CA-issued certificates (which keep working after
+/// the bootstrap certificate has expired, and follow a CA rotation with each
+/// renewal).
+fn control_roots(server_ca: &str, svid: &Svid) -> String {
+    let mut pem = server_ca.trim_end().to_string();
+    if !svid.bundle_pem.trim().is_empty() {
+        pem.push('\n');
+        pem.push_str(svid.bundle_pem.trim_end());
+    }
+    pem.push('\n');
+    pem
 }
 
 fn replace(current: &mut String, new: &str) -> bool {

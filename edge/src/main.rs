@@ -233,6 +233,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
             svid_expiry.clone(),
         );
     }
+    // The mesh starts before the virtual clusters (remote ones need its
+    // links) and serves the clusters' runtimes to peers once they run.
+    let (tunnel_targets, tunnel_targets_rx) = tokio::sync::watch::channel(Default::default());
+    let mesh = match &config.mesh {
+        Some(mesh) => Some(
+            strait_mesh::Mesh::start(
+                mesh,
+                edge_svid.as_ref().map(|s| s.credentials.clone()),
+                tunnel_targets_rx,
+                registry.sub_registry_with_prefix("strait"),
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let registry = Arc::new(RwLock::new(registry));
     let ready = Arc::new(AtomicBool::new(false));
     let own_identity = edge_svid
@@ -258,13 +273,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
 
     names_before_listening(&args, &config, &svid_names, edge_svid.as_ref()).await;
-    let mut edge = Edge::start_with_svid(
+    let mut edge = Edge::start_with_extras(
         &config,
         metrics,
         tls_metrics,
         initial_filters,
         ready.clone(),
-        edge_svid.as_ref().map(|s| s.credentials.clone()),
+        strait_proxy::EdgeExtras {
+            svid: edge_svid.as_ref().map(|s| s.credentials.clone()),
+            remote: mesh.as_ref().map(|m| m.upstreams()),
+            tunnel_targets: Some(tunnel_targets),
+        },
     )
     .await?;
     let status = Arc::new(Mutex::new(EdgeStatus {
@@ -358,6 +377,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             status.message = None;
             continue;
         }
+        if config.mesh != running.mesh {
+            tracing::warn!("the mesh section changed; it takes effect when the edge restarts (the running tunnels keep their configuration)");
+        }
         // A revocation takes effect even if the rest of the change fails below.
         edge.set_deny_list(&config.deny_identities);
         let message = match filter_builder.build(&config).await {
@@ -393,6 +415,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     ready.store(false, Ordering::Release);
     edge.shutdown().await;
+    if let Some(mesh) = mesh {
+        mesh.shutdown().await;
+    }
     stop_admin.cancel();
     if let Some(admin) = admin {
         admin.await??;

@@ -98,6 +98,7 @@ fn bench(c: &mut Criterion) {
         .build()
         .unwrap();
     let info = ConnectionInfo {
+        via_peer: None,
         virtual_cluster: "bench".into(),
         client_addr: "127.0.0.1:1".parse().unwrap(),
         endpoint: Endpoint::Broker(0),

@@ -36,6 +36,8 @@ pub struct AuditRecord {
     pub time: SystemTime,
     pub principal: Arc<str>,
     pub client_addr: SocketAddr,
+    /// The peer edge that forwarded the principal through a tunnel.
+    pub via_peer: Option<Arc<str>>,
     pub virtual_cluster: Arc<str>,
     pub api_key: i16,
     pub resource_type: ResourceType,
@@ -57,6 +59,8 @@ struct Line<'a> {
     time: String,
     principal: &'a str,
     client_address: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    via_peer: Option<&'a str>,
     virtual_cluster: &'a str,
     api_key: String,
     resource_type: &'static str,
@@ -76,6 +80,7 @@ impl AuditRecord {
             time,
             principal: &self.principal,
             client_address: self.client_addr.to_string(),
+            via_peer: self.via_peer.as_deref(),
             virtual_cluster: &self.virtual_cluster,
             api_key: api_key_name(self.api_key),
             resource_type: self.resource_type.as_str(),

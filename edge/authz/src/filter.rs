@@ -101,6 +101,7 @@ struct Conn {
     principal: Principal,
     principal_name: Arc<str>,
     client_addr: SocketAddr,
+    via_peer: Option<Arc<str>>,
 }
 
 /// Builds an [`AuthorizationFilter`] per connection of one virtual cluster.
@@ -148,6 +149,7 @@ impl AuthorizationFilterFactory {
                 principal: connection.principal.clone(),
                 principal_name,
                 client_addr: connection.client_addr,
+                via_peer: connection.via_peer.clone(),
             },
             view: None,
             request_keys: self.request_keys,
@@ -268,6 +270,7 @@ impl Checker<'_> {
             time: self.now,
             principal: self.conn.principal_name.clone(),
             client_addr: self.conn.client_addr,
+            via_peer: self.conn.via_peer.clone(),
             virtual_cluster: self.conn.virtual_cluster.clone(),
             api_key: self.api_key,
             resource_type: resource,

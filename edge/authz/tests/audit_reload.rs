@@ -47,6 +47,7 @@ fn produce(topics: &[&str]) -> RequestFrame {
 
 fn info() -> ConnectionInfo {
     ConnectionInfo {
+        via_peer: None,
         virtual_cluster: "secure".into(),
         client_addr: "127.0.0.1:45678".parse().unwrap(),
         endpoint: Endpoint::Broker(1),
@@ -175,6 +176,7 @@ fn record(allowed: bool) -> AuditRecord {
         operation: Operation::Write,
         allowed,
         rule: None,
+        via_peer: None,
     }
 }
 

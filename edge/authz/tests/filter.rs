@@ -92,6 +92,7 @@ impl Harness {
 
     fn connect(&self, principal: &str) -> (AuthorizationFilter, ConnectionInfo) {
         let info = ConnectionInfo {
+            via_peer: None,
             virtual_cluster: "secure".into(),
             client_addr: "127.0.0.1:40000".parse().unwrap(),
             endpoint: Endpoint::Bootstrap,

@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod mesh;
 pub mod raw;
 mod sasl;
 mod validate;
@@ -16,6 +17,10 @@ use std::ops::RangeInclusive;
 use std::path::Path;
 use std::time::Duration;
 
+pub use mesh::{
+    Mesh, MeshPeer, MeshTransport, RawMesh, RawMeshBundle, RawMeshIdentity, RawMeshPeer, RawRemote,
+    Remote,
+};
 pub use sasl::{read_credential_files, Sasl, SaslMechanism, Secret, SecretSource};
 pub use validate::{validate, validate_with, NODE_ID};
 
@@ -32,6 +37,7 @@ pub struct Config {
     pub shutdown: Shutdown,
     /// Principals refused on every virtual cluster (exact names, sorted, deduplicated).
     pub deny_identities: Vec<String>,
+    pub mesh: Option<Mesh>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -110,8 +116,10 @@ pub struct Tls {
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct Upstream {
-    /// `host:port` pairs, tried in turn.
+    /// `host:port` pairs, tried in turn (empty with `remote`).
     pub bootstrap_servers: Vec<HostPort>,
+    /// The brokers are behind this peer edge's virtual cluster.
+    pub remote: Option<Remote>,
     pub connect_timeout: Duration,
     pub tls: Option<strait_tls::ClientTlsSettings>,
     /// SASL towards the brokers (SASL_PLAINTEXT, or SASL_SSL with `tls`).

@@ -22,6 +22,8 @@ pub struct RawConfig {
     /// request.
     #[serde(default)]
     pub deny_identities: Vec<String>,
+    /// Tunnels to peer edges.
+    pub mesh: Option<crate::mesh::RawMesh>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -144,7 +146,10 @@ pub struct RawBrokers {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawUpstream {
+    #[serde(default)]
     pub bootstrap_servers: Vec<String>,
+    /// Instead of `bootstrap_servers`: the brokers are behind a peer edge.
+    pub remote: Option<crate::mesh::RawRemote>,
     pub tls: Option<RawUpstreamTls>,
     #[serde(default, with = "humantime_serde")]
     pub connect_timeout: Option<Duration>,

@@ -18,10 +18,10 @@ use crate::{
 };
 
 #[derive(Default)]
-struct Errors(Vec<ConfigError>);
+pub(crate) struct Errors(pub(crate) Vec<ConfigError>);
 
 impl Errors {
-    fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
+    pub(crate) fn push(&mut self, path: impl Into<String>, message: impl Into<String>) {
         self.0.push(ConfigError {
             path: path.into(),
             message: message.into(),
@@ -87,6 +87,7 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
             vc,
             &format!("virtual_clusters[{index}]"),
             &kms_names,
+            raw.mesh.as_ref(),
             &mut errors,
         ) {
             virtual_clusters.push(vc);
@@ -94,6 +95,10 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
     }
     check_cross_cluster(&virtual_clusters, admin, &mut errors);
     let deny_identities = validate_deny_identities(&raw.deny_identities, &mut errors);
+    let mesh = raw
+        .mesh
+        .as_ref()
+        .and_then(|mesh| crate::mesh::validate_mesh(mesh, &mut errors));
 
     if errors.0.is_empty() {
         Ok(Config {
@@ -111,6 +116,7 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
                     .unwrap_or(Duration::from_secs(10)),
             },
             deny_identities,
+            mesh,
         })
     } else {
         Err(ConfigErrors(errors.0))
@@ -121,6 +127,7 @@ fn validate_virtual_cluster(
     raw: &RawVirtualCluster,
     path: &str,
     kms_names: &[&str],
+    mesh: Option<&crate::mesh::RawMesh>,
     errors: &mut Errors,
 ) -> Option<VirtualCluster> {
     let before = errors.0.len();
@@ -153,8 +160,24 @@ fn validate_virtual_cluster(
     }
 
     let upstream_path = format!("{path}.upstream.bootstrap_servers");
-    if raw.upstream.bootstrap_servers.is_empty() {
-        errors.push(&upstream_path, "at least one bootstrap server is required");
+    let remote = raw.upstream.remote.as_ref().map(|remote| {
+        crate::mesh::validate_remote(remote, mesh, &format!("{path}.upstream.remote"), errors)
+    });
+    match &remote {
+        None if raw.upstream.bootstrap_servers.is_empty() => errors.push(
+            &upstream_path,
+            "at least one bootstrap server is required (or remote)",
+        ),
+        Some(_) if !raw.upstream.bootstrap_servers.is_empty() => errors.push(
+            format!("{path}.upstream"),
+            "use one of bootstrap_servers, remote",
+        ),
+        // The far edge reaches the brokers with its own credentials.
+        Some(_) if raw.upstream.tls.is_some() || raw.upstream.sasl.is_some() => errors.push(
+            format!("{path}.upstream"),
+            "remote takes no tls or sasl: the peer edge authenticates to its brokers",
+        ),
+        _ => {}
     }
     let mut bootstrap_servers = Vec::new();
     for (index, server) in raw.upstream.bootstrap_servers.iter().enumerate() {
@@ -223,6 +246,7 @@ fn validate_virtual_cluster(
         brokers: brokers?,
         upstream: Upstream {
             bootstrap_servers,
+            remote,
             connect_timeout,
             tls: upstream_tls,
             sasl: upstream_sasl,
@@ -765,13 +789,13 @@ fn check_pair(i: usize, a: &VirtualCluster, j: usize, b: &VirtualCluster, errors
     }
 }
 
-fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
+pub(crate) fn parse_socket_addr(text: &str) -> Result<SocketAddr, String> {
     text.parse::<SocketAddr>().map_err(|_| {
         format!("'{text}' is not a socket address (expected IP:PORT, e.g. 127.0.0.1:19092)")
     })
 }
 
-fn parse_host_port(text: &str) -> Result<HostPort, String> {
+pub(crate) fn parse_host_port(text: &str) -> Result<HostPort, String> {
     let invalid = || format!("'{text}' is not HOST:PORT");
     let (host, port) = text.rsplit_once(':').ok_or_else(invalid)?;
     let host = host.trim_start_matches('[').trim_end_matches(']');

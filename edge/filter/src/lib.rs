@@ -86,9 +86,13 @@ pub enum Endpoint {
 #[derive(Debug, Clone)]
 pub struct ConnectionInfo {
     pub virtual_cluster: Arc<str>,
+    /// The client's address, or for a tunneled connection the peer edge's.
     pub client_addr: SocketAddr,
     pub endpoint: Endpoint,
     pub principal: Principal,
+    /// The peer edge that authenticated the client and forwarded its
+    /// principal through a tunnel; `None` for a client connected here.
+    pub via_peer: Option<Arc<str>>,
 }
 
 /// What a filter sees besides the message.
@@ -515,6 +519,7 @@ mod tests {
 
     fn info() -> ConnectionInfo {
         ConnectionInfo {
+            via_peer: None,
             virtual_cluster: "vc".into(),
             client_addr: "127.0.0.1:1".parse().unwrap(),
             endpoint: Endpoint::Bootstrap,

@@ -28,7 +28,7 @@ use crate::metrics::ClusterMetrics;
 use crate::quota::QuotaPolicy;
 use crate::rewrite::edge_filters;
 use crate::sasl::client::ClientSaslFilter;
-use crate::upstream::{ConnectError, Upstream, UpstreamTarget};
+use crate::upstream::{ConnectContext, ConnectError, Upstream, UpstreamTarget};
 
 /// Client-facing TLS of a virtual cluster.
 pub struct ClusterTls {
@@ -345,12 +345,66 @@ impl ClusterRuntime {
         self.serve(stream, peer, endpoint, principal).await;
     }
 
+    /// Whether connections to broker `node_id` can be relayed now (its
+    /// address upstream is known).
+    pub fn knows_broker(&self, node_id: i32) -> bool {
+        self.brokers.upstream_of(node_id).is_some()
+    }
+
+    /// Serves a client connection that arrived through a tunnel from peer
+    /// edge `via` as if it had connected to `endpoint` here, with the
+    /// principal the peer established (the caller checked that the peer may
+    /// assert it). It gets this cluster's filters, authorization, quotas,
+    /// deny list and audit, and is drained with the cluster.
+    pub fn spawn_tunneled<S>(
+        self: &Arc<Self>,
+        client: S,
+        peer: SocketAddr,
+        endpoint: Endpoint,
+        principal: Principal,
+        via: Arc<str>,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        let span = tracing::info_span!(
+            "connection",
+            virtual_cluster = %self.name,
+            client = %peer,
+            via_peer = %via,
+            endpoint = ?endpoint
+        );
+        self.tracker.spawn(
+            self.clone()
+                .serve_via(client, peer, endpoint, principal, Some(via))
+                .instrument(span),
+        );
+    }
+
+    /// Whether the cluster still takes connections.
+    pub fn is_accepting(&self) -> bool {
+        !self.stop_accepting.is_cancelled()
+    }
+
     async fn serve<S>(
         self: Arc<Self>,
         client: S,
         peer: SocketAddr,
         endpoint: Endpoint,
         principal: Principal,
+    ) where
+        S: AsyncRead + AsyncWrite + Send + 'static,
+    {
+        self.serve_via(client, peer, endpoint, principal, None)
+            .await
+    }
+
+    async fn serve_via<S>(
+        self: Arc<Self>,
+        client: S,
+        peer: SocketAddr,
+        endpoint: Endpoint,
+        principal: Principal,
+        via_peer: Option<Arc<str>>,
     ) where
         S: AsyncRead + AsyncWrite + Send + 'static,
     {
@@ -374,8 +428,24 @@ impl ClusterRuntime {
                 }
             },
         };
-        let (upstream, session_expires_at) = match self.upstream.connect_session(&target).await {
+        let context = ConnectContext {
+            virtual_cluster: self.name.clone(),
+            principal: principal.clone(),
+        };
+        let (upstream, session_expires_at) = match self.upstream.connect_as(&target, &context).await
+        {
             Ok(connection) => (connection.io, connection.session_expires_at),
+            Err(ConnectError::Refused {
+                upstream,
+                label,
+                reason,
+            }) => {
+                // No retry helps until the far side's policy changes: counted
+                // apart, and logged with the reason it gave.
+                self.metrics.upstream_refused(label);
+                tracing::warn!(%upstream, %reason, "the upstream refused the connection; closing the client connection");
+                return;
+            }
             Err(err @ ConnectError::Authentication { mechanism, .. }) => {
                 // Closed like an unreachable broker; counted apart, since no
                 // retry fixes it until the credentials do.
@@ -391,6 +461,7 @@ impl ClusterRuntime {
             }
         };
         let info = ConnectionInfo {
+            via_peer,
             virtual_cluster: self.name.clone(),
             client_addr: peer,
             endpoint,

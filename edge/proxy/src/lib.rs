@@ -34,6 +34,7 @@ use strait_tls::{
 };
 use thiserror::Error;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
@@ -56,6 +57,8 @@ pub enum StartError {
         #[source]
         source: strait_tls::TlsError,
     },
+    #[error("virtual cluster '{name}': upstream.remote: {reason}")]
+    Remote { name: String, reason: String },
     #[error("virtual cluster '{name}': cannot bind bootstrap {address}: {source}")]
     Bind {
         name: String,
@@ -80,6 +83,36 @@ pub struct Edge {
     deny: DenyList,
     /// The edge's own SVID, for listeners with `tls.identity: svid`.
     svid: Option<CredentialReceiver>,
+    /// Upstreams of virtual clusters behind peer edges (`upstream.remote`).
+    remote: Option<Arc<dyn RemoteUpstreams>>,
+    /// Where the running clusters are published for tunnel ingress.
+    tunnel_targets: Option<watch::Sender<TunnelTargets>>,
+}
+
+/// The running virtual clusters by name, as a tunnel's far end looks them
+/// up for the streams peers open.
+pub type TunnelTargets = Arc<HashMap<String, Arc<ClusterRuntime>>>;
+
+/// Makes the upstream of a virtual cluster whose brokers are behind a peer
+/// edge (the mesh implements it; the proxy knows no tunnels).
+pub trait RemoteUpstreams: Send + Sync {
+    fn upstream(
+        &self,
+        remote: &strait_edge_config::Remote,
+        connect_timeout: Duration,
+    ) -> Result<Arc<dyn Upstream>, String>;
+}
+
+/// What an edge may be started with besides its configuration.
+#[derive(Default)]
+pub struct EdgeExtras {
+    /// The edge's SVID (a channel its renewal feeds), for listeners and
+    /// upstream connections with `identity: svid`.
+    pub svid: Option<CredentialReceiver>,
+    /// Needed by virtual clusters with `upstream.remote`.
+    pub remote: Option<Arc<dyn RemoteUpstreams>>,
+    /// Receives the running clusters after every change.
+    pub tunnel_targets: Option<watch::Sender<TunnelTargets>>,
 }
 
 struct ClusterEntry {
@@ -132,8 +165,26 @@ impl Edge {
         ready: Arc<AtomicBool>,
         svid: Option<CredentialReceiver>,
     ) -> Result<Edge, StartError> {
-        let mut edge = Edge {
+        let extras = EdgeExtras {
             svid,
+            ..EdgeExtras::default()
+        };
+        Self::start_with_extras(config, metrics, tls_metrics, filters, ready, extras).await
+    }
+
+    /// [`Edge::start`] with [`EdgeExtras`].
+    pub async fn start_with_extras(
+        config: &Config,
+        metrics: Arc<ProxyMetrics>,
+        tls_metrics: TlsMetrics,
+        filters: FiltersByCluster,
+        ready: Arc<AtomicBool>,
+        extras: EdgeExtras,
+    ) -> Result<Edge, StartError> {
+        let mut edge = Edge {
+            svid: extras.svid,
+            remote: extras.remote,
+            tunnel_targets: extras.tunnel_targets,
             clusters: BTreeMap::new(),
             sni: HashMap::new(),
             metrics: metrics.clone(),
@@ -237,7 +288,19 @@ impl Edge {
         if !report.added.is_empty() || !report.replaced.is_empty() || !report.removed.is_empty() {
             tracing::info!(?report.added, ?report.replaced, ?report.removed, "configuration applied");
         }
+        self.publish_tunnel_targets();
         Ok(report)
+    }
+
+    fn publish_tunnel_targets(&self) {
+        if let Some(targets) = &self.tunnel_targets {
+            let running = self
+                .clusters
+                .iter()
+                .map(|(name, entry)| (name.clone(), entry.runtime.clone()))
+                .collect();
+            targets.send_replace(Arc::new(running));
+        }
     }
 
     async fn start_cluster(
@@ -249,6 +312,27 @@ impl Edge {
         let drain = CancellationToken::new();
         let kill = CancellationToken::new();
         let tracker = TaskTracker::new();
+        if let Some(remote) = &vc.upstream.remote {
+            let upstream = self
+                .remote
+                .as_ref()
+                .ok_or_else(|| "this edge has no mesh section".to_string())
+                .and_then(|r| r.upstream(remote, vc.upstream.connect_timeout))
+                .map_err(|reason| StartError::Remote {
+                    name: vc.name.clone(),
+                    reason,
+                })?;
+            return self
+                .start_runtime(
+                    vc,
+                    factories,
+                    upstream,
+                    None,
+                    [stop_accepting, drain, kill],
+                    tracker,
+                )
+                .await;
+        }
         let mut direct = DirectTcp::new(
             vc.upstream.bootstrap_servers.clone(),
             vc.upstream.connect_timeout,
@@ -284,6 +368,27 @@ impl Edge {
             direct = direct.with_sasl(sasl.clone());
         }
         let upstream: Arc<dyn Upstream> = Arc::new(direct);
+        self.start_runtime(
+            vc,
+            factories,
+            upstream,
+            sasl,
+            [stop_accepting, drain, kill],
+            tracker,
+        )
+        .await
+    }
+
+    /// The client-facing half of a cluster, whatever its upstream.
+    async fn start_runtime(
+        &mut self,
+        vc: &VirtualCluster,
+        factories: Vec<Arc<dyn FilterFactory>>,
+        upstream: Arc<dyn Upstream>,
+        sasl: Option<Arc<UpstreamSasl>>,
+        [stop_accepting, drain, kill]: [CancellationToken; 3],
+        tracker: TaskTracker,
+    ) -> Result<ClusterEntry, StartError> {
         let tls = match &vc.tls {
             Some(tls) => Some(ClusterTls {
                 config: match (&tls.server.certificate, &self.svid) {

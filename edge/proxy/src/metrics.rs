@@ -73,6 +73,7 @@ pub struct ProxyMetrics {
     bytes: Family<BytesLabels, Counter>,
     upstream_connect_errors: Family<ClusterLabels, Counter>,
     upstream_auth_failures: Family<AuthLabels, Counter>,
+    upstream_refusals: Family<RejectLabels, Counter>,
     frames_rejected: Family<RejectLabels, Counter>,
     brokers_discovered: Family<ClusterLabels, Gauge>,
     throttle_seconds: Family<ClusterLabels, Counter<f64, AtomicU64>>,
@@ -91,6 +92,7 @@ impl ProxyMetrics {
             bytes: Family::default(),
             upstream_connect_errors: Family::default(),
             upstream_auth_failures: Family::default(),
+            upstream_refusals: Family::default(),
             frames_rejected: Family::default(),
             brokers_discovered: Family::default(),
             throttle_seconds: Family::default(),
@@ -131,6 +133,11 @@ impl ProxyMetrics {
             "upstream_auth_failures",
             "Upstream connections whose SASL authentication failed (not counted in upstream_connect_errors), by mechanism",
             metrics.upstream_auth_failures.clone(),
+        );
+        registry.register(
+            "upstream_refusals",
+            "Upstream connections the far end refused with a reason (a peer edge's policy), by reason",
+            metrics.upstream_refusals.clone(),
         );
         registry.register(
             "frames_rejected",
@@ -250,6 +257,17 @@ impl ClusterMetrics {
             .get_or_create(&DeniedLabels {
                 virtual_cluster: self.name.clone(),
                 stage: stage.to_owned(),
+            })
+            .inc();
+    }
+
+    /// An upstream connection the far end refused, for `reason`.
+    pub fn upstream_refused(&self, reason: &str) {
+        self.families
+            .upstream_refusals
+            .get_or_create(&RejectLabels {
+                virtual_cluster: self.name.clone(),
+                reason: reason.to_owned(),
             })
             .inc();
     }

@@ -357,6 +357,7 @@ mod tests {
 
     fn connection() -> ConnectionInfo {
         ConnectionInfo {
+            via_peer: None,
             virtual_cluster: "vc".into(),
             client_addr: "127.0.0.1:1".parse().unwrap(),
             endpoint: Endpoint::Bootstrap,

@@ -49,6 +49,15 @@ pub enum ConnectError {
     Timeout { address: String, timeout: Duration },
     #[error("no bootstrap server reachable ({0})")]
     NoBootstrap(String),
+    /// The far end refused the connection for a reason it named (a peer
+    /// edge: not exported, principal not allowed, ...). `label` is the
+    /// metrics label of the reason.
+    #[error("{upstream} refused the connection: {reason}")]
+    Refused {
+        upstream: String,
+        label: &'static str,
+        reason: String,
+    },
     /// The broker refused the edge's SASL credentials, or its answers did not
     /// verify. `message` is the broker's (or the check's), never a credential.
     #[error("cannot authenticate to {address} with SASL {mechanism}: {message}")]
@@ -67,6 +76,14 @@ pub struct UpstreamConnection {
     pub session_expires_at: Option<tokio::time::Instant>,
 }
 
+/// What an upstream may need to know about the client connection it is
+/// opened for (a tunnel forwards the principal; direct TCP needs nothing).
+#[derive(Debug, Clone)]
+pub struct ConnectContext {
+    pub virtual_cluster: std::sync::Arc<str>,
+    pub principal: strait_filter::Principal,
+}
+
 #[async_trait]
 pub trait Upstream: Send + Sync {
     async fn connect(&self, target: &UpstreamTarget) -> Result<BoxedIo, ConnectError>;
@@ -80,6 +97,17 @@ pub trait Upstream: Send + Sync {
             io: self.connect(target).await?,
             session_expires_at: None,
         })
+    }
+
+    /// Like [`Upstream::connect_session`], for the client connection
+    /// described by `context`; what the proxy calls.
+    async fn connect_as(
+        &self,
+        target: &UpstreamTarget,
+        context: &ConnectContext,
+    ) -> Result<UpstreamConnection, ConnectError> {
+        let _ = context;
+        self.connect_session(target).await
     }
 }
 

@@ -64,6 +64,7 @@ fn start(configured: Vec<Box<dyn Filter>>) -> Harness {
     let mut filters = Vec::from(edge_filters(map.clone(), &configured));
     filters.extend(configured);
     let info = ConnectionInfo {
+        via_peer: None,
         virtual_cluster: "test".into(),
         client_addr: "127.0.0.1:5".parse().unwrap(),
         endpoint: Endpoint::Bootstrap,

@@ -84,6 +84,7 @@ fn start(max_frame_bytes: u32) -> Harness {
     let mut registry = Registry::default();
     let metrics = ProxyMetrics::register(&mut registry).for_cluster("test");
     let info = ConnectionInfo {
+        via_peer: None,
         virtual_cluster: "test".into(),
         client_addr: "127.0.0.1:5".parse().unwrap(),
         endpoint: Endpoint::Bootstrap,

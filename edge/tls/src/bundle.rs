@@ -98,6 +98,13 @@ pub(crate) fn certificates(
     Ok(certs)
 }
 
+impl TrustBundleSettings {
+    /// The bundle's roots as they are now (and their certificates).
+    pub fn load(&self) -> Result<(RootCertStore, Vec<CertificateDer<'static>>), TlsError> {
+        roots(&self.source.read()?, self)
+    }
+}
+
 /// A root store of a bundle's bytes.
 pub(crate) fn roots(
     bytes: &[u8],

@@ -51,7 +51,9 @@ pub use server::{
     CredentialWatcher, ServedCertificate, ServerTls, ServerTlsSettings, TlsError,
 };
 pub use tokio_rustls;
-pub use trust::{is_trust_domain, trust_domain_of, SpiffeClientVerifier, TrustDomainError};
+pub use trust::{
+    is_trust_domain, spiffe_ids, trust_domain_of, SpiffeClientVerifier, TrustDomainError,
+};
 
 /// Bytes read from the socket at once beneath a TLS session.
 pub const TLS_READ_BUFFER: usize = 64 * 1024;

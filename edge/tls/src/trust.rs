@@ -85,7 +85,7 @@ pub fn is_trust_domain(text: &str) -> bool {
 }
 
 /// The SPIFFE IDs in a certificate's URI SANs.
-pub(crate) fn spiffe_ids(end_entity: &CertificateDer<'_>) -> Result<Vec<String>, rustls::Error> {
+pub fn spiffe_ids(end_entity: &CertificateDer<'_>) -> Result<Vec<String>, rustls::Error> {
     let (_, cert) = X509Certificate::from_der(end_entity.as_ref())
         .map_err(|_| rustls::Error::InvalidCertificate(CertificateError::BadEncoding))?;
     let sans = cert

@@ -113,6 +113,7 @@ mod tests {
 
     fn info() -> ConnectionInfo {
         ConnectionInfo {
+            via_peer: None,
             virtual_cluster: "vc".into(),
             client_addr: "127.0.0.1:1".parse().unwrap(),
             endpoint: Endpoint::Bootstrap,

@@ -1,0 +1,328 @@
+//! The mesh: tunnels between Strait edges.
+//!
+//! One QUIC connection per peer edge (ALPN `strait/1`, TLS 1.3, mutual
+//! authentication by SPIFFE ID, see [`tls`]); one bidirectional stream per
+//! proxied client connection, so a Kafka connection's request pipeline keeps
+//! its order. Each stream starts with a [`header::StreamHeader`] naming the
+//! far virtual cluster, the broker endpoint and the principal the near edge
+//! authenticated; the far edge answers before any Kafka byte flows.
+//!
+//! * Near side: [`upstream::TunnelUpstream`] is the proxy's upstream of a
+//!   virtual cluster with `upstream.remote`; the proxy runs its listeners,
+//!   address rewriting and filters as for a local cluster.
+//! * Far side: [`ingress`] checks the peer's `exports` and `may_assert`,
+//!   then hands the stream to the named virtual cluster, whose filters
+//!   (authorization, encryption, quotas, audit) apply to the forwarded
+//!   principal as to a local client.
+
+#![forbid(unsafe_code)]
+
+pub mod header;
+mod ingress;
+mod links;
+pub mod metrics;
+mod stream;
+pub mod tls;
+mod upstream;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::registry::Registry;
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use quinn::{Endpoint, TransportConfig, VarInt};
+use rustls::pki_types::CertificateDer;
+use strait_edge_config::{Mesh as MeshConfig, MeshTransport, Remote};
+use strait_proxy::upstream::Upstream;
+use strait_proxy::{RemoteUpstreams, TunnelTargets};
+use strait_tls::{CredentialLabel, CredentialReceiver, FileCredentials, ServedCertificate};
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::links::{PeerLink, PeerPolicy, CLOSE_SHUTDOWN, CLOSE_UNKNOWN_PEER};
+use crate::metrics::MeshMetrics;
+use crate::tls::MeshRoots;
+pub use crate::upstream::TunnelUpstream;
+
+#[derive(Debug, Error)]
+pub enum MeshError {
+    #[error("mesh.identity: {0}")]
+    Identity(String),
+    #[error("mesh.identity: source: svid, but this edge has no SVID (join with --join-token)")]
+    NoSvid,
+    #[error("mesh.trust_bundles: {0}")]
+    Bundle(String),
+    #[error("mesh.peers: {0}")]
+    Peer(String),
+    #[error("mesh: {0}")]
+    Tls(String),
+    #[error("mesh.listen {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("mesh.peers[{peer}].transport: tls-tcp is not available in this build yet; use quic")]
+    TransportNotAvailable { peer: String },
+}
+
+/// How often the mesh identity's files are checked for a new pair.
+const CREDENTIAL_INTERVAL: Duration = Duration::from_secs(1);
+
+/// Sized for thousands of client connections per tunnel and high
+/// bandwidth-delay links: a stream may have 8 MiB in flight and a
+/// connection 64 MiB (so 50 ms at ~10 Gbit/s), which also bounds what a
+/// tunnel buffers. Keepalives every 5 s notice a dead peer within the 30 s
+/// idle timeout even when no client is active.
+fn transport() -> Arc<TransportConfig> {
+    let mut t = TransportConfig::default();
+    t.max_concurrent_bidi_streams(VarInt::from_u32(16_384))
+        .max_concurrent_uni_streams(VarInt::from_u32(0))
+        .stream_receive_window(VarInt::from_u32(8 << 20))
+        .receive_window(VarInt::from_u32(64 << 20))
+        .send_window(64 << 20)
+        .keep_alive_interval(Some(Duration::from_secs(5)))
+        .max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+    Arc::new(t)
+}
+
+/// A running mesh: the QUIC endpoint, one link per peer.
+pub struct Mesh {
+    endpoint: Endpoint,
+    links: Arc<HashMap<String, Arc<PeerLink>>>,
+    metrics: MeshMetrics,
+    stop: CancellationToken,
+}
+
+impl Mesh {
+    /// Binds `mesh.listen` (if any), dials every peer with an address and
+    /// accepts the configured peers' connections. `targets` are the local
+    /// virtual clusters streams from peers are handed to.
+    pub async fn start(
+        config: &MeshConfig,
+        svid: Option<CredentialReceiver>,
+        targets: watch::Receiver<TunnelTargets>,
+        registry: &mut Registry,
+    ) -> Result<Mesh, MeshError> {
+        if let Some(peer) = config
+            .peers
+            .iter()
+            .find(|p| p.transport == MeshTransport::TlsTcp)
+        {
+            return Err(MeshError::TransportNotAvailable {
+                peer: peer.name.clone(),
+            });
+        }
+        let stop = CancellationToken::new();
+        let credentials = match &config.identity {
+            ServedCertificate::Files { cert, key } => FileCredentials::start(
+                cert.clone(),
+                key.clone(),
+                CredentialLabel {
+                    owner: "mesh".into(),
+                    certificate: "mesh",
+                },
+                None,
+                CREDENTIAL_INTERVAL,
+                stop.clone(),
+            )
+            .map_err(|e| MeshError::Identity(e.to_string()))?,
+            ServedCertificate::Svid => svid.ok_or(MeshError::NoSvid)?,
+        };
+        let mut roots = MeshRoots {
+            by_domain: Default::default(),
+        };
+        for bundle in &config.trust_bundles {
+            let (_, certs) = bundle
+                .load()
+                .map_err(|e| MeshError::Bundle(e.to_string()))?;
+            roots.by_domain.insert(bundle.trust_domain.clone(), certs);
+        }
+        let metrics = MeshMetrics::register(registry);
+        let mut links = HashMap::new();
+        for peer in &config.peers {
+            let policy = PeerPolicy::new(peer).map_err(MeshError::Peer)?;
+            links.insert(peer.name.clone(), Arc::new(PeerLink::new(policy)));
+        }
+        let links = Arc::new(links);
+        let endpoint = match config.listen {
+            Some(address) => {
+                let server =
+                    tls::server_config(credentials.clone(), &roots).map_err(MeshError::Tls)?;
+                let crypto = QuicServerConfig::try_from(server)
+                    .map_err(|e| MeshError::Tls(e.to_string()))?;
+                let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+                server.transport_config(transport());
+                let endpoint = Endpoint::server(server, address)
+                    .map_err(|source| MeshError::Bind { address, source })?;
+                tracing::info!(%address, "mesh listening (QUIC)");
+                endpoint
+            }
+            None => Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(|source| {
+                MeshError::Bind {
+                    address: SocketAddr::from(([0, 0, 0, 0], 0)),
+                    source,
+                }
+            })?,
+        };
+        if config.listen.is_some() {
+            tokio::spawn(accept_loop(
+                endpoint.clone(),
+                links.clone(),
+                targets.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
+        for link in links.values().filter(|l| !l.policy.addresses.is_empty()) {
+            let client = tls::client_config(credentials.clone(), &roots, &link.policy.spiffe_id)
+                .map_err(MeshError::Peer)?;
+            let crypto =
+                QuicClientConfig::try_from(client).map_err(|e| MeshError::Tls(e.to_string()))?;
+            let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+            client.transport_config(transport());
+            let (serve_link, serve_targets, serve_metrics) =
+                (link.clone(), targets.clone(), metrics.clone());
+            tokio::spawn(links::keep_dialed(
+                endpoint.clone(),
+                client,
+                link.clone(),
+                metrics.clone(),
+                stop.clone(),
+                move |conn| {
+                    tokio::spawn(ingress::serve_streams(
+                        conn,
+                        serve_link.clone(),
+                        serve_targets.clone(),
+                        serve_metrics.clone(),
+                    ));
+                },
+            ));
+        }
+        Ok(Mesh {
+            endpoint,
+            links,
+            metrics,
+            stop,
+        })
+    }
+
+    /// What the proxy asks for the upstream of `upstream.remote` clusters.
+    pub fn upstreams(&self) -> Arc<dyn RemoteUpstreams> {
+        Arc::new(MeshUpstreams {
+            links: self.links.clone(),
+            metrics: self.metrics.clone(),
+        })
+    }
+
+    /// The peers with a tunnel up now.
+    pub fn connected_peers(&self) -> Vec<String> {
+        let mut up: Vec<String> = self
+            .links
+            .iter()
+            .filter(|(_, l)| l.connection.borrow().is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        up.sort();
+        up
+    }
+
+    /// Closes every tunnel (streams still open are reset) and waits briefly
+    /// for the peers to acknowledge.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        self.endpoint
+            .close(CLOSE_SHUTDOWN.into(), b"edge shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+struct MeshUpstreams {
+    links: Arc<HashMap<String, Arc<PeerLink>>>,
+    metrics: MeshMetrics,
+}
+
+impl RemoteUpstreams for MeshUpstreams {
+    fn upstream(
+        &self,
+        remote: &Remote,
+        connect_timeout: Duration,
+    ) -> Result<Arc<dyn Upstream>, String> {
+        let link = self
+            .links
+            .get(&remote.peer)
+            .ok_or_else(|| format!("'{}' is not a peer in mesh.peers", remote.peer))?;
+        Ok(Arc::new(TunnelUpstream {
+            link: link.clone(),
+            remote_cluster: remote.virtual_cluster.clone(),
+            connect_timeout,
+            metrics: self.metrics.clone(),
+        }))
+    }
+}
+
+/// Accepts peers' connections: the handshake verified the certificate
+/// against its domain's bundle; the SPIFFE ID must be a configured peer's.
+async fn accept_loop(
+    endpoint: Endpoint,
+    links: Arc<HashMap<String, Arc<PeerLink>>>,
+    targets: watch::Receiver<TunnelTargets>,
+    metrics: MeshMetrics,
+    stop: CancellationToken,
+) {
+    loop {
+        let incoming = tokio::select! {
+            _ = stop.cancelled() => return,
+            incoming = endpoint.accept() => match incoming {
+                Some(i) => i,
+                None => return,
+            },
+        };
+        let (links, targets, metrics) = (links.clone(), targets.clone(), metrics.clone());
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
+                Ok(Ok(conn)) => conn,
+                Ok(Err(err)) => {
+                    metrics.connection_refused("handshake");
+                    tracing::warn!(%remote, %err, "tunnel connection refused: handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    metrics.connection_refused("handshake_timeout");
+                    tracing::warn!(%remote, "tunnel connection refused: no handshake within 10s");
+                    return;
+                }
+            };
+            let chain = conn
+                .peer_identity()
+                .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
+            let id = tls::peer_spiffe_id(chain.as_deref().map(Vec::as_slice));
+            let Some(link) = id
+                .as_deref()
+                .and_then(|id| links.values().find(|l| l.policy.spiffe_id == id))
+                .cloned()
+            else {
+                metrics.connection_refused("unknown_peer");
+                tracing::warn!(target: "strait_mesh::audit", %remote, identity = id.as_deref().unwrap_or("none"), "tunnel connection refused: not a configured peer");
+                conn.close(CLOSE_UNKNOWN_PEER.into(), b"not a configured peer");
+                return;
+            };
+            let peer = link.policy.name.clone();
+            tracing::info!(%peer, %remote, "tunnel from the peer is up (accepted)");
+            link.offer(&conn);
+            tokio::spawn(ingress::serve_streams(
+                conn.clone(),
+                link.clone(),
+                targets,
+                metrics.clone(),
+            ));
+            let reason = links::sample_until_closed(&conn, &peer, &metrics).await;
+            link.withdraw(&conn);
+            tracing::info!(%peer, %reason, "tunnel from the peer closed");
+        });
+    }
+}

@@ -1,0 +1,258 @@
+//! One live tunnel connection per peer: dialed (addresses in turn, with
+//! backoff) or accepted, published on a `watch` channel that tunnel
+//! upstreams read for every new stream.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use globset::{Glob, GlobSet, GlobSetBuilder};
+use quinn::{Connection, Endpoint};
+use rand::Rng;
+use strait_edge_config::{HostPort, MeshPeer};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::header::ForwardedPrincipal;
+use crate::metrics::{MeshMetrics, PeerLabels};
+
+/// Application close code when a peer is refused after the handshake.
+pub(crate) const CLOSE_UNKNOWN_PEER: u32 = 1;
+/// Application close code of a shutting-down edge.
+pub(crate) const CLOSE_SHUTDOWN: u32 = 2;
+
+/// What a peer may do here, from `mesh.peers[]`.
+pub struct PeerPolicy {
+    pub name: Arc<str>,
+    pub spiffe_id: String,
+    pub addresses: Vec<HostPort>,
+    /// Globs of named principals it may forward.
+    may_assert: GlobSet,
+    /// `anonymous` is listed in `may_assert`.
+    may_assert_anonymous: bool,
+    pub exports: Vec<String>,
+}
+
+impl PeerPolicy {
+    pub fn new(peer: &MeshPeer) -> Result<Self, String> {
+        let mut globs = GlobSetBuilder::new();
+        for glob in peer.may_assert.iter().filter(|g| *g != "anonymous") {
+            globs.add(Glob::new(glob).map_err(|e| format!("may_assert '{glob}': {e}"))?);
+        }
+        Ok(PeerPolicy {
+            name: peer.name.as_str().into(),
+            spiffe_id: peer.spiffe_id.clone(),
+            addresses: peer.addresses.clone(),
+            may_assert: globs.build().map_err(|e| e.to_string())?,
+            may_assert_anonymous: peer.may_assert.iter().any(|g| g == "anonymous"),
+            exports: peer.exports.clone(),
+        })
+    }
+
+    pub fn may_assert(&self, principal: &ForwardedPrincipal) -> bool {
+        match principal {
+            ForwardedPrincipal::Anonymous => self.may_assert_anonymous,
+            ForwardedPrincipal::Named(name) => self.may_assert.is_match(name),
+        }
+    }
+
+    pub fn exports(&self, virtual_cluster: &str) -> bool {
+        self.exports.iter().any(|e| e == virtual_cluster)
+    }
+}
+
+/// A peer's current connection (none while it is down).
+pub(crate) struct PeerLink {
+    pub policy: PeerPolicy,
+    pub connection: watch::Sender<Option<Connection>>,
+}
+
+impl PeerLink {
+    pub fn new(policy: PeerPolicy) -> Self {
+        PeerLink {
+            policy,
+            connection: watch::channel(None).0,
+        }
+    }
+
+    /// Publishes `conn` unless a live one is in place already (both sides
+    /// dialed: the first one up stays, the other still serves the streams
+    /// opened on it).
+    pub fn offer(&self, conn: &Connection) -> bool {
+        self.connection.send_if_modified(|current| {
+            if current.as_ref().is_some_and(|c| c.close_reason().is_none()) {
+                return false;
+            }
+            *current = Some(conn.clone());
+            true
+        })
+    }
+
+    /// Withdraws `conn` if it is the published one.
+    pub fn withdraw(&self, conn: &Connection) {
+        self.connection.send_if_modified(|current| {
+            if current
+                .as_ref()
+                .is_some_and(|c| c.stable_id() == conn.stable_id())
+            {
+                *current = None;
+                return true;
+            }
+            false
+        });
+    }
+}
+
+/// Backoff between dial rounds: 200 ms doubling to 10 s, with jitter in
+/// [d/2, d] so that edges restarted together do not dial in lockstep.
+fn backoff(attempt: u32) -> Duration {
+    let d = Duration::from_millis(200)
+        .saturating_mul(1 << attempt.min(6))
+        .min(Duration::from_secs(10));
+    d.mul_f64(rand::rng().random_range(0.5..=1.0))
+}
+
+async fn resolve(address: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
+    Ok(
+        tokio::net::lookup_host((address.host.as_str(), address.port))
+            .await?
+            .collect(),
+    )
+}
+
+/// Keeps a dialed connection to `link`'s peer up until `stop`; `on_up`
+/// serves the streams the peer opens on each new connection.
+pub(crate) async fn keep_dialed(
+    endpoint: Endpoint,
+    client: quinn::ClientConfig,
+    link: Arc<PeerLink>,
+    metrics: MeshMetrics,
+    stop: CancellationToken,
+    on_up: impl Fn(Connection) + Send + 'static,
+) {
+    let peer = link.policy.name.clone();
+    let mut attempt = 0u32;
+    loop {
+        let mut connected = None;
+        for address in &link.policy.addresses {
+            let addrs = match resolve(address).await {
+                Ok(a) => a,
+                Err(err) => {
+                    tracing::warn!(%peer, %address, %err, "cannot resolve the peer's address");
+                    continue;
+                }
+            };
+            for addr in addrs {
+                let connecting = match endpoint.connect_with(client.clone(), addr, "strait-peer") {
+                    Ok(c) => c,
+                    Err(err) => {
+                        tracing::warn!(%peer, %addr, %err, "cannot dial the peer");
+                        continue;
+                    }
+                };
+                let outcome = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = tokio::time::timeout(Duration::from_secs(10), connecting) => r,
+                };
+                match outcome {
+                    Ok(Ok(conn)) => {
+                        connected = Some(conn);
+                        break;
+                    }
+                    Ok(Err(err)) => {
+                        tracing::warn!(%peer, %addr, %err, "tunnel handshake with the peer failed")
+                    }
+                    Err(_) => tracing::warn!(%peer, %addr, "no answer from the peer within 10s"),
+                }
+            }
+            if connected.is_some() {
+                break;
+            }
+        }
+        let Some(conn) = connected else {
+            attempt = attempt.saturating_add(1);
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff(attempt)) => continue,
+            }
+        };
+        tracing::info!(%peer, remote = %conn.remote_address(), "tunnel to the peer is up (dialed)");
+        let up_since = tokio::time::Instant::now();
+        link.offer(&conn);
+        on_up(conn.clone());
+        let reason = tokio::select! {
+            _ = stop.cancelled() => {
+                conn.close(CLOSE_SHUTDOWN.into(), b"edge shutting down");
+                link.withdraw(&conn);
+                return;
+            }
+            reason = sample_until_closed(&conn, &peer, &metrics) => reason,
+        };
+        link.withdraw(&conn);
+        tracing::warn!(%peer, %reason, "tunnel to the peer is down; redialing");
+        // A connection that lasted resets the backoff; one that failed at once does not.
+        attempt = if up_since.elapsed() > Duration::from_secs(30) {
+            0
+        } else {
+            attempt.saturating_add(1)
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(backoff(attempt)) => {}
+        }
+    }
+}
+
+/// Publishes the connection's path statistics every second until it
+/// closes; returns why it closed.
+pub(crate) async fn sample_until_closed(
+    conn: &Connection,
+    peer: &str,
+    metrics: &MeshMetrics,
+) -> quinn::ConnectionError {
+    let labels = PeerLabels {
+        peer: peer.to_owned(),
+    };
+    let direction = |d: &str| crate::metrics::DirectionLabels {
+        peer: peer.to_owned(),
+        direction: d.to_owned(),
+    };
+    let connected = metrics.connected.get_or_create(&labels).clone();
+    connected.inc();
+    let (mut lost, mut sent, mut received) = (0u64, 0u64, 0u64);
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    let reason = loop {
+        tokio::select! {
+            reason = conn.closed() => break reason,
+            _ = tick.tick() => {}
+        }
+        let stats = conn.stats();
+        metrics
+            .rtt
+            .get_or_create(&labels)
+            .set(stats.path.rtt.as_secs_f64());
+        metrics
+            .cwnd
+            .get_or_create(&labels)
+            .set(i64::try_from(stats.path.cwnd).unwrap_or(i64::MAX));
+        // Connection statistics start at zero: count what grew since the
+        // last sample.
+        metrics
+            .lost_packets
+            .get_or_create(&labels)
+            .inc_by(stats.path.lost_packets.saturating_sub(lost));
+        lost = stats.path.lost_packets;
+        metrics
+            .bytes
+            .get_or_create(&direction("sent"))
+            .inc_by(stats.udp_tx.bytes.saturating_sub(sent));
+        sent = stats.udp_tx.bytes;
+        metrics
+            .bytes
+            .get_or_create(&direction("received"))
+            .inc_by(stats.udp_rx.bytes.saturating_sub(received));
+        received = stats.udp_rx.bytes;
+    };
+    connected.dec();
+    reason
+}

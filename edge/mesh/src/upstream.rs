@@ -1,0 +1,131 @@
+//! The near side: a virtual cluster whose upstream is a peer edge's virtual
+//! cluster opens one tunnel stream per client connection.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use strait_filter::Principal;
+use strait_proxy::upstream::{
+    BoxedIo, ConnectContext, ConnectError, Upstream, UpstreamConnection, UpstreamTarget,
+};
+
+use crate::header::{Answer, ForwardedPrincipal, StreamHeader, StreamTarget};
+use crate::links::PeerLink;
+use crate::metrics::MeshMetrics;
+use crate::stream::TunnelStream;
+
+pub struct TunnelUpstream {
+    pub(crate) link: Arc<PeerLink>,
+    /// The virtual cluster's name at the peer.
+    pub(crate) remote_cluster: String,
+    pub(crate) connect_timeout: Duration,
+    pub(crate) metrics: MeshMetrics,
+}
+
+impl TunnelUpstream {
+    fn label(&self) -> String {
+        format!(
+            "peer {} (virtual cluster {})",
+            self.link.policy.name, self.remote_cluster
+        )
+    }
+
+    async fn open(
+        &self,
+        target: &UpstreamTarget,
+        principal: &Principal,
+    ) -> Result<TunnelStream, ConnectError> {
+        let peer = &self.link.policy.name;
+        let mut connection = self.link.connection.subscribe();
+        // A peer that is down now may be back within the connect timeout
+        // (the dialer retries); a client is refused only after that.
+        let conn = tokio::time::timeout(
+            self.connect_timeout,
+            connection.wait_for(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none())),
+        )
+        .await
+        .map_err(|_| ConnectError::Timeout {
+            address: format!("{} (no tunnel)", self.label()),
+            timeout: self.connect_timeout,
+        })?
+        .map_err(|_| ConnectError::NoBootstrap("the mesh has stopped".into()))?
+        .clone()
+        .ok_or_else(|| ConnectError::NoBootstrap("no tunnel".into()))?;
+        let io_error = |source: std::io::Error| ConnectError::Io {
+            address: self.label(),
+            source,
+        };
+        let (mut send, mut recv) = conn
+            .open_bi()
+            .await
+            .map_err(|e| io_error(std::io::Error::other(e)))?;
+        let header = StreamHeader {
+            virtual_cluster: self.remote_cluster.clone(),
+            target: match target {
+                UpstreamTarget::Bootstrap => StreamTarget::Bootstrap,
+                UpstreamTarget::Broker { node_id, .. } => StreamTarget::Broker(*node_id),
+            },
+            principal: match principal {
+                Principal::Anonymous => ForwardedPrincipal::Anonymous,
+                Principal::Named(name) => ForwardedPrincipal::Named(name.to_string()),
+            },
+        };
+        let exchange = async {
+            header
+                .write_to(&mut send)
+                .await
+                .map_err(|e| io_error(std::io::Error::other(e)))?;
+            Answer::read_from(&mut recv)
+                .await
+                .map_err(|e| io_error(std::io::Error::other(e)))
+        };
+        let answer = tokio::time::timeout(self.connect_timeout, exchange)
+            .await
+            .map_err(|_| ConnectError::Timeout {
+                address: self.label(),
+                timeout: self.connect_timeout,
+            })??;
+        match answer {
+            Answer::Accept => Ok(TunnelStream::new(
+                send,
+                recv,
+                self.metrics.stream(peer, "outbound"),
+            )),
+            Answer::Refuse { code, reason } => {
+                self.metrics.refused(peer, "outbound", code.label());
+                Err(ConnectError::Refused {
+                    upstream: self.label(),
+                    label: code.label(),
+                    reason,
+                })
+            }
+        }
+    }
+}
+
+#[async_trait]
+impl Upstream for TunnelUpstream {
+    /// Without the client's principal a tunnel stream cannot be opened: the
+    /// far edge would have to trust an identity nobody established.
+    async fn connect(&self, target: &UpstreamTarget) -> Result<BoxedIo, ConnectError> {
+        let _ = target;
+        Err(ConnectError::Refused {
+            upstream: self.label(),
+            label: "no_principal",
+            reason: "a tunnel stream carries the client's principal; use connect_as".into(),
+        })
+    }
+
+    async fn connect_as(
+        &self,
+        target: &UpstreamTarget,
+        context: &ConnectContext,
+    ) -> Result<UpstreamConnection, ConnectError> {
+        let stream = self.open(target, &context.principal).await?;
+        Ok(UpstreamConnection {
+            io: Box::new(stream),
+            session_expires_at: None,
+        })
+    }
+}

@@ -1,0 +1,216 @@
+"""The mesh with real processes: two strait-edges (east, west) linked by a QUIC tunnel, Apache Kafka behind
+east, and confluent-kafka clients at west that know only west's bootstrap.
+
+- west serves `east-orders` (`upstream.remote: { peer: edge-east, virtual_cluster: orders }`); a client with
+  a west.example certificate produces and consumes east's topic through it, and the records are at east's
+  broker; east's encryption applies (the broker holds ciphertext, the west client reads plaintext);
+- east authorizes the forwarded principal with its own rules (billing is denied at east's rules) and
+  audits it with the peer that forwarded it;
+- a principal outside east's `may_assert` for west is refused at stream open, counted on both sides;
+- an edge whose certificate comes from another CA but claims west's SPIFFE ID is refused at the handshake;
+- the tunnel recovers by itself when east restarts: the same client producer goes on without a restart.
+"""
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from lib.authz import TOPIC_AUTHORIZATION_FAILED
+from lib.clients import unique
+from lib.edge import Edge, VirtualCluster
+from lib.pki import Pki
+from lib.ports import free_port
+from lib.wait import wait_for
+from tests.test_encryption import parse_cipher
+
+EAST, WEST = "east.example", "west.example"
+EAST_ID, WEST_ID = f"spiffe://{EAST}/edge/edge-east", f"spiffe://{WEST}/edge/edge-west"
+ORDERS, BILLING = f"spiffe://{WEST}/ns/shop/sa/orders", f"spiffe://{WEST}/ns/shop/sa/billing"
+OPS = f"spiffe://{WEST}/ns/ops/sa/admin"
+KEYRING = '{"keys":{"kek-a":["AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8="]}}'
+
+
+def sites(tmp: Path) -> tuple[Pki, Pki]:
+    east, west = Pki(tmp / "east"), Pki(tmp / "west")
+    east.ca("ca")
+    east.leaf("edge", uris=[EAST_ID], ips=["127.0.0.1"])
+    west.ca("ca")
+    west.leaf("edge", uris=[WEST_ID], ips=["127.0.0.1"])
+    for name, uri in (("orders", ORDERS), ("billing", BILLING), ("ops", OPS)):
+        west.leaf(name, uris=[uri])
+    return east, west
+
+
+def east_edge(logs: Path, tmp: Path, kafka, east: Pki, west: Pki, mesh_port: int) -> Edge:
+    (tmp / "keys.json").write_text(KEYRING)
+    orders = VirtualCluster(name="orders", upstream=kafka.bootstrap_servers, extra={
+        # East's own rules, applied to principals its peers forward.
+        "authorization": {"rules": [{"principal": ORDERS, "allow": ["All"], "topic": "*"},
+                                    {"principal": ORDERS, "allow": ["All"], "group": "*"},
+                                    {"principal": f"spiffe://{WEST}/ns/shop/sa/*", "allow": ["IdempotentWrite"],
+                                     "cluster": True},
+                                    {"principal": BILLING, "allow": ["Describe"], "topic": "*"}]},
+        "audit": {"path": str(tmp / "east-audit.jsonl"), "sample_allows": 1.0},
+        "encryption": {"rules": [{"topic": "mesh-*", "kms": "dev", "kek": "kek-a"}]},
+    })
+    return Edge(logs, [orders], extra={
+        "kms": [{"name": "dev", "local": {"path": str(tmp / "keys.json")}}],
+        "mesh": {
+            "listen": f"127.0.0.1:{mesh_port}",
+            "identity": {"cert": str(east.pem("edge")), "key": str(east.key("edge"))},
+            "trust_bundles": [{"trust_domain": WEST, "pem": str(west.pem("ca"))}],
+            "peers": [{"name": "edge-west", "spiffe_id": WEST_ID, "may_assert": [f"spiffe://{WEST}/ns/shop/*"],
+                       "exports": ["orders"]}],
+        }})
+
+
+def west_edge(logs: Path, east: Pki, west: Pki, mesh_port: int, identity: Pki | None = None) -> Edge:
+    identity = identity or west
+    remote = VirtualCluster(name="east-orders", upstream=[], extra={
+        "upstream": {"remote": {"peer": "edge-east", "virtual_cluster": "orders"}, "connect_timeout": "5s"},
+        "tls": {"cert": str(west.pem("edge")), "key": str(west.key("edge")),
+                "client_trust_bundles": [{"trust_domain": WEST, "pem_file": str(west.pem("ca"))}]},
+    })
+    return Edge(logs, [remote], extra={"mesh": {
+        "identity": {"cert": str(identity.pem("edge")), "key": str(identity.key("edge"))},
+        "trust_bundles": [{"trust_domain": EAST, "pem": str(east.pem("ca"))}],
+        "peers": [{"name": "edge-east", "address": f"127.0.0.1:{mesh_port}", "spiffe_id": EAST_ID}],
+    }})
+
+
+def client(edge: Edge, west: Pki, cert: str) -> dict:
+    return {"bootstrap.servers": edge.bootstrap, **west.confluent_ssl(cert)}
+
+
+def produce(config: dict, topic: str, values: list[bytes]) -> list:
+    from confluent_kafka import Producer
+    errors: list = []
+    producer = Producer({**config, "message.timeout.ms": 20000, "enable.idempotence": True,
+                         "message.max.bytes": 4 << 20})
+    for value in values:
+        producer.produce(topic, value=value, on_delivery=lambda err, msg: errors.append(err))
+    producer.flush(30)
+    assert len(errors) == len(values), "a delivery report is missing"
+    return errors
+
+
+def consume(config: dict, topic: str, count: int, timeout: float = 30) -> list[bytes]:
+    from confluent_kafka import Consumer
+    consumer = Consumer({**config, "group.id": unique("g"), "auto.offset.reset": "earliest"})
+    consumer.subscribe([topic])
+    got: list[bytes] = []
+    deadline = time.monotonic() + timeout
+    try:
+        while len(got) < count and time.monotonic() < deadline:
+            msg = consumer.poll(0.5)
+            if msg is not None and msg.error() is None:
+                got.append(msg.value())
+    finally:
+        consumer.close()
+    return got
+
+
+def create_topic(bootstrap: str, name: str) -> None:
+    from confluent_kafka.admin import AdminClient, NewTopic
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin.create_topics([NewTopic(name, 1, 1)])[name].result(30)
+
+
+def test_west_client_produces_and_consumes_east_topics_through_its_own_edge(broker, logs, tmp_path):
+    kafka = broker()
+    east_pki, west_pki = sites(tmp_path)
+    mesh_port = free_port()
+    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, mesh_port).start()
+    west = west_edge(logs, east_pki, west_pki, mesh_port).start()
+    try:
+        wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
+                 what="west's tunnel to east")
+        topic = unique("mesh")
+        create_topic(kafka.bootstrap, topic)
+        orders = client(west, west_pki, "orders")
+        values = [b"order-%d" % i for i in range(50)] + [b"x" * (1 << 20)]
+        assert produce({**orders, "compression.type": "lz4"}, topic, values) == [None] * len(values)
+        assert consume(orders, topic, len(values)) == values
+        # East's broker has them, encrypted by east's rule (KMS of east); west never held the key.
+        stored = consume({"bootstrap.servers": kafka.bootstrap}, topic, len(values))
+        assert len(stored) == len(values)
+        assert all(parse_cipher(v)["kms"] == "dev" for v in stored)
+        assert b"order-0" not in stored[0]
+
+        # East's rules apply to the principal west forwarded: billing may describe, not write.
+        errors = produce(client(west, west_pki, "billing"), topic, [b"billing"])
+        assert [e.code() for e in errors] == [TOPIC_AUTHORIZATION_FAILED]
+        lines = [json.loads(l) for l in (tmp_path / "east-audit.jsonl").read_text().splitlines()]
+        denied = [l for l in lines if l["decision"] == "deny" and l["principal"] == BILLING]
+        assert denied and all(l["via_peer"] == "edge-west" for l in denied)
+        assert any(l["principal"] == ORDERS and l["via_peer"] == "edge-west" for l in lines)
+
+        # OPS is outside what east lets west assert: refused at stream open, before any Kafka byte.
+        assert produce(client(west, west_pki, "ops"), topic, [b"ops"])[0] is not None
+        assert east.metric("strait_mesh_stream_refusals", peer="edge-west", direction="inbound",
+                           reason="principal_not_allowed") >= 1
+        assert west.metric("strait_upstream_refusals", virtual_cluster="east-orders",
+                           reason="principal_not_allowed") >= 1
+        assert "edge-west may not assert " + OPS in east.log_text()
+        assert east.unexpected_errors() == [] and west.unexpected_errors() == []
+    finally:
+        west.terminate()
+        east.terminate()
+
+
+def test_a_peer_with_a_certificate_from_another_ca_is_refused(broker, logs, tmp_path):
+    kafka = broker()
+    east_pki, west_pki = sites(tmp_path)
+    rogue = Pki(tmp_path / "rogue")
+    rogue.ca("ca")
+    rogue.leaf("edge", uris=[WEST_ID], ips=["127.0.0.1"])
+    mesh_port = free_port()
+    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, mesh_port).start()
+    impostor = west_edge(logs, east_pki, west_pki, mesh_port, identity=rogue).start()
+    try:
+        wait_for(lambda: east.metric("strait_mesh_connections_refused", reason="handshake") >= 1, 30,
+                 what="east refusing the impostor's handshake")
+        assert impostor.metric("strait_mesh_peer_connected", peer="edge-east") == 0
+        assert "tunnel connection refused: handshake failed" in east.log_text()
+    finally:
+        impostor.terminate()
+        east.terminate()
+
+
+def test_clients_recover_by_themselves_when_the_far_edge_restarts(broker, logs, tmp_path):
+    from confluent_kafka import Producer
+    kafka = broker()
+    east_pki, west_pki = sites(tmp_path)
+    mesh_port = free_port()
+    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, mesh_port).start()
+    west = west_edge(logs, east_pki, west_pki, mesh_port).start()
+    try:
+        topic = unique("mesh")
+        create_topic(kafka.bootstrap, topic)
+        orders = client(west, west_pki, "orders")
+        producer = Producer({**orders, "enable.idempotence": True, "message.timeout.ms": 60000})
+        acked: list[bytes] = []
+        failed: list = []
+
+        def report(err, msg):
+            (failed.append(err) if err else acked.append(msg.value()))
+
+        def send(values):
+            for v in values:
+                producer.produce(topic, value=v, on_delivery=report)
+            producer.flush(60)
+
+        send([b"before-%d" % i for i in range(20)])
+        assert east.terminate() == 0
+        east.start()  # same ports, same config
+        wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
+                 what="west redialing east")
+        send([b"after-%d" % i for i in range(20)])
+        assert failed == []
+        got = consume(orders, topic, 40)
+        assert sorted(got) == sorted(acked) and len(got) == 40, "every acknowledged record once"
+    finally:
+        west.terminate()
+        east.terminate()

@@ -309,3 +309,110 @@ pub(crate) fn validate_remote(
         virtual_cluster: raw.virtual_cluster.clone(),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::{parse, MeshTransport};
+
+    fn errors_of(yaml: &str) -> Vec<String> {
+        parse(yaml)
+            .unwrap_err()
+            .0
+            .iter()
+            .map(ToString::to_string)
+            .collect()
+    }
+
+    /// A west edge serving east's cluster, with `mesh` and the remote
+    /// cluster's upstream written by the caller.
+    fn west(mesh: &str, upstream: &str) -> String {
+        format!(
+            "mesh:\n{mesh}\nvirtual_clusters:\n  - name: east-orders\n    bootstrap: 127.0.0.1:29092\n    brokers: {{ advertised_host: 127.0.0.1, port_range: 29100-29199 }}\n    upstream: {upstream}\n"
+        )
+    }
+
+    fn bundle() -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "-----BEGIN CERTIFICATE-----\n").unwrap();
+        file
+    }
+
+    #[test]
+    fn accepts_the_documented_example() {
+        let pem = bundle();
+        let mesh = format!(
+            "  listen: 127.0.0.1:7443\n  identity: {{ cert: w.pem, key: w.key }}\n  trust_bundles: [{{ trust_domain: east.example, pem: \"{}\" }}]\n  peers:\n    - name: edge-east\n      address: 127.0.0.1:7444\n      spiffe_id: spiffe://east.example/edge/edge-east\n      transport: quic\n      may_assert: [\"spiffe://east.example/*\"]\n      exports: [local-orders]",
+            pem.path().display()
+        );
+        let config = parse(&west(
+            &mesh,
+            "{ remote: { peer: edge-east, virtual_cluster: orders } }",
+        ))
+        .unwrap();
+        let mesh = config.mesh.unwrap();
+        assert_eq!(mesh.peers[0].addresses[0].to_string(), "127.0.0.1:7444");
+        assert_eq!(mesh.peers[0].transport, MeshTransport::Quic);
+        let remote = config.virtual_clusters[0].upstream.remote.as_ref().unwrap();
+        assert_eq!(
+            (remote.peer.as_str(), remote.virtual_cluster.as_str()),
+            ("edge-east", "orders")
+        );
+        assert!(config.virtual_clusters[0]
+            .upstream
+            .bootstrap_servers
+            .is_empty());
+    }
+
+    #[test]
+    fn reports_every_mesh_error_with_its_path() {
+        let pem = bundle();
+        let mesh = format!(
+            "  identity: {{ source: svid, cert: w.pem }}\n  trust_bundles: [{{ trust_domain: east.example, pem: \"{}\" }}, {{ trust_domain: East, pem: /nonexistent }}]\n  peers:\n    - {{ name: edge-east, spiffe_id: \"spiffe://north.example/edge/n\", transport: udp, may_assert: [\"a[\"] }}\n    - {{ name: edge-east, address: nohost, spiffe_id: \"spiffe://east.example/edge/e\", exports: [\"no/slash\"] }}",
+            pem.path().display()
+        );
+        let errors = errors_of(&west(
+            &mesh,
+            "{ bootstrap_servers: [\"h:1\"], remote: { peer: edge-north, virtual_cluster: orders }, sasl: { mechanism: PLAIN, username: u, password_env: HOME } }",
+        ));
+        let paths: Vec<&str> = errors
+            .iter()
+            .map(|e| e.split(':').next().unwrap())
+            .collect();
+        assert_eq!(
+            paths,
+            vec![
+                "virtual_clusters[0].upstream.remote.peer",
+                "virtual_clusters[0].upstream",
+                "mesh.identity",
+                "mesh.trust_bundles[1].trust_domain",
+                "mesh.trust_bundles[1].pem",
+                "mesh.peers[0].spiffe_id",
+                "mesh.peers[0].transport",
+                "mesh.peers[0].may_assert[0]",
+                "mesh.peers[1].name",
+                "mesh.peers[1].addresses[0]",
+                "mesh.peers[1].exports[0]",
+                "mesh.listen",
+            ],
+            "{errors:#?}"
+        );
+        assert!(errors[0].contains("'edge-north' is not a peer in mesh.peers"));
+        assert!(errors[5].contains("no trust bundle for its trust domain 'north.example'"));
+    }
+
+    #[test]
+    fn remote_takes_no_upstream_credentials_and_needs_a_mesh() {
+        let ca = bundle();
+        let errors = errors_of(&format!(
+            "virtual_clusters:\n  - name: a\n    bootstrap: 127.0.0.1:19092\n    brokers: {{ advertised_host: h, port_range: 19100-19199 }}\n    upstream: {{ remote: {{ peer: p, virtual_cluster: b }}, tls: {{ ca: \"{}\" }} }}\n",
+            ca.path().display()
+        ));
+        assert_eq!(
+            errors,
+            vec![
+                "virtual_clusters[0].upstream.remote.peer: 'p' is not a peer in mesh.peers",
+                "virtual_clusters[0].upstream: remote takes no tls or sasl: the peer edge authenticates to its brokers",
+            ]
+        );
+    }
+}

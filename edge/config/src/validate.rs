@@ -222,20 +222,27 @@ fn validate_virtual_cluster(
         .quotas
         .as_ref()
         .map(|quotas| validate_quotas(quotas, &format!("{path}.quotas"), errors));
+    // With `remote` both are refused above: nothing more to say about them.
     let upstream_tls = raw
         .upstream
         .tls
         .as_ref()
+        .filter(|_| remote.is_none())
         .and_then(|tls| validate_upstream_tls(tls, &format!("{path}.upstream.tls"), errors));
-    let upstream_sasl = raw.upstream.sasl.as_ref().and_then(|sasl| {
-        crate::sasl::validate_sasl(sasl, &format!("{path}.upstream.sasl"))
-            .map_err(|found| {
-                for error in found {
-                    errors.push(error.path, error.message);
-                }
-            })
-            .ok()
-    });
+    let upstream_sasl = raw
+        .upstream
+        .sasl
+        .as_ref()
+        .filter(|_| remote.is_none())
+        .and_then(|sasl| {
+            crate::sasl::validate_sasl(sasl, &format!("{path}.upstream.sasl"))
+                .map_err(|found| {
+                    for error in found {
+                        errors.push(error.path, error.message);
+                    }
+                })
+                .ok()
+        });
 
     if errors.0.len() != before {
         return None;

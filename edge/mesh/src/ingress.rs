@@ -78,13 +78,15 @@ fn decide(
     let endpoint = match header.target {
         StreamTarget::Bootstrap => Endpoint::Bootstrap,
         StreamTarget::Broker(node_id) if runtime.knows_broker(node_id) => Endpoint::Broker(node_id),
-        StreamTarget::Broker(node_id) => return Err((
-            RefusalCode::UnknownBroker,
-            format!(
+        StreamTarget::Broker(node_id) => {
+            return Err((
+                RefusalCode::UnknownBroker,
+                format!(
                 "broker {node_id} of '{}' is not known here yet (ask the bootstrap for metadata)",
                 header.virtual_cluster
             ),
-        )),
+            ))
+        }
     };
     Ok((runtime.clone(), endpoint))
 }

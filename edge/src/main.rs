@@ -263,9 +263,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let stop_admin = CancellationToken::new();
     let admin = match config.admin {
         Some(address) => {
-            let server = AdminServer::bind(address, registry.clone(), ready.clone())
+            let mut server = AdminServer::bind(address, registry.clone(), ready.clone())
                 .await
                 .map_err(|err| anyhow::anyhow!("cannot bind admin endpoint {address}: {err}"))?;
+            if let Some(mesh) = &mesh {
+                server = server.with_tunnels(mesh.tunnel_states());
+            }
             tracing::info!(address = %server.local_addr()?, "admin endpoint listening");
             Some(tokio::spawn(server.serve(stop_admin.clone())))
         }

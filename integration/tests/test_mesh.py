@@ -80,6 +80,12 @@ def west_edge(logs: Path, east: Pki, west: Pki, mesh_port: int, identity: Pki | 
     }})
 
 
+def readyz(edge: Edge) -> str:
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{edge.admin_port}/readyz", timeout=5) as resp:
+        return resp.read().decode()
+
+
 def client(edge: Edge, west: Pki, cert: str) -> dict:
     return {"bootstrap.servers": edge.bootstrap, **west.confluent_ssl(cert)}
 
@@ -127,6 +133,7 @@ def test_west_client_produces_and_consumes_east_topics_through_its_own_edge(brok
     try:
         wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
                  what="west's tunnel to east")
+        assert readyz(west) == "ready\ntunnel edge-east: up\n"
         topic = unique("mesh")
         create_topic(kafka.bootstrap, topic)
         orders = client(west, west_pki, "orders")

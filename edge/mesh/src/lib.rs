@@ -218,16 +218,17 @@ impl Mesh {
         })
     }
 
-    /// The peers with a tunnel up now.
-    pub fn connected_peers(&self) -> Vec<String> {
-        let mut up: Vec<String> = self
-            .links
-            .iter()
-            .filter(|(_, l)| l.connection.borrow().is_some())
-            .map(|(name, _)| name.clone())
-            .collect();
-        up.sort();
-        up
+    /// Every peer by name, and whether its tunnel is up now (for `/readyz`).
+    pub fn tunnel_states(&self) -> strait_proxy::admin::TunnelStates {
+        let links = self.links.clone();
+        Arc::new(move || {
+            let mut states: Vec<(String, bool)> = links
+                .iter()
+                .map(|(name, l)| (name.clone(), l.connection.borrow().is_some()))
+                .collect();
+            states.sort();
+            states
+        })
     }
 
     /// Closes every tunnel (streams still open are reset) and waits briefly

@@ -15,10 +15,14 @@ use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// Each mesh peer's name and whether its tunnel is up, for `/readyz`.
+pub type TunnelStates = Arc<dyn Fn() -> Vec<(String, bool)> + Send + Sync>;
+
 #[derive(Clone)]
 struct AdminState {
     registry: Arc<RwLock<Registry>>,
     ready: Arc<AtomicBool>,
+    tunnels: Option<TunnelStates>,
 }
 
 /// Binds the admin port; serving starts with [`AdminServer::serve`].
@@ -36,8 +40,20 @@ impl AdminServer {
         let listener = TcpListener::bind(address).await?;
         Ok(AdminServer {
             listener,
-            state: AdminState { registry, ready },
+            state: AdminState {
+                registry,
+                ready,
+                tunnels: None,
+            },
         })
+    }
+
+    /// `/readyz` also lists the mesh's tunnels (`tunnel <peer>: up|down`).
+    /// A peer that is down does not make the edge unready: its local
+    /// virtual clusters still serve, and remote ones recover with the peer.
+    pub fn with_tunnels(mut self, tunnels: TunnelStates) -> Self {
+        self.state.tunnels = Some(tunnels);
+        self
     }
 
     pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
@@ -75,9 +91,16 @@ async fn metrics(State(state): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(state): State<AdminState>) -> impl IntoResponse {
-    if state.ready.load(Ordering::Acquire) {
-        (StatusCode::OK, "ready\n")
+    let (status, mut body) = if state.ready.load(Ordering::Acquire) {
+        (StatusCode::OK, String::from("ready\n"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::SERVICE_UNAVAILABLE, String::from("not ready\n"))
+    };
+    for (peer, up) in state.tunnels.as_ref().map(|t| t()).unwrap_or_default() {
+        body.push_str(&format!(
+            "tunnel {peer}: {}\n",
+            if up { "up" } else { "down" }
+        ));
     }
+    (status, body)
 }

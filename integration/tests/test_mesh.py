@@ -43,7 +43,7 @@ def sites(tmp: Path) -> tuple[Pki, Pki]:
     return east, west
 
 
-def east_edge(logs: Path, tmp: Path, kafka, east: Pki, west: Pki, mesh_port: int) -> Edge:
+def east_edge(logs: Path, tmp: Path, kafka, east: Pki, west: Pki, mesh_port: int, tcp_port: int | None = None) -> Edge:
     (tmp / "keys.json").write_text(KEYRING)
     orders = VirtualCluster(name="orders", upstream=kafka.bootstrap_servers, extra={
         # East's own rules, applied to principals its peers forward.
@@ -59,6 +59,7 @@ def east_edge(logs: Path, tmp: Path, kafka, east: Pki, west: Pki, mesh_port: int
         "kms": [{"name": "dev", "local": {"path": str(tmp / "keys.json")}}],
         "mesh": {
             "listen": f"127.0.0.1:{mesh_port}",
+            **({"listen_tcp": f"127.0.0.1:{tcp_port}"} if tcp_port else {}),
             "identity": {"cert": str(east.pem("edge")), "key": str(east.key("edge"))},
             "trust_bundles": [{"trust_domain": WEST, "pem": str(west.pem("ca"))}],
             "peers": [{"name": "edge-west", "spiffe_id": WEST_ID, "may_assert": [f"spiffe://{WEST}/ns/shop/*"],
@@ -66,7 +67,8 @@ def east_edge(logs: Path, tmp: Path, kafka, east: Pki, west: Pki, mesh_port: int
         }})
 
 
-def west_edge(logs: Path, east: Pki, west: Pki, mesh_port: int, identity: Pki | None = None) -> Edge:
+def west_edge(logs: Path, east: Pki, west: Pki, mesh_port: int, identity: Pki | None = None,
+              transport: str = "quic") -> Edge:
     identity = identity or west
     remote = VirtualCluster(name="east-orders", upstream=[], extra={
         "upstream": {"remote": {"peer": "edge-east", "virtual_cluster": "orders"}, "connect_timeout": "5s"},
@@ -76,7 +78,8 @@ def west_edge(logs: Path, east: Pki, west: Pki, mesh_port: int, identity: Pki | 
     return Edge(logs, [remote], extra={"mesh": {
         "identity": {"cert": str(identity.pem("edge")), "key": str(identity.key("edge"))},
         "trust_bundles": [{"trust_domain": EAST, "pem": str(east.pem("ca"))}],
-        "peers": [{"name": "edge-east", "address": f"127.0.0.1:{mesh_port}", "spiffe_id": EAST_ID}],
+        "peers": [{"name": "edge-east", "address": f"127.0.0.1:{mesh_port}", "spiffe_id": EAST_ID,
+                   "transport": transport}],
     }})
 
 
@@ -218,6 +221,32 @@ def test_clients_recover_by_themselves_when_the_far_edge_restarts(broker, logs, 
         assert failed == []
         got = consume(orders, topic, 40)
         assert sorted(got) == sorted(acked) and len(got) == 40, "every acknowledged record once"
+    finally:
+        west.terminate()
+        east.terminate()
+
+
+def test_the_tls_over_tcp_fallback_carries_the_same_streams(broker, logs, tmp_path):
+    """`transport: tls-tcp` (for networks that block UDP): HTTP/2 streams over one TLS connection."""
+    kafka = broker()
+    east_pki, west_pki = sites(tmp_path)
+    tcp_port = free_port()
+    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, free_port(), tcp_port=tcp_port).start()
+    west = west_edge(logs, east_pki, west_pki, tcp_port, transport="tls-tcp").start()
+    try:
+        wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
+                 what="west's TLS-over-TCP tunnel to east")
+        topic = unique("mesh")
+        create_topic(kafka.bootstrap, topic)
+        orders = client(west, west_pki, "orders")
+        values = [b"tcp-%d" % i for i in range(200)] + [b"y" * (1 << 20)]
+        assert produce(orders, topic, values) == [None] * len(values)
+        assert consume(orders, topic, len(values)) == values
+        assert produce(client(west, west_pki, "ops"), topic, [b"ops"])[0] is not None
+        assert east.metric("strait_mesh_stream_refusals", peer="edge-west", direction="inbound",
+                           reason="principal_not_allowed") >= 1
+        assert "tunnel from the peer is up (accepted, TLS over TCP)" in east.log_text()
+        assert east.unexpected_errors() == [] and west.unexpected_errors() == []
     finally:
         west.terminate()
         east.terminate()

@@ -36,7 +36,46 @@ pub(crate) async fn serve_streams(
         let (link, targets, metrics) = (link.clone(), targets.clone(), metrics.clone());
         let remote = conn.remote_address();
         tokio::spawn(async move {
-            stream_opened(send, recv, remote, &link, &targets, &metrics).await;
+            let io = Box::new(crate::stream::QuicStream { send, recv });
+            stream_opened(io, remote, &link, &targets, &metrics).await;
+        });
+    }
+}
+
+/// Serves the streams of an accepted TLS-over-TCP (HTTP/2) connection: each
+/// request is a stream, answered with HTTP 200 at once and the stream
+/// answer in the body.
+pub(crate) async fn serve_h2_streams<T>(
+    mut conn: h2::server::Connection<T, bytes::Bytes>,
+    remote: std::net::SocketAddr,
+    link: Arc<PeerLink>,
+    targets: watch::Receiver<TunnelTargets>,
+    metrics: MeshMetrics,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    while let Some(request) = conn.accept().await {
+        let (request, mut respond) = match request {
+            Ok(r) => r,
+            Err(err) => {
+                tracing::debug!(peer = %link.policy.name, %err, "tunnel stream reset by the peer");
+                continue;
+            }
+        };
+        let send = match respond.send_response(http::Response::new(()), false) {
+            Ok(send) => send,
+            Err(err) => {
+                tracing::debug!(peer = %link.policy.name, %err, "cannot answer a tunnel stream");
+                continue;
+            }
+        };
+        let io = Box::new(crate::stream::H2Stream::new(
+            send,
+            crate::stream::H2Recv::Body(request.into_body()),
+        ));
+        let (link, targets, metrics) = (link.clone(), targets.clone(), metrics.clone());
+        tokio::spawn(async move {
+            stream_opened(io, remote, &link, &targets, &metrics).await;
         });
     }
 }
@@ -92,38 +131,37 @@ fn decide(
 }
 
 async fn stream_opened(
-    mut send: quinn::SendStream,
-    mut recv: quinn::RecvStream,
+    mut io: Box<dyn crate::stream::StreamIo>,
     remote: std::net::SocketAddr,
     link: &PeerLink,
     targets: &watch::Receiver<TunnelTargets>,
     metrics: &MeshMetrics,
 ) {
     let peer = &link.policy.name;
-    let header =
-        match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read_from(&mut recv)).await {
-            Ok(Ok(header)) => header,
-            Ok(Err(err)) => {
-                let label = err
-                    .answer()
-                    .map(|a| match a {
-                        Answer::Refuse { code, .. } => code.label(),
-                        Answer::Accept => "accept",
-                    })
-                    .unwrap_or("io");
-                metrics.refused(peer, "inbound", label);
-                tracing::warn!(%peer, %err, "tunnel stream refused: bad header");
-                if let Some(answer) = err.answer() {
-                    let _ = answer.write_to(&mut send).await;
-                }
-                return;
+    let header = match tokio::time::timeout(HEADER_TIMEOUT, StreamHeader::read_from(&mut io)).await
+    {
+        Ok(Ok(header)) => header,
+        Ok(Err(err)) => {
+            let label = err
+                .answer()
+                .map(|a| match a {
+                    Answer::Refuse { code, .. } => code.label(),
+                    Answer::Accept => "accept",
+                })
+                .unwrap_or("io");
+            metrics.refused(peer, "inbound", label);
+            tracing::warn!(%peer, %err, "tunnel stream refused: bad header");
+            if let Some(answer) = err.answer() {
+                let _ = answer.write_to(&mut io).await;
             }
-            Err(_) => {
-                metrics.refused(peer, "inbound", "header_timeout");
-                tracing::warn!(%peer, "tunnel stream refused: no header within {HEADER_TIMEOUT:?}");
-                return;
-            }
-        };
+            return;
+        }
+        Err(_) => {
+            metrics.refused(peer, "inbound", "header_timeout");
+            tracing::warn!(%peer, "tunnel stream refused: no header within {HEADER_TIMEOUT:?}");
+            return;
+        }
+    };
     let decision = decide(&header, link, &targets.borrow());
     let (runtime, endpoint) = match decision {
         Ok(found) => found,
@@ -131,17 +169,17 @@ async fn stream_opened(
             metrics.refused(peer, "inbound", code.label());
             // Refusals of identities are security events: on the audit target.
             tracing::warn!(target: "strait_mesh::audit", %peer, virtual_cluster = %header.virtual_cluster, principal = %header.principal.as_str(), reason = code.label(), "tunnel stream refused: {reason}");
-            let _ = Answer::Refuse { code, reason }.write_to(&mut send).await;
+            let _ = Answer::Refuse { code, reason }.write_to(&mut io).await;
             return;
         }
     };
-    if Answer::Accept.write_to(&mut send).await.is_err() {
+    if Answer::Accept.write_to(&mut io).await.is_err() {
         return;
     }
     let principal = match header.principal {
         ForwardedPrincipal::Anonymous => Principal::Anonymous,
         ForwardedPrincipal::Named(name) => Principal::Named(name.into()),
     };
-    let stream = TunnelStream::new(send, recv, metrics.stream(peer, "inbound"));
+    let stream = TunnelStream::new(io, metrics.stream(peer, "inbound"));
     runtime.spawn_tunneled(stream, remote, endpoint, principal, peer.clone());
 }

@@ -22,6 +22,7 @@ mod ingress;
 mod links;
 pub mod metrics;
 mod stream;
+mod tcp;
 pub mod tls;
 mod upstream;
 
@@ -65,8 +66,6 @@ pub enum MeshError {
         #[source]
         source: std::io::Error,
     },
-    #[error("mesh.peers[{peer}].transport: tls-tcp is not available in this build yet; use quic")]
-    TransportNotAvailable { peer: String },
 }
 
 /// How often the mesh identity's files are checked for a new pair.
@@ -107,15 +106,6 @@ impl Mesh {
         targets: watch::Receiver<TunnelTargets>,
         registry: &mut Registry,
     ) -> Result<Mesh, MeshError> {
-        if let Some(peer) = config
-            .peers
-            .iter()
-            .find(|p| p.transport == MeshTransport::TlsTcp)
-        {
-            return Err(MeshError::TransportNotAvailable {
-                peer: peer.name.clone(),
-            });
-        }
         let stop = CancellationToken::new();
         let credentials = match &config.identity {
             ServedCertificate::Files { cert, key } => FileCredentials::start(
@@ -177,28 +167,62 @@ impl Mesh {
                 stop.clone(),
             ));
         }
-        for link in links.values().filter(|l| !l.policy.addresses.is_empty()) {
+        if let Some(address) = config.listen_tcp {
+            let server = tls::server_config(credentials.clone(), &roots).map_err(MeshError::Tls)?;
+            let listener = tokio::net::TcpListener::bind(address)
+                .await
+                .map_err(|source| MeshError::Bind { address, source })?;
+            tracing::info!(%address, "mesh listening (TLS over TCP)");
+            tokio::spawn(tcp::accept_loop(
+                listener,
+                tokio_rustls::TlsAcceptor::from(Arc::new(server)),
+                links.clone(),
+                targets.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
+        for (peer, link) in links.iter().filter(|(_, l)| !l.policy.addresses.is_empty()) {
             let client = tls::client_config(credentials.clone(), &roots, &link.policy.spiffe_id)
                 .map_err(MeshError::Peer)?;
-            let crypto =
-                QuicClientConfig::try_from(client).map_err(|e| MeshError::Tls(e.to_string()))?;
-            let mut client = quinn::ClientConfig::new(Arc::new(crypto));
-            client.transport_config(transport());
+            let transport_of = config
+                .peers
+                .iter()
+                .find(|p| &p.name == peer)
+                .map_or(MeshTransport::Quic, |p| p.transport);
+            let dialer = match transport_of {
+                MeshTransport::Quic => {
+                    let crypto = QuicClientConfig::try_from(client)
+                        .map_err(|e| MeshError::Tls(e.to_string()))?;
+                    let mut client = quinn::ClientConfig::new(Arc::new(crypto));
+                    client.transport_config(transport());
+                    links::Dialer::Quic {
+                        endpoint: endpoint.clone(),
+                        config: client,
+                    }
+                }
+                MeshTransport::TlsTcp => links::Dialer::TlsTcp {
+                    connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+                },
+            };
             let (serve_link, serve_targets, serve_metrics) =
                 (link.clone(), targets.clone(), metrics.clone());
             tokio::spawn(links::keep_dialed(
-                endpoint.clone(),
-                client,
+                dialer,
                 link.clone(),
                 metrics.clone(),
                 stop.clone(),
-                move |conn| {
-                    tokio::spawn(ingress::serve_streams(
-                        conn,
-                        serve_link.clone(),
-                        serve_targets.clone(),
-                        serve_metrics.clone(),
-                    ));
+                move |tunnel| {
+                    // Over QUIC the peer may open streams on our connection
+                    // too; HTTP/2 streams go only from the dialer.
+                    if let links::Tunnel::Quic(conn) = tunnel {
+                        tokio::spawn(ingress::serve_streams(
+                            conn.clone(),
+                            serve_link.clone(),
+                            serve_targets.clone(),
+                            serve_metrics.clone(),
+                        ));
+                    }
                 },
             ));
         }
@@ -314,7 +338,8 @@ async fn accept_loop(
             };
             let peer = link.policy.name.clone();
             tracing::info!(%peer, %remote, "tunnel from the peer is up (accepted)");
-            link.offer(&conn);
+            let tunnel = links::Tunnel::Quic(conn.clone());
+            link.offer(&tunnel);
             tokio::spawn(ingress::serve_streams(
                 conn.clone(),
                 link.clone(),
@@ -322,7 +347,7 @@ async fn accept_loop(
                 metrics.clone(),
             ));
             let reason = links::sample_until_closed(&conn, &peer, &metrics).await;
-            link.withdraw(&conn);
+            link.withdraw(&tunnel);
             tracing::info!(%peer, %reason, "tunnel from the peer closed");
         });
     }

@@ -61,10 +61,61 @@ impl PeerPolicy {
     }
 }
 
+/// A live connection to a peer, on either transport.
+#[derive(Clone)]
+pub(crate) enum Tunnel {
+    Quic(Connection),
+    /// TLS-over-TCP: HTTP/2 streams, opened only by the dialing side.
+    H2 {
+        send: h2::client::SendRequest<bytes::Bytes>,
+        id: u64,
+        closed: Arc<std::sync::atomic::AtomicBool>,
+    },
+}
+
+impl Tunnel {
+    pub fn is_alive(&self) -> bool {
+        match self {
+            Tunnel::Quic(c) => c.close_reason().is_none(),
+            Tunnel::H2 { closed, .. } => !closed.load(std::sync::atomic::Ordering::Acquire),
+        }
+    }
+
+    fn id(&self) -> u64 {
+        match self {
+            Tunnel::Quic(c) => c.stable_id() as u64,
+            Tunnel::H2 { id, .. } => *id,
+        }
+    }
+
+    /// A new stream to the peer.
+    pub async fn open(&self) -> std::io::Result<Box<dyn crate::stream::StreamIo>> {
+        match self {
+            Tunnel::Quic(conn) => {
+                let (send, recv) = conn.open_bi().await.map_err(std::io::Error::other)?;
+                Ok(Box::new(crate::stream::QuicStream { send, recv }))
+            }
+            Tunnel::H2 { send, .. } => {
+                let mut ready = send.clone().ready().await.map_err(std::io::Error::other)?;
+                let request = http::Request::post("https://strait-peer/tunnel")
+                    .body(())
+                    .map_err(std::io::Error::other)?;
+                let (response, stream) = ready
+                    .send_request(request, false)
+                    .map_err(std::io::Error::other)?;
+                Ok(Box::new(crate::stream::H2Stream::new(
+                    stream,
+                    crate::stream::H2Recv::Waiting(response),
+                )))
+            }
+        }
+    }
+}
+
 /// A peer's current connection (none while it is down).
 pub(crate) struct PeerLink {
     pub policy: PeerPolicy,
-    pub connection: watch::Sender<Option<Connection>>,
+    pub connection: watch::Sender<Option<Tunnel>>,
 }
 
 impl PeerLink {
@@ -78,9 +129,9 @@ impl PeerLink {
     /// Publishes `conn` unless a live one is in place already (both sides
     /// dialed: the first one up stays, the other still serves the streams
     /// opened on it).
-    pub fn offer(&self, conn: &Connection) -> bool {
+    pub fn offer(&self, conn: &Tunnel) -> bool {
         self.connection.send_if_modified(|current| {
-            if current.as_ref().is_some_and(|c| c.close_reason().is_none()) {
+            if current.as_ref().is_some_and(Tunnel::is_alive) {
                 return false;
             }
             *current = Some(conn.clone());
@@ -89,12 +140,9 @@ impl PeerLink {
     }
 
     /// Withdraws `conn` if it is the published one.
-    pub fn withdraw(&self, conn: &Connection) {
+    pub fn withdraw(&self, conn: &Tunnel) {
         self.connection.send_if_modified(|current| {
-            if current
-                .as_ref()
-                .is_some_and(|c| c.stable_id() == conn.stable_id())
-            {
+            if current.as_ref().is_some_and(|c| c.id() == conn.id()) {
                 *current = None;
                 return true;
             }
@@ -120,21 +168,116 @@ async fn resolve(address: &HostPort) -> std::io::Result<Vec<SocketAddr>> {
     )
 }
 
+/// How a peer is dialed.
+pub(crate) enum Dialer {
+    Quic {
+        endpoint: Endpoint,
+        config: quinn::ClientConfig,
+    },
+    TlsTcp {
+        connector: tokio_rustls::TlsConnector,
+    },
+}
+
+/// A dialed connection and what resolves (with the reason) when it closes.
+pub(crate) struct Dialed {
+    pub tunnel: Tunnel,
+    closed: std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>,
+}
+
+/// The h2 settings of TLS-over-TCP tunnels, sized like the QUIC transport.
+pub(crate) fn h2_windows() -> (u32, u32) {
+    (8 << 20, 64 << 20)
+}
+
+impl Dialer {
+    async fn dial(
+        &self,
+        addr: SocketAddr,
+        peer: &str,
+        metrics: &MeshMetrics,
+    ) -> Result<Dialed, String> {
+        match self {
+            Dialer::Quic { endpoint, config } => {
+                let conn = endpoint
+                    .connect_with(config.clone(), addr, "strait-peer")
+                    .map_err(|e| e.to_string())?
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (sampled, peer, metrics) = (conn.clone(), peer.to_owned(), metrics.clone());
+                Ok(Dialed {
+                    tunnel: Tunnel::Quic(conn),
+                    closed: Box::pin(async move {
+                        sample_until_closed(&sampled, &peer, &metrics)
+                            .await
+                            .to_string()
+                    }),
+                })
+            }
+            Dialer::TlsTcp { connector } => {
+                let tcp = tokio::net::TcpStream::connect(addr)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                tcp.set_nodelay(true).ok();
+                let name = rustls::pki_types::ServerName::try_from("strait-peer")
+                    .map_err(|e| e.to_string())?;
+                let tls = connector
+                    .connect(name, strait_tls::buffered(tcp))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let (stream_window, connection_window) = h2_windows();
+                let (send, connection) = h2::client::Builder::new()
+                    .initial_window_size(stream_window)
+                    .initial_connection_window_size(connection_window)
+                    .handshake::<_, bytes::Bytes>(tls)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+                let flag = closed.clone();
+                let labels = PeerLabels {
+                    peer: peer.to_owned(),
+                };
+                let connected = metrics.connected.get_or_create(&labels).clone();
+                connected.inc();
+                tokio::spawn(async move {
+                    let result = connection.await;
+                    flag.store(true, std::sync::atomic::Ordering::Release);
+                    connected.dec();
+                    let _ = done_tx.send(match result {
+                        Ok(()) => "closed".to_owned(),
+                        Err(e) => e.to_string(),
+                    });
+                });
+                Ok(Dialed {
+                    tunnel: Tunnel::H2 {
+                        send,
+                        id: rand::rng().random(),
+                        closed,
+                    },
+                    closed: Box::pin(
+                        async move { done_rx.await.unwrap_or_else(|_| "closed".into()) },
+                    ),
+                })
+            }
+        }
+    }
+}
+
 /// Keeps a dialed connection to `link`'s peer up until `stop`; `on_up`
 /// serves the streams the peer opens on each new connection.
 pub(crate) async fn keep_dialed(
-    endpoint: Endpoint,
-    client: quinn::ClientConfig,
+    dialer: Dialer,
     link: Arc<PeerLink>,
     metrics: MeshMetrics,
     stop: CancellationToken,
-    on_up: impl Fn(Connection) + Send + 'static,
+    on_up: impl Fn(&Tunnel) + Send + 'static,
 ) {
     let peer = link.policy.name.clone();
     let mut attempt = 0u32;
     loop {
         let mut connected = None;
-        for address in &link.policy.addresses {
+        'addresses: for address in &link.policy.addresses {
             let addrs = match resolve(address).await {
                 Ok(a) => a,
                 Err(err) => {
@@ -143,21 +286,14 @@ pub(crate) async fn keep_dialed(
                 }
             };
             for addr in addrs {
-                let connecting = match endpoint.connect_with(client.clone(), addr, "strait-peer") {
-                    Ok(c) => c,
-                    Err(err) => {
-                        tracing::warn!(%peer, %addr, %err, "cannot dial the peer");
-                        continue;
-                    }
-                };
                 let outcome = tokio::select! {
                     _ = stop.cancelled() => return,
-                    r = tokio::time::timeout(Duration::from_secs(10), connecting) => r,
+                    r = tokio::time::timeout(Duration::from_secs(10), dialer.dial(addr, &peer, &metrics)) => r,
                 };
                 match outcome {
-                    Ok(Ok(conn)) => {
-                        connected = Some(conn);
-                        break;
+                    Ok(Ok(dialed)) => {
+                        connected = Some((addr, dialed));
+                        break 'addresses;
                     }
                     Ok(Err(err)) => {
                         tracing::warn!(%peer, %addr, %err, "tunnel handshake with the peer failed")
@@ -165,30 +301,30 @@ pub(crate) async fn keep_dialed(
                     Err(_) => tracing::warn!(%peer, %addr, "no answer from the peer within 10s"),
                 }
             }
-            if connected.is_some() {
-                break;
-            }
         }
-        let Some(conn) = connected else {
+        let Some((addr, dialed)) = connected else {
             attempt = attempt.saturating_add(1);
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(backoff(attempt)) => continue,
             }
         };
-        tracing::info!(%peer, remote = %conn.remote_address(), "tunnel to the peer is up (dialed)");
+        tracing::info!(%peer, remote = %addr, "tunnel to the peer is up (dialed)");
         let up_since = tokio::time::Instant::now();
-        link.offer(&conn);
-        on_up(conn.clone());
+        link.offer(&dialed.tunnel);
+        on_up(&dialed.tunnel);
+        let tunnel = dialed.tunnel;
         let reason = tokio::select! {
             _ = stop.cancelled() => {
-                conn.close(CLOSE_SHUTDOWN.into(), b"edge shutting down");
-                link.withdraw(&conn);
+                if let Tunnel::Quic(conn) = &tunnel {
+                    conn.close(CLOSE_SHUTDOWN.into(), b"edge shutting down");
+                }
+                link.withdraw(&tunnel);
                 return;
             }
-            reason = sample_until_closed(&conn, &peer, &metrics) => reason,
+            reason = dialed.closed => reason,
         };
-        link.withdraw(&conn);
+        link.withdraw(&tunnel);
         tracing::warn!(%peer, %reason, "tunnel to the peer is down; redialing");
         // A connection that lasted resets the backoff; one that failed at once does not.
         attempt = if up_since.elapsed() > Duration::from_secs(30) {

@@ -42,7 +42,7 @@ impl TunnelUpstream {
         // (the dialer retries); a client is refused only after that.
         let conn = tokio::time::timeout(
             self.connect_timeout,
-            connection.wait_for(|c| c.as_ref().is_some_and(|c| c.close_reason().is_none())),
+            connection.wait_for(|c| c.as_ref().is_some_and(|t| t.is_alive())),
         )
         .await
         .map_err(|_| ConnectError::Timeout {
@@ -56,10 +56,7 @@ impl TunnelUpstream {
             address: self.label(),
             source,
         };
-        let (mut send, mut recv) = conn
-            .open_bi()
-            .await
-            .map_err(|e| io_error(std::io::Error::other(e)))?;
+        let mut io = conn.open().await.map_err(io_error)?;
         let header = StreamHeader {
             virtual_cluster: self.remote_cluster.clone(),
             target: match target {
@@ -73,10 +70,10 @@ impl TunnelUpstream {
         };
         let exchange = async {
             header
-                .write_to(&mut send)
+                .write_to(&mut io)
                 .await
                 .map_err(|e| io_error(std::io::Error::other(e)))?;
-            Answer::read_from(&mut recv)
+            Answer::read_from(&mut io)
                 .await
                 .map_err(|e| io_error(std::io::Error::other(e)))
         };
@@ -87,11 +84,7 @@ impl TunnelUpstream {
                 timeout: self.connect_timeout,
             })??;
         match answer {
-            Answer::Accept => Ok(TunnelStream::new(
-                send,
-                recv,
-                self.metrics.stream(peer, "outbound"),
-            )),
+            Answer::Accept => Ok(TunnelStream::new(io, self.metrics.stream(peer, "outbound"))),
             Answer::Refuse { code, reason } => {
                 self.metrics.refused(peer, "outbound", code.label());
                 Err(ConnectError::Refused {

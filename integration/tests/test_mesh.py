@@ -250,3 +250,59 @@ def test_the_tls_over_tcp_fallback_carries_the_same_streams(broker, logs, tmp_pa
     finally:
         west.terminate()
         east.terminate()
+
+
+def test_a_thousand_client_connections_share_one_tunnel(broker, logs, tmp_path):
+    """1,000 concurrent connections from `strait-loadgen raw-produce` (one process) through west: one QUIC
+    connection carries them all as streams, and every record it counts as acknowledged is at east's broker."""
+    import subprocess
+    import threading
+
+    from confluent_kafka import Consumer, TopicPartition
+
+    from lib.edge import default_target_dir
+    kafka = broker()
+    east_pki, west_pki = sites(tmp_path)
+    mesh_port = free_port()
+    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, mesh_port).start()
+    west = west_edge(logs, east_pki, west_pki, mesh_port).start()
+    peak = [0.0]
+    done = threading.Event()
+
+    def watch_streams():
+        while not done.is_set():
+            peak[0] = max(peak[0], east.metric("strait_mesh_streams_open", peer="edge-west", direction="inbound"))
+            done.wait(0.05)
+    try:
+        wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
+                 what="west's tunnel to east")
+        topic = unique("mesh")
+        create_topic(kafka.bootstrap, topic)
+        watcher = threading.Thread(target=watch_streams, daemon=True)
+        watcher.start()
+        out = subprocess.run(
+            [str(default_target_dir() / "debug" / "strait-loadgen"), "raw-produce",
+             "--bootstrap", west.bootstrap, "--topic", topic, "--count", "40000", "--size", "100",
+             "--connections", "1000", "--batch-bytes", "400", "--inflight", "1",
+             "--ca", str(west_pki.pem("ca")), "--cert", str(west_pki.pem("orders")),
+             "--key", str(west_pki.key("orders")), "--timeout-secs", "120"],
+            capture_output=True, text=True, timeout=150)
+        done.set()
+        watcher.join()
+        assert out.returncode == 0, out.stderr[-2000:]
+        report = json.loads(out.stdout.strip().splitlines()[-1])
+        # 1,000 connections x 10 requests x 4 records.
+        assert report["records"] == 40000 and report["connections"] == 1000
+        consumer = Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": unique("g")})
+        stored = consumer.get_watermark_offsets(TopicPartition(topic, 0), timeout=10)[1]
+        consumer.close()
+        assert stored == report["records"]
+        # Every client connection was a stream of the one tunnel connection west dialed.
+        assert east.metric("strait_mesh_streams", peer="edge-west", direction="inbound") >= 1001
+        assert west.log_text().count("tunnel to the peer is up") == 1
+        assert peak[0] >= 1000, f"at most {peak[0]:.0f} streams were open at once"
+        assert east.unexpected_errors() == [] and west.unexpected_errors() == []
+    finally:
+        done.set()
+        west.terminate()
+        east.terminate()

@@ -12,7 +12,13 @@ is the certificate authority of `demo.example` (CA key sealed with a development
 - records to `payments-orders` are encrypted at the edge (the broker stores ciphertext), records to
   `demo` are not; both read back in clear through the edge.
 
-Ports: Tansu 9092, control plane 7001, edge 19092 (brokers 19100+), admin 9901."""
+- a second site: `edge-west` (its certificate from `straitctl cert issue`, configured by a file) links to
+  `edge-local` through a QUIC tunnel (docs/mesh.md) and serves the same cluster at its own bootstrap;
+  a client there produces and consumes `payments-orders` through west only, authorized and encrypted at
+  `edge-local` under the client's own SPIFFE ID.
+
+Ports: Tansu 9092, control plane 7001, edge 19092 (brokers 19100+), admin 9901, mesh 7443 (UDP);
+west edge 29092 (brokers 29100+), admin 9902."""
 
 import base64
 import json
@@ -35,6 +41,40 @@ from lib.tansu import Tansu  # noqa: E402
 from lib.wait import wait_for  # noqa: E402
 
 BIN = default_target_dir() / "debug"
+
+# edge-local's file: its tunnel endpoint, on its own certificate from the CA (source: svid).
+MESH_LOCAL = """
+mesh:
+  listen: 127.0.0.1:7443
+  identity: {{ source: svid }}
+  trust_bundles: [{{ trust_domain: {domain}, pem: "{bundle}" }}]
+  peers:
+    - name: edge-west
+      spiffe_id: spiffe://{domain}/edge/edge-west
+      may_assert: ["spiffe://{domain}/ns/shop/*"]
+      exports: [quickstart]
+"""
+
+# Site west: the quick-start cluster served at west's own bootstrap, through the tunnel.
+MESH_WEST = """
+admin: {{ listen: 127.0.0.1:9902 }}
+mesh:
+  identity: {{ cert: "{dir}/cert.pem", key: "{dir}/key.pem" }}
+  trust_bundles: [{{ trust_domain: {domain}, pem: "{bundle}" }}]
+  peers:
+    - name: edge-local
+      address: 127.0.0.1:7443
+      spiffe_id: spiffe://{domain}/edge/edge-local
+virtual_clusters:
+  - name: quickstart-west
+    bootstrap: 127.0.0.1:29092
+    brokers: {{ advertised_host: 127.0.0.1, port_range: 29100-29199 }}
+    upstream: {{ remote: {{ peer: edge-local, virtual_cluster: quickstart }} }}
+    tls:
+      cert: "{dir}/cert.pem"
+      key: "{dir}/key.pem"
+      client_trust_bundles: [{{ trust_domain: {domain}, pem_file: "{bundle}" }}]
+"""
 
 
 def consume(client: dict, topic: str, count: int, group: str):
@@ -82,7 +122,7 @@ def main() -> int:
     pki.leaf("admin", uris=[f"spiffe://{domain}/admin/demo"])
 
     tansu = Tansu(logs, port=9092)
-    edge = None
+    edge = west = None
     control = Proc("strait-control", [
         str(BIN / "strait-control"), "--dev", "--data-dir", str(work / "control"), "--listen", "127.0.0.1:7001",
         "--tls-cert", str(pki.pem("control")), "--tls-key", str(pki.key("control")),
@@ -111,9 +151,13 @@ def main() -> int:
             "--out", str(client_dir))
         print(f"[demo] straitctl cert issue --spiffe-id spiffe://{domain}/ns/shop/sa/orders --out {client_dir}")
         print("[demo] starting strait-edge with --join-token only (configured by the control plane)")
+        # The file adds what the control plane does not carry yet: the edge's tunnel endpoint for peers.
+        local_file = work / "edge-local.yaml"
+        local_file.write_text(MESH_LOCAL.format(bundle=client_dir / "bundle.pem", domain=domain))
         edge = Proc("strait-edge", [
             str(BIN / "strait-edge"), "--control", "127.0.0.1:7001", "--name", "edge-local",
-            "--join-token", token, "--cache-dir", str(work / "edge-cache"), "--admin", "127.0.0.1:9901"], logs)
+            "--join-token", token, "--cache-dir", str(work / "edge-cache"), "--admin", "127.0.0.1:9901",
+            "--config", str(local_file)], logs)
         edge.start()
 
         def edge_ready():
@@ -144,12 +188,41 @@ def main() -> int:
                 headers = [k for k, _ in (m.headers() or [])]
                 shown = m.value()[:40].hex() + "..." if topic.startswith("payments") else m.value().decode()
                 print(f"[demo] at broker  {topic:16} key={m.key().decode():9} headers={headers} value={shown}")
+
+        # Site west: its own edge, linked to edge-local by a QUIC tunnel.
+        west_dir = work / "edge-west"
+        ctl("cert", "issue", "--spiffe-id", f"spiffe://{domain}/edge/edge-west", "--ip", "127.0.0.1",
+            "--ttl", "1h", "--out", str(west_dir))
+        west_file = work / "edge-west.yaml"
+        west_file.write_text(MESH_WEST.format(dir=west_dir, bundle=client_dir / "bundle.pem", domain=domain))
+        print("[demo] starting strait-edge for site west (127.0.0.1:29092), tunnel to edge-local on 127.0.0.1:7443")
+        west = Proc("strait-edge-west", [str(BIN / "strait-edge"), "--config", str(west_file)], logs)
+        west.start()
+
+        def west_ready():
+            if not west.alive():
+                raise SystemExit(f"strait-edge (west) exited:\n{west.tail()}")
+            return tls_handshake("127.0.0.1", 29092, client_dir)
+        wait_for(west_ready, 60, what="strait-edge (west) serving on 127.0.0.1:29092")
+        west_client = {**client, "bootstrap.servers": "127.0.0.1:29092"}
+        p = Producer({**west_client, "enable.idempotence": True})
+        for i in range(3, 6):
+            p.produce("payments-orders", key=f"order-{i}".encode(), value=f"card=4111-0000-0000-{i:04d}".encode())
+        assert p.flush(30) == 0
+        print("[demo] west: produced 3 more records to payments-orders through 127.0.0.1:29092 (west's edge only)")
+        for m in consume(west_client, "payments-orders", 6, "demo-west"):
+            print(f"[demo] via west   payments-orders  key={m.key().decode():9} value={m.value().decode()}")
+        for m in consume({"bootstrap.servers": tansu.bootstrap}, "payments-orders", 6, "direct-west")[3:]:
+            print(f"[demo] at broker  payments-orders  key={m.key().decode():9} value={m.value()[:40].hex()}...")
         print("[demo] control plane view of the edge and of the certificates its CA issued:")
         subprocess.run(straitctl + ["get", "Edge"], check=False)
         subprocess.run(straitctl + ["get", "IssuedCertificate"], check=False)
-        print("[demo] OK: the broker holds ciphertext for payments-*, clients see plaintext through the edge")
+        print("[demo] OK: the broker holds ciphertext for payments-*, clients see plaintext through the edge,")
+        print("[demo]     and a client at site west reached the same cluster through west's own edge and a tunnel")
         return 0
     finally:
+        if west is not None:
+            west.stop()
         if edge is not None:
             edge.stop()
         control.stop()

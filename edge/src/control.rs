@@ -22,6 +22,8 @@ use strait_control_client::state::spec::{KmsProvider, Operation, UpstreamSasl};
 use strait_control_client::EdgeSnapshot;
 use strait_edge_config::Config;
 
+mod mesh;
+
 /// Builds the edge configuration from the file (if any) and the latest
 /// snapshot (if any).
 /// `controlled`: clusters may come later from the control plane, so an empty
@@ -43,6 +45,12 @@ pub fn compose(
         .as_object_mut()
         .context("configuration file must be a mapping")?;
     if let Some(snapshot) = snapshot {
+        // A mesh written in the file stays the file's.
+        if !object.contains_key("mesh") {
+            if let Some(mesh) = mesh::mesh_section(snapshot, &cache_dir.join("pem"))? {
+                object.insert("mesh".into(), mesh);
+            }
+        }
         let (clusters, kms) = translate(snapshot, cache_dir)?;
         append(object, "virtual_clusters", clusters);
         append(object, "kms", kms);
@@ -77,6 +85,17 @@ fn translate(
     let mut clusters = Vec::new();
     let mut realms_used = std::collections::BTreeSet::new();
     for (name, vc) in &snapshot.virtual_clusters {
+        if let Some(remote) = &vc.remote {
+            let mut cluster = json!({
+                "name": name,
+                "bootstrap": vc.bootstrap,
+                "brokers": { "advertised_host": vc.brokers.advertised_host, "port_range": vc.brokers.port_range },
+                "upstream": { "remote": { "peer": remote.peer, "virtual_cluster": remote.virtual_cluster } },
+            });
+            listener_and_policies(snapshot, name, vc, &mut cluster, &pem_dir, &mut realms_used)?;
+            clusters.push(cluster);
+            continue;
+        }
         let kafka = snapshot.kafka_clusters.get(&vc.cluster).with_context(|| {
             format!(
                 "VirtualCluster {name}: KafkaCluster '{}' is not known",
@@ -125,81 +144,7 @@ fn translate(
             "brokers": { "advertised_host": vc.brokers.advertised_host, "port_range": vc.brokers.port_range },
             "upstream": upstream,
         });
-        if let Some(tls) = &vc.tls {
-            cluster["tls"] = json!({
-                "client_auth": "required",
-                "client_trust_bundles": client_trust_bundles(snapshot, name, &tls.client_trust_bundles, &pem_dir)?,
-            });
-            if tls.identity.as_deref() == Some("svid") {
-                cluster["tls"]["identity"] = json!("svid");
-            } else {
-                cluster["tls"]["cert"] = json!(tls.cert_file);
-                cluster["tls"]["key"] = json!(tls.key_file);
-            }
-        }
-
-        let applies = |targets: &[String]| targets.is_empty() || targets.iter().any(|t| t == name);
-        let mut rules = Vec::new();
-        // Fail closed: a policy that applies installs authorization even with
-        // no rule left, which then denies everything.
-        let mut authorized = false;
-        for policy in snapshot.authorization_policies.values() {
-            if !applies(&policy.virtual_clusters) {
-                continue;
-            }
-            authorized = true;
-            for rule in &policy.rules {
-                let allow: Vec<&str> = rule.allow.iter().map(|op| operation_name(*op)).collect();
-                let mut base = json!({ "principal": rule.principal, "allow": allow });
-                if let Some(t) = &rule.not_before {
-                    base["not_before"] = json!(t);
-                }
-                if let Some(t) = &rule.not_after {
-                    base["not_after"] = json!(t);
-                }
-                for topic in &rule.topics {
-                    let mut r = base.clone();
-                    r["topic"] = json!(topic);
-                    rules.push(r);
-                }
-                for group in &rule.groups {
-                    let mut r = base.clone();
-                    r["group"] = json!(group);
-                    rules.push(r);
-                }
-            }
-        }
-        if authorized {
-            cluster["authorization"] = json!({ "rules": rules });
-        }
-
-        let mut encryption_rules = Vec::new();
-        let mut reject = false;
-        for policy in snapshot.encryption_policies.values() {
-            if !applies(&policy.virtual_clusters) {
-                continue;
-            }
-            reject |= matches!(
-                policy.unresolved_key_policy,
-                strait_control_client::state::spec::UnresolvedKeyPolicy::Reject
-            );
-            for rule in &policy.rules {
-                realms_used.insert(rule.kms.clone());
-                for topic in &rule.topics {
-                    encryption_rules.push(json!({
-                        "topic": topic,
-                        "kms": rule.kms,
-                        "kek": rule.kek_template.replace("$(topicName)", "$(topic)"),
-                    }));
-                }
-            }
-        }
-        if !encryption_rules.is_empty() {
-            cluster["encryption"] = json!({
-                "rules": encryption_rules,
-                "on_missing_key": if reject { "reject" } else { "passthrough" },
-            });
-        }
+        listener_and_policies(snapshot, name, vc, &mut cluster, &pem_dir, &mut realms_used)?;
         clusters.push(cluster);
     }
 
@@ -243,6 +188,94 @@ fn translate(
         kms.push(entry);
     }
     Ok((clusters, kms))
+}
+
+/// What a virtual cluster gets whatever its upstream: its client-facing TLS
+/// and the authorization and encryption policies that apply to it.
+fn listener_and_policies(
+    snapshot: &EdgeSnapshot,
+    name: &str,
+    vc: &strait_control_client::state::spec::VirtualClusterSpec,
+    cluster: &mut Value,
+    pem_dir: &Path,
+    realms_used: &mut std::collections::BTreeSet<String>,
+) -> anyhow::Result<()> {
+    if let Some(tls) = &vc.tls {
+        cluster["tls"] = json!({
+            "client_auth": "required",
+            "client_trust_bundles": client_trust_bundles(snapshot, name, &tls.client_trust_bundles, pem_dir)?,
+        });
+        if tls.identity.as_deref() == Some("svid") {
+            cluster["tls"]["identity"] = json!("svid");
+        } else {
+            cluster["tls"]["cert"] = json!(tls.cert_file);
+            cluster["tls"]["key"] = json!(tls.key_file);
+        }
+    }
+
+    let applies = |targets: &[String]| targets.is_empty() || targets.iter().any(|t| t == name);
+    let mut rules = Vec::new();
+    // Fail closed: a policy that applies installs authorization even with
+    // no rule left, which then denies everything.
+    let mut authorized = false;
+    for policy in snapshot.authorization_policies.values() {
+        if !applies(&policy.virtual_clusters) {
+            continue;
+        }
+        authorized = true;
+        for rule in &policy.rules {
+            let allow: Vec<&str> = rule.allow.iter().map(|op| operation_name(*op)).collect();
+            let mut base = json!({ "principal": rule.principal, "allow": allow });
+            if let Some(t) = &rule.not_before {
+                base["not_before"] = json!(t);
+            }
+            if let Some(t) = &rule.not_after {
+                base["not_after"] = json!(t);
+            }
+            for topic in &rule.topics {
+                let mut r = base.clone();
+                r["topic"] = json!(topic);
+                rules.push(r);
+            }
+            for group in &rule.groups {
+                let mut r = base.clone();
+                r["group"] = json!(group);
+                rules.push(r);
+            }
+        }
+    }
+    if authorized {
+        cluster["authorization"] = json!({ "rules": rules });
+    }
+
+    let mut encryption_rules = Vec::new();
+    let mut reject = false;
+    for policy in snapshot.encryption_policies.values() {
+        if !applies(&policy.virtual_clusters) {
+            continue;
+        }
+        reject |= matches!(
+            policy.unresolved_key_policy,
+            strait_control_client::state::spec::UnresolvedKeyPolicy::Reject
+        );
+        for rule in &policy.rules {
+            realms_used.insert(rule.kms.clone());
+            for topic in &rule.topics {
+                encryption_rules.push(json!({
+                    "topic": topic,
+                    "kms": rule.kms,
+                    "kek": rule.kek_template.replace("$(topicName)", "$(topic)"),
+                }));
+            }
+        }
+    }
+    if !encryption_rules.is_empty() {
+        cluster["encryption"] = json!({
+            "rules": encryption_rules,
+            "on_missing_key": if reject { "reject" } else { "passthrough" },
+        });
+    }
+    Ok(())
 }
 
 /// A virtual cluster's `tls.client_trust_bundles`: one entry per trust
@@ -358,6 +391,7 @@ mod tests {
                         port_range: "19100-19199".into(),
                     },
                     tls: None,
+                    remote: None,
                 },
             )]),
             kafka_clusters: BTreeMap::from([(
@@ -373,6 +407,8 @@ mod tests {
             kms_realms: BTreeMap::new(),
             trust_bundles: BTreeMap::new(),
             deny_lists: BTreeMap::new(),
+            mesh_peers: BTreeMap::new(),
+            edge_mesh: None,
         }
     }
 
@@ -610,6 +646,89 @@ mod tests {
                 "retry": {"attempts": 3, "max_backoff": "5s", "min_backoff": "500ms", "timeout": "10s"},
             }])
         );
+    }
+
+    #[test]
+    fn mesh_peers_and_remote_clusters_become_the_mesh_section() {
+        use strait_control_client::state::spec::{EdgeMeshSpec, MeshPeerSpec, RemoteSpec};
+        let dir = tempfile::tempdir().unwrap();
+        let mut snap = plain_snapshot();
+        snap.edge_mesh = Some(EdgeMeshSpec {
+            listen: Some("127.0.0.1:7443".into()),
+            listen_tcp: None,
+        });
+        snap.mesh_peers.insert(
+            "edge-west".into(),
+            MeshPeerSpec {
+                edge: "edge-east".into(),
+                peer: None,
+                addresses: vec!["127.0.0.1:7444".into()],
+                spiffe_id: "spiffe://west.example/edge/edge-west".into(),
+                transport: Some("tls-tcp".into()),
+                may_assert: vec!["spiffe://west.example/*".into()],
+                exports: vec!["orders".into()],
+            },
+        );
+        let mut remote = snap.virtual_clusters["orders"].clone();
+        remote.cluster = String::new();
+        remote.bootstrap = "127.0.0.1:29092".into();
+        remote.brokers.port_range = "29100-29199".into();
+        remote.remote = Some(RemoteSpec {
+            peer: "edge-west".into(),
+            virtual_cluster: "west-orders".into(),
+        });
+        snap.virtual_clusters.insert("west-orders".into(), remote);
+        // No bundle of the peer's domain: the translation fails, naming it.
+        let err = compose(None, Some(&snap), true, dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "MeshPeer: no TrustBundle of trust domain 'west.example', which a peer's SPIFFE ID names"
+        );
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap()
+            .pem();
+        snap.trust_bundles.insert(
+            "west".into(),
+            TrustBundleSpec {
+                trust_domain: "west.example".into(),
+                pem: ca.clone(),
+            },
+        );
+        let config = compose(None, Some(&snap), true, dir.path()).unwrap();
+        let mesh = config.mesh.unwrap();
+        assert_eq!(mesh.listen, Some("127.0.0.1:7443".parse().unwrap()));
+        assert_eq!(mesh.identity, strait_tls::ServedCertificate::Svid);
+        assert_eq!(mesh.peers.len(), 1);
+        assert_eq!(
+            mesh.peers[0].transport,
+            strait_edge_config::MeshTransport::TlsTcp
+        );
+        assert_eq!(mesh.peers[0].exports, vec!["orders".to_owned()]);
+        assert_eq!(mesh.trust_bundles[0].trust_domain, "west.example");
+        let remote = config
+            .virtual_clusters
+            .iter()
+            .find(|vc| vc.name == "west-orders")
+            .unwrap();
+        assert_eq!(
+            remote.upstream.remote,
+            Some(strait_edge_config::Remote {
+                peer: "edge-west".into(),
+                virtual_cluster: "west-orders".into(),
+            })
+        );
+        // A mesh written in the edge's file wins over the control plane's.
+        let file = format!(
+            "mesh:\n  identity: {{ cert: c.pem, key: k.pem }}\n  trust_bundles: [{{ trust_domain: west.example, pem: \"{}\" }}]\n  peers: [{{ name: edge-west, address: \"127.0.0.1:1\", spiffe_id: \"spiffe://west.example/edge/x\" }}]\n",
+            dir.path().join("pem/mesh-west.example.pem").display()
+        );
+        let config = compose(Some(&file), Some(&snap), true, dir.path()).unwrap();
+        assert!(matches!(
+            config.mesh.unwrap().identity,
+            strait_tls::ServedCertificate::Files { .. }
+        ));
     }
 
     #[test]

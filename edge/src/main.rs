@@ -236,18 +236,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The mesh starts before the virtual clusters (remote ones need its
     // links) and serves the clusters' runtimes to peers once they run.
     let (tunnel_targets, tunnel_targets_rx) = tokio::sync::watch::channel(Default::default());
-    let mesh = match &config.mesh {
+    let mesh_metrics =
+        strait_mesh::metrics::MeshMetrics::register(registry.sub_registry_with_prefix("strait"));
+    let svid_credentials = edge_svid.as_ref().map(|s| s.credentials.clone());
+    let mut mesh = match &config.mesh {
         Some(mesh) => Some(
             strait_mesh::Mesh::start(
                 mesh,
-                edge_svid.as_ref().map(|s| s.credentials.clone()),
-                tunnel_targets_rx,
-                registry.sub_registry_with_prefix("strait"),
+                svid_credentials.clone(),
+                tunnel_targets_rx.clone(),
+                mesh_metrics.clone(),
             )
             .await?,
         ),
         None => None,
     };
+    // What /readyz lists: the tunnels of the mesh in force, whichever that is.
+    let tunnel_view: Arc<Mutex<Option<strait_proxy::admin::TunnelStates>>> =
+        Arc::new(Mutex::new(mesh.as_ref().map(|m| m.tunnel_states())));
     let registry = Arc::new(RwLock::new(registry));
     let ready = Arc::new(AtomicBool::new(false));
     let own_identity = edge_svid
@@ -266,9 +272,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut server = AdminServer::bind(address, registry.clone(), ready.clone())
                 .await
                 .map_err(|err| anyhow::anyhow!("cannot bind admin endpoint {address}: {err}"))?;
-            if let Some(mesh) = &mesh {
-                server = server.with_tunnels(mesh.tunnel_states());
-            }
+            let view = tunnel_view.clone();
+            server = server.with_tunnels(Arc::new(move || {
+                view.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .map(|states| states())
+                    .unwrap_or_default()
+            }));
             tracing::info!(address = %server.local_addr()?, "admin endpoint listening");
             Some(tokio::spawn(server.serve(stop_admin.clone())))
         }
@@ -381,7 +392,34 @@ async fn run(args: Args) -> anyhow::Result<()> {
             continue;
         }
         if config.mesh != running.mesh {
-            tracing::warn!("the mesh section changed; it takes effect when the edge restarts (the running tunnels keep their configuration)");
+            // Tunnels are rebuilt (open tunneled connections end; clients
+            // reconnect), then the remote clusters restart on the new links.
+            if let Some(old) = mesh.take() {
+                old.shutdown().await;
+            }
+            *tunnel_view.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            if let Some(wanted) = &config.mesh {
+                match strait_mesh::Mesh::start(
+                    wanted,
+                    svid_credentials.clone(),
+                    tunnel_targets_rx.clone(),
+                    mesh_metrics.clone(),
+                )
+                .await
+                {
+                    Ok(started) => {
+                        tracing::info!(peers = wanted.peers.len(), "mesh (re)configured");
+                        *tunnel_view.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(started.tunnel_states());
+                        mesh = Some(started);
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "the new mesh section cannot start; virtual clusters behind peers are down until it can");
+                    }
+                }
+            }
+            edge.replace_remote_upstreams(mesh.as_ref().map(|m| m.upstreams()))
+                .await;
         }
         // A revocation takes effect even if the rest of the change fails below.
         edge.set_deny_list(&config.deny_identities);

@@ -25,8 +25,9 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use strait_control_state::spec::{
-    AuthorizationPolicySpec, DenyListSpec, EdgeStatus, EncryptionPolicySpec, KafkaClusterSpec,
-    KmsRealmSpec, TrustBundleSpec, VirtualClusterSpec,
+    AuthorizationPolicySpec, DenyListSpec, EdgeMeshSpec, EdgeSpec, EdgeStatus,
+    EncryptionPolicySpec, KafkaClusterSpec, KmsRealmSpec, MeshPeerSpec, TrustBundleSpec,
+    VirtualClusterSpec,
 };
 use strait_control_state::Kind;
 use strait_proto::control as pb;
@@ -368,6 +369,12 @@ pub struct EdgeSnapshot {
     /// caches written before deny lists existed.
     #[serde(default)]
     pub deny_lists: BTreeMap<String, DenyListSpec>,
+    /// This edge's peers (MeshPeers whose `spec.edge` is this edge).
+    #[serde(default)]
+    pub mesh_peers: BTreeMap<String, MeshPeerSpec>,
+    /// `spec.mesh` of this edge's own Edge resource.
+    #[serde(default)]
+    pub edge_mesh: Option<EdgeMeshSpec>,
 }
 
 impl EdgeSnapshot {
@@ -379,11 +386,15 @@ impl EdgeSnapshot {
             && self.kms_realms == o.kms_realms
             && self.trust_bundles == o.trust_bundles
             && self.deny_lists == o.deny_lists
+            && self.mesh_peers == o.mesh_peers
+            && self.edge_mesh == o.edge_mesh
     }
 }
 
 /// Kinds an edge watches.
-pub const EDGE_KINDS: [Kind; 7] = [
+pub const EDGE_KINDS: [Kind; 9] = [
+    Kind::Edge,
+    Kind::MeshPeer,
     Kind::VirtualCluster,
     Kind::KafkaCluster,
     Kind::AuthorizationPolicy,
@@ -444,6 +455,11 @@ pub fn build_snapshot(edge: &str, revision: u64, store: &Store) -> EdgeSnapshot 
     });
     let trust_bundles = typed_map(store, Kind::TrustBundle, |_, _: &TrustBundleSpec| true);
     let deny_lists = typed_map(store, Kind::DenyList, |_, _: &DenyListSpec| true);
+    let mesh_peers = typed_map(store, Kind::MeshPeer, |_, p: &MeshPeerSpec| p.edge == edge);
+    let edge_mesh = typed_map(store, Kind::Edge, |name, _: &EdgeSpec| name == edge)
+        .into_values()
+        .next()
+        .and_then(|e| e.mesh);
     EdgeSnapshot {
         edge: edge.to_string(),
         revision,
@@ -455,6 +471,8 @@ pub fn build_snapshot(edge: &str, revision: u64, store: &Store) -> EdgeSnapshot 
         kms_realms,
         trust_bundles,
         deny_lists,
+        mesh_peers,
+        edge_mesh,
     }
 }
 

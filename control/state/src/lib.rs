@@ -2,6 +2,7 @@
 //! command and returns its outcome and the watch events it produced; no IO,
 //! no clocks, no randomness, so every replica computes the same result.
 
+mod mesh_spec;
 pub mod spec;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -32,10 +33,12 @@ pub enum Kind {
     CertificateAuthority,
     /// A KMS broker's registration; its status is the broker's heartbeat.
     KmsBroker,
+    /// A peer edge of one edge (`spec::MeshPeerSpec`).
+    MeshPeer,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::KafkaCluster,
         Kind::Edge,
         Kind::VirtualCluster,
@@ -50,6 +53,7 @@ impl Kind {
         Kind::IssuedCertificate,
         Kind::CertificateAuthority,
         Kind::KmsBroker,
+        Kind::MeshPeer,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -68,6 +72,7 @@ impl Kind {
             Kind::IssuedCertificate => "IssuedCertificate",
             Kind::CertificateAuthority => "CertificateAuthority",
             Kind::KmsBroker => "KmsBroker",
+            Kind::MeshPeer => "MeshPeer",
         }
     }
 
@@ -92,6 +97,7 @@ impl Kind {
             "issuedcertificate" | "cert" | "certificate" => Kind::IssuedCertificate,
             "certificateauthority" | "certificateauthoritie" | "ca" => Kind::CertificateAuthority,
             "kmsbroker" | "kb" => Kind::KmsBroker,
+            "meshpeer" | "peer" | "mp" => Kind::MeshPeer,
             _ => {
                 let names: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
                 return Err(format!(
@@ -130,6 +136,7 @@ impl Kind {
             Kind::IssuedCertificate => check::<spec::IssuedCertificateSpec>(spec),
             Kind::CertificateAuthority => check::<spec::CertificateAuthoritySpec>(spec),
             Kind::KmsBroker => check::<spec::KmsBrokerSpec>(spec),
+            Kind::MeshPeer => check::<spec::MeshPeerSpec>(spec),
         }
     }
 }

@@ -4,6 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::mesh_spec::{EdgeMeshSpec, MeshPeerSpec, RemoteSpec};
 use crate::ValidationError;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -93,6 +94,9 @@ pub struct EdgeSpec {
     pub advertised_addresses: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub description: Option<String>,
+    /// Where the edge accepts tunnels from peer edges.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mesh: Option<crate::mesh_spec::EdgeMeshSpec>,
 }
 
 /// A KMS broker's registration (created by the broker itself on its first
@@ -150,8 +154,13 @@ pub struct EdgeStatus {
 pub struct VirtualClusterSpec {
     /// Name of the Edge that exposes this virtual cluster.
     pub edge: String,
-    /// Name of the KafkaCluster behind it.
+    /// Name of the KafkaCluster behind it (empty with `remote`).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster: String,
+    /// Instead of `cluster`: a virtual cluster of a peer edge (MeshPeer
+    /// `peer` of this edge), reached through the tunnel.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote: Option<crate::mesh_spec::RemoteSpec>,
     /// `host:port` the edge listens on for bootstrap.
     pub bootstrap: String,
     pub brokers: BrokerAddressing,
@@ -465,7 +474,7 @@ pub fn parse_rfc3339(s: &str) -> Result<i64, String> {
         .map_err(|e| format!("'{s}' is not an RFC 3339 timestamp: {e}"))
 }
 
-fn check_host_port(path: &str, v: &str, errs: &mut Vec<ValidationError>) {
+pub(crate) fn check_host_port(path: &str, v: &str, errs: &mut Vec<ValidationError>) {
     let ok = v
         .rsplit_once(':')
         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
@@ -477,7 +486,7 @@ fn check_host_port(path: &str, v: &str, errs: &mut Vec<ValidationError>) {
     }
 }
 
-fn check_name_ref(path: &str, v: &str, errs: &mut Vec<ValidationError>) {
+pub(crate) fn check_name_ref(path: &str, v: &str, errs: &mut Vec<ValidationError>) {
     if let Err(m) = crate::validate_name(v) {
         errs.push(ValidationError::new(path, m));
     }
@@ -577,13 +586,25 @@ impl Validate for EdgeSpec {
         for (i, a) in self.advertised_addresses.iter().enumerate() {
             check_host_port(&format!("spec.advertised_addresses[{i}]"), a, errs);
         }
+        if let Some(mesh) = &self.mesh {
+            mesh.validate(errs);
+        }
     }
 }
 
 impl Validate for VirtualClusterSpec {
     fn validate(&self, errs: &mut Vec<ValidationError>) {
         check_name_ref("spec.edge", &self.edge, errs);
-        check_name_ref("spec.cluster", &self.cluster, errs);
+        match &self.remote {
+            None => check_name_ref("spec.cluster", &self.cluster, errs),
+            Some(_) if !self.cluster.is_empty() => {
+                errs.push(ValidationError::new("spec", "use one of cluster, remote"))
+            }
+            Some(remote) => {
+                check_name_ref("spec.remote.peer", &remote.peer, errs);
+                check_name_ref("spec.remote.virtual_cluster", &remote.virtual_cluster, errs);
+            }
+        }
         check_host_port("spec.bootstrap", &self.bootstrap, errs);
         if self.brokers.advertised_host.trim().is_empty() {
             errs.push(ValidationError::new(

@@ -31,7 +31,6 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use prometheus_client::registry::Registry;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use quinn::{Endpoint, TransportConfig, VarInt};
 use rustls::pki_types::CertificateDer;
@@ -94,6 +93,9 @@ pub struct Mesh {
     links: Arc<HashMap<String, Arc<PeerLink>>>,
     metrics: MeshMetrics,
     stop: CancellationToken,
+    /// The accept loops and dialers: they hold the sockets, so a
+    /// reconfigured mesh can bind the same addresses once they are done.
+    tasks: tokio_util::task::TaskTracker,
 }
 
 impl Mesh {
@@ -104,9 +106,10 @@ impl Mesh {
         config: &MeshConfig,
         svid: Option<CredentialReceiver>,
         targets: watch::Receiver<TunnelTargets>,
-        registry: &mut Registry,
+        metrics: MeshMetrics,
     ) -> Result<Mesh, MeshError> {
         let stop = CancellationToken::new();
+        let tasks = tokio_util::task::TaskTracker::new();
         let credentials = match &config.identity {
             ServedCertificate::Files { cert, key } => FileCredentials::start(
                 cert.clone(),
@@ -131,7 +134,6 @@ impl Mesh {
                 .map_err(|e| MeshError::Bundle(e.to_string()))?;
             roots.by_domain.insert(bundle.trust_domain.clone(), certs);
         }
-        let metrics = MeshMetrics::register(registry);
         let mut links = HashMap::new();
         for peer in &config.peers {
             let policy = PeerPolicy::new(peer).map_err(MeshError::Peer)?;
@@ -146,7 +148,8 @@ impl Mesh {
                     .map_err(|e| MeshError::Tls(e.to_string()))?;
                 let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
                 server.transport_config(transport());
-                let endpoint = Endpoint::server(server, address)
+                let endpoint = rebind(|| Endpoint::server(server.clone(), address))
+                    .await
                     .map_err(|source| MeshError::Bind { address, source })?;
                 tracing::info!(%address, "mesh listening (QUIC)");
                 endpoint
@@ -159,7 +162,7 @@ impl Mesh {
             })?,
         };
         if config.listen.is_some() {
-            tokio::spawn(accept_loop(
+            tasks.spawn(accept_loop(
                 endpoint.clone(),
                 links.clone(),
                 targets.clone(),
@@ -169,11 +172,15 @@ impl Mesh {
         }
         if let Some(address) = config.listen_tcp {
             let server = tls::server_config(credentials.clone(), &roots).map_err(MeshError::Tls)?;
-            let listener = tokio::net::TcpListener::bind(address)
-                .await
-                .map_err(|source| MeshError::Bind { address, source })?;
+            let listener = rebind(|| {
+                let socket = std::net::TcpListener::bind(address)?;
+                socket.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(socket)
+            })
+            .await
+            .map_err(|source| MeshError::Bind { address, source })?;
             tracing::info!(%address, "mesh listening (TLS over TCP)");
-            tokio::spawn(tcp::accept_loop(
+            tasks.spawn(tcp::accept_loop(
                 listener,
                 tokio_rustls::TlsAcceptor::from(Arc::new(server)),
                 links.clone(),
@@ -207,7 +214,7 @@ impl Mesh {
             };
             let (serve_link, serve_targets, serve_metrics) =
                 (link.clone(), targets.clone(), metrics.clone());
-            tokio::spawn(links::keep_dialed(
+            tasks.spawn(links::keep_dialed(
                 dialer,
                 link.clone(),
                 metrics.clone(),
@@ -226,11 +233,13 @@ impl Mesh {
                 },
             ));
         }
+        tasks.close();
         Ok(Mesh {
             endpoint,
             links,
             metrics,
             stop,
+            tasks,
         })
     }
 
@@ -261,7 +270,26 @@ impl Mesh {
         self.stop.cancel();
         self.endpoint
             .close(CLOSE_SHUTDOWN.into(), b"edge shutting down");
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
+    }
+}
+
+/// Binds, retrying for up to 5 s while the address is still in use: a
+/// reconfigured mesh binds the address the previous one just released, and
+/// its sockets close only once their last tasks have been dropped.
+async fn rebind<T>(mut bind: impl FnMut() -> std::io::Result<T>) -> std::io::Result<T> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        match bind() {
+            Err(e)
+                if e.kind() == std::io::ErrorKind::AddrInUse
+                    && tokio::time::Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other,
+        }
     }
 }
 

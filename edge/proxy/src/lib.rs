@@ -218,6 +218,24 @@ impl Edge {
         }
     }
 
+    /// Puts new upstreams for `upstream.remote` clusters in place (the mesh
+    /// was reconfigured): every remote cluster is stopped and drained now, and
+    /// the next [`Edge::apply`] starts it again on them.
+    pub async fn replace_remote_upstreams(&mut self, remote: Option<Arc<dyn RemoteUpstreams>>) {
+        self.remote = remote;
+        let remote_clusters: Vec<String> = self
+            .clusters
+            .iter()
+            .filter(|(_, e)| e.config.upstream.remote.is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in remote_clusters {
+            if let Some(entry) = self.clusters.remove(&name) {
+                self.retire(entry).await;
+            }
+        }
+    }
+
     pub fn cluster_names(&self) -> impl Iterator<Item = &str> {
         self.clusters.keys().map(String::as_str)
     }

@@ -177,7 +177,8 @@ pub fn is_secret(kind: Kind) -> bool {
         | Kind::FailoverGroup
         | Kind::AccessRule
         | Kind::DenyList
-        | Kind::KmsBroker => false,
+        | Kind::KmsBroker
+        | Kind::MeshPeer => false,
         Kind::JoinToken | Kind::IssuedCertificate | Kind::CertificateAuthority => true,
     }
 }
@@ -194,7 +195,8 @@ pub fn edge_reads(kind: Kind) -> bool {
         | Kind::KmsRealm
         | Kind::TrustBundle
         | Kind::FailoverGroup
-        | Kind::DenyList => true,
+        | Kind::DenyList
+        | Kind::MeshPeer => true,
         Kind::AccessRule
         | Kind::JoinToken
         | Kind::IssuedCertificate
@@ -217,7 +219,8 @@ pub fn kms_broker_reads(kind: Kind) -> bool {
         | Kind::JoinToken
         | Kind::IssuedCertificate
         | Kind::CertificateAuthority
-        | Kind::KmsBroker => false,
+        | Kind::KmsBroker
+        | Kind::MeshPeer => false,
     }
 }
 

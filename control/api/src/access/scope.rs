@@ -6,7 +6,8 @@ use std::collections::BTreeSet;
 
 use serde::de::DeserializeOwned;
 use strait_control_state::spec::{
-    AuthorizationPolicySpec, EncryptionPolicySpec, FailoverGroupSpec, VirtualClusterSpec,
+    AuthorizationPolicySpec, EncryptionPolicySpec, FailoverGroupSpec, MeshPeerSpec,
+    VirtualClusterSpec,
 };
 use strait_control_state::{Kind, Resource};
 
@@ -34,6 +35,7 @@ pub struct EdgeScope {
     authorization_policies: BTreeSet<String>,
     encryption_policies: BTreeSet<String>,
     realms: BTreeSet<String>,
+    mesh_peers: BTreeSet<String>,
 }
 
 impl EdgeScope {
@@ -46,7 +48,14 @@ impl EdgeScope {
         for (name, v) in typed::<VirtualClusterSpec>(&all, Kind::VirtualCluster) {
             if v.edge == edge {
                 s.virtual_clusters.insert(name.to_string());
-                s.clusters.insert(v.cluster);
+                if !v.cluster.is_empty() {
+                    s.clusters.insert(v.cluster);
+                }
+            }
+        }
+        for (name, p) in typed::<MeshPeerSpec>(&all, Kind::MeshPeer) {
+            if p.edge == edge {
+                s.mesh_peers.insert(name.to_string());
             }
         }
         // A failover group of a cluster the edge uses brings its standbys:
@@ -91,6 +100,8 @@ impl EdgeScope {
             Kind::AuthorizationPolicy => self.authorization_policies.contains(name),
             Kind::EncryptionPolicy => self.encryption_policies.contains(name),
             Kind::KmsRealm => self.realms.contains(name),
+            // Its own peers only: another edge's peers say what it trusts.
+            Kind::MeshPeer => self.mesh_peers.contains(name),
             // Public certificates; an edge may need any of them to verify peers.
             Kind::TrustBundle => true,
             // Every edge enforces every deny list.
@@ -110,7 +121,8 @@ impl EdgeScope {
             Kind::VirtualCluster
             | Kind::FailoverGroup
             | Kind::AuthorizationPolicy
-            | Kind::EncryptionPolicy => true,
+            | Kind::EncryptionPolicy
+            | Kind::MeshPeer => true,
             Kind::Edge
             | Kind::KafkaCluster
             | Kind::KmsRealm

@@ -296,6 +296,40 @@ fn spec_validation_paths() {
             Some("spec.backend"),
         ),
         (
+            Kind::MeshPeer,
+            json!({"edge":"edge-east","peer":"edge-west","addresses":["10.0.0.2:7443"],
+                   "spiffe_id":"spiffe://west.example/edge/edge-west","transport":"quic",
+                   "may_assert":["spiffe://west.example/*"],"exports":["orders"]}),
+            None,
+        ),
+        (
+            Kind::MeshPeer,
+            json!({"edge":"edge-east","spiffe_id":"west/edge","transport":"udp"}),
+            Some("spec.spiffe_id"),
+        ),
+        (
+            Kind::MeshPeer,
+            json!({"edge":"edge-east","spiffe_id":"spiffe://w/edge/x","transport":"udp"}),
+            Some("spec.transport"),
+        ),
+        (
+            Kind::VirtualCluster,
+            json!({"edge":"e","remote":{"peer":"p","virtual_cluster":"v"},"bootstrap":"h:1",
+                   "brokers":{"advertised_host":"h","port_range":"100-110"}}),
+            None,
+        ),
+        (
+            Kind::VirtualCluster,
+            json!({"edge":"e","cluster":"c","remote":{"peer":"p","virtual_cluster":"v"},"bootstrap":"h:1",
+                   "brokers":{"advertised_host":"h","port_range":"100-110"}}),
+            Some("spec"),
+        ),
+        (
+            Kind::Edge,
+            json!({"mesh":{"listen":"nope"}}),
+            Some("spec.mesh.listen"),
+        ),
+        (
             Kind::KmsRealm,
             json!({"provider":"gcp"}),
             Some("spec.provider"),

@@ -155,6 +155,28 @@ mod tests {
     }
 
     #[test]
+    fn an_edge_sees_its_own_mesh_peers_and_remote_clusters_name_no_kafka_cluster() {
+        let peer = |edge: &str| json!({"edge": edge, "spiffe_id": "spiffe://d/edge/x"});
+        let all = vec![
+            res(Kind::MeshPeer, "e1-x", peer("e1")),
+            res(Kind::MeshPeer, "e2-x", peer("e2")),
+            res(
+                Kind::VirtualCluster,
+                "remote",
+                json!({"edge": "e1", "remote": {"peer": "x", "virtual_cluster": "orders"},
+                       "bootstrap": "127.0.0.1:19092",
+                       "brokers": {"advertised_host": "127.0.0.1", "port_range": "19100-19199"}}),
+            ),
+        ];
+        let scope = EdgeScope::of("e1", &all);
+        assert!(scope.contains(Kind::MeshPeer, "e1-x"));
+        assert!(!scope.contains(Kind::MeshPeer, "e2-x"));
+        assert!(scope.contains(Kind::VirtualCluster, "remote"));
+        assert!(!scope.contains(Kind::KafkaCluster, ""));
+        assert!(EdgeScope::depends_on(Kind::MeshPeer));
+    }
+
+    #[test]
     fn an_edge_sees_its_own_things_only() {
         let vc = |edge: &str, cluster: &str| {
             json!({"edge": edge, "cluster": cluster, "bootstrap": "127.0.0.1:19092",

@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export STRAIT_TANSU_BIN ?= $(HOME)/.cache/strait/tools/bin/tansu
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke lint fmt
+.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke bench-mesh bench-mesh-smoke lint fmt
 
 all: build
 
@@ -60,6 +60,15 @@ bench-compare: setup
 # (what integration/tests/test_bench_smoke.py runs in CI). Debug binaries from `make build`.
 bench-compare-smoke: setup build
 	$(PYTHON) integration/bench/compare.py --smoke --profile debug
+
+# The cross-site path: QUIC tunnel vs TLS-over-TCP tunnel vs straight to the far edge, 3 interleaved rounds;
+# writes integration/bench/mesh.json, mesh.md and the mesh block of docs/benchmarks.md. About 5 minutes.
+bench-mesh: setup
+	cargo build --release -p strait-edge -p strait-loadgen
+	$(PYTHON) integration/bench/mesh.py $(BENCH_ARGS)
+
+bench-mesh-smoke: setup build
+	$(PYTHON) integration/bench/mesh.py --smoke
 
 lint:
 	cargo fmt --all -- --check

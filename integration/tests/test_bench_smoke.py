@@ -48,3 +48,14 @@ def test_compare_smoke_every_target_delivers_and_encrypts(tmp_path):
     md = out.with_suffix(".md").read_text()
     assert "| 1000 B | 1 | encryption | kroxylicious |" in md
     assert result["meta"]["kroxylicious_version"] in md
+
+
+@pytest.mark.timeout(600)
+def test_mesh_benchmark_smoke_runs_every_path():
+    """integration/bench/mesh.py --smoke: quic, tls-tcp and direct paths each deliver every record."""
+    mesh = Path(__file__).resolve().parents[1] / "bench" / "mesh.py"
+    r = subprocess.run([sys.executable, str(mesh), "--smoke"], capture_output=True, text=True, timeout=540,
+                       env=dict(os.environ, RUST_BACKTRACE="0"))
+    assert r.returncode == 0, f"mesh.py --smoke failed ({r.returncode}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    assert "[bench-mesh] smoke OK: quic" in r.stdout
+    assert "tls-tcp" in r.stdout and "direct" in r.stdout

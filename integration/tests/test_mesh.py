@@ -107,7 +107,7 @@ def produce(config: dict, topic: str, values: list[bytes]) -> list:
 
 def consume(config: dict, topic: str, count: int, timeout: float = 30) -> list[bytes]:
     from confluent_kafka import Consumer
-    consumer = Consumer({**config, "group.id": unique("g"), "auto.offset.reset": "earliest"})
+    consumer = Consumer({"group.id": unique("g"), "auto.offset.reset": "earliest", **config})
     consumer.subscribe([topic])
     got: list[bytes] = []
     deadline = time.monotonic() + timeout
@@ -304,5 +304,62 @@ def test_a_thousand_client_connections_share_one_tunnel(broker, logs, tmp_path):
         assert east.unexpected_errors() == [] and west.unexpected_errors() == []
     finally:
         done.set()
+        west.terminate()
+        east.terminate()
+
+
+def test_every_codec_kafka_python_and_a_resuming_group_cross_the_tunnel(broker, logs, tmp_path):
+    """Through west's bootstrap only: confluent-kafka with each codec, kafka-python producing and consuming,
+    and a consumer group that commits, closes and resumes where it left off."""
+    from confluent_kafka import Consumer
+    from kafka import KafkaConsumer, KafkaProducer
+    kafka = broker()
+    east_pki, west_pki = sites(tmp_path)
+    mesh_port = free_port()
+    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, mesh_port).start()
+    west = west_edge(logs, east_pki, west_pki, mesh_port).start()
+    try:
+        wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
+                 what="west's tunnel to east")
+        orders = client(west, west_pki, "orders")
+        topic = unique("codecs")
+        create_topic(kafka.bootstrap, topic)
+        sent: list[bytes] = []
+        for codec in ("none", "gzip", "snappy", "lz4", "zstd"):
+            values = [f"{codec}-{i}".encode() * 20 for i in range(10)]
+            assert produce({**orders, "compression.type": codec}, topic, values) == [None] * 10, codec
+            sent += values
+        assert consume(orders, topic, len(sent)) == sent
+
+        ssl = {**west_pki.kafka_python_ssl("orders"), "ssl_check_hostname": False}
+        kp_topic = unique("kafka-python")
+        create_topic(kafka.bootstrap, kp_topic)
+        producer = KafkaProducer(bootstrap_servers=west.bootstrap, compression_type="gzip", acks="all", **ssl)
+        for i in range(10):
+            producer.send(kp_topic, value=b"kp-%d" % i).get(timeout=30)
+        producer.close()
+        kc = KafkaConsumer(kp_topic, bootstrap_servers=west.bootstrap, auto_offset_reset="earliest",
+                           consumer_timeout_ms=20000, **ssl)
+        assert [m.value for m in kc][:10] == [b"kp-%d" % i for i in range(10)]
+        kc.close()
+
+        group = unique("resume")
+        first = Consumer({**orders, "group.id": group, "auto.offset.reset": "earliest",
+                          "enable.auto.commit": False})
+        first.subscribe([topic])
+        got: list[bytes] = []
+        deadline = time.monotonic() + 30
+        while len(got) < 20 and time.monotonic() < deadline:
+            m = first.poll(0.5)
+            if m is not None and m.error() is None:
+                got.append(m.value())
+                if len(got) == 20:
+                    first.commit(message=m, asynchronous=False)
+        first.close()
+        assert got == sent[:20]
+        resumed = consume({**orders, "group.id": group, "auto.offset.reset": "earliest"}, topic, len(sent) - 20)
+        assert resumed == sent[20:]
+        assert east.unexpected_errors() == [] and west.unexpected_errors() == []
+    finally:
         west.terminate()
         east.terminate()

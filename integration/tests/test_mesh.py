@@ -127,15 +127,27 @@ def create_topic(bootstrap: str, name: str) -> None:
     admin.create_topics([NewTopic(name, 1, 1)])[name].result(30)
 
 
-def test_west_client_produces_and_consumes_east_topics_through_its_own_edge(broker, logs, tmp_path):
+def linked(broker, logs: Path, tmp_path: Path, transport: str = "quic"):
+    """Kafka, both sites' PKIs, and east and west edges with west's tunnel up (on `transport`)."""
     kafka = broker()
     east_pki, west_pki = sites(tmp_path)
-    mesh_port = free_port()
-    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, mesh_port).start()
-    west = west_edge(logs, east_pki, west_pki, mesh_port).start()
+    mesh_port, tcp_port = free_port(), free_port()
+    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, mesh_port,
+                     tcp_port=tcp_port if transport == "tls-tcp" else None).start()
     try:
+        west = west_edge(logs, east_pki, west_pki, tcp_port if transport == "tls-tcp" else mesh_port,
+                         transport=transport).start()
         wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
-                 what="west's tunnel to east")
+                 what=f"west's {transport} tunnel to east")
+    except BaseException:
+        east.terminate()
+        raise
+    return kafka, east_pki, west_pki, east, west
+
+
+def test_west_client_produces_and_consumes_east_topics_through_its_own_edge(broker, logs, tmp_path):
+    kafka, east_pki, west_pki, east, west = linked(broker, logs, tmp_path)
+    try:
         assert readyz(west) == "ready\ntunnel edge-east: up\n"
         topic = unique("mesh")
         create_topic(kafka.bootstrap, topic)
@@ -191,11 +203,7 @@ def test_a_peer_with_a_certificate_from_another_ca_is_refused(broker, logs, tmp_
 
 def test_clients_recover_by_themselves_when_the_far_edge_restarts(broker, logs, tmp_path):
     from confluent_kafka import Producer
-    kafka = broker()
-    east_pki, west_pki = sites(tmp_path)
-    mesh_port = free_port()
-    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, mesh_port).start()
-    west = west_edge(logs, east_pki, west_pki, mesh_port).start()
+    kafka, east_pki, west_pki, east, west = linked(broker, logs, tmp_path)
     try:
         topic = unique("mesh")
         create_topic(kafka.bootstrap, topic)
@@ -228,14 +236,8 @@ def test_clients_recover_by_themselves_when_the_far_edge_restarts(broker, logs, 
 
 def test_the_tls_over_tcp_fallback_carries_the_same_streams(broker, logs, tmp_path):
     """`transport: tls-tcp` (for networks that block UDP): HTTP/2 streams over one TLS connection."""
-    kafka = broker()
-    east_pki, west_pki = sites(tmp_path)
-    tcp_port = free_port()
-    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, free_port(), tcp_port=tcp_port).start()
-    west = west_edge(logs, east_pki, west_pki, tcp_port, transport="tls-tcp").start()
+    kafka, east_pki, west_pki, east, west = linked(broker, logs, tmp_path, transport="tls-tcp")
     try:
-        wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
-                 what="west's TLS-over-TCP tunnel to east")
         topic = unique("mesh")
         create_topic(kafka.bootstrap, topic)
         orders = client(west, west_pki, "orders")
@@ -261,11 +263,7 @@ def test_a_thousand_client_connections_share_one_tunnel(broker, logs, tmp_path):
     from confluent_kafka import Consumer, TopicPartition
 
     from lib.edge import default_target_dir
-    kafka = broker()
-    east_pki, west_pki = sites(tmp_path)
-    mesh_port = free_port()
-    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, mesh_port).start()
-    west = west_edge(logs, east_pki, west_pki, mesh_port).start()
+    kafka, east_pki, west_pki, east, west = linked(broker, logs, tmp_path)
     peak = [0.0]
     done = threading.Event()
 
@@ -274,8 +272,6 @@ def test_a_thousand_client_connections_share_one_tunnel(broker, logs, tmp_path):
             peak[0] = max(peak[0], east.metric("strait_mesh_streams_open", peer="edge-west", direction="inbound"))
             done.wait(0.05)
     try:
-        wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
-                 what="west's tunnel to east")
         topic = unique("mesh")
         create_topic(kafka.bootstrap, topic)
         watcher = threading.Thread(target=watch_streams, daemon=True)
@@ -313,14 +309,8 @@ def test_every_codec_kafka_python_and_a_resuming_group_cross_the_tunnel(broker, 
     and a consumer group that commits, closes and resumes where it left off."""
     from confluent_kafka import Consumer
     from kafka import KafkaConsumer, KafkaProducer
-    kafka = broker()
-    east_pki, west_pki = sites(tmp_path)
-    mesh_port = free_port()
-    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, mesh_port).start()
-    west = west_edge(logs, east_pki, west_pki, mesh_port).start()
+    kafka, east_pki, west_pki, east, west = linked(broker, logs, tmp_path)
     try:
-        wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
-                 what="west's tunnel to east")
         orders = client(west, west_pki, "orders")
         topic = unique("codecs")
         create_topic(kafka.bootstrap, topic)

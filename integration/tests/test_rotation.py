@@ -17,8 +17,6 @@ consumer whose certificate came from `straitctl cert issue`.
 
 import json
 import os
-import ssl
-import socket
 import time
 from pathlib import Path
 
@@ -29,6 +27,9 @@ from lib.procs import Proc
 from lib.wait import wait_for
 from tests.test_control_plane import accepts
 from tests.test_encryption import parse_cipher
+from tests.test_identity import consume as read
+from tests.test_identity import kafka_config
+from tests.test_identity import served_certificate as served
 
 DOMAIN = "rotation.example"
 CLIENT_ID = f"spiffe://{DOMAIN}/ns/shop/sa/orders"
@@ -93,17 +94,6 @@ kms:
     return path
 
 
-def served(port: int, client: Path):
-    """The certificate a new TLS handshake (with the client's certificate) is shown on `port`."""
-    from cryptography import x509
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.load_verify_locations(str(client / "bundle.pem"))
-    ctx.load_cert_chain(str(client / "cert.pem"), str(client / "key.pem"))
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as raw:
-        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
-            return x509.load_der_x509_certificate(tls.getpeercert(binary_form=True))
-
-
 def roots_of(bundle: Path) -> list:
     from cryptography import x509
     return x509.load_pem_x509_certificates(bundle.read_bytes())
@@ -120,34 +110,11 @@ def signer(cert, roots: list) -> int:
     raise AssertionError(f"certificate {cert.serial_number:x} is signed by none of the bundle's roots")
 
 
-def kafka_config(port: int, client: Path) -> dict:
-    return {"bootstrap.servers": f"127.0.0.1:{port}", "security.protocol": "SSL",
-            "ssl.ca.location": str(client / "bundle.pem"),
-            "ssl.certificate.location": str(client / "cert.pem"),
-            "ssl.key.location": str(client / "key.pem")}
-
-
 def create_topics(bootstrap: str, *names: str) -> None:
     from confluent_kafka.admin import AdminClient, NewTopic
     admin = AdminClient({"bootstrap.servers": bootstrap})  # kept alive until the results are in
     for future in admin.create_topics([NewTopic(n, 1, 1) for n in names]).values():
         future.result(30)
-
-
-def read(config: dict, topic: str, count: int, timeout: float = 30) -> list[bytes]:
-    from confluent_kafka import Consumer
-    consumer = Consumer({**config, "group.id": unique("g"), "auto.offset.reset": "earliest"})
-    consumer.subscribe([topic])
-    got: list[bytes] = []
-    deadline = time.monotonic() + timeout
-    try:
-        while len(got) < count and time.monotonic() < deadline:
-            msg = consumer.poll(1)
-            if msg is not None and msg.error() is None:
-                got.append(msg.value())
-    finally:
-        consumer.close()
-    return got
 
 
 def issued(control: ControlPlane) -> list[dict]:

@@ -344,30 +344,24 @@ async fn accept_loop(
         let (links, targets, metrics) = (links.clone(), targets.clone(), metrics.clone());
         tokio::spawn(async move {
             let remote = incoming.remote_address();
-            let conn = match tokio::time::timeout(Duration::from_secs(10), incoming).await {
-                Ok(Ok(conn)) => conn,
-                Ok(Err(err)) => {
-                    metrics.connection_refused("handshake");
-                    tracing::warn!(%remote, %err, "tunnel connection refused: handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    metrics.connection_refused("handshake_timeout");
-                    tracing::warn!(%remote, "tunnel connection refused: no handshake within 10s");
-                    return;
-                }
+            let Some(conn) = links::accepted_handshake(
+                std::future::IntoFuture::into_future(incoming),
+                remote,
+                &metrics,
+            )
+            .await
+            else {
+                return;
             };
             let chain = conn
                 .peer_identity()
                 .and_then(|any| any.downcast::<Vec<CertificateDer<'static>>>().ok());
-            let id = tls::peer_spiffe_id(chain.as_deref().map(Vec::as_slice));
-            let Some(link) = id
-                .as_deref()
-                .and_then(|id| links.values().find(|l| l.policy.spiffe_id == id))
-                .cloned()
-            else {
-                metrics.connection_refused("unknown_peer");
-                tracing::warn!(target: "strait_mesh::audit", %remote, identity = id.as_deref().unwrap_or("none"), "tunnel connection refused: not a configured peer");
+            let Some(link) = links::accepted_peer(
+                &links,
+                chain.as_deref().map(Vec::as_slice),
+                remote,
+                &metrics,
+            ) else {
                 conn.close(CLOSE_UNKNOWN_PEER.into(), b"not a configured peer");
                 return;
             };

@@ -392,3 +392,49 @@ pub(crate) async fn sample_until_closed(
     connected.dec();
     reason
 }
+
+/// The configured peer an accepted connection's certificate names, or none
+/// (counted and audited: the handshake verified the chain, but the ID is no
+/// configured peer's).
+pub(crate) fn accepted_peer(
+    links: &std::collections::HashMap<String, Arc<PeerLink>>,
+    chain: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+    remote: SocketAddr,
+    metrics: &MeshMetrics,
+) -> Option<Arc<PeerLink>> {
+    let id = crate::tls::peer_spiffe_id(chain);
+    let link = id
+        .as_deref()
+        .and_then(|id| links.values().find(|l| l.policy.spiffe_id == id))
+        .cloned();
+    if link.is_none() {
+        metrics.connection_refused("unknown_peer");
+        tracing::warn!(target: "strait_mesh::audit", %remote, identity = id.as_deref().unwrap_or("none"), "tunnel connection refused: not a configured peer");
+    }
+    link
+}
+
+/// How long an accepted connection has for its handshake.
+pub(crate) const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// An accepted connection's handshake, bounded; a failure is counted and
+/// logged, whichever transport it was.
+pub(crate) async fn accepted_handshake<T, E: std::fmt::Display>(
+    handshake: impl std::future::Future<Output = Result<T, E>>,
+    remote: SocketAddr,
+    metrics: &MeshMetrics,
+) -> Option<T> {
+    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+        Ok(Ok(done)) => Some(done),
+        Ok(Err(err)) => {
+            metrics.connection_refused("handshake");
+            tracing::warn!(%remote, %err, "tunnel connection refused: handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics.connection_refused("handshake_timeout");
+            tracing::warn!(%remote, "tunnel connection refused: no handshake within {HANDSHAKE_TIMEOUT:?}");
+            None
+        }
+    }
+}

@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::links::{h2_windows, PeerLink};
+use crate::links::{accepted_handshake, accepted_peer, h2_windows, PeerLink};
 use crate::metrics::{MeshMetrics, PeerLabels};
 
 pub(crate) async fn accept_loop(
@@ -47,27 +47,11 @@ pub(crate) async fn accept_loop(
         );
         tokio::spawn(async move {
             let handshake = acceptor.accept(strait_tls::buffered(tcp));
-            let tls = match tokio::time::timeout(Duration::from_secs(10), handshake).await {
-                Ok(Ok(tls)) => tls,
-                Ok(Err(err)) => {
-                    metrics.connection_refused("handshake");
-                    tracing::warn!(%remote, %err, "tunnel connection refused: handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    metrics.connection_refused("handshake_timeout");
-                    tracing::warn!(%remote, "tunnel connection refused: no handshake within 10s");
-                    return;
-                }
+            let Some(tls) = accepted_handshake(handshake, remote, &metrics).await else {
+                return;
             };
-            let id = crate::tls::peer_spiffe_id(tls.get_ref().1.peer_certificates());
-            let Some(link) = id
-                .as_deref()
-                .and_then(|id| links.values().find(|l| l.policy.spiffe_id == id))
-                .cloned()
-            else {
-                metrics.connection_refused("unknown_peer");
-                tracing::warn!(target: "strait_mesh::audit", %remote, identity = id.as_deref().unwrap_or("none"), "tunnel connection refused: not a configured peer");
+            let chain = tls.get_ref().1.peer_certificates();
+            let Some(link) = accepted_peer(&links, chain, remote, &metrics) else {
                 return;
             };
             let (stream_window, connection_window) = h2_windows();

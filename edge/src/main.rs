@@ -391,7 +391,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
             status.message = None;
             continue;
         }
-        if config.mesh != running.mesh {
+        let trust_only = match (&running.mesh, &config.mesh, &mesh) {
+            (Some(before), Some(after), Some(live)) if before.differs_only_in_trust(after) => {
+                match live.set_trust_bundles(&after.trust_bundles) {
+                    Ok(()) => {
+                        tracing::info!("mesh trust bundles replaced; tunnels that are up stay");
+                        true
+                    }
+                    Err(err) => {
+                        tracing::warn!(%err, "the new mesh trust bundles cannot be loaded; rebuilding the mesh");
+                        false
+                    }
+                }
+            }
+            _ => false,
+        };
+        if config.mesh != running.mesh && !trust_only {
             // Tunnels are rebuilt (open tunneled connections end; clients
             // reconnect), then the remote clusters restart on the new links.
             if let Some(old) = mesh.take() {

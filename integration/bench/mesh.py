@@ -11,7 +11,15 @@ acks=-1. Rounds are interleaved (quic, tls-tcp, direct, quic, ...) so drift hits
 each row is the median of the rounds with the min-max spread. Also: the p50/p99 produce latency the
 client measured, and the CPU seconds per GB of both edges (one edge for `direct`).
 
-`make bench-mesh` runs it on release binaries (about 5 minutes) and writes integration/bench/mesh.json,
+Three more sections, in the same rounds:
+- a bad link: both tunnels through `strait-impair` (a userspace relay) at 0 ms and at a 50 ms round trip
+  with 0.1% loss each way (UDP; TCP gets only the delay), with a deeper pipeline (the client needs
+  bandwidth x delay in flight): each transport against its own 0 ms row;
+- latency at moderate load: one connection, one single-record request at a time, QUIC path vs direct;
+- head-of-line: that latency on the QUIC path while a consumer reads a large topic through the same
+  tunnel as fast as it can, against the same without the consumer.
+
+`make bench-mesh` runs it on release binaries (about 10 minutes) and writes integration/bench/mesh.json,
 mesh.md and the generated block of docs/benchmarks.md; `--smoke` is a tiny run on debug binaries.
 """
 
@@ -30,6 +38,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from lib.edge import Edge, VirtualCluster, default_target_dir, edge_bin  # noqa: E402
+from lib.impair import Impair  # noqa: E402
 from lib.kafka import BENCH_JVM, KafkaCluster  # noqa: E402
 from lib.pki import Pki  # noqa: E402
 from lib.ports import free_port  # noqa: E402
@@ -37,6 +46,9 @@ from lib.wait import wait_for  # noqa: E402
 from run import median, proc_cpu_seconds, run_loadgen  # noqa: E402
 
 PATHS = ["quic", "tls-tcp", "direct"]
+# The bad-link rows: (transport, one-way delay ms, loss) through the relay.
+IMPAIRED = {"quic 0 ms": ("quic", 0, 0.0), "quic 50 ms 0.1%": ("quic", 25, 0.001),
+            "tls-tcp 0 ms": ("tls-tcp", 0, 0.0), "tls-tcp 50 ms": ("tls-tcp", 25, 0.0)}
 EAST_ID, WEST_ID = "spiffe://east.example/edge/edge-east", "spiffe://west.example/edge/edge-west"
 CLIENT = "spiffe://west.example/ns/bench/sa/loadgen"
 DOC = REPO / "docs" / "benchmarks.md"
@@ -59,7 +71,8 @@ def pkis(work: Path) -> tuple[Pki, Pki]:
     return east, west
 
 
-def start_edges(logs: Path, kafka: KafkaCluster, east: Pki, west: Pki, binary: str) -> tuple[Edge, dict, dict]:
+def start_edges(logs: Path, kafka: KafkaCluster, east: Pki, west: Pki, binary: str,
+                profile: str) -> tuple[Edge, dict, dict, list]:
     quic, tcp = free_port(), free_port()
     # East serves its cluster to west's clients directly too (the `direct` path), verifying them
     # against west's bundle.
@@ -74,10 +87,19 @@ def start_edges(logs: Path, kafka: KafkaCluster, east: Pki, west: Pki, binary: s
                    "exports": ["orders"]}]}}).start()
     west_tls = {"cert": str(west.pem("edge")), "key": str(west.key("edge")),
                 "client_trust_bundles": [{"trust_domain": "west.example", "pem_file": str(west.pem("ca"))}]}
-    # One west edge per transport (a peer is told apart by its identity, so one edge has one entry for east).
+    # One west edge per path (a peer is told apart by its identity, so one edge has one entry for east).
+    targets = {"quic": ("quic", quic), "tls-tcp": ("tls-tcp", tcp)}
+    relays = []
+    for name, (transport, delay, loss) in IMPAIRED.items():
+        relay_port = free_port()
+        target = quic if transport == "quic" else tcp
+        relays.append(Impair(logs, udp=[(relay_port, target)] if transport == "quic" else [],
+                             tcp=[(relay_port, target)] if transport == "tls-tcp" else [],
+                             delay_ms=delay, loss=loss, profile=profile))
+        targets[name] = (transport, relay_port)
     wests = {}
-    for transport, port in (("quic", quic), ("tls-tcp", tcp)):
-        vc = VirtualCluster(f"east-{transport}", [], advertised_host="localhost", extra={
+    for name, (transport, port) in targets.items():
+        vc = VirtualCluster(f"east-{len(wests)}", [], advertised_host="localhost", extra={
             "upstream": {"remote": {"peer": "edge-east", "virtual_cluster": "orders"}}, "tls": west_tls})
         w = Edge(logs, [vc], binary=binary, extra={"mesh": {
             "identity": {"cert": str(west.pem("edge")), "key": str(west.key("edge"))},
@@ -85,25 +107,36 @@ def start_edges(logs: Path, kafka: KafkaCluster, east: Pki, west: Pki, binary: s
             "peers": [{"name": "edge-east", "address": f"127.0.0.1:{port}", "spiffe_id": EAST_ID,
                        "transport": transport}]}}).start()
         wait_for(lambda: w.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
-                 what=f"the {transport} tunnel")
-        wests[transport] = w
-    bootstraps = {"quic": wests["quic"].cluster("east-quic").bootstrap_port,
-                  "tls-tcp": wests["tls-tcp"].cluster("east-tls-tcp").bootstrap_port,
-                  "direct": e.cluster("orders").bootstrap_port}
-    return e, wests, bootstraps
+                 what=f"the {name} tunnel")
+        wests[name] = w
+    bootstraps = {name: w.cluster().bootstrap_port for name, w in wests.items()}
+    bootstraps["direct"] = e.cluster("orders").bootstrap_port
+    return e, wests, bootstraps, relays
 
 
-def round_of(path: str, edges: list[Edge], port: int, west: Pki, topic: str, args) -> dict:
+def tls_args(west: Pki) -> list[str]:
+    return ["--ca", str(west.dir.parent / "roots.pem"), "--cert", str(west.pem("client")),
+            "--key", str(west.key("client"))]
+
+
+def round_of(path: str, edges: list[Edge], port: int, west: Pki, topic: str, args, inflight: int = 4,
+             connections: int | None = None, count: int | None = None, batch_bytes: int = 16384) -> dict:
+    connections = connections or args.connections
+    count = count or args.count
     cpu0 = sum(proc_cpu_seconds(e.proc.pid) for e in edges)
     report = run_loadgen(["raw-produce", "--bootstrap", f"localhost:{port}", "--topic", topic,
-                          "--count", str(args.count), "--size", str(args.size),
-                          "--connections", str(args.connections), "--inflight", "4",
-                          "--ca", str(west.dir.parent / "roots.pem"), "--cert", str(west.pem("client")),
-                          "--key", str(west.key("client")), "--timeout-secs", "600"], 900)
+                          "--count", str(count), "--size", str(args.size),
+                          "--connections", str(connections), "--inflight", str(inflight),
+                          "--batch-bytes", str(batch_bytes), *tls_args(west), "--timeout-secs", "600"], 900)
     cpu = sum(proc_cpu_seconds(e.proc.pid) for e in edges) - cpu0
     gb = report["records"] * args.size / 1e9
     return {"path": path, "mb_per_s": report["mb_per_s"], "records": report["records"],
             "p50_us": report["p50_us"], "p99_us": report["p99_us"], "cpu_s_per_gb": cpu / gb if gb else 0.0}
+
+
+def spread(rows: dict, name: str, key: str = "mb_per_s") -> str:
+    r = rows[name]
+    return f"{r[key]:.1f} ({r[key + '_min']:.1f}–{r[key + '_max']:.1f})"
 
 
 def render(result: dict) -> str:
@@ -117,16 +150,79 @@ def render(result: dict) -> str:
     direct = rows["direct"]["mb_per_s"]
     for path in PATHS:
         r = rows[path]
-        lines.append(f"| {path} | {r['mb_per_s']:.1f} ({r['mb_min']:.1f}–{r['mb_max']:.1f}) | "
+        lines.append(f"| {path} | {spread(rows, path)} | "
                      f"{r['mb_per_s'] / direct:.2f} | {r['p50_us'] / 1000:.2f} / {r['p99_us'] / 1000:.2f} | "
                      f"{r['cpu_s_per_gb']:.1f} |")
     q, t = rows["quic"]["mb_per_s"], rows["tls-tcp"]["mb_per_s"]
     lines += ["", f"QUIC / TLS-over-TCP throughput: {q / t:.2f} (goal ≥ 0.90); QUIC / direct: {q / direct:.2f} "
-              "(goal ≥ 0.70). Latency added per edge pair (QUIC path minus direct): "
-              f"p50 {(rows['quic']['p50_us'] - rows['direct']['p50_us']) / 1000:.2f} ms, "
-              f"p99 {(rows['quic']['p99_us'] - rows['direct']['p99_us']) / 1000:.2f} ms (at full load, not the "
-              "moderate load the goal names).", ""]
+              "(goal ≥ 0.70).", ""]
+    lines += ["### A bad link", "",
+              f"Both tunnels through `strait-impair` (a userspace relay on loopback), {result['impaired_inflight']} "
+              "requests in flight per connection; loss is per datagram each way (the relay cannot drop TCP "
+              "segments, so TLS over TCP gets only the delay).", "",
+              "| path | MB/s | vs its own 0 ms | produce p50 / p99 (ms) |", "|---|---|---|---|"]
+    for name, (transport, _, _) in IMPAIRED.items():
+        r, base = rows[name], rows[f"{transport} 0 ms"]["mb_per_s"]
+        lines.append(f"| {name} | {spread(rows, name)} | {r['mb_per_s'] / base:.2f} | "
+                     f"{r['p50_us'] / 1000:.2f} / {r['p99_us'] / 1000:.2f} |")
+    ratio = rows["quic 50 ms 0.1%"]["mb_per_s"] / rows["quic 0 ms"]["mb_per_s"]
+    lines += ["", f"QUIC at 50 ms and 0.1% loss / QUIC at 0 ms: {ratio:.2f} (goal ≥ 0.50).", ""]
+    lat = {r["path"]: r for r in result["latency"]}
+    lines += ["### Latency at moderate load", "",
+              "One connection, one single-record request at a time "
+              f"({result['latency_count']:,} requests per round); median of the rounds (min–max).", "",
+              "| path | produce p50 (ms) | produce p99 (ms) |", "|---|---|---|"]
+    for name in ("direct", "quic", "quic, tunnel saturated by a consumer"):
+        lines.append(f"| {name} | {spread(lat, name, 'p50_ms')} | {spread(lat, name, 'p99_ms')} |")
+    added50 = lat["quic"]["p50_ms"] - lat["direct"]["p50_ms"]
+    added99 = lat["quic"]["p99_ms"] - lat["direct"]["p99_ms"]
+    hol = lat["quic, tunnel saturated by a consumer"]["p99_ms"] / lat["quic"]["p99_ms"]
+    lines += ["", f"Added by the edge pair (QUIC path minus direct): p50 {added50:.2f} ms (goal ≤ 0.3), "
+              f"p99 {added99:.2f} ms (goal ≤ 1). With a consumer saturating the tunnel "
+              f"({result['saturating_mb_per_s']:.0f} MB/s of fetches), produce p99 is {hol:.2f}× its unloaded "
+              "value (goal ≤ 1.5).", ""]
     return "\n".join(lines)
+
+
+def summarize(samples: list[dict], name: str, keys: tuple[str, ...]) -> dict:
+    mine = [s for s in samples if s["path"] == name]
+    row = {"path": name}
+    for key in keys:
+        values = [s[key] for s in mine]
+        row.update({key: median(values), f"{key}_min": min(values), f"{key}_max": max(values)})
+    return row
+
+
+class Saturator:
+    """`strait-loadgen consume` of a prefilled topic through `port`, rerun until stopped."""
+
+    def __init__(self, port: int, west: Pki, topic: str, count: int):
+        import threading
+        self.stop, self.mb = threading.Event(), []
+        ssl = ["--set", "security.protocol=ssl", "--set", f"ssl.ca.location={west.dir.parent / 'roots.pem'}",
+               "--set", f"ssl.certificate.location={west.pem('client')}",
+               "--set", f"ssl.key.location={west.key('client')}"]
+        argv = ["consume", "--bootstrap", f"localhost:{port}", "--topic", topic, "--count", str(count), *ssl]
+
+        def loop():
+            while not self.stop.is_set():
+                self.mb.append(run_loadgen(argv, 300)["mb_per_s"])
+        self.thread = threading.Thread(target=loop, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
+def latency_round(name: str, port: int, west: Pki, topic: str, args) -> dict:
+    r = run_loadgen(["raw-produce", "--bootstrap", f"localhost:{port}", "--topic", topic,
+                     "--count", str(args.latency_count), "--size", str(args.size), "--connections", "1",
+                     "--inflight", "1", "--batch-bytes", "1", *tls_args(west), "--timeout-secs", "300"], 400)
+    return {"path": name, "p50_ms": r["p50_us"] / 1000, "p99_ms": r["p99_us"] / 1000}
 
 
 def main() -> int:
@@ -135,10 +231,14 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=300_000)
     ap.add_argument("--size", type=int, default=1000)
     ap.add_argument("--connections", type=int, default=16)
+    ap.add_argument("--impaired-inflight", type=int, default=32)
+    ap.add_argument("--latency-count", type=int, default=3000)
+    ap.add_argument("--fill-count", type=int, default=200_000, help="records the saturating consumer reads")
     ap.add_argument("--smoke", action="store_true", help="tiny counts, one round, debug binaries, no doc update")
     args = ap.parse_args()
     if args.smoke:
         args.rounds, args.count, args.connections = 1, 2000, 2
+        args.latency_count, args.fill_count = 100, 2000
     profile = "debug" if args.smoke else "release"
     os.environ.setdefault("STRAIT_LOADGEN_BIN", str(default_target_dir() / profile / "strait-loadgen"))
     os.environ.setdefault("STRAIT_EDGE_RUST_LOG", "warn")
@@ -146,30 +246,51 @@ def main() -> int:
     logs = work / "logs"
     east_pki, west_pki = pkis(work)
     kafka = KafkaCluster(logs, brokers=1, name="bench-mesh-kafka", heap="1g", jvm=BENCH_JVM).start()
-    east, wests = None, {}
+    east, wests, relays = None, {}, []
     try:
-        east, wests, ports = start_edges(logs, kafka, east_pki, west_pki, edge_bin(profile))
+        east, wests, ports, relays = start_edges(logs, kafka, east_pki, west_pki, edge_bin(profile), profile)
+        fill = f"mesh-fill-{int(time.time())}"
+        kafka.create_topic(fill, partitions=4)
+        run_loadgen(["raw-produce", "--bootstrap", kafka.bootstrap_servers[0], "--topic", fill,
+                     "--count", str(args.fill_count), "--size", str(args.size), "--connections", "4"], 600)
         samples: list[dict] = []
+        latency: list[dict] = []
+        saturating: list[float] = []
         for r in range(args.rounds):
-            for path in PATHS:
-                topic = f"mesh-{path}-{r}-{int(time.time())}"
+            for path in [*PATHS, *IMPAIRED]:
+                topic = f"mesh-{path.replace(' ', '-').replace('%', '')}-{r}-{int(time.time())}"
                 kafka.create_topic(topic, partitions=4)
                 edges = [east] if path == "direct" else [east, wests[path]]
-                s = round_of(path, edges, ports[path], west_pki, topic, args)
+                extra = {"inflight": args.impaired_inflight} if path in IMPAIRED else {}
+                s = round_of(path, edges, ports[path], west_pki, topic, args, **extra)
                 s["round"] = r
                 samples.append(s)
                 log(f"round {r} {path}: {s['mb_per_s']:.1f} MB/s, p99 {s['p99_us'] / 1000:.2f} ms")
-        rows = []
-        for path in PATHS:
-            mine = [s for s in samples if s["path"] == path]
-            mb = [s["mb_per_s"] for s in mine]
-            rows.append({"path": path, "mb_per_s": median(mb), "mb_min": min(mb), "mb_max": max(mb),
-                         "p50_us": median([s["p50_us"] for s in mine]), "p99_us": median([s["p99_us"] for s in mine]),
-                         "cpu_s_per_gb": median([s["cpu_s_per_gb"] for s in mine])})
+            topic = f"mesh-latency-{r}-{int(time.time())}"
+            kafka.create_topic(topic, partitions=1)
+            for name, port in (("direct", ports["direct"]), ("quic", ports["quic"])):
+                latency.append({**latency_round(name, port, west_pki, topic, args), "round": r})
+            with Saturator(ports["quic"], west_pki, fill, args.fill_count) as sat:
+                latency.append({**latency_round("quic, tunnel saturated by a consumer", ports["quic"], west_pki,
+                                                topic, args), "round": r})
+            saturating += sat.mb
+            log(f"round {r} latency: " + ", ".join(f"{x['path']} p99 {x['p99_ms']:.2f} ms"
+                                                   for x in latency if x["round"] == r))
+        rows = [{**summarize(samples, path, ("mb_per_s", "p50_us", "p99_us", "cpu_s_per_gb"))}
+                for path in [*PATHS, *IMPAIRED]]
+        for row in rows:
+            row["mb_min"], row["mb_max"] = row["mb_per_s_min"], row["mb_per_s_max"]
+        lat_rows = [summarize(latency, name, ("p50_ms", "p99_ms"))
+                    for name in ("direct", "quic", "quic, tunnel saturated by a consumer")]
         result = {"size": args.size, "connections": args.connections, "count": args.count, "rounds": args.rounds,
-                  "machine": f"{os.cpu_count()} cores", "profile": profile, "rows": rows, "samples": samples}
+                  "impaired_inflight": args.impaired_inflight, "latency_count": args.latency_count,
+                  "saturating_mb_per_s": median(saturating) if saturating else 0.0,
+                  "machine": f"{os.cpu_count()} cores", "profile": profile, "rows": rows, "latency": lat_rows,
+                  "samples": samples, "latency_samples": latency}
         if args.smoke:
             assert all(s["records"] >= args.count for s in samples), samples
+            assert saturating, "the saturating consumer never finished a pass"
+            render(result)
             log("smoke OK: " + ", ".join(f"{r['path']} {r['mb_per_s']:.1f} MB/s" for r in rows))
             return 0
         (HERE / "mesh.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -190,6 +311,8 @@ def main() -> int:
         for e in [*wests.values(), east]:
             if e is not None:
                 e.terminate()
+        for relay in relays:
+            relay.stop()
         kafka.stop()
         shutil.rmtree(work, ignore_errors=True)
 

@@ -237,6 +237,9 @@ def test_leased_read_expires_under_a_running_consumer(broker, edge, pki, lib):
     edge([vc])
     direct = Producer({"bootstrap.servers": t.bootstrap, "linger.ms": 0})
     consumer = PollingConsumer(Principal(pki, vc, "billing"), lib, "stream", "shop-stream")
+    # A record is appended somewhere between its send and its ack: sent after `not_after` means
+    # appended after it; acked before `not_after` means appended before it.
+    sent_at: dict[bytes, float] = {}
     produced_at: dict[bytes, float] = {}
     received: list[tuple[float, bytes]] = []
     errors: list[tuple[float, int]] = []
@@ -247,6 +250,7 @@ def test_leased_read_expires_under_a_running_consumer(broker, edge, pki, lib):
             if time.time() >= next_record:
                 v = b"s-%d" % i
                 i += 1
+                sent_at[v] = time.time()
                 direct.produce("stream", value=v)
                 assert direct.flush(10) == 0
                 produced_at[v] = time.time()
@@ -258,7 +262,7 @@ def test_leased_read_expires_under_a_running_consumer(broker, edge, pki, lib):
     finally:
         consumer.close()
     assert received and min(at for at, _ in received) < not_after, "nothing consumed while leased"
-    late = [v for at, v in received if produced_at[v] > not_after]
+    late = [v for at, v in received if sent_at[v] > not_after]
     assert late == [], f"records produced after the lease ended were delivered: {late}"
     # It was live up to the expiry, and stopped right after (a Fetch sent just before not_after may
     # still be answered, after up to the broker's fetch wait).

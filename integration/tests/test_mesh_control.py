@@ -4,6 +4,7 @@ mesh.example, two strait-edges that join with tokens and get everything from it 
 and a confluent-kafka client at west with a certificate from `straitctl cert issue`.
 
 - the client produces and consumes east's topic through west's bootstrap; the records are at east's broker;
+- `straitctl ca rotate`: both edges swap the new bundle into their mesh trust, the tunnel stays up;
 - a live change of east's `MeshPeer` (west may no longer assert the shop's principals) rebuilds east's
   tunnels, and the next connection of the same client is refused at stream open.
 """
@@ -119,6 +120,19 @@ def test_a_mesh_configured_by_the_control_plane_and_changed_live(broker, logs, t
         assert produce(client, topic, values) == [None] * len(values)
         assert consume(client, topic, len(values)) == values
         assert consume({"bootstrap.servers": kafka.bootstrap}, topic, len(values)) == values
+
+        # A CA rotation puts the next root in the bundle at once: both edges swap it into their mesh trust
+        # (the file the control plane's bundle is kept in changed) and keep the tunnel that is up.
+        dialed = metric(west_admin, "strait_mesh_connections", peer="edge-east", direction="dialed")
+        assert dialed == 1
+        rotate = control.ctl("ca", "rotate")
+        assert rotate.returncode == 0, rotate.stderr
+        for proc in (east, west):
+            wait_for(lambda p=proc: "mesh trust bundles changed" in p.current_log(), 30,
+                     what=f"{proc.name} swapping the rotated bundle into its mesh trust")
+        assert produce(client, topic, [b"rotated"]) == [None]
+        assert metric(west_admin, "strait_mesh_connections", peer="edge-east", direction="dialed") == dialed
+        values.append(b"rotated")
 
         # Live: west may no longer forward the shop's principals to east.
         spec.write_text(resources(kafka.bootstrap, mesh_port, east_ports, west_ports,

@@ -77,6 +77,18 @@ pub struct Mesh {
     pub peers: Vec<MeshPeer>,
 }
 
+impl Mesh {
+    /// Whether `other` differs from this only in its trust bundles: those
+    /// are replaced in a running mesh, while anything else rebuilds it.
+    pub fn differs_only_in_trust(&self, other: &Mesh) -> bool {
+        let without_trust = |m: &Mesh| Mesh {
+            trust_bundles: Vec::new(),
+            ..m.clone()
+        };
+        self.trust_bundles != other.trust_bundles && without_trust(self) == without_trust(other)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MeshTransport {
     Quic,

@@ -37,14 +37,16 @@ use rustls::pki_types::CertificateDer;
 use strait_edge_config::{Mesh as MeshConfig, MeshTransport, Remote};
 use strait_proxy::upstream::Upstream;
 use strait_proxy::{RemoteUpstreams, TunnelTargets};
-use strait_tls::{CredentialLabel, CredentialReceiver, FileCredentials, ServedCertificate};
+use strait_tls::{
+    CredentialLabel, CredentialReceiver, FileCredentials, ServedCertificate, TrustBundleSettings,
+};
 use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::links::{PeerLink, PeerPolicy, CLOSE_SHUTDOWN, CLOSE_UNKNOWN_PEER};
 use crate::metrics::MeshMetrics;
-use crate::tls::MeshRoots;
+use crate::tls::{MeshRoots, MeshTrust};
 pub use crate::upstream::TunnelUpstream;
 
 #[derive(Debug, Error)]
@@ -73,8 +75,10 @@ const CREDENTIAL_INTERVAL: Duration = Duration::from_secs(1);
 /// Sized for thousands of client connections per tunnel and high
 /// bandwidth-delay links: a stream may have 8 MiB in flight and a
 /// connection 64 MiB (so 50 ms at ~10 Gbit/s), which also bounds what a
-/// tunnel buffers. Keepalives every 5 s notice a dead peer within the 30 s
-/// idle timeout even when no client is active.
+/// tunnel buffers. Keepalives every 2 s keep a live connection from idling
+/// out; a peer silent for 10 s is dead (killed, cut off): the connection
+/// closes, its streams reset so clients reconnect and retry, and the dialer
+/// redials. That is well inside Kafka clients' 30 s request timeout.
 fn transport() -> Arc<TransportConfig> {
     let mut t = TransportConfig::default();
     t.max_concurrent_bidi_streams(VarInt::from_u32(16_384))
@@ -82,8 +86,8 @@ fn transport() -> Arc<TransportConfig> {
         .stream_receive_window(VarInt::from_u32(8 << 20))
         .receive_window(VarInt::from_u32(64 << 20))
         .send_window(64 << 20)
-        .keep_alive_interval(Some(Duration::from_secs(5)))
-        .max_idle_timeout(Some(VarInt::from_u32(30_000).into()));
+        .keep_alive_interval(Some(Duration::from_secs(2)))
+        .max_idle_timeout(Some(VarInt::from_u32(10_000).into()));
     // Path MTU discovery up to jumbo frames: every packet costs a seal and
     // a syscall share, so bigger packets where the path allows them (data
     // centre links, loopback) cut the tunnel's CPU; probes that are too big
@@ -94,9 +98,67 @@ fn transport() -> Arc<TransportConfig> {
     Arc::new(t)
 }
 
+fn load_roots(bundles: &[TrustBundleSettings]) -> Result<MeshRoots, MeshError> {
+    let mut roots = MeshRoots {
+        by_domain: Default::default(),
+    };
+    for bundle in bundles {
+        let (_, certs) = bundle
+            .load()
+            .map_err(|e| MeshError::Bundle(e.to_string()))?;
+        roots.by_domain.insert(bundle.trust_domain.clone(), certs);
+    }
+    Ok(roots)
+}
+
+/// Re-reads the trust bundles every [`CREDENTIAL_INTERVAL`] (a CA rotation
+/// rewrites the file the control plane's bundles are kept in) and swaps
+/// changed roots in; a bundle that cannot be read keeps the last good one.
+/// It alone swaps roots in, so a new bundle list ([`Mesh::set_trust_bundles`])
+/// and a file's new content cannot undo each other.
+async fn watch_trust(
+    mut bundles: watch::Receiver<Vec<TrustBundleSettings>>,
+    mut current: MeshRoots,
+    trust: Arc<MeshTrust>,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(CREDENTIAL_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tick.tick() => {}
+            changed = bundles.changed() => if changed.is_err() { return },
+        }
+        let list = bundles.borrow_and_update().clone();
+        let roots = match load_roots(&list) {
+            Ok(roots) if roots == current => continue,
+            Ok(roots) => roots,
+            Err(err) => {
+                tracing::warn!(%err, "mesh trust bundles unreadable; keeping the last good ones");
+                continue;
+            }
+        };
+        match trust.replace(&roots) {
+            Ok(()) => {
+                tracing::info!(
+                    roots = roots.by_domain.values().map(Vec::len).sum::<usize>(),
+                    "mesh trust bundles changed; new tunnel handshakes use them"
+                );
+                current = roots;
+            }
+            Err(err) => {
+                tracing::warn!(%err, "mesh trust bundles unusable; keeping the last good ones")
+            }
+        }
+    }
+}
+
 /// A running mesh: the QUIC endpoint, one link per peer.
 pub struct Mesh {
     endpoint: Endpoint,
+    /// The bundle list the trust watcher follows.
+    trust_bundles: watch::Sender<Vec<TrustBundleSettings>>,
     links: Arc<HashMap<String, Arc<PeerLink>>>,
     metrics: MeshMetrics,
     stop: CancellationToken,
@@ -132,15 +194,10 @@ impl Mesh {
             .map_err(|e| MeshError::Identity(e.to_string()))?,
             ServedCertificate::Svid => svid.ok_or(MeshError::NoSvid)?,
         };
-        let mut roots = MeshRoots {
-            by_domain: Default::default(),
-        };
-        for bundle in &config.trust_bundles {
-            let (_, certs) = bundle
-                .load()
-                .map_err(|e| MeshError::Bundle(e.to_string()))?;
-            roots.by_domain.insert(bundle.trust_domain.clone(), certs);
-        }
+        let roots = load_roots(&config.trust_bundles)?;
+        let trust = MeshTrust::new(&roots).map_err(MeshError::Bundle)?;
+        let (trust_bundles, bundles_rx) = watch::channel(config.trust_bundles.clone());
+        tasks.spawn(watch_trust(bundles_rx, roots, trust.clone(), stop.clone()));
         let mut links = HashMap::new();
         for peer in &config.peers {
             let policy = PeerPolicy::new(peer).map_err(MeshError::Peer)?;
@@ -150,7 +207,7 @@ impl Mesh {
         let endpoint = match config.listen {
             Some(address) => {
                 let server =
-                    tls::server_config(credentials.clone(), &roots).map_err(MeshError::Tls)?;
+                    tls::server_config(credentials.clone(), &trust).map_err(MeshError::Tls)?;
                 let crypto = QuicServerConfig::try_from(server)
                     .map_err(|e| MeshError::Tls(e.to_string()))?;
                 let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
@@ -168,6 +225,13 @@ impl Mesh {
                 }
             })?,
         };
+        let gso = gso_segments(&endpoint);
+        metrics.gso_segments.set(i64::try_from(gso).unwrap_or(1));
+        tracing::info!(
+            gso_segments = gso,
+            "mesh UDP socket (segmentation offload: {})",
+            if gso > 1 { "on" } else { "off" }
+        );
         if config.listen.is_some() {
             tasks.spawn(accept_loop(
                 endpoint.clone(),
@@ -178,7 +242,7 @@ impl Mesh {
             ));
         }
         if let Some(address) = config.listen_tcp {
-            let server = tls::server_config(credentials.clone(), &roots).map_err(MeshError::Tls)?;
+            let server = tls::server_config(credentials.clone(), &trust).map_err(MeshError::Tls)?;
             let listener = rebind(|| {
                 let socket = std::net::TcpListener::bind(address)?;
                 socket.set_nonblocking(true)?;
@@ -197,7 +261,7 @@ impl Mesh {
             ));
         }
         for (peer, link) in links.iter().filter(|(_, l)| !l.policy.addresses.is_empty()) {
-            let client = tls::client_config(credentials.clone(), &roots, &link.policy.spiffe_id)
+            let client = tls::client_config(credentials.clone(), &trust, &link.policy.spiffe_id)
                 .map_err(MeshError::Peer)?;
             let transport_of = config
                 .peers
@@ -243,11 +307,24 @@ impl Mesh {
         tasks.close();
         Ok(Mesh {
             endpoint,
+            trust_bundles,
             links,
             metrics,
             stop,
             tasks,
         })
+    }
+
+    /// Trusts `bundles` from the next handshake on, on both sides, without
+    /// touching the tunnels that are up (they were verified against roots
+    /// that are still valid, as in a CA rotation); on an error nothing
+    /// changes. A peer whose domain lost its bundle can no longer connect.
+    pub fn set_trust_bundles(&self, bundles: &[TrustBundleSettings]) -> Result<(), MeshError> {
+        // Checked here so the caller hears of an error; swapped in by the
+        // watcher, which then follows the new list.
+        MeshTrust::new(&load_roots(bundles)?).map_err(MeshError::Bundle)?;
+        self.trust_bundles.send_replace(bundles.to_vec());
+        Ok(())
     }
 
     /// What the proxy asks for the upstream of `upstream.remote` clusters.
@@ -280,6 +357,19 @@ impl Mesh {
         let _ = tokio::time::timeout(Duration::from_secs(5), self.tasks.wait()).await;
         let _ = tokio::time::timeout(Duration::from_secs(2), self.endpoint.wait_idle()).await;
     }
+}
+
+/// How many datagrams the kernel will segment from one send on a socket
+/// like the endpoint's (quinn probes `UDP_SEGMENT` and uses it when it
+/// works; 1 means one syscall per packet).
+fn gso_segments(endpoint: &Endpoint) -> usize {
+    let ip = endpoint
+        .local_addr()
+        .map(|a| a.ip())
+        .unwrap_or(std::net::Ipv4Addr::UNSPECIFIED.into());
+    std::net::UdpSocket::bind(SocketAddr::new(ip, 0))
+        .and_then(|socket| quinn::udp::UdpSocketState::new((&socket).into()))
+        .map_or(1, |state| state.max_gso_segments())
 }
 
 /// Binds, retrying for up to 5 s while the address is still in use: a
@@ -367,6 +457,7 @@ async fn accept_loop(
             };
             let peer = link.policy.name.clone();
             tracing::info!(%peer, %remote, "tunnel from the peer is up (accepted)");
+            metrics.connection(&peer, "accepted");
             let tunnel = links::Tunnel::Quic(conn.clone());
             link.offer(&tunnel);
             tokio::spawn(ingress::serve_streams(

@@ -20,6 +20,8 @@ use crate::metrics::{MeshMetrics, PeerLabels};
 pub(crate) const CLOSE_UNKNOWN_PEER: u32 = 1;
 /// Application close code of a shutting-down edge.
 pub(crate) const CLOSE_SHUTDOWN: u32 = 2;
+/// Application close code of a connection whose peer stopped answering.
+pub(crate) const CLOSE_UNRESPONSIVE: u32 = 3;
 
 /// What a peer may do here, from `mesh.peers[]`.
 pub struct PeerPolicy {
@@ -85,6 +87,21 @@ impl Tunnel {
         match self {
             Tunnel::Quic(c) => c.stable_id() as u64,
             Tunnel::H2 { id, .. } => *id,
+        }
+    }
+
+    /// Datagrams received on the connection so far (QUIC; none for HTTP/2,
+    /// where TCP notices a dead peer by itself).
+    pub fn packets_received(&self) -> Option<u64> {
+        match self {
+            Tunnel::Quic(c) => Some(c.stats().udp_rx.datagrams),
+            Tunnel::H2 { .. } => None,
+        }
+    }
+
+    pub fn close_unresponsive(&self) {
+        if let Tunnel::Quic(c) = self {
+            c.close(CLOSE_UNRESPONSIVE.into(), b"peer unresponsive");
         }
     }
 
@@ -310,6 +327,7 @@ pub(crate) async fn keep_dialed(
             }
         };
         tracing::info!(%peer, remote = %addr, "tunnel to the peer is up (dialed)");
+        metrics.connection(&peer, "dialed");
         let up_since = tokio::time::Instant::now();
         link.offer(&dialed.tunnel);
         on_up(&dialed.tunnel);
@@ -356,11 +374,21 @@ pub(crate) async fn sample_until_closed(
     let connected = metrics.connected.get_or_create(&labels).clone();
     connected.inc();
     let (mut lost, mut sent, mut received) = (0u64, 0u64, 0u64);
+    let mut remote = conn.remote_address();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     let reason = loop {
         tokio::select! {
             reason = conn.closed() => break reason,
             _ = tick.tick() => {}
+        }
+        // quinn validates a new path before moving to it: a changed remote
+        // address here is a migration (NAT rebinding, a new interface),
+        // carried on by the same connection and its streams.
+        let now_remote = conn.remote_address();
+        if now_remote != remote {
+            tracing::info!(%peer, from = %remote, to = %now_remote, "tunnel connection migrated to the peer's new address");
+            metrics.address_changes.get_or_create(&labels).inc();
+            remote = now_remote;
         }
         let stats = conn.stats();
         metrics

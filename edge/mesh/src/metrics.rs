@@ -45,6 +45,10 @@ pub struct MeshMetrics {
     pub(crate) streams: Family<DirectionLabels, Counter>,
     pub(crate) refusals: Family<RefusalLabels, Counter>,
     pub(crate) connections_refused: Family<ReasonLabels, Counter>,
+    /// Connections established, by `direction` (`dialed`, `accepted`).
+    pub(crate) connections: Family<DirectionLabels, Counter>,
+    pub(crate) address_changes: Family<PeerLabels, Counter>,
+    pub(crate) gso_segments: Gauge,
 }
 
 impl MeshMetrics {
@@ -96,7 +100,31 @@ impl MeshMetrics {
             "Tunnel connections refused (handshake failed, unknown peer), by reason",
             m.connections_refused.clone(),
         );
+        r.register(
+            "connections",
+            "Tunnel connections established, by peer and direction (dialed, accepted)",
+            m.connections.clone(),
+        );
+        r.register(
+            "peer_address_changes",
+            "Times a peer's tunnel connection moved to a new remote address without reconnecting (QUIC migration)",
+            m.address_changes.clone(),
+        );
+        r.register(
+            "udp_gso_segments",
+            "Datagrams the kernel segments from one send (generic segmentation offload); 1 without GSO",
+            m.gso_segments.clone(),
+        );
         m
+    }
+
+    pub(crate) fn connection(&self, peer: &str, direction: &str) {
+        self.connections
+            .get_or_create(&DirectionLabels {
+                peer: peer.to_owned(),
+                direction: direction.to_owned(),
+            })
+            .inc();
     }
 
     pub(crate) fn refused(&self, peer: &str, direction: &str, reason: &str) {

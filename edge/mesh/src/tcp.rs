@@ -71,6 +71,7 @@ pub(crate) async fn accept_loop(
             };
             let peer = link.policy.name.clone();
             tracing::info!(%peer, %remote, "tunnel from the peer is up (accepted, TLS over TCP)");
+            metrics.connection(&peer, "accepted");
             let connected = metrics
                 .connected
                 .get_or_create(&PeerLabels {

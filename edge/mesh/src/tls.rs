@@ -9,6 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, ServerName, TrustAnchor, UnixTime};
@@ -16,7 +17,9 @@ use rustls::{
     CertificateError, ClientConfig, DigitallySignedStruct, OtherError, RootCertStore, ServerConfig,
     SignatureScheme,
 };
-use strait_tls::{CredentialReceiver, SpiffeClientVerifier, WatchedCertifiedKey};
+use strait_tls::{
+    CredentialReceiver, LiveClientVerifier, SpiffeClientVerifier, WatchedCertifiedKey,
+};
 
 /// The application protocol of tunnel connections (QUIC and TLS-over-TCP).
 pub const ALPN: &[u8] = b"strait/1";
@@ -26,7 +29,7 @@ pub(crate) fn provider() -> Arc<CryptoProvider> {
 }
 
 /// Each trust domain's roots, as the mesh was configured with them.
-#[derive(Clone)]
+#[derive(Clone, PartialEq)]
 pub struct MeshRoots {
     pub by_domain: BTreeMap<String, Vec<CertificateDer<'static>>>,
 }
@@ -40,24 +43,71 @@ impl MeshRoots {
         }
         store
     }
+
+    fn anchors(&self, domain: &str) -> Result<Vec<TrustAnchor<'static>>, String> {
+        self.by_domain
+            .get(domain)
+            .ok_or_else(|| format!("no trust bundle for '{domain}'"))?
+            .iter()
+            .map(|der| {
+                webpki::anchor_from_trusted_cert(der)
+                    .map(|a| a.to_owned())
+                    .map_err(|e| format!("trust bundle of '{domain}': {e}"))
+            })
+            .collect()
+    }
+}
+
+/// The roots in force, replaced live (a CA rotating its root, a bundle
+/// pushed by the control plane): the next handshake on either side uses
+/// the new roots; established connections keep going.
+pub struct MeshTrust {
+    /// The dialing side's anchors per domain.
+    anchors: ArcSwap<BTreeMap<String, Vec<TrustAnchor<'static>>>>,
+    /// The accepting side's verifier, swapped behind rustls.
+    acceptor: Arc<LiveClientVerifier<SpiffeClientVerifier>>,
+}
+
+impl MeshTrust {
+    pub fn new(roots: &MeshRoots) -> Result<Arc<MeshTrust>, String> {
+        let trust = Arc::new(MeshTrust {
+            anchors: ArcSwap::from_pointee(BTreeMap::new()),
+            acceptor: Arc::new(LiveClientVerifier::new(provider(), true)),
+        });
+        trust.replace(roots)?;
+        Ok(trust)
+    }
+
+    /// Trusts `roots` from the next handshake on; on an error nothing
+    /// changes.
+    pub fn replace(&self, roots: &MeshRoots) -> Result<(), String> {
+        let anchors = roots
+            .by_domain
+            .keys()
+            .map(|d| Ok((d.clone(), roots.anchors(d)?)))
+            .collect::<Result<BTreeMap<_, _>, String>>()?;
+        let domains = roots
+            .by_domain
+            .keys()
+            .map(|d| (d.clone(), roots.store(d)))
+            .collect();
+        let verifier = SpiffeClientVerifier::new(domains, None, true, provider())?;
+        self.acceptor.store(Some(Arc::new(verifier)));
+        self.anchors.store(Arc::new(anchors));
+        Ok(())
+    }
 }
 
 /// What the accepting side serves: the edge's certificate, and peers
 /// verified per trust domain (a certificate is mandatory).
 pub fn server_config(
     credentials: CredentialReceiver,
-    roots: &MeshRoots,
+    trust: &Arc<MeshTrust>,
 ) -> Result<ServerConfig, String> {
-    let domains = roots
-        .by_domain
-        .keys()
-        .map(|d| (d.clone(), roots.store(d)))
-        .collect();
-    let verifier = SpiffeClientVerifier::new(domains, None, true, provider())?;
     let mut config = ServerConfig::builder_with_provider(provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| e.to_string())?
-        .with_client_cert_verifier(Arc::new(verifier))
+        .with_client_cert_verifier(trust.acceptor.clone())
         .with_cert_resolver(WatchedCertifiedKey::new(credentials));
     config.alpn_protocols = vec![ALPN.to_vec()];
     Ok(config)
@@ -67,24 +117,19 @@ pub fn server_config(
 /// the bundle of `peer_id`'s trust domain and carry exactly that ID.
 pub fn client_config(
     credentials: CredentialReceiver,
-    roots: &MeshRoots,
+    trust: &Arc<MeshTrust>,
     peer_id: &str,
 ) -> Result<ClientConfig, String> {
     let domain = strait_tls::trust_domain_of(peer_id).map_err(|e| e.to_string())?;
-    let anchors: Vec<TrustAnchor<'static>> = roots
-        .by_domain
-        .get(&domain)
-        .ok_or_else(|| format!("no trust bundle for '{domain}', the domain of {peer_id}"))?
-        .iter()
-        .map(|der| {
-            webpki::anchor_from_trusted_cert(der)
-                .map(|a| a.to_owned())
-                .map_err(|e| format!("trust bundle of '{domain}': {e}"))
-        })
-        .collect::<Result<_, _>>()?;
+    if !trust.anchors.load().contains_key(&domain) {
+        return Err(format!(
+            "no trust bundle for '{domain}', the domain of {peer_id}"
+        ));
+    }
     let verifier = PeerVerifier {
         expected: peer_id.to_owned(),
-        anchors,
+        domain,
+        trust: trust.clone(),
         provider: provider(),
     };
     let mut config = ClientConfig::builder_with_provider(provider())
@@ -99,11 +144,19 @@ pub fn client_config(
 
 /// Verifies a peer edge's certificate as a SPIFFE X.509-SVID: the chain to
 /// the domain's anchors (server-auth usage, validity), then the ID.
-#[derive(Debug)]
 struct PeerVerifier {
     expected: String,
-    anchors: Vec<TrustAnchor<'static>>,
+    domain: String,
+    trust: Arc<MeshTrust>,
     provider: Arc<CryptoProvider>,
+}
+
+impl std::fmt::Debug for PeerVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerVerifier")
+            .field("expected", &self.expected)
+            .finish()
+    }
 }
 
 fn pki_error(err: webpki::Error) -> rustls::Error {
@@ -127,9 +180,16 @@ impl ServerCertVerifier for PeerVerifier {
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
         let cert = webpki::EndEntityCert::try_from(end_entity).map_err(pki_error)?;
+        let anchors = self.trust.anchors.load();
+        let Some(anchors) = anchors.get(&self.domain) else {
+            // The domain's bundle was withdrawn: nothing of it is trusted.
+            return Err(rustls::Error::InvalidCertificate(
+                CertificateError::UnknownIssuer,
+            ));
+        };
         cert.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
-            &self.anchors,
+            anchors,
             intermediates,
             now,
             webpki::KeyUsage::server_auth(),

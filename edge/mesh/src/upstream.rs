@@ -77,12 +77,25 @@ impl TunnelUpstream {
                 .await
                 .map_err(|e| io_error(std::io::Error::other(e)))
         };
-        let answer = tokio::time::timeout(self.connect_timeout, exchange)
-            .await
-            .map_err(|_| ConnectError::Timeout {
-                address: self.label(),
-                timeout: self.connect_timeout,
-            })??;
+        let heard_before = conn.packets_received();
+        let answer = match tokio::time::timeout(self.connect_timeout, exchange).await {
+            Ok(answer) => answer?,
+            Err(_) => {
+                // A live peer acknowledges the header within a round trip
+                // even when it is too busy to answer. Nothing heard at all
+                // means the peer is gone without closing (killed, cut off):
+                // drop the connection now, so the dialer reconnects and the
+                // other streams fail fast, instead of after the idle timeout.
+                if heard_before.is_some() && conn.packets_received() == heard_before {
+                    tracing::warn!(%peer, timeout = ?self.connect_timeout, "tunnel to the peer is unresponsive (no packet since a stream was opened); closing it to reconnect");
+                    conn.close_unresponsive();
+                }
+                return Err(ConnectError::Timeout {
+                    address: self.label(),
+                    timeout: self.connect_timeout,
+                });
+            }
+        };
         match answer {
             Answer::Accept => Ok(TunnelStream::new(io, self.metrics.stream(peer, "outbound"))),
             Answer::Refuse { code, reason } => {

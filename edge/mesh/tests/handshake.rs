@@ -8,7 +8,7 @@ use std::sync::Arc;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
 use rustls::pki_types::CertificateDer;
-use strait_mesh::tls::{client_config, peer_spiffe_id, server_config, MeshRoots};
+use strait_mesh::tls::{client_config, peer_spiffe_id, server_config, MeshRoots, MeshTrust};
 use strait_tls::CredentialReceiver;
 
 fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
@@ -40,14 +40,22 @@ fn edge(ca: &CertifiedIssuer<'static, KeyPair>, id: &str) -> CredentialReceiver 
     tokio::sync::watch::channel(Arc::new(certified)).1
 }
 
-fn roots(domain: &str, ca: &CertifiedIssuer<'static, KeyPair>) -> MeshRoots {
+fn roots_of(domain: &str, cas: &[&CertifiedIssuer<'static, KeyPair>]) -> MeshRoots {
     MeshRoots {
-        by_domain: [(domain.to_owned(), vec![ca.der().clone()])].into(),
+        by_domain: [(
+            domain.to_owned(),
+            cas.iter().map(|ca| ca.der().clone()).collect(),
+        )]
+        .into(),
     }
 }
 
+fn roots(domain: &str, ca: &CertifiedIssuer<'static, KeyPair>) -> Arc<MeshTrust> {
+    MeshTrust::new(&roots_of(domain, &[ca])).unwrap()
+}
+
 /// East listening; returns its address and the endpoint.
-fn east(credentials: CredentialReceiver, trusts: &MeshRoots) -> (SocketAddr, quinn::Endpoint) {
+fn east(credentials: CredentialReceiver, trusts: &Arc<MeshTrust>) -> (SocketAddr, quinn::Endpoint) {
     let crypto = QuicServerConfig::try_from(server_config(credentials, trusts).unwrap()).unwrap();
     let server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     let endpoint = quinn::Endpoint::server(server, "127.0.0.1:0".parse().unwrap()).unwrap();
@@ -59,7 +67,7 @@ async fn dial(
     addr: SocketAddr,
     server: &quinn::Endpoint,
     credentials: CredentialReceiver,
-    trusts: &MeshRoots,
+    trusts: &Arc<MeshTrust>,
     peer_id: &str,
 ) -> (Result<(), String>, Result<Option<String>, String>) {
     let crypto =
@@ -151,4 +159,35 @@ async fn a_certificate_claiming_a_domain_whose_bundle_did_not_sign_it_is_refused
         err.contains("spiffe://west.example/edge/edge-west"),
         "{err}"
     );
+}
+
+#[tokio::test]
+async fn trust_replaced_live_applies_to_the_next_handshake_on_both_sides() {
+    let (east_ca, west_ca) = (ca("east"), ca("west"));
+    let (new_east_ca, new_west_ca) = (ca("east-2"), ca("west-2"));
+    let east_trust = roots("west.example", &west_ca);
+    let west_trust = roots("east.example", &east_ca);
+    // East already presents a certificate of its next root; west does not trust it yet.
+    let (addr, server) = east(edge(&new_east_ca, EAST), &east_trust);
+    let (dialed, _) = dial(addr, &server, edge(&new_west_ca, WEST), &west_trust, EAST).await;
+    assert!(dialed.unwrap_err().contains("UnknownIssuer"));
+
+    // Both rotations published: old and new roots, swapped into the running
+    // configurations (same server endpoint, same trust objects).
+    west_trust
+        .replace(&roots_of("east.example", &[&east_ca, &new_east_ca]))
+        .unwrap();
+    east_trust
+        .replace(&roots_of("west.example", &[&west_ca, &new_west_ca]))
+        .unwrap();
+    let (dialed, accepted) = dial(addr, &server, edge(&new_west_ca, WEST), &west_trust, EAST).await;
+    assert_eq!(dialed, Ok(()));
+    assert_eq!(accepted, Ok(Some(WEST.to_owned())));
+
+    // The old root withdrawn at east: a west certificate of it is refused.
+    east_trust
+        .replace(&roots_of("west.example", &[&new_west_ca]))
+        .unwrap();
+    let (_, accepted) = dial(addr, &server, edge(&west_ca, WEST), &west_trust, EAST).await;
+    assert!(accepted.is_err());
 }

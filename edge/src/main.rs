@@ -239,11 +239,24 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mesh_metrics =
         strait_mesh::metrics::MeshMetrics::register(registry.sub_registry_with_prefix("strait"));
     let svid_credentials = edge_svid.as_ref().map(|s| s.credentials.clone());
+    // Only an SVID identity needs a kept seed for its stateless-reset key
+    // (a file identity derives it from its key file).
+    let mesh_reset_seed = match edge_svid {
+        Some(_) => match strait_mesh::reset_seed_in(&args.cache_dir) {
+            Ok(seed) => Some(seed),
+            Err(err) => {
+                tracing::warn!(%err, dir = %args.cache_dir.display(), "no kept mesh reset seed; peers of a restarted edge wait for their idle timeout");
+                None
+            }
+        },
+        None => None,
+    };
     let mut mesh = match &config.mesh {
         Some(mesh) => Some(
             strait_mesh::Mesh::start(
                 mesh,
                 svid_credentials.clone(),
+                mesh_reset_seed.clone(),
                 tunnel_targets_rx.clone(),
                 mesh_metrics.clone(),
             )
@@ -417,6 +430,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 match strait_mesh::Mesh::start(
                     wanted,
                     svid_credentials.clone(),
+                    mesh_reset_seed.clone(),
                     tunnel_targets_rx.clone(),
                     mesh_metrics.clone(),
                 )

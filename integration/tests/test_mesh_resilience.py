@@ -5,11 +5,13 @@ has no netem) between them where a test needs a bad link.
 - a 50 ms round trip with 0.1% loss each way (QUIC) or 50 ms (TLS over TCP): every record crosses, in order;
 - the near edge's address changes mid-stream (the relay rebinds, as a NAT does): the same QUIC connection
   migrates, no client notices;
+- a partition (the relay drops everything), on both transports: the tunnel is declared dead within its 10 s,
+  `/readyz` says so, and it comes back by itself when the partition heals;
 - a consumer that stops reading (SIGSTOP) holds only its own stream: another consumer reads the same
   topic through the same tunnel meanwhile, the edges' memory stays bounded, and the stopped one gets
   every byte once it resumes;
-- the far edge is SIGKILLed under a running producer and started again: the producer's records are all
-  delivered, once each, without a client restart.
+- the far edge is SIGKILLed under a running producer and started again: it resets west's old connection
+  (stateless reset), and the producer's records are all delivered, once each, without a client restart.
 """
 
 import json
@@ -131,6 +133,46 @@ def test_the_tunnel_migrates_when_the_near_edge_address_changes(broker, logs, tm
         relay.stop()
 
 
+@pytest.mark.parametrize("transport", ["quic", "tls-tcp"])
+def test_a_partition_takes_the_tunnel_down_and_it_heals_by_itself(broker, logs, tmp_path, transport):
+    from confluent_kafka import Producer
+    from tests.test_mesh import readyz
+    kafka, west_pki, east, west, relay = linked_through(broker, logs, tmp_path, transport)
+    try:
+        topic = unique("partition")
+        create_topic(kafka.bootstrap, topic)
+        orders = client(west, west_pki, "orders")
+        producer = Producer({**orders, "enable.idempotence": True, "message.timeout.ms": 90000})
+        acked, failed = [], []
+
+        def report(err, msg):
+            (failed.append(err) if err else acked.append(msg.value()))
+
+        def send(prefix: bytes):
+            for i in range(20):
+                producer.produce(topic, value=b"%s-%d" % (prefix, i), on_delivery=report)
+            assert producer.flush(90) == 0
+        send(b"before")
+        relay.command("blackhole on")
+        # Keepalives go unanswered: dead after 10 s, whatever the transport.
+        wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 0, 30,
+                 what=f"west declaring the partitioned {transport} tunnel dead")
+        assert readyz(west) == "ready\ntunnel edge-east: down\n"
+        relay.command("blackhole off")
+        wait_for(lambda: west.metric("strait_mesh_peer_connected", peer="edge-east") == 1, 30,
+                 what="west redialing after the partition")
+        send(b"after")
+        assert failed == [] and len(acked) == 40
+        assert west.metric("strait_mesh_connections", peer="edge-east", direction="dialed") == 2
+        got = consume(orders, topic, 40)
+        assert sorted(got) == sorted(acked) and len(set(got)) == 40
+        assert east.unexpected_errors() == [] and west.unexpected_errors() == []
+    finally:
+        west.terminate()
+        east.terminate()
+        relay.stop()
+
+
 STALLED_CONSUMER = textwrap.dedent("""
     import json, sys
     from confluent_kafka import Consumer
@@ -211,9 +253,10 @@ def test_a_stopped_consumer_holds_only_its_own_stream(broker, logs, tmp_path):
 
 
 def test_the_far_edge_killed_under_a_running_producer(broker, logs, tmp_path):
-    """SIGKILL: east closes nothing. West notices a silent peer (10 s idle timeout, or at once when a new
-    stream gets no packet back), resets the client streams, redials the restarted east; the idempotent
-    producer retries and every record is at the broker once."""
+    """SIGKILL: east closes nothing. The restarted east answers west's next packet on the old connection
+    with a stateless reset (its reset key comes from its key file, so it is the key the old process had);
+    west drops the connection at once, the client streams reset, west redials; the idempotent producer
+    retries and every record is at the broker once."""
     from confluent_kafka import Producer
     from tests.test_mesh import linked
     kafka, east_pki, west_pki, east, west = linked(broker, logs, tmp_path)
@@ -249,6 +292,7 @@ def test_the_far_edge_killed_under_a_running_producer(broker, logs, tmp_path):
         assert producer.flush(90) == 0
         assert failed == [] and len(acked) == sent[0]
         assert west.metric("strait_mesh_connections", peer="edge-east", direction="dialed") == 2
+        assert "reset by peer" in west.log_text(), "west should have been reset, not timed out"
         got = consume(orders, topic, len(acked), timeout=60)
         assert sorted(got) == sorted(acked) and len(set(got)) == len(got), "every record once"
         assert east.unexpected_errors() == [] and west.unexpected_errors() == []

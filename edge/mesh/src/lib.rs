@@ -21,6 +21,7 @@ pub mod header;
 mod ingress;
 mod links;
 pub mod metrics;
+mod reset;
 mod stream;
 mod tcp;
 pub mod tls;
@@ -46,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::links::{PeerLink, PeerPolicy, CLOSE_SHUTDOWN, CLOSE_UNKNOWN_PEER};
 use crate::metrics::MeshMetrics;
+pub use crate::reset::seed_in as reset_seed_in;
 use crate::tls::{MeshRoots, MeshTrust};
 pub use crate::upstream::TunnelUpstream;
 
@@ -86,8 +88,12 @@ fn transport() -> Arc<TransportConfig> {
         .stream_receive_window(VarInt::from_u32(8 << 20))
         .receive_window(VarInt::from_u32(64 << 20))
         .send_window(64 << 20)
-        .keep_alive_interval(Some(Duration::from_secs(2)))
-        .max_idle_timeout(Some(VarInt::from_u32(10_000).into()));
+        .keep_alive_interval(Some(links::KEEPALIVE))
+        .max_idle_timeout(Some(
+            links::DEAD_AFTER
+                .try_into()
+                .expect("10 s is a valid QUIC idle timeout"),
+        ));
     // Path MTU discovery up to jumbo frames: every packet costs a seal and
     // a syscall share, so bigger packets where the path allows them (data
     // centre links, loopback) cut the tunnel's CPU; probes that are too big
@@ -171,9 +177,15 @@ impl Mesh {
     /// Binds `mesh.listen` (if any), dials every peer with an address and
     /// accepts the configured peers' connections. `targets` are the local
     /// virtual clusters streams from peers are handed to.
+    ///
+    /// `svid_reset_seed`: for an SVID identity (its key lives only in
+    /// memory), a secret that outlives the process, from which the
+    /// stateless-reset key is derived (see [`reset_seed_in`]); a file
+    /// identity derives it from its key file.
     pub async fn start(
         config: &MeshConfig,
         svid: Option<CredentialReceiver>,
+        svid_reset_seed: Option<Vec<u8>>,
         targets: watch::Receiver<TunnelTargets>,
         metrics: MeshMetrics,
     ) -> Result<Mesh, MeshError> {
@@ -194,6 +206,11 @@ impl Mesh {
             .map_err(|e| MeshError::Identity(e.to_string()))?,
             ServedCertificate::Svid => svid.ok_or(MeshError::NoSvid)?,
         };
+        let reset_seed = match &config.identity {
+            ServedCertificate::Files { key, .. } => std::fs::read(key).ok(),
+            ServedCertificate::Svid => svid_reset_seed,
+        };
+        let endpoint_config = || reset::endpoint_config(reset_seed.as_deref());
         let roots = load_roots(&config.trust_bundles)?;
         let trust = MeshTrust::new(&roots).map_err(MeshError::Bundle)?;
         let (trust_bundles, bundles_rx) = watch::channel(config.trust_bundles.clone());
@@ -212,18 +229,35 @@ impl Mesh {
                     .map_err(|e| MeshError::Tls(e.to_string()))?;
                 let mut server = quinn::ServerConfig::with_crypto(Arc::new(crypto));
                 server.transport_config(transport());
-                let endpoint = rebind(|| Endpoint::server(server.clone(), address))
-                    .await
-                    .map_err(|source| MeshError::Bind { address, source })?;
+                let endpoint = rebind(|| {
+                    Endpoint::new(
+                        endpoint_config(),
+                        Some(server.clone()),
+                        std::net::UdpSocket::bind(address)?,
+                        quinn::default_runtime()
+                            .ok_or_else(|| std::io::Error::other("no async runtime for QUIC"))?,
+                    )
+                })
+                .await
+                .map_err(|source| MeshError::Bind { address, source })?;
                 tracing::info!(%address, "mesh listening (QUIC)");
                 endpoint
             }
-            None => Endpoint::client(SocketAddr::from(([0, 0, 0, 0], 0))).map_err(|source| {
-                MeshError::Bind {
-                    address: SocketAddr::from(([0, 0, 0, 0], 0)),
-                    source,
-                }
-            })?,
+            None => {
+                let address = SocketAddr::from(([0, 0, 0, 0], 0));
+                std::net::UdpSocket::bind(address)
+                    .and_then(|socket| {
+                        Endpoint::new(
+                            endpoint_config(),
+                            None,
+                            socket,
+                            quinn::default_runtime().ok_or_else(|| {
+                                std::io::Error::other("no async runtime for QUIC")
+                            })?,
+                        )
+                    })
+                    .map_err(|source| MeshError::Bind { address, source })?
+            }
         };
         let gso = gso_segments(&endpoint);
         metrics.gso_segments.set(i64::try_from(gso).unwrap_or(1));

@@ -202,6 +202,27 @@ pub(crate) struct Dialed {
     closed: std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>,
 }
 
+/// HTTP/2 PINGs every [`KEEPALIVE`]; returns once one goes unanswered for
+/// [`DEAD_AFTER`] (the peer was killed or cut off: TCP alone would notice
+/// only after minutes of retransmissions), as QUIC's idle timeout does.
+pub(crate) async fn h2_keepalive(ping: Option<h2::PingPong>) -> String {
+    let Some(mut ping) = ping else {
+        return std::future::pending().await;
+    };
+    loop {
+        tokio::time::sleep(KEEPALIVE).await;
+        match tokio::time::timeout(DEAD_AFTER, ping.ping(h2::Ping::opaque())).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(err)) => return err.to_string(),
+            Err(_) => return format!("no answer to a keepalive within {DEAD_AFTER:?}"),
+        }
+    }
+}
+
+/// Keepalive interval and dead-peer timeout of both transports.
+pub(crate) const KEEPALIVE: Duration = Duration::from_secs(2);
+pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(10);
+
 /// The h2 settings of TLS-over-TCP tunnels, sized like the QUIC transport.
 pub(crate) fn h2_windows() -> (u32, u32) {
     (8 << 20, 64 << 20)
@@ -243,7 +264,7 @@ impl Dialer {
                     .await
                     .map_err(|e| e.to_string())?;
                 let (stream_window, connection_window) = h2_windows();
-                let (send, connection) = h2::client::Builder::new()
+                let (send, mut connection) = h2::client::Builder::new()
                     .initial_window_size(stream_window)
                     .initial_connection_window_size(connection_window)
                     .handshake::<_, bytes::Bytes>(tls)
@@ -257,14 +278,19 @@ impl Dialer {
                 };
                 let connected = metrics.connected.get_or_create(&labels).clone();
                 connected.inc();
+                let ping = connection.ping_pong();
                 tokio::spawn(async move {
-                    let result = connection.await;
+                    let reason = tokio::select! {
+                        result = connection => match result {
+                            Ok(()) => "closed".to_owned(),
+                            Err(e) => e.to_string(),
+                        },
+                        // Dropping the connection closes the socket.
+                        dead = h2_keepalive(ping) => dead,
+                    };
                     flag.store(true, std::sync::atomic::Ordering::Release);
                     connected.dec();
-                    let _ = done_tx.send(match result {
-                        Ok(()) => "closed".to_owned(),
-                        Err(e) => e.to_string(),
-                    });
+                    let _ = done_tx.send(reason);
                 });
                 Ok(Dialed {
                     tunnel: Tunnel::H2 {

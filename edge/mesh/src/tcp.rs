@@ -55,7 +55,7 @@ pub(crate) async fn accept_loop(
                 return;
             };
             let (stream_window, connection_window) = h2_windows();
-            let conn = match h2::server::Builder::new()
+            let mut conn = match h2::server::Builder::new()
                 .initial_window_size(stream_window)
                 .initial_connection_window_size(connection_window)
                 .max_concurrent_streams(16_384)
@@ -79,8 +79,12 @@ pub(crate) async fn accept_loop(
                 })
                 .clone();
             connected.inc();
+            let ping = conn.ping_pong();
             tokio::select! {
                 _ = crate::ingress::serve_h2_streams(conn, remote, link, targets, metrics) => {}
+                dead = crate::links::h2_keepalive(ping) => {
+                    tracing::warn!(%peer, reason = %dead, "tunnel from the peer is dead (TLS over TCP); closing it");
+                }
                 _ = stop.cancelled() => {}
             }
             connected.dec();

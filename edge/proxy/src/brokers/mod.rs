@@ -1,8 +1,14 @@
-//! Port-per-broker addressing: every upstream broker a cluster advertises gets
-//! its own port on the edge, bound the first time the broker is seen.
+//! How a virtual cluster's brokers are addressed on the edge, in three
+//! jobs: [`discovery`] (which upstream broker each node id is), the
+//! addressing (the edge address clients get for a node id: a port of the
+//! range, allocated by [`ports::PortAllocator`], or an SNI host name) and,
+//! for ports, binding the listener ([`ports::ListenerBinder`]). A tunneled
+//! cluster routes by node id alone: the far edge resolves it.
 
-use std::collections::{HashMap, HashSet};
-use std::net::{IpAddr, SocketAddr};
+mod discovery;
+mod ports;
+
+use std::net::IpAddr;
 use std::ops::RangeInclusive;
 use std::sync::{Arc, Mutex};
 
@@ -11,36 +17,23 @@ use strait_edge_config::HostPort;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
+use self::discovery::{Discovery, Seen};
+pub use self::ports::NewBrokerListener;
+use self::ports::{ListenerBinder, PortAllocator};
+
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum BrokerMapError {
     #[error("no free port left in {first}-{last} for broker {node_id}")]
     PortsExhausted { node_id: i32, first: u16, last: u16 },
 }
 
-/// A new broker port, bound and waiting for its accept loop.
-pub struct NewBrokerListener {
-    pub node_id: i32,
-    pub listener: std::net::TcpListener,
-}
-
-struct Node {
-    port: u16,
-    upstream: HostPort,
-}
-
-#[derive(Default)]
-struct Nodes {
-    by_id: HashMap<i32, Node>,
-    ports: HashSet<u16>,
-}
-
 /// How brokers are addressed on the edge.
 enum Addressing {
-    /// A port of `port_range` per broker, all under `advertised_host`.
+    /// A port of the range per broker, all under `advertised_host`.
     PortPerBroker {
         advertised_host: Arc<str>,
-        port_range: RangeInclusive<u16>,
-        bind_address: IpAddr,
+        ports: Mutex<PortAllocator>,
+        binder: ListenerBinder,
     },
     /// One port; a host name per broker, `prefix` + node id + `suffix`.
     Sni {
@@ -53,9 +46,7 @@ enum Addressing {
 /// The node id to edge address to upstream address map of one virtual cluster.
 pub struct BrokerMap {
     addressing: Addressing,
-    nodes: Mutex<Nodes>,
-    new_listeners: mpsc::UnboundedSender<NewBrokerListener>,
-    discovered: Gauge,
+    discovery: Discovery,
 }
 
 impl BrokerMap {
@@ -66,14 +57,16 @@ impl BrokerMap {
         bind_address: IpAddr,
         discovered: Gauge,
     ) -> (Arc<Self>, mpsc::UnboundedReceiver<NewBrokerListener>) {
-        Self::with_addressing(
-            Addressing::PortPerBroker {
+        let (binder, rx) = ListenerBinder::new(bind_address);
+        let map = BrokerMap {
+            addressing: Addressing::PortPerBroker {
                 advertised_host: advertised_host.into(),
-                port_range,
-                bind_address,
+                ports: Mutex::new(PortAllocator::new(port_range)),
+                binder,
             },
-            discovered,
-        )
+            discovery: Discovery::new(discovered),
+        };
+        (Arc::new(map), rx)
     }
 
     /// SNI addressing: `pattern` contains `$(node_id)`; every broker shares `port`.
@@ -81,29 +74,14 @@ impl BrokerMap {
         let (prefix, suffix) = pattern
             .split_once(strait_edge_config::NODE_ID)
             .unwrap_or((pattern, ""));
-        Self::with_addressing(
-            Addressing::Sni {
+        Arc::new(BrokerMap {
+            addressing: Addressing::Sni {
                 prefix: prefix.to_owned(),
                 suffix: suffix.to_owned(),
                 port,
             },
-            discovered,
-        )
-        .0
-    }
-
-    fn with_addressing(
-        addressing: Addressing,
-        discovered: Gauge,
-    ) -> (Arc<Self>, mpsc::UnboundedReceiver<NewBrokerListener>) {
-        let (tx, rx) = mpsc::unbounded_channel();
-        let map = BrokerMap {
-            addressing,
-            nodes: Mutex::default(),
-            new_listeners: tx,
-            discovered,
-        };
-        (Arc::new(map), rx)
+            discovery: Discovery::new(discovered),
+        })
     }
 
     /// The node id an SNI host name designates, if it follows the pattern.
@@ -129,74 +107,57 @@ impl BrokerMap {
         node_id: i32,
         upstream: HostPort,
     ) -> Result<(Arc<str>, u16), BrokerMapError> {
-        let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        let (advertised_host, port_range, bind_address) = match &self.addressing {
+        match &self.addressing {
             Addressing::Sni {
                 prefix,
                 suffix,
                 port,
             } => {
                 let host: Arc<str> = format!("{prefix}{node_id}{suffix}").into();
-                let known = nodes.by_id.insert(
-                    node_id,
-                    Node {
-                        port: *port,
-                        upstream: upstream.clone(),
-                    },
-                );
-                if known.is_none() {
-                    tracing::info!(node_id, %upstream, edge_host = %host, "broker discovered");
-                    self.discovered.set(nodes.by_id.len() as i64);
-                }
-                return Ok((host, *port));
+                self.record(node_id, &upstream, &host, *port);
+                Ok((host, *port))
             }
             Addressing::PortPerBroker {
                 advertised_host,
-                port_range,
-                bind_address,
-            } => (advertised_host, port_range, *bind_address),
-        };
-        if let Some(node) = nodes.by_id.get_mut(&node_id) {
-            if node.upstream != upstream {
-                tracing::info!(node_id, from = %node.upstream, to = %upstream, "broker moved");
-                node.upstream = upstream;
+                ports,
+                binder,
+            } => {
+                let mut ports = ports.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(port) = ports.port_of(node_id) {
+                    self.record(node_id, &upstream, advertised_host, port);
+                    return Ok((advertised_host.clone(), port));
+                }
+                // A port another process holds is skipped, not fatal.
+                let Some((port, listener)) = ports.allocate(node_id, |port| binder.bind(port))
+                else {
+                    return Err(BrokerMapError::PortsExhausted {
+                        node_id,
+                        first: *ports.range().start(),
+                        last: *ports.range().end(),
+                    });
+                };
+                self.record(node_id, &upstream, advertised_host, port);
+                binder.hand_over(node_id, listener);
+                Ok((advertised_host.clone(), port))
             }
-            return Ok((advertised_host.clone(), node.port));
         }
-        for port in port_range.clone() {
-            if nodes.ports.contains(&port) {
-                continue;
+    }
+
+    fn record(&self, node_id: i32, upstream: &HostPort, edge_host: &str, edge_port: u16) {
+        match self.discovery.record(node_id, upstream) {
+            Seen::New => {
+                tracing::info!(node_id, %upstream, edge_host, edge_port, "broker discovered")
             }
-            let address = SocketAddr::new(bind_address, port);
-            // A port taken by another process is skipped, not fatal.
-            let Ok(listener) = std::net::TcpListener::bind(address) else {
-                continue;
-            };
-            if listener.set_nonblocking(true).is_err() {
-                continue;
+            Seen::Moved { from } => {
+                tracing::info!(node_id, %from, to = %upstream, "broker moved")
             }
-            tracing::info!(node_id, %upstream, edge_port = port, "broker discovered");
-            nodes.ports.insert(port);
-            nodes.by_id.insert(node_id, Node { port, upstream });
-            self.discovered.set(nodes.by_id.len() as i64);
-            // The receiver lives as long as the cluster runtime; once it is
-            // gone the edge is shutting down and the port is never served.
-            let _ = self
-                .new_listeners
-                .send(NewBrokerListener { node_id, listener });
-            return Ok((advertised_host.clone(), port));
+            Seen::Known => {}
         }
-        Err(BrokerMapError::PortsExhausted {
-            node_id,
-            first: *port_range.start(),
-            last: *port_range.end(),
-        })
     }
 
     /// Where broker `node_id` is, as its cluster last advertised it.
     pub fn upstream_of(&self, node_id: i32) -> Option<HostPort> {
-        let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        nodes.by_id.get(&node_id).map(|node| node.upstream.clone())
+        self.discovery.upstream_of(node_id)
     }
 }
 

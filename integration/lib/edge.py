@@ -49,12 +49,14 @@ class VirtualCluster:
     bootstrap_port: int = field(default_factory=free_port)
     ports: range = field(default_factory=lambda: free_range(8))
     advertised_host: str = "127.0.0.1"
+    # Where the bootstrap listens (an address of the network namespace the edge runs in).
+    host: str = "127.0.0.1"
     # Extra virtual-cluster keys (tls, quotas, authorization, ...), merged into the config as given.
     extra: dict = field(default_factory=dict)
 
     @property
     def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.bootstrap_port}"
+        return f"{self.host}:{self.bootstrap_port}"
 
     def config(self) -> dict:
         return {
@@ -71,7 +73,8 @@ class VirtualCluster:
 
 class Edge:
     def __init__(self, log_dir: Path, clusters: list[VirtualCluster], max_frame_bytes: int = 104857600,
-                 binary: str | None = None, log_format: str = "json", extra: dict | None = None):
+                 binary: str | None = None, log_format: str = "json", extra: dict | None = None,
+                 netns: str | None = None, admin_host: str = "127.0.0.1"):
         self.log_dir = Path(log_dir)
         self.clusters = clusters
         self.admin_port = free_port()
@@ -79,6 +82,10 @@ class Edge:
         self.binary = binary or edge_bin()
         self.log_format = log_format
         self.extra = extra or {}
+        # Run inside this network namespace (`ip netns exec`); the admin endpoint then listens on one of
+        # its addresses that the tests can reach.
+        self.netns = netns
+        self.admin_host = admin_host
         self.expected_errors: list[re.Pattern] = []
         self.config_path = self.log_dir / f"edge-{self.admin_port}.yaml"
         self.proc: Proc | None = None
@@ -86,7 +93,7 @@ class Edge:
     # ---- configuration
     def config(self) -> dict:
         cfg = {
-            "admin": {"listen": f"127.0.0.1:{self.admin_port}"},
+            "admin": {"listen": f"{self.admin_host}:{self.admin_port}"},
             "virtual_clusters": [c.config() for c in self.clusters],
             "limits": {"max_frame_bytes": self.max_frame_bytes},
         }
@@ -111,6 +118,8 @@ class Edge:
     def start(self, timeout: float = 30.0) -> "Edge":
         self.write_config()
         argv = [self.binary, "--config", str(self.config_path), "--log-format", self.log_format]
+        if self.netns:
+            argv = ["ip", "netns", "exec", self.netns, *argv]
         env = {"RUST_LOG": os.environ.get("STRAIT_EDGE_RUST_LOG", "info,rustify=off,vaultrs=off"), "NO_COLOR": "1"}
         self.proc = Proc(f"edge-{self.admin_port}", argv, self.log_dir, env=env)
         self.proc.start()
@@ -119,7 +128,7 @@ class Edge:
             if not self.proc.alive():
                 raise RuntimeError(f"strait-edge exited with {self.proc.popen.returncode}:\n{self.proc.tail()}")
             return self.http_status("/readyz") == 200
-        wait_for(ready, timeout, what=f"strait-edge /readyz on 127.0.0.1:{self.admin_port}")
+        wait_for(ready, timeout, what=f"strait-edge /readyz on {self.admin_host}:{self.admin_port}")
         return self
 
     def alive(self) -> bool:
@@ -141,7 +150,7 @@ class Edge:
     # ---- admin endpoint
     def http_status(self, path: str) -> int:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}{path}", timeout=2) as resp:
+            with urllib.request.urlopen(f"http://{self.admin_host}:{self.admin_port}{path}", timeout=2) as resp:
                 return resp.status
         except urllib.error.HTTPError as e:
             return e.code
@@ -149,7 +158,7 @@ class Edge:
             return 0
 
     def metrics_text(self) -> str:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin_port}/metrics", timeout=5) as resp:
+        with urllib.request.urlopen(f"http://{self.admin_host}:{self.admin_port}/metrics", timeout=5) as resp:
             return resp.read().decode()
 
     def metric(self, name: str, **labels) -> float:

@@ -19,12 +19,12 @@ def impair_bin(profile: str = "debug") -> str:
 
 class Impair:
     def __init__(self, log_dir: Path, udp: list[tuple[int, int]] = (), tcp: list[tuple[int, int]] = (),
-                 delay_ms: float = 0.0, loss: float = 0.0, profile: str = "debug"):
+                 delay_ms: float = 0.0, loss: float = 0.0, profile: str = "debug", listen_host: str = "127.0.0.1"):
         argv = [impair_bin(profile), "--delay-ms", str(delay_ms), "--loss", str(loss)]
         for listen, target in udp:
-            argv += ["--udp", f"127.0.0.1:{listen}=127.0.0.1:{target}"]
+            argv += ["--udp", f"{listen_host}:{listen}=127.0.0.1:{target}"]
         for listen, target in tcp:
-            argv += ["--tcp", f"127.0.0.1:{listen}=127.0.0.1:{target}"]
+            argv += ["--tcp", f"{listen_host}:{listen}=127.0.0.1:{target}"]
         self.stderr = open(Path(log_dir) / f"impair-{int(time.time() * 1000)}.log", "w")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr,
                                      text=True, bufsize=1)

@@ -85,7 +85,7 @@ def west_edge(logs: Path, east: Pki, west: Pki, mesh_port: int, identity: Pki | 
 
 def readyz(edge: Edge) -> str:
     import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{edge.admin_port}/readyz", timeout=5) as resp:
+    with urllib.request.urlopen(f"http://{edge.admin_host}:{edge.admin_port}/readyz", timeout=5) as resp:
         return resp.read().decode()
 
 

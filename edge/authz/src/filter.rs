@@ -155,6 +155,7 @@ impl AuthorizationFilterFactory {
             request_keys: self.request_keys,
             produce_pending: HashMap::new(),
             metadata_explicit: HashMap::new(),
+            hold_until: None,
         }
     }
 }
@@ -177,7 +178,17 @@ pub struct AuthorizationFilter {
     produce_pending: HashMap<i32, Vec<produce_response::TopicProduceResponse>>,
     /// Whether a forwarded Metadata request named its topics.
     metadata_explicit: HashMap<i32, bool>,
+    /// A Fetch allowed by a lease that ends within [`LEASE_FETCH_MARGIN`]:
+    /// held until the lease ends, then decided again.
+    hold_until: Option<SystemTime>,
 }
+
+/// How long before a Read lease ends the broker must have answered a Fetch
+/// it allowed. The broker's long-poll timer starts when the request reaches
+/// it, after the edge's decision, and it returns whatever was appended
+/// until it answers; this margin absorbs that delay, so nothing appended
+/// after the lease's end is delivered.
+const LEASE_FETCH_MARGIN: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Evaluates the checks of one request, auditing and counting each.
 struct Checker<'a> {
@@ -749,14 +760,20 @@ impl AuthorizationFilter {
                     // A Fetch allowed just before a Read lease ends would otherwise
                     // long-poll past its end (max_wait_ms, 500 ms by default) and
                     // return records written after it: the broker must answer
-                    // before the lease ends.
+                    // LEASE_FETCH_MARGIN before the lease ends, and a Fetch in the
+                    // last margin waits for the end and is decided again.
                     if let (Some(end), RequestKind::Fetch(req)) = (c.valid_until, frame.body()) {
-                        let left = end.duration_since(now).unwrap_or_default().as_millis();
-                        let left = i32::try_from(left).unwrap_or(i32::MAX);
-                        if left < req.max_wait_ms {
-                            if let RequestKind::Fetch(req) = frame.body_mut() {
-                                req.max_wait_ms = left;
+                        let left = end.duration_since(now).unwrap_or_default();
+                        match left.checked_sub(LEASE_FETCH_MARGIN) {
+                            Some(wait) if !wait.is_zero() => {
+                                let wait = i32::try_from(wait.as_millis()).unwrap_or(i32::MAX);
+                                if wait < req.max_wait_ms {
+                                    if let RequestKind::Fetch(req) = frame.body_mut() {
+                                        req.max_wait_ms = wait;
+                                    }
+                                }
                             }
+                            _ => self.hold_until = Some(end),
                         }
                     }
                 }
@@ -1147,7 +1164,16 @@ impl Filter for AuthorizationFilter {
         ctx: &FilterContext<'_>,
         frame: &mut RequestFrame,
     ) -> RequestVerdict {
-        let (verdict, denies) = self.decide(ctx.now, frame);
+        let (mut verdict, mut denies) = self.decide(ctx.now, frame);
+        // Each pass decides at a later time, so the lease that held it has
+        // ended by then: this ends after as many passes as rules end soon.
+        while let Some(end) = self.hold_until.take() {
+            if let Ok(wait) = end.duration_since(SystemTime::now()) {
+                tokio::time::sleep(wait).await;
+            }
+            let now = SystemTime::now().max(end);
+            (verdict, denies) = self.decide(now, frame);
+        }
         for record in denies {
             self.conn.audit.record_deny(record).await;
         }

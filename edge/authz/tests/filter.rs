@@ -1607,16 +1607,17 @@ async fn group_and_cluster_authorized_operations_are_recomputed() {
 }
 
 /// A Fetch allowed shortly before its Read lease ends must not long-poll past
-/// the end: the broker would answer with records written after it.
+/// the end: the broker would answer with records written after it. It must
+/// answer 250 ms before the end (the margin for the request's way there).
 #[tokio::test]
-async fn fetch_wait_is_capped_at_the_read_lease_end() {
+async fn fetch_wait_is_capped_before_the_read_lease_end() {
     let harness = Harness::new(
         r#"
 rules:
   - principal: "spiffe://example.org/ns/shop/sa/*"
     allow: [Read]
     topic: "leased"
-    not_after: "2026-11-22T08:00:00.200Z"
+    not_after: "2026-11-22T08:00:00.400Z"
   - principal: "spiffe://example.org/ns/shop/sa/*"
     allow: [Read]
     topic: "open"
@@ -1641,8 +1642,8 @@ rules:
     ));
     assert_eq!(
         max_wait(&leased),
-        200,
-        "at most the 200 ms left on the lease"
+        150,
+        "the 400 ms left on the lease, less the 250 ms margin"
     );
     // A rule without a lease leaves the client's wait alone.
     let mut open = frame(ApiKey::Fetch, 12, fetch("open"));
@@ -1651,4 +1652,44 @@ rules:
         RequestVerdict::Forward
     ));
     assert_eq!(max_wait(&open), 500);
+}
+
+/// A Fetch in a lease's last 250 ms is held until the lease ends and then
+/// decided again: refused, never forwarded to long-poll past the end.
+#[tokio::test]
+async fn fetch_in_the_last_margin_of_a_lease_waits_for_its_end_and_is_refused() {
+    let start = SystemTime::now();
+    let end = start + std::time::Duration::from_millis(100);
+    let harness = Harness::new(&format!(
+        r#"
+rules:
+  - principal: "spiffe://example.org/ns/shop/sa/*"
+    allow: [Read]
+    topic: "leased"
+    not_after: "{}"
+"#,
+        OffsetDateTime::from(end).format(&Rfc3339).unwrap()
+    ));
+    let (mut filter, info) = harness.connect(BILLING);
+    let mut leased = frame(
+        ApiKey::Fetch,
+        12,
+        RequestKind::Fetch(
+            FetchRequest::default()
+                .with_max_wait_ms(500)
+                .with_topics(vec![fetch_request::FetchTopic::default()
+                    .with_topic(topic("leased"))
+                    .with_partitions(vec![Default::default()])]),
+        ),
+    );
+    let verdict = on_req(&mut filter, &info, start, &mut leased).await;
+    assert!(SystemTime::now() >= end, "answered before the lease ended");
+    let RequestVerdict::Respond(response) = verdict else {
+        panic!("a Fetch at the lease's end must be refused, not forwarded");
+    };
+    let ResponseKind::Fetch(fetch) = round_trip(ApiKey::Fetch, 12, *response) else {
+        panic!()
+    };
+    // TOPIC_AUTHORIZATION_FAILED
+    assert_eq!(fetch.responses[0].partitions[0].error_code, 29);
 }

@@ -80,6 +80,15 @@ impl Link {
     }
 }
 
+/// Waits for `at` unless it has passed: a timer, even an expired one, is
+/// only seen at the next millisecond tick, which would cap the relay at
+/// about a thousand packets a second.
+async fn wait_until(at: Instant) {
+    if at > Instant::now() {
+        tokio::time::sleep_until(at).await;
+    }
+}
+
 /// Sends each datagram `delay` after it was queued, in order, on `socket`
 /// (to `to`, or connected when `None`).
 fn delayed_sender(
@@ -90,7 +99,7 @@ fn delayed_sender(
     let (tx, mut rx) = mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
     tokio::spawn(async move {
         while let Some((queued, packet)) = rx.recv().await {
-            tokio::time::sleep_until(queued + delay).await;
+            wait_until(queued + delay).await;
             let _ = match to {
                 Some(to) => socket.send_to(&packet, to).await,
                 None => socket.send(&packet).await,
@@ -190,7 +199,7 @@ async fn delayed_copy(
     let delay = link.delay;
     let writer = tokio::spawn(async move {
         while let Some((queued, chunk)) = rx.recv().await {
-            tokio::time::sleep_until(queued + delay).await;
+            wait_until(queued + delay).await;
             if to.write_all(&chunk).await.is_err() {
                 return;
             }

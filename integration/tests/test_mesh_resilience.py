@@ -175,10 +175,11 @@ def test_a_partition_takes_the_tunnel_down_and_it_heals_by_itself(broker, logs, 
 
 STALLED_CONSUMER = textwrap.dedent("""
     import json, sys
-    from confluent_kafka import Consumer
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
     conf, topic, count, progress = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
     consumer = Consumer(conf)
-    consumer.subscribe([topic])
+    # Assigned, not subscribed: a group member stopped this long would be dropped from its group.
+    consumer.assign([TopicPartition(topic, 0, OFFSET_BEGINNING)])
     got = 0
     while got < count:
         msg = consumer.poll(0.5)
@@ -210,7 +211,7 @@ def test_a_stopped_consumer_holds_only_its_own_stream(broker, logs, tmp_path):
         big_fetch = {"fetch.max.bytes": 16 << 20, "max.partition.fetch.bytes": 16 << 20,
                      "receive.message.max.bytes": 17 << 20}
         progress = tmp_path / "stalled-progress"
-        conf = {**orders, **big_fetch, "group.id": unique("g"), "auto.offset.reset": "earliest"}
+        conf = {**orders, **big_fetch, "group.id": unique("g"), "enable.auto.commit": False}
         stalled = subprocess.Popen([sys.executable, "-c", STALLED_CONSUMER, json.dumps(conf), topic, str(count),
                                     str(progress)], stdout=subprocess.DEVNULL, stderr=open(logs / "stalled.log", "w"))
         wait_for(lambda: progress.exists() and progress.read_text() not in ("", "0"), 60,

@@ -1674,13 +1674,11 @@ rules:
     let mut leased = frame(
         ApiKey::Fetch,
         12,
-        RequestKind::Fetch(
-            FetchRequest::default()
-                .with_max_wait_ms(500)
-                .with_topics(vec![fetch_request::FetchTopic::default()
+        RequestKind::Fetch(FetchRequest::default().with_max_wait_ms(500).with_topics(
+            vec![fetch_request::FetchTopic::default()
                     .with_topic(topic("leased"))
-                    .with_partitions(vec![Default::default()])]),
-        ),
+                    .with_partitions(vec![Default::default()])],
+        )),
     );
     let verdict = on_req(&mut filter, &info, start, &mut leased).await;
     assert!(SystemTime::now() >= end, "answered before the lease ended");

@@ -56,6 +56,15 @@ def linked_through(broker, logs, tmp_path, transport: str = "quic", delay_ms: fl
     return kafka, west_pki, east, west, relay
 
 
+def delivery_reports():
+    """Lists of acknowledged values and of errors, and the `on_delivery` callback that fills them."""
+    acked, failed = [], []
+
+    def report(err, msg):
+        (failed.append(err) if err else acked.append(msg.value()))
+    return acked, failed, report
+
+
 def rss_bytes(pid: int) -> int:
     for line in open(f"/proc/{pid}/status"):
         if line.startswith("VmRSS:"):
@@ -103,10 +112,7 @@ def test_the_tunnel_migrates_when_the_near_edge_address_changes(broker, logs, tm
         create_topic(kafka.bootstrap, topic)
         orders = client(west, west_pki, "orders")
         producer = Producer({**orders, "enable.idempotence": True, "linger.ms": 0})
-        acked, failed = [], []
-
-        def report(err, msg):
-            (failed.append(err) if err else acked.append(msg.value()))
+        acked, failed, report = delivery_reports()
 
         def send(n: int, prefix: bytes):
             for i in range(n):
@@ -143,10 +149,7 @@ def test_a_partition_takes_the_tunnel_down_and_it_heals_by_itself(broker, logs, 
         create_topic(kafka.bootstrap, topic)
         orders = client(west, west_pki, "orders")
         producer = Producer({**orders, "enable.idempotence": True, "message.timeout.ms": 90000})
-        acked, failed = [], []
-
-        def report(err, msg):
-            (failed.append(err) if err else acked.append(msg.value()))
+        acked, failed, report = delivery_reports()
 
         def send(prefix: bytes):
             for i in range(20):
@@ -267,10 +270,7 @@ def test_the_far_edge_killed_under_a_running_producer(broker, logs, tmp_path):
         create_topic(kafka.bootstrap, topic)
         orders = client(west, west_pki, "orders")
         producer = Producer({**orders, "enable.idempotence": True, "linger.ms": 5, "message.timeout.ms": 90000})
-        acked, failed = [], []
-
-        def report(err, msg):
-            (failed.append(err) if err else acked.append(msg.value()))
+        acked, failed, report = delivery_reports()
         sent = [0]
 
         def run():

@@ -370,7 +370,12 @@ class JavaClient:
     def create_topic(self, topic: str, partitions: int = 1, timeout: float = 30.0) -> None:
         self.driver.call("admin.create_topic", timeout, handle=self._admin(), topic=topic, partitions=partitions,
                          replication_factor=1)
-        wait_for(lambda: len(self.partitions(topic)) == partitions, timeout, what=f"{topic} metadata")
+        wait_for(lambda: self._writable(topic, partitions), timeout, what=f"{topic} metadata with leaders")
+
+    def _writable(self, topic: str, partitions: int) -> bool:
+        t = self.metadata([topic])["topics"].get(topic)
+        return (t is not None and t["error"] is None and len(t["partitions"]) == partitions
+                and not t.get("leaderless"))
 
     def metadata(self, topics: list[str] | None = None, timeout: float = 10.0) -> dict:
         """One Metadata request to the bootstrap server: {"brokers": [...], "topics": {name: {error, partitions}}}."""

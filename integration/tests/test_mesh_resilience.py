@@ -177,7 +177,7 @@ def test_a_partition_takes_the_tunnel_down_and_it_heals_by_itself(broker, logs, 
 
 
 STALLED_CONSUMER = textwrap.dedent("""
-    import json, sys
+    import json, os, sys
     from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
     conf, topic, count, progress = json.loads(sys.argv[1]), sys.argv[2], int(sys.argv[3]), sys.argv[4]
     consumer = Consumer(conf)
@@ -190,8 +190,10 @@ STALLED_CONSUMER = textwrap.dedent("""
             continue
         assert msg.value()[:8] == b"%08d" % got, (got, msg.value()[:8])
         got += 1
-        with open(progress, "w") as f:
+        # Replaced, not rewritten: a SIGSTOP between truncate and write would leave it empty.
+        with open(progress + ".tmp", "w") as f:
             f.write(str(got))
+        os.replace(progress + ".tmp", progress)
     consumer.close()
 """)
 

@@ -52,6 +52,10 @@ final class Raw {
             tn.put("error", err == Errors.NONE ? null : err.name());
             ArrayNode parts = tn.putArray("partitions");
             t.partitions().forEach(p -> parts.add(p.partitionIndex()));
+            // Listed is not yet writable: a new topic's partitions appear before their leaders do.
+            ArrayNode leaderless = tn.putArray("leaderless");
+            t.partitions().stream().filter(p -> p.leaderId() < 0 || p.errorCode() != 0)
+                    .forEach(p -> leaderless.add(p.partitionIndex()));
         }
         return out;
     }

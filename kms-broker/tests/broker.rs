@@ -243,11 +243,14 @@ async fn broker_end_to_end_over_mtls() {
             topic: "secret-*".into(),
             kms: "vault".into(),
             kek: "kek-$(topic)".into(),
+            also_wrap_for: Vec::new(),
         }],
         on_missing_key: Default::default(),
         on_plaintext_fetch: Default::default(),
         encrypt_headers: false,
         dek: Default::default(),
+        keys_topic: Default::default(),
+        shredded_keks: Vec::new(),
     };
     let set = KmsSet::new().with("vault", kms.clone());
     let enc = RecordEncryption::new(cfg.clone(), set.clone(), &mut Registry::default()).unwrap();

@@ -226,6 +226,7 @@ fn enc_config(kms: &str, max_age: Duration) -> strait_encryption::EncryptionConf
             topic: "secret-*".into(),
             kms: kms.into(),
             kek: "kek-$(topic)".into(),
+            also_wrap_for: Vec::new(),
         }],
         on_missing_key: Default::default(),
         on_plaintext_fetch: Default::default(),
@@ -234,6 +235,8 @@ fn enc_config(kms: &str, max_age: Duration) -> strait_encryption::EncryptionConf
             max_age,
             ..Default::default()
         },
+        keys_topic: Default::default(),
+        shredded_keks: Vec::new(),
     }
 }
 

@@ -97,11 +97,14 @@ fn engine() -> RecordEncryption {
             topic: "secret-*".into(),
             kms: "dev".into(),
             kek: "kek-bench".into(),
+            also_wrap_for: Vec::new(),
         }],
         on_missing_key: Default::default(),
         on_plaintext_fetch: Default::default(),
         encrypt_headers: false,
         dek: Default::default(),
+        keys_topic: Default::default(),
+        shredded_keks: Vec::new(),
     };
     RecordEncryption::new(
         cfg,

@@ -19,6 +19,40 @@ pub struct EncryptionConfig {
     pub encrypt_headers: bool,
     #[serde(default)]
     pub dek: DekConfig,
+    /// Where the wraps of federated DEKs live in this virtual cluster's
+    /// upstream cluster (see FORMAT.md, "Federation").
+    #[serde(default)]
+    pub keys_topic: KeysTopicConfig,
+    /// KEK names crypto-shredded everywhere (`straitctl kek shred`): never
+    /// used to generate, never unwrapped, cached DEKs under them dropped.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shredded_keks: Vec<String>,
+}
+
+/// The compacted topic holding every realm's wrap of every federated DEK,
+/// once per DEK and realm (not per record).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KeysTopicConfig {
+    /// The topic this edge writes (created compacted if missing) and reads.
+    pub name: String,
+    /// More keys topics to read: the keys topics of other sites as a
+    /// replication tool renamed them here (`east.strait.keys`).
+    pub also_read: Vec<String>,
+    /// How long a decryption waits for the keys topics to be read up to
+    /// their end before falling back to a remote unwrap.
+    #[serde(with = "humantime_serde")]
+    pub catch_up_timeout: Duration,
+}
+
+impl Default for KeysTopicConfig {
+    fn default() -> Self {
+        Self {
+            name: "strait.keys".into(),
+            also_read: Vec::new(),
+            catch_up_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// `topic`: an exact name, or a glob (`secret-*`, `orders.?`, `[ab]-*`).
@@ -27,6 +61,20 @@ pub struct EncryptionConfig {
 #[serde(deny_unknown_fields)]
 pub struct TopicRule {
     pub topic: String,
+    /// The realm (a `kms[].name`) that makes this topic's DEKs; at a site
+    /// that only reads the topic, the realm it unwraps with.
+    pub kms: String,
+    pub kek: String,
+    /// Federation: every DEK is also wrapped for these realms (in the
+    /// background; produce never waits for them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_wrap_for: Vec<RealmKek>,
+}
+
+/// A realm and the KEK (name or `$(topic)` template) to wrap under there.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealmKek {
     pub kms: String,
     pub kek: String,
 }

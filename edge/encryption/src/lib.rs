@@ -30,7 +30,7 @@ pub use uuid::Uuid;
 use crate::batch::{split_batches, BatchWriter, Header, RawBatch, RecordIter, RecordRef};
 pub use crate::config::{
     ConfigError, ConfigErrors, DekConfig, EncryptionConfig, OnMissingKey, OnPlaintextFetch,
-    TopicRule,
+    KeysTopicConfig, RealmKek, TopicRule,
 };
 use crate::dek::{Aad, DekError, DekManager, Lease, MAX_LEASE};
 use crate::format::{

@@ -82,6 +82,7 @@ mod tests {
             topic: topic.into(),
             kms: "k".into(),
             kek: kek.into(),
+            also_wrap_for: Vec::new(),
         }
     }
 

@@ -79,11 +79,14 @@ fn config(dek: DekConfig) -> EncryptionConfig {
             topic: "secret-*".into(),
             kms: "dev".into(),
             kek: "kek-$(topic)".into(),
+            also_wrap_for: Vec::new(),
         }],
         on_missing_key: OnMissingKey::Reject,
         on_plaintext_fetch: OnPlaintextFetch::Pass,
         encrypt_headers: false,
         dek,
+        keys_topic: Default::default(),
+        shredded_keks: Vec::new(),
     }
 }
 

@@ -83,6 +83,14 @@ impl fmt::Debug for DekPair {
     }
 }
 
+/// An existing DEK wrapped under one more KEK (federation: the same DEK for
+/// another realm), with the exact KEK version that wrapped it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrappedDek {
+    pub wrapped: Vec<u8>,
+    pub kek: KekRef,
+}
+
 /// What can go wrong talking to a KMS. Only [`KmsError::Unavailable`] is
 /// retried by [`RetryingKms`] and failed over by [`FailoverKms`].
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
@@ -142,6 +150,21 @@ pub trait Kms: Send + Sync {
     async fn unwrap_dek(&self, kek: &KekRef, wrapped: &[u8]) -> Result<Zeroizing<[u8; DEK_LEN]>>;
     /// Resolve an alias / key name to the provider's key id. Unknown => NotFound.
     async fn resolve_alias(&self, alias: &str) -> Result<KekRef>;
+    /// Wrap an existing DEK under `kek` (its latest version when
+    /// `kek.version` is `None`): Vault `transit/encrypt`, AWS `Encrypt`.
+    /// What federation uses to give one DEK a wrap in another realm.
+    async fn wrap_dek(&self, kek: &KekRef, plaintext: &[u8; DEK_LEN]) -> Result<WrappedDek> {
+        let _ = (kek, plaintext);
+        Err(KmsError::Invalid(
+            "this KMS cannot wrap an existing DEK".into(),
+        ))
+    }
+    /// Crypto-shred `kek`: after this no DEK wrapped under it unwraps again
+    /// (Vault: the key is deleted; AWS: disabled and scheduled for deletion).
+    async fn shred_kek(&self, kek: &KekRef) -> Result<()> {
+        let _ = kek;
+        Err(KmsError::Invalid("this KMS cannot shred a key".into()))
+    }
 }
 
 #[async_trait]
@@ -154,6 +177,12 @@ impl<T: Kms + ?Sized> Kms for Arc<T> {
     }
     async fn resolve_alias(&self, alias: &str) -> Result<KekRef> {
         (**self).resolve_alias(alias).await
+    }
+    async fn wrap_dek(&self, kek: &KekRef, plaintext: &[u8; DEK_LEN]) -> Result<WrappedDek> {
+        (**self).wrap_dek(kek, plaintext).await
+    }
+    async fn shred_kek(&self, kek: &KekRef) -> Result<()> {
+        (**self).shred_kek(kek).await
     }
 }
 

@@ -166,6 +166,68 @@ impl EncryptionConfig {
                     "only the $(topic) placeholder is supported".into(),
                 );
             }
+            let mut seen = Vec::new();
+            for (j, a) in r.also_wrap_for.iter().enumerate() {
+                let q = format!("{p}.also_wrap_for[{j}]");
+                if !known_kms.contains(&a.kms.as_str()) {
+                    push(
+                        format!("{q}.kms"),
+                        format!(
+                            "unknown KMS {:?} (configured: {})",
+                            a.kms,
+                            known_kms.join(", ")
+                        ),
+                    );
+                }
+                if a.kms == r.kms {
+                    push(
+                        format!("{q}.kms"),
+                        format!("{:?} is the rule's own realm", a.kms),
+                    );
+                }
+                if seen.contains(&a.kms.as_str()) {
+                    push(format!("{q}.kms"), format!("{:?} is listed twice", a.kms));
+                }
+                seen.push(a.kms.as_str());
+                if a.kek.trim().is_empty() {
+                    push(format!("{q}.kek"), "must not be empty".into());
+                } else if a.kek.replace("$(topic)", "").contains("$(") {
+                    push(
+                        format!("{q}.kek"),
+                        "only the $(topic) placeholder is supported".into(),
+                    );
+                }
+            }
+        }
+        let kt = &self.keys_topic;
+        for (i, name) in std::iter::once(&kt.name)
+            .chain(kt.also_read.iter())
+            .enumerate()
+        {
+            let q = if i == 0 {
+                format!("{path}.keys_topic.name")
+            } else {
+                format!("{path}.keys_topic.also_read[{}]", i - 1)
+            };
+            let valid = !name.is_empty()
+                && name.len() <= 249
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+            if !valid {
+                push(
+                    q,
+                    format!("{name:?} is not a Kafka topic name (1-249 of [a-zA-Z0-9._-])"),
+                );
+            }
+        }
+        for (i, k) in self.shredded_keks.iter().enumerate() {
+            if k.trim().is_empty() {
+                push(
+                    format!("{path}.shredded_keks[{i}]"),
+                    "must not be empty".into(),
+                );
+            }
         }
         let d = &self.dek;
         if d.max_encryptions == 0 {
@@ -240,5 +302,44 @@ on_plaintext_fetch: pass
             "{errs}"
         );
         assert!(serde_yaml_ng::from_str::<EncryptionConfig>("rules: []\nfoo: 1\n").is_err());
+    }
+
+    #[test]
+    fn federation_keys_are_validated_with_paths() {
+        let y = r#"
+rules:
+  - topic: "secret-*"
+    kms: vault-east
+    kek: "kek-$(topic)"
+    also_wrap_for:
+      - { kms: aws-west, kek: "alias/kek-$(topic)" }
+keys_topic: { name: strait.keys, also_read: [west.strait.keys] }
+"#;
+        let c: EncryptionConfig = serde_yaml_ng::from_str(y).unwrap();
+        c.validate("e", &["vault-east", "aws-west"]).unwrap();
+        assert_eq!(c.keys_topic.catch_up_timeout, Duration::from_secs(10));
+        let bad = r#"
+rules:
+  - topic: "a"
+    kms: v
+    kek: k
+    also_wrap_for: [{kms: v, kek: k}, {kms: w, kek: ""}, {kms: w, kek: "x-$(p)"}, {kms: nope, kek: k}]
+keys_topic: { name: "bad name", also_read: [""] }
+shredded_keks: [" "]
+"#;
+        let c: EncryptionConfig = serde_yaml_ng::from_str(bad).unwrap();
+        let errs = c.validate("e", &["v", "w"]).unwrap_err().to_string();
+        for want in [
+            "e.rules[0].also_wrap_for[0].kms: \"v\" is the rule's own realm",
+            "e.rules[0].also_wrap_for[1].kek: must not be empty",
+            "e.rules[0].also_wrap_for[2].kms: \"w\" is listed twice",
+            "e.rules[0].also_wrap_for[2].kek: only the $(topic)",
+            "e.rules[0].also_wrap_for[3].kms: unknown KMS \"nope\"",
+            "e.keys_topic.name: \"bad name\" is not a Kafka topic name",
+            "e.keys_topic.also_read[0]: \"\" is not a Kafka topic name",
+            "e.shredded_keks[0]: must not be empty",
+        ] {
+            assert!(errs.contains(want), "missing {want:?} in {errs}");
+        }
     }
 }

@@ -16,8 +16,11 @@ use rand::RngCore;
 use strait_kms_core::{AliasCache, KekRef, KmsError, KmsSet};
 
 use crate::config::DekConfig;
+use crate::federation::{Federator, Job};
 use crate::format::{self, KekLocator, NONCE_LEN, PURPOSE_HEADER, PURPOSE_VALUE, TAG_LEN};
+use crate::keys::{KeyIndex, Wanted, Wrap};
 use crate::metrics::{EncryptionMetrics, OpLabel};
+use crate::rules::KekSelection;
 
 const MASK96: u128 = (1u128 << 96) - 1;
 
@@ -28,12 +31,19 @@ pub(crate) struct ActiveDek {
     value_aad: Aad,
     /// Random 96-bit start of the nonce counter; nonce i = start + i mod 2^96.
     nonce_start: u128,
-    used: AtomicU64,
+    /// Shared with the federator, which reports values encrypted under DEKs
+    /// still owed a wrap.
+    used: Arc<AtomicU64>,
     max: u64,
     created: Instant,
 }
 
 impl ActiveDek {
+    /// The format version of values encrypted under this DEK.
+    pub(crate) fn version(&self) -> u8 {
+        self.prefix[0]
+    }
+
     fn usable(&self, max_age: Duration) -> bool {
         self.created.elapsed() < max_age && self.used.load(Ordering::Relaxed) < self.max
     }
@@ -83,6 +93,11 @@ impl Lease {
     /// Length of an encrypted value for `n` plaintext bytes.
     pub fn sealed_len(&self, n: usize) -> usize {
         self.dek.sealed_len(n)
+    }
+
+    /// The format version of the values this lease encrypts.
+    pub fn version(&self) -> u8 {
+        self.dek.version()
     }
 
     /// The next nonce of this lease; `None` when the lease is used up.
@@ -256,11 +271,26 @@ struct CachedDek {
     last_used: Instant,
 }
 
+/// Where federated DEKs are written and other realms' wraps are found.
+#[derive(Clone)]
+pub(crate) struct Federation {
+    pub index: Arc<KeyIndex>,
+    pub federator: Federator,
+    /// How long a cold decryption waits for the keys topics to be read.
+    pub catch_up_timeout: Duration,
+}
+
+/// One active DEK per KEK and set of other realms.
+type SlotKey = (String, String, Vec<Wanted>);
+
 struct Inner {
     kms: KmsSet,
     cfg: DekConfig,
     aliases: HashMap<String, AliasCache>,
-    active: Mutex<HashMap<(String, String), Slot>>,
+    federation: Option<Federation>,
+    /// KEK names (and key ids) crypto-shredded: refused both ways.
+    shredded: std::collections::HashSet<String>,
+    active: Mutex<HashMap<SlotKey, Slot>>,
     cache: Mutex<LruCache<Vec<u8>, CachedDek>>,
     /// One unwrap per DEK at a time: concurrent misses wait for the first.
     inflight: Mutex<HashMap<Vec<u8>, Arc<tokio::sync::Mutex<()>>>>,
@@ -287,7 +317,13 @@ const REFRESH_RETRY: Duration = Duration::from_secs(5);
 const FAIL_FAST: Duration = Duration::from_secs(1);
 
 impl DekManager {
-    pub fn new(kms: KmsSet, cfg: DekConfig, metrics: EncryptionMetrics) -> Self {
+    pub fn new(
+        kms: KmsSet,
+        cfg: DekConfig,
+        metrics: EncryptionMetrics,
+        federation: Option<Federation>,
+        shredded: &[String],
+    ) -> Self {
         let aliases = kms
             .names()
             .map(|n| {
@@ -302,6 +338,8 @@ impl DekManager {
             inner: Arc::new(Inner {
                 kms,
                 aliases,
+                federation,
+                shredded: shredded.iter().cloned().collect(),
                 active: Mutex::new(HashMap::new()),
                 cache: Mutex::new(LruCache::new(size)),
                 inflight: Mutex::new(HashMap::new()),
@@ -315,8 +353,8 @@ impl DekManager {
     /// Reserve up to `want` (at most [`MAX_LEASE`]) encryptions under the
     /// active DEK for (`kms`, `kek_name`), generating one if there is none
     /// usable.
-    pub async fn lease(&self, kms: &str, kek_name: &str, want: u64) -> Result<Lease, DekError> {
-        let key = (kms.to_string(), kek_name.to_string());
+    pub async fn lease(&self, sel: &KekSelection, want: u64) -> Result<Lease, DekError> {
+        let key: SlotKey = (sel.kms.clone(), sel.kek.clone(), sel.also.clone());
         loop {
             let gen_lock = {
                 let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -371,7 +409,7 @@ impl DekManager {
                     }
                 }
             }
-            match self.generate(&key.0, &key.1).await {
+            match self.generate(&key).await {
                 Ok(dek) => self.install(&key, dek, None),
                 Err(e) => {
                     let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -383,9 +421,9 @@ impl DekManager {
         }
     }
 
-    async fn refresh(&self, key: (String, String), lock: Arc<tokio::sync::Mutex<()>>) {
+    async fn refresh(&self, key: SlotKey, lock: Arc<tokio::sync::Mutex<()>>) {
         let _g = lock.lock().await;
-        match self.generate(&key.0, &key.1).await {
+        match self.generate(&key).await {
             Ok(dek) => self.install(&key, dek, None),
             Err(e) => {
                 tracing::warn!(kms = %key.0, kek = %key.1, error = %e, "background DEK refresh failed; the current DEK stays in use while its limits allow");
@@ -397,7 +435,7 @@ impl DekManager {
         }
     }
 
-    fn install(&self, key: &(String, String), dek: Arc<ActiveDek>, _: Option<()>) {
+    fn install(&self, key: &SlotKey, dek: Arc<ActiveDek>, _: Option<()>) {
         self.cache_insert(dek.prefix.to_vec(), Arc::new(dek.cipher.clone()));
         let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
         let slot = active.entry(key.clone()).or_default();
@@ -434,8 +472,20 @@ impl DekManager {
         Ok(cache.resolve(&counting, kek_name).await?)
     }
 
-    async fn generate(&self, kms_name: &str, kek_name: &str) -> Result<Arc<ActiveDek>, DekError> {
+    fn refuse_shredded(&self, names: &[&str]) -> Result<(), DekError> {
+        match names.iter().find(|n| self.inner.shredded.contains(**n)) {
+            Some(n) => Err(DekError::Kms(KmsError::Denied(format!(
+                "KEK {n:?} was crypto-shredded"
+            )))),
+            None => Ok(()),
+        }
+    }
+
+    async fn generate(&self, key: &SlotKey) -> Result<Arc<ActiveDek>, DekError> {
+        let (kms_name, kek_name, also) = (key.0.as_str(), key.1.as_str(), &key.2);
+        self.refuse_shredded(&[kek_name])?;
         let kek = self.resolve(kms_name, kek_name).await?;
+        self.refuse_shredded(&[kek.key_id.as_str()])?;
         let kms = self
             .inner
             .kms
@@ -443,24 +493,42 @@ impl DekManager {
             .ok_or_else(|| DekError::UnknownKms(kms_name.to_string()))?;
         self.count("generate_dek");
         let pair = kms.generate_dek(&kek).await?;
-        let prefix = format::encode_prefix(
-            &KekLocator {
-                kms: kms_name.to_string(),
-                kek: pair.kek.clone(),
-            },
-            &pair.wrapped,
-        )?;
+        let locator = KekLocator {
+            kms: kms_name.to_string(),
+            kek: pair.kek.clone(),
+        };
+        let realms: Vec<String> = also.iter().map(|w| w.realm.clone()).collect();
+        let prefix = format::encode_prefix_for(&locator, &pair.wrapped, &realms)?;
         let cipher = prefix_cipher(&pair.plaintext, &prefix);
         let mut start = [0u8; 16];
         rand::rng().fill_bytes(&mut start[4..]);
         self.inner.metrics.deks_generated.inc();
         tracing::debug!(kms = kms_name, kek = %pair.kek, "generated a new DEK");
+        let used = Arc::new(AtomicU64::new(0));
+        if !also.is_empty() {
+            match &self.inner.federation {
+                Some(f) => f.federator.submit(Job {
+                    dek: format::dek_ref(&prefix),
+                    origin: Wrap {
+                        locator,
+                        wrapped: pair.wrapped.clone(),
+                    },
+                    wanted: also.clone(),
+                    plaintext: Some(pair.plaintext.clone()),
+                    encrypted: Some(used.clone()),
+                }),
+                None => tracing::warn!(
+                    kms = kms_name,
+                    "a rule wraps DEKs for other realms but this virtual cluster has no keys topic; other realms decrypt its records only by remote unwrap"
+                ),
+            }
+        }
         Ok(Arc::new(ActiveDek {
             cipher,
             value_aad: Aad::for_prefix(&prefix),
             prefix,
             nonce_start: u128::from_be_bytes(start) & MASK96,
-            used: AtomicU64::new(0),
+            used,
             max: self.inner.cfg.max_encryptions,
             created: Instant::now(),
         }))
@@ -495,10 +563,14 @@ impl DekManager {
     /// The cipher for a DEK identified by its value prefix; unwraps through
     /// the KMS named in the prefix on a cache miss (once, however many
     /// callers miss at the same time).
+    /// `realms`: the realms this edge unwraps the topic's DEKs with (its
+    /// rule's realm and `also_wrap_for`), preferred over the record's own
+    /// realm when that is another site's.
     pub async fn decryptor(
         &self,
         prefix: &[u8],
         wrapped: &[u8],
+        realms: &[String],
     ) -> Result<Arc<Aes256Gcm>, DekError> {
         if let Some(c) = self.cache_get(prefix) {
             self.inner.metrics.dek_cache_hits.inc();
@@ -529,7 +601,7 @@ impl DekManager {
             }
         }
         self.inner.metrics.dek_cache_misses.inc();
-        let res = self.unwrap(prefix, wrapped).await;
+        let res = self.unwrap(prefix, wrapped, realms).await;
         self.inner
             .inflight
             .lock()
@@ -556,8 +628,87 @@ impl DekManager {
         res
     }
 
-    async fn unwrap(&self, prefix: &[u8], wrapped: &[u8]) -> Result<Arc<Aes256Gcm>, DekError> {
+    /// Unwrap in this order: the record's own wrap when its realm is one of
+    /// `realms` (or nothing else is known); the DEK's wraps for `realms` from
+    /// the keys topics; the record's own realm again as a remote unwrap (a
+    /// `broker:` KMS of that name reaching the owning site).
+    async fn unwrap(
+        &self,
+        prefix: &[u8],
+        wrapped: &[u8],
+        realms: &[String],
+    ) -> Result<Arc<Aes256Gcm>, DekError> {
         let loc = format::parse_locator(prefix)?;
+        self.refuse_shredded(&[loc.kek.key_id.as_str()])?;
+        let federation = match &self.inner.federation {
+            Some(f) if !realms.is_empty() && !realms.contains(&loc.kms) => f,
+            _ => return self.unwrap_with(&loc, wrapped, prefix).await,
+        };
+        let dek_ref = format::dek_ref(prefix);
+        if !federation.index.is_caught_up()
+            && !federation
+                .index
+                .wait_caught_up(federation.catch_up_timeout)
+                .await
+        {
+            tracing::warn!(
+                "the keys topics were not read to their end within {:?}; trying without them",
+                federation.catch_up_timeout
+            );
+        }
+        let mut last: Option<DekError> = None;
+        for realm in realms {
+            let Some(w) = federation.index.wrap_for(&dek_ref, realm) else {
+                continue;
+            };
+            if let Err(e) = self.refuse_shredded(&[w.locator.kek.key_id.as_str()]) {
+                last = Some(e);
+                continue;
+            }
+            match self.unwrap_with(&w.locator, &w.wrapped, prefix).await {
+                Ok(c) => {
+                    tracing::debug!(%realm, "DEK unwrapped through its wrap from the keys topic");
+                    return Ok(c);
+                }
+                Err(e) => {
+                    tracing::warn!(%realm, error = %e, "cannot unwrap a DEK through its wrap for this realm");
+                    last = Some(e);
+                }
+            }
+        }
+        if self.inner.kms.get(&loc.kms).is_some() {
+            tracing::debug!(kms = %loc.kms, "no wrap for this site's realms: unwrapping through the record's own realm");
+            return self.unwrap_with(&loc, wrapped, prefix).await;
+        }
+        if let Some(e) = last {
+            return Err(e);
+        }
+        let owed: Vec<String> = format::parse_realms(prefix)?
+            .into_iter()
+            .filter(|r| realms.contains(r))
+            .collect();
+        if !owed.is_empty() {
+            // The origin wraps this DEK for us: its wrap is not here yet (the
+            // realm was down, or the keys topic lags behind the data).
+            return Err(DekError::Kms(KmsError::Unavailable(format!(
+                "the wrap of this DEK for {} has not reached the keys topics yet, and KMS {:?} (the record's own realm) is not configured here",
+                owed.join(", "),
+                loc.kms
+            ))));
+        }
+        Err(DekError::Kms(KmsError::NotFound(format!(
+            "this DEK has no wrap for {} and KMS {:?} (the record's own realm) is not configured here",
+            realms.join(", "),
+            loc.kms
+        ))))
+    }
+
+    async fn unwrap_with(
+        &self,
+        loc: &KekLocator,
+        wrapped: &[u8],
+        prefix: &[u8],
+    ) -> Result<Arc<Aes256Gcm>, DekError> {
         let kms = self
             .inner
             .kms
@@ -670,7 +821,7 @@ mod tests {
             value_aad: Aad::for_prefix(&prefix),
             prefix,
             nonce_start: 0,
-            used: AtomicU64::new(0),
+            used: Arc::new(AtomicU64::new(0)),
             max: 1,
             created: Instant::now(),
         };
@@ -705,7 +856,7 @@ mod tests {
             prefix: Bytes::new(),
             value_aad: Aad::for_prefix(&[format::FORMAT_CURRENT]),
             nonce_start: MASK96 - 1,
-            used: AtomicU64::new(0),
+            used: Arc::new(AtomicU64::new(0)),
             max: 4,
             created: Instant::now(),
         };

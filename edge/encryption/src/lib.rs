@@ -9,7 +9,9 @@
 mod batch;
 pub mod config;
 mod dek;
+mod federation;
 pub mod format;
+pub mod keys;
 mod metrics;
 pub mod rules;
 
@@ -29,13 +31,15 @@ pub use uuid::Uuid;
 
 use crate::batch::{split_batches, BatchWriter, Header, RawBatch, RecordIter, RecordRef};
 pub use crate::config::{
-    ConfigError, ConfigErrors, DekConfig, EncryptionConfig, OnMissingKey, OnPlaintextFetch,
-    KeysTopicConfig, RealmKek, TopicRule,
+    ConfigError, ConfigErrors, DekConfig, EncryptionConfig, KeysTopicConfig, OnMissingKey,
+    OnPlaintextFetch, RealmKek, TopicRule,
 };
-use crate::dek::{Aad, DekError, DekManager, Lease, MAX_LEASE};
+use crate::dek::{Aad, DekError, DekManager, Federation, Lease, MAX_LEASE};
+use crate::federation::Federator;
 use crate::format::{
-    FLAG_HEADERS, FLAG_VALUE, FORMAT_CURRENT, FORMAT_V1, FORMAT_V2, MARKER_HEADER, TAG_LEN,
+    is_known_version, FLAG_HEADERS, FLAG_VALUE, FORMAT_CURRENT, FORMAT_V3, MARKER_HEADER, TAG_LEN,
 };
+pub use crate::keys::{KeyIndex, KeyLog};
 pub use crate::metrics::EncryptionMetrics;
 use crate::rules::{KekSelection, Rules};
 
@@ -215,6 +219,8 @@ pub struct RecordEncryption {
     deks: DekManager,
     metrics: EncryptionMetrics,
     topic_ids: RwLock<HashMap<Uuid, String>>,
+    keys: Option<Arc<KeyIndex>>,
+    keys_topic: KeysTopicConfig,
 }
 
 impl RecordEncryption {
@@ -226,6 +232,21 @@ impl RecordEncryption {
         kms: KmsSet,
         registry: &mut Registry,
     ) -> Result<Self, ConfigErrors> {
+        Self::with_key_log(config, kms, registry, None)
+    }
+
+    /// Like [`RecordEncryption::new`], with this virtual cluster's keys
+    /// topic behind `key_log` (federation, see FORMAT.md): DEKs of rules with
+    /// `also_wrap_for` get their other realms' wraps in the background, and
+    /// records of other sites' DEKs are unwrapped through this site's realms.
+    /// Feed what is read from the keys topics into [`Self::keys_index`].
+    /// Must be called on a Tokio runtime when `key_log` is given.
+    pub fn with_key_log(
+        config: EncryptionConfig,
+        kms: KmsSet,
+        registry: &mut Registry,
+        key_log: Option<Arc<dyn KeyLog>>,
+    ) -> Result<Self, ConfigErrors> {
         let names: Vec<&str> = kms.names().collect();
         config.validate("encryption", &names)?;
         let rules = Rules::new(&config.rules).map_err(|e| {
@@ -235,19 +256,49 @@ impl RecordEncryption {
             }])
         })?;
         let metrics = EncryptionMetrics::new(registry);
+        let prefixed = registry.sub_registry_with_prefix("strait_encryption");
+        let federation = key_log.map(|log| {
+            let topics = std::iter::once(config.keys_topic.name.clone())
+                .chain(config.keys_topic.also_read.iter().cloned());
+            let index = Arc::new(KeyIndex::new(topics, prefixed));
+            Federation {
+                federator: Federator::start(kms.clone(), index.clone(), log, prefixed),
+                index,
+                catch_up_timeout: config.keys_topic.catch_up_timeout,
+            }
+        });
+        let keys = federation.as_ref().map(|f| f.index.clone());
         Ok(Self {
             rules,
             on_missing_key: config.on_missing_key,
             on_plaintext_fetch: config.on_plaintext_fetch,
             encrypt_headers: config.encrypt_headers,
-            deks: DekManager::new(kms, config.dek, metrics.clone()),
+            deks: DekManager::new(
+                kms,
+                config.dek,
+                metrics.clone(),
+                federation,
+                &config.shredded_keks,
+            ),
             metrics,
             topic_ids: RwLock::new(HashMap::new()),
+            keys,
+            keys_topic: config.keys_topic,
         })
     }
 
     pub fn metrics(&self) -> &EncryptionMetrics {
         &self.metrics
+    }
+
+    /// The index of the keys topics, when built [`Self::with_key_log`].
+    pub fn keys_index(&self) -> Option<&Arc<KeyIndex>> {
+        self.keys.as_ref()
+    }
+
+    /// This virtual cluster's keys topic settings.
+    pub fn keys_topic(&self) -> &KeysTopicConfig {
+        &self.keys_topic
     }
 
     /// True if any of `topics` has a rule: only then does a Produce request
@@ -435,7 +486,7 @@ impl RecordEncryption {
                 };
                 // Every value grows by the prefix, nonce, tag and marker: make
                 // room once instead of growing the buffer record by record.
-                let growth = l.sealed_len(0) + MARKER_ENCODED.len() + 4;
+                let growth = l.sealed_len(0) + MARKER_V2.len() + 4;
                 w.buf().reserve(
                     recs.remaining_bytes() + recs.remaining().min(MAX_LEASE as usize) * growth,
                 );
@@ -464,7 +515,7 @@ impl RecordEncryption {
         want: u64,
         batches: &[RawBatch],
     ) -> Result<Option<Lease>, EncryptionError> {
-        match self.deks.lease(&sel.kms, &sel.kek, want).await {
+        match self.deks.lease(sel, want).await {
             Ok(l) => Ok(Some(l)),
             Err(DekError::Kms(KmsError::NotFound(_))) => match self.on_missing_key {
                 OnMissingKey::Reject => Err(EncryptionError::MissingKey {
@@ -521,7 +572,7 @@ impl RecordEncryption {
                     }
                     lease = self
                         .deks
-                        .lease(&sel.kms, &sel.kek, needed + 1)
+                        .lease(sel, needed + 1)
                         .await
                         .map_err(EncryptionError::from_dek)?;
                 };
@@ -539,7 +590,7 @@ impl RecordEncryption {
                     }
                     lease = self
                         .deks
-                        .lease(&sel.kms, &sel.kek, needed + 1)
+                        .lease(sel, needed + 1)
                         .await
                         .map_err(EncryptionError::from_dek)?;
                 };
@@ -549,7 +600,7 @@ impl RecordEncryption {
             if flags != 0 {
                 r.headers.push(Header {
                     key: Bytes::from_static(MARKER_HEADER.as_bytes()),
-                    value: Some(Bytes::copy_from_slice(&[FORMAT_CURRENT, flags])),
+                    value: Some(Bytes::copy_from_slice(&[lease.version(), flags])),
                 });
             }
         }
@@ -583,6 +634,10 @@ impl RecordEncryption {
             };
             let reject_plain = has_rule && self.on_plaintext_fetch == OnPlaintextFetch::Reject;
             let topic_label = name.as_deref().unwrap_or("<unknown topic id>");
+            let realms = name
+                .as_deref()
+                .map(|n| self.rules.realms_for(n))
+                .unwrap_or_default();
             for p in topic.partitions.iter_mut() {
                 let Some(records) = p.records.as_ref() else {
                     continue;
@@ -591,7 +646,7 @@ impl RecordEncryption {
                     continue;
                 }
                 match self
-                    .decrypt_records(topic_label, records, reject_plain)
+                    .decrypt_records(topic_label, &realms, records, reject_plain)
                     .await
                 {
                     Ok((n, Some(new))) => {
@@ -623,6 +678,7 @@ impl RecordEncryption {
     async fn decrypt_records(
         &self,
         topic: &str,
+        realms: &[String],
         records: &Bytes,
         reject_plain: bool,
     ) -> Result<(u64, Option<Bytes>), EncryptionError> {
@@ -658,7 +714,8 @@ impl RecordEncryption {
                 )? {
                     OpenStep::Done => break,
                     OpenStep::NeedKey { prefix, wrapped } => {
-                        let (cipher, aad) = self.cipher_for(prefix, wrapped, &mut key).await?;
+                        let (cipher, aad) =
+                            self.cipher_for(prefix, wrapped, realms, &mut key).await?;
                         key = Some(OpenKey {
                             prefix: prefix.to_vec(),
                             cipher,
@@ -667,7 +724,9 @@ impl RecordEncryption {
                     }
                     OpenStep::General => {
                         let r = recs.next_record()?.ok_or(EncryptionError::Tampered)?;
-                        opened.values += self.open_record_owned(&r, &mut key, w.buf()).await?;
+                        opened.values += self
+                            .open_record_owned(&r, realms, &mut key, w.buf())
+                            .await?;
                         opened.records += 1;
                     }
                 }
@@ -691,6 +750,7 @@ impl RecordEncryption {
         &self,
         prefix: &[u8],
         wrapped: &[u8],
+        realms: &[String],
         key: &mut Option<OpenKey>,
     ) -> Result<(Arc<Aes256Gcm>, Aad), EncryptionError> {
         if let Some(k) = key.as_ref().filter(|k| k.prefix == prefix) {
@@ -698,7 +758,7 @@ impl RecordEncryption {
         }
         let cipher = self
             .deks
-            .decryptor(prefix, wrapped)
+            .decryptor(prefix, wrapped, realms)
             .await
             .map_err(EncryptionError::from_dek)?;
         Ok((cipher, Aad::for_prefix(prefix)))
@@ -710,6 +770,7 @@ impl RecordEncryption {
     async fn open_record_owned(
         &self,
         r: &RecordRef<'_>,
+        realms: &[String],
         key: &mut Option<OpenKey>,
         out: &mut BytesMut,
     ) -> Result<u64, EncryptionError> {
@@ -727,13 +788,13 @@ impl RecordEncryption {
         let mut values = 0;
         if flags & FLAG_VALUE != 0 {
             let v = rec.value.take().ok_or(EncryptionError::Tampered)?;
-            rec.value = Some(self.open(&v, None, key).await?);
+            rec.value = Some(self.open(&v, None, realms, key).await?);
             values = 1;
         }
         if flags & FLAG_HEADERS != 0 {
             for h in rec.headers.iter_mut() {
                 if let Some(v) = h.value.take() {
-                    h.value = Some(self.open(&v, Some(&h.key), key).await?);
+                    h.value = Some(self.open(&v, Some(&h.key), realms, key).await?);
                 }
             }
         }
@@ -745,10 +806,13 @@ impl RecordEncryption {
         &self,
         value: &[u8],
         header_key: Option<&[u8]>,
+        realms: &[String],
         key: &mut Option<OpenKey>,
     ) -> Result<Bytes, EncryptionError> {
         let parsed = format::parse(value).map_err(|_| EncryptionError::Tampered)?;
-        let (cipher, value_aad) = self.cipher_for(parsed.prefix, parsed.wrapped, key).await?;
+        let (cipher, value_aad) = self
+            .cipher_for(parsed.prefix, parsed.wrapped, realms, key)
+            .await?;
         let aad = match header_key {
             None => value_aad.as_slice().to_vec(),
             Some(k) => value_aad.for_header(k),
@@ -772,10 +836,6 @@ impl RecordEncryption {
     }
 }
 
-fn is_known_version(v: u8) -> bool {
-    v == FORMAT_V1 || v == FORMAT_V2
-}
-
 /// The DEK of the previous record, kept while records share it.
 struct OpenKey {
     prefix: Vec<u8>,
@@ -785,7 +845,7 @@ struct OpenKey {
 
 /// The marker header of a record whose value (only) is encrypted, encoded
 /// as in a record (key length 10 zigzag, key, value length 2 zigzag, value).
-const MARKER_ENCODED: [u8; 14] = {
+const fn marker_encoded(version: u8) -> [u8; 14] {
     let key = MARKER_HEADER.as_bytes();
     assert!(key.len() == 10);
     let mut m = [0u8; 14];
@@ -796,10 +856,12 @@ const MARKER_ENCODED: [u8; 14] = {
         i += 1;
     }
     m[11] = 4;
-    m[12] = FORMAT_CURRENT;
+    m[12] = version;
     m[13] = FLAG_VALUE;
     m
-};
+}
+const MARKER_V2: [u8; 14] = marker_encoded(FORMAT_CURRENT);
+const MARKER_V3: [u8; 14] = marker_encoded(FORMAT_V3);
 
 enum Step {
     Done,
@@ -839,6 +901,11 @@ fn seal_values(
             *recs = before;
             return Ok(Step::NeedNonces);
         };
+        let marker = if dek.version() == FORMAT_V3 {
+            &MARKER_V3
+        } else {
+            &MARKER_V2
+        };
         batch::encode_record_ref(
             w.buf(),
             &r,
@@ -848,10 +915,10 @@ fn seal_values(
                 Ok::<(), EncryptionError>(())
             },
             r.header_count + 1,
-            r.headers_raw.len() + MARKER_ENCODED.len(),
+            r.headers_raw.len() + marker.len(),
             |buf| {
                 buf.extend_from_slice(r.headers_raw);
-                buf.extend_from_slice(&MARKER_ENCODED);
+                buf.extend_from_slice(marker);
             },
         )?;
         sealed.records += 1;
@@ -985,6 +1052,13 @@ mod tests {
             MARKER_HEADER.as_bytes(),
             Some(&[FORMAT_CURRENT, FLAG_VALUE]),
         );
-        assert_eq!(&buf[..], &MARKER_ENCODED[..]);
+        assert_eq!(&buf[..], &MARKER_V2[..]);
+        let mut buf = BytesMut::new();
+        batch::encode_header(
+            &mut buf,
+            MARKER_HEADER.as_bytes(),
+            Some(&[FORMAT_V3, FLAG_VALUE]),
+        );
+        assert_eq!(&buf[..], &MARKER_V3[..]);
     }
 }

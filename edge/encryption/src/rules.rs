@@ -2,7 +2,8 @@
 
 use globset::{Glob, GlobMatcher};
 
-use crate::config::TopicRule;
+use crate::config::{RealmKek, TopicRule};
+use crate::keys::Wanted;
 
 enum Pattern {
     Exact(String),
@@ -13,6 +14,7 @@ struct Compiled {
     pattern: Pattern,
     kms: String,
     kek: String,
+    also: Vec<RealmKek>,
 }
 
 /// Compiled rules; first match wins.
@@ -25,6 +27,8 @@ pub struct Rules {
 pub struct KekSelection {
     pub kms: String,
     pub kek: String,
+    /// The other realms each DEK is also wrapped for, KEK names resolved.
+    pub also: Vec<Wanted>,
 }
 
 impl Rules {
@@ -42,6 +46,7 @@ impl Rules {
                     pattern,
                     kms: r.kms.clone(),
                     kek: r.kek.clone(),
+                    also: r.also_wrap_for.clone(),
                 })
             })
             .collect::<Result<_, globset::Error>>()?;
@@ -52,17 +57,38 @@ impl Rules {
         self.rules.is_empty()
     }
 
-    pub fn select(&self, topic: &str) -> Option<KekSelection> {
-        self.rules.iter().find_map(|r| {
-            let hit = match &r.pattern {
-                Pattern::Exact(t) => t == topic,
-                Pattern::Glob(g) => g.is_match(topic),
-            };
-            hit.then(|| KekSelection {
-                kms: r.kms.clone(),
-                kek: r.kek.replace("$(topic)", topic),
-            })
+    fn find(&self, topic: &str) -> Option<&Compiled> {
+        self.rules.iter().find(|r| match &r.pattern {
+            Pattern::Exact(t) => t == topic,
+            Pattern::Glob(g) => g.is_match(topic),
         })
+    }
+
+    pub fn select(&self, topic: &str) -> Option<KekSelection> {
+        self.find(topic).map(|r| KekSelection {
+            kms: r.kms.clone(),
+            kek: r.kek.replace("$(topic)", topic),
+            also: r
+                .also
+                .iter()
+                .map(|a| Wanted {
+                    realm: a.kms.clone(),
+                    kek: a.kek.replace("$(topic)", topic),
+                })
+                .collect(),
+        })
+    }
+
+    /// The realms this edge unwraps `topic`'s DEKs with: its rule's realm,
+    /// then the rule's `also_wrap_for` realms.
+    pub fn realms_for(&self, topic: &str) -> Vec<String> {
+        self.find(topic)
+            .map(|r| {
+                std::iter::once(r.kms.clone())
+                    .chain(r.also.iter().map(|a| a.kms.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
     }
 
     pub fn matches(&self, topic: &str) -> bool {

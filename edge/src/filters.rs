@@ -11,15 +11,18 @@ use strait_authz::{
     AuditConfig, AuditSink, AuthorizationConfig, AuthorizationFilterFactory, AuthorizationMode,
     Authorizer, AuthzMetrics,
 };
-use strait_edge_config::Config;
+use strait_edge_config::{Config, Upstream, VirtualCluster};
 use strait_encryption::{EncryptionConfig, RecordEncryption};
 use strait_filter::FilterFactory;
 use strait_filters::encryption::EncryptionFilterFactory;
+use strait_keys_topic::KeysTopic;
 use strait_kms_broker::client::OwnIdentity;
 use strait_kms_core::config::KmsConfig;
 use strait_kms_core::KmsSet;
 use strait_proxy::FiltersByCluster;
+use strait_tls::CredentialReceiver;
 use tokio::sync::RwLock;
+use tokio_util::sync::CancellationToken;
 
 pub struct FilterBuilder {
     registry: Arc<RwLock<Registry>>,
@@ -28,13 +31,17 @@ pub struct FilterBuilder {
     /// connections see changes on their next request) and the audit sink.
     authorization: HashMap<String, AuthzEntry>,
     kms: Option<(Vec<KmsConfig>, KmsSet)>,
-    encryption: HashMap<String, (EncryptionConfig, Arc<dyn FilterFactory>)>,
+    /// The upstream too: the keys topic is reached through it.
+    encryption: HashMap<String, (EncryptionConfig, Upstream, Arc<dyn FilterFactory>)>,
     /// Virtual clusters without rules, and why, so that the WARN is written
     /// once when a cluster starts (or changes to) that state, not on every change.
     open_clusters: HashMap<String, &'static str>,
     /// The edge's SVID (with `--join-token`), for KMS brokers configured
     /// with `identity: svid`; without it such a configuration is refused.
     identity: Option<OwnIdentity>,
+    /// The same SVID as a credential channel, for keys-topic connections to
+    /// upstreams with `tls.identity: svid`.
+    svid: Option<CredentialReceiver>,
 }
 
 struct AuthzEntry {
@@ -54,7 +61,13 @@ impl FilterBuilder {
             encryption: HashMap::new(),
             open_clusters: HashMap::new(),
             identity,
+            svid: None,
         }
+    }
+
+    pub fn with_svid(mut self, svid: Option<CredentialReceiver>) -> Self {
+        self.svid = svid;
+        self
     }
 
     pub async fn build(&mut self, config: &Config) -> anyhow::Result<FiltersByCluster> {
@@ -94,12 +107,19 @@ impl FilterBuilder {
             }
             if let Some(enc) = &vc.encryption {
                 let factory = match self.encryption.remove(&vc.name) {
-                    Some((old, factory)) if &old == enc && self.kms_unchanged(&config.kms) => {
+                    Some((old, upstream, factory))
+                        if &old == enc
+                            && upstream == vc.upstream
+                            && self.kms_unchanged(&config.kms) =>
+                    {
                         factory
                     }
-                    _ => self.encryption_factory(&vc.name, enc, &config.kms).await?,
+                    _ => self.encryption_factory(vc, enc, &config.kms).await?,
                 };
-                encryption.insert(vc.name.clone(), (enc.clone(), factory.clone()));
+                encryption.insert(
+                    vc.name.clone(),
+                    (enc.clone(), vc.upstream.clone(), factory.clone()),
+                );
                 chain.push(factory);
             }
             filters.insert(vc.name.clone(), chain);
@@ -211,18 +231,55 @@ impl FilterBuilder {
 
     async fn encryption_factory(
         &mut self,
-        virtual_cluster: &str,
+        vc: &VirtualCluster,
         config: &EncryptionConfig,
         kms: &[KmsConfig],
     ) -> anyhow::Result<Arc<dyn FilterFactory>> {
+        let virtual_cluster = vc.name.as_str();
         let set = self.kms_set(kms).await?;
+        // The keys topic lives in the cluster behind a direct upstream; a
+        // cluster behind a peer edge is encrypted (and federated) over there.
+        let keys = match (config.federated(), &vc.upstream.remote) {
+            (true, None) => {
+                let stop = CancellationToken::new();
+                let (upstream, _) =
+                    strait_proxy::direct_upstream(vc, None, self.svid.as_ref(), stop.clone())
+                        .map_err(|e| anyhow::anyhow!("keys topic of '{virtual_cluster}': {e}"))?;
+                Some((
+                    Arc::new(upstream) as Arc<dyn strait_proxy::upstream::Upstream>,
+                    Arc::new(stop.drop_guard()),
+                ))
+            }
+            (true, Some(_)) => {
+                tracing::warn!(virtual_cluster, "keys_topic and also_wrap_for have no effect on a virtual cluster behind a peer edge: its own edge encrypts and federates");
+                None
+            }
+            _ => None,
+        };
+        let topic = config.keys_topic.clone().unwrap_or_default();
+        let key_log = keys.as_ref().map(|(upstream, guard)| {
+            Arc::new(KeysTopic::new(
+                upstream.clone(),
+                topic.name.clone(),
+                guard.clone(),
+            )) as Arc<dyn strait_encryption::KeyLog>
+        });
         let mut registry = self.registry.write().await;
         let cluster_registry = registry.sub_registry_with_label((
             Cow::Borrowed("virtual_cluster"),
             Cow::Owned(virtual_cluster.to_owned()),
         ));
-        let core = RecordEncryption::new(config.clone(), set, cluster_registry)
-            .map_err(|errors| anyhow::anyhow!("virtual cluster '{virtual_cluster}': {errors}"))?;
+        let core = RecordEncryption::with_key_log(config.clone(), set, cluster_registry, key_log)
+            .map_err(|errors| {
+            anyhow::anyhow!("virtual cluster '{virtual_cluster}': {errors}")
+        })?;
+        if let (Some((upstream, guard)), Some(index)) = (keys, core.keys_index()) {
+            let topics = std::iter::once((topic.name.clone(), true))
+                .chain(topic.also_read.iter().map(|t| (t.clone(), false)))
+                .collect();
+            strait_keys_topic::spawn_followers(upstream, topics, index, guard);
+            tracing::info!(virtual_cluster, keys_topic = %topic.name, also_read = ?topic.also_read, "federated record encryption: following the keys topics");
+        }
         tracing::info!(
             virtual_cluster,
             rules = config.rules.len(),

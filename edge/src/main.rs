@@ -276,7 +276,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             bundle: s.bundle.clone(),
             trust_domain: s.state.borrow().trust_domain().to_owned(),
         });
-    let mut filter_builder = filters::FilterBuilder::new(registry.clone(), own_identity);
+    let mut filter_builder = filters::FilterBuilder::new(registry.clone(), own_identity)
+        .with_svid(edge_svid.as_ref().map(|s| s.credentials.clone()));
     let initial_filters = filter_builder.build(&config).await?;
 
     let stop_admin = CancellationToken::new();

@@ -20,9 +20,11 @@ pub struct EncryptionConfig {
     #[serde(default)]
     pub dek: DekConfig,
     /// Where the wraps of federated DEKs live in this virtual cluster's
-    /// upstream cluster (see FORMAT.md, "Federation").
-    #[serde(default)]
-    pub keys_topic: KeysTopicConfig,
+    /// upstream cluster (see FORMAT.md, "Federation"). Absent: the default
+    /// topic, used only when a rule has `also_wrap_for`; present (even `{}`):
+    /// read (and written) whatever the rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_topic: Option<KeysTopicConfig>,
     /// KEK names crypto-shredded everywhere (`straitctl kek shred`): never
     /// used to generate, never unwrapped, cached DEKs under them dropped.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -199,7 +201,7 @@ impl EncryptionConfig {
                 }
             }
         }
-        let kt = &self.keys_topic;
+        let kt = self.keys_topic.clone().unwrap_or_default();
         for (i, name) in std::iter::once(&kt.name)
             .chain(kt.also_read.iter())
             .enumerate()
@@ -254,6 +256,12 @@ impl EncryptionConfig {
         if d.cache_size == 0 {
             push(format!("{path}.dek.cache_size"), "must be positive".into());
         }
+    }
+
+    /// Whether this virtual cluster uses a keys topic: a rule wraps for
+    /// other realms, or `keys_topic` is given.
+    pub fn federated(&self) -> bool {
+        self.keys_topic.is_some() || self.rules.iter().any(|r| !r.also_wrap_for.is_empty())
     }
 
     pub fn validate(&self, path: &str, known_kms: &[&str]) -> Result<(), ConfigErrors> {
@@ -317,7 +325,11 @@ keys_topic: { name: strait.keys, also_read: [west.strait.keys] }
 "#;
         let c: EncryptionConfig = serde_yaml_ng::from_str(y).unwrap();
         c.validate("e", &["vault-east", "aws-west"]).unwrap();
-        assert_eq!(c.keys_topic.catch_up_timeout, Duration::from_secs(10));
+        assert_eq!(
+            c.keys_topic.as_ref().unwrap().catch_up_timeout,
+            Duration::from_secs(10)
+        );
+        assert!(c.federated());
         let bad = r#"
 rules:
   - topic: "a"

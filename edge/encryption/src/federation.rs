@@ -79,6 +79,7 @@ impl Federator {
         kms: KmsSet,
         index: Arc<KeyIndex>,
         log: Arc<dyn KeyLog>,
+        producing: HashSet<String>,
         registry: &mut Registry,
     ) -> Self {
         let metrics = Metrics {
@@ -103,6 +104,7 @@ impl Federator {
             metrics,
             jobs: HashMap::new(),
             reported: HashSet::new(),
+            producing,
         };
         tokio::spawn(worker.run(rx));
         Self { tx }
@@ -130,6 +132,8 @@ struct Worker {
     metrics: Metrics,
     jobs: HashMap<DekRef, Pending>,
     reported: HashSet<String>,
+    /// The realms this edge makes federated DEKs in.
+    producing: HashSet<String>,
 }
 
 impl Worker {
@@ -163,6 +167,9 @@ impl Worker {
     /// Owed wraps found in the keys topic for DEKs not held here.
     fn recover(&mut self) {
         for owed in self.index.owed() {
+            if !self.producing.contains(&owed.origin.locator.kms) {
+                continue;
+            }
             self.jobs.entry(owed.dek).or_insert_with(|| Pending {
                 job: Job {
                     dek: owed.dek,

@@ -208,6 +208,38 @@ pub fn decode_value(value: &[u8]) -> Result<KeyEntry, FormatError> {
     }
 }
 
+/// A record read from a keys topic: offset, key, value.
+pub type ReadRecord = (i64, Option<Bytes>, Option<Bytes>);
+
+/// The records of a Fetch response's record set (any codec; control batches
+/// and a trailing partial batch skipped), with their offsets.
+pub fn read_records(records: &Bytes) -> Result<Vec<ReadRecord>, String> {
+    let mut out = Vec::new();
+    for b in crate::batch::split_batches(records).map_err(|e| e.0)? {
+        if b.magic() != 2 || b.is_control() {
+            continue;
+        }
+        let base = i64::from_be_bytes(b.bytes[..8].try_into().map_err(|_| "short batch")?);
+        for r in b.records().map_err(|e| e.0)? {
+            out.push((base + i64::from(r.offset_delta), r.key, r.value));
+        }
+    }
+    Ok(out)
+}
+
+/// The offset after the last batch of a record set, so a reader moves past
+/// batches it skips (control batches, compacted-away records).
+pub fn next_offset(records: &Bytes) -> Option<i64> {
+    let batches = crate::batch::split_batches(records).ok()?;
+    let last = batches.last()?;
+    if last.magic() != 2 {
+        return None;
+    }
+    let base = i64::from_be_bytes(last.bytes[..8].try_into().ok()?);
+    let delta = i32::from_be_bytes(last.bytes[23..27].try_into().ok()?);
+    Some(base + i64::from(delta) + 1)
+}
+
 /// Writes entries to this virtual cluster's keys topic (the edge's Kafka IO).
 #[async_trait::async_trait]
 pub trait KeyLog: Send + Sync {
@@ -354,7 +386,7 @@ impl KeyIndex {
             .unwrap_or_default()
     }
 
-    /// DEKs of this edge's own keys topic still owed a wrap.
+    /// DEKs read from this cluster's own keys topic still owed a wrap.
     pub fn owed(&self) -> Vec<Owed> {
         let inner = self.lock();
         inner
@@ -369,7 +401,7 @@ impl KeyIndex {
                     .filter(|w| !d.wraps.contains_key(&w.realm))
                     .cloned()
                     .collect();
-                (!missing.is_empty()).then(|| Owed {
+                (!missing.is_empty()).then_some(Owed {
                     dek: *dek,
                     origin,
                     missing,

@@ -257,14 +257,22 @@ impl RecordEncryption {
         })?;
         let metrics = EncryptionMetrics::new(registry);
         let prefixed = registry.sub_registry_with_prefix("strait_encryption");
-        let federation = key_log.map(|log| {
-            let topics = std::iter::once(config.keys_topic.name.clone())
-                .chain(config.keys_topic.also_read.iter().cloned());
+        let keys_topic = config.keys_topic.clone().unwrap_or_default();
+        let federation = key_log.filter(|_| config.federated()).map(|log| {
+            let topics = std::iter::once(keys_topic.name.clone())
+                .chain(keys_topic.also_read.iter().cloned());
             let index = Arc::new(KeyIndex::new(topics, prefixed));
+            // Only DEKs of the realms this edge makes them in are its to complete.
+            let producing = config
+                .rules
+                .iter()
+                .filter(|r| !r.also_wrap_for.is_empty())
+                .map(|r| r.kms.clone())
+                .collect();
             Federation {
-                federator: Federator::start(kms.clone(), index.clone(), log, prefixed),
+                federator: Federator::start(kms.clone(), index.clone(), log, producing, prefixed),
                 index,
-                catch_up_timeout: config.keys_topic.catch_up_timeout,
+                catch_up_timeout: keys_topic.catch_up_timeout,
             }
         });
         let keys = federation.as_ref().map(|f| f.index.clone());
@@ -283,7 +291,7 @@ impl RecordEncryption {
             metrics,
             topic_ids: RwLock::new(HashMap::new()),
             keys,
-            keys_topic: config.keys_topic,
+            keys_topic,
         })
     }
 
@@ -291,7 +299,8 @@ impl RecordEncryption {
         &self.metrics
     }
 
-    /// The index of the keys topics, when built [`Self::with_key_log`].
+    /// The index of the keys topics, when built [`Self::with_key_log`] and
+    /// the configuration uses a keys topic ([`EncryptionConfig::federated`]).
     pub fn keys_index(&self) -> Option<&Arc<KeyIndex>> {
         self.keys.as_ref()
     }

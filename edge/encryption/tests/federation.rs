@@ -166,7 +166,7 @@ fn rule(topic: &str, kms: &str, also: &[(&str, &str)]) -> TopicRule {
     }
 }
 
-fn config(rules: Vec<TopicRule>, keys_topic: KeysTopicConfig) -> EncryptionConfig {
+fn config(rules: Vec<TopicRule>, keys_topic: Option<KeysTopicConfig>) -> EncryptionConfig {
     EncryptionConfig {
         rules,
         on_missing_key: Default::default(),
@@ -178,12 +178,12 @@ fn config(rules: Vec<TopicRule>, keys_topic: KeysTopicConfig) -> EncryptionConfi
     }
 }
 
-fn keys_topic(name: &str, also_read: &[&str]) -> KeysTopicConfig {
-    KeysTopicConfig {
+fn keys_topic(name: &str, also_read: &[&str]) -> Option<KeysTopicConfig> {
+    Some(KeysTopicConfig {
         name: name.into(),
         also_read: also_read.iter().map(|s| s.to_string()).collect(),
         catch_up_timeout: Duration::from_millis(200),
-    }
+    })
 }
 
 fn batch(n: usize) -> Bytes {

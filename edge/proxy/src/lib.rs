@@ -115,6 +115,53 @@ pub struct EdgeExtras {
     pub tunnel_targets: Option<watch::Sender<TunnelTargets>>,
 }
 
+/// The direct upstream of a virtual cluster as its `upstream` section
+/// describes it (bootstrap servers, TLS with live client credentials, SASL),
+/// and its SASL credentials to replace in place. Whoever else talks to the
+/// cluster's brokers on the edge's behalf (the keys topic of record
+/// encryption) connects the same way. Credential watchers stop with `stop`.
+pub fn direct_upstream(
+    vc: &VirtualCluster,
+    tls_metrics: Option<TlsMetrics>,
+    svid: Option<&CredentialReceiver>,
+    stop: CancellationToken,
+) -> Result<(DirectTcp, Option<Arc<UpstreamSasl>>), StartError> {
+    let mut direct = DirectTcp::new(
+        vc.upstream.bootstrap_servers.clone(),
+        vc.upstream.connect_timeout,
+    );
+    if let Some(tls) = &vc.upstream.tls {
+        let tls_error = |source| StartError::Tls {
+            name: vc.name.clone(),
+            source,
+        };
+        let config = ClientTls::start(
+            tls,
+            CredentialLabel {
+                owner: vc.name.clone(),
+                certificate: "upstream_client",
+            },
+            tls_metrics,
+            UPSTREAM_CREDENTIAL_INTERVAL,
+            stop,
+            svid,
+        )
+        .map_err(tls_error)?;
+        direct = direct.with_tls_config(tls, config).map_err(tls_error)?;
+    }
+    let sasl = vc.upstream.sasl.as_ref().map(|sasl| {
+        if sasl.mechanism == strait_edge_config::SaslMechanism::Plain && vc.upstream.tls.is_none()
+        {
+            tracing::warn!(virtual_cluster = %vc.name, "SASL PLAIN without upstream.tls: the password crosses the network in clear");
+        }
+        UpstreamSasl::new(sasl)
+    });
+    if let Some(sasl) = &sasl {
+        direct = direct.with_sasl(sasl.clone());
+    }
+    Ok((direct, sasl))
+}
+
 struct ClusterEntry {
     config: VirtualCluster,
     runtime: Arc<ClusterRuntime>,
@@ -351,40 +398,12 @@ impl Edge {
                 )
                 .await;
         }
-        let mut direct = DirectTcp::new(
-            vc.upstream.bootstrap_servers.clone(),
-            vc.upstream.connect_timeout,
-        );
-        if let Some(tls) = &vc.upstream.tls {
-            let tls_error = |source| StartError::Tls {
-                name: vc.name.clone(),
-                source,
-            };
-            let config = ClientTls::start(
-                tls,
-                CredentialLabel {
-                    owner: vc.name.clone(),
-                    certificate: "upstream_client",
-                },
-                Some(self.tls_metrics.clone()),
-                UPSTREAM_CREDENTIAL_INTERVAL,
-                stop_accepting.clone(),
-                self.svid.as_ref(),
-            )
-            .map_err(tls_error)?;
-            direct = direct.with_tls_config(tls, config).map_err(tls_error)?;
-        }
-        let sasl = vc.upstream.sasl.as_ref().map(|sasl| {
-            if sasl.mechanism == strait_edge_config::SaslMechanism::Plain
-                && vc.upstream.tls.is_none()
-            {
-                tracing::warn!(virtual_cluster = %vc.name, "SASL PLAIN without upstream.tls: the password crosses the network in clear");
-            }
-            UpstreamSasl::new(sasl)
-        });
-        if let Some(sasl) = &sasl {
-            direct = direct.with_sasl(sasl.clone());
-        }
+        let (direct, sasl) = direct_upstream(
+            vc,
+            Some(self.tls_metrics.clone()),
+            self.svid.as_ref(),
+            stop_accepting.clone(),
+        )?;
         let upstream: Arc<dyn Upstream> = Arc::new(direct);
         self.start_runtime(
             vc,

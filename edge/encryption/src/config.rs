@@ -115,6 +115,11 @@ pub struct DekConfig {
     pub cache_size: usize,
     #[serde(with = "humantime_serde")]
     pub cache_idle: Duration,
+    /// The longest an unwrapped DEK is kept however busy it is: after a KEK
+    /// is shredded (or access to it revoked) at its KMS, no edge decrypts
+    /// with it for longer than this.
+    #[serde(with = "humantime_serde")]
+    pub cache_ttl: Duration,
     #[serde(with = "humantime_serde")]
     pub alias_ttl: Duration,
 }
@@ -127,6 +132,7 @@ impl Default for DekConfig {
             refresh_ahead_percent: 80,
             cache_size: 1000,
             cache_idle: Duration::from_secs(3600),
+            cache_ttl: Duration::from_secs(3600),
             alias_ttl: Duration::from_secs(600),
         }
     }
@@ -252,6 +258,9 @@ impl EncryptionConfig {
                 format!("{path}.dek.refresh_ahead_percent"),
                 "must be 1..=100".into(),
             );
+        }
+        if d.cache_ttl.is_zero() {
+            push(format!("{path}.dek.cache_ttl"), "must be positive".into());
         }
         if d.cache_size == 0 {
             push(format!("{path}.dek.cache_size"), "must be positive".into());

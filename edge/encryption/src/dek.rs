@@ -269,6 +269,7 @@ struct Slot {
 struct CachedDek {
     cipher: Arc<Aes256Gcm>,
     last_used: Instant,
+    unwrapped: Instant,
 }
 
 /// Where federated DEKs are written and other realms' wraps are found.
@@ -355,6 +356,7 @@ impl DekManager {
     /// usable.
     pub async fn lease(&self, sel: &KekSelection, want: u64) -> Result<Lease, DekError> {
         let key: SlotKey = (sel.kms.clone(), sel.kek.clone(), sel.also.clone());
+        let topic = sel.topic.as_str();
         loop {
             let gen_lock = {
                 let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -373,7 +375,9 @@ impl DekManager {
                                     let this = self.clone();
                                     let key = key.clone();
                                     let lock = slot.gen_lock.clone();
-                                    handle.spawn(async move { this.refresh(key, lock).await });
+                                    let topic = topic.to_string();
+                                    handle
+                                        .spawn(async move { this.refresh(key, topic, lock).await });
                                 }
                             }
                             return Ok(Lease {
@@ -409,7 +413,7 @@ impl DekManager {
                     }
                 }
             }
-            match self.generate(&key).await {
+            match self.generate(&key, topic).await {
                 Ok(dek) => self.install(&key, dek, None),
                 Err(e) => {
                     let mut active = self.inner.active.lock().unwrap_or_else(|p| p.into_inner());
@@ -421,9 +425,9 @@ impl DekManager {
         }
     }
 
-    async fn refresh(&self, key: SlotKey, lock: Arc<tokio::sync::Mutex<()>>) {
+    async fn refresh(&self, key: SlotKey, topic: String, lock: Arc<tokio::sync::Mutex<()>>) {
         let _g = lock.lock().await;
-        match self.generate(&key).await {
+        match self.generate(&key, &topic).await {
             Ok(dek) => self.install(&key, dek, None),
             Err(e) => {
                 tracing::warn!(kms = %key.0, kek = %key.1, error = %e, "background DEK refresh failed; the current DEK stays in use while its limits allow");
@@ -481,7 +485,7 @@ impl DekManager {
         }
     }
 
-    async fn generate(&self, key: &SlotKey) -> Result<Arc<ActiveDek>, DekError> {
+    async fn generate(&self, key: &SlotKey, topic: &str) -> Result<Arc<ActiveDek>, DekError> {
         let (kms_name, kek_name, also) = (key.0.as_str(), key.1.as_str(), &key.2);
         self.refuse_shredded(&[kek_name])?;
         let kek = self.resolve(kms_name, kek_name).await?;
@@ -505,23 +509,25 @@ impl DekManager {
         self.inner.metrics.deks_generated.inc();
         tracing::debug!(kms = kms_name, kek = %pair.kek, "generated a new DEK");
         let used = Arc::new(AtomicU64::new(0));
-        if !also.is_empty() {
-            match &self.inner.federation {
-                Some(f) => f.federator.submit(Job {
-                    dek: format::dek_ref(&prefix),
-                    origin: Wrap {
-                        locator,
-                        wrapped: pair.wrapped.clone(),
-                    },
-                    wanted: also.clone(),
-                    plaintext: Some(pair.plaintext.clone()),
-                    encrypted: Some(used.clone()),
-                }),
-                None => tracing::warn!(
-                    kms = kms_name,
-                    "a rule wraps DEKs for other realms but this virtual cluster has no keys topic; other realms decrypt its records only by remote unwrap"
-                ),
-            }
+        match &self.inner.federation {
+            // Every DEK gets its origin entry, so a realm added later can be
+            // given a wrap of it without touching the data.
+            Some(f) => f.federator.submit(Job {
+                dek: format::dek_ref(&prefix),
+                origin: Wrap {
+                    locator,
+                    wrapped: pair.wrapped.clone(),
+                },
+                topic: topic.to_string(),
+                wanted: also.clone(),
+                plaintext: (!also.is_empty()).then(|| pair.plaintext.clone()),
+                encrypted: Some(used.clone()),
+            }),
+            None if !also.is_empty() => tracing::warn!(
+                kms = kms_name,
+                "a rule wraps DEKs for other realms but this virtual cluster has no keys topic; other realms decrypt its records only by remote unwrap"
+            ),
+            None => {}
         }
         Ok(Arc::new(ActiveDek {
             cipher,
@@ -544,6 +550,7 @@ impl DekManager {
                 CachedDek {
                     cipher,
                     last_used: Instant::now(),
+                    unwrapped: Instant::now(),
                 },
             );
     }
@@ -552,7 +559,7 @@ impl DekManager {
         let mut cache = self.inner.cache.lock().unwrap_or_else(|p| p.into_inner());
         let idle = self.inner.cfg.cache_idle;
         let hit = cache.get_mut(prefix)?;
-        if hit.last_used.elapsed() <= idle {
+        if hit.last_used.elapsed() <= idle && hit.unwrapped.elapsed() <= self.inner.cfg.cache_ttl {
             hit.last_used = Instant::now();
             return Some(hit.cipher.clone());
         }

@@ -42,6 +42,7 @@ const QUEUE: usize = 1024;
 pub(crate) struct Job {
     pub dek: DekRef,
     pub origin: Wrap,
+    pub topic: String,
     pub wanted: Vec<Wanted>,
     /// The plaintext DEK when the edge just made it; `None`: unwrap the
     /// origin wrap first.
@@ -79,7 +80,7 @@ impl Federator {
         kms: KmsSet,
         index: Arc<KeyIndex>,
         log: Arc<dyn KeyLog>,
-        producing: HashSet<String>,
+        desired: Desired,
         registry: &mut Registry,
     ) -> Self {
         let metrics = Metrics {
@@ -104,7 +105,7 @@ impl Federator {
             metrics,
             jobs: HashMap::new(),
             reported: HashSet::new(),
-            producing,
+            desired,
         };
         tokio::spawn(worker.run(rx));
         Self { tx }
@@ -132,9 +133,13 @@ struct Worker {
     metrics: Metrics,
     jobs: HashMap<DekRef, Pending>,
     reported: HashSet<String>,
-    /// The realms this edge makes federated DEKs in.
-    producing: HashSet<String>,
+    desired: Desired,
 }
+
+/// The realms a DEK of (topic, origin realm) is owed a wrap in under the
+/// current rules: the rule's `also_wrap_for` when the rule makes its DEKs
+/// in that realm, else none (another site's DEKs are not this edge's).
+pub(crate) type Desired = Arc<dyn Fn(&str, &str) -> Vec<Wanted> + Send + Sync>;
 
 impl Worker {
     async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
@@ -164,17 +169,29 @@ impl Worker {
         }
     }
 
-    /// Owed wraps found in the keys topic for DEKs not held here.
+    /// Wraps owed by DEKs of the own keys topic that are not held here: made
+    /// before a restart, by another edge of the cluster, or owed to a realm
+    /// added to the rule of their topic since.
     fn recover(&mut self) {
-        for owed in self.index.owed() {
-            if !self.producing.contains(&owed.origin.locator.kms) {
+        for d in self.index.own_deks() {
+            if self.jobs.contains_key(&d.dek) {
                 continue;
             }
-            self.jobs.entry(owed.dek).or_insert_with(|| Pending {
+            let mut missing = d.missing;
+            for w in (self.desired)(&d.topic, &d.origin.locator.kms) {
+                if !d.present.contains(&w.realm) && !missing.iter().any(|m| m.realm == w.realm) {
+                    missing.push(w);
+                }
+            }
+            if missing.is_empty() {
+                continue;
+            }
+            self.jobs.entry(d.dek).or_insert_with(|| Pending {
                 job: Job {
-                    dek: owed.dek,
-                    origin: owed.origin,
-                    wanted: owed.missing,
+                    dek: d.dek,
+                    origin: d.origin,
+                    topic: d.topic,
+                    wanted: missing,
                     plaintext: None,
                     encrypted: None,
                 },
@@ -216,6 +233,7 @@ impl Worker {
             let entry = KeyEntry::Origin {
                 wrap: p.job.origin.clone(),
                 wanted: p.job.wanted.clone(),
+                topic: p.job.topic.clone(),
             };
             if !self.write(&dek, &p.job.origin.locator.kms, &entry).await {
                 return false;

@@ -12,7 +12,8 @@
 //! u16 len | KEK reference (as in a value prefix: u8 kms, u16 key id, u8 version)
 //! u16 len | wrapped DEK
 //! origin only: u8 n | n x (u8 len realm | u16 len KEK name): the realms the
-//!              DEK must also be wrapped for, and under which KEK there
+//!              DEK must also be wrapped for, and under which KEK there;
+//!              u16 len | the topic the DEK was made for
 //! ```
 //!
 //! This module holds the codec and the in-memory index; the IO (producing to
@@ -55,9 +56,14 @@ pub struct Wanted {
 /// A keys-topic entry.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum KeyEntry {
-    /// Written by the edge that made the DEK: its own realm's wrap and the
-    /// realms the DEK is owed to.
-    Origin { wrap: Wrap, wanted: Vec<Wanted> },
+    /// Written by the edge that made the DEK: its own realm's wrap, the
+    /// realms it is owed to, and the topic it was made for (so that a realm
+    /// added to that topic's rule later is owed a wrap too).
+    Origin {
+        wrap: Wrap,
+        wanted: Vec<Wanted>,
+        topic: String,
+    },
     /// The DEK's wrap in another realm.
     Wrapped(Wrap),
 }
@@ -133,13 +139,14 @@ pub fn encode_value(entry: &KeyEntry) -> Result<Bytes, FormatError> {
     });
     put_bytes16(&mut b, &locator_bytes(&wrap.locator)?)?;
     put_bytes16(&mut b, &wrap.wrapped)?;
-    if let KeyEntry::Origin { wanted, .. } = entry {
+    if let KeyEntry::Origin { wanted, topic, .. } = entry {
         let n = u8::try_from(wanted.len()).map_err(|_| FormatError("too many realms"))?;
         b.put_u8(n);
         for w in wanted {
             put_str8(&mut b, &w.realm)?;
             put_bytes16(&mut b, w.kek.as_bytes())?;
         }
+        put_bytes16(&mut b, topic.as_bytes())?;
     }
     Ok(b.freeze())
 }
@@ -202,7 +209,12 @@ pub fn decode_value(value: &[u8]) -> Result<KeyEntry, FormatError> {
                 let kek = r.str16()?.to_string();
                 wanted.push(Wanted { realm, kek });
             }
-            Ok(KeyEntry::Origin { wrap, wanted })
+            let topic = r.str16()?.to_string();
+            Ok(KeyEntry::Origin {
+                wrap,
+                wanted,
+                topic,
+            })
         }
         _ => Err(FormatError("unknown keys-topic entry kind")),
     }
@@ -254,6 +266,7 @@ struct DekWraps {
     /// From the origin entry: the realms owed a wrap.
     wanted: Vec<Wanted>,
     origin_realm: Option<String>,
+    topic: Option<String>,
     /// Whether the origin entry came from this edge's own keys topic (only
     /// those are this edge's to complete).
     own: bool,
@@ -278,12 +291,16 @@ struct Inner {
     realms_seen: HashSet<String>,
 }
 
-/// A DEK owed a wrap this edge must make.
+/// A DEK of this cluster's own keys topic, as far as federation cares.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Owed {
+pub struct OwnDek {
     pub dek: DekRef,
     pub origin: Wrap,
+    pub topic: String,
+    /// Realms owed a wrap by the origin entry that have none yet.
     pub missing: Vec<Wanted>,
+    /// Realms with a wrap.
+    pub present: Vec<String>,
 }
 
 impl KeyIndex {
@@ -331,8 +348,9 @@ impl KeyIndex {
             Some(v) => match decode_value(v) {
                 Ok(entry) => {
                     let d = inner.deks.entry(dek).or_default();
-                    if let KeyEntry::Origin { wanted, .. } = &entry {
+                    if let KeyEntry::Origin { wanted, topic, .. } = &entry {
                         d.wanted = wanted.clone();
+                        d.topic = Some(topic.clone());
                         d.origin_realm = Some(realm.clone());
                         d.own |= own;
                     }
@@ -386,8 +404,8 @@ impl KeyIndex {
             .unwrap_or_default()
     }
 
-    /// DEKs read from this cluster's own keys topic still owed a wrap.
-    pub fn owed(&self) -> Vec<Owed> {
+    /// The DEKs read from this cluster's own keys topic.
+    pub fn own_deks(&self) -> Vec<OwnDek> {
         let inner = self.lock();
         inner
             .deks
@@ -395,18 +413,27 @@ impl KeyIndex {
             .filter(|(_, d)| d.own)
             .filter_map(|(dek, d)| {
                 let origin = d.wraps.get(d.origin_realm.as_ref()?)?.clone();
-                let missing: Vec<Wanted> = d
-                    .wanted
-                    .iter()
-                    .filter(|w| !d.wraps.contains_key(&w.realm))
-                    .cloned()
-                    .collect();
-                (!missing.is_empty()).then_some(Owed {
+                Some(OwnDek {
                     dek: *dek,
                     origin,
-                    missing,
+                    topic: d.topic.clone().unwrap_or_default(),
+                    missing: d
+                        .wanted
+                        .iter()
+                        .filter(|w| !d.wraps.contains_key(&w.realm))
+                        .cloned()
+                        .collect(),
+                    present: d.wraps.keys().cloned().collect(),
                 })
             })
+            .collect()
+    }
+
+    /// DEKs read from this cluster's own keys topic still owed a wrap.
+    pub fn owed(&self) -> Vec<OwnDek> {
+        self.own_deks()
+            .into_iter()
+            .filter(|d| !d.missing.is_empty())
             .collect()
     }
 
@@ -454,6 +481,7 @@ mod tests {
                 realm: "aws-west".into(),
                 kek: "alias/kek-orders".into(),
             }],
+            topic: "orders".into(),
         };
         assert_eq!(
             decode_value(&encode_value(&origin).unwrap()).unwrap(),
@@ -492,6 +520,7 @@ mod tests {
                 realm: "aws-west".into(),
                 kek: "alias/k".into(),
             }],
+            topic: "t".into(),
         };
         index.apply(
             true,
@@ -529,6 +558,7 @@ mod tests {
                 realm: "aws-west".into(),
                 kek: "k".into(),
             }],
+            topic: "t".into(),
         };
         index.apply(
             false,

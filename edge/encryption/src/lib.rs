@@ -262,15 +262,17 @@ impl RecordEncryption {
             let topics = std::iter::once(keys_topic.name.clone())
                 .chain(keys_topic.also_read.iter().cloned());
             let index = Arc::new(KeyIndex::new(topics, prefixed));
-            // Only DEKs of the realms this edge makes them in are its to complete.
-            let producing = config
-                .rules
-                .iter()
-                .filter(|r| !r.also_wrap_for.is_empty())
-                .map(|r| r.kms.clone())
-                .collect();
+            let desired_rules = Rules::new(&config.rules).ok();
+            let desired: crate::federation::Desired = Arc::new(move |topic, origin| {
+                desired_rules
+                    .as_ref()
+                    .and_then(|r| r.select(topic))
+                    .filter(|sel| sel.kms == origin)
+                    .map(|sel| sel.also)
+                    .unwrap_or_default()
+            });
             Federation {
-                federator: Federator::start(kms.clone(), index.clone(), log, producing, prefixed),
+                federator: Federator::start(kms.clone(), index.clone(), log, desired, prefixed),
                 index,
                 catch_up_timeout: keys_topic.catch_up_timeout,
             }

@@ -29,6 +29,8 @@ pub struct KekSelection {
     pub kek: String,
     /// The other realms each DEK is also wrapped for, KEK names resolved.
     pub also: Vec<Wanted>,
+    /// The topic the selection was made for.
+    pub topic: String,
 }
 
 impl Rules {
@@ -76,6 +78,7 @@ impl Rules {
                     kek: a.kek.replace("$(topic)", topic),
                 })
                 .collect(),
+            topic: topic.to_string(),
         })
     }
 

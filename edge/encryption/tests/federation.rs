@@ -597,3 +597,62 @@ async fn shredded_keks_are_refused_both_ways() {
     );
     assert!(req.topic_data.is_empty() || req.topic_data[0].partition_data.is_empty());
 }
+
+#[tokio::test]
+async fn a_realm_added_later_gets_wraps_of_existing_deks_without_touching_data() {
+    let east_realm = Realm::new();
+    let west_realm = Realm::new();
+    let log = Arc::new(MemoryLog::default());
+    let kms = KmsSet::new()
+        .with("vault-east", east_realm.clone())
+        .with("aws-west", west_realm.clone());
+    // Before: a keys topic, no other realm.
+    let before = RecordEncryption::with_key_log(
+        config(
+            vec![rule("secret-*", "vault-east", &[])],
+            keys_topic("strait.keys", &[]),
+        ),
+        kms.clone(),
+        &mut Registry::default(),
+        Some(log.clone()),
+    )
+    .unwrap();
+    before.keys_index().unwrap().mark_caught_up("strait.keys");
+    let records = encrypt(&before, "secret-old", 4).await;
+    eventually("the origin entry of the DEK", || log.entries().len() == 1).await;
+    drop(before);
+    // After: the rule names aws-west too; the edge restarts and reads its keys topic.
+    let after = RecordEncryption::with_key_log(
+        config(
+            vec![rule(
+                "secret-*",
+                "vault-east",
+                &[("aws-west", "alias/kek-$(topic)")],
+            )],
+            keys_topic("strait.keys", &[]),
+        ),
+        kms,
+        &mut Registry::default(),
+        Some(log.clone()),
+    )
+    .unwrap();
+    for (k, v) in log.records.lock().unwrap().clone() {
+        after.keys_index().unwrap().apply(true, &k, v.as_deref());
+    }
+    after.keys_index().unwrap().mark_caught_up("strait.keys");
+    eventually("the old DEK wrapped for the new realm", || {
+        log.entries().iter().any(|(_, e)| {
+            matches!(e, KeyEntry::Wrapped(w) if w.locator.kms == "aws-west"
+                && w.locator.kek.key_id == "alias/kek-secret-old")
+        })
+    })
+    .await;
+    east_realm.up.store(false, Ordering::SeqCst);
+    let west = west_site(west_realm, vec![rule("secret-*", "aws-west", &[])]);
+    log.replay_into(west.keys_index().unwrap(), "east.strait.keys");
+    west.keys_index().unwrap().mark_caught_up("strait.keys");
+    assert_eq!(
+        decrypt(&west, "secret-old", records).await.unwrap(),
+        (0..4).map(|i| format!("plaintext-{i}")).collect::<Vec<_>>()
+    );
+}

@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export STRAIT_TANSU_BIN ?= $(HOME)/.cache/strait/tools/bin/tansu
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke bench-mesh bench-mesh-smoke lint fmt
+.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke bench-mesh bench-mesh-smoke bench-federation bench-federation-smoke lint fmt
 
 all: build
 
@@ -69,6 +69,17 @@ bench-mesh: setup
 
 bench-mesh-smoke: setup build
 	$(PYTHON) integration/bench/mesh.py --smoke
+
+# Federation: bytes per record at rest for one and two realms, two-realm edge throughput against one,
+# KMS calls per million records at each site (real Kafka, OpenBao, moto); writes integration/bench/
+# federation.json, federation.md and the federation block of docs/benchmarks.md. About 5 minutes.
+bench-federation: setup
+	cargo build --release -p strait-edge -p strait-loadgen
+	$(PYTHON) integration/bench/federation.py $(BENCH_ARGS)
+
+bench-federation-smoke: setup
+	cargo build --release -p strait-edge -p strait-loadgen
+	$(PYTHON) integration/bench/federation.py --smoke
 
 lint:
 	cargo fmt --all -- --check

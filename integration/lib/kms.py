@@ -165,3 +165,75 @@ class Moto:
 
     def stop(self) -> None:
         self.proc.stop(timeout=10)
+
+
+class KmsBroker:
+    """A strait-kms-broker on a loopback port with certificate files (mTLS; callers by SPIFFE ID).
+
+    `kms` is the broker's `kms:` list (its backends); `trust` maps other trust domains to their CA file;
+    `callers`/`grants` are the broker.yaml keys of the same names (None: the broker's defaults).
+    """
+
+    def __init__(self, log_dir: Path, name: str, trust_domain: str, cert: Path, key: Path, ca: Path,
+                 kms: list[dict], trust: dict[str, Path] | None = None, callers: list[str] | None = None,
+                 grants: list[dict] | None = None, port: int | None = None, env: dict | None = None):
+        import yaml
+        self.name = name
+        self.port = port or free_port()
+        self.log_dir = Path(log_dir)
+        config = {
+            "listen": f"127.0.0.1:{self.port}",
+            "trust_domain": trust_domain,
+            "tls": {"cert": str(cert), "key": str(key), "client_ca": str(ca),
+                    "client_trust_bundles": [{"trust_domain": d, "pem_file": str(p)}
+                                             for d, p in (trust or {}).items()]},
+            "kms": kms,
+        }
+        if callers is not None:
+            config["callers"] = callers
+        if grants is not None:
+            config["grants"] = grants
+        self.config_path = self.log_dir / f"kms-broker-{name}.yaml"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+        from .edge import edge_bin
+        binary = os.environ.get("STRAIT_KMS_BROKER_BIN") or str(Path(edge_bin()).with_name("strait-kms-broker"))
+        self.env = {"VAULT_TOKEN": ROOT_TOKEN, **AWS_DUMMY_ENV, "NO_COLOR": "1",
+                    "RUST_LOG": "info,rustify=off,vaultrs=off", **(env or {})}
+        self.argv = [binary, "--config", str(self.config_path)]
+        self.proc: Proc | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"https://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 30.0) -> "KmsBroker":
+        import socket
+        self.proc = Proc(f"kms-broker-{self.name}", self.argv, self.log_dir, env=self.env)
+        self.proc.start()
+
+        def serving():
+            if not self.proc.alive():
+                raise RuntimeError(f"strait-kms-broker exited:\n{self.proc.tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return True
+            except OSError:
+                return False
+        wait_for(serving, timeout, what=f"kms-broker {self.name} on {self.port}")
+        return self
+
+    def log(self) -> str:
+        return self.proc.all_logs() if self.proc else ""
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.stop(timeout=10)
+
+    def client_entry(self, name: str, ca: Path, cert: Path, key: Path, backend: str | None = None,
+                     **extra) -> dict:
+        """A `kms:` entry reaching this broker (for an edge, or another broker forwarding to it)."""
+        broker = {"endpoints": [self.endpoint], "ca": str(ca), "cert": str(cert), "key": str(key)}
+        if backend:
+            broker["backend"] = backend
+        return {"name": name, "broker": broker, **extra}

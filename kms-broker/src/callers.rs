@@ -7,9 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use tonic::{Request, Status};
 
-use crate::tls::spiffe_id_of_der;
+use crate::grants::GrantOp;
 
 /// An operation of `strait.kms.v1.KmsBroker`, as named in refusals.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -17,6 +16,8 @@ pub enum Operation {
     GenerateDek,
     UnwrapDek,
     ResolveAlias,
+    WrapDek,
+    ShredKek,
 }
 
 impl Operation {
@@ -25,8 +26,29 @@ impl Operation {
             Operation::GenerateDek => "KmsBroker/GenerateDek",
             Operation::UnwrapDek => "KmsBroker/UnwrapDek",
             Operation::ResolveAlias => "KmsBroker/ResolveAlias",
+            Operation::WrapDek => "KmsBroker/WrapDek",
+            Operation::ShredKek => "KmsBroker/ShredKek",
         }
     }
+
+    /// The name grants use for it.
+    pub fn grant(self) -> GrantOp {
+        match self {
+            Operation::GenerateDek => GrantOp::Generate,
+            Operation::UnwrapDek => GrantOp::Unwrap,
+            Operation::ResolveAlias => GrantOp::Resolve,
+            Operation::WrapDek => GrantOp::Wrap,
+            Operation::ShredKek => GrantOp::Shred,
+        }
+    }
+}
+
+/// Why a call is refused: `reason` labels the refusals metric, `message`
+/// is what the caller reads (it names the identity and the operation).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub reason: &'static str,
+    pub message: String,
 }
 
 /// Denied identities, each with the DenyList (and reason) that names it.
@@ -59,11 +81,14 @@ impl Callers {
         &self.allowed
     }
 
-    /// The decision for `id` calling `op`: `Err(message)` names the identity
+    /// The decision for `id` calling `op`: the refusal names the identity
     /// and the operation.
-    pub fn decide(&self, id: &str, op: Operation) -> Result<(), String> {
+    pub fn decide(&self, id: &str, op: Operation) -> Result<(), Refusal> {
         if let Some(why) = self.denied.load().get(id) {
-            return Err(format!("{id} may not {} ({why})", op.as_str()));
+            return Err(Refusal {
+                reason: "deny_listed",
+                message: format!("{id} may not {} ({why})", op.as_str()),
+            });
         }
         if self
             .allowed
@@ -72,35 +97,10 @@ impl Callers {
         {
             Ok(())
         } else {
-            Err(format!(
-                "{id} may not {} (not in the broker's callers)",
-                op.as_str()
-            ))
-        }
-    }
-
-    /// Checks the caller of `req`; refusals are audited.
-    #[allow(clippy::result_large_err)]
-    pub fn check<T>(&self, req: &Request<T>, op: Operation) -> Result<String, Status> {
-        let id = req
-            .peer_certs()
-            .and_then(|certs| certs.first().and_then(|c| spiffe_id_of_der(c.as_ref())));
-        let Some(id) = id else {
-            // The handshake already requires a SPIFFE certificate; this is
-            // the belt to those braces.
-            let msg = format!(
-                "{} needs a client certificate with a SPIFFE ID",
-                op.as_str()
-            );
-            tracing::warn!(target: "audit", operation = op.as_str(), reason = %msg, "kms-broker call refused");
-            return Err(Status::unauthenticated(msg));
-        };
-        match self.decide(&id, op) {
-            Ok(()) => Ok(id),
-            Err(msg) => {
-                tracing::warn!(target: "audit", caller = %id, operation = op.as_str(), reason = %msg, "kms-broker call refused");
-                Err(Status::permission_denied(msg))
-            }
+            Err(Refusal {
+                reason: "not_a_caller",
+                message: format!("{id} may not {} (not in the broker's callers)", op.as_str()),
+            })
         }
     }
 }
@@ -134,7 +134,7 @@ mod tests {
             "spiffe://example.org/edge/*".into(),
             "spiffe://example.org/ns/enc/sa/**".into(),
         ]);
-        let ok = |id: &str| c.decide(id, Operation::UnwrapDek);
+        let ok = |id: &str| c.decide(id, Operation::UnwrapDek).map_err(|r| r.message);
         assert_eq!(ok("spiffe://example.org/edge/e1"), Ok(()));
         assert_eq!(ok("spiffe://example.org/ns/enc/sa/a/b"), Ok(()));
         assert_eq!(

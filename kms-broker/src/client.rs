@@ -9,7 +9,9 @@ use std::time::Duration;
 use async_trait::async_trait;
 use hyper_util::rt::TokioIo;
 use strait_kms_core::config::BrokerClientConfig;
-use strait_kms_core::{dek_from_slice, DekPair, KekRef, Kms, KmsError, Result, DEK_LEN};
+use strait_kms_core::{
+    dek_from_slice, DekPair, KekRef, Kms, KmsError, Result, WrappedDek, DEK_LEN,
+};
 use strait_proto::kms as pb;
 use strait_proto::kms::kms_broker_client::KmsBrokerClient;
 use strait_tls::tokio_rustls::{self, rustls::pki_types::ServerName, TlsConnector};
@@ -233,5 +235,35 @@ impl Kms for BrokerClient {
             .map_err(status_to_error)?
             .into_inner();
         from_pb(resp.kek)
+    }
+
+    async fn wrap_dek(&self, kek: &KekRef, plaintext: &[u8; DEK_LEN]) -> Result<WrappedDek> {
+        let resp = self
+            .client
+            .clone()
+            .wrap_dek(pb::WrapDekRequest {
+                kms: self.backend.clone(),
+                kek: Some(to_pb(kek)),
+                plaintext: plaintext.to_vec(),
+            })
+            .await
+            .map_err(status_to_error)?
+            .into_inner();
+        Ok(WrappedDek {
+            wrapped: resp.wrapped,
+            kek: from_pb(resp.kek)?,
+        })
+    }
+
+    async fn shred_kek(&self, kek: &KekRef) -> Result<()> {
+        self.client
+            .clone()
+            .shred_kek(pb::ShredKekRequest {
+                kms: self.backend.clone(),
+                kek: Some(to_pb(kek)),
+            })
+            .await
+            .map_err(status_to_error)?;
+        Ok(())
     }
 }

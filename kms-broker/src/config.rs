@@ -10,6 +10,7 @@ use strait_kms_core::config::{
     validate_kms_list, ConfigError, ConfigErrors, IdentitySource, KmsConfig,
 };
 
+use crate::grants::{Grant, GrantConfig};
 use crate::tls::{Bundles, TlsError};
 
 /// `strait-kms-broker --config FILE`:
@@ -17,6 +18,8 @@ use crate::tls::{Bundles, TlsError};
 /// listen: 127.0.0.1:7443
 /// trust_domain: example.org
 /// callers: ["spiffe://example.org/edge/*"]        # the default
+/// grants:                                         # absent: all but shred
+///   - { callers: ["spiffe://example.org/edge/*"], kms: ["*"], operations: [generate, unwrap, wrap, resolve] }
 /// tls:
 ///   cert: broker.pem                              # or identity: svid (no files)
 ///   key: broker.key
@@ -38,6 +41,10 @@ pub struct BrokerConfig {
     /// segment, `**` any depth). Absent: the edges of `trust_domain`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub callers: Option<Vec<String>>,
+    /// What each caller may do ([`crate::grants`]). Absent: every caller
+    /// may do everything but `shred`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub grants: Option<Vec<GrantConfig>>,
     pub tls: BrokerTls,
     pub kms: Vec<KmsConfig>,
     #[serde(default = "default_alias_ttl", with = "humantime_serde")]
@@ -150,6 +157,17 @@ impl BrokerConfig {
             .unwrap_or_else(|| vec![format!("spiffe://{}/edge/*", self.trust_domain)])
     }
 
+    /// The file's grants, compiled (`None` without `grants:`). Call on a
+    /// validated config.
+    pub fn grants(&self) -> Option<Vec<Grant>> {
+        self.grants.as_ref().map(|list| {
+            list.iter()
+                .enumerate()
+                .map(|(i, g)| g.compile(format!("grants[{i}]")))
+                .collect()
+        })
+    }
+
     pub fn validate(&self) -> Result<(), ConfigErrors> {
         let mut errors = match validate_kms_list("kms", &self.kms) {
             Ok(()) => Vec::new(),
@@ -204,12 +222,18 @@ impl BrokerConfig {
         if self.kms.is_empty() {
             push("kms", "at least one backend KMS is required");
         }
-        for (i, k) in self.kms.iter().enumerate() {
-            if k.broker.is_some() {
+        // A `broker:` backend is fine: this broker forwards to that one
+        // (federation), presenting its own identity there.
+        if let Some(grants) = &self.grants {
+            if grants.is_empty() {
                 errors.push(ConfigError {
-                    path: format!("kms[{i}].broker"),
-                    message: "a broker cannot use another broker as backend".into(),
+                    path: "grants".into(),
+                    message: "must not be empty (leave grants out to let every caller do everything but shred)".into(),
                 });
+            }
+            let names: Vec<&str> = self.kms.iter().map(|k| k.name.as_str()).collect();
+            for (i, g) in grants.iter().enumerate() {
+                g.validate_into(&format!("grants[{i}]"), Some(&names), &mut errors);
             }
         }
         if errors.is_empty() {
@@ -274,9 +298,11 @@ callers: ["edge/*"]
 tls: { cert: s.pem, key: s.key, client_ca: ca.pem, client_trust_bundles: [{ trust_domain: "Example.org", pem_file: x.pem }] }
 kms:
   - name: b
-    broker: { endpoints: ["https://127.0.0.1:1"], ca: c, cert: c, key: k }
+    broker: { endpoints: ["https://127.0.0.1:1"], ca: c, cert: c }
   - name: aws
     aws_kms: { region: "" }
+grants:
+  - { callers: ["spiffe://example.org/edge/*"], kms: [b, vault], keks: [""], operations: [unwrap, rewrap] }
 "#;
         let errs = BrokerConfig::from_yaml(bad, Path::new("/etc/strait"))
             .unwrap_err()
@@ -286,8 +312,11 @@ kms:
             "trust_domain: must be a trust domain name",
             "callers[0]: 'edge/*' must start with spiffe://",
             "tls.client_trust_bundles[0].trust_domain: must be a trust domain name",
-            "kms[0].broker: a broker cannot use another broker as backend",
             "kms[1].aws_kms.region: must not be empty",
+            "kms[0].broker.key: required",
+            "grants[0].kms[1]: no backend named \"vault\" (this broker has b, aws; or \"*\")",
+            "grants[0].keks[0]: must not be empty",
+            "grants[0].operations[1]: unknown operation \"rewrap\"",
         ] {
             assert!(errs.contains(want), "missing {want:?} in\n{errs}");
         }
@@ -320,7 +349,45 @@ kms:
             Path::new("/etc/strait/keys.json")
         );
         assert_eq!(cfg.alias_cache_ttl, Duration::from_secs(600));
+        assert!(cfg.grants().is_none());
         assert!(BrokerConfig::from_yaml("listen: x\nbogus: 1\n", Path::new(".")).is_err());
+        let with_grants = format!(
+            "{good}grants:\n  - {{ callers: [\"spiffe://partner.org/kms-broker/*\"], kms: [dev], operations: [wrap, unwrap] }}\n"
+        );
+        let cfg = BrokerConfig::from_yaml(&with_grants, Path::new("/etc/strait")).unwrap();
+        let grants = cfg.grants().unwrap();
+        assert_eq!(grants[0].source, "grants[0]");
+        assert!(grants[0].allows(
+            "spiffe://partner.org/kms-broker/east",
+            crate::grants::GrantOp::Wrap,
+            "dev",
+            "kek-a"
+        ));
+        let empty = format!("{good}grants: []\n");
+        let errs = BrokerConfig::from_yaml(&empty, Path::new("/etc/strait"))
+            .unwrap_err()
+            .to_string();
+        assert!(errs.starts_with("grants: must not be empty"), "{errs}");
+    }
+
+    #[test]
+    fn a_broker_backend_forwards_to_another_broker() {
+        let y = r#"
+listen: "127.0.0.1:7443"
+trust_domain: east.example
+tls: { cert: s.pem, key: s.key, client_ca: ca.pem }
+kms:
+  - name: vault-east
+    vault: { address: "http://127.0.0.1:8200" }
+  - name: aws-west
+    broker: { endpoints: ["https://west:7443"], ca: west-ca.pem, cert: east-broker.pem, key: east-broker.key, backend: aws-west }
+"#;
+        let cfg = BrokerConfig::from_yaml(y, Path::new("/etc/strait")).unwrap();
+        let b = cfg.kms[1].broker.as_ref().unwrap();
+        assert_eq!(
+            b.cert.as_deref(),
+            Some(Path::new("/etc/strait/east-broker.pem"))
+        );
     }
 
     #[test]

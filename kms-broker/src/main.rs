@@ -14,8 +14,10 @@ use prometheus_client::registry::Registry;
 use strait_control_client::svid::{self, Role, RunningSvid, SvidCache, SvidOptions};
 use strait_control_client::{ControlConnectionArgs, SvidArgs};
 use strait_kms_broker::callers::Callers;
+use strait_kms_broker::client::OwnIdentity;
 use strait_kms_broker::follow::{follow_control_plane, ControlArgs, SvidConnection};
-use strait_kms_broker::kms::build_kms_set;
+use strait_kms_broker::kms::build_kms_set_with;
+use strait_kms_broker::policy::Policy;
 use strait_kms_broker::service::{serve, serve_metrics, BrokerConfig, BrokerService};
 use strait_kms_broker::tls::{provider, TrustDomainVerifier};
 
@@ -80,7 +82,14 @@ async fn main() -> anyhow::Result<()> {
         anyhow::bail!("{e}");
     }
     let callers = Callers::new(cfg.callers());
-    tracing::info!(callers = ?callers.allowed(), trust_domains = ?verifier.trust_domains(), "caller policy");
+    let mut registry = Registry::default();
+    let policy = Policy::new(
+        callers.clone(),
+        cfg.trust_domain.clone(),
+        cfg.grants(),
+        &mut registry,
+    );
+    tracing::info!(callers = ?callers.allowed(), grants = policy.grant_count(), trust_domains = ?verifier.trust_domains(), "caller policy");
     let svid_connection = match &identity {
         Some(identity) => Some(SvidConnection {
             tls: strait_control_client::live_tls::live_client_config(
@@ -115,7 +124,6 @@ async fn main() -> anyhow::Result<()> {
         ),
         _ => None,
     };
-    let mut registry = Registry::default();
     if identity.is_some() {
         registry.sub_registry_with_prefix("strait").register(
             "svid_expiry_seconds",
@@ -123,7 +131,14 @@ async fn main() -> anyhow::Result<()> {
             svid_expiry,
         );
     }
-    let kms = build_kms_set(&cfg.kms, &mut registry)
+    // A `broker:` backend with `identity: svid` presents the broker's own
+    // SVID to the broker it forwards to.
+    let own = identity.as_ref().map(|running| OwnIdentity {
+        credentials: running.credentials.clone(),
+        bundle: running.bundle.clone(),
+        trust_domain: running.state.borrow().trust_domain().to_string(),
+    });
+    let kms = build_kms_set_with(&cfg.kms, &mut registry, own.as_ref())
         .await
         .context("building backend KMSs")?;
     // Stops re-reading the certificate files when serving ends.
@@ -145,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
     tracing::info!(listen = %listener.local_addr()?, backends = ?kms, "strait-kms-broker serving (mTLS)");
-    let service = BrokerService::new(&kms, cfg.alias_cache_ttl, Arc::clone(&callers));
+    let service = BrokerService::new(&kms, cfg.alias_cache_ttl, Arc::clone(&policy));
     if let Some(addr) = &cfg.metrics_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await

@@ -1,19 +1,23 @@
-//! The broker's gRPC service: routes each call to a configured backend KMS
-//! (already wrapped in failover + retries), caching alias resolution.
+//! The broker's gRPC service: checks each call against the [`Policy`]
+//! (callers, deny lists, shredded KEKs, grants), then routes it to a
+//! configured backend KMS (already wrapped in failover + retries; possibly
+//! another broker), caching alias resolution.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use strait_kms_core::{AliasCache, KekRef, Kms, KmsError, KmsSet};
+use strait_kms_core::{dek_from_slice, AliasCache, KekRef, Kms, KmsError, KmsSet};
 use strait_proto::kms as pb;
 use strait_proto::kms::kms_broker_server::{KmsBroker, KmsBrokerServer};
 use strait_tls::CredentialReceiver;
 use tonic::transport::Server;
 
-use crate::callers::{Callers, Operation};
+use crate::callers::Operation;
+use crate::policy::Policy;
 use crate::tls::TrustDomainVerifier;
 use tonic::{Request, Response, Status};
+use zeroize::Zeroizing;
 
 pub use crate::config::{BrokerConfig, BrokerTls, FileBundle, ServeError};
 
@@ -25,7 +29,7 @@ struct Backend {
 /// The gRPC service over a set of backend KMSs.
 pub struct BrokerService {
     backends: BTreeMap<String, Backend>,
-    callers: Arc<Callers>,
+    policy: Arc<Policy>,
 }
 
 pub fn error_to_status(e: KmsError) -> Status {
@@ -48,6 +52,12 @@ fn kek_from(k: Option<pb::KekRef>) -> Result<KekRef, Status> {
     })
 }
 
+/// The key_id a request names, for the policy (checked before the request
+/// is validated, so that a caller that may not call learns nothing more).
+fn kek_name(k: &Option<pb::KekRef>) -> &str {
+    k.as_ref().map_or("", |k| k.key_id.as_str())
+}
+
 fn kek_to(k: KekRef) -> pb::KekRef {
     pb::KekRef {
         key_id: k.key_id,
@@ -56,7 +66,7 @@ fn kek_to(k: KekRef) -> pb::KekRef {
 }
 
 impl BrokerService {
-    pub fn new(kms: &KmsSet, alias_ttl: Duration, callers: Arc<Callers>) -> Self {
+    pub fn new(kms: &KmsSet, alias_ttl: Duration, policy: Arc<Policy>) -> Self {
         let backends = kms
             .names()
             .filter_map(|n| {
@@ -74,16 +84,20 @@ impl BrokerService {
                 })
             })
             .collect();
-        Self { backends, callers }
+        Self { backends, policy }
     }
 
+    /// The backend a request names: empty means the only one.
+    fn backend_name(&self, name: &str) -> String {
+        match (name.is_empty(), self.backends.keys().next()) {
+            (true, Some(only)) if self.backends.len() == 1 => only.clone(),
+            _ => name.to_string(),
+        }
+    }
+
+    /// The backend named `name` (already through [`Self::backend_name`]).
     fn backend(&self, name: &str) -> Result<&Backend, Status> {
         if name.is_empty() {
-            if self.backends.len() == 1 {
-                if let Some(b) = self.backends.values().next() {
-                    return Ok(b);
-                }
-            }
             return Err(Status::invalid_argument(
                 "kms name required: this broker serves several backends",
             ));
@@ -91,6 +105,23 @@ impl BrokerService {
         self.backends
             .get(name)
             .ok_or_else(|| Status::not_found(format!("no backend KMS named {name:?}")))
+    }
+
+    /// The policy's decision for `req` (before its backend is looked up, so
+    /// that a caller that may not call learns nothing about the backends),
+    /// then the backend's name and the backend.
+    #[allow(clippy::result_large_err)]
+    fn route<T>(
+        &self,
+        req: &Request<T>,
+        op: Operation,
+        kms: &str,
+        kek: &str,
+    ) -> Result<(String, &Backend), Status> {
+        let name = self.backend_name(kms);
+        self.policy.check(req, op, &name, kek)?;
+        let backend = self.backend(&name)?;
+        Ok((name, backend))
     }
 
     pub fn into_server(self) -> KmsBrokerServer<Self> {
@@ -104,10 +135,9 @@ impl KmsBroker for BrokerService {
         &self,
         req: Request<pb::GenerateDekRequest>,
     ) -> Result<Response<pb::GenerateDekResponse>, Status> {
-        self.callers.check(&req, Operation::GenerateDek)?;
-        let req = req.into_inner();
-        let b = self.backend(&req.kms)?;
-        let kek = kek_from(req.kek)?;
+        let r = req.get_ref();
+        let (_, b) = self.route(&req, Operation::GenerateDek, &r.kms, kek_name(&r.kek))?;
+        let kek = kek_from(r.kek.clone())?;
         let pair = b.kms.generate_dek(&kek).await.map_err(error_to_status)?;
         Ok(Response::new(pb::GenerateDekResponse {
             plaintext: pair.plaintext.to_vec(),
@@ -120,13 +150,12 @@ impl KmsBroker for BrokerService {
         &self,
         req: Request<pb::UnwrapDekRequest>,
     ) -> Result<Response<pb::UnwrapDekResponse>, Status> {
-        self.callers.check(&req, Operation::UnwrapDek)?;
-        let req = req.into_inner();
-        let b = self.backend(&req.kms)?;
-        let kek = kek_from(req.kek)?;
+        let r = req.get_ref();
+        let (_, b) = self.route(&req, Operation::UnwrapDek, &r.kms, kek_name(&r.kek))?;
+        let kek = kek_from(r.kek.clone())?;
         let dek = b
             .kms
-            .unwrap_dek(&kek, &req.wrapped)
+            .unwrap_dek(&kek, &r.wrapped)
             .await
             .map_err(error_to_status)?;
         Ok(Response::new(pb::UnwrapDekResponse {
@@ -138,20 +167,57 @@ impl KmsBroker for BrokerService {
         &self,
         req: Request<pb::ResolveAliasRequest>,
     ) -> Result<Response<pb::ResolveAliasResponse>, Status> {
-        self.callers.check(&req, Operation::ResolveAlias)?;
-        let req = req.into_inner();
-        let b = self.backend(&req.kms)?;
-        if req.alias.is_empty() {
+        let r = req.get_ref();
+        let (_, b) = self.route(&req, Operation::ResolveAlias, &r.kms, &r.alias)?;
+        if r.alias.is_empty() {
             return Err(Status::invalid_argument("alias is required"));
         }
         let kek = b
             .aliases
-            .resolve(b.kms.as_ref(), &req.alias)
+            .resolve(b.kms.as_ref(), &r.alias)
             .await
             .map_err(error_to_status)?;
         Ok(Response::new(pb::ResolveAliasResponse {
             kek: Some(kek_to(kek)),
         }))
+    }
+
+    async fn wrap_dek(
+        &self,
+        req: Request<pb::WrapDekRequest>,
+    ) -> Result<Response<pb::WrapDekResponse>, Status> {
+        let (_, b) = {
+            let r = req.get_ref();
+            self.route(&req, Operation::WrapDek, &r.kms, kek_name(&r.kek))?
+        };
+        let r = req.into_inner();
+        let kek = kek_from(r.kek)?;
+        let plaintext = Zeroizing::new(r.plaintext);
+        let dek = dek_from_slice(&plaintext).map_err(error_to_status)?;
+        let w = b.kms.wrap_dek(&kek, &dek).await.map_err(error_to_status)?;
+        Ok(Response::new(pb::WrapDekResponse {
+            wrapped: w.wrapped,
+            kek: Some(kek_to(w.kek)),
+        }))
+    }
+
+    async fn shred_kek(
+        &self,
+        req: Request<pb::ShredKekRequest>,
+    ) -> Result<Response<pb::ShredKekResponse>, Status> {
+        let r = req.get_ref();
+        let (name, b) = self.route(&req, Operation::ShredKek, &r.kms, kek_name(&r.kek))?;
+        let kek = kek_from(r.kek.clone())?;
+        let result = b.kms.shred_kek(&kek).await;
+        // A cached resolution must not outlive the key.
+        b.aliases.invalidate(&kek.key_id);
+        let outcome = match &result {
+            Ok(()) => "shredded".to_string(),
+            Err(e) => e.to_string(),
+        };
+        tracing::warn!(target: "strait::audit", operation = "shred", kms = %name, kek = %kek, %outcome, "KEK shred requested over the API");
+        result.map_err(error_to_status)?;
+        Ok(Response::new(pb::ShredKekResponse {}))
     }
 }
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use zeroize::Zeroizing;
 
-use crate::{DekPair, KekRef, Kms, KmsError, Result, DEK_LEN};
+use crate::{DekPair, KekRef, Kms, KmsError, Result, WrappedDek, DEK_LEN};
 
 pub struct FailoverKms {
     endpoints: Vec<(String, Arc<dyn Kms>)>,
@@ -72,5 +72,13 @@ impl Kms for FailoverKms {
     }
     async fn resolve_alias(&self, alias: &str) -> Result<KekRef> {
         self.run(|k| k.resolve_alias(alias)).await
+    }
+    async fn wrap_dek(&self, kek: &KekRef, plaintext: &[u8; DEK_LEN]) -> Result<WrappedDek> {
+        self.run(|k| k.wrap_dek(kek, plaintext)).await
+    }
+    // Endpoints of one KMS share its keys, so a shred that one endpoint
+    // could not be reached for is done through the next one.
+    async fn shred_kek(&self, kek: &KekRef) -> Result<()> {
+        self.run(|k| k.shred_kek(kek)).await
     }
 }

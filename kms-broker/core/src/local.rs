@@ -24,7 +24,7 @@ use rand::RngCore;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::{dek_from_slice, DekPair, KekRef, Kms, KmsError, Result, DEK_LEN};
+use crate::{dek_from_slice, DekPair, KekRef, Kms, KmsError, Result, WrappedDek, DEK_LEN};
 
 #[derive(Serialize, Deserialize, Default)]
 #[serde(deny_unknown_fields)]
@@ -132,8 +132,47 @@ impl LocalKeyring {
         };
         let text = serde_json::to_string_pretty(&file)
             .map_err(|e| KmsError::Invalid(format!("serialising keyring: {e}")))?;
-        std::fs::write(path, text)
-            .map_err(|e| KmsError::Invalid(format!("writing keyring {}: {e}", path.display())))
+        // Written beside and renamed over the file: a crash mid-write (say,
+        // during a shred) leaves the old or the new keyring, never a torn
+        // one that loses every other key. The old file's mode is kept.
+        let failed = |e: std::io::Error| {
+            KmsError::Invalid(format!("writing keyring {}: {e}", path.display()))
+        };
+        let mut tmp = path.as_os_str().to_owned();
+        tmp.push(".tmp");
+        let tmp = PathBuf::from(tmp);
+        std::fs::write(&tmp, text).map_err(failed)?;
+        if let Ok(meta) = std::fs::metadata(path) {
+            std::fs::set_permissions(&tmp, meta.permissions()).map_err(failed)?;
+        }
+        std::fs::rename(&tmp, path).map_err(failed)
+    }
+
+    /// `u32 BE version | nonce | AES-256-GCM(dek)` under `name` (its
+    /// `version`, else the current one), the key name as AAD.
+    fn seal(
+        &self,
+        name: &str,
+        version: Option<u32>,
+        dek: &[u8; DEK_LEN],
+    ) -> Result<(Vec<u8>, u32)> {
+        let (version, cipher) = self.key(name, version)?;
+        let mut nonce = [0u8; 12];
+        rand::rng().fill_bytes(&mut nonce);
+        let ct = cipher
+            .encrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &dek[..],
+                    aad: name.as_bytes(),
+                },
+            )
+            .map_err(|_| KmsError::Invalid("local wrap failed".into()))?;
+        let mut wrapped = Vec::with_capacity(4 + 12 + ct.len());
+        wrapped.extend_from_slice(&version.to_be_bytes());
+        wrapped.extend_from_slice(&nonce);
+        wrapped.extend_from_slice(&ct);
+        Ok((wrapped, version))
     }
 
     fn key(&self, name: &str, version: Option<u32>) -> Result<(u32, Aes256Gcm)> {
@@ -155,24 +194,9 @@ impl LocalKeyring {
 #[async_trait]
 impl Kms for LocalKeyring {
     async fn generate_dek(&self, kek: &KekRef) -> Result<DekPair> {
-        let (version, cipher) = self.key(&kek.key_id, None)?;
         let mut dek = Zeroizing::new([0u8; DEK_LEN]);
         rand::rng().fill_bytes(&mut dek[..]);
-        let mut nonce = [0u8; 12];
-        rand::rng().fill_bytes(&mut nonce);
-        let ct = cipher
-            .encrypt(
-                Nonce::from_slice(&nonce),
-                Payload {
-                    msg: &dek[..],
-                    aad: kek.key_id.as_bytes(),
-                },
-            )
-            .map_err(|_| KmsError::Invalid("local wrap failed".into()))?;
-        let mut wrapped = Vec::with_capacity(4 + 12 + ct.len());
-        wrapped.extend_from_slice(&version.to_be_bytes());
-        wrapped.extend_from_slice(&nonce);
-        wrapped.extend_from_slice(&ct);
+        let (wrapped, version) = self.seal(&kek.key_id, None, &dek)?;
         Ok(DekPair {
             plaintext: dek,
             wrapped,
@@ -203,6 +227,36 @@ impl Kms for LocalKeyring {
     async fn resolve_alias(&self, alias: &str) -> Result<KekRef> {
         self.key(alias, None)?;
         Ok(KekRef::new(alias))
+    }
+
+    async fn wrap_dek(&self, kek: &KekRef, plaintext: &[u8; DEK_LEN]) -> Result<WrappedDek> {
+        let version = kek
+            .version
+            .as_deref()
+            .map(|v| {
+                v.parse::<u32>()
+                    .map_err(|_| KmsError::Invalid(format!("local key version {v:?}")))
+            })
+            .transpose()?;
+        let (wrapped, version) = self.seal(&kek.key_id, version, plaintext)?;
+        Ok(WrappedDek {
+            wrapped,
+            kek: KekRef::with_version(kek.key_id.clone(), version.to_string()),
+        })
+    }
+
+    /// Removes every version of the key and rewrites the file, so neither
+    /// this process nor a later one can unwrap under it again.
+    async fn shred_kek(&self, kek: &KekRef) -> Result<()> {
+        let removed = self
+            .keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&kek.key_id);
+        if removed.is_none() {
+            return Err(KmsError::NotFound(kek.key_id.clone()));
+        }
+        self.persist()
     }
 }
 
@@ -239,6 +293,61 @@ mod tests {
         assert!(matches!(
             ring.unwrap_dek(&d1.kek, &bad).await,
             Err(KmsError::Invalid(_))
+        ));
+    }
+
+    #[tokio::test]
+    async fn wrap_under_another_kek_then_shred_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keys.json");
+        let ring = LocalKeyring::create_file(&path, &["a", "b"]).unwrap();
+        ring.rotate_key("b").unwrap();
+        let d = ring.generate_dek(&KekRef::new("a")).await.unwrap();
+        let w = ring
+            .wrap_dek(&KekRef::new("b"), &d.plaintext)
+            .await
+            .unwrap();
+        assert_eq!(w.kek, KekRef::with_version("b", "2"));
+        let old = ring
+            .wrap_dek(&KekRef::with_version("b", "1"), &d.plaintext)
+            .await
+            .unwrap();
+        assert_eq!(old.kek, KekRef::with_version("b", "1"));
+        for (kek, wrapped) in [
+            (&d.kek, &d.wrapped),
+            (&w.kek, &w.wrapped),
+            (&old.kek, &old.wrapped),
+        ] {
+            assert_eq!(*ring.unwrap_dek(kek, wrapped).await.unwrap(), *d.plaintext);
+        }
+        // The AAD binds a wrap to its key name: b's wrap is not a's.
+        assert!(ring
+            .unwrap_dek(&KekRef::new("a"), &w.wrapped)
+            .await
+            .is_err());
+        assert!(matches!(
+            ring.wrap_dek(&KekRef::new("nope"), &d.plaintext).await,
+            Err(KmsError::NotFound(_))
+        ));
+
+        ring.shred_kek(&KekRef::new("b")).await.unwrap();
+        assert!(matches!(
+            ring.unwrap_dek(&w.kek, &w.wrapped).await,
+            Err(KmsError::NotFound(_))
+        ));
+        // Gone from the file too; a's DEKs are untouched.
+        let reopened = LocalKeyring::open(&path).unwrap();
+        assert!(matches!(
+            reopened.unwrap_dek(&w.kek, &w.wrapped).await,
+            Err(KmsError::NotFound(_))
+        ));
+        assert_eq!(
+            *reopened.unwrap_dek(&d.kek, &d.wrapped).await.unwrap(),
+            *d.plaintext
+        );
+        assert!(matches!(
+            ring.shred_kek(&KekRef::new("b")).await,
+            Err(KmsError::NotFound(_))
         ));
     }
 }

@@ -14,7 +14,7 @@ use rand::Rng;
 use serde::{Deserialize, Serialize};
 use zeroize::Zeroizing;
 
-use crate::{DekPair, KekRef, Kms, KmsError, Result, DEK_LEN};
+use crate::{DekPair, KekRef, Kms, KmsError, Result, WrappedDek, DEK_LEN};
 
 /// How [`RetryingKms`] retries. Defaults follow Kroxylicious: 3 attempts,
 /// backoff from 0.5 s to 5 s; each attempt bounded by `timeout`.
@@ -236,6 +236,18 @@ impl Kms for RetryingKms {
 
     async fn resolve_alias(&self, alias: &str) -> Result<KekRef> {
         self.run("resolve_alias", |k| k.resolve_alias(alias)).await
+    }
+
+    async fn wrap_dek(&self, kek: &KekRef, plaintext: &[u8; DEK_LEN]) -> Result<WrappedDek> {
+        self.run("wrap_dek", |k| k.wrap_dek(kek, plaintext)).await
+    }
+
+    // Retried like the others: repeating a shred never brings a key back.
+    // An attempt that timed out after the KMS acted makes the retry find
+    // the key gone (Vault, local: NotFound) or already pending deletion
+    // (AWS: success).
+    async fn shred_kek(&self, kek: &KekRef) -> Result<()> {
+        self.run("shred_kek", |k| k.shred_kek(kek)).await
     }
 }
 

@@ -1,4 +1,5 @@
-//! AWS KMS provider: GenerateDataKey (AES_256), Decrypt, DescribeKey.
+//! AWS KMS provider: GenerateDataKey (AES_256), Decrypt, Encrypt (wrap an
+//! existing DEK), DescribeKey, and DisableKey + ScheduleKeyDeletion (shred).
 //! Credentials come from the usual AWS environment/provider chain. One
 //! instance per endpoint; several are combined with
 //! [`strait_kms_core::FailoverKms`]. The SDK's own retries are disabled:
@@ -12,8 +13,10 @@ use aws_config::timeout::TimeoutConfig;
 use aws_config::{BehaviorVersion, Region};
 use aws_sdk_kms::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_kms::primitives::Blob;
-use aws_sdk_kms::types::DataKeySpec;
-use strait_kms_core::{dek_from_slice, DekPair, KekRef, Kms, KmsError, Result, DEK_LEN};
+use aws_sdk_kms::types::{DataKeySpec, KeyState};
+use strait_kms_core::{
+    dek_from_slice, DekPair, KekRef, Kms, KmsError, Result, WrappedDek, DEK_LEN,
+};
 use zeroize::Zeroizing;
 
 pub struct AwsKms {
@@ -44,8 +47,13 @@ impl AwsKms {
     }
 }
 
+/// The shortest time AWS lets a key wait before it is deleted; a shred
+/// asks for it (the key is disabled at once, so nothing decrypts meanwhile).
+pub const MIN_PENDING_WINDOW_DAYS: i32 = 7;
+
 /// Key ids, ARNs and `alias/...` pass as they are; a bare name is taken as
 /// an alias, so a rule can say `kek: "kek-$(topic)"` for both Vault and AWS.
+/// Every operation applies it, so a `KekRef` a wrap returned unwraps as is.
 pub fn aws_key_id(name: &str) -> String {
     let is_uuid = name.len() == 36 && name.chars().filter(|c| *c == '-').count() == 4;
     if name.starts_with("arn:") || name.starts_with("alias/") || is_uuid || name.starts_with("mrk-")
@@ -112,7 +120,7 @@ impl Kms for AwsKms {
         let out = self
             .client
             .generate_data_key()
-            .key_id(&kek.key_id)
+            .key_id(aws_key_id(&kek.key_id))
             .key_spec(DataKeySpec::Aes256)
             .send()
             .await
@@ -137,7 +145,7 @@ impl Kms for AwsKms {
         let out = self
             .client
             .decrypt()
-            .key_id(&kek.key_id)
+            .key_id(aws_key_id(&kek.key_id))
             .ciphertext_blob(Blob::new(wrapped.to_vec()))
             .send()
             .await
@@ -164,6 +172,77 @@ impl Kms for AwsKms {
             return Err(KmsError::Denied(format!("key {id} is disabled")));
         }
         Ok(KekRef::new(meta.key_id()))
+    }
+
+    async fn wrap_dek(&self, kek: &KekRef, plaintext: &[u8; DEK_LEN]) -> Result<WrappedDek> {
+        let id = aws_key_id(&kek.key_id);
+        let out = self
+            .client
+            .encrypt()
+            .key_id(&id)
+            .plaintext(Blob::new(plaintext.to_vec()))
+            .send()
+            .await
+            .map_err(|e| map_err(&self.endpoint, &id, e))?;
+        let wrapped = out
+            .ciphertext_blob()
+            .ok_or_else(|| KmsError::Invalid("AWS returned no ciphertext blob".into()))?;
+        // As generate: the key version is inside the blob.
+        Ok(WrappedDek {
+            wrapped: wrapped.as_ref().to_vec(),
+            kek: KekRef::new(kek.key_id.clone()),
+        })
+    }
+
+    async fn shred_kek(&self, kek: &KekRef) -> Result<()> {
+        // Disable/ScheduleKeyDeletion want the key itself, not an alias.
+        let id = aws_key_id(&kek.key_id);
+        let key_id = match self.key_state(&id).await? {
+            // A repeat (a retried attempt that had acted): already shredded.
+            (_, Some(KeyState::PendingDeletion)) => return Ok(()),
+            (key_id, _) => key_id,
+        };
+        // Disabled first: from this call on nothing encrypts or decrypts
+        // under the key, though its deletion waits out the pending window.
+        self.client
+            .disable_key()
+            .key_id(&key_id)
+            .send()
+            .await
+            .map_err(|e| map_err(&self.endpoint, &id, e))?;
+        let scheduled = self
+            .client
+            .schedule_key_deletion()
+            .key_id(&key_id)
+            .pending_window_in_days(MIN_PENDING_WINDOW_DAYS)
+            .send()
+            .await
+            .map_err(|e| map_err(&self.endpoint, &id, e));
+        match scheduled {
+            Ok(_) => Ok(()),
+            // Scheduled meanwhile by someone else: the key is shredded.
+            Err(e) => match self.key_state(&key_id).await {
+                Ok((_, Some(KeyState::PendingDeletion))) => Ok(()),
+                _ => Err(e),
+            },
+        }
+    }
+}
+
+impl AwsKms {
+    /// The key id behind `id` (an alias, ARN or key id) and its state.
+    async fn key_state(&self, id: &str) -> Result<(String, Option<KeyState>)> {
+        let out = self
+            .client
+            .describe_key()
+            .key_id(id)
+            .send()
+            .await
+            .map_err(|e| map_err(&self.endpoint, id, e))?;
+        let meta = out
+            .key_metadata()
+            .ok_or_else(|| KmsError::Invalid("DescribeKey returned no metadata".into()))?;
+        Ok((meta.key_id().to_string(), meta.key_state().cloned()))
     }
 }
 

@@ -1,14 +1,20 @@
 //! Vault / OpenBao Transit provider: `transit/datakey/plaintext/<key>` to
-//! generate, `transit/decrypt/<key>` to unwrap, `transit/keys/<key>` to
-//! resolve. One instance talks to one address; several addresses are
-//! combined with [`strait_kms_core::FailoverKms`].
+//! generate, `transit/decrypt/<key>` to unwrap, `transit/encrypt/<key>` to
+//! wrap an existing DEK, `transit/keys/<key>` to resolve, and
+//! `transit/keys/<key>/config` + `DELETE transit/keys/<key>` to shred. One
+//! instance talks to one address; several addresses are combined with
+//! [`strait_kms_core::FailoverKms`].
 
 use std::time::Duration;
 
 use async_trait::async_trait;
 use base64::Engine;
-use strait_kms_core::{dek_from_slice, DekPair, KekRef, Kms, KmsError, Result, DEK_LEN};
-use vaultrs::api::transit::requests::DataKeyType;
+use strait_kms_core::{
+    dek_from_slice, DekPair, KekRef, Kms, KmsError, Result, WrappedDek, DEK_LEN,
+};
+use vaultrs::api::transit::requests::{
+    DataKeyType, EncryptDataRequest, UpdateKeyConfigurationRequest,
+};
 use vaultrs::client::{VaultClient, VaultClientSettingsBuilder};
 use vaultrs::error::ClientError;
 use zeroize::Zeroizing;
@@ -59,7 +65,10 @@ fn map_err(address: &str, key: &str, e: ClientError) -> KmsError {
             let msg = format!("vault {address} ({code}): {}", errors.join("; "));
             let not_found = errors.iter().any(|m| {
                 let m = m.to_ascii_lowercase();
-                m.contains("key not found") || m.contains("no existing key")
+                // The last: a DELETE of a key that is already gone.
+                m.contains("key not found")
+                    || m.contains("no existing key")
+                    || m.contains("could not delete key; not found")
             });
             match code {
                 404 => KmsError::NotFound(format!("{key}: {msg}")),
@@ -141,6 +150,65 @@ impl Kms for VaultTransit {
             )));
         }
         Ok(KekRef::new(key.name))
+    }
+
+    async fn wrap_dek(&self, kek: &KekRef, plaintext: &[u8; DEK_LEN]) -> Result<WrappedDek> {
+        // transit/encrypt creates a key it does not find (upsert) when the
+        // token may create it: look first, so a wrap under a mistyped or
+        // shredded key is NotFound instead of a fresh key nobody else
+        // holds. (The token should also lack `create` on transit/encrypt/*,
+        // which closes the gap between the two calls; see the README.)
+        self.resolve_alias(&kek.key_id).await?;
+        let key_version = kek
+            .version
+            .as_deref()
+            .map(|v| {
+                v.parse::<u64>()
+                    .map_err(|_| KmsError::Invalid(format!("vault key version {v:?}")))
+            })
+            .transpose()?;
+        let plain_b64 = Zeroizing::new(B64.encode(plaintext));
+        let mut opts = EncryptDataRequest::builder();
+        if let Some(v) = key_version {
+            opts.key_version(v);
+        }
+        let resp = vaultrs::transit::data::encrypt(
+            &self.client,
+            &self.mount,
+            &kek.key_id,
+            &plain_b64,
+            Some(&mut opts),
+        )
+        .await
+        .map_err(|e| map_err(&self.address, &kek.key_id, e))?;
+        if !resp.ciphertext.starts_with("vault:v") {
+            return Err(KmsError::Invalid(
+                "vault returned no transit ciphertext".into(),
+            ));
+        }
+        let version = ciphertext_version(&resp.ciphertext);
+        Ok(WrappedDek {
+            wrapped: resp.ciphertext.into_bytes(),
+            kek: KekRef {
+                key_id: kek.key_id.clone(),
+                version,
+            },
+        })
+    }
+
+    async fn shred_kek(&self, kek: &KekRef) -> Result<()> {
+        // Transit refuses to delete a key until its config allows it; both
+        // steps are needed, and a key that is not there fails the first
+        // (NotFound) rather than "succeeding" silently.
+        let mut allow = UpdateKeyConfigurationRequest::builder();
+        allow.deletion_allowed(true);
+        vaultrs::transit::key::update(&self.client, &self.mount, &kek.key_id, Some(&mut allow))
+            .await
+            .map_err(|e| map_err(&self.address, &kek.key_id, e))?;
+        vaultrs::transit::key::delete(&self.client, &self.mount, &kek.key_id)
+            .await
+            .map_err(|e| map_err(&self.address, &kek.key_id, e))?;
+        Ok(())
     }
 }
 

@@ -1,7 +1,8 @@
 //! Who may call the broker: the caller's SPIFFE ID (its certificate already
 //! chained to the bundle of the trust domain it names, see [`crate::tls`])
 //! must match one of the configured globs and be on no deny list. Deny by
-//! default; every refusal is audited.
+//! default. The first step of [`crate::policy::Policy`], which audits and
+//! counts every refusal.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

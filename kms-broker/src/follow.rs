@@ -1,9 +1,11 @@
 //! Following the control plane: the broker takes the TrustBundles (roots
 //! of its callers, per trust domain) and DenyLists from it, with the same
 //! connection flags as `strait-edge` (mTLS with files or with its own SVID
-//! from `--join-token`, or `--insecure-plaintext` on loopback only). The
-//! last snapshot is cached on disk, so the broker keeps its trust and its
-//! deny lists while the control plane is down.
+//! from `--join-token`, or `--insecure-plaintext` on loopback only), and on
+//! a second watch the federation kinds `KmsGrant` and `KekShred`
+//! ([`crate::shred`]). Both snapshots are cached on disk, so the broker
+//! keeps its trust, deny lists, grants and shreds while the control plane
+//! is down.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -15,9 +17,12 @@ use strait_control_client::broker::{
 use strait_control_client::state::spec::KmsBrokerStatus;
 use strait_control_client::svid::SvidState;
 use strait_control_client::{ClientConfig, ClientError, ControlClient, SnapshotSource, TlsConfig};
+use strait_proto::control as cpb;
 use tokio::sync::watch;
+use tonic::Code;
 
 use crate::callers::{deny_lists, Callers};
+use crate::shred::{FederationSnapshot, ShredStatus, Shredder, KEK_SHRED, KMS_GRANT};
 use crate::tls::{certificates, spiffe_id_of_der, Bundles, TrustDomainVerifier};
 
 pub struct ControlArgs {
@@ -146,13 +151,15 @@ fn apply(snap: &BrokerSnapshot, file: &Bundles, verifier: &TrustDomainVerifier, 
     );
 }
 
-/// Starts following; the cached snapshot (if any) is applied before this
-/// returns. The returned task runs as long as the process.
+/// Starts following; the cached snapshots (if any) are applied before this
+/// returns (the shreds a cached snapshot asks for run in the background).
+/// The returned task runs as long as the process.
 pub fn follow_control_plane(
     args: ControlArgs,
     file_bundles: Bundles,
     verifier: Arc<TrustDomainVerifier>,
     callers: Arc<Callers>,
+    shredder: Arc<Shredder>,
 ) -> Result<tokio::task::JoinHandle<()>, String> {
     // Check the flags and files once up front, with a clear error.
     if args.svid.is_none() {
@@ -172,7 +179,7 @@ pub fn follow_control_plane(
         Arc::new(move || connect(&args))
     };
     let watch = watch_broker_config(BrokerWatchConfig {
-        client: source,
+        client: source.clone(),
         broker_name: name,
         cache_dir,
         backoff_min: Duration::from_millis(100),
@@ -180,11 +187,24 @@ pub fn follow_control_plane(
     })
     .map_err(|e| format!("cannot follow the control plane: {e}"))?;
     let mut rx = watch.config;
+    let federation_cache = federation_cache_path(&args.cache_dir, &args.name);
+    let cached = read_federation_cache(&federation_cache);
+    if let Some(snap) = &cached {
+        // Grants and refusals in force before serving, as the bundles are.
+        shredder.grant_and_refuse(snap);
+    }
+    tokio::spawn(follow_federation(
+        source.clone(),
+        federation_cache,
+        cached,
+        shredder.clone(),
+    ));
     tokio::spawn(heartbeat(
         args.clone(),
         rx.clone(),
         verifier.clone(),
         callers.clone(),
+        shredder,
     ));
     if let Some(snap) = rx.borrow_and_update().clone() {
         apply(&snap, &file_bundles, &verifier, &callers);
@@ -208,6 +228,7 @@ async fn heartbeat(
     snapshots: tokio::sync::watch::Receiver<Option<Arc<BrokerSnapshot>>>,
     verifier: Arc<TrustDomainVerifier>,
     callers: Arc<Callers>,
+    shredder: Arc<Shredder>,
 ) {
     let mut tick = tokio::time::interval(args.heartbeat_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -223,7 +244,7 @@ async fn heartbeat(
             ),
             None => (0, "none"),
         };
-        let status = KmsBrokerStatus {
+        let base = KmsBrokerStatus {
             last_heartbeat_unix_ms: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_millis() as u64)
@@ -235,6 +256,10 @@ async fn heartbeat(
             version: env!("CARGO_PKG_VERSION").into(),
             // The remaining lifetime of the broker's certificate, when it is at risk.
             message: args.svid.as_ref().and_then(|s| s.state.borrow().message()),
+        };
+        let status = BrokerStatus {
+            base,
+            shredded: shredder.status(),
         };
         let json = serde_json::to_string(&status).expect("status serializes");
         // A fresh client each beat: a rotated client certificate is used at once.
@@ -249,5 +274,173 @@ async fn heartbeat(
         if let Err(e) = result {
             tracing::warn!(error = %e, "heartbeat failed");
         }
+    }
+}
+
+/// The KmsBroker status: the control plane's [`KmsBrokerStatus`] plus the
+/// KEKs this broker shredded (left out while there are none, so a status
+/// reader that predates shreds still reads it).
+#[derive(serde::Serialize)]
+struct BrokerStatus {
+    #[serde(flatten)]
+    base: KmsBrokerStatus,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    shredded: Vec<ShredStatus>,
+}
+
+pub fn federation_cache_path(cache_dir: &std::path::Path, broker: &str) -> PathBuf {
+    cache_dir.join(format!("kms-broker-{broker}-federation.json"))
+}
+
+/// Where the shreds this broker did are remembered (see [`Shredder`]).
+pub fn shred_ledger_path(cache_dir: &std::path::Path, broker: &str) -> PathBuf {
+    cache_dir.join(format!("kms-broker-{broker}-shredded.json"))
+}
+
+fn read_federation_cache(path: &std::path::Path) -> Option<FederationSnapshot> {
+    let bytes = std::fs::read(path).ok()?;
+    match serde_json::from_slice(&bytes) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e, "ignoring unreadable federation cache");
+            None
+        }
+    }
+}
+
+/// How often a shred that failed transiently is tried again.
+const SHRED_RETRY: Duration = Duration::from_secs(30);
+
+/// Watches `KmsGrant` and `KekShred` by name (list, then changes), applies
+/// each new snapshot and caches it. Until the control plane serves these
+/// kinds (an older one answers "unknown kind") the last known snapshot
+/// stays in force: grants only add, and a shred is never undone.
+async fn follow_federation(
+    source: ClientSource,
+    cache: PathBuf,
+    mut last: Option<FederationSnapshot>,
+    shredder: Arc<Shredder>,
+) {
+    if let Some(snap) = &last {
+        shredder.apply(snap).await;
+    }
+    let mut backoff = Duration::from_millis(100);
+    let mut warned: Option<String> = None;
+    loop {
+        let outcome = match source() {
+            Ok(client) => watch_federation(&client, &cache, &mut last, &shredder).await,
+            Err(e) => Err(e.to_string()),
+        };
+        let Err(why) = outcome;
+        // Once per distinct reason at WARN: an older control plane answers
+        // the same thing at every attempt.
+        if warned.as_deref() != Some(why.as_str()) {
+            tracing::warn!(error = %why, kinds = ?[KMS_GRANT, KEK_SHRED], "control-plane federation watch lost; the last known grants and shreds stay in force");
+            warned = Some(why);
+        }
+        let wait = tokio::time::sleep(backoff);
+        tokio::pin!(wait);
+        // Meanwhile, shreds that failed transiently are tried again.
+        loop {
+            tokio::select! {
+                _ = &mut wait => break,
+                _ = tokio::time::sleep(SHRED_RETRY), if shredder.has_pending() => {
+                    if let Some(snap) = &last {
+                        shredder.apply(snap).await;
+                    }
+                }
+            }
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// One list-then-watch; returns why it ended.
+async fn watch_federation(
+    client: &ControlClient,
+    cache: &std::path::Path,
+    last: &mut Option<FederationSnapshot>,
+    shredder: &Shredder,
+) -> Result<std::convert::Infallible, String> {
+    let (endpoint, mut pb) = client.current();
+    let req = cpb::WatchRequest {
+        kinds: vec![KMS_GRANT.into(), KEK_SHRED.into()],
+        label_selector: String::new(),
+        start_revision: 0,
+    };
+    let mut stream = match pb.watch(req).await {
+        Ok(r) => r.into_inner(),
+        Err(s) if matches!(s.code(), Code::InvalidArgument | Code::PermissionDenied) => {
+            return Err(format!(
+                "{endpoint}: {} (a control plane without the federation kinds, or no read access to them)",
+                s.message()
+            ))
+        }
+        Err(s) => return Err(format!("{endpoint}: {s}")),
+    };
+    let mut fresh = FederationSnapshot::default();
+    let mut synced = false;
+    loop {
+        let ev = tokio::select! {
+            ev = stream.message() => ev,
+            _ = tokio::time::sleep(SHRED_RETRY), if shredder.has_pending() => {
+                if let Some(snap) = last.as_ref() {
+                    shredder.apply(snap).await;
+                }
+                continue;
+            }
+        };
+        let ev = match ev {
+            Ok(Some(ev)) => ev,
+            Ok(None) => return Err(format!("{endpoint}: watch stream ended")),
+            Err(s) => return Err(format!("{endpoint}: {s}")),
+        };
+        match cpb::EventType::try_from(ev.r#type) {
+            Ok(cpb::EventType::Synced) => {
+                synced = true;
+                fresh.revision = ev.revision;
+            }
+            Ok(t @ (cpb::EventType::Put | cpb::EventType::Delete)) => {
+                let Some(r) = ev.resource else { continue };
+                let map = match r.kind.as_str() {
+                    KMS_GRANT => &mut fresh.grants,
+                    KEK_SHRED => &mut fresh.shreds,
+                    _ => continue,
+                };
+                if t == cpb::EventType::Delete {
+                    map.remove(&r.name);
+                } else {
+                    match serde_json::from_str(&r.spec_json) {
+                        Ok(spec) => {
+                            map.insert(r.name, spec);
+                        }
+                        // Left out: a grant that does not parse grants nothing.
+                        Err(e) => {
+                            tracing::warn!(kind = %r.kind, name = %r.name, error = %e, "bad spec JSON from the control plane")
+                        }
+                    }
+                }
+                if synced {
+                    fresh.revision = ev.revision;
+                }
+            }
+            _ => continue,
+        }
+        if !synced {
+            continue;
+        }
+        let unchanged = last
+            .as_ref()
+            .is_some_and(|l| l.grants == fresh.grants && l.shreds == fresh.shreds);
+        if unchanged {
+            continue;
+        }
+        let bytes = serde_json::to_vec_pretty(&fresh).expect("snapshot serializes");
+        let dir = cache.parent().unwrap_or_else(|| std::path::Path::new("."));
+        if let Err(e) = strait_control_client::write_atomic(dir, cache, &bytes) {
+            tracing::warn!(error = %e, "could not write the federation cache");
+        }
+        shredder.apply(&fresh).await;
+        *last = Some(fresh.clone());
     }
 }

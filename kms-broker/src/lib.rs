@@ -12,6 +12,7 @@ pub mod grants;
 pub mod kms;
 pub mod policy;
 pub mod service;
+pub mod shred;
 pub mod svid_tls;
 pub mod tls;
 

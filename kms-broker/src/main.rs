@@ -15,10 +15,13 @@ use strait_control_client::svid::{self, Role, RunningSvid, SvidCache, SvidOption
 use strait_control_client::{ControlConnectionArgs, SvidArgs};
 use strait_kms_broker::callers::Callers;
 use strait_kms_broker::client::OwnIdentity;
-use strait_kms_broker::follow::{follow_control_plane, ControlArgs, SvidConnection};
+use strait_kms_broker::follow::{
+    follow_control_plane, shred_ledger_path, ControlArgs, SvidConnection,
+};
 use strait_kms_broker::kms::build_kms_set_with;
 use strait_kms_broker::policy::Policy;
 use strait_kms_broker::service::{serve, serve_metrics, BrokerConfig, BrokerService};
+use strait_kms_broker::shred::Shredder;
 use strait_kms_broker::tls::{provider, TrustDomainVerifier};
 
 #[derive(Parser)]
@@ -101,6 +104,40 @@ async fn main() -> anyhow::Result<()> {
         }),
         None => None,
     };
+    if identity.is_some() {
+        registry.sub_registry_with_prefix("strait").register(
+            "svid_expiry_seconds",
+            "Seconds until the broker's own certificate (SVID) expires; negative once expired",
+            svid_expiry,
+        );
+    }
+    // A `broker:` backend with `identity: svid` presents the broker's own
+    // SVID to the broker it forwards to.
+    let own = identity.as_ref().map(|running| OwnIdentity {
+        credentials: running.credentials.clone(),
+        bundle: running.bundle.clone(),
+        trust_domain: running.state.borrow().trust_domain().to_string(),
+    });
+    let kms = build_kms_set_with(&cfg.kms, &mut registry, own.as_ref())
+        .await
+        .context("building backend KMSs")?;
+    // The shreds done before are refused from the start, control plane or
+    // not (the ledger lives in --cache-dir, named after --name).
+    let shredder = Arc::new(
+        Shredder::new(
+            kms.clone(),
+            cfg.kms
+                .iter()
+                .filter(|k| k.broker.is_none())
+                .map(|k| k.name.clone()),
+            policy.clone(),
+            args.control
+                .name
+                .as_deref()
+                .map(|name| shred_ledger_path(&args.cache_dir, name)),
+        )
+        .map_err(anyhow::Error::msg)?,
+    );
     let _follow = match &args.control.name {
         Some(name) if !args.control.control.is_empty() => Some(
             follow_control_plane(
@@ -119,28 +156,12 @@ async fn main() -> anyhow::Result<()> {
                 file_bundles,
                 verifier.clone(),
                 callers.clone(),
+                shredder.clone(),
             )
             .map_err(anyhow::Error::msg)?,
         ),
         _ => None,
     };
-    if identity.is_some() {
-        registry.sub_registry_with_prefix("strait").register(
-            "svid_expiry_seconds",
-            "Seconds until the broker's own certificate (SVID) expires; negative once expired",
-            svid_expiry,
-        );
-    }
-    // A `broker:` backend with `identity: svid` presents the broker's own
-    // SVID to the broker it forwards to.
-    let own = identity.as_ref().map(|running| OwnIdentity {
-        credentials: running.credentials.clone(),
-        bundle: running.bundle.clone(),
-        trust_domain: running.state.borrow().trust_domain().to_string(),
-    });
-    let kms = build_kms_set_with(&cfg.kms, &mut registry, own.as_ref())
-        .await
-        .context("building backend KMSs")?;
     // Stops re-reading the certificate files when serving ends.
     let stop = tokio_util::sync::CancellationToken::new();
     let _stop = stop.clone().drop_guard();

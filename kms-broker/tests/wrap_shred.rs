@@ -165,5 +165,6 @@ async fn aws_wraps_a_dek_under_another_kek_and_shreds_a_kek() {
     // and under one pending deletion with KMSInvalidStateException, both
     // Denied (see map_err); moto 5.2.5 does not model key state on
     // Decrypt/Encrypt, so that half is not observable here. The broker
-    // refuses a shredded KEK itself (tests/grants.rs).
+    // refuses a KEK shredded through the control plane itself
+    // (tests/kek_shred.rs).
 }

@@ -31,9 +31,11 @@ pub(crate) struct ActiveDek {
     value_aad: Aad,
     /// Random 96-bit start of the nonce counter; nonce i = start + i mod 2^96.
     nonce_start: u128,
-    /// Shared with the federator, which reports values encrypted under DEKs
-    /// still owed a wrap.
-    used: Arc<AtomicU64>,
+    /// Nonce indices handed out.
+    used: AtomicU64,
+    /// Record values encrypted (nonces are reserved ahead, so `used` runs
+    /// ahead of it); shared with the federator for its pending-records gauge.
+    values: Arc<AtomicU64>,
     max: u64,
     created: Instant,
 }
@@ -98,6 +100,13 @@ impl Lease {
     /// The format version of the values this lease encrypts.
     pub fn version(&self) -> u8 {
         self.dek.version()
+    }
+
+    /// Record that `n` record values were encrypted under this lease's DEK.
+    pub fn count_values(&self, n: u64) {
+        if n > 0 {
+            self.dek.values.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// The next nonce of this lease; `None` when the lease is used up.
@@ -508,7 +517,7 @@ impl DekManager {
         rand::rng().fill_bytes(&mut start[4..]);
         self.inner.metrics.deks_generated.inc();
         tracing::debug!(kms = kms_name, kek = %pair.kek, "generated a new DEK");
-        let used = Arc::new(AtomicU64::new(0));
+        let values = Arc::new(AtomicU64::new(0));
         match &self.inner.federation {
             // Every DEK gets its origin entry, so a realm added later can be
             // given a wrap of it without touching the data.
@@ -521,7 +530,7 @@ impl DekManager {
                 topic: topic.to_string(),
                 wanted: also.clone(),
                 plaintext: (!also.is_empty()).then(|| pair.plaintext.clone()),
-                encrypted: Some(used.clone()),
+                encrypted: Some(values.clone()),
             }),
             None if !also.is_empty() => tracing::warn!(
                 kms = kms_name,
@@ -534,7 +543,8 @@ impl DekManager {
             value_aad: Aad::for_prefix(&prefix),
             prefix,
             nonce_start: u128::from_be_bytes(start) & MASK96,
-            used,
+            used: AtomicU64::new(0),
+            values,
             max: self.inner.cfg.max_encryptions,
             created: Instant::now(),
         }))
@@ -828,7 +838,8 @@ mod tests {
             value_aad: Aad::for_prefix(&prefix),
             prefix,
             nonce_start: 0,
-            used: Arc::new(AtomicU64::new(0)),
+            used: AtomicU64::new(0),
+            values: Arc::new(AtomicU64::new(0)),
             max: 1,
             created: Instant::now(),
         };
@@ -863,7 +874,8 @@ mod tests {
             prefix: Bytes::new(),
             value_aad: Aad::for_prefix(&[format::FORMAT_CURRENT]),
             nonce_start: MASK96 - 1,
-            used: Arc::new(AtomicU64::new(0)),
+            used: AtomicU64::new(0),
+            values: Arc::new(AtomicU64::new(0)),
             max: 4,
             created: Instant::now(),
         };

@@ -488,7 +488,16 @@ impl RecordEncryption {
             let mut recs = RecordIter::new(&plain, declared).watching(MARKER_HEADER.as_bytes());
             let mut w = b.writer(&mut out, declared, plain.len());
             let mut sealed = Sealed::default();
-            while let Step::NeedNonces = seal_values(&mut recs, &mut w, &mut lease, &mut sealed)? {
+            loop {
+                let before = sealed.records;
+                let step = seal_values(&mut recs, &mut w, &mut lease, &mut sealed);
+                // Once per call, not per record: what federation reports as pending.
+                if let Some(l) = &lease {
+                    l.count_values(sealed.records - before);
+                }
+                if let Step::Done = step? {
+                    break;
+                }
                 let Some(l) = self
                     .acquire_lease(topic, sel, recs.remaining() as u64, &batches)
                     .await?
@@ -579,6 +588,7 @@ impl RecordEncryption {
                 needed -= 1;
                 let sealed = loop {
                     if let Some(s) = lease.seal_value(&v) {
+                        lease.count_values(1);
                         break s;
                     }
                     lease = self

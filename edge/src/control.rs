@@ -250,6 +250,8 @@ fn listener_and_policies(
 
     let mut encryption_rules = Vec::new();
     let mut reject = false;
+    let mut keys_topic: Option<Value> = None;
+    let template = |t: &str| t.replace("$(topicName)", "$(topic)");
     for policy in snapshot.encryption_policies.values() {
         if !applies(&policy.virtual_clusters) {
             continue;
@@ -258,22 +260,58 @@ fn listener_and_policies(
             policy.unresolved_key_policy,
             strait_control_client::state::spec::UnresolvedKeyPolicy::Reject
         );
+        if let Some(k) = &policy.keys_topic {
+            let mut v = json!({});
+            if let Some(name) = &k.name {
+                v["name"] = json!(name);
+            }
+            if !k.also_read.is_empty() {
+                v["also_read"] = json!(k.also_read);
+            }
+            keys_topic = Some(v);
+        }
         for rule in &policy.rules {
             realms_used.insert(rule.kms.clone());
+            let also: Vec<Value> = rule
+                .also_wrap_for
+                .iter()
+                .map(|a| {
+                    realms_used.insert(a.kms.clone());
+                    json!({ "kms": a.kms, "kek": template(&a.kek_template) })
+                })
+                .collect();
             for topic in &rule.topics {
-                encryption_rules.push(json!({
+                let mut r = json!({
                     "topic": topic,
                     "kms": rule.kms,
-                    "kek": rule.kek_template.replace("$(topicName)", "$(topic)"),
-                }));
+                    "kek": template(&rule.kek_template),
+                });
+                if !also.is_empty() {
+                    r["also_wrap_for"] = json!(also);
+                }
+                encryption_rules.push(r);
             }
         }
     }
     if !encryption_rules.is_empty() {
-        cluster["encryption"] = json!({
+        let mut encryption = json!({
             "rules": encryption_rules,
             "on_missing_key": if reject { "reject" } else { "passthrough" },
         });
+        if let Some(k) = keys_topic {
+            encryption["keys_topic"] = k;
+        }
+        // Every shred, whatever its realms: the edge refuses the KEK name
+        // both ways and its encryption core restarts with empty caches.
+        let shredded: std::collections::BTreeSet<&str> = snapshot
+            .kek_shreds
+            .values()
+            .map(|s| s.kek.as_str())
+            .collect();
+        if !shredded.is_empty() {
+            encryption["shredded_keks"] = json!(shredded);
+        }
+        cluster["encryption"] = encryption;
     }
     Ok(())
 }
@@ -409,6 +447,7 @@ mod tests {
             deny_lists: BTreeMap::new(),
             mesh_peers: BTreeMap::new(),
             edge_mesh: None,
+            kek_shreds: BTreeMap::new(),
         }
     }
 
@@ -590,6 +629,7 @@ mod tests {
                 region: None,
                 vault_mount: None,
                 backend: None,
+                site: None,
             },
         );
         let policy: EncryptionPolicySpec = serde_json::from_value(serde_json::json!({
@@ -602,6 +642,7 @@ mod tests {
                 topics: vec!["payments-*".into()],
                 kms: "dev".into(),
                 kek_template: "KEK-$(topicName)".into(),
+                also_wrap_for: vec![],
             }]
         );
         snap.encryption_policies.insert("payments".into(), policy);
@@ -610,6 +651,57 @@ mod tests {
         assert_eq!(
             serde_json::to_value(encryption).unwrap()["on_missing_key"],
             "reject"
+        );
+    }
+
+    #[test]
+    fn federation_keys_and_shreds_reach_the_edges_encryption_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut snap = plain_snapshot();
+        for name in ["vault-east", "aws-west"] {
+            snap.kms_realms.insert(
+                name.into(),
+                KmsRealmSpec {
+                    provider: KmsProvider::Local,
+                    endpoints: vec![],
+                    credentials_ref: Some(dir.path().join(name).display().to_string()),
+                    region: None,
+                    vault_mount: None,
+                    backend: None,
+                    site: Some(name.split('-').nth(1).unwrap().into()),
+                },
+            );
+        }
+        let policy: EncryptionPolicySpec = serde_json::from_value(serde_json::json!({
+            "rules": [{"topics": ["secret-*"], "kms": "vault-east", "kek_template": "kek-$(topicName)",
+                       "also_wrap_for": [{"kms": "aws-west", "kek_template": "alias/kek-$(topicName)"}]}],
+            "keys_topic": {"also_read": ["west.strait.keys"]}
+        }))
+        .unwrap();
+        snap.encryption_policies.insert("secrets".into(), policy);
+        snap.kek_shreds.insert(
+            "kek-secret-old".into(),
+            serde_json::from_value(
+                serde_json::json!({"kek": "kek-secret-old", "reason": "breach"}),
+            )
+            .unwrap(),
+        );
+        let config = compose(None, Some(&snap), true, dir.path()).unwrap();
+        let encryption = config.virtual_clusters[0].encryption.as_ref().unwrap();
+        let rule = &encryption.rules[0];
+        assert_eq!(rule.kms, "vault-east");
+        assert_eq!(rule.kek, "kek-$(topic)");
+        assert_eq!(rule.also_wrap_for.len(), 1);
+        assert_eq!(rule.also_wrap_for[0].kms, "aws-west");
+        assert_eq!(rule.also_wrap_for[0].kek, "alias/kek-$(topic)");
+        let keys = encryption.keys_topic.as_ref().unwrap();
+        assert_eq!(keys.name, "strait.keys");
+        assert_eq!(keys.also_read, vec!["west.strait.keys".to_string()]);
+        assert_eq!(encryption.shredded_keks, vec!["kek-secret-old".to_string()]);
+        let names: Vec<&str> = config.kms.iter().map(|k| k.name.as_str()).collect();
+        assert!(
+            names.contains(&"vault-east") && names.contains(&"aws-west"),
+            "{names:?}"
         );
     }
 
@@ -626,6 +718,7 @@ mod tests {
                 region: None,
                 vault_mount: None,
                 backend: Some("vault-east".into()),
+                site: None,
             },
         );
         let policy: EncryptionPolicySpec = serde_json::from_value(serde_json::json!({

@@ -256,6 +256,8 @@ async fn heartbeat(
             version: env!("CARGO_PKG_VERSION").into(),
             // The remaining lifetime of the broker's certificate, when it is at risk.
             message: args.svid.as_ref().and_then(|s| s.state.borrow().message()),
+            // Filled below from the shredder (`BrokerStatus::shredded`).
+            shredded: Vec::new(),
         };
         let status = BrokerStatus {
             base,

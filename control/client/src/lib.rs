@@ -26,8 +26,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use strait_control_state::spec::{
     AuthorizationPolicySpec, DenyListSpec, EdgeMeshSpec, EdgeSpec, EdgeStatus,
-    EncryptionPolicySpec, KafkaClusterSpec, KmsRealmSpec, MeshPeerSpec, TrustBundleSpec,
-    VirtualClusterSpec,
+    EncryptionPolicySpec, KafkaClusterSpec, KekShredSpec, KmsRealmSpec, MeshPeerSpec,
+    TrustBundleSpec, VirtualClusterSpec,
 };
 use strait_control_state::Kind;
 use strait_proto::control as pb;
@@ -375,6 +375,9 @@ pub struct EdgeSnapshot {
     /// `spec.mesh` of this edge's own Edge resource.
     #[serde(default)]
     pub edge_mesh: Option<EdgeMeshSpec>,
+    /// Every KekShred: each edge refuses those KEKs both ways.
+    #[serde(default)]
+    pub kek_shreds: BTreeMap<String, KekShredSpec>,
 }
 
 impl EdgeSnapshot {
@@ -388,11 +391,12 @@ impl EdgeSnapshot {
             && self.deny_lists == o.deny_lists
             && self.mesh_peers == o.mesh_peers
             && self.edge_mesh == o.edge_mesh
+            && self.kek_shreds == o.kek_shreds
     }
 }
 
 /// Kinds an edge watches.
-pub const EDGE_KINDS: [Kind; 9] = [
+pub const EDGE_KINDS: [Kind; 10] = [
     Kind::Edge,
     Kind::MeshPeer,
     Kind::VirtualCluster,
@@ -402,6 +406,7 @@ pub const EDGE_KINDS: [Kind; 9] = [
     Kind::KmsRealm,
     Kind::TrustBundle,
     Kind::DenyList,
+    Kind::KekShred,
 ];
 
 pub fn typed_map<T: serde::de::DeserializeOwned>(
@@ -449,12 +454,15 @@ pub fn build_snapshot(edge: &str, revision: u64, store: &Store) -> EdgeSnapshot 
         |_, p: &EncryptionPolicySpec| applies(&p.virtual_clusters),
     );
     let kms_realms = typed_map(store, Kind::KmsRealm, |name, _: &KmsRealmSpec| {
-        encryption_policies
-            .values()
-            .any(|p| p.rules.iter().any(|r| r.kms == name))
+        encryption_policies.values().any(|p| {
+            p.rules
+                .iter()
+                .any(|r| r.kms == name || r.also_wrap_for.iter().any(|a| a.kms == name))
+        })
     });
     let trust_bundles = typed_map(store, Kind::TrustBundle, |_, _: &TrustBundleSpec| true);
     let deny_lists = typed_map(store, Kind::DenyList, |_, _: &DenyListSpec| true);
+    let kek_shreds = typed_map(store, Kind::KekShred, |_, _: &KekShredSpec| true);
     let mesh_peers = typed_map(store, Kind::MeshPeer, |_, p: &MeshPeerSpec| p.edge == edge);
     let edge_mesh = typed_map(store, Kind::Edge, |name, _: &EdgeSpec| name == edge)
         .into_values()
@@ -473,6 +481,7 @@ pub fn build_snapshot(edge: &str, revision: u64, store: &Store) -> EdgeSnapshot 
         deny_lists,
         mesh_peers,
         edge_mesh,
+        kek_shreds,
     }
 }
 

@@ -114,6 +114,51 @@ enum Cmd {
         #[command(subcommand)]
         action: ctl_identity::CertCmd,
     },
+    /// Key-encryption keys across realms (federated encryption).
+    Kek {
+        #[command(subcommand)]
+        action: KekCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum KekCmd {
+    /// Crypto-shred a KEK everywhere (irreversible): every kms-broker that
+    /// follows the control plane deletes it in its realm (Vault: the transit
+    /// key is deleted; AWS: disabled and scheduled for deletion) and refuses
+    /// it; every edge refuses it and drops its cached DEKs.
+    Shred {
+        /// The KEK name as rules name it (`kek-orders`; AWS: `alias/kek-orders`
+        /// or the bare name).
+        name: String,
+        /// Only these realms (repeatable); default every realm.
+        #[arg(long = "kms")]
+        kms: Vec<String>,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// The KekShred orders and what each kms-broker reported doing.
+    Shreds,
+}
+
+/// The KekShred resource name of a KEK name: resource names are DNS-like,
+/// KEK names may carry `/` (`alias/kek-orders`).
+fn shred_resource_name(kek: &str) -> String {
+    let mut out: String = kek
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    out = out.trim_matches(|c| c == '-' || c == '.').to_string();
+    if out.is_empty() {
+        out = "kek".into();
+    }
+    out
 }
 
 #[derive(Subcommand, Debug)]
@@ -476,6 +521,87 @@ async fn run(cli: Cli) -> Result<()> {
                         .await
                         .map_err(status_err)?;
                     print_resources(&l.resources, output, false)?;
+                }
+            }
+        }
+        Cmd::Kek {
+            action: KekCmd::Shred { name, kms, reason },
+        } => {
+            let resource = shred_resource_name(&name);
+            let mut spec = serde_json::json!({ "kek": name });
+            if !kms.is_empty() {
+                spec["kms"] = serde_json::json!(kms);
+            }
+            if let Some(reason) = &reason {
+                spec["reason"] = serde_json::json!(reason);
+            }
+            let req = pb::ApplyRequest {
+                resource: Some(pb::Resource {
+                    kind: Kind::KekShred.as_str().into(),
+                    name: resource.clone(),
+                    spec_json: spec.to_string(),
+                    ..Default::default()
+                }),
+                expected_revision: None,
+            };
+            let resp = client.apply(req).await.map_err(status_err)?;
+            let r = resp.resource.unwrap_or_default();
+            let realms = if kms.is_empty() {
+                "every realm".to_string()
+            } else {
+                kms.join(", ")
+            };
+            println!(
+                "KekShred/{resource} {} (revision {}): {name} is shredded in {realms}; kms-brokers delete it and refuse it, edges refuse it and drop cached DEKs (see `straitctl kek shreds`)",
+                if resp.changed { "created" } else { "unchanged" },
+                r.revision
+            );
+        }
+        Cmd::Kek {
+            action: KekCmd::Shreds,
+        } => {
+            let list = |kind: Kind| {
+                let req = pb::ListRequest {
+                    kind: kind.as_str().into(),
+                    label_selector: String::new(),
+                    stale: false,
+                };
+                let client = &client;
+                async move {
+                    client
+                        .call(|mut c| {
+                            let r = req.clone();
+                            async move { c.list(r).await }
+                        })
+                        .await
+                        .map_err(status_err)
+                }
+            };
+            let shreds = list(Kind::KekShred).await?;
+            let brokers = list(Kind::KmsBroker).await?;
+            for r in &shreds.resources {
+                let spec: serde_json::Value =
+                    serde_json::from_str(&r.spec_json).unwrap_or_default();
+                let kek = spec["kek"].as_str().unwrap_or_default();
+                println!(
+                    "{}\tkek={kek}\tkms={}\treason={}",
+                    r.name,
+                    spec.get("kms").map_or("*".to_string(), |k| k.to_string()),
+                    spec["reason"].as_str().unwrap_or("-")
+                );
+                for b in &brokers.resources {
+                    let status: serde_json::Value =
+                        serde_json::from_str(&b.status_json).unwrap_or_default();
+                    for s in status["shredded"].as_array().into_iter().flatten() {
+                        if s["kek"].as_str() == Some(kek) {
+                            println!(
+                                "  kms-broker {}: {} {}",
+                                b.name,
+                                s["kms"].as_str().unwrap_or("?"),
+                                s["outcome"].as_str().unwrap_or("?")
+                            );
+                        }
+                    }
                 }
             }
         }

@@ -35,10 +35,16 @@ pub enum Kind {
     KmsBroker,
     /// A peer edge of one edge (`spec::MeshPeerSpec`).
     MeshPeer,
+    /// Which callers a kms-broker lets use which realm and KEKs
+    /// (`spec::KmsGrantSpec`): the unwrap policy between sites.
+    KmsGrant,
+    /// A crypto-shred order for a KEK, every realm or some (`spec::KekShredSpec`);
+    /// irreversible: never deleted, never changed.
+    KekShred,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 15] = [
+    pub const ALL: [Kind; 17] = [
         Kind::KafkaCluster,
         Kind::Edge,
         Kind::VirtualCluster,
@@ -54,6 +60,8 @@ impl Kind {
         Kind::CertificateAuthority,
         Kind::KmsBroker,
         Kind::MeshPeer,
+        Kind::KmsGrant,
+        Kind::KekShred,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -73,6 +81,8 @@ impl Kind {
             Kind::CertificateAuthority => "CertificateAuthority",
             Kind::KmsBroker => "KmsBroker",
             Kind::MeshPeer => "MeshPeer",
+            Kind::KmsGrant => "KmsGrant",
+            Kind::KekShred => "KekShred",
         }
     }
 
@@ -98,6 +108,8 @@ impl Kind {
             "certificateauthority" | "certificateauthoritie" | "ca" => Kind::CertificateAuthority,
             "kmsbroker" | "kb" => Kind::KmsBroker,
             "meshpeer" | "peer" | "mp" => Kind::MeshPeer,
+            "kmsgrant" | "grant" => Kind::KmsGrant,
+            "kekshred" | "shred" => Kind::KekShred,
             _ => {
                 let names: Vec<_> = Kind::ALL.iter().map(|k| k.as_str()).collect();
                 return Err(format!(
@@ -137,6 +149,8 @@ impl Kind {
             Kind::CertificateAuthority => check::<spec::CertificateAuthoritySpec>(spec),
             Kind::KmsBroker => check::<spec::KmsBrokerSpec>(spec),
             Kind::MeshPeer => check::<spec::MeshPeerSpec>(spec),
+            Kind::KmsGrant => check::<spec::KmsGrantSpec>(spec),
+            Kind::KekShred => check::<spec::KekShredSpec>(spec),
         }
     }
 }
@@ -276,6 +290,16 @@ pub enum CommandError {
         name: String,
         expected: u64,
         actual: u64,
+    },
+    /// A crypto-shred cannot be undone: the key material is gone from the
+    /// KMS, and edges and brokers must keep refusing the KEK.
+    #[error(
+        "{kind} '{name}' is irreversible: a shredded KEK stays shredded (it cannot be {what})"
+    )]
+    Irreversible {
+        kind: Kind,
+        name: String,
+        what: &'static str,
     },
 }
 
@@ -497,6 +521,13 @@ impl State {
                     None,
                 ));
             }
+            if kind == Kind::KekShred && r.spec != *spec {
+                return Err(CommandError::Irreversible {
+                    kind,
+                    name: name.to_string(),
+                    what: "changed",
+                });
+            }
         }
         self.revision += 1;
         let rev = self.revision;
@@ -536,6 +567,13 @@ impl State {
                 name: name.to_string(),
             });
         };
+        if kind == Kind::KekShred {
+            return Err(CommandError::Irreversible {
+                kind,
+                name: name.to_string(),
+                what: "deleted",
+            });
+        }
         Self::check_cas(kind, name, Some(current), expected)?;
         let mut resource = self.resources.remove(&key).expect("checked above");
         self.revision += 1;

@@ -129,6 +129,18 @@ pub struct KmsBrokerStatus {
     /// What is at risk, e.g. the broker's SVID failing to renew.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// KekShred orders this broker carried out on its own realms.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub shredded: Vec<ShreddedKek>,
+}
+
+/// One shred a broker carried out (or tried).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ShreddedKek {
+    pub kek: String,
+    pub kms: String,
+    pub outcome: String,
 }
 
 /// What an edge writes into its Edge resource's status on every heartbeat.
@@ -260,6 +272,10 @@ pub struct EncryptionPolicySpec {
     pub rules: Vec<EncryptionRule>,
     #[serde(default)]
     pub unresolved_key_policy: UnresolvedKeyPolicy,
+    /// Present (even `{}`): the edges use a keys topic in these clusters
+    /// whatever the rules; absent: only when a rule has `also_wrap_for`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys_topic: Option<KeysTopicSpec>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -267,11 +283,71 @@ pub struct EncryptionPolicySpec {
 pub struct EncryptionRule {
     /// Topic name globs.
     pub topics: Vec<String>,
-    /// Name of the KmsRealm holding the KEK.
+    /// Name of the KmsRealm holding the KEK (the realm that makes the DEKs).
     pub kms: String,
     /// KEK name template; `$(topicName)` is replaced by the topic.
     pub kek_template: String,
+    /// Federation: every DEK is also wrapped for these realms.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_wrap_for: Vec<RealmKekTemplate>,
 }
+
+/// A realm and the KEK template there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RealmKekTemplate {
+    /// Name of a KmsRealm.
+    pub kms: String,
+    /// `$(topicName)` is replaced by the topic.
+    pub kek_template: String,
+}
+
+/// Where federated DEKs' wraps live in the policy's clusters.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KeysTopicSpec {
+    /// Default `strait.keys`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Other sites' keys topics as replicated into the cluster.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub also_read: Vec<String>,
+}
+
+/// Which callers (SPIFFE ID globs) a kms-broker lets run which operations
+/// on which realms and KEKs: the unwrap policy between sites. Read by every
+/// kms-broker; written by admins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KmsGrantSpec {
+    pub callers: Vec<String>,
+    /// Realm (backend) names, or `*`.
+    pub kms: Vec<String>,
+    /// KEK key-id globs; default every KEK.
+    #[serde(default = "every_kek")]
+    pub keks: Vec<String>,
+    /// `generate`, `unwrap`, `wrap`, `resolve`, `shred`.
+    pub operations: Vec<String>,
+}
+
+fn every_kek() -> Vec<String> {
+    vec!["*".into()]
+}
+
+/// An order to crypto-shred `kek` in `kms` (empty: every realm). Brokers
+/// delete the key in their realm and refuse it; edges refuse it and drop
+/// their cached DEKs. Irreversible: never deleted, never changed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KekShredSpec {
+    pub kek: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub kms: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+pub const KMS_OPERATIONS: [&str; 5] = ["generate", "unwrap", "wrap", "resolve", "shred"];
 
 /// What an edge does with a record for a topic whose KEK cannot be resolved.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
@@ -310,6 +386,10 @@ pub struct KmsRealmSpec {
     /// broker's config); absent: the broker's only backend.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backend: Option<String>,
+    /// The site that runs this realm (realm names are global: the same
+    /// name means the same KMS at every site).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub site: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -725,6 +805,85 @@ impl Validate for EncryptionPolicySpec {
                     "must not be empty",
                 ));
             }
+            let mut seen: Vec<&str> = Vec::new();
+            for (j, a) in r.also_wrap_for.iter().enumerate() {
+                let q = format!("{p}.also_wrap_for[{j}]");
+                check_name_ref(&format!("{q}.kms"), &a.kms, errs);
+                if a.kms == r.kms {
+                    errs.push(ValidationError::new(
+                        &format!("{q}.kms"),
+                        &format!("'{}' is the rule's own realm", a.kms),
+                    ));
+                }
+                if seen.contains(&a.kms.as_str()) {
+                    errs.push(ValidationError::new(
+                        &format!("{q}.kms"),
+                        &format!("'{}' is listed twice", a.kms),
+                    ));
+                }
+                seen.push(&a.kms);
+                if a.kek_template.trim().is_empty() {
+                    errs.push(ValidationError::new(
+                        &format!("{q}.kek_template"),
+                        "must not be empty",
+                    ));
+                }
+            }
+        }
+        if let Some(k) = &self.keys_topic {
+            for (i, t) in k.name.iter().chain(k.also_read.iter()).enumerate() {
+                let ok = !t.is_empty()
+                    && t.len() <= 249
+                    && t.chars()
+                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+                if !ok {
+                    errs.push(ValidationError::new(
+                        &format!("spec.keys_topic[{i}]"),
+                        &format!("'{t}' is not a Kafka topic name"),
+                    ));
+                }
+            }
+        }
+    }
+}
+
+impl Validate for KmsGrantSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        check_non_empty("spec.callers", &self.callers, errs);
+        for (i, c) in self.callers.iter().enumerate() {
+            if !c.starts_with("spiffe://") {
+                errs.push(ValidationError::new(
+                    &format!("spec.callers[{i}]"),
+                    "must be a SPIFFE ID glob (spiffe://...)",
+                ));
+            }
+        }
+        check_non_empty("spec.kms", &self.kms, errs);
+        for (i, k) in self.kms.iter().enumerate() {
+            if k != "*" {
+                check_name_ref(&format!("spec.kms[{i}]"), k, errs);
+            }
+        }
+        check_non_empty("spec.keks", &self.keks, errs);
+        check_non_empty("spec.operations", &self.operations, errs);
+        for (i, o) in self.operations.iter().enumerate() {
+            if !KMS_OPERATIONS.contains(&o.as_str()) {
+                errs.push(ValidationError::new(
+                    &format!("spec.operations[{i}]"),
+                    &format!("'{o}' is not one of {}", KMS_OPERATIONS.join(", ")),
+                ));
+            }
+        }
+    }
+}
+
+impl Validate for KekShredSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        if self.kek.trim().is_empty() {
+            errs.push(ValidationError::new("spec.kek", "must not be empty"));
+        }
+        for (i, k) in self.kms.iter().enumerate() {
+            check_name_ref(&format!("spec.kms[{i}]"), k, errs);
         }
     }
 }

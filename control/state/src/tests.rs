@@ -437,6 +437,51 @@ fn spec_validation_paths() {
         (Kind::KmsBroker, json!({}), None),
         (Kind::KmsBroker, json!({"description":"eu-west"}), None),
         (Kind::KmsBroker, json!({"name":"k1"}), Some("spec.name")),
+        (
+            Kind::KmsGrant,
+            json!({"callers":["spiffe://west.example/edge/*"],"kms":["vault-east"],
+                   "keks":["kek-*"],"operations":["unwrap"]}),
+            None,
+        ),
+        (
+            Kind::KmsGrant,
+            json!({"callers":["spiffe://w/edge/*"],"kms":["*"],"operations":["unwrap","delete"]}),
+            Some("spec.operations[1]"),
+        ),
+        (
+            Kind::KmsGrant,
+            json!({"callers":["west-edges"],"kms":["*"],"operations":["wrap"]}),
+            Some("spec.callers[0]"),
+        ),
+        (
+            Kind::KmsGrant,
+            json!({"callers":[],"kms":["*"],"operations":["wrap"]}),
+            Some("spec.callers"),
+        ),
+        (
+            Kind::KekShred,
+            json!({"kek":"kek-orders","kms":["vault-east"],"reason":"breach"}),
+            None,
+        ),
+        (Kind::KekShred, json!({"kek":" "}), Some("spec.kek")),
+        (
+            Kind::KekShred,
+            json!({"kek":"k","realms":["x"]}),
+            Some("spec.realms"),
+        ),
+        (
+            Kind::EncryptionPolicy,
+            json!({"rules":[{"topics":["secret-*"],"kms":"vault-east","kek_template":"k",
+                             "also_wrap_for":[{"kms":"vault-east","kek_template":"k"}]}]}),
+            Some("spec.rules[0].also_wrap_for[0].kms"),
+        ),
+        (
+            Kind::EncryptionPolicy,
+            json!({"rules":[{"topics":["secret-*"],"kms":"vault-east","kek_template":"k",
+                             "also_wrap_for":[{"kms":"aws-west","kek_template":"alias/k"}]}],
+                   "keys_topic":{"also_read":["east.strait.keys"]}}),
+            None,
+        ),
     ];
     for (kind, spec, want) in cases {
         let got = kind.validate_spec(&spec);
@@ -446,6 +491,57 @@ fn spec_validation_paths() {
             _ => panic!("{kind} {spec}: got {got:?}, want error at {want:?}"),
         }
     }
+}
+
+#[test]
+fn a_kek_shred_is_never_deleted_nor_changed() {
+    let shred = |kms: &[&str]| Command::Apply {
+        kind: Kind::KekShred,
+        name: "kek-orders".into(),
+        labels: BTreeMap::new(),
+        spec: json!({ "kek": "kek-orders", "kms": kms }),
+        expected_revision: None,
+    };
+    let mut st = State::new(10);
+    assert!(matches!(
+        st.apply(&shred(&["vault-east"])).0,
+        Ok(Outcome::Applied { changed: true, .. })
+    ));
+    assert!(matches!(
+        st.apply(&shred(&["vault-east"])).0,
+        Ok(Outcome::Applied { changed: false, .. })
+    ));
+    let (changed, events) = st.apply(&shred(&[]));
+    assert!(
+        matches!(
+            &changed,
+            Err(CommandError::Irreversible {
+                what: "changed",
+                ..
+            })
+        ),
+        "{changed:?}"
+    );
+    assert!(events.is_empty());
+    let (deleted, events) = st.apply(&Command::Delete {
+        kind: Kind::KekShred,
+        name: "kek-orders".into(),
+        expected_revision: None,
+    });
+    let err = deleted.unwrap_err();
+    assert!(matches!(
+        err,
+        CommandError::Irreversible {
+            what: "deleted",
+            ..
+        }
+    ));
+    assert!(
+        err.to_string().contains("a shredded KEK stays shredded"),
+        "{err}"
+    );
+    assert!(events.is_empty());
+    assert_eq!(st.revision(), 1);
 }
 
 #[test]

@@ -178,7 +178,9 @@ pub fn is_secret(kind: Kind) -> bool {
         | Kind::AccessRule
         | Kind::DenyList
         | Kind::KmsBroker
-        | Kind::MeshPeer => false,
+        | Kind::MeshPeer
+        | Kind::KmsGrant
+        | Kind::KekShred => false,
         Kind::JoinToken | Kind::IssuedCertificate | Kind::CertificateAuthority => true,
     }
 }
@@ -196,19 +198,25 @@ pub fn edge_reads(kind: Kind) -> bool {
         | Kind::TrustBundle
         | Kind::FailoverGroup
         | Kind::DenyList
-        | Kind::MeshPeer => true,
+        | Kind::MeshPeer
+        // Every edge refuses a shredded KEK at once.
+        | Kind::KekShred => true,
         Kind::AccessRule
         | Kind::JoinToken
         | Kind::IssuedCertificate
         | Kind::CertificateAuthority
-        | Kind::KmsBroker => false,
+        | Kind::KmsBroker
+        // Between kms-brokers and their callers; not an edge's business.
+        | Kind::KmsGrant => false,
     }
 }
 
 /// Kinds a KMS broker may read. No wildcard arm, as in [`is_secret`].
 pub fn kms_broker_reads(kind: Kind) -> bool {
     match kind {
-        Kind::KmsRealm | Kind::TrustBundle | Kind::DenyList => true,
+        Kind::KmsRealm | Kind::TrustBundle | Kind::DenyList | Kind::KmsGrant | Kind::KekShred => {
+            true
+        }
         Kind::KafkaCluster
         | Kind::Edge
         | Kind::VirtualCluster

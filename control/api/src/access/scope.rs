@@ -104,13 +104,14 @@ impl EdgeScope {
             Kind::MeshPeer => self.mesh_peers.contains(name),
             // Public certificates; an edge may need any of them to verify peers.
             Kind::TrustBundle => true,
-            // Every edge enforces every deny list.
-            Kind::DenyList => true,
+            // Every edge enforces every deny list and every shred.
+            Kind::DenyList | Kind::KekShred => true,
             Kind::AccessRule
             | Kind::JoinToken
             | Kind::IssuedCertificate
             | Kind::CertificateAuthority
-            | Kind::KmsBroker => false,
+            | Kind::KmsBroker
+            | Kind::KmsGrant => false,
         }
     }
 
@@ -132,7 +133,9 @@ impl EdgeScope {
             | Kind::JoinToken
             | Kind::IssuedCertificate
             | Kind::CertificateAuthority
-            | Kind::KmsBroker => false,
+            | Kind::KmsBroker
+            | Kind::KmsGrant
+            | Kind::KekShred => false,
         }
     }
 }

@@ -176,7 +176,8 @@ class KmsBroker:
 
     def __init__(self, log_dir: Path, name: str, trust_domain: str, cert: Path, key: Path, ca: Path,
                  kms: list[dict], trust: dict[str, Path] | None = None, callers: list[str] | None = None,
-                 grants: list[dict] | None = None, port: int | None = None, env: dict | None = None):
+                 grants: list[dict] | None = None, port: int | None = None, env: dict | None = None,
+                 args: tuple[str, ...] = ()):
         import yaml
         self.name = name
         self.port = port or free_port()
@@ -200,7 +201,7 @@ class KmsBroker:
         binary = os.environ.get("STRAIT_KMS_BROKER_BIN") or str(Path(edge_bin()).with_name("strait-kms-broker"))
         self.env = {"VAULT_TOKEN": ROOT_TOKEN, **AWS_DUMMY_ENV, "NO_COLOR": "1",
                     "RUST_LOG": "info,rustify=off,vaultrs=off", **(env or {})}
-        self.argv = [binary, "--config", str(self.config_path)]
+        self.argv = [binary, "--config", str(self.config_path), *args]
         self.proc: Proc | None = None
 
     @property

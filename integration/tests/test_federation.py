@@ -11,6 +11,7 @@ East's edge makes each DEK in vault-east and wraps it for aws-west through west'
 copied with the data (as `east.strait.keys`). West's edge reads it and unwraps through aws-west only.
 """
 
+import json
 import struct
 import time
 
@@ -55,7 +56,7 @@ ALL_OPS = ["generate", "unwrap", "wrap", "resolve"]
 class Sites:
     """East and west, each with its cluster, realm, kms-broker and edge factory."""
 
-    def __init__(self, broker, edge, logs, tmp_path):
+    def __init__(self, broker, edge, logs, tmp_path, control=None):
         self.edge_factory = edge
         self.logs = logs
         self.east_kafka = broker(dedicated=True, name="kafka-east")
@@ -64,6 +65,16 @@ class Sites:
         self.moto = Moto(logs).start()
         self.pki = site_pki(tmp_path / "pki")
         p = self.pki
+
+        def follow(name: str) -> tuple[str, ...]:
+            """Flags that make a broker follow `control` (KmsGrants, KekShreds) as kms-broker/<name>."""
+            if control is None:
+                return ()
+            d = control.pki
+            d.leaf(f"{name}-control", uris=[f"spiffe://{name}.example/kms-broker/{name}"])
+            return ("--control", control.endpoints, "--name", name, "--control-ca", str(d.pem("ca")),
+                    "--control-cert", str(d.pem(f"{name}-control")), "--control-key", str(d.key(f"{name}-control")),
+                    "--cache-dir", str(tmp_path / f"kms-{name}-cache"), "--heartbeat-interval", "1s")
         # East's broker: its own edges do everything; west's edges may only unwrap kek-* (remote unwrap);
         # north is a known caller with no grant at all.
         self.east_broker = KmsBroker(
@@ -73,7 +84,7 @@ class Sites:
             callers=[f"spiffe://{EAST}/edge/*", f"spiffe://{WEST}/edge/*", f"spiffe://{NORTH}/edge/*"],
             grants=[{"callers": [f"spiffe://{EAST}/edge/*"], "kms": ["*"], "operations": ALL_OPS},
                     {"callers": [f"spiffe://{WEST}/edge/*"], "kms": ["vault-east"], "keks": ["kek-*"],
-                     "operations": ["unwrap"]}]).start()
+                     "operations": ["unwrap"]}], args=follow("east")).start()
         # West's broker: east's edges may only wrap DEKs for aws-west.
         self.west_broker = KmsBroker(
             logs, "west", WEST, p.pem("west-broker"), p.key("west-broker"), p.pem("west-ca"),
@@ -81,7 +92,8 @@ class Sites:
             trust={EAST: p.pem("east-ca")},
             callers=[f"spiffe://{WEST}/edge/*", f"spiffe://{EAST}/edge/*"],
             grants=[{"callers": [f"spiffe://{WEST}/edge/*"], "kms": ["*"], "operations": ALL_OPS},
-                    {"callers": [f"spiffe://{EAST}/edge/*"], "kms": ["aws-west"], "operations": ["wrap"]}]).start()
+                    {"callers": [f"spiffe://{EAST}/edge/*"], "kms": ["aws-west"], "operations": ["wrap"]}],
+            args=follow("west")).start()
         self.topic = unique("secret-orders")
         self.kek = f"kek-{self.topic}"
         self.bao.create_key(self.kek)
@@ -107,7 +119,7 @@ class Sites:
         vc = VirtualCluster("orders", self.east_kafka.bootstrap_servers, extra={"encryption": enc})
         return self.edge_factory([vc], extra={"kms": self.east_kms()})
 
-    def west_edge(self, remote_unwrap: bool = False, identity: str = "west-edge"):
+    def west_edge(self, remote_unwrap: bool = False, identity: str = "west-edge", dek: dict | None = None):
         """A fresh west edge (cold caches): aws-west only, plus east's realm for remote unwrap if asked."""
         p = self.pki
         kms = [self.west_broker.client_entry("aws-west", p.pem("west-ca"), p.pem(identity), p.key(identity),
@@ -118,8 +130,8 @@ class Sites:
                                                      retry={"attempts": 1, "timeout": "5s"}))
         rules = [{"topic": pattern, "kms": "aws-west", "kek": "alias/kek-$(topic)"}
                  for pattern in ("east.secret-*", "secret-*", "east.legacy-*")]
-        vc = VirtualCluster("orders", self.west_kafka.bootstrap_servers,
-                            extra={"encryption": {"rules": rules, "keys_topic": {"also_read": [f"east.{KEYS}"]}}})
+        enc = {"rules": rules, "keys_topic": {"also_read": [f"east.{KEYS}"]}, **({"dek": dek} if dek else {})}
+        vc = VirtualCluster("orders", self.west_kafka.bootstrap_servers, extra={"encryption": enc})
         return self.edge_factory([vc], extra={"kms": kms})
 
 
@@ -312,3 +324,66 @@ def test_a_rotated_kek_keeps_every_record_decryptable_at_both_sites(sites):
     assert len(deks) >= 3, len(deks)
     # One unwrap per DEK at west, each through its aws-west wrap; east's realm is gone.
     assert west.metric("strait_encryption_kms_calls", operation="unwrap_dek") == len(deks)
+
+
+def partition_error(bootstrap: str, topic: str, timeout: float = 60.0) -> str:
+    """What a fresh consumer gets: the first partition error (records would fail the test)."""
+    c = consumer(bootstrap, topic)
+    got, errors = [], []
+    try:
+        wait_for(lambda: poll_into(c, got, errors, 0.3) or errors or got, timeout, interval=0,
+                 what=f"an answer for {topic} at {bootstrap}")
+    finally:
+        c.close()
+    assert got == [], f"{len(got)} records delivered"
+    return str(errors[0][1])
+
+
+def test_kek_shred_everywhere_with_one_command(broker, edge, logs, tmp_path):
+    """`straitctl kek shred` once: both brokers (following the control plane) shred the KEK in their realm
+    (Vault: key deleted; AWS: disabled, deletion scheduled) and refuse it; both edges stop decrypting once
+    their cached DEK is older than dek.cache_ttl."""
+    from lib.control import ControlPlane
+    # One control plane for the fleet; each site's broker keeps its own site's identity, given the
+    # kms-broker role by an AccessRule (the control plane's own domain implies it only for its own IDs).
+    rules = tmp_path / "access-rules.yaml"
+    rules.write_text(json.dumps([{"name": "site-kms-brokers", "role": "kms_broker",
+                                  "identities": [f"spiffe://{EAST}/kms-broker/*", f"spiffe://{WEST}/kms-broker/*"]}]))
+    control = ControlPlane(tmp_path / "control", logs, extra_args=("--access-rules", str(rules))).start()
+    s = Sites(broker, edge, logs, tmp_path, control=control)
+    try:
+        ttl = {"cache_ttl": "3s"}
+        east = s.east_edge(dek=ttl)
+        create_topic(east.bootstrap, s.topic)
+        sent = workload(10, big=False)
+        produce_ok_confluent(east.bootstrap, s.topic, sent)
+        wait_for(lambda: pending(east) == (0.0, 0.0), 60, what="the DEK wrapped for aws-west")
+        west_topic = copy_to_west(s, "reproduce", s.topic, len(sent))
+        west = s.west_edge(dek=ttl)
+        assert_plaintext(read(west.bootstrap, west_topic, len(sent), timeout=60), sent)
+        assert_plaintext(read(east.bootstrap, s.topic, len(sent)), sent)
+        for e in (east, west):
+            e.expect_error(r"denied|PERMISSION_DENIED|shredded")
+
+        out = control.ctl("kek", "shred", s.kek, "--reason", "test: customer erased", check=True).stdout
+        assert f"{s.kek} is shredded in every realm" in out, out
+        wait_for(lambda: s.bao.api("GET", f"/v1/transit/keys/{s.kek}")[0] == 404, 30,
+                 what="the Vault key deleted by east's broker")
+        kms = s.moto.kms_client()
+        wait_for(lambda: kms.describe_key(KeyId=f"alias/{s.kek}")["KeyMetadata"]["KeyState"] == "PendingDeletion",
+                 30, what="the AWS key disabled and scheduled for deletion by west's broker")
+        reported = ["kms-broker east: vault-east shredded", "kms-broker west: aws-west shredded"]
+        wait_for(lambda: all(line in control.ctl("kek", "shreds").stdout for line in reported), 30,
+                 what="both brokers reporting the shred in their heartbeat")
+        # Within the cache bound, neither site decrypts any more: refused, never plaintext.
+        for e, topic in ((west, west_topic), (east, s.topic)):
+            wait_for(lambda: "TOPIC_AUTHORIZATION_FAILED" in partition_error(e.bootstrap, topic, 20), 30,
+                     what=f"{topic} refused at {e.bootstrap} after the shred")
+        for b in (s.east_broker, s.west_broker):
+            assert "strait::audit" in b.log() and s.kek in b.log(), "the shred audited"
+        # A shred is irreversible.
+        r = control.ctl("delete", "KekShred", s.kek)
+        assert r.returncode != 0 and "irreversible" in r.stderr, r.stderr
+    finally:
+        s.stop()
+        control.stop()

@@ -17,8 +17,15 @@ is the certificate authority of `demo.example` (CA key sealed with a development
   a client there produces and consumes `payments-orders` through west only, authorized and encrypted at
   `edge-local` under the client's own SPIFFE ID.
 
+- federated encryption (docs/federation.md): every DEK of `payments-*` is also wrapped for realm
+  `dev-west` (site west's KMS; here a second local keyring) into the `strait.keys` topic. The demo copies
+  `payments-orders` and `strait.keys` record by record to site west's own cluster (a second Tansu) as
+  `east.payments-orders` and `east.strait.keys`, as a replication tool would; west's edge, which knows only
+  realm `dev-west`, decrypts them.
+
 Ports: Tansu 9092, control plane 7001, edge 19092 (brokers 19100+), admin 9901, mesh 7443 (UDP);
-west edge 29092 (brokers 29100+), admin 9902."""
+west edge 29092 (brokers 29100+), admin 9902; west's Tansu 9093, served by west's edge at 39092
+(brokers 39100+)."""
 
 import base64
 import json
@@ -35,6 +42,7 @@ from confluent_kafka import Consumer, Producer  # noqa: E402
 from confluent_kafka.admin import AdminClient, NewTopic  # noqa: E402
 
 from lib.edge import default_target_dir  # noqa: E402
+from lib.mirrormaker import copy_topic  # noqa: E402
 from lib.pki import Pki  # noqa: E402
 from lib.procs import Proc  # noqa: E402
 from lib.tansu import Tansu  # noqa: E402
@@ -65,7 +73,22 @@ mesh:
     - name: edge-local
       address: 127.0.0.1:7443
       spiffe_id: spiffe://{domain}/edge/edge-local
+kms:
+  - name: dev-west                 # DEVELOPMENT ONLY keyring: stands for west's own KMS
+    local: {{ path: "{keyring_west}" }}
 virtual_clusters:
+  - name: payments-west            # west's own cluster, holding what was copied from east
+    bootstrap: 127.0.0.1:39092
+    brokers: {{ advertised_host: 127.0.0.1, port_range: 39100-39199 }}
+    upstream: {{ bootstrap_servers: [127.0.0.1:9093] }}
+    tls:
+      cert: "{dir}/cert.pem"
+      key: "{dir}/key.pem"
+      client_trust_bundles: [{{ trust_domain: {domain}, pem_file: "{bundle}" }}]
+    encryption:
+      rules:
+        - {{ topic: "east.payments-*", kms: dev-west, kek: "kek-$(topic)" }}
+      keys_topic: {{ also_read: [east.strait.keys] }}   # east's keys topic as copied here
   - name: quickstart-west
     bootstrap: 127.0.0.1:29092
     brokers: {{ advertised_host: 127.0.0.1, port_range: 29100-29199 }}
@@ -77,17 +100,32 @@ virtual_clusters:
 """
 
 
+def metric(admin_port: int, name: str, labels: str) -> float:
+    """One sample of an edge's /metrics (0 when absent)."""
+    import urllib.request
+    text = urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/metrics", timeout=5).read().decode()
+    for line in text.splitlines():
+        if line.startswith(name + "{") and labels in line:
+            return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
 def consume(client: dict, topic: str, count: int, group: str):
     c = Consumer({**client, "group.id": group, "auto.offset.reset": "earliest"})
     c.subscribe([topic])
-    got = []
+    got, errors = [], []
 
     def poll():
         m = c.poll(0.5)
         if m is not None and not m.error():
             got.append(m)
+        elif m is not None:
+            errors.append(m.error())
         return len(got) >= count
-    wait_for(poll, 60, interval=0, what=f"{count} records from {topic}")
+    try:
+        wait_for(poll, 60, interval=0, what=f"{count} records from {topic}")
+    except Exception as e:
+        raise SystemExit(f"[demo] FAILED: {e}; errors: {errors[-3:]}") from None
     c.close()
     return got
 
@@ -110,10 +148,14 @@ def main() -> int:
     work = Path(tempfile.mkdtemp(prefix="strait-demo-"))
     logs = work / "logs"
     print(f"[demo] working directory {work}")
-    keyring = work / "keyring.json"
+    keyring, keyring_west = work / "keyring.json", work / "keyring-west.json"
     keyring.write_text(json.dumps({"keys": {"kek-payments-orders": [base64.b64encode(os.urandom(32)).decode()]}}))
+    keyring_west.write_text(json.dumps({"keys": {"kek-payments-orders": [base64.b64encode(os.urandom(32)).decode()]}}))
+    keyring_west.chmod(0o600)
+    keyring.chmod(0o600)
     mesh = work / "mesh.yaml"
-    mesh.write_text((ROOT / "examples/quickstart/mesh.yaml").read_text().replace("@KEYRING@", str(keyring)))
+    mesh.write_text((ROOT / "examples/quickstart/mesh.yaml").read_text().replace("@KEYRING@", str(keyring))
+                    .replace("@KEYRING_WEST@", str(keyring_west)))
 
     domain = "demo.example"
     pki = Pki(work / "pki")
@@ -121,7 +163,10 @@ def main() -> int:
     pki.leaf("control", ips=["127.0.0.1"], dns=["localhost"], uris=[f"spiffe://{domain}/control/1"])
     pki.leaf("admin", uris=[f"spiffe://{domain}/admin/demo"])
 
-    tansu = Tansu(logs, port=9092)
+    # SQLite storage: Tansu 0.6's memory engine reports a high watermark of the last batch's base offset + 1,
+    # which stops a copy (and a keys-topic follower) short of the batch's other records.
+    tansu = Tansu(logs, port=9092, storage=f"sqlite:///{work}/tansu.db")
+    tansu_west = Tansu(logs, port=9093, name="tansu-west", storage=f"sqlite:///{work}/tansu-west.db")
     edge = west = None
     control = Proc("strait-control", [
         str(BIN / "strait-control"), "--dev", "--data-dir", str(work / "control"), "--listen", "127.0.0.1:7001",
@@ -194,7 +239,20 @@ def main() -> int:
         ctl("cert", "issue", "--spiffe-id", f"spiffe://{domain}/edge/edge-west", "--ip", "127.0.0.1",
             "--ttl", "1h", "--out", str(west_dir))
         west_file = work / "edge-west.yaml"
-        west_file.write_text(MESH_WEST.format(dir=west_dir, bundle=client_dir / "bundle.pem", domain=domain))
+        # Federation: once east's edge has wrapped the DEK for dev-west (strait.keys), copy the topic and the
+        # keys topic to west's cluster record by record (new batches, renamed), as a replication tool does.
+        def wrapped_for_west():
+            return metric(9901, "strait_encryption_federation_wraps_total", 'realm="dev-west",outcome="success"') >= 1 \
+                and metric(9901, "strait_encryption_federation_pending_wraps", 'realm="dev-west"') == 0
+        wait_for(wrapped_for_west, 60, what="east's edge wrapping the DEK for realm dev-west")
+        print("[demo] starting site west's own cluster (Tansu on 127.0.0.1:9093)")
+        tansu_west.start()
+        copied = copy_topic(tansu.bootstrap, "payments-orders", tansu_west.bootstrap, "east.payments-orders")
+        keys = copy_topic(tansu.bootstrap, "strait.keys", tansu_west.bootstrap, "east.strait.keys")
+        print(f"[demo] copied {copied} records of payments-orders and {keys} of strait.keys to west's cluster "
+              "(east.payments-orders, east.strait.keys)")
+        west_file.write_text(MESH_WEST.format(dir=west_dir, bundle=client_dir / "bundle.pem", domain=domain,
+                                              keyring_west=keyring_west))
         print("[demo] starting strait-edge for site west (127.0.0.1:29092), tunnel to edge-local on 127.0.0.1:7443")
         west = Proc("strait-edge-west", [str(BIN / "strait-edge"), "--config", str(west_file)], logs)
         west.start()
@@ -214,11 +272,16 @@ def main() -> int:
             print(f"[demo] via west   payments-orders  key={m.key().decode():9} value={m.value().decode()}")
         for m in consume({"bootstrap.servers": tansu.bootstrap}, "payments-orders", 6, "direct-west")[3:]:
             print(f"[demo] at broker  payments-orders  key={m.key().decode():9} value={m.value()[:40].hex()}...")
+        west_local = {**client, "bootstrap.servers": "127.0.0.1:39092"}
+        for m in consume(west_local, "east.payments-orders", 3, "demo-west-local"):
+            print(f"[demo] via west   east.payments-orders key={m.key().decode():9} value={m.value().decode()} "
+                  "(decrypted with realm dev-west only)")
         print("[demo] control plane view of the edge and of the certificates its CA issued:")
         subprocess.run(straitctl + ["get", "Edge"], check=False)
         subprocess.run(straitctl + ["get", "IssuedCertificate"], check=False)
         print("[demo] OK: the broker holds ciphertext for payments-*, clients see plaintext through the edge,")
-        print("[demo]     and a client at site west reached the same cluster through west's own edge and a tunnel")
+        print("[demo]     a client at site west reached the same cluster through west's own edge and a tunnel,")
+        print("[demo]     and records copied to west's cluster decrypt there with west's realm alone")
         return 0
     finally:
         if west is not None:
@@ -226,6 +289,7 @@ def main() -> int:
         if edge is not None:
             edge.stop()
         control.stop()
+        tansu_west.stop()
         tansu.stop()
 
 

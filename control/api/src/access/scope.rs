@@ -76,7 +76,12 @@ impl EdgeScope {
         for (name, p) in typed::<EncryptionPolicySpec>(&all, Kind::EncryptionPolicy) {
             if applies(&p.virtual_clusters) {
                 eps.insert(name.to_string());
-                realms.extend(p.rules.into_iter().map(|r| r.kms));
+                // The realms a DEK is also wrapped for are the edge's too:
+                // it makes those wraps.
+                for r in p.rules {
+                    realms.insert(r.kms);
+                    realms.extend(r.also_wrap_for.into_iter().map(|a| a.kms));
+                }
             }
         }
         let mut aps = BTreeSet::new();
@@ -223,9 +228,11 @@ mod tests {
             res(
                 Kind::EncryptionPolicy,
                 "enc",
-                json!({"virtual_clusters": ["a"], "rules": [{"topics": ["*"], "kms": "v", "kek_template": "K"}]}),
+                json!({"virtual_clusters": ["a"], "rules": [{"topics": ["*"], "kms": "v", "kek_template": "K",
+                    "also_wrap_for": [{"kms": "w", "kek_template": "K"}]}]}),
             ),
             res(Kind::KmsRealm, "v", json!({"provider": "local"})),
+            res(Kind::KmsRealm, "w", json!({"provider": "local"})),
             res(Kind::KmsRealm, "other", json!({"provider": "local"})),
             res(
                 Kind::TrustBundle,
@@ -259,6 +266,7 @@ mod tests {
                 "AuthorizationPolicy/all",
                 "EncryptionPolicy/enc",
                 "KmsRealm/v",
+                "KmsRealm/w",
                 "TrustBundle/tb",
                 "FailoverGroup/fg",
             ]

@@ -812,13 +812,13 @@ impl Validate for EncryptionPolicySpec {
                 if a.kms == r.kms {
                     errs.push(ValidationError::new(
                         &format!("{q}.kms"),
-                        &format!("'{}' is the rule's own realm", a.kms),
+                        format!("'{}' is the rule's own realm", a.kms),
                     ));
                 }
                 if seen.contains(&a.kms.as_str()) {
                     errs.push(ValidationError::new(
                         &format!("{q}.kms"),
-                        &format!("'{}' is listed twice", a.kms),
+                        format!("'{}' is listed twice", a.kms),
                     ));
                 }
                 seen.push(&a.kms);
@@ -839,7 +839,7 @@ impl Validate for EncryptionPolicySpec {
                 if !ok {
                     errs.push(ValidationError::new(
                         &format!("spec.keys_topic[{i}]"),
-                        &format!("'{t}' is not a Kafka topic name"),
+                        format!("'{t}' is not a Kafka topic name"),
                     ));
                 }
             }
@@ -870,7 +870,7 @@ impl Validate for KmsGrantSpec {
             if !KMS_OPERATIONS.contains(&o.as_str()) {
                 errs.push(ValidationError::new(
                     &format!("spec.operations[{i}]"),
-                    &format!("'{o}' is not one of {}", KMS_OPERATIONS.join(", ")),
+                    format!("'{o}' is not one of {}", KMS_OPERATIONS.join(", ")),
                 ));
             }
         }

@@ -124,6 +124,22 @@ pub struct Upstream {
     pub tls: Option<strait_tls::ClientTlsSettings>,
     /// SASL towards the brokers (SASL_PLAINTEXT, or SASL_SSL with `tls`).
     pub sasl: Option<Sasl>,
+    /// Which member of a failover group this upstream is, as the control
+    /// plane decided it. Bookkeeping for status and logs: a changed upstream
+    /// is swapped in place whether or not it is set.
+    pub failover: Option<FailoverState>,
+}
+
+/// `upstream.failover`: the decision an upstream follows.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverState {
+    /// The FailoverGroup.
+    pub group: String,
+    /// The group's active cluster (the KafkaCluster this upstream is).
+    pub cluster: String,
+    /// Bumped by every switch; edges report the one they serve.
+    pub generation: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

@@ -155,6 +155,8 @@ pub struct RawUpstream {
     pub connect_timeout: Option<Duration>,
     /// How the edge authenticates its connections to the brokers.
     pub sasl: Option<RawSasl>,
+    /// Written by the control plane for a virtual cluster behind a failover group.
+    pub failover: Option<crate::FailoverState>,
 }
 
 /// `upstream.sasl`. Credentials are named by where they are, never written

@@ -257,6 +257,7 @@ fn validate_virtual_cluster(
             connect_timeout,
             tls: upstream_tls,
             sasl: upstream_sasl,
+            failover: raw.upstream.failover.clone(),
         },
         tls,
         quotas,

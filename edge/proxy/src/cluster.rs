@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use std::time::Duration;
 
-use strait_edge_config::{BrokerAddressing, VirtualCluster};
+use strait_edge_config::{BrokerAddressing, FailoverState, VirtualCluster};
 use strait_filter::{ConnectionInfo, Endpoint, Filter, FilterChain, FilterFactory, Principal};
 use strait_tls::tokio_rustls::rustls::ServerConfig;
 use strait_tls::tokio_rustls::{StartHandshake, TlsAcceptor};
@@ -21,12 +21,12 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
-use crate::brokers::{BrokerMap, NewBrokerListener};
+use crate::brokers::{BrokerMap, Discovery, NewBrokerListener};
 use crate::connection::{relay_checked, ConnectionError, ConnectionSettings};
 use crate::deny::DenyList;
 use crate::metrics::ClusterMetrics;
 use crate::quota::QuotaPolicy;
-use crate::rewrite::edge_filters;
+use crate::rewrite::edge_filters_for;
 use crate::sasl::client::ClientSaslFilter;
 use crate::upstream::{ConnectContext, ConnectError, Upstream, UpstreamTarget};
 
@@ -39,13 +39,42 @@ pub struct ClusterTls {
     pub metrics: TlsMetrics,
 }
 
+/// The upstream a virtual cluster's new connections go to, with what ends
+/// the connections opened on it when it is replaced.
+struct UpstreamGeneration {
+    upstream: Arc<dyn Upstream>,
+    /// The brokers of this upstream.
+    discovery: Arc<Discovery>,
+    /// How many times the upstream was replaced before this one.
+    swaps: u64,
+    failover: Option<FailoverState>,
+    /// Drains this generation's connections (a child of the cluster's drain).
+    drain: CancellationToken,
+    /// Closes them at once (a child of the cluster's kill).
+    kill: CancellationToken,
+    /// Ends the upstream's background tasks (e.g. its client certificate
+    /// watcher) once its connections are gone.
+    stop: CancellationToken,
+}
+
+/// A replacement upstream for [`ClusterRuntime::swap_upstream`].
+pub struct NewUpstream {
+    pub upstream: Arc<dyn Upstream>,
+    pub failover: Option<FailoverState>,
+    /// Handed to the upstream's background tasks; cancelled once the
+    /// upstream is replaced in turn and its connections are gone.
+    pub stop: CancellationToken,
+}
+
 /// Everything a virtual cluster's connections share.
 pub struct ClusterRuntime {
     pub name: Arc<str>,
     brokers: Arc<BrokerMap>,
     /// Set in SNI mode: the host name that designates the bootstrap.
     sni_bootstrap_host: Option<String>,
-    upstream: Arc<dyn Upstream>,
+    /// Replaced in place on failover; each connection keeps the one it
+    /// opened on.
+    upstream: std::sync::RwLock<Arc<UpstreamGeneration>>,
     /// The edge authenticates upstream itself: clients' SASL is answered here.
     upstream_sasl: bool,
     /// Replaced on reconfiguration; each connection takes the list current when it opens.
@@ -69,6 +98,8 @@ pub struct ClusterRuntime {
 /// What a cluster runtime needs besides its configuration.
 pub struct RuntimeParts {
     pub upstream: Arc<dyn Upstream>,
+    /// Handed to the upstream's background tasks (see [`NewUpstream::stop`]).
+    pub upstream_stop: CancellationToken,
     pub filters: Vec<Arc<dyn FilterFactory>>,
     pub metrics: Arc<ClusterMetrics>,
     pub settings: ConnectionSettings,
@@ -117,11 +148,20 @@ impl ClusterRuntime {
             Some(_) => Some(TcpListener::bind(config.bootstrap).await?),
             None => None,
         };
+        let first = UpstreamGeneration {
+            upstream: parts.upstream,
+            discovery: brokers.discovery(),
+            swaps: 0,
+            failover: config.upstream.failover.clone(),
+            drain: parts.drain.child_token(),
+            kill: parts.kill.child_token(),
+            stop: parts.upstream_stop,
+        };
         let runtime = Arc::new(ClusterRuntime {
             name: config.name.as_str().into(),
             brokers,
             sni_bootstrap_host,
-            upstream: parts.upstream,
+            upstream: std::sync::RwLock::new(Arc::new(first)),
             upstream_sasl: config.upstream.sasl.is_some(),
             filters: std::sync::RwLock::new(Arc::new(parts.filters)),
             metrics: parts.metrics,
@@ -164,10 +204,63 @@ impl ClusterRuntime {
             return Some(Endpoint::Bootstrap);
         }
         let node_id = self.brokers.node_for_host(host)?;
-        // Only brokers the edge has advertised: anything else is refused at the handshake.
-        self.brokers
-            .upstream_of(node_id)
-            .map(|_| Endpoint::Broker(node_id))
+        // Only brokers the edge has advertised: anything else is refused at
+        // the handshake. After a swap, ids of the old upstream are served too
+        // (see `serve_via`).
+        let generation = self.current_upstream();
+        (generation.swaps > 0 || generation.discovery.upstream_of(node_id).is_some())
+            .then_some(Endpoint::Broker(node_id))
+    }
+
+    /// Sends new connections to `next` from now on, without touching the
+    /// listeners: clients keep the bootstrap and broker addresses they know.
+    /// Connections opened on the old upstream are drained (answers to what
+    /// they sent are delivered, then they close, so clients reconnect and
+    /// fetch metadata from the new one) and closed after `drain_timeout`.
+    /// Broker addresses learnt from the old upstream are forgotten, so no
+    /// answer mixes the two clusters.
+    pub fn swap_upstream(&self, next: NewUpstream, drain_timeout: Duration) {
+        let old = {
+            let mut current = self.upstream.write().unwrap_or_else(|e| e.into_inner());
+            let generation = UpstreamGeneration {
+                upstream: next.upstream,
+                discovery: self.brokers.reset_discovery(),
+                swaps: current.swaps + 1,
+                failover: next.failover,
+                drain: self.drain.child_token(),
+                kill: self.kill.child_token(),
+                stop: next.stop,
+            };
+            std::mem::replace(&mut *current, Arc::new(generation))
+        };
+        let current = self.current_upstream();
+        self.metrics.upstream_swaps.inc();
+        tracing::info!(
+            target: "strait::audit",
+            event = "upstream_switched",
+            virtual_cluster = %self.name,
+            from = ?old.failover.as_ref().map(|f| (&f.cluster, f.generation)),
+            to = ?current.failover.as_ref().map(|f| (&f.cluster, f.generation)),
+            "upstream replaced in place; connections to the old one are drained"
+        );
+        old.drain.cancel();
+        tokio::spawn(async move {
+            tokio::time::sleep(drain_timeout).await;
+            old.kill.cancel();
+            old.stop.cancel();
+        });
+    }
+
+    /// The failover decision the current upstream follows, if any.
+    pub fn failover(&self) -> Option<FailoverState> {
+        self.current_upstream().failover.clone()
+    }
+
+    fn current_upstream(&self) -> Arc<UpstreamGeneration> {
+        self.upstream
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     /// Filters for connections opened from now on.
@@ -418,10 +511,23 @@ impl ClusterRuntime {
             return;
         }
 
+        let generation = self.current_upstream();
         let target = match endpoint {
             Endpoint::Bootstrap => UpstreamTarget::Bootstrap,
-            Endpoint::Broker(node_id) => match self.brokers.upstream_of(node_id) {
+            Endpoint::Broker(node_id) => match generation.discovery.upstream_of(node_id) {
                 Some(address) => UpstreamTarget::Broker { node_id, address },
+                // A broker id of the upstream this one replaced, before the
+                // new one's metadata named it: any broker of the new cluster
+                // answers (a request for a partition it does not lead gets
+                // NOT_LEADER_OR_FOLLOWER, and the client refreshes its
+                // metadata), so no client is left with a dangling id.
+                None if generation.swaps > 0 => {
+                    tracing::debug!(
+                        node_id,
+                        "broker not known on the new upstream yet: relaying to its bootstrap"
+                    );
+                    UpstreamTarget::Bootstrap
+                }
                 None => {
                     tracing::warn!(node_id, "no address known for this broker");
                     return;
@@ -432,8 +538,14 @@ impl ClusterRuntime {
             virtual_cluster: self.name.clone(),
             principal: principal.clone(),
         };
-        let (upstream, session_expires_at) = match self.upstream.connect_as(&target, &context).await
-        {
+        let connect = generation.upstream.connect_as(&target, &context);
+        let connected = tokio::select! {
+            connected = connect => connected,
+            // Replaced while connecting (e.g. to a primary that is gone):
+            // the client reconnects to the new one.
+            _ = generation.drain.cancelled() => return,
+        };
+        let (upstream, session_expires_at) = match connected {
             Ok(connection) => (connection.io, connection.session_expires_at),
             Err(ConnectError::Refused {
                 upstream,
@@ -477,8 +589,11 @@ impl ClusterRuntime {
             .map(|factory| factory.create(&info))
             .collect();
         // The edge's own filters depend on what the configured ones decode.
-        let mut filters: Vec<Box<dyn Filter>> =
-            Vec::from(edge_filters(self.brokers.clone(), &configured));
+        let mut filters: Vec<Box<dyn Filter>> = Vec::from(edge_filters_for(
+            self.brokers.clone(),
+            generation.discovery.clone(),
+            &configured,
+        ));
         if self.upstream_sasl {
             // Before the configured filters, so none of them sees client SASL.
             filters.push(Box::new(ClientSaslFilter));
@@ -492,7 +607,7 @@ impl ClusterRuntime {
         tracing::debug!("connection open");
         // A drain of the cluster drains this connection too; the end of the
         // upstream SASL session drains only this one.
-        let drain = self.drain.child_token();
+        let drain = generation.drain.child_token();
         let session_end = close_before_expiry(session_expires_at, drain.clone());
         let deny = self.deny.check(info.principal.clone());
         let relayed = relay_checked(
@@ -508,7 +623,7 @@ impl ClusterRuntime {
         );
         let result = tokio::select! {
             result = relayed => result,
-            _ = self.kill.cancelled() => {
+            _ = generation.kill.cancelled() => {
                 tracing::info!("drain timeout: connection closed");
                 return;
             }

@@ -38,7 +38,7 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cluster::{ClusterRuntime, ClusterTls, RuntimeParts};
+use crate::cluster::{ClusterRuntime, ClusterTls, NewUpstream, RuntimeParts};
 use crate::connection::ConnectionSettings;
 use crate::deny::DenyList;
 use crate::metrics::ProxyMetrics;
@@ -189,6 +189,9 @@ pub struct ApplyReport {
     pub replaced: Vec<String>,
     pub removed: Vec<String>,
     pub unchanged: Vec<String>,
+    /// Kept their listeners and connections to clients; only the upstream
+    /// was replaced (a failover, or a changed `upstream`).
+    pub switched: Vec<String>,
 }
 
 impl Edge {
@@ -321,6 +324,14 @@ impl Edge {
             .map(|(name, _)| name.clone())
             .collect();
         for name in stale {
+            if let (Some(vc), Some(entry)) = (wanted.get(name.as_str()), self.clusters.get(&name)) {
+                if swappable(vc, &entry.config) {
+                    let vc = (*vc).clone();
+                    self.switch_upstream(&vc).await?;
+                    report.switched.push(name);
+                    continue;
+                }
+            }
             if let Some(entry) = self.clusters.remove(&name) {
                 self.retire(entry).await;
                 if wanted.contains_key(name.as_str()) {
@@ -341,7 +352,9 @@ impl Edge {
                     current.replace(sasl);
                 }
                 entry.config = vc.clone();
-                report.unchanged.push(vc.name.clone());
+                if !report.switched.contains(&vc.name) {
+                    report.unchanged.push(vc.name.clone());
+                }
                 continue;
             }
             let entry = self.start_cluster(vc, factories).await?;
@@ -350,8 +363,12 @@ impl Edge {
             }
             self.clusters.insert(vc.name.clone(), entry);
         }
-        if !report.added.is_empty() || !report.replaced.is_empty() || !report.removed.is_empty() {
-            tracing::info!(?report.added, ?report.replaced, ?report.removed, "configuration applied");
+        if !report.added.is_empty()
+            || !report.replaced.is_empty()
+            || !report.removed.is_empty()
+            || !report.switched.is_empty()
+        {
+            tracing::info!(?report.added, ?report.replaced, ?report.removed, ?report.switched, "configuration applied");
         }
         self.publish_tunnel_targets();
         Ok(report)
@@ -377,6 +394,26 @@ impl Edge {
         let drain = CancellationToken::new();
         let kill = CancellationToken::new();
         let tracker = TaskTracker::new();
+        let upstream_stop = stop_accepting.child_token();
+        let (upstream, sasl) = self.build_upstream(vc, upstream_stop.clone())?;
+        self.start_runtime(
+            vc,
+            factories,
+            (upstream, upstream_stop),
+            sasl,
+            [stop_accepting, drain, kill],
+            tracker,
+        )
+        .await
+    }
+
+    /// The upstream `vc` names: through a peer edge, or direct.
+    #[allow(clippy::type_complexity)]
+    fn build_upstream(
+        &self,
+        vc: &VirtualCluster,
+        stop: CancellationToken,
+    ) -> Result<(Arc<dyn Upstream>, Option<Arc<UpstreamSasl>>), StartError> {
         if let Some(remote) = &vc.upstream.remote {
             let upstream = self
                 .remote
@@ -387,33 +424,34 @@ impl Edge {
                     name: vc.name.clone(),
                     reason,
                 })?;
-            return self
-                .start_runtime(
-                    vc,
-                    factories,
-                    upstream,
-                    None,
-                    [stop_accepting, drain, kill],
-                    tracker,
-                )
-                .await;
+            return Ok((upstream, None));
         }
-        let (direct, sasl) = direct_upstream(
-            vc,
-            Some(self.tls_metrics.clone()),
-            self.svid.as_ref(),
-            stop_accepting.clone(),
-        )?;
-        let upstream: Arc<dyn Upstream> = Arc::new(direct);
-        self.start_runtime(
-            vc,
-            factories,
-            upstream,
-            sasl,
-            [stop_accepting, drain, kill],
-            tracker,
-        )
-        .await
+        let (direct, sasl) =
+            direct_upstream(vc, Some(self.tls_metrics.clone()), self.svid.as_ref(), stop)?;
+        Ok((Arc::new(direct), sasl))
+    }
+
+    /// Replaces a running cluster's upstream in place (see
+    /// [`ClusterRuntime::swap_upstream`]).
+    async fn switch_upstream(&mut self, vc: &VirtualCluster) -> Result<(), StartError> {
+        let Some(entry) = self.clusters.get(&vc.name) else {
+            return Ok(());
+        };
+        let stop = entry.stop_accepting.child_token();
+        let (upstream, sasl) = self.build_upstream(vc, stop.clone())?;
+        let drain_timeout = self.drain_timeout;
+        if let Some(entry) = self.clusters.get_mut(&vc.name) {
+            entry.runtime.swap_upstream(
+                NewUpstream {
+                    upstream,
+                    failover: vc.upstream.failover.clone(),
+                    stop,
+                },
+                drain_timeout,
+            );
+            entry.sasl = sasl;
+        }
+        Ok(())
     }
 
     /// The client-facing half of a cluster, whatever its upstream.
@@ -421,7 +459,7 @@ impl Edge {
         &mut self,
         vc: &VirtualCluster,
         factories: Vec<Arc<dyn FilterFactory>>,
-        upstream: Arc<dyn Upstream>,
+        (upstream, upstream_stop): (Arc<dyn Upstream>, CancellationToken),
         sasl: Option<Arc<UpstreamSasl>>,
         [stop_accepting, drain, kill]: [CancellationToken; 3],
         tracker: TaskTracker,
@@ -474,6 +512,7 @@ impl Edge {
         };
         let parts = RuntimeParts {
             upstream,
+            upstream_stop,
             filters: factories,
             metrics: cluster_metrics,
             settings: self.settings,
@@ -610,6 +649,23 @@ impl Edge {
 /// changes through the filter factories and live rule reloads instead, and
 /// upstream SASL credentials, which are replaced in place (turning SASL on or
 /// off changes what clients are offered, so that still replaces the cluster).
+/// Whether `b` can become `a` by replacing only its upstream: the listeners,
+/// TLS, quotas and what clients are offered stay. Turning upstream SASL on or
+/// off changes what clients are offered (the edge answers their SASL), and
+/// a tunnel and direct TCP differ in how brokers are routed: both restart.
+fn swappable(a: &VirtualCluster, b: &VirtualCluster) -> bool {
+    if a.upstream.sasl.is_some() != b.upstream.sasl.is_some()
+        || a.upstream.remote.is_some() != b.upstream.remote.is_some()
+    {
+        return false;
+    }
+    let with_upstream_of_a = VirtualCluster {
+        upstream: a.upstream.clone(),
+        ..b.clone()
+    };
+    same_runtime(a, &with_upstream_of_a)
+}
+
 fn same_runtime(a: &VirtualCluster, b: &VirtualCluster) -> bool {
     if a.upstream.sasl.is_some() != b.upstream.sasl.is_some() {
         return false;

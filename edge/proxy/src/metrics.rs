@@ -72,6 +72,7 @@ pub struct ProxyMetrics {
     request_duration: HistogramFamily<ApiLabels>,
     bytes: Family<BytesLabels, Counter>,
     upstream_connect_errors: Family<ClusterLabels, Counter>,
+    upstream_swaps: Family<ClusterLabels, Counter>,
     upstream_auth_failures: Family<AuthLabels, Counter>,
     upstream_refusals: Family<RejectLabels, Counter>,
     frames_rejected: Family<RejectLabels, Counter>,
@@ -91,6 +92,7 @@ impl ProxyMetrics {
             request_duration: Family::new_with_constructor(latency_histogram),
             bytes: Family::default(),
             upstream_connect_errors: Family::default(),
+            upstream_swaps: Family::default(),
             upstream_auth_failures: Family::default(),
             upstream_refusals: Family::default(),
             frames_rejected: Family::default(),
@@ -128,6 +130,11 @@ impl ProxyMetrics {
             "upstream_connect_errors",
             "Failed connections to upstream brokers",
             metrics.upstream_connect_errors.clone(),
+        );
+        registry.register(
+            "upstream_swaps",
+            "Times the virtual cluster's upstream was replaced in place (failover, failback, a changed upstream)",
+            metrics.upstream_swaps.clone(),
         );
         registry.register(
             "upstream_auth_failures",
@@ -184,6 +191,7 @@ impl ProxyMetrics {
             connections_open: self.connections_open.get_or_create(&labels).clone(),
             connections: self.connections.get_or_create(&labels).clone(),
             upstream_connect_errors: self.upstream_connect_errors.get_or_create(&labels).clone(),
+            upstream_swaps: self.upstream_swaps.get_or_create(&labels).clone(),
             brokers_discovered: self.brokers_discovered.get_or_create(&labels).clone(),
             throttle_seconds: self.throttle_seconds.get_or_create(&labels).clone(),
             bytes_in: bytes(Direction::client_to_upstream),
@@ -200,6 +208,7 @@ pub struct ClusterMetrics {
     pub connections_open: Gauge,
     pub connections: Counter,
     pub upstream_connect_errors: Counter,
+    pub upstream_swaps: Counter,
     pub brokers_discovered: Gauge,
     pub throttle_seconds: Counter<f64, AtomicU64>,
     pub bytes_in: Counter,

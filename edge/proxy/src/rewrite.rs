@@ -14,7 +14,7 @@ use strait_kafka::kafka_protocol::messages::describe_configs_response::DescribeC
 use strait_kafka::kafka_protocol::messages::{ApiKey, DescribeConfigsResponse, ResponseKind};
 use strait_kafka::kafka_protocol::protocol::StrBytes;
 
-use crate::brokers::BrokerMap;
+use crate::brokers::{BrokerMap, Discovery};
 use policy::{VersionLimits, FETCH_NODE_ENDPOINTS, PRODUCE_NODE_ENDPOINTS};
 
 /// The edge's own filters for a connection, to go first in its chain, given
@@ -26,11 +26,23 @@ pub fn edge_filters(
     brokers: Arc<BrokerMap>,
     configured: &[Box<dyn Filter>],
 ) -> [Box<dyn Filter>; 2] {
+    let discovery = brokers.discovery();
+    edge_filters_for(brokers, discovery, configured)
+}
+
+/// [`edge_filters`] for a connection to the upstream whose brokers
+/// `discovery` records (the one current when the connection opened).
+pub fn edge_filters_for(
+    brokers: Arc<BrokerMap>,
+    discovery: Arc<Discovery>,
+    configured: &[Box<dyn Filter>],
+) -> [Box<dyn Filter>; 2] {
     let fetch_decoded = configured.iter().any(|filter| {
         filter.response_keys().contains(ApiKey::Fetch as i16)
             && filter.min_response_version(ApiKey::Fetch) <= FETCH_NODE_ENDPOINTS
     });
     let mut rewrite = AddressRewriteFilter::new(brokers);
+    rewrite.discovery = discovery;
     if fetch_decoded {
         rewrite = rewrite.with_fetch();
     }
@@ -99,12 +111,16 @@ impl Filter for ApiVersionsFilter {
 /// produce is answered.
 pub struct AddressRewriteFilter {
     brokers: Arc<BrokerMap>,
+    /// Where the brokers of this connection's upstream are recorded: an
+    /// answer of a replaced upstream never lands in the new one's.
+    discovery: Arc<Discovery>,
     fetch: bool,
 }
 
 impl AddressRewriteFilter {
     pub fn new(brokers: Arc<BrokerMap>) -> Self {
         AddressRewriteFilter {
+            discovery: brokers.discovery(),
             brokers,
             fetch: false,
         }
@@ -135,7 +151,7 @@ impl AddressRewriteFilter {
         };
         let (edge_host, edge_port) = self
             .brokers
-            .advertise(node_id, upstream)
+            .advertise_in(&self.discovery, node_id, upstream)
             .map_err(|err| err.to_string())?;
         *host = StrBytes::from_string(edge_host.to_string());
         *port = i32::from(edge_port);

@@ -66,7 +66,7 @@ async fn apply_adds_keeps_replaces_and_removes_clusters() {
     assert_eq!(report.unchanged, vec!["a"]);
     assert!(accepts(b).await);
 
-    // A changed upstream replaces the cluster on the same bootstrap port.
+    // A changed upstream is swapped in place: same listeners.
     let report = edge
         .apply(
             &config(&[("a", a, "127.0.0.1:10"), ("b", b, "127.0.0.1:9")]),
@@ -74,8 +74,24 @@ async fn apply_adds_keeps_replaces_and_removes_clusters() {
         )
         .await
         .unwrap();
-    assert_eq!(report.replaced, vec!["a"]);
+    assert_eq!(report.switched, vec!["a"]);
+    assert_eq!(report.unchanged, vec!["b"]);
+    assert!(report.replaced.is_empty());
     assert!(accepts(a).await);
+
+    // Changed listeners (another bootstrap port) replace the cluster.
+    let a2 = free_port();
+    let report = edge
+        .apply(
+            &config(&[("a", a2, "127.0.0.1:10"), ("b", b, "127.0.0.1:9")]),
+            FiltersByCluster::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.replaced, vec!["a"]);
+    assert!(accepts(a2).await);
+    assert!(!accepts(a).await, "the old bootstrap port is closed");
+    let a = a2;
 
     let report = edge
         .apply(
@@ -92,4 +108,86 @@ async fn apply_adds_keeps_replaces_and_removes_clusters() {
             .unwrap()
     );
     assert!(!ready.load(std::sync::atomic::Ordering::Acquire));
+}
+
+/// A fake broker: accepts connections and reports each one.
+async fn fake_broker() -> (String, tokio::sync::mpsc::UnboundedReceiver<TcpStream>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let address = listener.local_addr().unwrap().to_string();
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            if tx.send(stream).is_err() {
+                return;
+            }
+        }
+    });
+    (address, rx)
+}
+
+async fn next_connection(rx: &mut tokio::sync::mpsc::UnboundedReceiver<TcpStream>) -> TcpStream {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a connection upstream within 10 s")
+        .expect("the fake broker runs")
+}
+
+#[tokio::test]
+async fn a_swapped_upstream_keeps_the_listener_and_moves_every_connection() {
+    use tokio::io::AsyncReadExt;
+    let port = free_port();
+    let (primary, mut primary_conns) = fake_broker().await;
+    let (standby, mut standby_conns) = fake_broker().await;
+    let mut registry = Registry::default();
+    let metrics = ProxyMetrics::register(&mut registry);
+    let tls = TlsMetrics::register(&mut registry);
+    let mut edge = Edge::start(
+        &config(&[("orders", port, &primary)]),
+        metrics,
+        tls,
+        FiltersByCluster::new(),
+        Arc::new(AtomicBool::new(false)),
+    )
+    .await
+    .unwrap();
+    let mut before = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let mut at_primary = next_connection(&mut primary_conns).await;
+
+    let report = edge
+        .apply(
+            &config(&[("orders", port, &standby)]),
+            FiltersByCluster::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(report.switched, vec!["orders"]);
+    // The client's connection to the old upstream is closed (it had nothing
+    // in flight), and so is the edge's connection to the old broker.
+    let mut buf = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(10), before.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    let read = tokio::time::timeout(Duration::from_secs(10), at_primary.read(&mut buf)).await;
+    assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "{read:?}");
+    // The same bootstrap now leads to the standby, and only there.
+    let _after = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+    let _at_standby = next_connection(&mut standby_conns).await;
+    assert!(
+        primary_conns.try_recv().is_err(),
+        "nothing more reached the primary"
+    );
+    let text = {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, &registry).unwrap();
+        out
+    };
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("upstream_swaps_total{virtual_cluster=\"orders\"} 1")),
+        "{text}"
+    );
+    assert!(
+        tokio::time::timeout(Duration::from_secs(10), edge.shutdown())
+            .await
+            .unwrap()
+    );
 }

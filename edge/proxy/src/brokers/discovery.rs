@@ -15,21 +15,22 @@ pub(crate) enum Seen {
     Known,
 }
 
-pub(crate) struct Discovery {
+/// Which upstream broker each node id is, for one upstream cluster.
+pub struct Discovery {
     nodes: Mutex<HashMap<i32, HostPort>>,
     /// How many brokers are known (`strait_brokers_discovered`).
     discovered: Gauge,
 }
 
 impl Discovery {
-    pub fn new(discovered: Gauge) -> Self {
+    pub(crate) fn new(discovered: Gauge) -> Self {
         Discovery {
             nodes: Mutex::default(),
             discovered,
         }
     }
 
-    pub fn record(&self, node_id: i32, upstream: &HostPort) -> Seen {
+    pub(crate) fn record(&self, node_id: i32, upstream: &HostPort) -> Seen {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
         let seen = match nodes.insert(node_id, upstream.clone()) {
             None => Seen::New,

@@ -17,7 +17,8 @@ use strait_edge_config::HostPort;
 use thiserror::Error;
 use tokio::sync::mpsc;
 
-use self::discovery::{Discovery, Seen};
+pub use self::discovery::Discovery;
+use self::discovery::Seen;
 pub use self::ports::NewBrokerListener;
 use self::ports::{ListenerBinder, PortAllocator};
 
@@ -44,9 +45,15 @@ enum Addressing {
 }
 
 /// The node id to edge address to upstream address map of one virtual cluster.
+///
+/// Addressing (the ports and host names clients know) lives as long as the
+/// cluster's listeners; discovery belongs to one upstream and is replaced
+/// when the upstream is ([`BrokerMap::reset_discovery`]), so a broker id of
+/// the old cluster never routes to an address of the new one.
 pub struct BrokerMap {
     addressing: Addressing,
-    discovery: Discovery,
+    discovery: std::sync::RwLock<Arc<Discovery>>,
+    discovered: Gauge,
 }
 
 impl BrokerMap {
@@ -64,7 +71,8 @@ impl BrokerMap {
                 ports: Mutex::new(PortAllocator::new(port_range)),
                 binder,
             },
-            discovery: Discovery::new(discovered),
+            discovery: std::sync::RwLock::new(Arc::new(Discovery::new(discovered.clone()))),
+            discovered,
         };
         (Arc::new(map), rx)
     }
@@ -80,7 +88,8 @@ impl BrokerMap {
                 suffix: suffix.to_owned(),
                 port,
             },
-            discovery: Discovery::new(discovered),
+            discovery: std::sync::RwLock::new(Arc::new(Discovery::new(discovered.clone()))),
+            discovered,
         })
     }
 
@@ -107,6 +116,17 @@ impl BrokerMap {
         node_id: i32,
         upstream: HostPort,
     ) -> Result<(Arc<str>, u16), BrokerMapError> {
+        self.advertise_in(&self.discovery(), node_id, upstream)
+    }
+
+    /// [`Self::advertise`], recording into `discovery`: the one of the
+    /// upstream the answer came from, which may have been replaced since.
+    pub fn advertise_in(
+        &self,
+        discovery: &Discovery,
+        node_id: i32,
+        upstream: HostPort,
+    ) -> Result<(Arc<str>, u16), BrokerMapError> {
         match &self.addressing {
             Addressing::Sni {
                 prefix,
@@ -114,7 +134,7 @@ impl BrokerMap {
                 port,
             } => {
                 let host: Arc<str> = format!("{prefix}{node_id}{suffix}").into();
-                self.record(node_id, &upstream, &host, *port);
+                record(discovery, node_id, &upstream, &host, *port);
                 Ok((host, *port))
             }
             Addressing::PortPerBroker {
@@ -124,7 +144,7 @@ impl BrokerMap {
             } => {
                 let mut ports = ports.lock().unwrap_or_else(|e| e.into_inner());
                 if let Some(port) = ports.port_of(node_id) {
-                    self.record(node_id, &upstream, advertised_host, port);
+                    record(discovery, node_id, &upstream, advertised_host, port);
                     return Ok((advertised_host.clone(), port));
                 }
                 // A port another process holds is skipped, not fatal.
@@ -136,28 +156,52 @@ impl BrokerMap {
                         last: *ports.range().end(),
                     });
                 };
-                self.record(node_id, &upstream, advertised_host, port);
+                record(discovery, node_id, &upstream, advertised_host, port);
                 binder.hand_over(node_id, listener);
                 Ok((advertised_host.clone(), port))
             }
         }
     }
 
-    fn record(&self, node_id: i32, upstream: &HostPort, edge_host: &str, edge_port: u16) {
-        match self.discovery.record(node_id, upstream) {
-            Seen::New => {
-                tracing::info!(node_id, %upstream, edge_host, edge_port, "broker discovered")
-            }
-            Seen::Moved { from } => {
-                tracing::info!(node_id, %from, to = %upstream, "broker moved")
-            }
-            Seen::Known => {}
-        }
-    }
-
     /// Where broker `node_id` is, as its cluster last advertised it.
     pub fn upstream_of(&self, node_id: i32) -> Option<HostPort> {
-        self.discovery.upstream_of(node_id)
+        self.discovery().upstream_of(node_id)
+    }
+
+    /// The discovery of the current upstream.
+    pub fn discovery(&self) -> Arc<Discovery> {
+        self.discovery
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Forgets every broker address: the upstream is now another cluster.
+    /// Ports and host names stay, so clients keep reaching the edge where
+    /// they did. Returns the new (empty) discovery.
+    pub fn reset_discovery(&self) -> Arc<Discovery> {
+        let fresh = Arc::new(Discovery::new(self.discovered.clone()));
+        self.discovered.set(0);
+        *self.discovery.write().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
+        fresh
+    }
+}
+
+fn record(
+    discovery: &Discovery,
+    node_id: i32,
+    upstream: &HostPort,
+    edge_host: &str,
+    edge_port: u16,
+) {
+    match discovery.record(node_id, upstream) {
+        Seen::New => {
+            tracing::info!(node_id, %upstream, edge_host, edge_port, "broker discovered")
+        }
+        Seen::Moved { from } => {
+            tracing::info!(node_id, %from, to = %upstream, "broker moved")
+        }
+        Seen::Known => {}
     }
 }
 
@@ -211,6 +255,27 @@ mod tests {
             );
         }
         assert_eq!(map.upstream_of(42), None);
+    }
+
+    #[test]
+    fn a_reset_forgets_addresses_but_keeps_names() {
+        let map = BrokerMap::sni("b-$(node_id).example", 9443, Gauge::default());
+        let old = map.discovery();
+        map.advertise(1, hp("east-1", 9092)).unwrap();
+        let fresh = map.reset_discovery();
+        assert_eq!(
+            map.upstream_of(1),
+            None,
+            "the old cluster's address is gone"
+        );
+        // An answer from the old upstream, arriving late, records into its own discovery only.
+        map.advertise_in(&old, 2, hp("east-2", 9092)).unwrap();
+        assert_eq!(map.upstream_of(2), None);
+        assert_eq!(
+            map.advertise_in(&fresh, 1, hp("west-1", 9092)),
+            Ok(("b-1.example".into(), 9443))
+        );
+        assert_eq!(map.upstream_of(1), Some(hp("west-1", 9092)));
     }
 
     #[test]

@@ -430,6 +430,7 @@ mod tests {
                     },
                     tls: None,
                     remote: None,
+                    failover_group: None,
                 },
             )]),
             kafka_clusters: BTreeMap::from([(

@@ -65,7 +65,9 @@ pub fn status_of(e: ProposeError) -> Status {
             CommandError::Invalid { .. } => Status::invalid_argument(c.to_string()),
             CommandError::NotFound { .. } => Status::not_found(c.to_string()),
             CommandError::AlreadyExists { .. } => Status::already_exists(c.to_string()),
-            CommandError::Conflict { .. } => Status::aborted(c.to_string()),
+            CommandError::Conflict { .. } | CommandError::GenerationConflict { .. } => {
+                Status::aborted(c.to_string())
+            }
             CommandError::Irreversible { .. } => Status::failed_precondition(c.to_string()),
         },
         ProposeError::NoLeader | ProposeError::Shutdown | ProposeError::LeaderChanged => {

@@ -7,6 +7,7 @@
 //! [`identity`]: the `Identity` service (the mesh's CA); [`tls`]: the
 //! listener used when the node runs the CA.
 
+mod failover;
 pub mod identity;
 pub mod node_tls;
 pub mod tls;
@@ -633,6 +634,13 @@ impl Control for ControlService {
             role: s.role,
             first_log_index: s.first_log_index,
         }))
+    }
+
+    async fn failover(
+        &self,
+        req: Request<pb::FailoverRequest>,
+    ) -> Result<Response<pb::Resource>, Status> {
+        self.failover_group(req).await
     }
 
     async fn set_partitioned(

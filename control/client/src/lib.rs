@@ -281,6 +281,16 @@ impl ControlClient {
         .await
     }
 
+    /// Retried on other members like every call: send `expected_generation`
+    /// so that a retry after an unknown outcome cannot switch twice.
+    pub async fn failover(&self, req: pb::FailoverRequest) -> Result<pb::Resource, Status> {
+        self.call(|mut c| {
+            let r = req.clone();
+            async move { c.failover(r).await }
+        })
+        .await
+    }
+
     pub async fn get(&self, kind: &str, name: &str) -> Result<pb::Resource, Status> {
         let req = pb::GetRequest {
             kind: kind.into(),

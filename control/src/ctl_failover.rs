@@ -7,7 +7,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 use strait_control_client::ControlClient;
-use strait_control_state::spec::{EdgeStatus, FailoverGroupSpec, FailoverStatus};
+use strait_control_state::spec::{AppliedFailover, FailoverGroupSpec, FailoverStatus};
 use strait_control_state::Kind;
 use strait_proto::control as pb;
 
@@ -118,11 +118,15 @@ async fn switch(
 pub fn edges_view(group: &str, edges: &[pb::Resource]) -> Value {
     let mut out = BTreeMap::new();
     for edge in edges {
-        let Ok(status) = serde_json::from_str::<EdgeStatus>(&edge.status_json) else {
-            continue;
-        };
-        let laggard = status
-            .failover
+        // Only `failover` is read, so an edge newer or older than this
+        // straitctl (other status fields) still shows.
+        let applied = serde_json::from_str::<Value>(&edge.status_json)
+            .ok()
+            .and_then(|s| {
+                serde_json::from_value::<Vec<AppliedFailover>>(s.get("failover")?.clone()).ok()
+            })
+            .unwrap_or_default();
+        let laggard = applied
             .iter()
             .filter(|f| f.group == group)
             .min_by_key(|f| (f.generation, f.virtual_cluster.clone()));
@@ -186,7 +190,8 @@ mod tests {
                 "Edge",
                 "east",
                 json!({}),
-                json!({"last_heartbeat_unix_ms": 1, "failover": [applied("pay", "west", 2)]}),
+                json!({"last_heartbeat_unix_ms": 1, "failover": [applied("pay", "west", 2)],
+                       "a_field_of_a_newer_edge": true}),
             ),
             // Two virtual clusters behind the group: the one behind counts.
             res(

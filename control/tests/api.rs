@@ -238,7 +238,7 @@ spec:
     let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/mesh.yaml");
     let o = ctl(&eps, &["apply", "-f", example]);
     assert!(o.status.success(), "{}", stderr(&o));
-    assert_eq!(stdout(&o).lines().count(), 12, "{}", stdout(&o));
+    assert_eq!(stdout(&o).lines().count(), 13, "{}", stdout(&o));
     let o = ctl(&eps, &["get", "all"]);
     for kind in [
         "KafkaCluster",

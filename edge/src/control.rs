@@ -12,7 +12,9 @@
 //! bundle, or naming an unknown one, is an error (the edge keeps its last good
 //! configuration and reports why in its status); a TrustBundle becomes an
 //! entry bound to its `trust_domain`; an AuthorizationPolicy with no rule left
-//! denies everything; DenyLists become `deny_identities`.
+//! denies everything; DenyLists become `deny_identities`. A VirtualCluster
+//! behind a FailoverGroup gets the upstream of the group's active cluster
+//! and `upstream.failover`; an unknown group or active cluster is an error.
 
 use std::path::{Path, PathBuf};
 
@@ -22,7 +24,10 @@ use strait_control_client::state::spec::{KmsProvider, Operation, UpstreamSasl};
 use strait_control_client::EdgeSnapshot;
 use strait_edge_config::Config;
 
+mod failover;
 mod mesh;
+
+pub use failover::applied_failover;
 
 /// Builds the edge configuration from the file (if any) and the latest
 /// snapshot (if any).
@@ -96,48 +101,15 @@ fn translate(
             clusters.push(cluster);
             continue;
         }
-        let kafka = snapshot.kafka_clusters.get(&vc.cluster).with_context(|| {
-            format!(
-                "VirtualCluster {name}: KafkaCluster '{}' is not known",
-                vc.cluster
-            )
-        })?;
-        let mut upstream = json!({ "bootstrap_servers": kafka.bootstrap_servers });
-        if let Some(tls) = &kafka.tls {
-            let ca_pem = match (&tls.trust_bundle, &tls.ca_pem) {
-                (Some(bundle), _) => snapshot
-                    .trust_bundles
-                    .get(bundle)
-                    .map(|b| b.pem.clone())
-                    .with_context(|| {
-                        format!(
-                            "KafkaCluster {}: TrustBundle '{bundle}' is not known",
-                            vc.cluster
-                        )
-                    })?,
-                (None, Some(pem)) => pem.clone(),
-                (None, None) => anyhow::bail!(
-                    "KafkaCluster {}: tls needs trust_bundle or ca_pem",
-                    vc.cluster
-                ),
-            };
-            let ca = write_pem(&pem_dir, &format!("upstream-{}", vc.cluster), &ca_pem)?;
-            let mut tls_value = json!({ "ca": ca });
-            if let Some(identity) = &tls.identity {
-                tls_value["identity"] = json!(identity);
+        let upstream = match &vc.failover_group {
+            Some(group) => {
+                let (active, state) = failover::active_cluster(snapshot, name, group)?;
+                let mut upstream = kafka_upstream(snapshot, name, active, &pem_dir)?;
+                upstream["failover"] = state;
+                upstream
             }
-            if let (Some(cert), Some(key)) = (&tls.client_cert_file, &tls.client_key_file) {
-                tls_value["cert"] = json!(cert);
-                tls_value["key"] = json!(key);
-            }
-            if let Some(server_name) = &tls.server_name {
-                tls_value["server_name"] = json!(server_name);
-            }
-            upstream["tls"] = tls_value;
-        }
-        if let Some(sasl) = &kafka.sasl {
-            upstream["sasl"] = sasl_value(sasl);
-        }
+            None => kafka_upstream(snapshot, name, &vc.cluster, &pem_dir)?,
+        };
         let mut cluster = json!({
             "name": name,
             "bootstrap": vc.bootstrap,
@@ -188,6 +160,56 @@ fn translate(
         kms.push(entry);
     }
     Ok((clusters, kms))
+}
+
+/// `upstream` of a virtual cluster served from KafkaCluster `cluster`:
+/// its bootstrap servers, TLS (the CA written to a file) and SASL references.
+fn kafka_upstream(
+    snapshot: &EdgeSnapshot,
+    name: &str,
+    cluster: &str,
+    pem_dir: &Path,
+) -> anyhow::Result<Value> {
+    let kafka = snapshot
+        .kafka_clusters
+        .get(cluster)
+        .with_context(|| format!("VirtualCluster {name}: KafkaCluster '{cluster}' is not known"))?;
+    let mut upstream = json!({ "bootstrap_servers": kafka.bootstrap_servers });
+    if let Some(tls) = &kafka.tls {
+        let ca_pem = match (&tls.trust_bundle, &tls.ca_pem) {
+            (Some(bundle), _) => snapshot
+                .trust_bundles
+                .get(bundle)
+                .map(|b| b.pem.clone())
+                .with_context(|| {
+                    format!(
+                        "KafkaCluster {}: TrustBundle '{bundle}' is not known",
+                        cluster
+                    )
+                })?,
+            (None, Some(pem)) => pem.clone(),
+            (None, None) => {
+                anyhow::bail!("KafkaCluster {}: tls needs trust_bundle or ca_pem", cluster)
+            }
+        };
+        let ca = write_pem(pem_dir, &format!("upstream-{cluster}"), &ca_pem)?;
+        let mut tls_value = json!({ "ca": ca });
+        if let Some(identity) = &tls.identity {
+            tls_value["identity"] = json!(identity);
+        }
+        if let (Some(cert), Some(key)) = (&tls.client_cert_file, &tls.client_key_file) {
+            tls_value["cert"] = json!(cert);
+            tls_value["key"] = json!(key);
+        }
+        if let Some(server_name) = &tls.server_name {
+            tls_value["server_name"] = json!(server_name);
+        }
+        upstream["tls"] = tls_value;
+    }
+    if let Some(sasl) = &kafka.sasl {
+        upstream["sasl"] = sasl_value(sasl);
+    }
+    Ok(upstream)
 }
 
 /// What a virtual cluster gets whatever its upstream: its client-facing TLS
@@ -430,6 +452,7 @@ mod tests {
                     },
                     tls: None,
                     remote: None,
+                    failover_group: None,
                 },
             )]),
             kafka_clusters: BTreeMap::from([(
@@ -448,6 +471,7 @@ mod tests {
             mesh_peers: BTreeMap::new(),
             edge_mesh: None,
             kek_shreds: BTreeMap::new(),
+            failover_groups: BTreeMap::new(),
         }
     }
 
@@ -702,6 +726,125 @@ mod tests {
         assert!(
             names.contains(&"vault-east") && names.contains(&"aws-west"),
             "{names:?}"
+        );
+    }
+
+    #[test]
+    fn a_virtual_cluster_behind_a_failover_group_is_served_from_its_active_cluster() {
+        use strait_control_client::state::spec::{AppliedFailover, UpstreamTls};
+        use strait_control_client::FollowedGroup;
+        let dir = tempfile::tempdir().unwrap();
+        let mut snap = plain_snapshot();
+        let (_, west_ca) = ca(dir.path(), "west-ca");
+        snap.kafka_clusters.insert(
+            "kafka-west".into(),
+            KafkaClusterSpec {
+                bootstrap_servers: vec!["10.0.1.1:9093".into(), "10.0.1.2:9093".into()],
+                tls: Some(UpstreamTls {
+                    ca_pem: Some(west_ca.clone()),
+                    server_name: Some("kafka.west".into()),
+                    ..UpstreamTls::default()
+                }),
+                sasl: Some(UpstreamSasl {
+                    mechanism: SaslMechanism::ScramSha256,
+                    username: Some("edge".into()),
+                    username_file: None,
+                    username_env: None,
+                    password_file: None,
+                    password_env: Some("HOME".into()),
+                }),
+            },
+        );
+        let vc = snap.virtual_clusters.get_mut("orders").unwrap();
+        vc.cluster = String::new();
+        vc.failover_group = Some("orders-dr".into());
+        // The group is not known yet: fail closed, naming it.
+        let err = compose(None, Some(&snap), true, dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "VirtualCluster orders: FailoverGroup 'orders-dr' is not known"
+        );
+        let mut group = FollowedGroup {
+            spec: serde_json::from_value(serde_json::json!({
+                "primary": "kafka-east", "standby": ["kafka-west"]
+            }))
+            .unwrap(),
+            status: None,
+        };
+        snap.failover_groups
+            .insert("orders-dr".into(), group.clone());
+        // Before any failover: the primary, at generation 0.
+        let config = compose(None, Some(&snap), true, dir.path()).unwrap();
+        let upstream = &config.virtual_clusters[0].upstream;
+        assert_eq!(upstream.bootstrap_servers[0].to_string(), "127.0.0.1:9092");
+        assert_eq!(upstream.tls, None);
+        assert_eq!(
+            upstream.failover,
+            Some(strait_edge_config::FailoverState {
+                group: "orders-dr".into(),
+                cluster: "kafka-east".into(),
+                generation: 0,
+            })
+        );
+        // Failed over: the standby's servers, TLS and SASL, as a `cluster:`
+        // virtual cluster of kafka-west would get them.
+        group.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "active": "kafka-west", "generation": 3, "previous": "kafka-east",
+                "by": "spiffe://east.example/admin/ops", "at_unix_ms": 1
+            }))
+            .unwrap(),
+        );
+        snap.failover_groups
+            .insert("orders-dr".into(), group.clone());
+        let config = compose(None, Some(&snap), true, dir.path()).unwrap();
+        let upstream = &config.virtual_clusters[0].upstream;
+        let servers: Vec<String> = upstream
+            .bootstrap_servers
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(servers, vec!["10.0.1.1:9093", "10.0.1.2:9093"]);
+        let tls = upstream.tls.as_ref().unwrap();
+        assert_eq!(tls.server_name.as_deref(), Some("kafka.west"));
+        assert_eq!(std::fs::read_to_string(&tls.ca).unwrap(), west_ca);
+        let sasl = upstream.sasl.as_ref().unwrap();
+        assert_eq!(
+            sasl.mechanism,
+            strait_edge_config::SaslMechanism::ScramSha256
+        );
+        assert_eq!(
+            upstream
+                .failover
+                .as_ref()
+                .map(|f| (f.cluster.as_str(), f.generation)),
+            Some(("kafka-west", 3))
+        );
+        let mut direct = snap.clone();
+        let vc = direct.virtual_clusters.get_mut("orders").unwrap();
+        vc.failover_group = None;
+        vc.cluster = "kafka-west".into();
+        let direct = compose(None, Some(&direct), true, dir.path()).unwrap();
+        let mut expected = direct.virtual_clusters[0].upstream.clone();
+        expected.failover = upstream.failover.clone();
+        assert_eq!(upstream, &expected);
+        // What the heartbeat reports.
+        assert_eq!(
+            super::applied_failover(&config),
+            vec![AppliedFailover {
+                virtual_cluster: "orders".into(),
+                group: "orders-dr".into(),
+                cluster: "kafka-west".into(),
+                generation: 3,
+            }]
+        );
+        assert_eq!(super::applied_failover(&direct), vec![]);
+        // An active cluster the edge was not given: fail closed too.
+        snap.kafka_clusters.remove("kafka-west");
+        let err = compose(None, Some(&snap), true, dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "VirtualCluster orders: FailoverGroup 'orders-dr' is at generation 3 on KafkaCluster 'kafka-west', which is not known"
         );
     }
 

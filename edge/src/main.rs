@@ -319,6 +319,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         version: env!("CARGO_PKG_VERSION").to_owned(),
         config_revision: sources.snapshot.as_ref().map_or(0, |s| s.revision),
         virtual_clusters: edge.cluster_names().map(str::to_owned).collect(),
+        failover: control::applied_failover(&config),
         ..EdgeStatus::default()
     }));
     tracing::info!(
@@ -479,6 +480,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
         status.config_revision = sources.snapshot.as_ref().map_or(0, |s| s.revision);
         status.virtual_clusters = edge.cluster_names().map(str::to_owned).collect();
+        // What runs now, so an operator sees this edge reach the generation.
+        status.failover = control::applied_failover(&running);
         status.message = message;
     }
     if let Some(heartbeat) = heartbeat {

@@ -7,6 +7,7 @@
 //! [`identity`]: the `Identity` service (the mesh's CA); [`tls`]: the
 //! listener used when the node runs the CA.
 
+mod failover;
 pub mod identity;
 pub mod node_tls;
 pub mod tls;
@@ -65,7 +66,9 @@ pub fn status_of(e: ProposeError) -> Status {
             CommandError::Invalid { .. } => Status::invalid_argument(c.to_string()),
             CommandError::NotFound { .. } => Status::not_found(c.to_string()),
             CommandError::AlreadyExists { .. } => Status::already_exists(c.to_string()),
-            CommandError::Conflict { .. } => Status::aborted(c.to_string()),
+            CommandError::Conflict { .. } | CommandError::GenerationConflict { .. } => {
+                Status::aborted(c.to_string())
+            }
             CommandError::Irreversible { .. } => Status::failed_precondition(c.to_string()),
         },
         ProposeError::NoLeader | ProposeError::Shutdown | ProposeError::LeaderChanged => {
@@ -631,6 +634,13 @@ impl Control for ControlService {
             role: s.role,
             first_log_index: s.first_log_index,
         }))
+    }
+
+    async fn failover(
+        &self,
+        req: Request<pb::FailoverRequest>,
+    ) -> Result<Response<pb::Resource>, Status> {
+        self.failover_group(req).await
     }
 
     async fn set_partitioned(

@@ -123,18 +123,28 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn put(store: &mut Store, key: (Kind, String), spec: serde_json::Value) {
+        store.insert(key, spec.into());
+    }
+
     #[test]
     fn snapshot_and_cache_round_trip() {
         let mut store: Store = BTreeMap::new();
-        store.insert(
+        put(
+            &mut store,
             (Kind::TrustBundle, "home".into()),
             json!({"trust_domain": "example.org", "pem": "-----BEGIN CERTIFICATE-----"}),
         );
-        store.insert(
+        put(
+            &mut store,
             (Kind::DenyList, "leak".into()),
             json!({"spiffe_ids": ["spiffe://example.org/edge/e9"], "reason": "key leaked"}),
         );
-        store.insert((Kind::KmsRealm, "v".into()), json!({"provider": "local"}));
+        put(
+            &mut store,
+            (Kind::KmsRealm, "v".into()),
+            json!({"provider": "local"}),
+        );
         let s = build_broker_snapshot("k1", 4, &store);
         assert_eq!(s.trust_bundles["home"].trust_domain, "example.org");
         assert_eq!(

@@ -11,11 +11,13 @@
 //!   renewed at half-life, published on channels for rustls.
 
 mod args;
+mod failover;
 pub mod identity;
 pub mod live_tls;
 pub mod svid;
 
 pub use args::{ControlConnectionArgs, SvidArgs};
+pub use failover::FollowedGroup;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -279,6 +281,16 @@ impl ControlClient {
         .await
     }
 
+    /// Retried on other members like every call: send `expected_generation`
+    /// so that a retry after an unknown outcome cannot switch twice.
+    pub async fn failover(&self, req: pb::FailoverRequest) -> Result<pb::Resource, Status> {
+        self.call(|mut c| {
+            let r = req.clone();
+            async move { c.failover(r).await }
+        })
+        .await
+    }
+
     pub async fn get(&self, kind: &str, name: &str) -> Result<pb::Resource, Status> {
         let req = pb::GetRequest {
             kind: kind.into(),
@@ -378,6 +390,10 @@ pub struct EdgeSnapshot {
     /// Every KekShred: each edge refuses those KEKs both ways.
     #[serde(default)]
     pub kek_shreds: BTreeMap<String, KekShredSpec>,
+    /// The FailoverGroups this edge's virtual clusters follow
+    /// (`failover_group`), each with the decision in force.
+    #[serde(default)]
+    pub failover_groups: BTreeMap<String, FollowedGroup>,
 }
 
 impl EdgeSnapshot {
@@ -392,12 +408,14 @@ impl EdgeSnapshot {
             && self.mesh_peers == o.mesh_peers
             && self.edge_mesh == o.edge_mesh
             && self.kek_shreds == o.kek_shreds
+            && self.failover_groups == o.failover_groups
     }
 }
 
 /// Kinds an edge watches.
-pub const EDGE_KINDS: [Kind; 10] = [
+pub const EDGE_KINDS: [Kind; 11] = [
     Kind::Edge,
+    Kind::FailoverGroup,
     Kind::MeshPeer,
     Kind::VirtualCluster,
     Kind::KafkaCluster,
@@ -417,10 +435,10 @@ pub fn typed_map<T: serde::de::DeserializeOwned>(
     store
         .iter()
         .filter(|((k, _), _)| *k == kind)
-        .filter_map(|((_, name), spec)| {
+        .filter_map(|((_, name), stored)| {
             // Specs were validated on write; one that no longer parses (an
             // older client) is skipped rather than breaking the whole edge.
-            match serde_json::from_value::<T>(spec.clone()) {
+            match serde_json::from_value::<T>(stored.spec.clone()) {
                 Ok(t) => Some((name.clone(), t)),
                 Err(e) => {
                     tracing::warn!(%kind, %name, error = %e, "skipping resource this client cannot read");
@@ -440,8 +458,12 @@ pub fn build_snapshot(edge: &str, revision: u64, store: &Store) -> EdgeSnapshot 
         });
     let applies =
         |targets: &[String]| targets.is_empty() || targets.iter().any(|t| vcs.contains_key(t));
+    let failover_groups = failover::followed_groups(store, &vcs);
+    // Every member of a followed group: the switch is then a status change
+    // that needs no other resource.
     let kafka_clusters = typed_map(store, Kind::KafkaCluster, |name, _: &KafkaClusterSpec| {
         vcs.values().any(|v| v.cluster == name)
+            || failover_groups.values().any(|g| g.spec.is_member(name))
     });
     let authorization_policies = typed_map(
         store,
@@ -482,6 +504,7 @@ pub fn build_snapshot(edge: &str, revision: u64, store: &Store) -> EdgeSnapshot 
         mesh_peers,
         edge_mesh,
         kek_shreds,
+        failover_groups,
     }
 }
 
@@ -594,8 +617,25 @@ enum WatchEnd {
     Failed(Status),
 }
 
-/// The resources seen so far, by kind and name, as spec JSON.
-pub type Store = BTreeMap<(Kind, String), serde_json::Value>;
+/// One resource as watched: its spec and its status (null when it has none).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Stored {
+    pub spec: serde_json::Value,
+    pub status: serde_json::Value,
+}
+
+impl From<serde_json::Value> for Stored {
+    /// A resource without status.
+    fn from(spec: serde_json::Value) -> Stored {
+        Stored {
+            spec,
+            status: serde_json::Value::Null,
+        }
+    }
+}
+
+/// The resources seen so far, by kind and name.
+pub type Store = BTreeMap<(Kind, String), Stored>;
 
 /// Lists then watches `kinds` for as long as `keep_going()` holds, calling
 /// `on_change(store, revision)` once the initial listing is complete and
@@ -723,7 +763,17 @@ async fn watch_once<P: FnMut(&Store, u64)>(
                 if t == pb::EventType::Put {
                     match serde_json::from_str(&r.spec_json) {
                         Ok(spec) => {
-                            target.insert((kind, r.name), spec);
+                            // A FailoverGroup's status is the decision its
+                            // edges follow; other statuses are kept alike.
+                            let status = if r.status_json.is_empty() {
+                                serde_json::Value::Null
+                            } else {
+                                serde_json::from_str(&r.status_json).unwrap_or_else(|e| {
+                                    tracing::warn!(error = %e, kind = %kind, name = %r.name, "bad status JSON from control plane");
+                                    serde_json::Value::Null
+                                })
+                            };
+                            target.insert((kind, r.name), Stored { spec, status });
                         }
                         Err(e) => tracing::warn!(error = %e, "bad spec JSON from control plane"),
                     }
@@ -857,6 +907,10 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    fn put(store: &mut Store, key: (Kind, String), spec: serde_json::Value) {
+        store.insert(key, spec.into());
+    }
+
     #[test]
     fn snapshot_selects_what_the_edge_needs() {
         let mut store: Store = BTreeMap::new();
@@ -864,30 +918,48 @@ mod tests {
             json!({"edge": edge, "cluster": cluster, "bootstrap": "127.0.0.1:19092",
                    "brokers": {"advertised_host": "127.0.0.1", "port_range": "19100-19199"}})
         };
-        store.insert((Kind::VirtualCluster, "a".into()), vc("e1", "east"));
-        store.insert((Kind::VirtualCluster, "b".into()), vc("e2", "west"));
-        store.insert(
+        put(
+            &mut store,
+            (Kind::VirtualCluster, "a".into()),
+            vc("e1", "east"),
+        );
+        put(
+            &mut store,
+            (Kind::VirtualCluster, "b".into()),
+            vc("e2", "west"),
+        );
+        put(
+            &mut store,
             (Kind::KafkaCluster, "east".into()),
             json!({"bootstrap_servers": ["h:1"]}),
         );
-        store.insert(
+        put(
+            &mut store,
             (Kind::KafkaCluster, "west".into()),
             json!({"bootstrap_servers": ["h:2"]}),
         );
-        store.insert(
+        put(
+            &mut store,
             (Kind::AuthorizationPolicy, "all".into()),
             json!({"rules": [{"principal": "*", "allow": ["read"], "topics": ["*"]}]}),
         );
-        store.insert(
+        put(
+            &mut store,
             (Kind::AuthorizationPolicy, "only-b".into()),
             json!({"virtual_clusters": ["b"], "rules": [{"principal": "*", "allow": ["read"], "topics": ["*"]}]}),
         );
-        store.insert(
+        put(
+            &mut store,
             (Kind::EncryptionPolicy, "enc".into()),
             json!({"virtual_clusters": ["a"], "rules": [{"topics": ["*"], "kms": "v", "kek_template": "K"}]}),
         );
-        store.insert((Kind::KmsRealm, "v".into()), json!({"provider": "local"}));
-        store.insert(
+        put(
+            &mut store,
+            (Kind::KmsRealm, "v".into()),
+            json!({"provider": "local"}),
+        );
+        put(
+            &mut store,
             (Kind::KmsRealm, "other".into()),
             json!({"provider": "local"}),
         );
@@ -910,5 +982,51 @@ mod tests {
         assert_eq!(back.source, SnapshotSource::Cache);
         assert!(back.same_content(&s));
         assert!(read_cache(dir.path(), "e2").is_none());
+    }
+
+    #[test]
+    fn a_followed_failover_group_comes_with_its_status_and_members() {
+        let mut store: Store = BTreeMap::new();
+        put(
+            &mut store,
+            (Kind::VirtualCluster, "pay".into()),
+            json!({"edge": "e1", "failover_group": "pay", "bootstrap": "127.0.0.1:19092",
+                   "brokers": {"advertised_host": "127.0.0.1", "port_range": "19100-19199"}}),
+        );
+        put(
+            &mut store,
+            (Kind::FailoverGroup, "pay".into()),
+            json!({"primary": "east", "standby": ["west"]}),
+        );
+        put(
+            &mut store,
+            (Kind::FailoverGroup, "other".into()),
+            json!({"primary": "x", "standby": ["y"]}),
+        );
+        for c in ["east", "west", "x"] {
+            put(
+                &mut store,
+                (Kind::KafkaCluster, c.into()),
+                json!({"bootstrap_servers": ["h:1"]}),
+            );
+        }
+        let s = build_snapshot("e1", 3, &store);
+        assert_eq!(s.failover_groups.keys().collect::<Vec<_>>(), vec!["pay"]);
+        assert_eq!(s.failover_groups["pay"].active(), ("east", 0));
+        assert_eq!(
+            s.kafka_clusters.keys().collect::<Vec<_>>(),
+            vec!["east", "west"]
+        );
+        // A failover is a status change, and a change of the snapshot.
+        if let Some(g) = store.get_mut(&(Kind::FailoverGroup, "pay".into())) {
+            g.status = json!({"active": "west", "generation": 1, "previous": "east",
+                              "planned": true, "by": "spiffe://d/admin/a", "at_unix_ms": 5});
+        }
+        let after = build_snapshot("e1", 4, &store);
+        assert_eq!(after.failover_groups["pay"].active(), ("west", 1));
+        assert!(!after.same_content(&s));
+        let dir = tempfile::tempdir().unwrap();
+        write_cache(dir.path(), &after).unwrap();
+        assert!(read_cache(dir.path(), "e1").unwrap().same_content(&after));
     }
 }

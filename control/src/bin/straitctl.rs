@@ -1,5 +1,7 @@
 //! straitctl: command-line client of the Strait control plane.
 
+#[path = "../ctl_failover.rs"]
+mod ctl_failover;
 #[path = "../ctl_identity.rs"]
 mod ctl_identity;
 
@@ -119,6 +121,11 @@ enum Cmd {
         #[command(subcommand)]
         action: KekCmd,
     },
+    /// Make a standby (or --to CLUSTER) the active cluster of a
+    /// FailoverGroup (admin); every edge following the group switches.
+    Failover(ctl_failover::FailoverArgs),
+    /// Make a FailoverGroup's primary its active cluster again (admin).
+    Failback(ctl_failover::FailbackArgs),
 }
 
 #[derive(Subcommand, Debug)]
@@ -378,6 +385,19 @@ fn print_event(ev: &pb::WatchEvent) {
     }
 }
 
+/// FailoverGroups printed as YAML or JSON show the decision in force and
+/// `status.edges`, each edge's applied generation from its heartbeat. The
+/// Edges are read for that only; without them the groups print as stored.
+async fn with_failover_view(client: &ControlClient, rows: &mut [pb::Resource], output: Output) {
+    if output == Output::Table || !rows.iter().any(|r| r.kind == Kind::FailoverGroup.as_str()) {
+        return;
+    }
+    match client.list(Kind::Edge.as_str(), "").await {
+        Ok(edges) => ctl_failover::annotate(rows, &edges.resources),
+        Err(s) => eprintln!("# cannot list Edges for status.edges: {}", s.message()),
+    }
+}
+
 fn kind_arg(s: &str) -> Result<String> {
     Ok(Kind::parse(s).map_err(|e| anyhow!(e))?.as_str().to_string())
 }
@@ -442,6 +462,8 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Token { action } => ctl_identity::run_token(&cfg, action).await?,
         Cmd::Cert { action } => ctl_identity::run_cert(&cfg, action).await?,
         Cmd::Ca { action } => ctl_identity::run_ca(&cfg, action).await?,
+        Cmd::Failover(args) => ctl_failover::run_failover(&client, args).await?,
+        Cmd::Failback(args) => ctl_failover::run_failback(&client, args).await?,
         Cmd::Apply { file } => {
             let cmds = load_manifests(&file)?;
             for (n, cmd) in cmds {
@@ -505,7 +527,9 @@ async fn run(cli: Cli) -> Result<()> {
                         })
                         .await
                         .map_err(status_err)?;
-                    print_resources(&[r], output, true)?;
+                    let mut rows = [r];
+                    with_failover_view(&client, &mut rows, output).await;
+                    print_resources(&rows, output, true)?;
                 }
                 None => {
                     let req = pb::ListRequest {
@@ -513,13 +537,14 @@ async fn run(cli: Cli) -> Result<()> {
                         label_selector: selector,
                         stale,
                     };
-                    let l = client
+                    let mut l = client
                         .call(|mut c| {
                             let r = req.clone();
                             async move { c.list(r).await }
                         })
                         .await
                         .map_err(status_err)?;
+                    with_failover_view(&client, &mut l.resources, output).await;
                     print_resources(&l.resources, output, false)?;
                 }
             }

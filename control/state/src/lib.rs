@@ -2,6 +2,8 @@
 //! command and returns its outcome and the watch events it produced; no IO,
 //! no clocks, no randomness, so every replica computes the same result.
 
+mod failover;
+mod failover_spec;
 mod mesh_spec;
 pub mod spec;
 
@@ -251,10 +253,27 @@ pub enum Command {
         name: String,
         expected_revision: Option<u64>,
     },
+    /// Refused for a FailoverGroup, whose status only `Failover` writes.
     UpdateStatus {
         kind: Kind,
         name: String,
         status: Value,
+    },
+    /// Makes `to` the active cluster of FailoverGroup `group` (see
+    /// `failover.rs`). `by` and `at_unix_ms` are filled in by the API node,
+    /// so every replica records the same thing.
+    Failover {
+        group: String,
+        /// None: the first standby that is not active, or the primary
+        /// with `failback`.
+        to: Option<String>,
+        /// Compare-and-set on the group's generation (0: never failed over).
+        expected_generation: Option<u64>,
+        planned: bool,
+        failback: bool,
+        reason: Option<String>,
+        by: String,
+        at_unix_ms: u64,
     },
     /// Committed by a new leader; changes nothing.
     Noop,
@@ -287,6 +306,13 @@ pub enum CommandError {
     #[error("{kind} '{name}': revision conflict (expected {expected}, found {actual})")]
     Conflict {
         kind: Kind,
+        name: String,
+        expected: u64,
+        actual: u64,
+    },
+    /// A failover decided on a stale view of the group.
+    #[error("FailoverGroup '{name}': generation {expected} expected, {actual} found")]
+    GenerationConflict {
         name: String,
         expected: u64,
         actual: u64,
@@ -334,6 +360,9 @@ pub struct Compacted {
 /// Validates a command before it is proposed, so errors reach the caller
 /// without a Raft round trip. `apply` checks again; both use the same code.
 pub fn validate_command(cmd: &Command) -> Result<(), CommandError> {
+    if let Some(req) = failover::Request::of(cmd) {
+        return req.validate();
+    }
     if let Command::Apply {
         kind,
         name,
@@ -449,6 +478,10 @@ impl State {
             Command::UpdateStatus { kind, name, status } => {
                 self.do_update_status(*kind, name, status)
             }
+            Command::Failover { .. } => match failover::Request::of(cmd) {
+                Some(req) => self.do_failover(&req),
+                None => Ok((Outcome::Noop, None)),
+            },
         };
         match res {
             Ok((outcome, event)) => {
@@ -528,6 +561,9 @@ impl State {
                     what: "changed",
                 });
             }
+            if kind == Kind::FailoverGroup {
+                failover::check_spec_keeps_active(name, r, spec)?;
+            }
         }
         self.revision += 1;
         let rev = self.revision;
@@ -596,6 +632,18 @@ impl State {
         name: &str,
         status: &Value,
     ) -> Result<(Outcome, Option<Event>), CommandError> {
+        if kind == Kind::FailoverGroup {
+            // One writer, one decision: a status written beside Failover
+            // would skip its compare-and-set and its history.
+            return Err(CommandError::Invalid {
+                kind,
+                name: name.to_string(),
+                errors: vec![ValidationError::new(
+                    "status",
+                    "a FailoverGroup's status is written by Failover only (straitctl failover)",
+                )],
+            });
+        }
         let key = (kind, name.to_string());
         let Some(r) = self.resources.get_mut(&key) else {
             return Err(CommandError::NotFound {
@@ -693,5 +741,7 @@ impl Selector {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_failover;
 #[cfg(test)]
 mod tests_identity;

@@ -4,6 +4,10 @@
 
 use serde::{Deserialize, Serialize};
 
+pub use crate::failover_spec::{
+    AppliedFailover, FailbackMode, FailoverEvent, FailoverGroupSpec, FailoverMode, FailoverStatus,
+    HealthPolicy, ReplicationKind, ReplicationSpec, FAILOVER_HISTORY,
+};
 pub use crate::mesh_spec::{EdgeMeshSpec, MeshPeerSpec, RemoteSpec};
 use crate::ValidationError;
 
@@ -159,6 +163,10 @@ pub struct EdgeStatus {
     pub virtual_clusters: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The failover decision each virtual cluster behind a FailoverGroup
+    /// runs on (from the running configuration, not the desired one).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<AppliedFailover>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -166,13 +174,18 @@ pub struct EdgeStatus {
 pub struct VirtualClusterSpec {
     /// Name of the Edge that exposes this virtual cluster.
     pub edge: String,
-    /// Name of the KafkaCluster behind it (empty with `remote`).
+    /// Name of the KafkaCluster behind it (empty with `remote` or
+    /// `failover_group`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub cluster: String,
     /// Instead of `cluster`: a virtual cluster of a peer edge (MeshPeer
     /// `peer` of this edge), reached through the tunnel.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remote: Option<crate::mesh_spec::RemoteSpec>,
+    /// Instead of `cluster`: a FailoverGroup; the edge serves whichever of
+    /// its members the group's status names active.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failover_group: Option<String>,
     /// `host:port` the edge listens on for bootstrap.
     pub bootstrap: String,
     pub brokers: BrokerAddressing,
@@ -410,50 +423,6 @@ pub struct DenyListSpec {
     pub reason: Option<String>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FailoverGroupSpec {
-    pub primary: String,
-    pub standby: Vec<String>,
-    #[serde(default)]
-    pub health: HealthPolicy,
-    #[serde(default)]
-    pub mode: FailoverMode,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct HealthPolicy {
-    #[serde(default = "default_interval_ms")]
-    pub interval_ms: u64,
-    #[serde(default = "default_failure_threshold")]
-    pub failure_threshold: u32,
-}
-
-fn default_interval_ms() -> u64 {
-    1000
-}
-fn default_failure_threshold() -> u32 {
-    3
-}
-
-impl Default for HealthPolicy {
-    fn default() -> Self {
-        Self {
-            interval_ms: default_interval_ms(),
-            failure_threshold: default_failure_threshold(),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum FailoverMode {
-    #[default]
-    Manual,
-    Automatic,
-}
-
 /// Grants a role of the control-plane API to the callers whose SPIFFE ID
 /// matches one of `identities`. Rules only add: there is no deny rule, and
 /// what no rule grants is refused.
@@ -572,10 +541,18 @@ pub(crate) fn check_name_ref(path: &str, v: &str, errs: &mut Vec<ValidationError
     }
 }
 
-fn check_non_empty<T>(path: &str, v: &[T], errs: &mut Vec<ValidationError>) {
+pub(crate) fn check_non_empty<T>(path: &str, v: &[T], errs: &mut Vec<ValidationError>) {
     if v.is_empty() {
         errs.push(ValidationError::new(path, "must not be empty"));
     }
+}
+
+/// Kafka's rule for topic names: 1-249 of `[A-Za-z0-9._-]`.
+pub(crate) fn is_topic_name(t: &str) -> bool {
+    !t.is_empty()
+        && t.len() <= 249
+        && t.chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
 fn check_pattern(path: &str, v: &str, errs: &mut Vec<ValidationError>) {
@@ -675,15 +652,31 @@ impl Validate for EdgeSpec {
 impl Validate for VirtualClusterSpec {
     fn validate(&self, errs: &mut Vec<ValidationError>) {
         check_name_ref("spec.edge", &self.edge, errs);
-        match &self.remote {
-            None => check_name_ref("spec.cluster", &self.cluster, errs),
-            Some(_) if !self.cluster.is_empty() => {
-                errs.push(ValidationError::new("spec", "use one of cluster, remote"))
-            }
-            Some(remote) => {
-                check_name_ref("spec.remote.peer", &remote.peer, errs);
-                check_name_ref("spec.remote.virtual_cluster", &remote.virtual_cluster, errs);
-            }
+        let upstreams = [
+            !self.cluster.is_empty(),
+            self.remote.is_some(),
+            self.failover_group.is_some(),
+        ];
+        match upstreams.iter().filter(|set| **set).count() {
+            0 => errs.push(ValidationError::new(
+                "spec.cluster",
+                "one of cluster, remote, failover_group is required",
+            )),
+            1 => {}
+            _ => errs.push(ValidationError::new(
+                "spec",
+                "use exactly one of cluster, remote, failover_group",
+            )),
+        }
+        if !self.cluster.is_empty() {
+            check_name_ref("spec.cluster", &self.cluster, errs);
+        }
+        if let Some(remote) = &self.remote {
+            check_name_ref("spec.remote.peer", &remote.peer, errs);
+            check_name_ref("spec.remote.virtual_cluster", &remote.virtual_cluster, errs);
+        }
+        if let Some(group) = &self.failover_group {
+            check_name_ref("spec.failover_group", group, errs);
         }
         check_host_port("spec.bootstrap", &self.bootstrap, errs);
         if self.brokers.advertised_host.trim().is_empty() {
@@ -832,11 +825,7 @@ impl Validate for EncryptionPolicySpec {
         }
         if let Some(k) = &self.keys_topic {
             for (i, t) in k.name.iter().chain(k.also_read.iter()).enumerate() {
-                let ok = !t.is_empty()
-                    && t.len() <= 249
-                    && t.chars()
-                        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
-                if !ok {
+                if !is_topic_name(t) {
                     errs.push(ValidationError::new(
                         &format!("spec.keys_topic[{i}]"),
                         format!("'{t}' is not a Kafka topic name"),
@@ -969,34 +958,6 @@ impl Validate for DenyListSpec {
                     format!("'{id}' is not a SPIFFE ID (spiffe://<trust-domain>/<path>, exact, no patterns)"),
                 ));
             }
-        }
-    }
-}
-
-impl Validate for FailoverGroupSpec {
-    fn validate(&self, errs: &mut Vec<ValidationError>) {
-        check_name_ref("spec.primary", &self.primary, errs);
-        check_non_empty("spec.standby", &self.standby, errs);
-        for (i, s) in self.standby.iter().enumerate() {
-            check_name_ref(&format!("spec.standby[{i}]"), s, errs);
-            if *s == self.primary {
-                errs.push(ValidationError::new(
-                    &format!("spec.standby[{i}]"),
-                    "the primary cannot be its own standby",
-                ));
-            }
-        }
-        if self.health.interval_ms == 0 {
-            errs.push(ValidationError::new(
-                "spec.health.interval_ms",
-                "must be positive",
-            ));
-        }
-        if self.health.failure_threshold == 0 {
-            errs.push(ValidationError::new(
-                "spec.health.failure_threshold",
-                "must be positive",
-            ));
         }
     }
 }

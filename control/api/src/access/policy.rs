@@ -25,6 +25,8 @@ pub enum ControlMethod {
     RemoveMember,
     Status,
     SetPartitioned,
+    /// Switch a FailoverGroup's active cluster: admin only.
+    Failover,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -74,6 +76,7 @@ impl Operation {
                 C::RemoveMember => "Control/RemoveMember",
                 C::Status => "Control/Status",
                 C::SetPartitioned => "Control/SetPartitioned",
+                C::Failover => "Control/Failover",
             },
             Operation::Raft(RaftMethod::Send) => "Raft/Send",
             Operation::Identity(m) => match m {
@@ -100,6 +103,7 @@ impl Operation {
                     | C::AddMember
                     | C::RemoveMember
                     | C::SetPartitioned
+                    | C::Failover
             ) | Operation::Identity(
                 IdentityMethod::Join
                     | IdentityMethod::Renew
@@ -313,7 +317,12 @@ impl Grants {
                 _ => false,
             },
             Operation::Control(
-                C::Apply | C::Delete | C::AddMember | C::RemoveMember | C::SetPartitioned,
+                C::Apply
+                | C::Delete
+                | C::AddMember
+                | C::RemoveMember
+                | C::SetPartitioned
+                | C::Failover,
             ) => false,
         }
     }
@@ -460,6 +469,7 @@ mod tests {
         let ident = |m: IdentityMethod| Access::op(Operation::Identity(m));
         let raft = || Access::op(Operation::Raft(RaftMethod::Send));
         let vc = res(C::Apply, Kind::VirtualCluster, "vc1");
+        let fg_failover = res(C::Failover, Kind::FailoverGroup, "orders");
         use Want::*;
         let cases: Vec<(&Caller, Access, Want)> = vec![
             (&admin, vc, Allow),
@@ -509,6 +519,13 @@ mod tests {
             (&nocert, raft(), Unauth),
             (&nocert, ident(IdentityMethod::Join), Allow),
             (&nocert, ident(IdentityMethod::Renew), Unauth),
+            (&admin, fg_failover, Allow),
+            (&edge, fg_failover, Deny),
+            (&kms, fg_failover, Deny),
+            (&reader, fg_failover, Deny),
+            (&node, fg_failover, Deny),
+            (&nocert, fg_failover, Unauth),
+            (&Caller::InsecureLocal, fg_failover, Allow),
             (&Caller::InsecureLocal, vc, Allow),
             (&Caller::InsecureLocal, raft(), Allow),
         ];

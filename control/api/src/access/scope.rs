@@ -45,12 +45,14 @@ impl EdgeScope {
             edge: edge.to_string(),
             ..EdgeScope::default()
         };
+        let mut followed = BTreeSet::new();
         for (name, v) in typed::<VirtualClusterSpec>(&all, Kind::VirtualCluster) {
             if v.edge == edge {
                 s.virtual_clusters.insert(name.to_string());
                 if !v.cluster.is_empty() {
                     s.clusters.insert(v.cluster);
                 }
+                followed.extend(v.failover_group);
             }
         }
         for (name, p) in typed::<MeshPeerSpec>(&all, Kind::MeshPeer) {
@@ -58,11 +60,17 @@ impl EdgeScope {
                 s.mesh_peers.insert(name.to_string());
             }
         }
-        // A failover group of a cluster the edge uses brings its standbys:
-        // the edge must know where to go when the group fails over.
+        // A failover group of a cluster the edge uses, or one a virtual
+        // cluster follows, brings all its members: the edge must know where
+        // to go when the group fails over. A followed group is in scope
+        // before it exists, as a named cluster is.
         let used = s.clusters.clone();
+        s.failover_groups.extend(followed.iter().cloned());
         for (name, g) in typed::<FailoverGroupSpec>(&all, Kind::FailoverGroup) {
-            if used.contains(&g.primary) || g.standby.iter().any(|c| used.contains(c)) {
+            if followed.contains(name)
+                || used.contains(&g.primary)
+                || g.standby.iter().any(|c| used.contains(c))
+            {
                 s.failover_groups.insert(name.to_string());
                 s.clusters.insert(g.primary);
                 s.clusters.extend(g.standby);
@@ -215,6 +223,43 @@ mod tests {
                 "fg",
                 json!({"primary": "east", "standby": ["east-dr"]}),
             ),
+            // A virtual cluster behind a group: the group and every member.
+            res(
+                Kind::VirtualCluster,
+                "c",
+                json!({"edge": "e1", "failover_group": "pay", "bootstrap": "127.0.0.1:19292",
+                       "brokers": {"advertised_host": "127.0.0.1", "port_range": "19300-19399"}}),
+            ),
+            res(
+                Kind::FailoverGroup,
+                "pay",
+                json!({"primary": "pay-east", "standby": ["pay-west", "pay-north"]}),
+            ),
+            res(
+                Kind::FailoverGroup,
+                "unrelated",
+                json!({"primary": "west", "standby": ["west-dr"]}),
+            ),
+            res(
+                Kind::KafkaCluster,
+                "pay-east",
+                json!({"bootstrap_servers": ["h:4"]}),
+            ),
+            res(
+                Kind::KafkaCluster,
+                "pay-west",
+                json!({"bootstrap_servers": ["h:5"]}),
+            ),
+            res(
+                Kind::KafkaCluster,
+                "pay-north",
+                json!({"bootstrap_servers": ["h:6"]}),
+            ),
+            res(
+                Kind::KafkaCluster,
+                "west-dr",
+                json!({"bootstrap_servers": ["h:7"]}),
+            ),
             res(
                 Kind::AuthorizationPolicy,
                 "all",
@@ -261,16 +306,32 @@ mod tests {
             vec![
                 "KafkaCluster/east",
                 "KafkaCluster/east-dr",
+                "KafkaCluster/pay-east",
+                "KafkaCluster/pay-north",
+                "KafkaCluster/pay-west",
                 "Edge/e1",
                 "VirtualCluster/a",
+                "VirtualCluster/c",
                 "AuthorizationPolicy/all",
                 "EncryptionPolicy/enc",
                 "KmsRealm/v",
                 "KmsRealm/w",
                 "TrustBundle/tb",
                 "FailoverGroup/fg",
+                "FailoverGroup/pay",
             ]
         );
+        // e2 uses west: its group comes with it, not pay's.
+        assert!(keys("e2").contains(&"FailoverGroup/unrelated".to_string()));
+        assert!(keys("e2").contains(&"KafkaCluster/west-dr".to_string()));
+        assert!(!keys("e2").contains(&"FailoverGroup/pay".to_string()));
+        // A followed group is in scope before it exists.
+        let before: Vec<Resource> = all
+            .iter()
+            .filter(|r| r.kind != Kind::FailoverGroup)
+            .cloned()
+            .collect();
+        assert!(EdgeScope::of("e1", &before).contains(Kind::FailoverGroup, "pay"));
         assert_eq!(
             keys("e3"),
             vec!["AuthorizationPolicy/all", "TrustBundle/tb"]

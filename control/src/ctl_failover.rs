@@ -1,0 +1,241 @@
+//! straitctl's failover commands: `failover`, `failback`, and what
+//! `get fg` shows of a group (the decision and each edge's view of it).
+
+use std::collections::BTreeMap;
+
+use anyhow::{anyhow, Context, Result};
+use clap::Args;
+use serde_json::{json, Value};
+use strait_control_client::ControlClient;
+use strait_control_state::spec::{AppliedFailover, FailoverGroupSpec, FailoverStatus};
+use strait_control_state::Kind;
+use strait_proto::control as pb;
+
+#[derive(Args, Debug)]
+pub struct FailoverArgs {
+    /// The FailoverGroup.
+    name: String,
+    /// The member to make active; default the first standby that is not.
+    #[arg(long)]
+    to: Option<String>,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+pub struct FailbackArgs {
+    /// The FailoverGroup; its primary becomes active again.
+    name: String,
+    #[command(flatten)]
+    common: Common,
+}
+
+#[derive(Args, Debug)]
+struct Common {
+    /// A planned switch (a drill, maintenance), not an outage.
+    #[arg(long)]
+    planned: bool,
+    /// Why, for the group's history and the audit trail.
+    #[arg(long)]
+    reason: Option<String>,
+    /// Switch only if the group is at this generation. Default: the
+    /// generation read just before, so that a request retried after an
+    /// unknown outcome cannot switch twice.
+    #[arg(long = "expect-generation", value_name = "N")]
+    expect_generation: Option<u64>,
+}
+
+/// The decision in force, as the state machine counts it: the status, or
+/// the primary at generation 0 before the first failover.
+fn in_force(r: &pb::Resource) -> Result<FailoverStatus> {
+    if let Ok(status) = serde_json::from_str::<FailoverStatus>(&r.status_json) {
+        return Ok(status);
+    }
+    let spec: FailoverGroupSpec = serde_json::from_str(&r.spec_json)
+        .with_context(|| format!("FailoverGroup/{}: unreadable spec", r.name))?;
+    Ok(FailoverStatus {
+        active: spec.primary,
+        generation: 0,
+        previous: None,
+        planned: false,
+        reason: None,
+        by: String::new(),
+        at_unix_ms: 0,
+        history: Vec::new(),
+    })
+}
+
+pub async fn run_failover(client: &ControlClient, args: FailoverArgs) -> Result<()> {
+    switch(client, &args.name, args.to, false, args.common).await
+}
+
+pub async fn run_failback(client: &ControlClient, args: FailbackArgs) -> Result<()> {
+    switch(client, &args.name, None, true, args.common).await
+}
+
+async fn switch(
+    client: &ControlClient,
+    name: &str,
+    to: Option<String>,
+    failback: bool,
+    common: Common,
+) -> Result<()> {
+    let expected = match common.expect_generation {
+        Some(n) => n,
+        None => {
+            let r = client
+                .get(Kind::FailoverGroup.as_str(), name)
+                .await
+                .map_err(crate::status_err)?;
+            in_force(&r)?.generation
+        }
+    };
+    let r = client
+        .failover(pb::FailoverRequest {
+            group: name.to_string(),
+            to,
+            expected_generation: Some(expected),
+            planned: common.planned,
+            failback,
+            reason: common.reason,
+        })
+        .await
+        .map_err(crate::status_err)?;
+    let status: FailoverStatus = serde_json::from_str(&r.status_json)
+        .map_err(|e| anyhow!("FailoverGroup/{name}: unreadable status in the answer: {e}"))?;
+    println!(
+        "FailoverGroup/{name}: active {} at generation {} (was {})",
+        status.active,
+        status.generation,
+        status.previous.as_deref().unwrap_or("-")
+    );
+    Ok(())
+}
+
+/// `status.edges` of one group: what every edge reports it runs, from the
+/// `failover` entries of its heartbeat. An edge with several virtual
+/// clusters behind the group shows the one furthest behind.
+pub fn edges_view(group: &str, edges: &[pb::Resource]) -> Value {
+    let mut out = BTreeMap::new();
+    for edge in edges {
+        // Only `failover` is read, so an edge newer or older than this
+        // straitctl (other status fields) still shows.
+        let applied = serde_json::from_str::<Value>(&edge.status_json)
+            .ok()
+            .and_then(|s| {
+                serde_json::from_value::<Vec<AppliedFailover>>(s.get("failover")?.clone()).ok()
+            })
+            .unwrap_or_default();
+        let laggard = applied
+            .iter()
+            .filter(|f| f.group == group)
+            .min_by_key(|f| (f.generation, f.virtual_cluster.clone()));
+        if let Some(f) = laggard {
+            out.insert(
+                edge.name.clone(),
+                json!({
+                    "generation": f.generation,
+                    "cluster": f.cluster,
+                    "virtual_cluster": f.virtual_cluster,
+                }),
+            );
+        }
+    }
+    json!(out)
+}
+
+/// Rewrites the status of each FailoverGroup in `rows` to what it means:
+/// the decision in force (also before the first failover) and `edges`.
+pub fn annotate(rows: &mut [pb::Resource], edges: &[pb::Resource]) {
+    for r in rows
+        .iter_mut()
+        .filter(|r| r.kind == Kind::FailoverGroup.as_str())
+    {
+        let mut v = match serde_json::from_str::<FailoverStatus>(&r.status_json) {
+            Ok(status) => serde_json::to_value(&status).unwrap_or_default(),
+            Err(_) => match in_force(r) {
+                // Nothing recorded yet: only what is in force.
+                Ok(s) => json!({ "active": s.active, "generation": s.generation }),
+                Err(_) => continue,
+            },
+        };
+        v["edges"] = edges_view(&r.name, edges);
+        r.status_json = v.to_string();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn res(kind: &str, name: &str, spec: Value, status: Value) -> pb::Resource {
+        pb::Resource {
+            kind: kind.into(),
+            name: name.into(),
+            spec_json: spec.to_string(),
+            status_json: if status.is_null() {
+                String::new()
+            } else {
+                status.to_string()
+            },
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_group_shows_its_decision_and_every_edges_generation() {
+        let applied = |vc: &str, cluster: &str, generation: u64| json!({"virtual_cluster": vc, "group": "pay", "cluster": cluster, "generation": generation});
+        let edges = vec![
+            res(
+                "Edge",
+                "east",
+                json!({}),
+                json!({"last_heartbeat_unix_ms": 1, "failover": [applied("pay", "west", 2)],
+                       "a_field_of_a_newer_edge": true}),
+            ),
+            // Two virtual clusters behind the group: the one behind counts.
+            res(
+                "Edge",
+                "north",
+                json!({}),
+                json!({"last_heartbeat_unix_ms": 1,
+                       "failover": [applied("pay-a", "west", 2), applied("pay-b", "east", 1)]}),
+            ),
+            res(
+                "Edge",
+                "idle",
+                json!({}),
+                json!({"last_heartbeat_unix_ms": 1}),
+            ),
+        ];
+        let spec = json!({"primary": "east", "standby": ["west"]});
+        let mut rows = vec![
+            res(
+                "FailoverGroup",
+                "pay",
+                spec.clone(),
+                json!({"active": "west", "generation": 2, "previous": "east",
+                       "by": "spiffe://d/admin/a", "at_unix_ms": 7}),
+            ),
+            res("FailoverGroup", "fresh", spec, Value::Null),
+        ];
+        annotate(&mut rows, &edges);
+        let pay: Value = serde_json::from_str(&rows[0].status_json).unwrap();
+        assert_eq!(pay["active"], "west");
+        assert_eq!(pay["generation"], 2);
+        assert_eq!(
+            pay["edges"],
+            json!({
+                "east": {"generation": 2, "cluster": "west", "virtual_cluster": "pay"},
+                "north": {"generation": 1, "cluster": "east", "virtual_cluster": "pay-b"},
+            })
+        );
+        // Before the first failover: the primary at generation 0.
+        let fresh: Value = serde_json::from_str(&rows[1].status_json).unwrap();
+        assert_eq!(
+            (fresh["active"].clone(), fresh["generation"].clone()),
+            (json!("east"), json!(0))
+        );
+        assert_eq!(fresh["edges"], json!({}));
+    }
+}

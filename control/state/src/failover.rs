@@ -1,0 +1,253 @@
+//! `Command::Failover`: which member of a FailoverGroup is active, decided
+//! once, through Raft, with compare-and-set on the group's generation. Two
+//! operators (or, later, two health checkers) racing get one winner and one
+//! `GenerationConflict`; every edge then follows the same status.
+
+use serde_json::Value;
+
+use crate::spec::{FailoverEvent, FailoverGroupSpec, FailoverStatus, FAILOVER_HISTORY};
+use crate::{
+    typed, validate_name, Command, CommandError, Event, EventType, Kind, Outcome, Resource, State,
+    ValidationError,
+};
+
+/// Reasons are for people, and every one is kept in the log and the history.
+const MAX_REASON: usize = 1024;
+
+/// The fields of `Command::Failover`, borrowed.
+pub(crate) struct Request<'a> {
+    group: &'a str,
+    to: Option<&'a str>,
+    expected_generation: Option<u64>,
+    planned: bool,
+    failback: bool,
+    reason: Option<&'a str>,
+    by: &'a str,
+    at_unix_ms: u64,
+}
+
+impl<'a> Request<'a> {
+    pub(crate) fn of(cmd: &'a Command) -> Option<Request<'a>> {
+        match cmd {
+            Command::Failover {
+                group,
+                to,
+                expected_generation,
+                planned,
+                failback,
+                reason,
+                by,
+                at_unix_ms,
+            } => Some(Request {
+                group,
+                to: to.as_deref(),
+                expected_generation: *expected_generation,
+                planned: *planned,
+                failback: *failback,
+                reason: reason.as_deref(),
+                by,
+                at_unix_ms: *at_unix_ms,
+            }),
+            _ => None,
+        }
+    }
+
+    fn invalid(&self, errors: Vec<ValidationError>) -> CommandError {
+        CommandError::Invalid {
+            kind: Kind::FailoverGroup,
+            name: self.group.to_string(),
+            errors,
+        }
+    }
+
+    /// What can be checked without the state (before proposing, too).
+    pub(crate) fn validate(&self) -> Result<(), CommandError> {
+        let mut errors = Vec::new();
+        if let Err(m) = validate_name(self.group) {
+            errors.push(ValidationError::new("group", m));
+        }
+        if let Some(to) = self.to {
+            if let Err(m) = validate_name(to) {
+                errors.push(ValidationError::new("to", m));
+            }
+        }
+        if self.reason.is_some_and(|r| r.len() > MAX_REASON) {
+            errors.push(ValidationError::new(
+                "reason",
+                format!("longer than {MAX_REASON} bytes"),
+            ));
+        }
+        if self.by.trim().is_empty() {
+            errors.push(ValidationError::new(
+                "by",
+                "the caller's identity is required",
+            ));
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(self.invalid(errors))
+        }
+    }
+
+    /// The member to switch to, or why there is none.
+    fn target<'s>(&self, spec: &'s FailoverGroupSpec, active: &str) -> Result<&'s str, String> {
+        let wanted = match (self.to, self.failback) {
+            (Some(to), true) if to != spec.primary => {
+                return Err(format!(
+                    "a failback goes to the primary '{}', not '{to}'",
+                    spec.primary
+                ))
+            }
+            (Some(to), _) => to,
+            (None, true) => &spec.primary,
+            (None, false) => spec
+                .standby
+                .iter()
+                .find(|s| *s != active)
+                .ok_or_else(|| {
+                    format!("no standby other than the active '{active}' (a failback returns to the primary)")
+                })?,
+        };
+        let member = spec.members().find(|m| *m == wanted).ok_or_else(|| {
+            format!(
+                "'{wanted}' is not a member of the group (primary {}, standby {})",
+                spec.primary,
+                spec.standby.join(", ")
+            )
+        })?;
+        if member == active {
+            return Err(format!("'{member}' is already active"));
+        }
+        Ok(member)
+    }
+}
+
+/// The decision in force: the stored status, or the primary at generation
+/// 0 before the first failover. A status that does not read as a
+/// FailoverStatus (one an admin wrote through UpdateStatus before Failover
+/// existed) carries no decision and counts as none.
+pub(crate) fn in_force(spec: &FailoverGroupSpec, status: &Value) -> FailoverStatus {
+    serde_json::from_value::<FailoverStatus>(status.clone()).unwrap_or_else(|_| FailoverStatus {
+        active: spec.primary.clone(),
+        generation: 0,
+        previous: None,
+        planned: false,
+        reason: None,
+        by: String::new(),
+        at_unix_ms: 0,
+        history: Vec::new(),
+    })
+}
+
+/// A new spec of an existing group must still list its active cluster:
+/// otherwise edges would be left following a cluster the group no longer
+/// has. Fail over first, then remove the old member.
+pub(crate) fn check_spec_keeps_active(
+    name: &str,
+    current: &Resource,
+    new_spec: &Value,
+) -> Result<(), CommandError> {
+    if current.status.is_null() {
+        return Ok(());
+    }
+    // The new spec was validated already; the error is only for safety.
+    let spec: FailoverGroupSpec = typed(new_spec).map_err(|e| CommandError::Invalid {
+        kind: Kind::FailoverGroup,
+        name: name.to_string(),
+        errors: vec![e],
+    })?;
+    let Ok(status) = serde_json::from_value::<FailoverStatus>(current.status.clone()) else {
+        return Ok(());
+    };
+    if spec.is_member(&status.active) {
+        return Ok(());
+    }
+    Err(CommandError::Invalid {
+        kind: Kind::FailoverGroup,
+        name: name.to_string(),
+        errors: vec![ValidationError::new(
+            "spec",
+            format!(
+                "'{}' is the active cluster (generation {}) and must stay a member; fail over to another member first",
+                status.active, status.generation
+            ),
+        )],
+    })
+}
+
+impl State {
+    pub(crate) fn do_failover(
+        &mut self,
+        req: &Request<'_>,
+    ) -> Result<(Outcome, Option<Event>), CommandError> {
+        let key = (Kind::FailoverGroup, req.group.to_string());
+        let Some(r) = self.resources.get(&key) else {
+            return Err(CommandError::NotFound {
+                kind: Kind::FailoverGroup,
+                name: req.group.to_string(),
+            });
+        };
+        let spec: FailoverGroupSpec = typed(&r.spec).map_err(|e| req.invalid(vec![e]))?;
+        let current = in_force(&spec, &r.status);
+        if let Some(expected) = req.expected_generation {
+            if expected != current.generation {
+                return Err(CommandError::GenerationConflict {
+                    name: req.group.to_string(),
+                    expected,
+                    actual: current.generation,
+                });
+            }
+        }
+        let to = req
+            .target(&spec, &current.active)
+            .map_err(|m| req.invalid(vec![ValidationError::new("to", m)]))?
+            .to_string();
+        let generation = current.generation + 1;
+        let mut history = current.history;
+        history.push(FailoverEvent {
+            from: current.active.clone(),
+            to: to.clone(),
+            generation,
+            planned: req.planned,
+            by: req.by.to_string(),
+            reason: req.reason.map(str::to_string),
+            at_unix_ms: req.at_unix_ms,
+        });
+        let drop = history.len().saturating_sub(FAILOVER_HISTORY);
+        history.drain(..drop);
+        let status = FailoverStatus {
+            active: to,
+            generation,
+            previous: Some(current.active),
+            planned: req.planned,
+            reason: req.reason.map(str::to_string),
+            by: req.by.to_string(),
+            at_unix_ms: req.at_unix_ms,
+            history,
+        };
+        let status = serde_json::to_value(&status)
+            .map_err(|e| req.invalid(vec![ValidationError::new("status", e.to_string())]))?;
+        let Some(r) = self.resources.get_mut(&key) else {
+            return Err(CommandError::NotFound {
+                kind: Kind::FailoverGroup,
+                name: req.group.to_string(),
+            });
+        };
+        self.revision += 1;
+        let revision = self.revision;
+        r.status = status;
+        r.revision = revision;
+        let resource = r.clone();
+        Ok((
+            Outcome::StatusUpdated {
+                resource: resource.clone(),
+            },
+            Some(Event {
+                revision,
+                event_type: EventType::Put,
+                resource,
+            }),
+        ))
+    }
+}

@@ -1,0 +1,231 @@
+//! Disaster-recovery failover (issue 14): a FailoverGroup names a primary
+//! KafkaCluster and its standbys; its status is the one decision which of
+//! them is active, written only by `Command::Failover` (compare-and-set on
+//! the generation), so every edge follows the same decision.
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::{check_name_ref, check_non_empty, is_topic_name, Validate};
+use crate::ValidationError;
+
+/// How many switches a group's status remembers.
+pub const FAILOVER_HISTORY: usize = 20;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverGroupSpec {
+    pub primary: String,
+    /// In order of preference: a failover without a target goes to the
+    /// first one that is not active.
+    pub standby: Vec<String>,
+    #[serde(default)]
+    pub health: HealthPolicy,
+    #[serde(default)]
+    pub mode: FailoverMode,
+    /// Whether the group returns to the primary by itself once it is
+    /// healthy again (`automatic`), or only when an operator says so.
+    #[serde(default)]
+    pub failback: FailbackMode,
+    /// How the standbys receive the primary's data. Validated and stored;
+    /// offset translation at a switch uses it later.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication: Option<ReplicationSpec>,
+}
+
+impl FailoverGroupSpec {
+    /// The primary, then the standbys in order.
+    pub fn members(&self) -> impl Iterator<Item = &str> {
+        std::iter::once(self.primary.as_str()).chain(self.standby.iter().map(String::as_str))
+    }
+
+    pub fn is_member(&self, cluster: &str) -> bool {
+        self.members().any(|m| m == cluster)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthPolicy {
+    #[serde(default = "default_interval_ms")]
+    pub interval_ms: u64,
+    /// Consecutive failed checks before a cluster counts as down.
+    #[serde(default = "default_failure_threshold")]
+    pub failure_threshold: u32,
+    /// Consecutive successful checks before a cluster that was down counts
+    /// as healthy again: hysteresis, so a flapping cluster does not bounce
+    /// the group back and forth.
+    #[serde(default = "default_recovery_threshold")]
+    pub recovery_threshold: u32,
+}
+
+fn default_interval_ms() -> u64 {
+    1000
+}
+fn default_failure_threshold() -> u32 {
+    3
+}
+fn default_recovery_threshold() -> u32 {
+    3
+}
+
+impl Default for HealthPolicy {
+    fn default() -> Self {
+        Self {
+            interval_ms: default_interval_ms(),
+            failure_threshold: default_failure_threshold(),
+            recovery_threshold: default_recovery_threshold(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailoverMode {
+    #[default]
+    Manual,
+    Automatic,
+}
+
+/// Manual by default: going back is a second outage for the clients, which
+/// an operator schedules once replication has caught up the other way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FailbackMode {
+    #[default]
+    Manual,
+    Automatic,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationSpec {
+    pub kind: ReplicationKind,
+    /// MirrorMaker 2's alias of the primary in the standbys: remote topics
+    /// are `<alias>.<topic>` there.
+    pub source_alias: String,
+    /// Where MM2 writes translated consumer offsets; default
+    /// `<source_alias>.checkpoints.internal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints_topic: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ReplicationKind {
+    #[serde(rename = "mirrormaker2")]
+    MirrorMaker2,
+}
+
+/// A FailoverGroup's status: which member is active, since when and why.
+/// Absent until the first failover: the primary at generation 0.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverStatus {
+    pub active: String,
+    /// Bumped by every switch; what `expected_generation` compares with,
+    /// and what edges report they serve.
+    pub generation: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<String>,
+    /// A planned switch (both sides up, e.g. a drill) rather than an outage.
+    #[serde(default)]
+    pub planned: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The caller's identity, as the API node saw it.
+    pub by: String,
+    pub at_unix_ms: u64,
+    /// The last [`FAILOVER_HISTORY`] switches, oldest first (this one last).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<FailoverEvent>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FailoverEvent {
+    pub from: String,
+    pub to: String,
+    pub generation: u64,
+    #[serde(default)]
+    pub planned: bool,
+    pub by: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    pub at_unix_ms: u64,
+}
+
+/// One virtual cluster of an edge that follows a failover group, as the
+/// edge runs it (`EdgeStatus.failover`): lets an operator see that every
+/// edge has moved to the new generation.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AppliedFailover {
+    pub virtual_cluster: String,
+    pub group: String,
+    pub cluster: String,
+    pub generation: u64,
+}
+
+impl Validate for FailoverGroupSpec {
+    fn validate(&self, errs: &mut Vec<ValidationError>) {
+        check_name_ref("spec.primary", &self.primary, errs);
+        check_non_empty("spec.standby", &self.standby, errs);
+        for (i, s) in self.standby.iter().enumerate() {
+            let path = format!("spec.standby[{i}]");
+            check_name_ref(&path, s, errs);
+            if *s == self.primary {
+                errs.push(ValidationError::new(
+                    &path,
+                    "the primary cannot be its own standby",
+                ));
+            } else if self.standby[..i].contains(s) {
+                errs.push(ValidationError::new(
+                    &path,
+                    format!("'{s}' is listed twice"),
+                ));
+            }
+        }
+        for (field, value) in [
+            ("interval_ms", self.health.interval_ms),
+            (
+                "failure_threshold",
+                u64::from(self.health.failure_threshold),
+            ),
+            (
+                "recovery_threshold",
+                u64::from(self.health.recovery_threshold),
+            ),
+        ] {
+            if value == 0 {
+                errs.push(ValidationError::new(
+                    &format!("spec.health.{field}"),
+                    "must be positive",
+                ));
+            }
+        }
+        if let Some(r) = &self.replication {
+            // The alias prefixes remote topics (`<alias>.<topic>`): a '.'
+            // in it would make the prefix ambiguous.
+            let alias_ok = !r.source_alias.is_empty()
+                && r.source_alias
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-'));
+            if !alias_ok {
+                errs.push(ValidationError::new(
+                    "spec.replication.source_alias",
+                    format!(
+                        "'{}' is not a MirrorMaker 2 cluster alias (letters, digits, '-', '_')",
+                        r.source_alias
+                    ),
+                ));
+            }
+            if let Some(t) = &r.checkpoints_topic {
+                if !is_topic_name(t) {
+                    errs.push(ValidationError::new(
+                        "spec.replication.checkpoints_topic",
+                        format!("'{t}' is not a Kafka topic name"),
+                    ));
+                }
+            }
+        }
+    }
+}

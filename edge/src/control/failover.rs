@@ -1,0 +1,50 @@
+//! Virtual clusters behind a FailoverGroup: served from the group's active
+//! cluster as the control plane decided it, and reported back in the
+//! edge's status so an operator sees every edge reach the new generation.
+
+use anyhow::Context;
+use serde_json::{json, Value};
+use strait_control_client::state::spec::AppliedFailover;
+use strait_control_client::EdgeSnapshot;
+use strait_edge_config::Config;
+
+/// The active cluster of `group` and the `upstream.failover` that records
+/// it. Fails closed: with an unknown group, or an active cluster the edge
+/// was not given, the edge keeps its running configuration rather than
+/// guess a member.
+pub(super) fn active_cluster<'s>(
+    snapshot: &'s EdgeSnapshot,
+    virtual_cluster: &str,
+    group: &str,
+) -> anyhow::Result<(&'s str, Value)> {
+    let followed = snapshot.failover_groups.get(group).with_context(|| {
+        format!("VirtualCluster {virtual_cluster}: FailoverGroup '{group}' is not known")
+    })?;
+    let (active, generation) = followed.active();
+    if !snapshot.kafka_clusters.contains_key(active) {
+        anyhow::bail!(
+            "VirtualCluster {virtual_cluster}: FailoverGroup '{group}' is at generation {generation} on KafkaCluster '{active}', which is not known"
+        );
+    }
+    Ok((
+        active,
+        json!({ "group": group, "cluster": active, "generation": generation }),
+    ))
+}
+
+/// `EdgeStatus.failover`: the decisions the running configuration follows.
+pub fn applied_failover(config: &Config) -> Vec<AppliedFailover> {
+    config
+        .virtual_clusters
+        .iter()
+        .filter_map(|vc| {
+            let f = vc.upstream.failover.as_ref()?;
+            Some(AppliedFailover {
+                virtual_cluster: vc.name.clone(),
+                group: f.group.clone(),
+                cluster: f.cluster.clone(),
+                generation: f.generation,
+            })
+        })
+        .collect()
+}

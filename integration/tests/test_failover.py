@@ -18,9 +18,10 @@ class ContinuousProducer:
     """One librdkafka producer (idempotent, acks=all) sending numbered records until stopped; every
     delivery report is kept with the time it arrived."""
 
-    def __init__(self, bootstrap: str, topic: str, interval: float = 0.01, **conf):
+    def __init__(self, bootstrap: str, topic: str, interval: float = 0.01, label: str = "", **conf):
         from confluent_kafka import Producer
         self.topic = topic
+        self.label = label  # prefixes every value, so several producers' records tell apart
         self.interval = interval
         self.producer = Producer({"bootstrap.servers": bootstrap, "enable.idempotence": True, "acks": "all",
                                   "linger.ms": 5, "message.timeout.ms": 60000, "socket.timeout.ms": 10000,
@@ -46,7 +47,7 @@ class ContinuousProducer:
         while not self._stop.is_set():
             n = self.sent
             try:
-                self.producer.produce(self.topic, key=f"k{n % 4}".encode(), value=f"record-{n}".encode(),
+                self.producer.produce(self.topic, key=f"k{n % 4}".encode(), value=f"{self.label}record-{n}".encode(),
                                       on_delivery=self._report(n))
                 self.sent += 1
             except BufferError:
@@ -62,6 +63,11 @@ class ContinuousProducer:
         self._thread.join(10)
         left = self.producer.flush(timeout)
         assert left == 0, f"{left} records still undelivered {timeout:.0f}s after the producer stopped"
+
+    def first_ack_of(self, stored: list[str]) -> float:
+        """When the first of these stored values (`record-N`) was acknowledged."""
+        numbers = {int(v.rsplit("-", 1)[1]) for v in stored if v.startswith(f"{self.label}record-")}
+        return min(at for at, n in self.acked if n in numbers)
 
     def acked_after(self, t: float) -> list[int]:
         return [n for at, n in list(self.acked) if at > t]
@@ -94,7 +100,7 @@ def test_an_upstream_switched_in_place_keeps_producers_going_on_the_standby(brok
     e = edge([vc])
     create_topic(e.bootstrap, topic)
     create_topic(standby.bootstrap_servers[0], topic)  # the standby holds the mirrored topic
-    p = ContinuousProducer(e.bootstrap, topic, debug="eos,msg,protocol").start()
+    p = ContinuousProducer(e.bootstrap, topic).start()
     try:
         wait_for(lambda: len(p.acked) >= 50, 60, what="50 records acknowledged by the primary")
         vc.upstream = list(standby.bootstrap_servers)
@@ -105,9 +111,8 @@ def test_an_upstream_switched_in_place_keeps_producers_going_on_the_standby(brok
         wait_for(lambda: e.metric("strait_upstream_swaps", virtual_cluster="orders") == 1, 30,
                  what="the edge swapping its upstream")
         wait_for(lambda: len(p.acked_after(switched_at)) >= 50
-                 and end_offset(standby.bootstrap_servers[0], topic) >= 50, 40,
+                 and end_offset(standby.bootstrap_servers[0], topic) >= 50, 90,
                  what="50 records acknowledged after the switch, on the standby")
-        first_on_standby = min(at for at, n in p.acked if at > switched_at)
     finally:
         p.stop()
     assert p.fatal == [], p.fatal
@@ -120,7 +125,7 @@ def test_an_upstream_switched_in_place_keeps_producers_going_on_the_standby(brok
     assert len(at_standby) >= 50
     # The primary got nothing once the edge had switched: its records are the first ones, in order.
     assert at_primary == [f"record-{n}" for n in range(len(at_primary))]
-    print(f"switch to first acknowledgement on the standby: {first_on_standby - switched_at:.2f} s "
+    print(f"switch to first acknowledgement on the standby: {p.first_ack_of(at_standby) - switched_at:.2f} s "
           f"(includes the edge's 1 s config poll)")
     # Clients see the standby through the same bootstrap: a fresh consumer reads the standby's records.
     c = consumer(e.bootstrap, topic)
@@ -132,3 +137,129 @@ def test_an_upstream_switched_in_place_keeps_producers_going_on_the_standby(brok
         c.close()
     assert not errors, errors[:3]
     assert [g.value.decode() for g in got] == at_standby
+
+
+def test_straitctl_failover_switches_every_edge_and_failback_returns(broker, logs, tmp_path):
+    """A FailoverGroup behind two edges' virtual clusters (a 1-node control plane on mTLS): one
+    `straitctl failover` moves both edges to the standby through their same bootstraps, each reports the
+    generation it serves, `get fg` shows the decision and every edge's generation; `failback` returns."""
+    import json
+    from lib.ports import free_port, free_range
+    from tests.test_control_plane import Control, binary, control_pki, DOMAIN
+    from lib.procs import Proc
+
+    primary = broker(dedicated=True, name="kafka-primary")
+    standby = broker(dedicated=True, name="kafka-standby")
+    pki = control_pki(tmp_path / "pki")
+    for name in ("edge-a", "edge-b"):
+        pki.leaf(name, uris=[f"spiffe://{DOMAIN}/edge/{name}"])
+    control = Control(logs, tmp_path / "control", pki).start()
+    edges, procs = {}, []
+    docs = [f"""
+kind: KafkaCluster
+name: east
+spec: {{ bootstrap_servers: ["{primary.bootstrap_servers[0]}"] }}
+---
+kind: KafkaCluster
+name: west
+spec: {{ bootstrap_servers: ["{standby.bootstrap_servers[0]}"] }}
+---
+kind: FailoverGroup
+name: orders-dr
+spec: {{ primary: east, standby: [west], mode: manual }}
+"""]
+    for name in ("edge-a", "edge-b"):
+        port, ports, admin = free_port(), free_range(8), free_port()
+        edges[name] = {"bootstrap": f"127.0.0.1:{port}", "admin": admin}
+        docs.append(f"""
+kind: Edge
+name: {name}
+spec: {{ cluster: east }}
+---
+kind: VirtualCluster
+name: orders-{name}
+spec:
+  edge: {name}
+  failover_group: orders-dr
+  bootstrap: 127.0.0.1:{port}
+  brokers: {{ advertised_host: 127.0.0.1, port_range: {ports.start}-{ports.stop - 1} }}
+""")
+    try:
+        control.apply("---".join(docs))
+        for name, e in edges.items():
+            procs.append(Proc(f"edge-{e['admin']}", [
+                binary("strait-edge"), "--control", control.endpoint, "--name", name,
+                "--control-ca", str(pki.pem("ca")), "--control-cert", str(pki.pem(name)),
+                "--control-key", str(pki.key(name)), "--cache-dir", str(tmp_path / f"cache-{name}"),
+                "--admin", f"127.0.0.1:{e['admin']}"], logs))
+            procs[-1].start()
+        topic = unique("dr-orders")
+        for name, e in edges.items():
+            wait_for(lambda: edge_ready(e["admin"]), 60, what=f"{name} serving")
+        create_topic(primary.bootstrap_servers[0], topic)
+        create_topic(standby.bootstrap_servers[0], topic)
+
+        def fg() -> dict:
+            r = control.ctl("get", "fg", "orders-dr", "-o", "json")
+            assert r.returncode == 0, r.stderr
+            return json.loads(r.stdout)
+
+        def serving(generation: int):
+            edges_status = fg().get("status", {}).get("edges", {})
+            return all(edges_status.get(n, {}).get("generation") == generation for n in edges)
+
+        wait_for(lambda: serving(0), 60, what="both edges reporting generation 0")
+        producers = {n: ContinuousProducer(e["bootstrap"], topic, label=f"{n}:").start() for n, e in edges.items()}
+        try:
+            for p in producers.values():
+                wait_for(lambda: len(p.acked) >= 20, 60, what="records acknowledged by the primary")
+            switched_at = time.monotonic()
+            r = control.ctl("failover", "orders-dr", "--reason", "drill")
+            assert r.returncode == 0, r.stderr
+            assert "active west at generation 1" in r.stdout, r.stdout
+            wait_for(lambda: serving(1), 30, what="both edges reporting generation 1")
+            for p in producers.values():
+                wait_for(lambda: len(p.acked_after(switched_at)) >= 20, 60, what="acks after the switch")
+            wait_for(lambda: end_offset(standby.bootstrap_servers[0], topic) >= 40, 60,
+                     what="both edges' records on the standby")
+        finally:
+            for p in producers.values():
+                p.stop()
+        status = fg()["status"]
+        assert (status["active"], status["generation"], status["previous"]) == ("west", 1, "east"), status
+        at_primary = values(primary.bootstrap_servers[0], topic)
+        at_standby = values(standby.bootstrap_servers[0], topic)
+        for name, p in producers.items():
+            assert p.fatal == [] and p.failed == [], (name, p.fatal, p.failed[:3])
+        acked = [f"{p.label}record-{n}" for p in producers.values() for _, n in p.acked]
+        assert sorted(acked) == sorted(at_primary + at_standby), "every acknowledged record stored exactly once"
+        for name, p in producers.items():
+            print(f"{name}: failover command to first acknowledgement on the standby: "
+                  f"{p.first_ack_of(at_standby) - switched_at:.2f} s")
+        for e in edges.values():
+            assert edge_metric(e["admin"], "strait_upstream_swaps_total") == 1
+
+        r = control.ctl("failback", "orders-dr")
+        assert r.returncode == 0 and "active east at generation 2" in r.stdout, (r.stdout, r.stderr)
+        wait_for(lambda: serving(2), 30, what="both edges back on the primary, generation 2")
+        # A stale decision is refused: the generation moved on.
+        r = control.ctl("failover", "orders-dr", "--expect-generation", "1")
+        assert r.returncode != 0 and "generation 1 expected, 2 found" in r.stderr, r.stderr
+    finally:
+        for proc in procs:
+            proc.stop()
+        control.stop()
+
+
+def edge_ready(admin_port: int) -> bool:
+    import urllib.request
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{admin_port}/readyz", timeout=2) as resp:
+            return resp.status == 200
+    except OSError:
+        return False
+
+
+def edge_metric(admin_port: int, name: str) -> float:
+    from tests.test_control_plane import edge_metric as metric
+    return metric(admin_port, name)

@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export STRAIT_TANSU_BIN ?= $(HOME)/.cache/strait/tools/bin/tansu
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke bench-mesh bench-mesh-smoke bench-federation bench-federation-smoke lint fmt
+.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke bench-mesh bench-mesh-smoke bench-federation bench-federation-smoke failover-drill lint fmt
 
 all: build
 
@@ -80,6 +80,10 @@ bench-federation: setup
 bench-federation-smoke: setup
 	cargo build --release -p strait-edge -p strait-loadgen
 	$(PYTHON) integration/bench/federation.py --smoke
+
+# A DR drill: two Kafka clusters, MM2, a control plane, an edge; kills the primary, fails over, prints RTO/RPO.
+failover-drill: setup build
+	$(PYTHON) examples/failover-drill/drill.py
 
 lint:
 	cargo fmt --all -- --check

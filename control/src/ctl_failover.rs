@@ -48,21 +48,10 @@ struct Common {
 /// The decision in force, as the state machine counts it: the status, or
 /// the primary at generation 0 before the first failover.
 fn in_force(r: &pb::Resource) -> Result<FailoverStatus> {
-    if let Ok(status) = serde_json::from_str::<FailoverStatus>(&r.status_json) {
-        return Ok(status);
-    }
     let spec: FailoverGroupSpec = serde_json::from_str(&r.spec_json)
         .with_context(|| format!("FailoverGroup/{}: unreadable spec", r.name))?;
-    Ok(FailoverStatus {
-        active: spec.primary,
-        generation: 0,
-        previous: None,
-        planned: false,
-        reason: None,
-        by: String::new(),
-        at_unix_ms: 0,
-        history: Vec::new(),
-    })
+    let status = serde_json::from_str(&r.status_json).unwrap_or(Value::Null);
+    Ok(spec.in_force(&status))
 }
 
 pub async fn run_failover(client: &ControlClient, args: FailoverArgs) -> Result<()> {

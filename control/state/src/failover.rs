@@ -123,23 +123,6 @@ impl<'a> Request<'a> {
     }
 }
 
-/// The decision in force: the stored status, or the primary at generation
-/// 0 before the first failover. A status that does not read as a
-/// FailoverStatus (one an admin wrote through UpdateStatus before Failover
-/// existed) carries no decision and counts as none.
-pub(crate) fn in_force(spec: &FailoverGroupSpec, status: &Value) -> FailoverStatus {
-    serde_json::from_value::<FailoverStatus>(status.clone()).unwrap_or_else(|_| FailoverStatus {
-        active: spec.primary.clone(),
-        generation: 0,
-        previous: None,
-        planned: false,
-        reason: None,
-        by: String::new(),
-        at_unix_ms: 0,
-        history: Vec::new(),
-    })
-}
-
 /// A new spec of an existing group must still list its active cluster:
 /// otherwise edges would be left following a cluster the group no longer
 /// has. Fail over first, then remove the old member.
@@ -189,7 +172,7 @@ impl State {
             });
         };
         let spec: FailoverGroupSpec = typed(&r.spec).map_err(|e| req.invalid(vec![e]))?;
-        let current = in_force(&spec, &r.status);
+        let current = spec.in_force(&r.status);
         if let Some(expected) = req.expected_generation {
             if expected != current.generation {
                 return Err(CommandError::GenerationConflict {

@@ -33,6 +33,25 @@ pub struct FailoverGroupSpec {
 }
 
 impl FailoverGroupSpec {
+    /// The decision in force: the stored status, or the primary at
+    /// generation 0 before the first failover. A status that does not read
+    /// as a FailoverStatus (one an admin wrote through UpdateStatus before
+    /// Failover existed) carries no decision and counts as none.
+    pub fn in_force(&self, status: &serde_json::Value) -> FailoverStatus {
+        serde_json::from_value::<FailoverStatus>(status.clone()).unwrap_or_else(|_| {
+            FailoverStatus {
+                active: self.primary.clone(),
+                generation: 0,
+                previous: None,
+                planned: false,
+                reason: None,
+                by: String::new(),
+                at_unix_ms: 0,
+                history: Vec::new(),
+            }
+        })
+    }
+
     /// The primary, then the standbys in order.
     pub fn members(&self) -> impl Iterator<Item = &str> {
         std::iter::once(self.primary.as_str()).chain(self.standby.iter().map(String::as_str))

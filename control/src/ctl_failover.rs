@@ -7,6 +7,7 @@ use anyhow::{anyhow, Context, Result};
 use clap::Args;
 use serde_json::{json, Value};
 use strait_control_client::ControlClient;
+use strait_control_state::failover_health::ClusterHealth;
 use strait_control_state::spec::{AppliedFailover, FailoverGroupSpec, FailoverStatus};
 use strait_control_state::Kind;
 use strait_proto::control as pb;
@@ -102,32 +103,56 @@ async fn switch(
 }
 
 /// `status.edges` of one group: what every edge reports it runs, from the
-/// `failover` entries of its heartbeat. An edge with several virtual
-/// clusters behind the group shows the one furthest behind.
+/// `failover` entries of its heartbeat (an edge with several virtual
+/// clusters behind the group shows the one furthest behind), and its last
+/// health evidence on each member (`health`), which automatic failover
+/// counts.
 pub fn edges_view(group: &str, edges: &[pb::Resource]) -> Value {
     let mut out = BTreeMap::new();
     for edge in edges {
-        // Only `failover` is read, so an edge newer or older than this
-        // straitctl (other status fields) still shows.
-        let applied = serde_json::from_str::<Value>(&edge.status_json)
-            .ok()
-            .and_then(|s| {
-                serde_json::from_value::<Vec<AppliedFailover>>(s.get("failover")?.clone()).ok()
-            })
+        // Only `failover` and `health` are read, so an edge newer or older
+        // than this straitctl (other status fields) still shows.
+        let status = serde_json::from_str::<Value>(&edge.status_json).unwrap_or_default();
+        let applied = status
+            .get("failover")
+            .and_then(|f| serde_json::from_value::<Vec<AppliedFailover>>(f.clone()).ok())
+            .unwrap_or_default();
+        let health = status
+            .get("health")
+            .and_then(|h| serde_json::from_value::<Vec<ClusterHealth>>(h.clone()).ok())
             .unwrap_or_default();
         let laggard = applied
             .iter()
             .filter(|f| f.group == group)
             .min_by_key(|f| (f.generation, f.virtual_cluster.clone()));
-        if let Some(f) = laggard {
-            out.insert(
-                edge.name.clone(),
-                json!({
-                    "generation": f.generation,
-                    "cluster": f.cluster,
-                    "virtual_cluster": f.virtual_cluster,
-                }),
-            );
+        let mut view = match laggard {
+            Some(f) => json!({
+                "generation": f.generation,
+                "cluster": f.cluster,
+                "virtual_cluster": f.virtual_cluster,
+            }),
+            None => json!({}),
+        };
+        let members: BTreeMap<&str, Value> = health
+            .iter()
+            .filter(|h| h.group == group)
+            .map(|h| {
+                let mut v = json!({
+                    "state": h.state,
+                    "consecutive_failures": h.consecutive_failures,
+                    "checked_at_unix_ms": h.checked_at_unix_ms,
+                });
+                if let Some(e) = &h.last_error {
+                    v["last_error"] = json!(e);
+                }
+                (h.cluster.as_str(), v)
+            })
+            .collect();
+        if !members.is_empty() {
+            view["health"] = json!(members);
+        }
+        if view.as_object().is_some_and(|o| !o.is_empty()) {
+            out.insert(edge.name.clone(), view);
         }
     }
     json!(out)
@@ -180,6 +205,11 @@ mod tests {
                 "east",
                 json!({}),
                 json!({"last_heartbeat_unix_ms": 1, "failover": [applied("pay", "west", 2)],
+                       "health": [{"group": "pay", "cluster": "east", "state": "down",
+                                   "consecutive_failures": 4, "consecutive_successes": 0,
+                                   "last_error": "connection refused", "checked_at_unix_ms": 9},
+                                  {"group": "other", "cluster": "x", "state": "up",
+                                   "checked_at_unix_ms": 9}],
                        "a_field_of_a_newer_edge": true}),
             ),
             // Two virtual clusters behind the group: the one behind counts.
@@ -215,7 +245,9 @@ mod tests {
         assert_eq!(
             pay["edges"],
             json!({
-                "east": {"generation": 2, "cluster": "west", "virtual_cluster": "pay"},
+                "east": {"generation": 2, "cluster": "west", "virtual_cluster": "pay",
+                         "health": {"east": {"state": "down", "consecutive_failures": 4,
+                                             "checked_at_unix_ms": 9, "last_error": "connection refused"}}},
                 "north": {"generation": 1, "cluster": "east", "virtual_cluster": "pay-b"},
             })
         );

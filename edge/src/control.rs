@@ -65,6 +65,11 @@ pub fn compose(
             .flat_map(|list| list.spiffe_ids.iter().map(|id| json!(id)))
             .collect();
         append(object, "deny_identities", denied);
+        append(
+            object,
+            "health_probes",
+            failover::health_probes(snapshot, &cache_dir.join("pem")),
+        );
     }
     let text = serde_json::to_string(&root)?;
     let raw = strait_edge_config::parse_raw(&text).map_err(|errors| anyhow::anyhow!("{errors}"))?;
@@ -839,6 +844,34 @@ mod tests {
             }]
         );
         assert_eq!(super::applied_failover(&direct), vec![]);
+        // Every member is probed through its own upstream, at the group's
+        // policy (the defaults here), for the control plane's evidence.
+        let probes: Vec<(&str, &str, u128, String)> = config
+            .health_probes
+            .iter()
+            .map(|p| {
+                (
+                    p.group.as_str(),
+                    p.cluster.as_str(),
+                    p.interval.as_millis(),
+                    p.upstream.bootstrap_servers[0].to_string(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            probes,
+            vec![
+                (
+                    "orders-dr",
+                    "kafka-east",
+                    1000,
+                    "127.0.0.1:9092".to_string()
+                ),
+                ("orders-dr", "kafka-west", 1000, "10.0.1.1:9093".to_string()),
+            ]
+        );
+        assert_eq!(config.health_probes[1].upstream.tls, expected.tls);
+        assert!(direct.health_probes.is_empty());
         // An active cluster the edge was not given: fail closed too.
         snap.kafka_clusters.remove("kafka-west");
         let err = compose(None, Some(&snap), true, dir.path()).unwrap_err();

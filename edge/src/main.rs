@@ -4,6 +4,7 @@
 
 mod control;
 mod filters;
+mod health;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -238,6 +239,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (tunnel_targets, tunnel_targets_rx) = tokio::sync::watch::channel(Default::default());
     let mesh_metrics =
         strait_mesh::metrics::MeshMetrics::register(registry.sub_registry_with_prefix("strait"));
+    let probe_metrics = health::ProbeMetrics::register(registry.sub_registry_with_prefix("strait"));
     let svid_credentials = edge_svid.as_ref().map(|s| s.credentials.clone());
     // Only an SVID identity needs a kept seed for its stateless-reset key
     // (a file identity derives it from its key file).
@@ -314,6 +316,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         },
     )
     .await?;
+    let probes = Arc::new(Mutex::new(health::Probes::start(
+        &config.health_probes,
+        &probe_metrics,
+    )));
     let status = Arc::new(Mutex::new(EdgeStatus {
         ready: true,
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -330,6 +336,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         (Some(name), Some(client)) => {
             let status = status.clone();
             let svid_state = edge_svid.as_ref().map(|s| s.state.clone());
+            let probes = probes.clone();
             Some(strait_control_client::spawn_heartbeat_with_client(
                 strait_control_client::HeartbeatConfig {
                     client: control_client.clone(),
@@ -339,6 +346,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 client.clone(),
                 move || {
                     let mut status = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
+                    status.health = probes.lock().unwrap_or_else(|e| e.into_inner()).reports();
                     // The remaining lifetime of the edge's certificate, when it is at risk.
                     if let Some(line) = svid_state.as_ref().and_then(|s| s.borrow().message()) {
                         status.message = Some(match status.message {
@@ -454,6 +462,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         // A revocation takes effect even if the rest of the change fails below.
         edge.set_deny_list(&config.deny_identities);
+        {
+            let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
+            if probes.config() != config.health_probes.as_slice() {
+                *probes = health::Probes::start(&config.health_probes, &probe_metrics);
+            }
+        }
         let message = match filter_builder.build(&config).await {
             Ok(filters) => {
                 names_before_listening(&args, &config, &svid_names, edge_svid.as_ref()).await;

@@ -8,6 +8,7 @@
 //! listener used when the node runs the CA.
 
 mod failover;
+pub mod failover_controller;
 pub mod identity;
 pub mod node_tls;
 pub mod tls;

@@ -391,6 +391,7 @@ async fn main() -> Result<()> {
             bootstrap_rules,
         ));
     }
+    strait_control_api::failover_controller::spawn_failover_controller(node.clone(), authz.clone());
     let control = ControlService::new(
         node.clone(),
         args.enable_test_hooks,

@@ -75,6 +75,21 @@ pub struct HealthPolicy {
     /// the group back and forth.
     #[serde(default = "default_recovery_threshold")]
     pub recovery_threshold: u32,
+    /// How many observers (edges, and the control plane's own probe) must
+    /// agree before an automatic switch: a cluster is down, or a standby
+    /// up, only when at least this many and a strict majority of the
+    /// observers that report on it say so. One observer alone (an edge cut
+    /// off from the cluster) never decides.
+    #[serde(default = "default_quorum")]
+    pub quorum: u32,
+    /// After a switch, the controller does not switch the group again for
+    /// this long (hysteresis against flapping); an operator still may.
+    #[serde(default = "default_hold_down_ms")]
+    pub hold_down_ms: u64,
+    /// Whether the control plane's leader also probes the members (a TCP
+    /// connection to a bootstrap server) and counts as one observer.
+    #[serde(default = "default_true")]
+    pub control_plane_probe: bool,
 }
 
 fn default_interval_ms() -> u64 {
@@ -86,6 +101,15 @@ fn default_failure_threshold() -> u32 {
 fn default_recovery_threshold() -> u32 {
     3
 }
+fn default_quorum() -> u32 {
+    2
+}
+fn default_hold_down_ms() -> u64 {
+    30_000
+}
+fn default_true() -> bool {
+    true
+}
 
 impl Default for HealthPolicy {
     fn default() -> Self {
@@ -93,6 +117,9 @@ impl Default for HealthPolicy {
             interval_ms: default_interval_ms(),
             failure_threshold: default_failure_threshold(),
             recovery_threshold: default_recovery_threshold(),
+            quorum: default_quorum(),
+            hold_down_ms: default_hold_down_ms(),
+            control_plane_probe: true,
         }
     }
 }
@@ -213,6 +240,7 @@ impl Validate for FailoverGroupSpec {
                 "recovery_threshold",
                 u64::from(self.health.recovery_threshold),
             ),
+            ("quorum", u64::from(self.health.quorum)),
         ] {
             if value == 0 {
                 errs.push(ValidationError::new(

@@ -3,6 +3,7 @@
 //! no clocks, no randomness, so every replica computes the same result.
 
 mod failover;
+pub mod failover_health;
 mod failover_spec;
 mod mesh_spec;
 pub mod spec;

@@ -167,6 +167,10 @@ pub struct EdgeStatus {
     /// runs on (from the running configuration, not the desired one).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub failover: Vec<AppliedFailover>,
+    /// This edge's view of every member of the failover groups it serves:
+    /// the evidence automatic failover counts.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub health: Vec<crate::failover_health::ClusterHealth>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod mesh;
+mod probes;
 pub mod raw;
 mod sasl;
 mod validate;
@@ -21,6 +22,7 @@ pub use mesh::{
     Mesh, MeshPeer, MeshTransport, RawMesh, RawMeshBundle, RawMeshIdentity, RawMeshPeer, RawRemote,
     Remote,
 };
+pub use probes::HealthProbe;
 pub use sasl::{read_credential_files, Sasl, SaslMechanism, Secret, SecretSource};
 pub use validate::{validate, validate_with, NODE_ID};
 
@@ -38,6 +40,8 @@ pub struct Config {
     /// Principals refused on every virtual cluster (exact names, sorted, deduplicated).
     pub deny_identities: Vec<String>,
     pub mesh: Option<Mesh>,
+    /// Failover group members whose health this edge probes and reports.
+    pub health_probes: Vec<HealthProbe>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -24,6 +24,9 @@ pub struct RawConfig {
     pub deny_identities: Vec<String>,
     /// Tunnels to peer edges.
     pub mesh: Option<crate::mesh::RawMesh>,
+    /// Failover group members whose health this edge reports.
+    #[serde(default)]
+    pub health_probes: Vec<crate::probes::RawHealthProbe>,
 }
 
 #[derive(Debug, Deserialize)]

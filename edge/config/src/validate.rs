@@ -100,6 +100,8 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
         .as_ref()
         .and_then(|mesh| crate::mesh::validate_mesh(mesh, &mut errors));
 
+    let health_probes = crate::probes::validate_probes(&raw.health_probes, &mut errors);
+
     if errors.0.is_empty() {
         Ok(Config {
             admin,
@@ -117,6 +119,7 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
             },
             deny_identities,
             mesh,
+            health_probes,
         })
     } else {
         Err(ConfigErrors(errors.0))
@@ -159,43 +162,7 @@ fn validate_virtual_cluster(
         );
     }
 
-    let upstream_path = format!("{path}.upstream.bootstrap_servers");
-    let remote = raw.upstream.remote.as_ref().map(|remote| {
-        crate::mesh::validate_remote(remote, mesh, &format!("{path}.upstream.remote"), errors)
-    });
-    match &remote {
-        None if raw.upstream.bootstrap_servers.is_empty() => errors.push(
-            &upstream_path,
-            "at least one bootstrap server is required (or remote)",
-        ),
-        Some(_) if !raw.upstream.bootstrap_servers.is_empty() => errors.push(
-            format!("{path}.upstream"),
-            "use one of bootstrap_servers, remote",
-        ),
-        // The far edge reaches the brokers with its own credentials.
-        Some(_) if raw.upstream.tls.is_some() || raw.upstream.sasl.is_some() => errors.push(
-            format!("{path}.upstream"),
-            "remote takes no tls or sasl: the peer edge authenticates to its brokers",
-        ),
-        _ => {}
-    }
-    let mut bootstrap_servers = Vec::new();
-    for (index, server) in raw.upstream.bootstrap_servers.iter().enumerate() {
-        match parse_host_port(server) {
-            Ok(hp) => bootstrap_servers.push(hp),
-            Err(message) => errors.push(format!("{upstream_path}[{index}]"), message),
-        }
-    }
-    let connect_timeout = raw
-        .upstream
-        .connect_timeout
-        .unwrap_or(Duration::from_secs(10));
-    if connect_timeout.is_zero() {
-        errors.push(
-            format!("{path}.upstream.connect_timeout"),
-            "must be greater than 0",
-        );
-    }
+    let upstream = validate_upstream(&raw.upstream, &format!("{path}.upstream"), mesh, errors);
 
     if let Some(encryption) = &raw.encryption {
         let mut found = Vec::new();
@@ -222,20 +189,74 @@ fn validate_virtual_cluster(
         .quotas
         .as_ref()
         .map(|quotas| validate_quotas(quotas, &format!("{path}.quotas"), errors));
+    if errors.0.len() != before {
+        return None;
+    }
+    Some(VirtualCluster {
+        name: raw.name.clone(),
+        bootstrap: bootstrap?,
+        brokers: brokers?,
+        upstream: upstream?,
+        tls,
+        quotas,
+        encryption: raw.encryption.clone(),
+        authorization: raw.authorization.clone(),
+        audit: raw.audit.clone(),
+    })
+}
+
+/// `upstream:` of a virtual cluster (or of a health probe, `mesh: None`,
+/// where `remote` is refused as unknown).
+pub(crate) fn validate_upstream(
+    raw: &crate::raw::RawUpstream,
+    path: &str,
+    mesh: Option<&crate::mesh::RawMesh>,
+    errors: &mut Errors,
+) -> Option<Upstream> {
+    let before = errors.0.len();
+    let upstream_path = format!("{path}.bootstrap_servers");
+    let remote = raw.remote.as_ref().map(|remote| {
+        crate::mesh::validate_remote(remote, mesh, &format!("{path}.remote"), errors)
+    });
+    match &remote {
+        None if raw.bootstrap_servers.is_empty() => errors.push(
+            &upstream_path,
+            "at least one bootstrap server is required (or remote)",
+        ),
+        Some(_) if !raw.bootstrap_servers.is_empty() => {
+            errors.push(path.to_string(), "use one of bootstrap_servers, remote")
+        }
+        // The far edge reaches the brokers with its own credentials.
+        Some(_) if raw.tls.is_some() || raw.sasl.is_some() => errors.push(
+            path.to_string(),
+            "remote takes no tls or sasl: the peer edge authenticates to its brokers",
+        ),
+        _ => {}
+    }
+    let mut bootstrap_servers = Vec::new();
+    for (index, server) in raw.bootstrap_servers.iter().enumerate() {
+        match parse_host_port(server) {
+            Ok(hp) => bootstrap_servers.push(hp),
+            Err(message) => errors.push(format!("{upstream_path}[{index}]"), message),
+        }
+    }
+    let connect_timeout = raw.connect_timeout.unwrap_or(Duration::from_secs(10));
+    if connect_timeout.is_zero() {
+        errors.push(format!("{path}.connect_timeout"), "must be greater than 0");
+    }
+
     // With `remote` both are refused above: nothing more to say about them.
     let upstream_tls = raw
-        .upstream
         .tls
         .as_ref()
         .filter(|_| remote.is_none())
-        .and_then(|tls| validate_upstream_tls(tls, &format!("{path}.upstream.tls"), errors));
+        .and_then(|tls| validate_upstream_tls(tls, &format!("{path}.tls"), errors));
     let upstream_sasl = raw
-        .upstream
         .sasl
         .as_ref()
         .filter(|_| remote.is_none())
         .and_then(|sasl| {
-            crate::sasl::validate_sasl(sasl, &format!("{path}.upstream.sasl"))
+            crate::sasl::validate_sasl(sasl, &format!("{path}.sasl"))
                 .map_err(|found| {
                     for error in found {
                         errors.push(error.path, error.message);
@@ -247,23 +268,13 @@ fn validate_virtual_cluster(
     if errors.0.len() != before {
         return None;
     }
-    Some(VirtualCluster {
-        name: raw.name.clone(),
-        bootstrap: bootstrap?,
-        brokers: brokers?,
-        upstream: Upstream {
-            bootstrap_servers,
-            remote,
-            connect_timeout,
-            tls: upstream_tls,
-            sasl: upstream_sasl,
-            failover: raw.upstream.failover.clone(),
-        },
-        tls,
-        quotas,
-        encryption: raw.encryption.clone(),
-        authorization: raw.authorization.clone(),
-        audit: raw.audit.clone(),
+    Some(Upstream {
+        bootstrap_servers,
+        remote,
+        connect_timeout,
+        tls: upstream_tls,
+        sasl: upstream_sasl,
+        failover: raw.failover.clone(),
     })
 }
 

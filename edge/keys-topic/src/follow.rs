@@ -11,8 +11,8 @@ use strait_encryption::KeyIndex;
 use strait_proxy::upstream::{Upstream, UpstreamTarget};
 use tokio_util::sync::DropGuard;
 
-use crate::conn::Conn;
 use crate::{leader, topic_name, Error};
+use strait_proxy::own_conn::OwnConn as Conn;
 
 /// How long the broker may hold a Fetch when there is nothing new.
 const LONG_POLL_MS: i32 = 500;
@@ -111,6 +111,7 @@ impl Follower {
                 Conn::open(
                     self.upstream.as_ref(),
                     &UpstreamTarget::Broker { node_id, address },
+                    crate::CLIENT_ID,
                 )
                 .await?,
             );

@@ -12,7 +12,6 @@
 
 #![forbid(unsafe_code)]
 
-mod conn;
 mod follow;
 
 use std::sync::Arc;
@@ -34,7 +33,10 @@ use strait_edge_config::HostPort;
 use strait_proxy::upstream::{Upstream, UpstreamTarget};
 use tokio_util::sync::DropGuard;
 
-use conn::Conn;
+use strait_proxy::own_conn::{OwnConn as Conn, OwnConnError};
+
+/// The keys topic's connections name it in the brokers' logs.
+pub(crate) const CLIENT_ID: &str = "strait-edge-keys";
 pub use follow::spawn_followers;
 
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,16 @@ pub enum Error {
     Timeout(Duration),
 }
 
+impl From<OwnConnError> for Error {
+    fn from(e: OwnConnError) -> Self {
+        match e {
+            OwnConnError::Connect(m) => Error::Connect(m),
+            OwnConnError::Io(e) => Error::Io(e),
+            OwnConnError::Protocol(m) => Error::Protocol(m),
+        }
+    }
+}
+
 const UNKNOWN_TOPIC_OR_PARTITION: i16 = 3;
 const TOPIC_ALREADY_EXISTS: i16 = 36;
 /// How long one write may take, creation of the topic included.
@@ -67,7 +79,7 @@ pub(crate) async fn leader(
     upstream: &dyn Upstream,
     topic: &str,
 ) -> Result<Option<(i32, HostPort)>, Error> {
-    let mut conn = Conn::open(upstream, &UpstreamTarget::Bootstrap).await?;
+    let mut conn = Conn::open(upstream, &UpstreamTarget::Bootstrap, CLIENT_ID).await?;
     let req = MetadataRequest::default()
         .with_topics(Some(vec![
             MetadataRequestTopic::default().with_name(Some(topic_name(topic)))
@@ -117,7 +129,7 @@ pub(crate) async fn leader(
 }
 
 async fn create(upstream: &dyn Upstream, topic: &str) -> Result<(), Error> {
-    let mut conn = Conn::open(upstream, &UpstreamTarget::Bootstrap).await?;
+    let mut conn = Conn::open(upstream, &UpstreamTarget::Bootstrap, CLIENT_ID).await?;
     let req = CreateTopicsRequest::default()
         .with_timeout_ms(15_000)
         .with_topics(vec![CreatableTopic::default()
@@ -231,6 +243,7 @@ impl KeysTopic {
         let mut conn = Conn::open(
             self.upstream.as_ref(),
             &UpstreamTarget::Broker { node_id, address },
+            CLIENT_ID,
         )
         .await?;
         let ResponseKind::Produce(resp) = conn

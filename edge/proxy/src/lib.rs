@@ -13,6 +13,7 @@ pub mod cluster;
 pub mod connection;
 pub mod deny;
 pub mod metrics;
+pub mod own_conn;
 pub mod quota;
 pub mod rewrite;
 pub mod sasl;
@@ -126,19 +127,28 @@ pub fn direct_upstream(
     svid: Option<&CredentialReceiver>,
     stop: CancellationToken,
 ) -> Result<(DirectTcp, Option<Arc<UpstreamSasl>>), StartError> {
-    let mut direct = DirectTcp::new(
-        vc.upstream.bootstrap_servers.clone(),
-        vc.upstream.connect_timeout,
-    );
-    if let Some(tls) = &vc.upstream.tls {
+    direct_upstream_of(&vc.name, &vc.upstream, tls_metrics, svid, stop)
+}
+
+/// [`direct_upstream`] for any owner of an `upstream:` section (a health
+/// probe, say), named `owner` in logs and metrics.
+pub fn direct_upstream_of(
+    owner: &str,
+    upstream: &strait_edge_config::Upstream,
+    tls_metrics: Option<TlsMetrics>,
+    svid: Option<&CredentialReceiver>,
+    stop: CancellationToken,
+) -> Result<(DirectTcp, Option<Arc<UpstreamSasl>>), StartError> {
+    let mut direct = DirectTcp::new(upstream.bootstrap_servers.clone(), upstream.connect_timeout);
+    if let Some(tls) = &upstream.tls {
         let tls_error = |source| StartError::Tls {
-            name: vc.name.clone(),
+            name: owner.to_string(),
             source,
         };
         let config = ClientTls::start(
             tls,
             CredentialLabel {
-                owner: vc.name.clone(),
+                owner: owner.to_string(),
                 certificate: "upstream_client",
             },
             tls_metrics,
@@ -149,10 +159,10 @@ pub fn direct_upstream(
         .map_err(tls_error)?;
         direct = direct.with_tls_config(tls, config).map_err(tls_error)?;
     }
-    let sasl = vc.upstream.sasl.as_ref().map(|sasl| {
-        if sasl.mechanism == strait_edge_config::SaslMechanism::Plain && vc.upstream.tls.is_none()
+    let sasl = upstream.sasl.as_ref().map(|sasl| {
+        if sasl.mechanism == strait_edge_config::SaslMechanism::Plain && upstream.tls.is_none()
         {
-            tracing::warn!(virtual_cluster = %vc.name, "SASL PLAIN without upstream.tls: the password crosses the network in clear");
+            tracing::warn!(owner = %owner, "SASL PLAIN without upstream.tls: the password crosses the network in clear");
         }
         UpstreamSasl::new(sasl)
     });

@@ -48,3 +48,42 @@ pub fn applied_failover(config: &Config) -> Vec<AppliedFailover> {
         })
         .collect()
 }
+
+/// `health_probes`: every member of every FailoverGroup a virtual cluster
+/// of this edge follows, probed through the member's own upstream (TLS and
+/// SASL as the edge would connect), at the group's health policy. The
+/// control plane counts what they find; the edge never switches on them.
+/// A member whose KafkaCluster is not known here gets no probe (no view is
+/// not a vote for up).
+pub(super) fn health_probes(snapshot: &EdgeSnapshot, pem_dir: &std::path::Path) -> Vec<Value> {
+    let followed: std::collections::BTreeSet<&str> = snapshot
+        .virtual_clusters
+        .values()
+        .filter_map(|vc| vc.failover_group.as_deref())
+        .collect();
+    let mut probes = Vec::new();
+    for group in followed {
+        let Some(g) = snapshot.failover_groups.get(group) else {
+            continue;
+        };
+        let health = &g.spec.health;
+        for member in g.spec.members() {
+            if !snapshot.kafka_clusters.contains_key(member) {
+                continue;
+            }
+            let owner = format!("FailoverGroup {group} member");
+            let Ok(upstream) = super::kafka_upstream(snapshot, &owner, member, pem_dir) else {
+                continue;
+            };
+            probes.push(json!({
+                "group": group,
+                "cluster": member,
+                "interval": format!("{}ms", health.interval_ms),
+                "failure_threshold": health.failure_threshold,
+                "recovery_threshold": health.recovery_threshold,
+                "upstream": upstream,
+            }));
+        }
+    }
+    probes
+}

@@ -1,31 +1,54 @@
-//! One Kafka connection for the edge's own requests (not a client's): one
-//! request at a time, answers checked against their correlation id.
+//! One Kafka connection for the edge's own requests (not a client's: the
+//! keys topic, health probes): one request at a time, answers checked
+//! against their correlation id.
 
 use bytes::{BufMut, BytesMut};
-use kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
-use kafka_protocol::protocol::StrBytes;
 use strait_kafka::codec::{decode_response, encode_request};
-use strait_proxy::upstream::{BoxedIo, Upstream, UpstreamTarget};
+use strait_kafka::kafka_protocol::messages::{ApiKey, RequestHeader, RequestKind, ResponseKind};
+use strait_kafka::kafka_protocol::protocol::StrBytes;
+use thiserror::Error;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::Error;
+use crate::upstream::{BoxedIo, Upstream, UpstreamTarget};
+
+#[derive(Debug, Error)]
+pub enum OwnConnError {
+    #[error("cannot connect: {0}")]
+    Connect(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("protocol error: {0}")]
+    Protocol(String),
+}
+
+use OwnConnError as Error;
 
 /// Answers larger than this are refused (a Fetch asks for at most 8 MiB).
 const MAX_ANSWER: usize = 64 << 20;
 
-pub(crate) struct Conn {
+pub struct OwnConn {
     io: BoxedIo,
     next_id: i32,
+    client_id: &'static str,
 }
 
-impl Conn {
-    pub async fn open(upstream: &dyn Upstream, target: &UpstreamTarget) -> Result<Self, Error> {
+impl OwnConn {
+    /// `client_id` names the edge's job in the brokers' logs and quotas.
+    pub async fn open(
+        upstream: &dyn Upstream,
+        target: &UpstreamTarget,
+        client_id: &'static str,
+    ) -> Result<Self, Error> {
         let io = upstream
             .connect_session(target)
             .await
             .map_err(|e| Error::Connect(e.to_string()))?
             .io;
-        Ok(Self { io, next_id: 1 })
+        Ok(Self {
+            io,
+            next_id: 1,
+            client_id,
+        })
     }
 
     pub async fn call(
@@ -40,7 +63,7 @@ impl Conn {
             .with_request_api_key(api_key as i16)
             .with_request_api_version(version)
             .with_correlation_id(correlation_id)
-            .with_client_id(Some(StrBytes::from_static_str("strait-edge-keys")));
+            .with_client_id(Some(StrBytes::from_static_str(self.client_id)));
         let frame = encode_request(&header, &body)
             .map_err(|e| Error::Protocol(format!("cannot encode {api_key:?}: {e}")))?;
         self.io.write_all(&frame).await?;

@@ -260,6 +260,6 @@ def edge_ready(admin_port: int) -> bool:
         return False
 
 
-def edge_metric(admin_port: int, name: str) -> float:
+def edge_metric(admin_port: int, name: str, **labels) -> float:
     from tests.test_control_plane import edge_metric as metric
-    return metric(admin_port, name)
+    return metric(admin_port, name, **labels)

@@ -8,7 +8,9 @@ use clap::Args;
 use serde_json::{json, Value};
 use strait_control_client::ControlClient;
 use strait_control_state::failover_health::ClusterHealth;
-use strait_control_state::spec::{AppliedFailover, FailoverGroupSpec, FailoverStatus};
+use strait_control_state::spec::{
+    AppliedFailover, FailoverGroupSpec, FailoverStatus, ReplicationLag,
+};
 use strait_control_state::Kind;
 use strait_proto::control as pb;
 
@@ -33,7 +35,9 @@ pub struct FailbackArgs {
 
 #[derive(Args, Debug)]
 struct Common {
-    /// A planned switch (a drill, maintenance), not an outage.
+    /// A planned switch with nothing lost (maintenance, a drill): fence
+    /// produce at every edge, wait until replication has caught up, then
+    /// switch; without it, switch now (an outage).
     #[arg(long)]
     planned: bool,
     /// Why, for the group's history and the audit trail.
@@ -44,6 +48,10 @@ struct Common {
     /// unknown outcome cannot switch twice.
     #[arg(long = "expect-generation", value_name = "N")]
     expect_generation: Option<u64>,
+    /// With --planned: how long to wait for every edge to fence produce and
+    /// for replication to catch up before giving up (the fence is lifted).
+    #[arg(long = "lag-timeout", value_name = "DURATION", default_value = "60s", value_parser = humantime::parse_duration)]
+    lag_timeout: std::time::Duration,
 }
 
 /// The decision in force, as the state machine counts it: the status, or
@@ -80,6 +88,20 @@ async fn switch(
             in_force(&r)?.generation
         }
     };
+    if common.planned {
+        return crate::ctl_planned::run(
+            client,
+            crate::ctl_planned::Planned {
+                group: name,
+                to,
+                failback,
+                reason: common.reason,
+                expected,
+                lag_timeout: common.lag_timeout,
+            },
+        )
+        .await;
+    }
     let r = client
         .failover(pb::FailoverRequest {
             group: name.to_string(),
@@ -88,6 +110,7 @@ async fn switch(
             planned: common.planned,
             failback,
             reason: common.reason,
+            fence: pb::FenceAction::Switch as i32,
         })
         .await
         .map_err(crate::status_err)?;
@@ -150,6 +173,16 @@ pub fn edges_view(group: &str, edges: &[pb::Resource]) -> Value {
             .collect();
         if !members.is_empty() {
             view["health"] = json!(members);
+        }
+        if laggard.is_some_and(|f| f.fenced) {
+            view["fenced"] = json!(true);
+        }
+        let replication = status
+            .get("replication")
+            .and_then(|r| serde_json::from_value::<Vec<ReplicationLag>>(r.clone()).ok())
+            .unwrap_or_default();
+        if let Some(r) = replication.into_iter().find(|r| r.group == group) {
+            view["replication"] = serde_json::to_value(&r).unwrap_or_default();
         }
         if view.as_object().is_some_and(|o| !o.is_empty()) {
             out.insert(edge.name.clone(), view);

@@ -789,6 +789,7 @@ mod tests {
                 group: "orders-dr".into(),
                 cluster: "kafka-east".into(),
                 generation: 0,
+                fence: None,
             })
         );
         // Failed over: the standby's servers, TLS and SASL, as a `cluster:`
@@ -841,9 +842,40 @@ mod tests {
                 group: "orders-dr".into(),
                 cluster: "kafka-west".into(),
                 generation: 3,
+                fenced: false,
             }]
         );
         assert_eq!(super::applied_failover(&direct), vec![]);
+        // A planned switch in preparation: fenced, with what the lag check
+        // needs (MM2's default policy prefixes the remote topics).
+        let mut fenced = snap.clone();
+        let g = fenced.failover_groups.get_mut("orders-dr").unwrap();
+        g.spec.replication = Some(
+            serde_json::from_value(serde_json::json!({
+                "kind": "mirrormaker2", "source_alias": "west", "topics": ["orders-*"]
+            }))
+            .unwrap(),
+        );
+        g.status.as_mut().unwrap().fence = Some(strait_control_client::state::spec::Fence {
+            to: "kafka-east".into(),
+            by: "spiffe://east.example/admin/ops".into(),
+            at_unix_ms: 2,
+        });
+        let fenced = compose(None, Some(&fenced), true, dir.path()).unwrap();
+        assert_eq!(
+            fenced.virtual_clusters[0]
+                .upstream
+                .failover
+                .as_ref()
+                .unwrap()
+                .fence,
+            Some(strait_edge_config::FenceState {
+                to: "kafka-east".into(),
+                topics: vec!["orders-*".into()],
+                remote_prefix: Some("west.".into()),
+            })
+        );
+        assert!(super::applied_failover(&fenced)[0].fenced);
         // Every member is probed through its own upstream, at the group's
         // policy (the defaults here), for the control plane's evidence.
         let probes: Vec<(&str, &str, u128, String)> = config

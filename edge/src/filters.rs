@@ -15,6 +15,7 @@ use strait_edge_config::{Config, Upstream, VirtualCluster};
 use strait_encryption::{EncryptionConfig, RecordEncryption};
 use strait_filter::FilterFactory;
 use strait_filters::encryption::EncryptionFilterFactory;
+use strait_filters::fence::FenceFilterFactory;
 use strait_keys_topic::KeysTopic;
 use strait_kms_broker::client::OwnIdentity;
 use strait_kms_core::config::KmsConfig;
@@ -104,6 +105,10 @@ impl FilterBuilder {
                 .is_some_and(|a| a.mode == AuthorizationMode::Rules)
             {
                 self.open_clusters.remove(&vc.name);
+            }
+            // A fenced produce is answered before it would be encrypted.
+            if let Some(f) = vc.upstream.failover.as_ref().filter(|f| f.fence.is_some()) {
+                chain.push(Arc::new(FenceFilterFactory::new(&f.group)));
             }
             if let Some(enc) = &vc.encryption {
                 let factory = match self.encryption.remove(&vc.name) {

@@ -5,6 +5,7 @@
 mod control;
 mod filters;
 mod health;
+mod lag;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -320,6 +321,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         &config.health_probes,
         &probe_metrics,
     )));
+    let lag_checks = Arc::new(Mutex::new(lag::LagChecks::start(lag::wanted(&config))));
     let status = Arc::new(Mutex::new(EdgeStatus {
         ready: true,
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -337,6 +339,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let status = status.clone();
             let svid_state = edge_svid.as_ref().map(|s| s.state.clone());
             let probes = probes.clone();
+            let lag_checks = lag_checks.clone();
             Some(strait_control_client::spawn_heartbeat_with_client(
                 strait_control_client::HeartbeatConfig {
                     client: control_client.clone(),
@@ -347,6 +350,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 move || {
                     let mut status = status.lock().unwrap_or_else(|e| e.into_inner()).clone();
                     status.health = probes.lock().unwrap_or_else(|e| e.into_inner()).reports();
+                    status.replication = lag_checks
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .reports();
                     // The remaining lifetime of the edge's certificate, when it is at risk.
                     if let Some(line) = svid_state.as_ref().and_then(|s| s.borrow().message()) {
                         status.message = Some(match status.message {
@@ -491,6 +498,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
         running = config;
         credential_files = strait_edge_config::read_credential_files(&running);
+        {
+            // Measured from the running configuration: only once the fence
+            // is in force here does this edge's measurement count.
+            let wanted = lag::wanted(&running);
+            let mut checks = lag_checks.lock().unwrap_or_else(|e| e.into_inner());
+            if checks.config() != wanted.as_slice() {
+                *checks = lag::LagChecks::start(wanted);
+            }
+        }
         let mut status = status.lock().unwrap_or_else(|e| e.into_inner());
         status.config_revision = sources.snapshot.as_ref().map_or(0, |s| s.revision);
         status.virtual_clusters = edge.cluster_names().map(str::to_owned).collect();

@@ -30,7 +30,16 @@ def leader_index(cp: ControlPlane) -> int:
     raise AssertionError(f"no leader in:\n{r.stdout}")
 
 
-def resources(primary: str, standby: str, edges: dict) -> str:
+AUTOMATIC = """
+  mode: automatic
+  failback: automatic
+  health: { interval_ms: 500, failure_threshold: 3, recovery_threshold: 2, quorum: 2, hold_down_ms: 5000 }
+"""
+
+
+def resources(primary: str, standby: str, edges: dict, group_spec: str = AUTOMATIC) -> str:
+    """Two clusters, the group (`group_spec`: the lines after `standby`), and per edge an Edge and a
+    VirtualCluster behind the group."""
     docs = [f"""
 kind: KafkaCluster
 name: east
@@ -45,9 +54,7 @@ name: {GROUP}
 spec:
   primary: east
   standby: [west]
-  mode: automatic
-  failback: automatic
-  health: {{ interval_ms: 500, failure_threshold: 3, recovery_threshold: 2, quorum: 2, hold_down_ms: 5000 }}
+{group_spec.strip(chr(10))}
 """]
     for name, e in edges.items():
         docs.append(f"""
@@ -66,6 +73,37 @@ spec:
     return "---".join(docs)
 
 
+def new_edges() -> dict:
+    return {n: {"bootstrap": f"127.0.0.1:{free_port()}", "ports": free_range(8), "admin": free_port()}
+            for n in EDGES}
+
+
+def start_edges(cp: ControlPlane, edges: dict, logs, tmp_path) -> list[Proc]:
+    """Each edge following the control plane under its own SPIFFE ID, serving once ready."""
+    procs = []
+    for name, e in edges.items():
+        procs.append(Proc(f"edge-{name}-{e['admin']}", [
+            binary("strait-edge"), "--control", cp.endpoints, "--name", name,
+            "--control-ca", str(cp.pki.pem("ca")), "--control-cert", str(cp.pki.pem(name)),
+            "--control-key", str(cp.pki.key(name)), "--cache-dir", str(tmp_path / f"cache-{name}"),
+            "--admin", f"127.0.0.1:{e['admin']}"], logs))
+        procs[-1].start()
+    for name, e in edges.items():
+        wait_for(lambda: edge_ready(e["admin"]), 60, what=f"{name} serving")
+    return procs
+
+
+def fg_status(cp: ControlPlane) -> dict:
+    r = cp.ctl("get", "fg", GROUP, "-o", "json")
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout).get("status", {})
+
+
+def serving(cp: ControlPlane, generation: int) -> bool:
+    edges = fg_status(cp).get("edges", {})
+    return all(edges.get(n, {}).get("generation") == generation for n in EDGES)
+
+
 def test_automatic_failover_needs_a_quorum_and_an_edge_cut_off_never_switches_alone(broker, logs, tmp_path):
     """Phase 1: the primary and the control-plane leader are SIGKILLed together; the new leader's
     controller switches both edges to the standby (generation 1) and producers continue through the
@@ -78,35 +116,20 @@ def test_automatic_failover_needs_a_quorum_and_an_edge_cut_off_never_switches_al
     for name in EDGES:
         cp.pki.leaf(name, uris=[f"spiffe://{cp.trust_domain}/edge/{name}"])
     cp.start()
-    edges = {n: {"bootstrap": f"127.0.0.1:{free_port()}", "ports": free_range(8), "admin": free_port()}
-             for n in EDGES}
+    edges = new_edges()
     procs: list[Proc] = []
     producers: dict[str, ContinuousProducer] = {}
     try:
         spec = tmp_path / "resources.yaml"
         spec.write_text(resources(primary.bootstrap_servers[0], standby.bootstrap_servers[0], edges))
         cp.ctl("apply", "-f", str(spec), check=True)
-        for name, e in edges.items():
-            procs.append(Proc(f"edge-{name}-{e['admin']}", [
-                binary("strait-edge"), "--control", cp.endpoints, "--name", name,
-                "--control-ca", str(cp.pki.pem("ca")), "--control-cert", str(cp.pki.pem(name)),
-                "--control-key", str(cp.pki.key(name)), "--cache-dir", str(tmp_path / f"cache-{name}"),
-                "--admin", f"127.0.0.1:{e['admin']}"], logs))
-            procs[-1].start()
-        for name, e in edges.items():
-            wait_for(lambda: edge_ready(e["admin"]), 60, what=f"{name} serving")
+        procs += start_edges(cp, edges, logs, tmp_path)
 
         def probe(e: dict, cluster: str) -> float:
             return edge_metric(e["admin"], "strait_failover_probe_state", group=GROUP, cluster=cluster)
 
         def fg() -> dict:
-            r = cp.ctl("get", "fg", GROUP, "-o", "json")
-            assert r.returncode == 0, r.stderr
-            return json.loads(r.stdout)
-
-        def serving(generation: int) -> bool:
-            status = fg().get("status", {})
-            return all(status.get("edges", {}).get(n, {}).get("generation") == generation for n in EDGES)
+            return {"status": fg_status(cp)}
 
         # Every edge reports both members up, and the control plane has that evidence.
         for name, e in edges.items():
@@ -128,7 +151,7 @@ def test_automatic_failover_needs_a_quorum_and_an_edge_cut_off_never_switches_al
         killed_at = time.monotonic()
         primary.kill(primary.nodes[0].node_id)
         cp.procs[old_leader].popen.kill()
-        wait_for(lambda: serving(1), 60, interval=0.2, what="both edges on the standby at generation 1")
+        wait_for(lambda: serving(cp, 1), 60, interval=0.2, what="both edges on the standby at generation 1")
         decided = fg()["status"]
         assert (decided["active"], decided["generation"], decided["previous"]) == ("west", 1, "east"), decided
         assert decided["by"].startswith("failover-controller (control node "), decided
@@ -156,7 +179,7 @@ def test_automatic_failover_needs_a_quorum_and_an_edge_cut_off_never_switches_al
         for p in cp.procs:
             p.start()
         wait_for(lambda: cp.ctl("members").returncode == 0, 60, what="the control plane answering again")
-        wait_for(lambda: serving(2), 90, interval=0.2, what="both edges back on the primary at generation 2")
+        wait_for(lambda: serving(cp, 2), 90, interval=0.2, what="both edges back on the primary at generation 2")
         back = fg()["status"]
         assert (back["active"], back["generation"], back["previous"]) == ("east", 2, "west"), back
         for name, e in edges.items():

@@ -6,6 +6,7 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use strait_control_state::spec::FenceAction;
 use strait_control_state::{Command, Kind, Outcome};
 use strait_proto::control as pb;
 use tonic::{Request, Response, Status};
@@ -42,6 +43,17 @@ impl ControlService {
             reason: req.reason,
             by: caller.to_string(),
             at_unix_ms: now_unix_ms(),
+            fence: match pb::FenceAction::try_from(req.fence) {
+                Ok(pb::FenceAction::Switch) => FenceAction::Switch,
+                Ok(pb::FenceAction::Raise) => FenceAction::Raise,
+                Ok(pb::FenceAction::Lift) => FenceAction::Lift,
+                Err(_) => {
+                    return Err(Status::invalid_argument(format!(
+                        "unknown fence action {}",
+                        req.fence
+                    )))
+                }
+            },
         };
         let result = match self.node.propose(&cmd).await.map_err(status_of) {
             Ok(Outcome::StatusUpdated { resource }) => {

@@ -250,6 +250,7 @@ impl Controller {
             reason: Some(reason.clone()),
             by,
             at_unix_ms: now_unix_ms(),
+            fence: Default::default(),
         };
         let access = Access::resource(
             Operation::Control(ControlMethod::Failover),

@@ -4,6 +4,8 @@
 mod ctl_failover;
 #[path = "../ctl_identity.rs"]
 mod ctl_identity;
+#[path = "../ctl_planned.rs"]
+mod ctl_planned;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

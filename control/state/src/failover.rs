@@ -5,7 +5,9 @@
 
 use serde_json::Value;
 
-use crate::spec::{FailoverEvent, FailoverGroupSpec, FailoverStatus, FAILOVER_HISTORY};
+use crate::spec::{
+    FailoverEvent, FailoverGroupSpec, FailoverStatus, Fence, FenceAction, FAILOVER_HISTORY,
+};
 use crate::{
     typed, validate_name, Command, CommandError, Event, EventType, Kind, Outcome, Resource, State,
     ValidationError,
@@ -24,6 +26,7 @@ pub(crate) struct Request<'a> {
     reason: Option<&'a str>,
     by: &'a str,
     at_unix_ms: u64,
+    fence: FenceAction,
 }
 
 impl<'a> Request<'a> {
@@ -38,6 +41,7 @@ impl<'a> Request<'a> {
                 reason,
                 by,
                 at_unix_ms,
+                fence,
             } => Some(Request {
                 group,
                 to: to.as_deref(),
@@ -47,6 +51,7 @@ impl<'a> Request<'a> {
                 reason: reason.as_deref(),
                 by,
                 at_unix_ms: *at_unix_ms,
+                fence: *fence,
             }),
             _ => None,
         }
@@ -182,36 +187,52 @@ impl State {
                 });
             }
         }
-        let to = req
-            .target(&spec, &current.active)
-            .map_err(|m| req.invalid(vec![ValidationError::new("to", m)]))?
-            .to_string();
-        let generation = current.generation + 1;
-        let mut history = current.history;
-        history.push(FailoverEvent {
-            from: current.active.clone(),
-            to: to.clone(),
-            generation,
-            planned: req.planned,
-            by: req.by.to_string(),
-            reason: req.reason.map(str::to_string),
-            at_unix_ms: req.at_unix_ms,
-        });
-        let drop = history.len().saturating_sub(FAILOVER_HISTORY);
-        history.drain(..drop);
-        let status = FailoverStatus {
-            active: to,
-            generation,
-            previous: Some(current.active),
-            planned: req.planned,
-            reason: req.reason.map(str::to_string),
-            by: req.by.to_string(),
-            at_unix_ms: req.at_unix_ms,
-            history,
+        let status = match req.fence {
+            FenceAction::Switch => req.switched(&spec, current)?,
+            FenceAction::Raise => {
+                if let Some(f) = &current.fence {
+                    return Err(req.invalid(vec![ValidationError::new(
+                        "fence",
+                        format!("already fenced for a switch to '{}' (by {}); finish or lift that one first", f.to, f.by),
+                    )]));
+                }
+                let to = req
+                    .target(&spec, &current.active)
+                    .map_err(|m| req.invalid(vec![ValidationError::new("to", m)]))?
+                    .to_string();
+                FailoverStatus {
+                    fence: Some(Fence {
+                        to,
+                        by: req.by.to_string(),
+                        at_unix_ms: req.at_unix_ms,
+                    }),
+                    ..current
+                }
+            }
+            FenceAction::Lift => {
+                if current.fence.is_none() {
+                    return Err(
+                        req.invalid(vec![ValidationError::new("fence", "produce is not fenced")])
+                    );
+                }
+                FailoverStatus {
+                    fence: None,
+                    ..current
+                }
+            }
         };
-        let status = serde_json::to_value(&status)
+        self.put_failover_status(&key, req, &status)
+    }
+
+    fn put_failover_status(
+        &mut self,
+        key: &(Kind, String),
+        req: &Request<'_>,
+        status: &FailoverStatus,
+    ) -> Result<(Outcome, Option<Event>), CommandError> {
+        let status = serde_json::to_value(status)
             .map_err(|e| req.invalid(vec![ValidationError::new("status", e.to_string())]))?;
-        let Some(r) = self.resources.get_mut(&key) else {
+        let Some(r) = self.resources.get_mut(key) else {
             return Err(CommandError::NotFound {
                 kind: Kind::FailoverGroup,
                 name: req.group.to_string(),
@@ -232,5 +253,54 @@ impl State {
                 resource,
             }),
         ))
+    }
+}
+
+impl Request<'_> {
+    /// The status after a switch: a new generation, and no fence (the
+    /// planned switch it prepared is this one, or a failover overtook it).
+    fn switched(
+        &self,
+        spec: &FailoverGroupSpec,
+        current: FailoverStatus,
+    ) -> Result<FailoverStatus, CommandError> {
+        let req = self;
+        let to = req
+            .target(spec, &current.active)
+            .map_err(|m| req.invalid(vec![ValidationError::new("to", m)]))?
+            .to_string();
+        if let Some(f) = current.fence.as_ref().filter(|f| f.to != to && req.planned) {
+            return Err(req.invalid(vec![ValidationError::new(
+                "to",
+                format!(
+                    "produce is fenced for a planned switch to '{}', not '{to}'",
+                    f.to
+                ),
+            )]));
+        }
+        let generation = current.generation + 1;
+        let mut history = current.history;
+        history.push(FailoverEvent {
+            from: current.active.clone(),
+            to: to.clone(),
+            generation,
+            planned: req.planned,
+            by: req.by.to_string(),
+            reason: req.reason.map(str::to_string),
+            at_unix_ms: req.at_unix_ms,
+        });
+        let drop = history.len().saturating_sub(FAILOVER_HISTORY);
+        history.drain(..drop);
+        Ok(FailoverStatus {
+            active: to,
+            generation,
+            previous: Some(current.active),
+            planned: req.planned,
+            reason: req.reason.map(str::to_string),
+            by: req.by.to_string(),
+            at_unix_ms: req.at_unix_ms,
+            history,
+            fence: None,
+        })
     }
 }

@@ -48,6 +48,7 @@ impl FailoverGroupSpec {
                 by: String::new(),
                 at_unix_ms: 0,
                 history: Vec::new(),
+                fence: None,
             }
         })
     }
@@ -153,6 +154,33 @@ pub struct ReplicationSpec {
     /// `<source_alias>.checkpoints.internal`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints_topic: Option<String>,
+    /// MM2's replication policy: `default` names remote topics
+    /// `<source_alias>.<topic>`, `identity` keeps the names.
+    #[serde(default)]
+    pub policy: ReplicationPolicy,
+    /// Topic globs whose replication a planned switch waits for; empty:
+    /// every topic but internal ones (`__*`, MM2's `*.internal`,
+    /// `mm2-*`, `heartbeats`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum ReplicationPolicy {
+    #[default]
+    Default,
+    Identity,
+}
+
+impl ReplicationSpec {
+    /// The standby's name of the primary's `topic`.
+    pub fn remote_topic(&self, topic: &str) -> String {
+        match self.policy {
+            ReplicationPolicy::Default => format!("{}.{topic}", self.source_alias),
+            ReplicationPolicy::Identity => topic.to_string(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -183,6 +211,57 @@ pub struct FailoverStatus {
     /// The last [`FAILOVER_HISTORY`] switches, oldest first (this one last).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub history: Vec<FailoverEvent>,
+    /// Produce is fenced at this generation, for a planned switch in
+    /// progress; the switch (a new generation) or a lift clears it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<Fence>,
+}
+
+/// A planned switchover's first step (`straitctl failover --planned`):
+/// every edge answers Produce for the group with a retriable error, so
+/// clients retry and nothing new reaches the active cluster while
+/// replication catches up to `to`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fence {
+    /// The member the planned switch goes to.
+    pub to: String,
+    pub by: String,
+    pub at_unix_ms: u64,
+}
+
+/// What `Command::Failover` does: switch (the default, and every entry
+/// written before fences existed), or raise or lift a produce fence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum FenceAction {
+    #[default]
+    Switch,
+    Raise,
+    Lift,
+}
+
+/// One edge's measurement of how far `to` is behind `from` for a fenced
+/// group (`EdgeStatus.replication`): the planned switch waits for a
+/// caught-up one from every edge.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicationLag {
+    pub group: String,
+    pub from: String,
+    pub to: String,
+    /// Every compared partition's last record is the standby's last
+    /// record, and the active cluster's end offsets did not move since
+    /// the measurement before.
+    pub caught_up: bool,
+    /// Partitions compared.
+    pub partitions: u32,
+    /// Partitions not caught up yet, `topic-N` (at most a few named).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub behind: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub checked_at_unix_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -209,6 +288,9 @@ pub struct AppliedFailover {
     pub group: String,
     pub cluster: String,
     pub generation: u64,
+    /// Produce fenced for a planned switch.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fenced: bool,
 }
 
 impl Validate for FailoverGroupSpec {

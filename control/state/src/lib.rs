@@ -275,6 +275,9 @@ pub enum Command {
         reason: Option<String>,
         by: String,
         at_unix_ms: u64,
+        /// Raise or lift a produce fence instead of switching.
+        #[serde(default)]
+        fence: spec::FenceAction,
     },
     /// Committed by a new leader; changes nothing.
     Noop,

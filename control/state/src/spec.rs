@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::failover_spec::{
     AppliedFailover, FailbackMode, FailoverEvent, FailoverGroupSpec, FailoverMode, FailoverStatus,
-    HealthPolicy, ReplicationKind, ReplicationSpec, FAILOVER_HISTORY,
+    Fence, FenceAction, HealthPolicy, ReplicationKind, ReplicationLag, ReplicationPolicy,
+    ReplicationSpec, FAILOVER_HISTORY,
 };
 pub use crate::mesh_spec::{EdgeMeshSpec, MeshPeerSpec, RemoteSpec};
 use crate::ValidationError;
@@ -171,6 +172,10 @@ pub struct EdgeStatus {
     /// the evidence automatic failover counts.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub health: Vec<crate::failover_health::ClusterHealth>,
+    /// For each fenced group: this edge's measurement of the replication
+    /// a planned switch waits for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub replication: Vec<ReplicationLag>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -29,6 +29,7 @@ fn failover(to: Option<&str>, expected: Option<u64>, failback: bool) -> Command 
         reason: Some("east is down".into()),
         by: "spiffe://d/admin/ops".into(),
         at_unix_ms: 1_700_000_000_000,
+        fence: Default::default(),
     }
 }
 
@@ -343,4 +344,83 @@ fn failover_group_and_virtual_cluster_specs() {
     assert_eq!(spec.health.recovery_threshold, 3);
     assert_eq!(spec.failback, crate::spec::FailbackMode::Manual);
     assert_eq!(spec.replication, None);
+}
+
+fn with_fence(mut cmd: Command, action: crate::spec::FenceAction) -> Command {
+    if let Command::Failover { fence, planned, .. } = &mut cmd {
+        *fence = action;
+        *planned = true;
+    }
+    cmd
+}
+
+#[test]
+fn a_planned_switch_raises_a_fence_that_the_switch_clears() {
+    use crate::spec::FenceAction::{Lift, Raise};
+    let mut st = State::new(100);
+    st.apply(&group(&["b", "c"])).0.unwrap();
+    // Raising keeps the generation and the active cluster; it names the target.
+    let fenced = run(
+        &mut st,
+        &with_fence(failover(Some("c"), Some(0), false), Raise),
+    )
+    .unwrap();
+    assert_eq!((fenced.active.as_str(), fenced.generation), ("a", 0));
+    let fence = fenced.fence.expect("fenced");
+    assert_eq!(
+        (fence.to.as_str(), fence.by.as_str()),
+        ("c", "spiffe://d/admin/ops")
+    );
+    // One fence at a time.
+    let again = run(
+        &mut st,
+        &with_fence(failover(Some("b"), Some(0), false), Raise),
+    );
+    assert_eq!(again.unwrap_err(), "fence");
+    // A planned switch to another member than the fence's target is refused.
+    let other = run(
+        &mut st,
+        &with_fence(failover(Some("b"), Some(0), false), Default::default()),
+    );
+    assert_eq!(other.unwrap_err(), "to");
+    // The switch: a new generation, no fence left.
+    let switched = run(
+        &mut st,
+        &with_fence(failover(Some("c"), Some(0), false), Default::default()),
+    )
+    .unwrap();
+    assert_eq!(
+        (
+            switched.active.as_str(),
+            switched.generation,
+            switched.fence
+        ),
+        ("c", 1, None)
+    );
+    // Lifting needs a fence; a raise-then-lift leaves the decision as it was.
+    assert_eq!(
+        run(&mut st, &with_fence(failover(None, Some(1), true), Lift)).unwrap_err(),
+        "fence"
+    );
+    run(&mut st, &with_fence(failover(None, Some(1), true), Raise)).unwrap();
+    let lifted = run(&mut st, &with_fence(failover(None, Some(1), true), Lift)).unwrap();
+    assert_eq!(
+        (lifted.active.as_str(), lifted.generation, lifted.fence),
+        ("c", 1, None)
+    );
+    // Compare-and-set applies to fences too.
+    let stale = st
+        .apply(&with_fence(failover(None, Some(0), true), Raise))
+        .0;
+    assert!(
+        matches!(
+            stale,
+            Err(CommandError::GenerationConflict {
+                expected: 0,
+                actual: 1,
+                ..
+            })
+        ),
+        "{stale:?}"
+    );
 }

@@ -144,6 +144,26 @@ pub struct FailoverState {
     pub cluster: String,
     /// Bumped by every switch; edges report the one they serve.
     pub generation: u64,
+    /// Produce is fenced for a planned switch: the edge answers Produce
+    /// with a retriable error and measures the replication to the target.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fence: Option<FenceState>,
+}
+
+/// `upstream.failover.fence`: a planned switch in preparation.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct FenceState {
+    /// The member the planned switch goes to.
+    pub to: String,
+    /// Topic globs whose replication is measured; empty: every topic but
+    /// internal ones.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub topics: Vec<String>,
+    /// Prefix of the remote topic names on `to` (MM2's default policy:
+    /// `<source_alias>.`); none: the names stay.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remote_prefix: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

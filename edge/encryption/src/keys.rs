@@ -239,6 +239,31 @@ pub fn read_records(records: &Bytes) -> Result<Vec<ReadRecord>, String> {
     Ok(out)
 }
 
+/// The last data record of a record set (control batches skipped): its
+/// offset, timestamp, key and value, what replication tools copy as they
+/// are (MirrorMaker 2 keeps timestamps).
+pub type LastRecord = (i64, i64, Option<Bytes>, Option<Bytes>);
+
+pub fn last_record(records: &Bytes) -> Result<Option<LastRecord>, String> {
+    let mut last = None;
+    for b in crate::batch::split_batches(records).map_err(|e| e.0)? {
+        if b.magic() != 2 || b.is_control() {
+            continue;
+        }
+        let base = i64::from_be_bytes(b.bytes[..8].try_into().map_err(|_| "short batch")?);
+        let base_ts = i64::from_be_bytes(b.bytes[27..35].try_into().map_err(|_| "short batch")?);
+        if let Some(r) = b.records().map_err(|e| e.0)?.pop() {
+            last = Some((
+                base + i64::from(r.offset_delta),
+                base_ts + r.timestamp_delta,
+                r.key,
+                r.value,
+            ));
+        }
+    }
+    Ok(last)
+}
+
 /// The offset after the last batch of a record set, so a reader moves past
 /// batches it skips (control batches, compacted-away records).
 pub fn next_offset(records: &Bytes) -> Option<i64> {

@@ -336,6 +336,12 @@ impl Edge {
         for name in stale {
             if let (Some(vc), Some(entry)) = (wanted.get(name.as_str()), self.clusters.get(&name)) {
                 if swappable(vc, &entry.config) {
+                    // The new upstream's connections get the new filters
+                    // from their first byte (a produce fence, say): set
+                    // them before the swap lets any in.
+                    if let Some(factories) = filters.get(&name) {
+                        entry.runtime.set_filters(factories.clone());
+                    }
                     let vc = (*vc).clone();
                     self.switch_upstream(&vc).await?;
                     report.switched.push(name);

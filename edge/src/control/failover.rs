@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use serde_json::{json, Value};
-use strait_control_client::state::spec::AppliedFailover;
+use strait_control_client::state::spec::{AppliedFailover, ReplicationPolicy};
 use strait_control_client::EdgeSnapshot;
 use strait_edge_config::Config;
 
@@ -21,6 +21,20 @@ pub(super) fn active_cluster<'s>(
         format!("VirtualCluster {virtual_cluster}: FailoverGroup '{group}' is not known")
     })?;
     let (active, generation) = followed.active();
+    let fence = followed
+        .status
+        .as_ref()
+        .and_then(|s| s.fence.as_ref())
+        .map(|f| {
+            let replication = followed.spec.replication.as_ref();
+            json!({
+                "to": f.to,
+                "topics": replication.map(|r| r.topics.clone()).unwrap_or_default(),
+                "remote_prefix": replication
+                    .filter(|r| r.policy == ReplicationPolicy::Default)
+                    .map(|r| format!("{}.", r.source_alias)),
+            })
+        });
     if !snapshot.kafka_clusters.contains_key(active) {
         anyhow::bail!(
             "VirtualCluster {virtual_cluster}: FailoverGroup '{group}' is at generation {generation} on KafkaCluster '{active}', which is not known"
@@ -28,7 +42,7 @@ pub(super) fn active_cluster<'s>(
     }
     Ok((
         active,
-        json!({ "group": group, "cluster": active, "generation": generation }),
+        json!({ "group": group, "cluster": active, "generation": generation, "fence": fence }),
     ))
 }
 
@@ -44,6 +58,7 @@ pub fn applied_failover(config: &Config) -> Vec<AppliedFailover> {
                 group: f.group.clone(),
                 cluster: f.cluster.clone(),
                 generation: f.generation,
+                fenced: f.fence.is_some(),
             })
         })
         .collect()

@@ -790,6 +790,7 @@ mod tests {
                 cluster: "kafka-east".into(),
                 generation: 0,
                 fence: None,
+                checkpoints_topic: None,
             })
         );
         // Failed over: the standby's servers, TLS and SASL, as a `cluster:`
@@ -876,6 +877,18 @@ mod tests {
             })
         );
         assert!(super::applied_failover(&fenced)[0].fenced);
+        // On the standby (kafka-west is active), MM2's checkpoints translate
+        // offsets; the fence's target is the primary, which has none.
+        assert_eq!(
+            fenced.virtual_clusters[0]
+                .upstream
+                .failover
+                .as_ref()
+                .unwrap()
+                .checkpoints_topic
+                .as_deref(),
+            Some("west.checkpoints.internal")
+        );
         // Every member is probed through its own upstream, at the group's
         // policy (the defaults here), for the control plane's evidence.
         let probes: Vec<(&str, &str, u128, String)> = config

@@ -16,6 +16,8 @@ use strait_encryption::{EncryptionConfig, RecordEncryption};
 use strait_filter::FilterFactory;
 use strait_filters::encryption::EncryptionFilterFactory;
 use strait_filters::fence::FenceFilterFactory;
+
+use crate::offsets::{Checkpoints, OffsetTranslationFactory};
 use strait_keys_topic::KeysTopic;
 use strait_kms_broker::client::OwnIdentity;
 use strait_kms_core::config::KmsConfig;
@@ -37,6 +39,9 @@ pub struct FilterBuilder {
     /// Virtual clusters without rules, and why, so that the WARN is written
     /// once when a cluster starts (or changes to) that state, not on every change.
     open_clusters: HashMap<String, &'static str>,
+    /// Per virtual cluster on a standby: the MM2 checkpoints followed (kept
+    /// while the topic and upstream stay, so a rebuild does not re-read).
+    checkpoints: HashMap<String, CheckpointsEntry>,
     /// The edge's SVID (with `--join-token`), for KMS brokers configured
     /// with `identity: svid`; without it such a configuration is refused.
     identity: Option<OwnIdentity>,
@@ -44,6 +49,15 @@ pub struct FilterBuilder {
     /// upstreams with `tls.identity: svid`.
     svid: Option<CredentialReceiver>,
 }
+
+/// (checkpoints topic, upstream, the filter factory), and the guard that
+/// stops the follower's upstream when the entry goes.
+type CheckpointsEntry = (
+    String,
+    Upstream,
+    Arc<dyn FilterFactory>,
+    Arc<tokio_util::sync::DropGuard>,
+);
 
 struct AuthzEntry {
     rules: AuthorizationConfig,
@@ -61,6 +75,7 @@ impl FilterBuilder {
             kms: None,
             encryption: HashMap::new(),
             open_clusters: HashMap::new(),
+            checkpoints: HashMap::new(),
             identity,
             svid: None,
         }
@@ -75,6 +90,7 @@ impl FilterBuilder {
         let mut filters = FiltersByCluster::new();
         let mut encryption = HashMap::new();
         let mut authorization = HashMap::new();
+        let mut checkpoints = HashMap::new();
         for vc in &config.virtual_clusters {
             let mut chain: Vec<Arc<dyn FilterFactory>> = Vec::new();
             // Authorization first: a denied request is never encrypted or forwarded.
@@ -106,6 +122,16 @@ impl FilterBuilder {
             {
                 self.open_clusters.remove(&vc.name);
             }
+            if let Some(topic) = vc
+                .upstream
+                .failover
+                .as_ref()
+                .and_then(|f| f.checkpoints_topic.as_ref())
+            {
+                let factory = self.offset_translation(vc, topic)?;
+                checkpoints.insert(vc.name.clone(), factory.clone());
+                chain.push(factory.2.clone());
+            }
             // A fenced produce is answered before it would be encrypted.
             if let Some(f) = vc.upstream.failover.as_ref().filter(|f| f.fence.is_some()) {
                 chain.push(Arc::new(FenceFilterFactory::new(&f.group)));
@@ -131,9 +157,36 @@ impl FilterBuilder {
         }
         self.encryption = encryption;
         self.authorization = authorization;
+        self.checkpoints = checkpoints;
         self.open_clusters
             .retain(|name, _| config.virtual_clusters.iter().any(|vc| &vc.name == name));
         Ok(filters)
+    }
+
+    fn offset_translation(
+        &mut self,
+        vc: &VirtualCluster,
+        topic: &str,
+    ) -> anyhow::Result<CheckpointsEntry> {
+        if let Some(entry) = self.checkpoints.remove(&vc.name) {
+            if entry.0 == topic
+                && entry.1.bootstrap_servers == vc.upstream.bootstrap_servers
+                && entry.1.tls == vc.upstream.tls
+            {
+                return Ok(entry);
+            }
+        }
+        let stop = CancellationToken::new();
+        let (upstream, _) =
+            strait_proxy::direct_upstream(vc, None, self.svid.as_ref(), stop.clone())
+                .map_err(|e| anyhow::anyhow!("MirrorMaker 2 checkpoints of '{}': {e}", vc.name))?;
+        let followed = Checkpoints::follow(Arc::new(upstream), topic.to_string());
+        Ok((
+            topic.to_string(),
+            vc.upstream.clone(),
+            Arc::new(OffsetTranslationFactory::new(followed)),
+            Arc::new(stop.drop_guard()),
+        ))
     }
 
     async fn authorization_entry(

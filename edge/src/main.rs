@@ -6,6 +6,7 @@ mod control;
 mod filters;
 mod health;
 mod lag;
+mod offsets;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

@@ -148,6 +148,11 @@ pub struct FailoverState {
     /// with a retriable error and measures the replication to the target.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fence: Option<FenceState>,
+    /// On a standby MirrorMaker 2 replicates into: where its checkpoints
+    /// are, so that consumer groups without offsets there resume from
+    /// their translated ones.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoints_topic: Option<String>,
 }
 
 /// `upstream.failover.fence`: a planned switch in preparation.

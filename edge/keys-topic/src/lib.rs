@@ -75,7 +75,7 @@ fn topic_name(t: &str) -> TopicName {
 }
 
 /// The leader of partition 0 of `topic`; `None` when the topic does not exist.
-pub(crate) async fn leader(
+pub async fn leader(
     upstream: &dyn Upstream,
     topic: &str,
 ) -> Result<Option<(i32, HostPort)>, Error> {

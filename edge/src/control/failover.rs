@@ -21,6 +21,18 @@ pub(super) fn active_cluster<'s>(
         format!("VirtualCluster {virtual_cluster}: FailoverGroup '{group}' is not known")
     })?;
     let (active, generation) = followed.active();
+    // MM2 replicates the primary into the standbys; its checkpoints there
+    // translate the groups' offsets once a standby is active.
+    let checkpoints_topic = followed
+        .spec
+        .replication
+        .as_ref()
+        .filter(|_| active != followed.spec.primary)
+        .map(|r| {
+            r.checkpoints_topic
+                .clone()
+                .unwrap_or_else(|| format!("{}.checkpoints.internal", r.source_alias))
+        });
     let fence = followed
         .status
         .as_ref()
@@ -42,7 +54,8 @@ pub(super) fn active_cluster<'s>(
     }
     Ok((
         active,
-        json!({ "group": group, "cluster": active, "generation": generation, "fence": fence }),
+        json!({ "group": group, "cluster": active, "generation": generation, "fence": fence,
+                "checkpoints_topic": checkpoints_topic }),
     ))
 }
 

@@ -180,7 +180,10 @@ mod tests {
         .unwrap();
         assert_eq!(mesh.services.len(), 1);
         assert_eq!(
-            (mesh.services[0].name.as_str(), mesh.services[0].address.to_string()),
+            (
+                mesh.services[0].name.as_str(),
+                mesh.services[0].address.to_string()
+            ),
             ("kms", "127.0.0.1:7600".to_owned())
         );
         assert_eq!(

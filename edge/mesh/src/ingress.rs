@@ -108,10 +108,7 @@ fn decide(
     if !runtime.is_accepting() {
         return Err((
             RefusalCode::Unavailable,
-            format!(
-                "virtual cluster '{}' is shutting down",
-                header.name
-            ),
+            format!("virtual cluster '{}' is shutting down", header.name),
         ));
     }
     let endpoint = match header.target {

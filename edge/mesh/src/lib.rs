@@ -14,6 +14,11 @@
 //!   then hands the stream to the named virtual cluster, whose filters
 //!   (authorization, encryption, quotas, audit) apply to the forwarded
 //!   principal as to a local client.
+//! * Services: [`services`] relays raw TCP both ways, for traffic that is
+//!   not Kafka (kms-broker to kms-broker gRPC, inside its own mTLS): a
+//!   `mesh.forwards` listener here opens one stream (header kind 2) per
+//!   connection, and the far edge dials the `mesh.services` address the
+//!   stream names if the peer's `export_services` lists it.
 
 #![forbid(unsafe_code)]
 

@@ -331,6 +331,14 @@ impl Answer {
         w.flush().await
     }
 
+    /// Writes a refusal and ends the stream cleanly: over HTTP/2 a stream
+    /// dropped without its end is reset, and the reset can overtake the
+    /// answer, so the near edge would see a broken stream, not the reason.
+    pub async fn refuse<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
+        self.write_to(w).await?;
+        w.shutdown().await
+    }
+
     pub async fn read_from<R: AsyncRead + Unpin>(r: &mut R) -> Result<Self, HeaderError> {
         let version = r.read_u8().await?;
         if version != HEADER_VERSION {

@@ -156,7 +156,7 @@ async fn stream_opened(
             metrics.refused(peer, "inbound", label);
             tracing::warn!(%peer, %err, "tunnel stream refused: bad header");
             if let Some(answer) = err.answer() {
-                let _ = answer.write_to(&mut io).await;
+                let _ = answer.refuse(&mut io).await;
             }
             return;
         }
@@ -177,7 +177,7 @@ async fn stream_opened(
             metrics.refused(peer, "inbound", code.label());
             // Refusals of identities are security events: on the audit target.
             tracing::warn!(target: "strait_mesh::audit", %peer, virtual_cluster = %header.name, principal = %header.principal.as_str(), reason = code.label(), "tunnel stream refused: {reason}");
-            let _ = Answer::Refuse { code, reason }.write_to(&mut io).await;
+            let _ = Answer::Refuse { code, reason }.refuse(&mut io).await;
             return;
         }
     };

@@ -56,7 +56,7 @@ pub(crate) async fn serve(
             RefusalCode::NotExported,
             format!("service '{service}' is not exported to {peer}"),
         );
-        let _ = answer.write_to(&mut io).await;
+        let _ = answer.refuse(&mut io).await;
         return;
     };
     let dialed = tokio::time::timeout(
@@ -71,7 +71,7 @@ pub(crate) async fn serve(
                 RefusalCode::Unavailable,
                 format!("service '{service}' at {address}: {err}"),
             );
-            let _ = answer.write_to(&mut io).await;
+            let _ = answer.refuse(&mut io).await;
             return;
         }
         Err(_) => {
@@ -79,7 +79,7 @@ pub(crate) async fn serve(
                 RefusalCode::Unavailable,
                 format!("service '{service}' at {address}: no connection within {SERVICE_DIAL_TIMEOUT:?}"),
             );
-            let _ = answer.write_to(&mut io).await;
+            let _ = answer.refuse(&mut io).await;
             return;
         }
     };

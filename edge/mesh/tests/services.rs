@@ -204,6 +204,10 @@ struct Sites {
 }
 
 async fn sites() -> Sites {
+    sites_over(MeshTransport::Quic).await
+}
+
+async fn sites_over(transport: MeshTransport) -> Sites {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let (east_ca, west_ca, service_ca) = (ca("east"), ca("west"), ca("service"));
@@ -216,7 +220,11 @@ async fn sites() -> Sites {
         write_ca(&west_ca, d, "west-ca"),
     );
     let service = tls_echo(&service_ca, d).await;
-    let east_listen = free_udp();
+    // QUIC listens on UDP, the fallback on TCP.
+    let east_listen = match transport {
+        MeshTransport::Quic => free_udp(),
+        MeshTransport::TlsTcp => free_tcp(),
+    };
     let services = vec![
         MeshService {
             name: "echo".into(),
@@ -231,9 +239,13 @@ async fn sites() -> Sites {
             address: host_port(free_tcp()),
         },
     ];
+    let (listen, listen_tcp) = match transport {
+        MeshTransport::Quic => (Some(east_listen), None),
+        MeshTransport::TlsTcp => (None, Some(east_listen)),
+    };
     let east_config = MeshConfig {
-        listen: Some(east_listen),
-        listen_tcp: None,
+        listen,
+        listen_tcp,
         identity: ServedCertificate::Files {
             cert: east_cert,
             key: east_key,
@@ -258,7 +270,10 @@ async fn sites() -> Sites {
         },
         trust_bundles: vec![bundle("east.example", east_bundle)],
         peers: vec![
-            peer("edge-east", EAST, vec![host_port(east_listen)], &[]),
+            MeshPeer {
+                transport,
+                ..peer("edge-east", EAST, vec![host_port(east_listen)], &[])
+            },
             // Nothing answers there: its tunnel never comes up.
             peer(
                 "edge-gone",
@@ -334,12 +349,9 @@ async fn tls_through(
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_forward_reaches_an_exported_service_and_nothing_else() {
-    let s = sites().await;
-
-    // End-to-end TLS through west's forward and east's service stream: 1 MiB
-    // each way (more than the relay buffers and a stream window's share).
+/// End-to-end TLS through west's forward and east's service stream: 1 MiB
+/// each way (more than the relay buffers and a stream window's share).
+async fn echo_one_mib(s: &Sites) {
     let mut tls = tls_through(s.echo, &s.service_ca).await.unwrap();
     let payload: Vec<u8> = (0..1 << 20).map(|i| (i % 251) as u8).collect();
     let (mut r, mut w) = tokio::io::split(&mut tls);
@@ -357,6 +369,13 @@ async fn a_forward_reaches_an_exported_service_and_nothing_else() {
     );
     assert!(echoed == payload, "the service's bytes came back changed");
     drop(tls);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forward_reaches_an_exported_service_and_nothing_else() {
+    let s = sites().await;
+
+    echo_one_mib(&s).await;
     let streams =
         r#"strait_mesh_service_streams_total{peer="edge-east",service="echo",outcome="forwarded"}"#;
     let served =
@@ -418,4 +437,20 @@ async fn a_forward_closes_its_connections_at_once_while_the_peer_is_down() {
     assert_eq!(metric(&s.west_metrics, none), 1.0);
     assert!(tls_through(s.echo, &s.service_ca).await.is_err());
     s.west.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn service_streams_cross_the_tls_over_tcp_fallback_too() {
+    let s = sites_over(MeshTransport::TlsTcp).await;
+    // Over HTTP/2 too the refusal itself reaches the near edge (not a reset
+    // stream): the far edge ends the stream after its answer.
+    echo_one_mib(&s).await;
+    let served =
+        r#"strait_mesh_service_streams_total{peer="edge-west",service="echo",outcome="served"}"#;
+    assert_eq!(metric(&s.east_metrics, served), 1.0);
+    closed_promptly(s.hidden).await;
+    let hidden = r#"strait_mesh_service_streams_total{peer="edge-east",service="hidden",outcome="not_exported"}"#;
+    assert_eq!(metric(&s.west_metrics, hidden), 1.0);
+    s.west.shutdown().await;
+    s.east.shutdown().await;
 }

@@ -159,6 +159,11 @@ fn translate(
                 if let Some(backend) = &realm.backend {
                     broker["backend"] = json!(backend);
                 }
+                // A broker reached through a mesh forward has a local
+                // address: its certificate is verified against this name.
+                if let Some(server_name) = &realm.server_name {
+                    broker["server_name"] = json!(server_name);
+                }
                 json!({ "name": name, "broker": broker })
             }
         };
@@ -659,6 +664,7 @@ mod tests {
                 vault_mount: None,
                 backend: None,
                 site: None,
+                server_name: None,
             },
         );
         let policy: EncryptionPolicySpec = serde_json::from_value(serde_json::json!({
@@ -698,6 +704,7 @@ mod tests {
                     vault_mount: None,
                     backend: None,
                     site: Some(name.split('-').nth(1).unwrap().into()),
+                    server_name: None,
                 },
             );
         }
@@ -940,6 +947,8 @@ mod tests {
                 vault_mount: None,
                 backend: Some("vault-east".into()),
                 site: None,
+                // The endpoints are local mesh forwards to east's broker.
+                server_name: Some("kms.east.example".into()),
             },
         );
         let policy: EncryptionPolicySpec = serde_json::from_value(serde_json::json!({
@@ -956,6 +965,7 @@ mod tests {
                     "endpoints": ["https://kms-1:7443", "https://kms-2:7443"],
                     "identity": "svid",
                     "backend": "vault-east",
+                    "server_name": "kms.east.example",
                 },
                 "retry": {"attempts": 3, "max_backoff": "5s", "min_backoff": "500ms", "timeout": "10s"},
             }])
@@ -964,12 +974,23 @@ mod tests {
 
     #[test]
     fn mesh_peers_and_remote_clusters_become_the_mesh_section() {
-        use strait_control_client::state::spec::{EdgeMeshSpec, MeshPeerSpec, RemoteSpec};
+        use strait_control_client::state::spec::{
+            EdgeMeshSpec, MeshForwardSpec, MeshPeerSpec, MeshServiceSpec, RemoteSpec,
+        };
         let dir = tempfile::tempdir().unwrap();
         let mut snap = plain_snapshot();
         snap.edge_mesh = Some(EdgeMeshSpec {
             listen: Some("127.0.0.1:7443".into()),
             listen_tcp: None,
+            services: vec![MeshServiceSpec {
+                name: "kms".into(),
+                address: "127.0.0.1:7600".into(),
+            }],
+            forwards: vec![MeshForwardSpec {
+                listen: "127.0.0.1:7601".into(),
+                peer: "edge-west".into(),
+                service: "kms-west".into(),
+            }],
         });
         snap.mesh_peers.insert(
             "edge-west".into(),
@@ -981,6 +1002,7 @@ mod tests {
                 transport: Some("tls-tcp".into()),
                 may_assert: vec!["spiffe://west.example/*".into()],
                 exports: vec!["orders".into()],
+                export_services: vec!["kms".into()],
             },
         );
         let mut remote = snap.virtual_clusters["orders"].clone();
@@ -1020,6 +1042,25 @@ mod tests {
             strait_edge_config::MeshTransport::TlsTcp
         );
         assert_eq!(mesh.peers[0].exports, vec!["orders".to_owned()]);
+        assert_eq!(mesh.peers[0].export_services, vec!["kms".to_owned()]);
+        assert_eq!(
+            mesh.services,
+            vec![strait_edge_config::MeshService {
+                name: "kms".into(),
+                address: strait_edge_config::HostPort {
+                    host: "127.0.0.1".into(),
+                    port: 7600
+                },
+            }]
+        );
+        assert_eq!(
+            mesh.forwards,
+            vec![strait_edge_config::MeshForward {
+                listen: "127.0.0.1:7601".parse().unwrap(),
+                peer: "edge-west".into(),
+                service: "kms-west".into(),
+            }]
+        );
         assert_eq!(mesh.trust_bundles[0].trust_domain, "west.example");
         let remote = config
             .virtual_clusters

@@ -22,6 +22,7 @@ from lib.edge import VirtualCluster
 from lib.kms import AWS_DUMMY_ENV, ROOT_TOKEN, KmsBroker, Moto, OpenBao
 from lib.mirrormaker import MirrorMaker, copy_topic, wait_mirrored
 from lib.pki import Pki
+from lib.ports import free_port
 from lib.wait import wait_for
 from tests.test_encryption import (MARKER, Sent, assert_plaintext, create_topic, poll_into, consumer,
                                    produce_ok_confluent, produce_ok_java, read, workload)
@@ -387,3 +388,152 @@ def test_kek_shred_everywhere_with_one_command(broker, edge, logs, tmp_path):
     finally:
         s.stop()
         control.stop()
+
+
+# ---- kms-broker to kms-broker through the mesh (issue 13 item 2) -----------------------------------------
+
+EAST_KMS_NAME, WEST_KMS_NAME = "kms.east.example", "kms.west.example"
+EAST_EDGE_ID, WEST_EDGE_ID = f"spiffe://{EAST}/edge/east", f"spiffe://{WEST}/edge/west"
+EAST_BROKER_ID, WEST_BROKER_ID = f"spiffe://{EAST}/kms-broker/east", f"spiffe://{WEST}/kms-broker/west"
+# The forwards listen on another loopback address than the brokers' certificates name (127.0.0.1): a broker
+# dialing one is verified only through `server_name`, the real remote identity.
+FORWARD_HOST = "127.0.0.2"
+
+
+def mesh_broker_entry(name: str, forward_port: int, server_name: str, ca, cert, key, backend: str) -> dict:
+    """A `broker:` backend reaching the other site's broker through this site's edge forward."""
+    return {"name": name, "broker": {"endpoints": [f"https://{FORWARD_HOST}:{forward_port}"], "ca": str(ca),
+                                     "cert": str(cert), "key": str(key), "backend": backend,
+                                     "server_name": server_name},
+            "retry": {"attempts": 1, "timeout": "5s"}}
+
+
+def edge_mesh(pki: Pki, me: str, peer_name: str, peer_id: str, peer_ca, service: str, service_port: int,
+              forward: tuple[int, str], listen: int | None = None, dial: int | None = None) -> dict:
+    """`mesh:` of one site's edge: its kms-broker exported as `service` to the peer, a forward to the peer's."""
+    peer = {"name": peer_name, "spiffe_id": peer_id, "export_services": [service]}
+    if dial:
+        peer["address"] = f"127.0.0.1:{dial}"
+    mesh = {"identity": {"cert": str(pki.pem(f"{me}-edge")), "key": str(pki.key(f"{me}-edge"))},
+            "trust_bundles": [{"trust_domain": peer_id.split("/")[2], "pem": str(peer_ca)}],
+            "peers": [peer],
+            "services": [{"name": service, "address": f"127.0.0.1:{service_port}"}],
+            "forwards": [{"listen": f"{FORWARD_HOST}:{forward[0]}", "peer": peer_name, "service": forward[1]}]}
+    if listen:
+        mesh["listen"] = f"127.0.0.1:{listen}"
+    return mesh
+
+
+def test_west_broker_reaches_easts_broker_only_through_the_mesh(sites):
+    """Each site's kms-broker reaches the other's only through its edge's forward → tunnel → the other edge →
+    the exported broker; TLS between the brokers stays end to end, verified by `server_name`.
+
+    Remote wrap (east's broker asking west's for aws-west) fails while west's edge, hence the tunnel, is not
+    up: produce goes on, the missing-wrap count is 1 DEK; once the tunnel is up it returns to zero. Remote
+    unwrap (west's broker asking east's for vault-east) decrypts at west records that have no aws-west wrap,
+    with east's OpenBao reachable by east's broker alone."""
+    p = sites.pki
+    # Each site's broker: its own KMS directly, the other site's realm through its edge's forward.
+    p.leaf("east-kms", ca="east-ca", dns=[EAST_KMS_NAME], ips=["127.0.0.1"], uris=[EAST_BROKER_ID])
+    p.leaf("west-kms", ca="west-ca", dns=[WEST_KMS_NAME], ips=["127.0.0.1"], uris=[WEST_BROKER_ID])
+    east_forward, west_forward, east_mesh = free_port(), free_port(), free_port()
+    east_broker = KmsBroker(
+        sites.logs, "east-mesh", EAST, p.pem("east-kms"), p.key("east-kms"), p.pem("east-ca"),
+        kms=[sites.bao.kms_entry("vault-east"),
+             mesh_broker_entry("aws-west", east_forward, WEST_KMS_NAME, p.pem("west-ca"), p.pem("east-kms"),
+                               p.key("east-kms"), backend="aws-west")],
+        trust={WEST: p.pem("west-ca")},
+        callers=[f"spiffe://{EAST}/edge/*", WEST_BROKER_ID],
+        grants=[{"callers": [f"spiffe://{EAST}/edge/*"], "kms": ["*"], "operations": ALL_OPS},
+                {"callers": [WEST_BROKER_ID], "kms": ["vault-east"], "keks": ["kek-*"], "operations": ["unwrap"]}],
+    ).start()
+    west_broker = KmsBroker(
+        sites.logs, "west-mesh", WEST, p.pem("west-kms"), p.key("west-kms"), p.pem("west-ca"),
+        kms=[sites.moto.kms_entry("aws-west"),
+             mesh_broker_entry("vault-east", west_forward, EAST_KMS_NAME, p.pem("east-ca"), p.pem("west-kms"),
+                               p.key("west-kms"), backend="vault-east")],
+        trust={EAST: p.pem("east-ca")},
+        callers=[f"spiffe://{WEST}/edge/*", EAST_BROKER_ID],
+        grants=[{"callers": [f"spiffe://{WEST}/edge/*"], "kms": ["*"], "operations": ALL_OPS},
+                {"callers": [EAST_BROKER_ID], "kms": ["aws-west"], "operations": ["wrap"]}],
+    ).start()
+    try:
+        run_brokers_through_the_mesh(sites, east_broker, west_broker, east_forward, west_forward, east_mesh)
+    finally:
+        east_broker.stop()
+        west_broker.stop()
+
+
+def run_brokers_through_the_mesh(sites, east_broker, west_broker, east_forward, west_forward, east_mesh):
+    p = sites.pki
+    legacy = unique("legacy-orders")
+    sites.bao.create_key(f"kek-{legacy}")
+    # East's edge: everything through east's broker; its mesh exports that broker to west.
+    east_kms = [east_broker.client_entry(realm, p.pem("east-ca"), p.pem("east-edge"), p.key("east-edge"),
+                                         backend=realm, retry={"attempts": 1, "timeout": "5s"})
+                for realm in ("vault-east", "aws-west")]
+    rules = [{"topic": "secret-*", "kms": "vault-east", "kek": "kek-$(topic)",
+              "also_wrap_for": [{"kms": "aws-west", "kek": "alias/kek-$(topic)"}]},
+             {"topic": "legacy-*", "kms": "vault-east", "kek": "kek-$(topic)"}]
+    east = sites.edge_factory(
+        [VirtualCluster("orders", sites.east_kafka.bootstrap_servers, extra={"encryption": {"rules": rules}})],
+        extra={"kms": east_kms,
+               "mesh": edge_mesh(p, "east", "edge-west", WEST_EDGE_ID, p.pem("west-ca"), "kms-east", east_broker.port,
+                                 (east_forward, "kms-west"), listen=east_mesh)})
+    east.expect_error(r"aws-west|kms-broker|transport error|connect")
+    create_topic(east.bootstrap, sites.topic)
+    create_topic(east.bootstrap, legacy)
+    sent = workload(12, big=False)
+    produce_ok_confluent(east.bootstrap, sites.topic, sent, **{"enable.idempotence": True, "acks": "all"})
+    legacy_sent = workload(8, big=False)
+    produce_ok_confluent(east.bootstrap, legacy, legacy_sent)
+    # No west edge yet, so no tunnel: east's forward closes east broker's connections at once.
+    values = len([s for s in sent if s.value is not None])
+    wait_for(lambda: pending(east) == (1.0, float(values)), 30,
+             what=f"1 DEK and {values} records missing their aws-west wrap (got {pending(east)})")
+    assert east.metric("strait_mesh_service_streams", peer="edge-west", service="kms-west", outcome="no_tunnel") >= 1
+
+    # West's edge comes up and dials east: the tunnel carries both brokers' gRPC.
+    west_mesh = sites.edge_factory(
+        [VirtualCluster("plain", sites.west_kafka.bootstrap_servers)],
+        extra={"mesh": edge_mesh(p, "west", "edge-east", EAST_EDGE_ID, p.pem("east-ca"), "kms-west",
+                                 west_broker.port, (west_forward, "kms-east"), dial=east_mesh)})
+    wait_for(lambda: pending(east) == (0.0, 0.0), 90,
+             what=f"the aws-west wrap made through the mesh once the tunnel is up ({pending(east)})")
+    assert east.metric("strait_mesh_service_streams", peer="edge-west", service="kms-west", outcome="forwarded") >= 1
+    assert west_mesh.metric("strait_mesh_service_streams", peer="edge-east", service="kms-west", outcome="served") >= 1
+    assert west_mesh.metric("strait_mesh_service_bytes", peer="edge-east", service="kms-west",
+                            direction="from_service") > 0
+    assert f"caller={EAST_BROKER_ID}" in west_broker.log() and "wrap" in west_broker.log()
+
+    # At west: a fresh edge (cold caches) knows only west's broker. east.secret-* decrypts from the aws-west
+    # wraps in the keys topic; east.legacy-* has none, so west's broker asks east's through the mesh.
+    west_topic = copy_to_west(sites, "reproduce", sites.topic, len(sent))
+    copy_topic(sites.east_kafka.bootstrap, legacy, sites.west_kafka.bootstrap, f"east.{legacy}")
+    west_kms = [west_broker.client_entry(realm, p.pem("west-ca"), p.pem("west-edge"), p.key("west-edge"),
+                                         backend=realm, retry={"attempts": 1, "timeout": "10s"})
+                for realm in ("aws-west", "vault-east")]
+    west_rules = [{"topic": pattern, "kms": "aws-west", "kek": "alias/kek-$(topic)"}
+                  for pattern in ("east.secret-*", "east.legacy-*")]
+    west = sites.edge_factory(
+        [VirtualCluster("orders", sites.west_kafka.bootstrap_servers,
+                        extra={"encryption": {"rules": west_rules, "keys_topic": {"also_read": [f"east.{KEYS}"]}}})],
+        extra={"kms": west_kms})
+    forwarded_before = west_mesh.metric("strait_mesh_service_streams", peer="edge-east", service="kms-east",
+                                        outcome="forwarded")
+    assert_plaintext(read(west.bootstrap, west_topic, len(sent), timeout=90), sent)
+    assert_plaintext(read(west.bootstrap, f"east.{legacy}", len(legacy_sent), timeout=90), legacy_sent)
+    # The legacy DEK: one remote unwrap, made by west's broker at east's broker through the mesh.
+    assert west.metric("strait_kms_operations", kms="vault-east", operation="unwrap_dek", outcome="success") == 1
+    assert west.metric("strait_kms_operations", kms="aws-west", operation="unwrap_dek", outcome="success") == 1
+    assert west_mesh.metric("strait_mesh_service_streams", peer="edge-east", service="kms-east",
+                            outcome="forwarded") > forwarded_before
+    assert east.metric("strait_mesh_service_streams", peer="edge-west", service="kms-east", outcome="served") >= 1
+    wait_for(lambda: f"caller={WEST_BROKER_ID}" in east_broker.log() and "unwrap" in east_broker.log(), 10,
+             what="east's broker audited west's broker's unwrap")
+    # West knows east's broker and KMS by no address: only the forward, and east's name for the certificate.
+    west_text = west_broker.config_path.read_text() + west.config_path.read_text() + west_mesh.config_path.read_text()
+    assert f":{east_broker.port}" not in west_text and sites.bao.url not in west_text
+    assert f"https://{FORWARD_HOST}:{west_forward}" in west_broker.config_path.read_text()
+    for e in (west, west_mesh):
+        assert e.unexpected_errors() == []

@@ -16,6 +16,34 @@ pub struct EdgeMeshSpec {
     /// TCP `host:port` for the TLS-over-TCP fallback.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub listen_tcp: Option<String>,
+    /// TCP services this edge exports to peers (a MeshPeer's
+    /// `export_services` names them): `mesh.services` of the edge.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<MeshServiceSpec>,
+    /// Local listeners relayed to a peer's service: `mesh.forwards`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forwards: Vec<MeshForwardSpec>,
+}
+
+/// A TCP service an edge exports through its tunnels (e.g. the site's
+/// kms-broker, for the other sites' kms-brokers).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshServiceSpec {
+    pub name: String,
+    /// `host:port` the edge dials for each stream.
+    pub address: String,
+}
+
+/// A local TCP listener whose connections go to `service` at `peer`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshForwardSpec {
+    pub listen: String,
+    /// A MeshPeer's peer name of this edge.
+    pub peer: String,
+    /// The service's name at that peer.
+    pub service: String,
 }
 
 /// `VirtualCluster.spec.remote`.
@@ -53,6 +81,10 @@ pub struct MeshPeerSpec {
     /// Virtual clusters of this edge the peer may reach.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub exports: Vec<String>,
+    /// Services of this edge (`Edge.spec.mesh.services`) the peer may
+    /// reach; none unless listed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub export_services: Vec<String>,
 }
 
 impl Validate for EdgeMeshSpec {
@@ -62,6 +94,31 @@ impl Validate for EdgeMeshSpec {
         }
         if let Some(l) = &self.listen_tcp {
             check_host_port("spec.mesh.listen_tcp", l, errs);
+        }
+        let mut names = std::collections::HashSet::new();
+        for (i, service) in self.services.iter().enumerate() {
+            let path = format!("spec.mesh.services[{i}]");
+            check_name_ref(&format!("{path}.name"), &service.name, errs);
+            if !names.insert(service.name.as_str()) {
+                errs.push(ValidationError::new(
+                    &format!("{path}.name"),
+                    format!("duplicate service '{}'", service.name),
+                ));
+            }
+            check_host_port(&format!("{path}.address"), &service.address, errs);
+        }
+        let mut listens = std::collections::HashSet::new();
+        for (i, forward) in self.forwards.iter().enumerate() {
+            let path = format!("spec.mesh.forwards[{i}]");
+            check_host_port(&format!("{path}.listen"), &forward.listen, errs);
+            if !listens.insert(forward.listen.as_str()) {
+                errs.push(ValidationError::new(
+                    &format!("{path}.listen"),
+                    format!("another forward listens on {}", forward.listen),
+                ));
+            }
+            check_name_ref(&format!("{path}.peer"), &forward.peer, errs);
+            check_name_ref(&format!("{path}.service"), &forward.service, errs);
         }
     }
 }
@@ -103,6 +160,9 @@ impl Validate for MeshPeerSpec {
         }
         for (i, e) in self.exports.iter().enumerate() {
             check_name_ref(&format!("spec.exports[{i}]"), e, errs);
+        }
+        for (i, e) in self.export_services.iter().enumerate() {
+            check_name_ref(&format!("spec.export_services[{i}]"), e, errs);
         }
     }
 }

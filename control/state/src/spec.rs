@@ -9,7 +9,9 @@ pub use crate::failover_spec::{
     Fence, FenceAction, HealthPolicy, ReplicationKind, ReplicationLag, ReplicationPolicy,
     ReplicationSpec, FAILOVER_HISTORY,
 };
-pub use crate::mesh_spec::{EdgeMeshSpec, MeshPeerSpec, RemoteSpec};
+pub use crate::mesh_spec::{
+    EdgeMeshSpec, MeshForwardSpec, MeshPeerSpec, MeshServiceSpec, RemoteSpec,
+};
 use crate::ValidationError;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -412,6 +414,12 @@ pub struct KmsRealmSpec {
     /// name means the same KMS at every site).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub site: Option<String>,
+    /// `provider: broker`: the TLS server name the broker's certificate is
+    /// verified against; absent: the endpoint's host. Needed when the
+    /// endpoint is a local mesh forward (`https://127.0.0.1:<port>`) to a
+    /// remote site's broker: the address is then local, the identity not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -916,7 +924,36 @@ impl Validate for KmsRealmSpec {
                 "only a broker realm names a backend",
             ));
         }
+        if let Some(name) = &self.server_name {
+            if self.provider != KmsProvider::Broker {
+                errs.push(ValidationError::new(
+                    "spec.server_name",
+                    "only a broker realm names a TLS server name",
+                ));
+            } else if !is_server_name(name) {
+                errs.push(ValidationError::new(
+                    "spec.server_name",
+                    format!("'{name}' is not a DNS name or IP address"),
+                ));
+            }
+        }
     }
+}
+
+/// Whether `name` can be a TLS server name (DNS name or IP address): a
+/// realm that could never verify is refused when it is written.
+fn is_server_name(name: &str) -> bool {
+    if name.parse::<std::net::IpAddr>().is_ok() {
+        return true;
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+    };
+    name.len() <= 253 && name.split('.').all(label_ok)
 }
 
 impl Validate for TrustBundleSpec {

@@ -330,6 +330,49 @@ fn spec_validation_paths() {
             Some("spec.mesh.listen"),
         ),
         (
+            Kind::Edge,
+            json!({"mesh":{"services":[{"name":"kms","address":"127.0.0.1:7600"}],
+                           "forwards":[{"listen":"127.0.0.1:7601","peer":"edge-east","service":"kms"}]}}),
+            None,
+        ),
+        (
+            Kind::Edge,
+            json!({"mesh":{"services":[{"name":"kms","address":"127.0.0.1:7600"},
+                                       {"name":"kms","address":"127.0.0.1:7602"}]}}),
+            Some("spec.mesh.services[1].name"),
+        ),
+        (
+            Kind::Edge,
+            json!({"mesh":{"forwards":[{"listen":"127.0.0.1:7601","peer":"e","service":"kms"},
+                                       {"listen":"127.0.0.1:7601","peer":"e","service":"kms"}]}}),
+            Some("spec.mesh.forwards[1].listen"),
+        ),
+        (
+            Kind::Edge,
+            json!({"mesh":{"services":[{"name":"kms","address":"127.0.0.1:7600","tls":true}]}}),
+            Some("spec.mesh.services[0].tls"),
+        ),
+        (
+            Kind::MeshPeer,
+            json!({"edge":"edge-east","spiffe_id":"spiffe://w/edge/x","export_services":["kms","a/b"]}),
+            Some("spec.export_services[1]"),
+        ),
+        (
+            Kind::KmsRealm,
+            json!({"provider":"broker","endpoints":["https://127.0.0.1:7601"],"server_name":"kms.east.example"}),
+            None,
+        ),
+        (
+            Kind::KmsRealm,
+            json!({"provider":"broker","endpoints":["https://127.0.0.1:7601"],"server_name":"kms east"}),
+            Some("spec.server_name"),
+        ),
+        (
+            Kind::KmsRealm,
+            json!({"provider":"vault","endpoints":["http://v:8200"],"server_name":"v"}),
+            Some("spec.server_name"),
+        ),
+        (
             Kind::KmsRealm,
             json!({"provider":"gcp"}),
             Some("spec.provider"),

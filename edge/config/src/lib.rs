@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod mesh;
+mod mesh_services;
 mod probes;
 pub mod raw;
 mod sasl;
@@ -22,6 +23,7 @@ pub use mesh::{
     Mesh, MeshPeer, MeshTransport, RawMesh, RawMeshBundle, RawMeshIdentity, RawMeshPeer, RawRemote,
     Remote,
 };
+pub use mesh_services::{MeshForward, MeshService, RawMeshForward, RawMeshService};
 pub use probes::HealthProbe;
 pub use sasl::{read_credential_files, Sasl, SaslMechanism, Secret, SecretSource};
 pub use validate::{validate, validate_with, NODE_ID};

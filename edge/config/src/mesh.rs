@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 use strait_tls::{BundleSource, ServedCertificate, TrustBundleSettings};
 
+use crate::mesh_services::{MeshForward, MeshService};
 use crate::validate::{parse_host_port, parse_socket_addr, Errors};
 use crate::HostPort;
 
@@ -23,6 +24,12 @@ pub struct RawMesh {
     pub trust_bundles: Vec<RawMeshBundle>,
     #[serde(default)]
     pub peers: Vec<RawMeshPeer>,
+    /// TCP services this edge exports to peers (`export_services`).
+    #[serde(default)]
+    pub services: Vec<crate::mesh_services::RawMeshService>,
+    /// Local listeners relayed to a peer's service.
+    #[serde(default)]
+    pub forwards: Vec<crate::mesh_services::RawMeshForward>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +62,9 @@ pub struct RawMeshPeer {
     pub may_assert: Vec<String>,
     #[serde(default)]
     pub exports: Vec<String>,
+    /// Our `mesh.services` this peer may reach.
+    #[serde(default)]
+    pub export_services: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -75,6 +85,8 @@ pub struct Mesh {
     /// the domain its SPIFFE ID names.
     pub trust_bundles: Vec<TrustBundleSettings>,
     pub peers: Vec<MeshPeer>,
+    pub services: Vec<MeshService>,
+    pub forwards: Vec<MeshForward>,
 }
 
 impl Mesh {
@@ -107,6 +119,8 @@ pub struct MeshPeer {
     pub may_assert: Vec<String>,
     /// Our virtual clusters it may reach.
     pub exports: Vec<String>,
+    /// Our `mesh.services` it may reach (none unless listed).
+    pub export_services: Vec<String>,
 }
 
 /// A virtual cluster whose brokers are behind a peer edge.
@@ -116,7 +130,7 @@ pub struct Remote {
     pub virtual_cluster: String,
 }
 
-fn valid_name(name: &str) -> bool {
+pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()
@@ -267,8 +281,11 @@ pub(crate) fn validate_mesh(raw: &RawMesh, errors: &mut Errors) -> Option<Mesh> 
             transport,
             may_assert: peer.may_assert.clone(),
             exports: peer.exports.clone(),
+            export_services: crate::mesh_services::validate_exports(raw, i, errors),
         });
     }
+    let services = crate::mesh_services::validate_services(raw, errors);
+    let forwards = crate::mesh_services::validate_forwards(raw, errors);
     if raw.trust_bundles.is_empty() {
         errors.push(
             "mesh.trust_bundles",
@@ -292,6 +309,8 @@ pub(crate) fn validate_mesh(raw: &RawMesh, errors: &mut Errors) -> Option<Mesh> 
         identity: identity?,
         trust_bundles,
         peers,
+        services,
+        forwards,
     })
 }
 

@@ -1,10 +1,12 @@
 //! The stream header: the first bytes of every tunnel stream, before any
 //! Kafka byte (layout in `docs/TUNNEL.md`).
 //!
-//! The near edge names the far edge's virtual cluster, the broker endpoint
-//! (bootstrap or node id) and the principal it authenticated; the far edge
-//! answers accept, or a refusal with a code and a reason, and only after an
-//! accept do Kafka frames flow. Every length is bounded and checked before
+//! The near edge names the far edge's virtual cluster and the broker
+//! endpoint (bootstrap or node id) and the principal it authenticated, or a
+//! named TCP service the far edge exports (kind 2: bytes relayed raw, no
+//! principal); the far edge answers accept, or a refusal with a code and a
+//! reason, and only after an accept do Kafka frames (or the service's bytes)
+//! flow. Every length is bounded and checked before
 //! anything is allocated, so a hostile peer cannot make the far edge buffer
 //! more than [`MAX_HEADER_BYTES`].
 
@@ -25,11 +27,17 @@ pub const MAX_REASON: usize = 1024;
 pub const MAX_HEADER_BYTES: usize =
     4 + 1 + 1 + 4 + 2 + MAX_NAME + 1 + 2 + MAX_PRINCIPAL + 2 + MAX_EXTENSIONS;
 
-/// Which listener of the far virtual cluster the stream stands for.
+/// What the stream stands for at the far edge: a listener of the virtual
+/// cluster the header names, or the TCP service it names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StreamTarget {
     Bootstrap,
     Broker(i32),
+    /// A service of the far edge's `mesh.services` (kind 2): the far edge
+    /// dials its address and copies bytes both ways without reading them,
+    /// so a TLS session inside stays end to end. Always anonymous: the near
+    /// edge authenticated nobody, the service authenticates its clients.
+    Service,
 }
 
 /// The principal the near edge established for the client.
@@ -52,7 +60,8 @@ impl ForwardedPrincipal {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StreamHeader {
-    pub virtual_cluster: String,
+    /// The far virtual cluster (kinds 0 and 1) or service (kind 2).
+    pub name: String,
     pub target: StreamTarget,
     pub principal: ForwardedPrincipal,
 }
@@ -60,8 +69,8 @@ pub struct StreamHeader {
 /// Why the far edge refused a stream (a byte on the wire).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RefusalCode {
-    /// The virtual cluster does not exist at the far edge, or is not
-    /// exported to this peer (the two are not told apart).
+    /// The virtual cluster (or service) does not exist at the far edge, or
+    /// is not exported to this peer (the two are not told apart).
     NotExported,
     /// The peer may not assert this principal (`may_assert`).
     PrincipalNotAllowed,
@@ -166,8 +175,13 @@ fn put_str(out: &mut Vec<u8>, s: &str, max: usize, what: &str) -> Result<(), Hea
 
 impl StreamHeader {
     pub fn encode(&self) -> Result<Vec<u8>, HeaderError> {
-        if self.virtual_cluster.is_empty() {
-            return Err(HeaderError::Malformed("empty virtual cluster".into()));
+        if self.name.is_empty() {
+            return Err(HeaderError::Malformed(format!("empty {}", self.what())));
+        }
+        if self.target == StreamTarget::Service && self.principal != ForwardedPrincipal::Anonymous {
+            return Err(HeaderError::Malformed(
+                "a service stream carries no principal".into(),
+            ));
         }
         let mut out = Vec::with_capacity(64);
         out.extend_from_slice(&MAGIC);
@@ -175,10 +189,11 @@ impl StreamHeader {
         let (kind, node) = match self.target {
             StreamTarget::Bootstrap => (0u8, -1i32),
             StreamTarget::Broker(id) => (1u8, id),
+            StreamTarget::Service => (2u8, -1i32),
         };
         out.push(kind);
         out.extend_from_slice(&node.to_be_bytes());
-        put_str(&mut out, &self.virtual_cluster, MAX_NAME, "virtual cluster")?;
+        put_str(&mut out, &self.name, MAX_NAME, self.what())?;
         match &self.principal {
             ForwardedPrincipal::Anonymous => out.push(0),
             ForwardedPrincipal::Named(name) => {
@@ -214,11 +229,22 @@ impl StreamHeader {
             (0, _) => StreamTarget::Bootstrap,
             (1, id) if id >= 0 => StreamTarget::Broker(id),
             (1, id) => return Err(HeaderError::Malformed(format!("broker node id {id}"))),
+            (2, -1) => StreamTarget::Service,
+            (2, id) => {
+                return Err(HeaderError::Malformed(format!(
+                    "node id {id} on a service stream (must be -1)"
+                )))
+            }
             (kind, _) => return Err(HeaderError::Malformed(format!("target kind {kind}"))),
         };
-        let virtual_cluster = read_str(r, MAX_NAME, "virtual cluster").await?;
-        if virtual_cluster.is_empty() {
-            return Err(HeaderError::Malformed("empty virtual cluster".into()));
+        let what = if target == StreamTarget::Service {
+            "service"
+        } else {
+            "virtual cluster"
+        };
+        let name = read_str(r, MAX_NAME, what).await?;
+        if name.is_empty() {
+            return Err(HeaderError::Malformed(format!("empty {what}")));
         }
         let principal = match r.read_u8().await? {
             0 => ForwardedPrincipal::Anonymous,
@@ -231,6 +257,13 @@ impl StreamHeader {
             }
             kind => return Err(HeaderError::Malformed(format!("principal kind {kind}"))),
         };
+        // Nobody would check a principal on a service stream: refused
+        // rather than silently dropped, so a confused peer hears of it.
+        if target == StreamTarget::Service && principal != ForwardedPrincipal::Anonymous {
+            return Err(HeaderError::Malformed(
+                "a service stream carries no principal".into(),
+            ));
+        }
         let extensions = r.read_u16().await? as usize;
         if extensions > MAX_EXTENSIONS {
             return Err(HeaderError::Malformed(format!(
@@ -240,10 +273,18 @@ impl StreamHeader {
         let mut skip = vec![0u8; extensions];
         r.read_exact(&mut skip).await?;
         Ok(StreamHeader {
-            virtual_cluster,
+            name,
             target,
             principal,
         })
+    }
+
+    /// What `name` names, for errors.
+    fn what(&self) -> &'static str {
+        match self.target {
+            StreamTarget::Service => "service",
+            _ => "virtual cluster",
+        }
     }
 }
 
@@ -290,6 +331,14 @@ impl Answer {
         w.flush().await
     }
 
+    /// Writes a refusal and ends the stream cleanly: over HTTP/2 a stream
+    /// dropped without its end is reset, and the reset can overtake the
+    /// answer, so the near edge would see a broken stream, not the reason.
+    pub async fn refuse<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
+        self.write_to(w).await?;
+        w.shutdown().await
+    }
+
     pub async fn read_from<R: AsyncRead + Unpin>(r: &mut R) -> Result<Self, HeaderError> {
         let version = r.read_u8().await?;
         if version != HEADER_VERSION {
@@ -308,107 +357,5 @@ impl Answer {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    async fn roundtrip(h: &StreamHeader) -> StreamHeader {
-        let bytes = h.encode().unwrap();
-        StreamHeader::read_from(&mut bytes.as_slice())
-            .await
-            .unwrap()
-    }
-
-    #[tokio::test]
-    async fn headers_round_trip() {
-        for h in [
-            StreamHeader {
-                virtual_cluster: "orders".into(),
-                target: StreamTarget::Bootstrap,
-                principal: ForwardedPrincipal::Anonymous,
-            },
-            StreamHeader {
-                virtual_cluster: "orders".into(),
-                target: StreamTarget::Broker(3),
-                principal: ForwardedPrincipal::Named("spiffe://west.example/ns/a/sa/b".into()),
-            },
-        ] {
-            assert_eq!(roundtrip(&h).await, h);
-        }
-    }
-
-    #[tokio::test]
-    async fn the_wire_layout_is_the_documented_one() {
-        let h = StreamHeader {
-            virtual_cluster: "vc".into(),
-            target: StreamTarget::Broker(7),
-            principal: ForwardedPrincipal::Named("p".into()),
-        };
-        assert_eq!(
-            h.encode().unwrap(),
-            b"STRT\x01\x01\x00\x00\x00\x07\x00\x02vc\x01\x00\x01p\x00\x00".to_vec()
-        );
-        assert_eq!(
-            Answer::Refuse {
-                code: RefusalCode::PrincipalNotAllowed,
-                reason: "no".into()
-            }
-            .encode(),
-            b"\x01\x02\x00\x02no".to_vec()
-        );
-        assert_eq!(Answer::Accept.encode(), b"\x01\x00\x00\x00".to_vec());
-    }
-
-    #[tokio::test]
-    async fn bad_headers_are_named_and_bounded() {
-        let read = |b: Vec<u8>| async move { StreamHeader::read_from(&mut b.as_slice()).await };
-        assert!(matches!(
-            read(b"GET / HTTP/1.1\r\n".to_vec()).await,
-            Err(HeaderError::BadMagic)
-        ));
-        let err = read(b"STRT\x02".to_vec()).await.unwrap_err();
-        assert_eq!(
-            err.to_string(),
-            "stream header version 2; this edge speaks 1"
-        );
-        assert_eq!(
-            err.answer(),
-            Some(Answer::Refuse {
-                code: RefusalCode::UnsupportedVersion,
-                reason: "stream header version 2; this edge speaks 1".into()
-            })
-        );
-        // A 64 KiB name is refused from its length, before it is read.
-        let mut long = b"STRT\x01\x00\xff\xff\xff\xff".to_vec();
-        long.extend_from_slice(&u16::MAX.to_be_bytes());
-        assert_eq!(
-            read(long).await.unwrap_err().to_string(),
-            "stream header: virtual cluster is 65535 bytes, at most 255"
-        );
-        let negative = b"STRT\x01\x01\xff\xff\xff\xfe\x00\x01v\x00\x00\x00".to_vec();
-        assert_eq!(
-            read(negative).await.unwrap_err().to_string(),
-            "stream header: broker node id -2"
-        );
-        // A truncated header is an I/O error: nothing to answer.
-        let err = read(b"STRT\x01\x00".to_vec()).await.unwrap_err();
-        assert!(matches!(err, HeaderError::Io(_)) && err.answer().is_none());
-        // Extensions from a newer writer are skipped.
-        let mut ext = b"STRT\x01\x00\xff\xff\xff\xff\x00\x01v\x00".to_vec();
-        ext.extend_from_slice(&3u16.to_be_bytes());
-        ext.extend_from_slice(b"abc");
-        assert_eq!(read(ext).await.unwrap().virtual_cluster, "v");
-    }
-
-    #[test]
-    fn long_reasons_are_cut_on_a_character_boundary() {
-        let reason = "é".repeat(MAX_REASON);
-        let bytes = Answer::Refuse {
-            code: RefusalCode::Unavailable,
-            reason,
-        }
-        .encode();
-        let len = u16::from_be_bytes([bytes[2], bytes[3]]) as usize;
-        assert_eq!(len, MAX_REASON);
-        assert!(std::str::from_utf8(&bytes[4..]).is_ok());
-    }
-}
+#[path = "header_tests.rs"]
+mod tests;

@@ -88,14 +88,14 @@ fn decide(
 ) -> Result<(Arc<strait_proxy::cluster::ClusterRuntime>, Endpoint), (RefusalCode, String)> {
     let peer = &link.policy.name;
     let runtime = targets
-        .get(&header.virtual_cluster)
-        .filter(|_| link.policy.exports(&header.virtual_cluster))
+        .get(&header.name)
+        .filter(|_| link.policy.exports(&header.name))
         .ok_or_else(|| {
             (
                 RefusalCode::NotExported,
                 format!(
                     "virtual cluster '{}' is not exported to {peer}",
-                    header.virtual_cluster
+                    header.name
                 ),
             )
         })?;
@@ -108,21 +108,25 @@ fn decide(
     if !runtime.is_accepting() {
         return Err((
             RefusalCode::Unavailable,
-            format!(
-                "virtual cluster '{}' is shutting down",
-                header.virtual_cluster
-            ),
+            format!("virtual cluster '{}' is shutting down", header.name),
         ));
     }
     let endpoint = match header.target {
         StreamTarget::Bootstrap => Endpoint::Bootstrap,
         StreamTarget::Broker(node_id) if runtime.knows_broker(node_id) => Endpoint::Broker(node_id),
+        // Served by crate::services before a cluster is looked for.
+        StreamTarget::Service => {
+            return Err((
+                RefusalCode::Malformed,
+                "a service stream names no virtual cluster".into(),
+            ))
+        }
         StreamTarget::Broker(node_id) => {
             return Err((
                 RefusalCode::UnknownBroker,
                 format!(
                 "broker {node_id} of '{}' is not known here yet (ask the bootstrap for metadata)",
-                header.virtual_cluster
+                header.name
             ),
             ))
         }
@@ -152,7 +156,7 @@ async fn stream_opened(
             metrics.refused(peer, "inbound", label);
             tracing::warn!(%peer, %err, "tunnel stream refused: bad header");
             if let Some(answer) = err.answer() {
-                let _ = answer.write_to(&mut io).await;
+                let _ = answer.refuse(&mut io).await;
             }
             return;
         }
@@ -162,14 +166,18 @@ async fn stream_opened(
             return;
         }
     };
+    if header.target == StreamTarget::Service {
+        crate::services::serve(io, header, link, metrics).await;
+        return;
+    }
     let decision = decide(&header, link, &targets.borrow());
     let (runtime, endpoint) = match decision {
         Ok(found) => found,
         Err((code, reason)) => {
             metrics.refused(peer, "inbound", code.label());
             // Refusals of identities are security events: on the audit target.
-            tracing::warn!(target: "strait_mesh::audit", %peer, virtual_cluster = %header.virtual_cluster, principal = %header.principal.as_str(), reason = code.label(), "tunnel stream refused: {reason}");
-            let _ = Answer::Refuse { code, reason }.write_to(&mut io).await;
+            tracing::warn!(target: "strait_mesh::audit", %peer, virtual_cluster = %header.name, principal = %header.principal.as_str(), reason = code.label(), "tunnel stream refused: {reason}");
+            let _ = Answer::Refuse { code, reason }.refuse(&mut io).await;
             return;
         }
     };

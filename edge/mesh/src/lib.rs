@@ -14,6 +14,11 @@
 //!   then hands the stream to the named virtual cluster, whose filters
 //!   (authorization, encryption, quotas, audit) apply to the forwarded
 //!   principal as to a local client.
+//! * Services: [`services`] relays raw TCP both ways, for traffic that is
+//!   not Kafka (kms-broker to kms-broker gRPC, inside its own mTLS): a
+//!   `mesh.forwards` listener here opens one stream (header kind 2) per
+//!   connection, and the far edge dials the `mesh.services` address the
+//!   stream names if the peer's `export_services` lists it.
 
 #![forbid(unsafe_code)]
 
@@ -21,7 +26,9 @@ pub mod header;
 mod ingress;
 mod links;
 pub mod metrics;
+mod open;
 mod reset;
+mod services;
 mod stream;
 mod tcp;
 pub mod tls;
@@ -63,7 +70,7 @@ pub enum MeshError {
     Peer(String),
     #[error("mesh: {0}")]
     Tls(String),
-    #[error("mesh.listen {address}: {source}")]
+    #[error("mesh listener {address}: {source}")]
     Bind {
         address: SocketAddr,
         #[source]
@@ -217,7 +224,7 @@ impl Mesh {
         tasks.spawn(watch_trust(bundles_rx, roots, trust.clone(), stop.clone()));
         let mut links = HashMap::new();
         for peer in &config.peers {
-            let policy = PeerPolicy::new(peer).map_err(MeshError::Peer)?;
+            let policy = PeerPolicy::new(peer, &config.services).map_err(MeshError::Peer)?;
             links.insert(peer.name.clone(), Arc::new(PeerLink::new(policy)));
         }
         let links = Arc::new(links);
@@ -290,6 +297,30 @@ impl Mesh {
                 tokio_rustls::TlsAcceptor::from(Arc::new(server)),
                 links.clone(),
                 targets.clone(),
+                metrics.clone(),
+                stop.clone(),
+            ));
+        }
+        for forward in &config.forwards {
+            let link = links.get(&forward.peer).cloned().ok_or_else(|| {
+                MeshError::Peer(format!(
+                    "forwards: '{}' is not a peer in mesh.peers",
+                    forward.peer
+                ))
+            })?;
+            let address = forward.listen;
+            let listener = rebind(|| {
+                let socket = std::net::TcpListener::bind(address)?;
+                socket.set_nonblocking(true)?;
+                tokio::net::TcpListener::from_std(socket)
+            })
+            .await
+            .map_err(|source| MeshError::Bind { address, source })?;
+            tracing::info!(%address, peer = %forward.peer, service = %forward.service, "mesh forward listening");
+            tasks.spawn(services::forward_loop(
+                listener,
+                forward.clone(),
+                link,
                 metrics.clone(),
                 stop.clone(),
             ));

@@ -2,6 +2,7 @@
 //! backoff) or accepted, published on a `watch` channel that tunnel
 //! upstreams read for every new stream.
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,7 +10,7 @@ use std::time::Duration;
 use globset::{Glob, GlobSet, GlobSetBuilder};
 use quinn::{Connection, Endpoint};
 use rand::Rng;
-use strait_edge_config::{HostPort, MeshPeer};
+use strait_edge_config::{HostPort, MeshPeer, MeshService};
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
@@ -33,10 +34,22 @@ pub struct PeerPolicy {
     /// `anonymous` is listed in `may_assert`.
     may_assert_anonymous: bool,
     pub exports: Vec<String>,
+    /// The services exported to it, with the address each is dialed at.
+    services: HashMap<String, HostPort>,
 }
 
 impl PeerPolicy {
-    pub fn new(peer: &MeshPeer) -> Result<Self, String> {
+    /// `services`: the edge's `mesh.services`; the peer reaches only those
+    /// its `export_services` name (validated to exist).
+    pub fn new(peer: &MeshPeer, services: &[MeshService]) -> Result<Self, String> {
+        let mut exported = HashMap::new();
+        for name in &peer.export_services {
+            let service = services
+                .iter()
+                .find(|s| &s.name == name)
+                .ok_or_else(|| format!("export_services: '{name}' is not in mesh.services"))?;
+            exported.insert(name.clone(), service.address.clone());
+        }
         let mut globs = GlobSetBuilder::new();
         for glob in peer.may_assert.iter().filter(|g| *g != "anonymous") {
             globs.add(Glob::new(glob).map_err(|e| format!("may_assert '{glob}': {e}"))?);
@@ -48,7 +61,13 @@ impl PeerPolicy {
             may_assert: globs.build().map_err(|e| e.to_string())?,
             may_assert_anonymous: peer.may_assert.iter().any(|g| g == "anonymous"),
             exports: peer.exports.clone(),
+            services: exported,
         })
+    }
+
+    /// Where the service `name` is dialed, if it is exported to this peer.
+    pub fn service(&self, name: &str) -> Option<&HostPort> {
+        self.services.get(name)
     }
 
     pub fn may_assert(&self, principal: &ForwardedPrincipal) -> bool {

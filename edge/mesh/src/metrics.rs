@@ -34,6 +34,25 @@ pub(crate) struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ServiceOutcomeLabels {
+    pub peer: String,
+    pub service: String,
+    /// Near edge: `forwarded`, `no_tunnel`, `timeout`, `error` or the far
+    /// edge's refusal (`not_exported`, `unavailable`, ...); far edge:
+    /// `served`, `not_exported`, `unavailable`.
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub(crate) struct ServiceBytesLabels {
+    pub peer: String,
+    pub service: String,
+    /// `to_service` (from the forward's client towards the service) or
+    /// `from_service`, at either edge.
+    pub direction: String,
+}
+
 #[derive(Clone, Default)]
 pub struct MeshMetrics {
     pub(crate) connected: Family<PeerLabels, Gauge>,
@@ -49,6 +68,8 @@ pub struct MeshMetrics {
     pub(crate) connections: Family<DirectionLabels, Counter>,
     pub(crate) address_changes: Family<PeerLabels, Counter>,
     pub(crate) gso_segments: Gauge,
+    pub(crate) service_streams: Family<ServiceOutcomeLabels, Counter>,
+    pub(crate) service_bytes: Family<ServiceBytesLabels, Counter>,
 }
 
 impl MeshMetrics {
@@ -115,7 +136,38 @@ impl MeshMetrics {
             "Datagrams the kernel segments from one send (generic segmentation offload); 1 without GSO",
             m.gso_segments.clone(),
         );
+        r.register(
+            "service_streams",
+            "Service streams (mesh.forwards here, mesh.services at the far edge) by peer, service and outcome",
+            m.service_streams.clone(),
+        );
+        r.register(
+            "service_bytes",
+            "Bytes relayed on service streams, by peer, service and direction (to_service, from_service)",
+            m.service_bytes.clone(),
+        );
         m
+    }
+
+    pub(crate) fn service_stream(&self, peer: &str, service: &str, outcome: &str) {
+        self.service_streams
+            .get_or_create(&ServiceOutcomeLabels {
+                peer: peer.to_owned(),
+                service: service.to_owned(),
+                outcome: outcome.to_owned(),
+            })
+            .inc();
+    }
+
+    /// The byte counter of one direction of a service's streams.
+    pub(crate) fn service_bytes(&self, peer: &str, service: &str, direction: &str) -> Counter {
+        self.service_bytes
+            .get_or_create(&ServiceBytesLabels {
+                peer: peer.to_owned(),
+                service: service.to_owned(),
+                direction: direction.to_owned(),
+            })
+            .clone()
     }
 
     pub(crate) fn connection(&self, peer: &str, direction: &str) {

@@ -10,9 +10,10 @@ use strait_proxy::upstream::{
     BoxedIo, ConnectContext, ConnectError, Upstream, UpstreamConnection, UpstreamTarget,
 };
 
-use crate::header::{Answer, ForwardedPrincipal, StreamHeader, StreamTarget};
+use crate::header::{ForwardedPrincipal, StreamHeader, StreamTarget};
 use crate::links::PeerLink;
 use crate::metrics::MeshMetrics;
+use crate::open::{open_stream, OpenError};
 use crate::stream::TunnelStream;
 
 pub struct TunnelUpstream {
@@ -52,13 +53,8 @@ impl TunnelUpstream {
         .map_err(|_| ConnectError::NoBootstrap("the mesh has stopped".into()))?
         .clone()
         .ok_or_else(|| ConnectError::NoBootstrap("no tunnel".into()))?;
-        let io_error = |source: std::io::Error| ConnectError::Io {
-            address: self.label(),
-            source,
-        };
-        let mut io = conn.open().await.map_err(io_error)?;
         let header = StreamHeader {
-            virtual_cluster: self.remote_cluster.clone(),
+            name: self.remote_cluster.clone(),
             target: match target {
                 UpstreamTarget::Bootstrap => StreamTarget::Bootstrap,
                 UpstreamTarget::Broker { node_id, .. } => StreamTarget::Broker(*node_id),
@@ -68,44 +64,21 @@ impl TunnelUpstream {
                 Principal::Named(name) => ForwardedPrincipal::Named(name.to_string()),
             },
         };
-        let exchange = async {
-            header
-                .write_to(&mut io)
-                .await
-                .map_err(|e| io_error(std::io::Error::other(e)))?;
-            Answer::read_from(&mut io)
-                .await
-                .map_err(|e| io_error(std::io::Error::other(e)))
-        };
-        let heard_before = conn.packets_received();
-        let answer = match tokio::time::timeout(self.connect_timeout, exchange).await {
-            Ok(answer) => answer?,
-            Err(_) => {
-                // A live peer acknowledges the header within a round trip
-                // even when it is too busy to answer. Nothing heard at all
-                // means the peer is gone without closing (killed, cut off):
-                // drop the connection now, so the dialer reconnects and the
-                // other streams fail fast, instead of after the idle timeout.
-                if heard_before.is_some() && conn.packets_received() == heard_before {
-                    tracing::warn!(%peer, timeout = ?self.connect_timeout, "tunnel to the peer is unresponsive (no packet since a stream was opened); closing it to reconnect");
-                    conn.close_unresponsive();
-                }
-                return Err(ConnectError::Timeout {
-                    address: self.label(),
-                    timeout: self.connect_timeout,
-                });
-            }
-        };
-        match answer {
-            Answer::Accept => Ok(TunnelStream::new(io, self.metrics.stream(peer, "outbound"))),
-            Answer::Refuse { code, reason } => {
-                self.metrics.refused(peer, "outbound", code.label());
-                Err(ConnectError::Refused {
-                    upstream: self.label(),
-                    label: code.label(),
-                    reason,
-                })
-            }
+        match open_stream(&conn, peer, &header, self.connect_timeout, &self.metrics).await {
+            Ok(io) => Ok(TunnelStream::new(io, self.metrics.stream(peer, "outbound"))),
+            Err(OpenError::Io(source)) => Err(ConnectError::Io {
+                address: self.label(),
+                source,
+            }),
+            Err(OpenError::Timeout) => Err(ConnectError::Timeout {
+                address: self.label(),
+                timeout: self.connect_timeout,
+            }),
+            Err(OpenError::Refused { code, reason }) => Err(ConnectError::Refused {
+                upstream: self.label(),
+                label: code.label(),
+                reason,
+            }),
         }
     }
 }

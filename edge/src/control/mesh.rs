@@ -1,12 +1,14 @@
 //! The control plane's mesh resources in the edge's raw schema: the Edge's
-//! `spec.mesh` listeners and its MeshPeers become `mesh:`, with the
-//! TrustBundles of the peers' trust domains written to files.
+//! `spec.mesh` (listeners, services, forwards) and its MeshPeers (with their
+//! `export_services`) become `mesh:`, with the TrustBundles of the peers'
+//! trust domains written to files.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 
 use anyhow::Context;
 use serde_json::{json, Value};
+use strait_control_client::state::spec::{MeshForwardSpec, MeshServiceSpec};
 use strait_control_client::EdgeSnapshot;
 
 use super::write_pem;
@@ -33,6 +35,7 @@ pub(super) fn mesh_section(
             "addresses": peer.addresses,
             "may_assert": peer.may_assert,
             "exports": peer.exports,
+            "export_services": peer.export_services,
         });
         if let Some(transport) = &peer.transport {
             value["transport"] = json!(transport);
@@ -70,6 +73,28 @@ pub(super) fn mesh_section(
         if let Some(listen_tcp) = &listeners.listen_tcp {
             mesh["listen_tcp"] = json!(listen_tcp);
         }
+        // Typed spec to the raw schema field by field: a field added to one
+        // and not the other fails to compile here instead of being dropped.
+        let services: Vec<Value> = listeners
+            .services
+            .iter()
+            .map(|MeshServiceSpec { name, address }| json!({ "name": name, "address": address }))
+            .collect();
+        let forwards: Vec<Value> = listeners
+            .forwards
+            .iter()
+            .map(
+                |MeshForwardSpec {
+                     listen,
+                     peer,
+                     service,
+                 }| {
+                    json!({ "listen": listen, "peer": peer, "service": service })
+                },
+            )
+            .collect();
+        mesh["services"] = json!(services);
+        mesh["forwards"] = json!(forwards);
     }
     Ok(Some(mesh))
 }

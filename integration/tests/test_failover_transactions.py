@@ -1,0 +1,84 @@
+"""A transactional producer across a failover (issue 14, item 6): producer ids, epochs and transaction
+state live in the cluster's transaction coordinator, which the standby does not have. What a client sees,
+with librdkafka and a file-configured edge whose upstream is swapped in place (what every control-plane
+decision does): the open transaction cannot commit, nothing of it becomes visible, and a producer that
+initialises again with the same transactional.id works on the standby through the same bootstrap."""
+
+from confluent_kafka import KafkaException, Producer
+
+from lib.clients import unique
+from lib.edge import VirtualCluster
+from lib.wait import wait_for
+from tests.test_encryption import create_topic, end_offset
+
+
+def committed_values(bootstrap: str, topic: str) -> list[str]:
+    """What a read_committed consumer sees in partition 0, read until its position reaches the end offset
+    (transaction markers take offsets but are no records)."""
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+    end = end_offset(bootstrap, topic)
+    c = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("txn-read"), "enable.auto.commit": False,
+                  "isolation.level": "read_committed"})
+    tp = TopicPartition(topic, 0, OFFSET_BEGINNING)
+    c.assign([tp])
+    got = []
+    try:
+        def at_end():
+            m = c.poll(0.2)
+            if m is not None and m.error() is None:
+                got.append(m.value().decode())
+            return c.position([TopicPartition(topic, 0)])[0].offset >= end
+        wait_for(at_end, 60, interval=0, what=f"{topic} read to offset {end} at {bootstrap}")
+    finally:
+        c.close()
+    return got
+
+
+def test_an_open_transaction_fails_cleanly_and_a_new_producer_continues_on_the_standby(broker, edge):
+    primary = broker(dedicated=True, name="kafka-primary")
+    standby = broker(dedicated=True, name="kafka-standby")
+    topic, tid = unique("txn-dr"), unique("payments-tx")
+    vc = VirtualCluster("orders", primary.bootstrap_servers)
+    e = edge([vc])
+    create_topic(e.bootstrap, topic)
+    create_topic(standby.bootstrap_servers[0], topic)
+    conf = {"bootstrap.servers": e.bootstrap, "transactional.id": tid, "transaction.timeout.ms": 10000,
+            "message.timeout.ms": 10000, "socket.timeout.ms": 5000}
+    p = Producer(conf)
+    p.init_transactions(30)
+    p.begin_transaction()
+    for n in range(5):
+        p.produce(topic, value=f"committed-{n}".encode())
+    p.commit_transaction(30)
+    # A second transaction is open when the upstream changes.
+    p.begin_transaction()
+    for n in range(5):
+        p.produce(topic, value=f"open-{n}".encode())
+    p.flush(30)
+    vc.upstream = list(standby.bootstrap_servers)
+    vc.extra["upstream"] = {"bootstrap_servers": list(standby.bootstrap_servers),
+                            "failover": {"group": "orders-dr", "cluster": "standby", "generation": 1}}
+    e.write_config()
+    wait_for(lambda: e.metric("strait_upstream_swaps", virtual_cluster="orders") == 1, 30,
+             what="the edge swapping its upstream")
+    try:
+        p.commit_transaction(30)
+        raise AssertionError("a transaction begun on the primary committed on the standby")
+    except KafkaException as exc:
+        err = exc.args[0]
+        print(f"commit of the open transaction after the switch: {err.name()} ({err.str()}); "
+              f"fatal={err.fatal()} retriable={err.retriable()} abortable={err.txn_requires_abort()}")
+        assert err.fatal() or err.txn_requires_abort(), err
+    # A new producer (same transactional.id) initialises against the standby's coordinator.
+    p2 = Producer(conf)
+    p2.init_transactions(30)
+    p2.begin_transaction()
+    for n in range(5):
+        p2.produce(topic, value=f"after-{n}".encode())
+    p2.commit_transaction(30)
+    assert committed_values(standby.bootstrap_servers[0], topic) == [f"after-{n}" for n in range(5)]
+    # The primary holds the first transaction only: the open one never commits there (the coordinator
+    # aborts it at transaction.timeout.ms, which ends it for read_committed readers).
+    wait_for(lambda: committed_values(primary.bootstrap_servers[0], topic) == [f"committed-{n}" for n in range(5)]
+             and end_offset(primary.bootstrap_servers[0], topic) == 12, 60,
+             what="the open transaction aborted at the primary (5 + marker, 5 + abort marker)")

@@ -40,6 +40,28 @@ def test_check_config_valid(binary, tmp_path):
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_the_quickstart_edge_config_is_valid(binary):
+    """The README's quick start hands users examples/quickstart/edge.yaml: it must stay valid."""
+    from pathlib import Path
+    example = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "edge.yaml"
+    r = subprocess.run([binary, "--check-config", str(example)], capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "configuration is valid" in r.stdout + r.stderr
+
+
+def test_a_health_probe_upstream_must_be_a_cluster(binary, tmp_path):
+    """health_probes (failover evidence) probe Kafka clusters: a remote upstream is refused with its path."""
+    cfg = yaml.safe_load(yaml.safe_dump(VALID))
+    cfg["health_probes"] = [{"group": "orders-dr", "cluster": "east", "interval": "0s",
+                             "upstream": {"remote": {"peer": "edge-east", "virtual_cluster": "orders"}}}]
+    r = check(binary, tmp_path, cfg)
+    assert r.returncode == 1, r.stdout + r.stderr
+    out = r.stdout + r.stderr
+    # Every error, each with its path.
+    assert "health_probes[0].interval: must be at least 10ms" in out, out
+    assert "health_probes[0].upstream: a probe reaches the member's brokers directly" in out, out
+
+
 def test_check_config_reports_every_error_with_path(binary, tmp_path):
     bad = yaml.safe_load(yaml.safe_dump(VALID))
     bad["admin"]["listen"] = "not-an-address"

@@ -206,7 +206,7 @@ where
         metrics,
         in_flight_slots: Arc::new(Semaphore::new(settings.max_in_flight as usize)),
         settings,
-        opened: Instant::now(),
+        opened: tokio::time::Instant::now(),
         last_activity_ms: AtomicU64::new(0),
     };
     let requests = RequestPump {
@@ -234,10 +234,10 @@ async fn idle_watch(shared: &Shared, timeout: Duration) -> ConnectionError {
     loop {
         let last = shared.opened + Duration::from_millis(shared.last_activity_ms.load(Ordering::Relaxed));
         let deadline = last + timeout;
-        if Instant::now() >= deadline {
+        if tokio::time::Instant::now() >= deadline {
             return ConnectionError::IdleTimeout(timeout);
         }
-        tokio::time::sleep_until(deadline.into()).await;
+        tokio::time::sleep_until(deadline).await;
     }
 }
 
@@ -252,7 +252,8 @@ struct Shared {
     settings: ConnectionSettings,
     /// One per request awaiting its answer (`max_in_flight`).
     in_flight_slots: Arc<Semaphore>,
-    opened: Instant,
+    /// Tokio's clock, which tests can pause.
+    opened: tokio::time::Instant,
     /// When a byte was last read from either side, in ms after `opened`.
     last_activity_ms: AtomicU64,
 }

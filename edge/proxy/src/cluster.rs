@@ -496,6 +496,11 @@ impl ClusterRuntime {
         );
     }
 
+    /// Counts a connection refused or closed by a limit (a shared SNI port's).
+    pub fn count_limited(&self, reason: &str) {
+        self.metrics.limited(reason);
+    }
+
     /// Whether the cluster still takes connections.
     pub fn is_accepting(&self) -> bool {
         !self.stop_accepting.is_cancelled()

@@ -592,6 +592,7 @@ impl Edge {
                 listener,
                 routes: routes.clone(),
                 hello_timeout: Duration::from_secs(10),
+                max_connections: self.settings.max_connections,
             }
             .run(stop.clone(), TaskTracker::new()),
         );

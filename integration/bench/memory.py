@@ -131,6 +131,24 @@ def sample_peak(pid: int, stop: threading.Event, out: dict) -> None:
         out["max_rss"] = max(out.get("max_rss", 0.0), rss_mib(pid))
 
 
+def baseline_attack(logs: Path, kafka_factory, binary: str, attackers: int) -> dict:
+    """The same attack, with fewer connections, against another edge binary: its peak RSS."""
+    kafka = kafka_factory().start()
+    vc = VirtualCluster(name="authz", upstream=kafka.bootstrap_servers, extra={"authorization": {"rules": RULES}})
+    edge = Edge(logs, [vc], binary=binary).start()
+    try:
+        host, port = edge.bootstrap.rsplit(":", 1)
+        pid = edge.proc.popen.pid
+        start = rss_mib(pid)
+        reset_hwm(pid)
+        attack = oversized_attack(host, int(port), attackers, 100 * MiB)
+        return {"binary": binary, "connections": attackers, "rss_before_mib": start, "peak_mib": hwm_mib(pid),
+                "closed": attack["closed"], "max_body_bytes_pushed": attack["max_body_bytes_pushed"]}
+    finally:
+        edge.terminate(timeout=15)
+        kafka.stop()
+
+
 def markdown(r: dict) -> str:
     l = r["limits"]
     lines = [
@@ -158,6 +176,14 @@ def markdown(r: dict) -> str:
         "connections open.",
         "",
     ]
+    b = r.get("baseline")
+    if b:
+        lines[-1:-1] = [
+            "",
+            f"For comparison, {b['binary_label']}: {b['connections']} connections "
+            f"announcing 100 MiB and sending it took its RSS from {b['rss_before_mib']:.1f} to a peak of "
+            f"{b['peak_mib']:.1f} MiB (each frame is held whole for the filter before it is refused as undecodable).",
+        ]
     return "\n".join(lines)
 
 
@@ -168,6 +194,10 @@ def main() -> int:
     ap.add_argument("--attackers", type=int, default=100)
     ap.add_argument("--small", type=int, default=200_000)
     ap.add_argument("--big", type=int, default=50)
+    ap.add_argument("--baseline-binary", help="also run the attack against this strait-edge (e.g. one built "
+                    "before `limits:` existed) and record its peak")
+    ap.add_argument("--baseline-attackers", type=int, default=10)
+    ap.add_argument("--baseline-label", default="an edge built before limits:")
     ap.add_argument("--smoke", action="store_true", help="tiny counts, nothing written")
     args = ap.parse_args()
     if args.smoke:
@@ -215,13 +245,18 @@ def main() -> int:
             s.close()
         edge.terminate(timeout=15)
         kafka.stop()
+    baseline = None
+    if args.baseline_binary:
+        baseline = baseline_attack(logs, kafka_factory=lambda: KafkaCluster(logs, brokers=1, name="kafka-memory-b"),
+                                   binary=args.baseline_binary, attackers=args.baseline_attackers)
+        baseline["binary_label"] = args.baseline_label
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     machine = f"{os.cpu_count()} cores, {round(os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES') / 2**30)} GiB"
     result = {
         "date": time.strftime("%Y-%m-%d"), "commit": commit, "machine": machine, "profile": args.profile,
         "limits": {"max_buffered_bytes_per_connection": 16 * MiB, "max_buffered_bytes": 256 * MiB},
-        "phases": phases, "attack": attack, "load": loaded,
+        "phases": phases, "attack": attack, "load": loaded, "baseline": baseline,
     }
     text = markdown(result)
     print(text)

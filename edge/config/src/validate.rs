@@ -11,7 +11,9 @@ use strait_tls::{
     ServedCertificate, ServerTlsSettings, TrustBundleSettings,
 };
 
-use crate::raw::{RawConfig, RawLimits, RawQuotas, RawRates, RawTls, RawUpstreamTls, RawVirtualCluster};
+use crate::raw::{
+    RawConfig, RawLimits, RawQuotas, RawRates, RawTls, RawUpstreamTls, RawVirtualCluster,
+};
 use crate::{
     BrokerAddressing, Config, ConfigError, ConfigErrors, HostPort, Limits, Quotas, Rates, Shutdown,
     Tls, Upstream, VirtualCluster, DEFAULT_MAX_FRAME_BYTES,
@@ -1048,7 +1050,10 @@ virtual_clusters:
         assert_eq!(config.limits.max_in_flight_per_connection, 5);
         assert_eq!(config.limits.max_connections, 3);
         assert_eq!(config.limits.idle_timeout, Duration::from_secs(2));
-        assert_eq!(config.limits.request_read_timeout, Duration::from_millis(500));
+        assert_eq!(
+            config.limits.request_read_timeout,
+            Duration::from_millis(500)
+        );
 
         let errors = parse(&format!(
             "{cluster}limits: {{ max_buffered_bytes_per_connection: 4096, max_buffered_bytes: 1024, \

@@ -272,7 +272,9 @@ mod tests {
         metadata.extend_from_slice(&i32::MAX.to_be_bytes());
         assert!(decode_request(frame(&metadata)).is_err());
         // Produce v9: header v2, null transactional id, acks, timeout, 2^32 - 2 topics (compact).
-        let mut produce = vec![0, 0, 0, 9, 0, 0, 0, 9, 0xff, 0xff, 0, 0, 0, 1, 0, 0, 3, 0xe8];
+        let mut produce = vec![
+            0, 0, 0, 9, 0, 0, 0, 9, 0xff, 0xff, 0, 0, 0, 1, 0, 0, 3, 0xe8,
+        ];
         produce.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
         assert!(decode_request(frame(&produce)).is_err());
         // A string announcing 32 KiB in a few bytes: Metadata v1 with one topic named so.

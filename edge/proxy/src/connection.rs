@@ -61,7 +61,9 @@ pub enum ConnectionError {
     FilterTimeout(Duration),
     #[error("identity {0} is on the deny list")]
     IdentityDenied(String),
-    #[error("client sent a {size}-byte frame a filter must decode; the buffer budget is {budget} bytes")]
+    #[error(
+        "client sent a {size}-byte frame a filter must decode; the buffer budget is {budget} bytes"
+    )]
     BufferBudget { size: usize, budget: usize },
     #[error("a request frame did not arrive whole within {0:?}")]
     RequestReadTimeout(Duration),
@@ -232,7 +234,8 @@ where
 /// Completes when neither side has sent a byte for `timeout`.
 async fn idle_watch(shared: &Shared, timeout: Duration) -> ConnectionError {
     loop {
-        let last = shared.opened + Duration::from_millis(shared.last_activity_ms.load(Ordering::Relaxed));
+        let last =
+            shared.opened + Duration::from_millis(shared.last_activity_ms.load(Ordering::Relaxed));
         let deadline = last + timeout;
         if tokio::time::Instant::now() >= deadline {
             return ConnectionError::IdleTimeout(timeout);

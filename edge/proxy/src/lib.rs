@@ -315,7 +315,10 @@ impl Edge {
         // The edge-wide budget is kept unless its size changed: connections
         // of clusters started before and after share it.
         let budget = if self.settings.budget.total() as u64
-            == config.limits.max_buffered_bytes.min(Semaphore::MAX_PERMITS as u64)
+            == config
+                .limits
+                .max_buffered_bytes
+                .min(Semaphore::MAX_PERMITS as u64)
         {
             self.settings.budget.clone()
         } else {

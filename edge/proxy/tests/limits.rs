@@ -57,9 +57,12 @@ fn heartbeat(correlation_id: i32) -> Vec<u8> {
         .with_request_api_key(ApiKey::Heartbeat as i16)
         .with_request_api_version(4)
         .with_correlation_id(correlation_id);
-    encode_request(&header, &RequestKind::Heartbeat(HeartbeatRequest::default()))
-        .unwrap()
-        .to_vec()
+    encode_request(
+        &header,
+        &RequestKind::Heartbeat(HeartbeatRequest::default()),
+    )
+    .unwrap()
+    .to_vec()
 }
 
 /// A length prefix and request header announcing `size` bytes, without the body.
@@ -255,10 +258,7 @@ async fn a_frame_that_does_not_arrive_in_time_closes_the_connection() {
         matches!(result, Err(ConnectionError::RequestReadTimeout(_))),
         "{result:?}"
     );
-    assert_eq!(
-        result.unwrap_err().rejection_reason(),
-        Some("read_timeout")
-    );
+    assert_eq!(result.unwrap_err().rejection_reason(), Some("read_timeout"));
     assert!(started.elapsed() >= Duration::from_secs(10));
     assert!(started.elapsed() < Duration::from_secs(12));
 }

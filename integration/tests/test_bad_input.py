@@ -102,13 +102,13 @@ class Listener:
         return conf
 
 
-def listener_for(kind: str, broker, edge, tmp_path) -> Listener:
+def listener_for(kind: str, broker, edge, tmp_path, handshake_timeout: str = "10s") -> Listener:
     t = broker()
     pki = standard_pki(tmp_path / "pki") if kind == "mtls" else None
     extra: dict = {}
     top: dict = {"limits": {"max_frame_bytes": MAX_FRAME, "request_read_timeout": READ_TIMEOUT}}
     if kind == "mtls":
-        extra["tls"] = pki.server_tls(handshake_timeout="2s")
+        extra["tls"] = pki.server_tls(handshake_timeout=handshake_timeout)
     if kind == "authz":
         extra["authorization"] = {"rules": ALLOW_ALL}
     if kind == "encrypt":
@@ -330,7 +330,7 @@ CASES = {
 TLS_CASES = {
     # Kafka bytes where a ClientHello belongs.
     "plaintext_before_handshake": "protocol",
-    # Connect and say nothing: `handshake_timeout` (2 s here).
+    # Connect and say nothing: `handshake_timeout` (3 s here).
     "handshake_timeout": "timeout",
 }
 
@@ -390,7 +390,7 @@ def test_bad_input(case, kind, broker, edge, tmp_path):
 
 @pytest.mark.parametrize("case", list(TLS_CASES))
 def test_bad_tls_input(case, broker, edge, tmp_path):
-    listener = listener_for("mtls", broker, edge, tmp_path)
+    listener = listener_for("mtls", broker, edge, tmp_path, handshake_timeout="3s")
     e = listener.edge
     reason = TLS_CASES[case]
     before = e.metric("strait_tls_handshakes", result="failed", reason=reason)
@@ -404,4 +404,30 @@ def test_bad_tls_input(case, broker, edge, tmp_path):
             s.close()
     wait_for(lambda: e.metric("strait_tls_handshakes", result="failed", reason=reason) == before + 1, 10,
              what=f"tls_handshakes{{result=failed,reason={reason}}} counted once")
+    assert e.alive()
+
+
+def test_tls_garbage_after_handshake(broker, edge, tmp_path):
+    """Bytes that are not TLS records on an established mTLS connection: closed, one WARN line (a TLS
+    error on an established connection), no frame counted as rejected, no handshake counted as failed."""
+    listener = listener_for("mtls", broker, edge, tmp_path)
+    e = listener.edge
+    failed_before = e.metric("strait_tls_handshakes", result="failed")
+    with WellBehaved(listener):
+        s = listener.open()
+        try:
+            # A request answered first: the server side of the handshake is over (in TLS 1.3 the client
+            # is done before the server has read its Finished).
+            s.sendall(frame(request_v0_header(API_VERSIONS, 0, 3)))
+            assert struct.unpack(">i", recv_frame(s)[:4])[0] == 3
+            # Under the TLS layer, straight onto the TCP connection.
+            os.write(s.fileno(), b"\x17\x03\x03\x00\x20" + os.urandom(32))
+            assert closed_by_peer(s, timeout=30), "connection not closed"
+        finally:
+            s.close()
+    wait_for(lambda: [l for l in e.proc.all_logs().splitlines()
+                      if '"level":"WARN"' in l and "TLS error on an established connection" in l], 10,
+             what="a WARN line for the TLS error")
+    assert e.metric("strait_frames_rejected") == 0
+    assert e.metric("strait_tls_handshakes", result="failed") == failed_before
     assert e.alive()

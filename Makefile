@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export STRAIT_TANSU_BIN ?= $(HOME)/.cache/strait/tools/bin/tansu
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke bench-mesh bench-mesh-smoke bench-federation bench-federation-smoke failover-drill lint fmt
+.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke bench-mesh bench-mesh-smoke bench-federation bench-federation-smoke bench-memory bench-memory-smoke failover-drill lint fmt
 
 all: build
 
@@ -76,6 +76,16 @@ bench-mesh-smoke: setup build
 bench-federation: setup
 	cargo build --release -p strait-edge -p strait-loadgen
 	$(PYTHON) integration/bench/federation.py $(BENCH_ARGS)
+
+# Edge RSS with 1,000 idle connections, with 100 connections announcing 100 MiB frames to an authorizing
+# listener, and under load (real Kafka); writes integration/bench/memory.json, memory.md and the memory block
+# of docs/benchmarks.md. A few minutes. BENCH_ARGS='--profile debug' measures the `make build` binary.
+bench-memory: setup
+	cargo build --release -p strait-edge
+	$(PYTHON) integration/bench/memory.py $(BENCH_ARGS)
+
+bench-memory-smoke: setup build
+	$(PYTHON) integration/bench/memory.py --smoke --profile debug
 
 bench-federation-smoke: setup
 	cargo build --release -p strait-edge -p strait-loadgen

@@ -28,8 +28,45 @@ pub use probes::HealthProbe;
 pub use sasl::{read_credential_files, Sasl, SaslMechanism, Secret, SecretSource};
 pub use validate::{validate, validate_with, NODE_ID};
 
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_frame_bytes: DEFAULT_MAX_FRAME_BYTES,
+            filter_timeout: Duration::from_secs(20),
+            max_buffered_bytes_per_connection: DEFAULT_MAX_BUFFERED_BYTES_PER_CONNECTION,
+            max_buffered_bytes: DEFAULT_MAX_BUFFERED_BYTES,
+            max_in_flight_per_connection: DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            request_read_timeout: DEFAULT_REQUEST_READ_TIMEOUT,
+        }
+    }
+}
+
 /// Default frame limit: the same as Kafka's `socket.request.max.bytes`.
 pub const DEFAULT_MAX_FRAME_BYTES: u32 = 100 * 1024 * 1024;
+
+/// Default per-connection decode budget. A frame a filter decodes is held
+/// whole: 16 MiB takes a producer with `max.request.size` raised well past
+/// Kafka's 1 MiB default (a 1 MiB record plus batch overhead is far below),
+/// and refuses the 100 MiB length prefix an anonymous client can send for free.
+pub const DEFAULT_MAX_BUFFERED_BYTES_PER_CONNECTION: u32 = 16 * 1024 * 1024;
+/// Default edge-wide decode budget: sixteen connections assembling a
+/// maximal frame at once; more wait (back-pressure), as Kafka's
+/// `queued.max.request.bytes` makes a broker stop reading.
+pub const DEFAULT_MAX_BUFFERED_BYTES: u64 = 256 * 1024 * 1024;
+/// Default requests awaiting an answer per connection. Clients pipeline
+/// few (the Java producer 5, a consumer 1 or 2 per broker); the bound keeps a
+/// client that never reads its answers from queueing without end.
+pub const DEFAULT_MAX_IN_FLIGHT_PER_CONNECTION: u32 = 1000;
+/// Default connections per listener (bootstrap or broker port). Each one
+/// costs two file descriptors (client and broker side).
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+/// Default: as Kafka's `connections.max.idle.ms` (10 minutes).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(600);
+/// Default: clients give up on a request after `request.timeout.ms` (30 s),
+/// so a frame still arriving after that is of no use to anyone.
+pub const DEFAULT_REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// A validated edge configuration.
 #[derive(Debug, Clone, PartialEq)]
@@ -52,6 +89,21 @@ pub struct Limits {
     pub max_frame_bytes: u32,
     /// How long one filter may take on one message before the connection closes.
     pub filter_timeout: Duration,
+    /// Largest request a filter may have to decode on one connection; larger
+    /// ones close the connection once their prefix is read.
+    pub max_buffered_bytes_per_connection: u32,
+    /// Bytes of requests held for decoding across the whole edge; beyond it
+    /// connections stop being read until bytes are freed.
+    pub max_buffered_bytes: u64,
+    /// Requests awaiting an answer per connection; beyond it the connection
+    /// is not read.
+    pub max_in_flight_per_connection: u32,
+    /// Open connections per listener; more are accepted and closed at once.
+    pub max_connections: u32,
+    /// A connection with no byte in either direction for this long is closed.
+    pub idle_timeout: Duration,
+    /// Once a request's first byte is read, the whole frame must arrive within this.
+    pub request_read_timeout: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]

@@ -41,6 +41,14 @@ pub struct RawLimits {
     pub max_frame_bytes: Option<u64>,
     #[serde(default, with = "humantime_serde")]
     pub filter_timeout: Option<Duration>,
+    pub max_buffered_bytes_per_connection: Option<u64>,
+    pub max_buffered_bytes: Option<u64>,
+    pub max_in_flight_per_connection: Option<u64>,
+    pub max_connections: Option<u64>,
+    #[serde(default, with = "humantime_serde")]
+    pub idle_timeout: Option<Duration>,
+    #[serde(default, with = "humantime_serde")]
+    pub request_read_timeout: Option<Duration>,
 }
 
 #[derive(Debug, Deserialize, Default)]

@@ -11,7 +11,9 @@ use strait_tls::{
     ServedCertificate, ServerTlsSettings, TrustBundleSettings,
 };
 
-use crate::raw::{RawConfig, RawQuotas, RawRates, RawTls, RawUpstreamTls, RawVirtualCluster};
+use crate::raw::{
+    RawConfig, RawLimits, RawQuotas, RawRates, RawTls, RawUpstreamTls, RawVirtualCluster,
+};
 use crate::{
     BrokerAddressing, Config, ConfigError, ConfigErrors, HostPort, Limits, Quotas, Rates, Shutdown,
     Tls, Upstream, VirtualCluster, DEFAULT_MAX_FRAME_BYTES,
@@ -67,6 +69,7 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
     if filter_timeout.is_zero() {
         errors.push("limits.filter_timeout", "must be greater than 0");
     }
+    let limits = validate_limits(&raw.limits, max_frame_bytes, filter_timeout, &mut errors);
 
     if let Err(kms_errors) = strait_kms_core::config::validate_kms_list("kms", &raw.kms) {
         for error in kms_errors.0 {
@@ -107,10 +110,7 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
             admin,
             kms: raw.kms.clone(),
             virtual_clusters,
-            limits: Limits {
-                max_frame_bytes,
-                filter_timeout,
-            },
+            limits,
             shutdown: Shutdown {
                 drain_timeout: raw
                     .shutdown
@@ -123,6 +123,82 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
         })
     } else {
         Err(ConfigErrors(errors.0))
+    }
+}
+
+/// The memory and connection limits; a missing key takes its default.
+fn validate_limits(
+    raw: &RawLimits,
+    max_frame_bytes: u32,
+    filter_timeout: Duration,
+    errors: &mut Errors,
+) -> Limits {
+    let defaults = Limits::default();
+    let mut count = |key: &str, value: Option<u64>, default: u64, max: u64| match value {
+        None => default,
+        Some(0) => {
+            errors.push(format!("limits.{key}"), "must be greater than 0");
+            default
+        }
+        Some(n) if n > max => {
+            errors.push(format!("limits.{key}"), format!("must be at most {max}"));
+            default
+        }
+        Some(n) => n,
+    };
+    let per_connection = count(
+        "max_buffered_bytes_per_connection",
+        raw.max_buffered_bytes_per_connection,
+        defaults.max_buffered_bytes_per_connection.into(),
+        i32::MAX as u64,
+    ) as u32;
+    // A tokio semaphore holds at most usize::MAX >> 3 permits.
+    let total = count(
+        "max_buffered_bytes",
+        raw.max_buffered_bytes,
+        defaults.max_buffered_bytes,
+        1 << 60,
+    );
+    let in_flight = count(
+        "max_in_flight_per_connection",
+        raw.max_in_flight_per_connection,
+        defaults.max_in_flight_per_connection.into(),
+        1 << 20,
+    ) as u32;
+    let max_connections = count(
+        "max_connections",
+        raw.max_connections,
+        defaults.max_connections.into(),
+        1 << 24,
+    ) as u32;
+    if u64::from(per_connection) > total {
+        errors.push(
+            "limits.max_buffered_bytes_per_connection",
+            format!("must not exceed limits.max_buffered_bytes ({total})"),
+        );
+    }
+    let mut timeout = |key: &str, value: Option<Duration>, default: Duration| {
+        let value = value.unwrap_or(default);
+        if value.is_zero() {
+            errors.push(format!("limits.{key}"), "must be greater than 0");
+        }
+        value
+    };
+    let idle_timeout = timeout("idle_timeout", raw.idle_timeout, defaults.idle_timeout);
+    let request_read_timeout = timeout(
+        "request_read_timeout",
+        raw.request_read_timeout,
+        defaults.request_read_timeout,
+    );
+    Limits {
+        max_frame_bytes,
+        filter_timeout,
+        max_buffered_bytes_per_connection: per_connection,
+        max_buffered_bytes: total,
+        max_in_flight_per_connection: in_flight,
+        max_connections,
+        idle_timeout,
+        request_read_timeout,
     }
 }
 
@@ -847,7 +923,8 @@ fn parse_port_range(text: &str) -> Result<RangeInclusive<u16>, String> {
 
 #[cfg(test)]
 mod tests {
-    use crate::parse;
+    use crate::{parse, Limits};
+    use std::time::Duration;
     use strait_tls::ServedCertificate;
 
     const GOOD: &str = r#"
@@ -949,6 +1026,56 @@ limits: { max_frame_bytes: 0 }
         ] {
             assert!(paths.contains(&expected), "missing {expected} in {paths:?}");
         }
+    }
+
+    #[test]
+    fn memory_and_connection_limits() {
+        let cluster = r#"
+virtual_clusters:
+  - name: a
+    bootstrap: 127.0.0.1:19092
+    brokers: { advertised_host: h, port_range: 19100-19199 }
+    upstream: { bootstrap_servers: ["h:1"] }
+"#;
+        let config = parse(cluster).unwrap();
+        assert_eq!(config.limits, Limits::default());
+        assert_eq!(config.limits.max_buffered_bytes_per_connection, 16 << 20);
+        let config = parse(&format!(
+            "{cluster}limits: {{ max_buffered_bytes_per_connection: 2097152, max_buffered_bytes: 8388608, \
+             max_in_flight_per_connection: 5, max_connections: 3, idle_timeout: 2s, request_read_timeout: 500ms }}"
+        ))
+        .unwrap();
+        assert_eq!(config.limits.max_buffered_bytes_per_connection, 2 << 20);
+        assert_eq!(config.limits.max_buffered_bytes, 8 << 20);
+        assert_eq!(config.limits.max_in_flight_per_connection, 5);
+        assert_eq!(config.limits.max_connections, 3);
+        assert_eq!(config.limits.idle_timeout, Duration::from_secs(2));
+        assert_eq!(
+            config.limits.request_read_timeout,
+            Duration::from_millis(500)
+        );
+
+        let errors = parse(&format!(
+            "{cluster}limits: {{ max_buffered_bytes_per_connection: 4096, max_buffered_bytes: 1024, \
+             max_in_flight_per_connection: 0, max_connections: 0, idle_timeout: 0s, request_read_timeout: 0s }}"
+        ))
+        .unwrap_err()
+        .0;
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            [
+                "limits.max_in_flight_per_connection",
+                "limits.max_connections",
+                "limits.max_buffered_bytes_per_connection",
+                "limits.idle_timeout",
+                "limits.request_read_timeout",
+            ]
+        );
+        let unknown = parse(&format!("{cluster}limits: {{ max_buffered: 1 }}"))
+            .unwrap_err()
+            .0;
+        assert!(unknown[0].path.starts_with("limits"), "{unknown:?}");
     }
 
     #[test]

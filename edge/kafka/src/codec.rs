@@ -257,6 +257,32 @@ mod tests {
     use kafka_protocol::messages::{BrokerId, MetadataResponse};
     use kafka_protocol::protocol::StrBytes;
 
+    /// A count is not trusted before its elements are read: as published,
+    /// kafka-protocol reserved the announced capacity first, and 2^31 - 1
+    /// topics in a 30-byte frame aborted the process (third_party/README.md).
+    #[test]
+    fn huge_counts_in_tiny_frames_are_errors_not_allocations() {
+        let frame = |body: &[u8]| {
+            let mut out = (body.len() as i32).to_be_bytes().to_vec();
+            out.extend_from_slice(body);
+            Bytes::from(out)
+        };
+        // Metadata v1: header v1 (key, version, correlation id, null client id), topics array.
+        let mut metadata = vec![0, 3, 0, 1, 0, 0, 0, 9, 0xff, 0xff];
+        metadata.extend_from_slice(&i32::MAX.to_be_bytes());
+        assert!(decode_request(frame(&metadata)).is_err());
+        // Produce v9: header v2, null transactional id, acks, timeout, 2^32 - 2 topics (compact).
+        let mut produce = vec![
+            0, 0, 0, 9, 0, 0, 0, 9, 0xff, 0xff, 0, 0, 0, 1, 0, 0, 3, 0xe8,
+        ];
+        produce.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x0f]);
+        assert!(decode_request(frame(&produce)).is_err());
+        // A string announcing 32 KiB in a few bytes: Metadata v1 with one topic named so.
+        let mut name = vec![0, 3, 0, 1, 0, 0, 0, 9, 0xff, 0xff, 0, 0, 0, 1, 0x7f, 0xff];
+        name.extend_from_slice(b"abc");
+        assert!(decode_request(frame(&name)).is_err());
+    }
+
     #[test]
     fn response_round_trip_all_metadata_versions() {
         for version in 0..=13 {

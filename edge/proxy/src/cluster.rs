@@ -24,6 +24,7 @@ use tracing::Instrument;
 use crate::brokers::{BrokerMap, Discovery, NewBrokerListener};
 use crate::connection::{relay_checked, ConnectionError, ConnectionSettings};
 use crate::deny::DenyList;
+use crate::limits::{ConnectionCount, WarnLimiter};
 use crate::metrics::ClusterMetrics;
 use crate::quota::QuotaPolicy;
 use crate::rewrite::edge_filters_for;
@@ -377,6 +378,8 @@ impl ClusterRuntime {
     }
 
     async fn accept_loop(self: Arc<Self>, listener: TcpListener, endpoint: Endpoint) {
+        let open = ConnectionCount::new(self.settings.max_connections);
+        let refusals = WarnLimiter::new(Duration::from_secs(10));
         loop {
             let accepted = tokio::select! {
                 _ = self.stop_accepting.cancelled() => return,
@@ -384,16 +387,36 @@ impl ClusterRuntime {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let Some(slot) = open.try_open() else {
+                        // Accepted and closed at once: left in the backlog,
+                        // the client would only time out later.
+                        drop(stream);
+                        self.metrics.limited("max_connections");
+                        if let Some(suppressed) = refusals.allow() {
+                            tracing::warn!(
+                                virtual_cluster = %self.name,
+                                client = %peer,
+                                endpoint = ?endpoint,
+                                max_connections = self.settings.max_connections,
+                                suppressed,
+                                "connection refused: the listener has max_connections open (lines like this are logged at most every 10 s; suppressed counts the ones held back)"
+                            );
+                        }
+                        continue;
+                    };
                     let span = tracing::info_span!(
                         "connection",
                         virtual_cluster = %self.name,
                         client = %peer,
                         endpoint = ?endpoint
                     );
+                    let serve = self.clone().accepted(stream, peer, endpoint);
                     self.tracker.spawn(
-                        self.clone()
-                            .accepted(stream, peer, endpoint)
-                            .instrument(span),
+                        async move {
+                            let _slot = slot;
+                            serve.await
+                        }
+                        .instrument(span),
                     );
                 }
                 Err(err) => {
@@ -471,6 +494,11 @@ impl ClusterRuntime {
                 .serve_via(client, peer, endpoint, principal, Some(via))
                 .instrument(span),
         );
+    }
+
+    /// Counts a connection refused or closed by a limit (a shared SNI port's).
+    pub fn count_limited(&self, reason: &str) {
+        self.metrics.limited(reason);
     }
 
     /// Whether the cluster still takes connections.
@@ -617,7 +645,7 @@ impl ClusterRuntime {
             chain,
             quota,
             self.metrics.clone(),
-            self.settings,
+            self.settings.clone(),
             drain,
             Some(deny),
         );
@@ -633,6 +661,10 @@ impl ClusterRuntime {
             Ok(()) => tracing::debug!("connection closed"),
             Err(ConnectionError::IdentityDenied(principal)) => {
                 self.identity_denied(&Principal::Named(principal.into()), "request");
+            }
+            Err(err @ ConnectionError::IdleTimeout(_)) => {
+                self.metrics.limited("idle_timeout");
+                tracing::info!(%err, "closing idle connection");
             }
             Err(err) => {
                 if let Some(reason) = err.rejection_reason() {

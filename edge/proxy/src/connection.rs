@@ -11,6 +11,7 @@
 //! a filter produced itself.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -24,10 +25,11 @@ use strait_kafka::frame::{produce_acks, FrameError, RequestPrefix, ResponsePrefi
 use strait_kafka::kafka_protocol::messages::{ApiKey, RequestKind};
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, Mutex};
+use tokio::sync::{mpsc, Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 
 use crate::deny::DenyCheck;
+use crate::limits::BufferBudget;
 use crate::metrics::ClusterMetrics;
 use crate::quota::{set_throttle_time, PrincipalQuota};
 use crate::rewrite::policy::VersionLimits;
@@ -59,6 +61,14 @@ pub enum ConnectionError {
     FilterTimeout(Duration),
     #[error("identity {0} is on the deny list")]
     IdentityDenied(String),
+    #[error(
+        "client sent a {size}-byte frame a filter must decode; the buffer budget is {budget} bytes"
+    )]
+    BufferBudget { size: usize, budget: usize },
+    #[error("a request frame did not arrive whole within {0:?}")]
+    RequestReadTimeout(Duration),
+    #[error("no byte in either direction for {0:?}")]
+    IdleTimeout(Duration),
     #[error("I/O error: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -74,16 +84,50 @@ impl ConnectionError {
             ConnectionError::UnsupportedVersion { .. } => Some("unsupported_version"),
             ConnectionError::TruncatedRequest => Some("truncated"),
             ConnectionError::Codec(_) => Some("undecodable"),
+            ConnectionError::BufferBudget { .. } => Some("buffer_budget"),
+            ConnectionError::RequestReadTimeout(_) => Some("read_timeout"),
             _ => None,
         }
     }
 }
 
 /// Limits a connection enforces.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct ConnectionSettings {
     pub max_frame_bytes: u32,
     pub filter_timeout: Duration,
+    /// Largest request a filter may decode on this connection.
+    pub max_buffered_bytes_per_connection: u32,
+    /// Shared by every connection of the edge.
+    pub budget: BufferBudget,
+    pub max_in_flight: u32,
+    /// Per listener; enforced where connections are accepted.
+    pub max_connections: u32,
+    pub idle_timeout: Duration,
+    pub request_read_timeout: Duration,
+}
+
+impl ConnectionSettings {
+    /// The settings `limits` describe, with the edge-wide `budget`.
+    pub fn new(limits: &strait_edge_config::Limits, budget: BufferBudget) -> Self {
+        ConnectionSettings {
+            max_frame_bytes: limits.max_frame_bytes,
+            filter_timeout: limits.filter_timeout,
+            max_buffered_bytes_per_connection: limits.max_buffered_bytes_per_connection,
+            budget,
+            max_in_flight: limits.max_in_flight_per_connection,
+            max_connections: limits.max_connections,
+            idle_timeout: limits.idle_timeout,
+            request_read_timeout: limits.request_read_timeout,
+        }
+    }
+}
+
+impl Default for ConnectionSettings {
+    fn default() -> Self {
+        let limits = strait_edge_config::Limits::default();
+        ConnectionSettings::new(&limits, BufferBudget::new(limits.max_buffered_bytes))
+    }
 }
 
 /// What the response pump needs to know about each request sent.
@@ -97,9 +141,10 @@ enum InFlight {
         /// Quota throttle to announce in the answer's `throttle_time_ms`.
         throttle_ms: i32,
         sent_at: Instant,
+        _slot: OwnedSemaphorePermit,
     },
     /// Answered by a filter: written to the client when its turn comes.
-    Local(Bytes),
+    Local(Bytes, OwnedSemaphorePermit),
 }
 
 /// Relays one client connection until either side closes, an error occurs,
@@ -146,7 +191,9 @@ where
 {
     let (client_read, client_write) = tokio::io::split(client);
     let (upstream_read, upstream_write) = tokio::io::split(upstream);
+    // Bounded by `in_flight_slots`: an entry holds a slot until answered.
     let (in_flight_tx, in_flight_rx) = mpsc::unbounded_channel();
+    let idle_timeout = settings.idle_timeout;
     // A chain's interest never changes: read it once, outside the lock.
     let shared = Shared {
         info,
@@ -159,7 +206,10 @@ where
         chain: Mutex::new(chain),
         quota,
         metrics,
+        in_flight_slots: Arc::new(Semaphore::new(settings.max_in_flight as usize)),
         settings,
+        opened: tokio::time::Instant::now(),
+        last_activity_ms: AtomicU64::new(0),
     };
     let requests = RequestPump {
         shared: &shared,
@@ -175,8 +225,23 @@ where
         client: client_write,
         in_flight: in_flight_rx,
     };
-    tokio::try_join!(requests.run(), responses.run())?;
-    Ok(())
+    tokio::select! {
+        pumps = async move { tokio::try_join!(requests.run(), responses.run()) } => pumps.map(|_| ()),
+        idle = idle_watch(&shared, idle_timeout) => Err(idle),
+    }
+}
+
+/// Completes when neither side has sent a byte for `timeout`.
+async fn idle_watch(shared: &Shared, timeout: Duration) -> ConnectionError {
+    loop {
+        let last =
+            shared.opened + Duration::from_millis(shared.last_activity_ms.load(Ordering::Relaxed));
+        let deadline = last + timeout;
+        if tokio::time::Instant::now() >= deadline {
+            return ConnectionError::IdleTimeout(timeout);
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
 }
 
 struct Shared {
@@ -188,14 +253,44 @@ struct Shared {
     quota: Option<Arc<PrincipalQuota>>,
     metrics: Arc<ClusterMetrics>,
     settings: ConnectionSettings,
+    /// One per request awaiting its answer (`max_in_flight`).
+    in_flight_slots: Arc<Semaphore>,
+    /// Tokio's clock, which tests can pause.
+    opened: tokio::time::Instant,
+    /// When a byte was last read from either side, in ms after `opened`.
+    last_activity_ms: AtomicU64,
 }
 
 impl Shared {
+    fn active(&self) {
+        self.last_activity_ms
+            .store(self.opened.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+
     fn throttle(&self, api_key: i16, frame_len: usize) -> Duration {
         match &self.quota {
             Some(quota) => quota.on_request(api_key, frame_len),
             None => Duration::ZERO,
         }
+    }
+}
+
+/// Waits for a free in-flight slot (a free function: a `&self` held across
+/// the wait would require the pump's halves to be `Sync`).
+async fn in_flight_slot(shared: &Shared) -> Result<OwnedSemaphorePermit, ConnectionError> {
+    // The semaphore is never closed.
+    shared
+        .in_flight_slots
+        .clone()
+        .acquire_owned()
+        .await
+        .map_err(|_| ConnectionError::Io(std::io::Error::other("in-flight slots closed")))
+}
+
+async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -214,15 +309,24 @@ struct RequestPump<'a, R, W> {
 
 impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
     async fn run(mut self) -> Result<(), ConnectionError> {
+        let shared = self.shared;
+        let settings = &shared.settings;
         let mut buf = BytesMut::with_capacity(READ_BUFFER);
         // Bytes of the current raw frame still to be streamed upstream.
         let mut streaming: usize = 0;
         let mut draining = false;
+        // Edge-wide budget taken for the frame being assembled for a filter.
+        let mut held: Option<crate::limits::BufferPermit> = None;
+        // When the frame being read must be whole (`request_read_timeout`).
+        let mut frame_deadline: Option<tokio::time::Instant> = None;
         loop {
             // Bytes at the front of `buf` that are ready to go upstream as they are.
             let mut ready = 0usize;
             // Longest quota throttle earned by the requests of this batch.
             let mut throttle = Duration::ZERO;
+            // A frame was completed, or the pump waited on a limit: the
+            // read timeout of the frame in progress starts again.
+            let mut restart_deadline = false;
             loop {
                 if streaming > 0 {
                     let n = streaming.min(buf.len() - ready);
@@ -231,10 +335,10 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                     if streaming > 0 {
                         break;
                     }
+                    restart_deadline = true;
                     continue;
                 }
-                let pending = &buf[ready..];
-                let prefix = RequestPrefix::parse(pending, self.shared.settings.max_frame_bytes)
+                let prefix = RequestPrefix::parse(&buf[ready..], settings.max_frame_bytes)
                     .map_err(ConnectionError::ClientFrame)?;
                 let Some(prefix) = prefix else { break };
                 if let Some(deny) = &mut self.deny {
@@ -245,27 +349,53 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                     }
                 }
                 let api_key = self.check_version(&prefix)?;
+                let frame_len = prefix.frame_len();
                 if self.wants_request(prefix.api_key) {
-                    if pending.len() < prefix.frame_len() {
-                        buf.reserve(prefix.frame_len() - pending.len());
+                    // Refused from its prefix, before its body is read.
+                    let budget = (settings.max_buffered_bytes_per_connection as usize)
+                        .min(settings.budget.total());
+                    if frame_len > budget {
+                        return Err(ConnectionError::BufferBudget {
+                            size: frame_len,
+                            budget,
+                        });
+                    }
+                    if held.is_none() {
+                        held = match settings.budget.try_acquire(frame_len) {
+                            Some(permit) => Some(permit),
+                            None => {
+                                // Back-pressure: nothing more is read from
+                                // this client until the bytes are free.
+                                self.flush(&mut buf, ready).await?;
+                                ready = 0;
+                                restart_deadline = true;
+                                Some(settings.budget.acquire(frame_len).await)
+                            }
+                        };
+                    }
+                    if buf.len() - ready < frame_len {
+                        buf.reserve(frame_len - (buf.len() - ready));
                         break;
                     }
                     self.flush(&mut buf, ready).await?;
                     ready = 0;
-                    let frame = buf.split_to(prefix.frame_len()).freeze();
+                    let frame = buf.split_to(frame_len).freeze();
+                    let permit = held.take();
                     throttle = throttle.max(self.filter_request(api_key, frame).await?);
+                    drop(permit);
+                    restart_deadline = true;
                     continue;
                 }
-                if pending.len() < prefix.frame_len() && prefix.frame_len() <= READ_BUFFER {
+                if buf.len() - ready < frame_len && frame_len <= READ_BUFFER {
                     // A frame that fits the buffer goes upstream whole: streaming its
                     // first part gains nothing (the broker acts on whole frames) and,
                     // behind TLS, which hands over one record at a time, would cost a
                     // write here and a read at the broker per record.
-                    buf.reserve(prefix.frame_len() - pending.len());
+                    buf.reserve(frame_len - (buf.len() - ready));
                     break;
                 }
                 let expects_response = if prefix.api_key == ApiKey::Produce as i16 {
-                    match produce_acks(pending, prefix.api_version)
+                    match produce_acks(&buf[ready..], prefix.api_version)
                         .map_err(ConnectionError::ClientFrame)?
                     {
                         Some(acks) => acks != 0,
@@ -274,10 +404,26 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                 } else {
                     true
                 };
+                let slot = if expects_response {
+                    let slot = match self.shared.in_flight_slots.clone().try_acquire_owned() {
+                        Ok(slot) => slot,
+                        Err(_) => {
+                            // As many requests as allowed await answers: send
+                            // what is ready and read no more until one comes.
+                            self.flush(&mut buf, ready).await?;
+                            ready = 0;
+                            restart_deadline = true;
+                            in_flight_slot(self.shared).await?
+                        }
+                    };
+                    Some(slot)
+                } else {
+                    None
+                };
                 self.shared.metrics.request(prefix.api_key).count.inc();
-                let request_throttle = self.shared.throttle(prefix.api_key, prefix.frame_len());
+                let request_throttle = self.shared.throttle(prefix.api_key, frame_len);
                 throttle = throttle.max(request_throttle);
-                if expects_response {
+                if let Some(slot) = slot {
                     self.send_in_flight(InFlight::Upstream {
                         correlation_id: prefix.correlation_id,
                         api_key: prefix.api_key,
@@ -286,11 +432,15 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                             || !request_throttle.is_zero(),
                         throttle_ms: millis(request_throttle),
                         sent_at: Instant::now(),
+                        _slot: slot,
                     });
                 }
-                let n = prefix.frame_len().min(pending.len());
+                let n = frame_len.min(buf.len() - ready);
                 ready += n;
-                streaming = prefix.frame_len() - n;
+                streaming = frame_len - n;
+                if streaming == 0 {
+                    restart_deadline = true;
+                }
             }
             self.flush(&mut buf, ready).await?;
             if !throttle.is_zero() && !draining {
@@ -300,11 +450,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                     _ = self.drain.cancelled() => {}
                     _ = tokio::time::sleep(throttle) => {}
                 }
+                restart_deadline = true;
             }
 
             if draining && streaming == 0 && buf.is_empty() {
                 tracing::debug!("drained: no more requests read from this client");
                 return Ok(());
+            }
+            // Slowloris: once a frame has begun, all of it must come in time.
+            if streaming == 0 && buf.is_empty() {
+                frame_deadline = None;
+            } else if restart_deadline || frame_deadline.is_none() {
+                frame_deadline = Some(tokio::time::Instant::now() + settings.request_read_timeout);
             }
             let read = tokio::select! {
                 biased;
@@ -313,6 +470,9 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                     continue;
                 }
                 read = self.client.read_buf(&mut buf) => read?,
+                _ = sleep_until_some(frame_deadline), if frame_deadline.is_some() => {
+                    return Err(ConnectionError::RequestReadTimeout(settings.request_read_timeout));
+                }
             };
             if read == 0 {
                 if streaming > 0 || !buf.is_empty() {
@@ -323,6 +483,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                 self.upstream.shutdown().await.ok();
                 return Ok(());
             }
+            self.shared.active();
             self.shared.metrics.bytes_in.inc_by(read as u64);
         }
     }
@@ -406,6 +567,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                     self.wants_response(api_key as i16, version) || !throttle.is_zero();
                 let bytes = request.into_bytes()?;
                 if expects_response {
+                    let slot = in_flight_slot(self.shared).await?;
                     self.send_in_flight(InFlight::Upstream {
                         correlation_id,
                         api_key: api_key as i16,
@@ -413,6 +575,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                         decode_response,
                         throttle_ms: millis(throttle),
                         sent_at: Instant::now(),
+                        _slot: slot,
                     });
                 }
                 self.upstream.write_all(&bytes).await?;
@@ -427,7 +590,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                     ));
                 }
                 let bytes = ResponseFrame::answering(&request, *body).into_bytes()?;
-                self.send_in_flight(InFlight::Local(bytes));
+                let slot = in_flight_slot(self.shared).await?;
+                self.send_in_flight(InFlight::Local(bytes, slot));
                 Ok(throttle)
             }
             RequestVerdict::Close(reason) => Err(ConnectionError::FilterClosed(reason)),
@@ -469,7 +633,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ResponsePump<'_, R, W> {
                 while let Ok(entry) = self.in_flight.try_recv() {
                     pending.push_back(entry);
                 }
-                if matches!(pending.front(), Some(InFlight::Local(_))) {
+                if matches!(pending.front(), Some(InFlight::Local(..))) {
                     self.flush(&mut buf, ready).await?;
                     ready = 0;
                     self.write_local_answers(&mut pending).await?;
@@ -481,6 +645,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ResponsePump<'_, R, W> {
                     decode_response,
                     throttle_ms,
                     sent_at,
+                    ..
                 }) = pending.front()
                 else {
                     return Err(ConnectionError::OutOfOrder {
@@ -545,6 +710,7 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ResponsePump<'_, R, W> {
                     if read? == 0 {
                         return Err(ConnectionError::UpstreamClosed);
                     }
+                    self.shared.active();
                 }
             }
         }
@@ -564,8 +730,8 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> ResponsePump<'_, R, W> {
         &mut self,
         pending: &mut VecDeque<InFlight>,
     ) -> Result<(), ConnectionError> {
-        while let Some(InFlight::Local(_)) = pending.front() {
-            if let Some(InFlight::Local(bytes)) = pending.pop_front() {
+        while let Some(InFlight::Local(..)) = pending.front() {
+            if let Some(InFlight::Local(bytes, _slot)) = pending.pop_front() {
                 self.client.write_all(&bytes).await?;
                 self.shared.metrics.bytes_out.inc_by(bytes.len() as u64);
             }

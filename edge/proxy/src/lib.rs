@@ -12,6 +12,7 @@ pub mod brokers;
 pub mod cluster;
 pub mod connection;
 pub mod deny;
+pub mod limits;
 pub mod metrics;
 pub mod own_conn;
 pub mod quota;
@@ -35,13 +36,14 @@ use strait_tls::{
 };
 use thiserror::Error;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
+use tokio::sync::{watch, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cluster::{ClusterRuntime, ClusterTls, NewUpstream, RuntimeParts};
 use crate::connection::ConnectionSettings;
 use crate::deny::DenyList;
+use crate::limits::BufferBudget;
 use crate::metrics::ProxyMetrics;
 use crate::quota::QuotaPolicy;
 use crate::sasl::UpstreamSasl;
@@ -250,10 +252,10 @@ impl Edge {
             metrics: metrics.clone(),
             tls_metrics,
             ready: ready.clone(),
-            settings: ConnectionSettings {
-                max_frame_bytes: config.limits.max_frame_bytes,
-                filter_timeout: config.limits.filter_timeout,
-            },
+            settings: ConnectionSettings::new(
+                &config.limits,
+                BufferBudget::new(config.limits.max_buffered_bytes),
+            ),
             drain_timeout: config.shutdown.drain_timeout,
             deny: DenyList::new(metrics.deny_list_identities.clone()),
         };
@@ -310,10 +312,19 @@ impl Edge {
         config: &Config,
         mut filters: FiltersByCluster,
     ) -> Result<ApplyReport, StartError> {
-        self.settings = ConnectionSettings {
-            max_frame_bytes: config.limits.max_frame_bytes,
-            filter_timeout: config.limits.filter_timeout,
+        // The edge-wide budget is kept unless its size changed: connections
+        // of clusters started before and after share it.
+        let budget = if self.settings.budget.total() as u64
+            == config
+                .limits
+                .max_buffered_bytes
+                .min(Semaphore::MAX_PERMITS as u64)
+        {
+            self.settings.budget.clone()
+        } else {
+            BufferBudget::new(config.limits.max_buffered_bytes)
         };
+        self.settings = ConnectionSettings::new(&config.limits, budget);
         self.drain_timeout = config.shutdown.drain_timeout;
         self.set_deny_list(&config.deny_identities);
         let mut report = ApplyReport::default();
@@ -531,7 +542,7 @@ impl Edge {
             upstream_stop,
             filters: factories,
             metrics: cluster_metrics,
-            settings: self.settings,
+            settings: self.settings.clone(),
             tls,
             quotas,
             stop_accepting: stop_accepting.clone(),
@@ -590,6 +601,7 @@ impl Edge {
                 listener,
                 routes: routes.clone(),
                 hello_timeout: Duration::from_secs(10),
+                max_connections: self.settings.max_connections,
             }
             .run(stop.clone(), TaskTracker::new()),
         );

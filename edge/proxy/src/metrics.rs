@@ -76,6 +76,7 @@ pub struct ProxyMetrics {
     upstream_auth_failures: Family<AuthLabels, Counter>,
     upstream_refusals: Family<RejectLabels, Counter>,
     frames_rejected: Family<RejectLabels, Counter>,
+    connections_limited: Family<RejectLabels, Counter>,
     brokers_discovered: Family<ClusterLabels, Gauge>,
     throttle_seconds: Family<ClusterLabels, Counter<f64, AtomicU64>>,
     identities_denied: Family<DeniedLabels, Counter>,
@@ -96,6 +97,7 @@ impl ProxyMetrics {
             upstream_auth_failures: Family::default(),
             upstream_refusals: Family::default(),
             frames_rejected: Family::default(),
+            connections_limited: Family::default(),
             brokers_discovered: Family::default(),
             throttle_seconds: Family::default(),
             identities_denied: Family::default(),
@@ -150,6 +152,11 @@ impl ProxyMetrics {
             "frames_rejected",
             "Frames refused by the edge (the connection is closed), by reason",
             metrics.frames_rejected.clone(),
+        );
+        registry.register(
+            "connections_limited",
+            "Connections refused or closed by a limit, by reason (max_connections: refused at accept; idle_timeout: closed)",
+            metrics.connections_limited.clone(),
         );
         registry.register(
             "brokers_discovered",
@@ -274,6 +281,17 @@ impl ClusterMetrics {
     pub fn upstream_refused(&self, reason: &str) {
         self.families
             .upstream_refusals
+            .get_or_create(&RejectLabels {
+                virtual_cluster: self.name.clone(),
+                reason: reason.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A connection refused or closed by a limit, for `reason`.
+    pub fn limited(&self, reason: &str) {
+        self.families
+            .connections_limited
             .get_or_create(&RejectLabels {
                 virtual_cluster: self.name.clone(),
                 reason: reason.to_owned(),

@@ -13,6 +13,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cluster::ClusterRuntime;
+use crate::limits::{ConnectionCount, WarnLimiter};
 
 /// The virtual clusters served on one SNI port; changes as clusters come and go.
 pub type SniRoutes = Arc<RwLock<Vec<Arc<ClusterRuntime>>>>;
@@ -21,11 +22,15 @@ pub struct SniListener {
     pub listener: TcpListener,
     pub routes: SniRoutes,
     pub hello_timeout: Duration,
+    /// Open connections this port serves; more are accepted and closed at once.
+    pub max_connections: u32,
 }
 
 impl SniListener {
     pub async fn run(self, stop: CancellationToken, tracker: TaskTracker) {
         let routes = self.routes;
+        let open = ConnectionCount::new(self.max_connections);
+        let refusals = WarnLimiter::new(Duration::from_secs(10));
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -33,9 +38,25 @@ impl SniListener {
             };
             match accepted {
                 Ok((stream, peer)) => {
+                    let Some(slot) = open.try_open() else {
+                        drop(stream);
+                        // The port is shared: counted on every cluster it serves.
+                        for runtime in routes.read().unwrap_or_else(|e| e.into_inner()).iter() {
+                            runtime.count_limited("max_connections");
+                        }
+                        if let Some(suppressed) = refusals.allow() {
+                            tracing::warn!(client = %peer, max_connections = self.max_connections, suppressed, "connection refused: the SNI listener has max_connections open (logged at most every 10 s)");
+                        }
+                        continue;
+                    };
                     let span = tracing::info_span!("connection", client = %peer);
+                    let routed = route(stream, peer, routes.clone(), self.hello_timeout);
                     tracker.spawn(
-                        route(stream, peer, routes.clone(), self.hello_timeout).instrument(span),
+                        async move {
+                            let _slot = slot;
+                            routed.await
+                        }
+                        .instrument(span),
                     );
                 }
                 Err(err) => {

@@ -81,6 +81,7 @@ fn start(configured: Vec<Box<dyn Filter>>) -> Harness {
         ConnectionSettings {
             max_frame_bytes: 1 << 20,
             filter_timeout: Duration::from_secs(5),
+            ..ConnectionSettings::default()
         },
         drain.clone(),
     ));

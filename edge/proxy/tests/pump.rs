@@ -101,6 +101,7 @@ fn start(max_frame_bytes: u32) -> Harness {
         ConnectionSettings {
             max_frame_bytes,
             filter_timeout: Duration::from_secs(5),
+            ..ConnectionSettings::default()
         },
         drain.clone(),
     ));

@@ -23,6 +23,7 @@ use strait_edge_config::{Config, Upstream as UpstreamConfig};
 use strait_proxy::upstream::Upstream;
 use tokio_util::sync::CancellationToken;
 
+use crate::health::now_unix_ms;
 use tails::{Tail, Tails};
 
 const INTERVAL: Duration = Duration::from_millis(500);
@@ -104,12 +105,6 @@ impl LagChecks {
             .unwrap_or_else(|e| e.into_inner())
             .clone()
     }
-}
-
-fn now_unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
 fn connect(

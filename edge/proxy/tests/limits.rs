@@ -174,8 +174,10 @@ async fn edge_wide_budget_applies_back_pressure() {
     let frame_b = sasl(2, 600 << 10);
     // A holds 600 KiB of the 1 MiB budget while its frame is incomplete.
     a.client.write_all(&frame_a[..1000]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(shared.budget.in_use(), frame_a.len());
+    until("A's reservation", || {
+        shared.budget.in_use() == frame_a.len()
+    })
+    .await;
     // B's frame does not fit beside it: B is not read, nothing reaches its broker.
     b.client.write_all(&frame_b).await.unwrap();
     assert!(
@@ -188,8 +190,21 @@ async fn edge_wide_budget_applies_back_pressure() {
     a.client.write_all(&frame_a[1000..]).await.unwrap();
     assert_eq!(read_frame(&mut a.broker).await.len() + 4, frame_a.len());
     assert_eq!(read_frame(&mut b.broker).await.len() + 4, frame_b.len());
-    tokio::time::sleep(Duration::from_millis(10)).await;
-    assert_eq!(shared.budget.in_use(), 0);
+    until("every byte released", || shared.budget.in_use() == 0).await;
+}
+
+/// Polls `condition` (the pumps run between polls) until it holds, failing
+/// after `WAIT` of (paused) time.
+async fn until(what: &str, condition: impl Fn() -> bool) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while !condition() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
+        tokio::task::yield_now().await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -141,6 +141,28 @@ async fn a_spiffe_id_is_accepted_only_from_the_ca_of_its_trust_domain() {
     assert!(s.edge.log_text().contains(
         "client certificate names spiffe://z.example/ns/a/sa/b, but trust domain 'z.example' has no client trust bundle (a plain client_ca vouches for no trust domain)"
     ));
+    // A CA the listener knows nothing about claiming y.example: an unknown issuer, not a forgery
+    // by one of its own CAs.
+    let foreign = Ca::new("ca-foreign");
+    assert!(
+        !served(
+            &s,
+            &foreign.leaf("foreign", &["spiffe://y.example/ns/shop/sa/orders"])
+        )
+        .await
+    );
+    s.edge
+        .wait_for("the unknown_issuer refusal", |e| {
+            e.metric(
+                "strait_tls_handshakes_total",
+                &[("result", "failed"), ("reason", "unknown_issuer")],
+            ) == 1.0
+                && e.metric(
+                    "strait_tls_handshakes_total",
+                    &[("result", "failed"), ("reason", "wrong_trust_domain")],
+                ) == 2.0
+        })
+        .await;
     // Two SPIFFE IDs: not an SVID.
     assert!(
         !served(

@@ -9,6 +9,7 @@ import uuid
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+from .clients import subscribe_kafka_python
 from .edge import Edge, VirtualCluster
 from .pki import SPIFFE_BILLING, SPIFFE_ORDERS, SPIFFE_OTHER_DOMAIN, Pki
 from .wait import wait_for
@@ -224,8 +225,8 @@ def consume_with_group(principal: Principal, lib: str, topic: str, group: str, n
     from kafka import KafkaConsumer
     c = KafkaConsumer(**principal.kafka_python(group_id=group, auto_offset_reset="earliest",
                                                enable_auto_commit=False, session_timeout_ms=10000))
-    c.subscribe([topic])
     try:
+        subscribe_kafka_python(c, topic)
         while len(out) < n and time.monotonic() < deadline:
             for records in c.poll(timeout_ms=200).values():
                 out.extend(r.value for r in records)

@@ -1,6 +1,5 @@
 """The strait-edge binary under test: config writer, process, admin endpoint, log checks."""
 
-import json
 import os
 import re
 import signal
@@ -15,8 +14,6 @@ from .ports import free_port, free_range
 from .procs import Proc
 from .wait import wait_for
 
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-TEXT_LEVEL = re.compile(r"^\S+\s+(TRACE|DEBUG|INFO|WARN|ERROR)\b")
 METRIC_LINE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
 
 
@@ -180,21 +177,7 @@ class Edge:
         self.expected_errors.append(re.compile(pattern))
 
     def error_lines(self) -> list[str]:
-        out = []
-        for raw in (self.proc.all_logs() if self.proc else "").splitlines():
-            line = ANSI.sub("", raw).strip()
-            level = None
-            if line.startswith("{"):
-                try:
-                    level = str(json.loads(line).get("level", "")).upper()
-                except ValueError:
-                    level = None
-            if level is None:
-                m = TEXT_LEVEL.match(line)
-                level = m.group(1) if m else None
-            if level == "ERROR":
-                out.append(line)
-        return out
+        return self.proc.error_lines() if self.proc else []
 
     def unexpected_errors(self) -> list[str]:
         return [l for l in self.error_lines() if not any(p.search(l) for p in self.expected_errors)]

@@ -77,3 +77,21 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
         if not data:
             return True
     return False
+
+
+FETCH = 1
+
+
+def fetch_v4(correlation_id: int, topic: str, partition: int, offset: int, max_wait_ms: int) -> bytes:
+    """A framed Fetch v4 for one partition from `offset`, min_bytes 1: past the end of the log, the
+    broker holds it for `max_wait_ms` (a request that stays in flight on purpose)."""
+    name = topic.encode()
+    body = struct.pack(">iiiib", -1, max_wait_ms, 1, 1 << 20, 0)
+    body += struct.pack(">ih", 1, len(name)) + name
+    body += struct.pack(">iiqi", 1, partition, offset, 1 << 20)
+    return frame(request_v0_header(FETCH, 4, correlation_id) + body)
+
+
+def correlation_id(response: bytes) -> int:
+    (cid,) = struct.unpack(">i", response[:4])
+    return cid

@@ -1,7 +1,9 @@
 """Child processes with logs captured to files, stopped by pid only."""
 
 import ctypes
+import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -87,5 +89,32 @@ class Proc:
                 parts.append(p.read_text(errors="replace"))
         return "".join(parts)
 
+    def error_lines(self) -> list[str]:
+        """The ERROR lines of every start's log, text or JSON format."""
+        return error_lines(self.all_logs())
+
     def tail(self, lines: int = 40) -> str:
         return "\n".join(self.all_logs().splitlines()[-lines:])
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+TEXT_LEVEL = re.compile(r"^\S+\s+(TRACE|DEBUG|INFO|WARN|ERROR)\b")
+
+
+def error_lines(log: str) -> list[str]:
+    """The lines of a tracing log (text or JSON) logged at ERROR."""
+    out = []
+    for raw in log.splitlines():
+        line = ANSI.sub("", raw).strip()
+        level = None
+        if line.startswith("{"):
+            try:
+                level = str(json.loads(line).get("level", "")).upper()
+            except ValueError:
+                level = None
+        if level is None:
+            m = TEXT_LEVEL.match(line)
+            level = m.group(1) if m else None
+        if level == "ERROR":
+            out.append(line)
+    return out

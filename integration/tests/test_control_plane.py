@@ -178,6 +178,8 @@ def test_edge_follows_the_control_plane(broker, logs, tmp_path):
         # A restart with the control plane still down serves the cached configuration.
         edge.signal(signal.SIGTERM)
         assert edge.wait(30) == 0
+        # Losing the control plane is survivable, so nothing about it is an ERROR.
+        assert edge.error_lines() == []
         edge = start_edge(logs, control, cache, admin_port)
         wait_for(lambda: accepts(bootstrap_port), 30, what="edge serving from its cache")
         producer2 = Producer({"bootstrap.servers": bootstrap, "message.timeout.ms": 10000})
@@ -185,6 +187,7 @@ def test_edge_follows_the_control_plane(broker, logs, tmp_path):
         producer2.produce(topic, value=b"from-cache", on_delivery=lambda err, msg: results.append(err))
         producer2.flush(20)
         assert delivered(results), results
+        assert edge.error_lines() == []
     finally:
         edge.stop()
         control.stop()
@@ -229,6 +232,8 @@ spec:
         control.apply(good)
         wait_for(lambda: status().get("config_revision", 0) > running and not status().get("message"), 20,
                  what="status message cleared once a good configuration is in force")
+        # A refused change is a WARN: the edge keeps serving.
+        assert edge.error_lines() == []
     finally:
         edge.stop()
         control.stop()
@@ -319,6 +324,7 @@ spec:
         wait_for(lambda: edge_metric(admin_port, "strait_identities_denied_total", stage="request") >= 1, 10,
                  what="the open connection cut off at its next request")
         assert delivered(send(billing, b"after")), "another identity keeps producing"
+        assert edge.error_lines() == []
     finally:
         edge.stop()
         control.stop()

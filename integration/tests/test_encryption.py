@@ -465,6 +465,44 @@ def test_missing_kek_reject_and_passthrough(broker, edge, bao):
 
 # ---------------------------------------------------------------- 5. KMS outage
 
+def test_a_filter_stalled_past_filter_timeout_closes_its_connection_then_the_client_recovers(
+        broker, edge, private_bao):
+    """`limits.filter_timeout`: a record whose DEK needs a KMS that stopped answering (frozen OpenBao,
+    KMS call timeout far longer) holds its produce in the encryption filter; after filter_timeout the
+    edge closes that connection (WARN, `connections_limited_total{reason="filter_timeout"}`) and
+    nothing reaches the broker. Once the KMS answers again the same producer delivers, encrypted."""
+    bao = private_bao
+    t = broker()
+    kek = unique("kek")
+    bao.create_key(kek)
+    kms = [bao.kms_entry(retry={"attempts": 1, "timeout": "120s", "min_backoff": "100ms", "max_backoff": "200ms"})]
+    vc = enc_cluster(t, [{"topic": "secret-*", "kms": "vault", "kek": kek}])
+    e = edge([vc], extra={"kms": kms, "limits": {"filter_timeout": "2s"}})
+    e.expect_error(VAULT_CLIENT_ERRORS)
+    topic = unique("secret-stall")
+    create_topic(e.bootstrap, topic)
+    from confluent_kafka import Producer
+    p = Producer({"bootstrap.servers": e.bootstrap, "linger.ms": 0, "message.timeout.ms": 120000})
+    errors: list = []
+    bao.freeze()
+    try:
+        p.produce(topic, value=b"stalled", on_delivery=lambda err, msg: errors.append(err))
+        p.poll(0)
+        wait_for(lambda: e.metric("strait_connections_limited", virtual_cluster="enc", reason="filter_timeout") >= 1,
+                 30, what="the stalled connection closed at filter_timeout")
+        assert any("a filter did not finish within 2s" in line and "WARN" in line.upper()
+                   for line in e.log_text().splitlines())
+        assert end_offset(t.bootstrap, topic) == 0
+    finally:
+        bao.thaw()
+    # librdkafka retries the request on a new connection; the KMS answers now.
+    assert p.flush(60) == 0
+    assert len(errors) == 1 and errors[0] is None, errors
+    raw = read(t.bootstrap, topic, 1)
+    assert raw[0].value != b"stalled" and b"stalled" not in (raw[0].value or b"")
+
+
+
 def test_kms_outage_cached_deks_then_clean_errors_then_recovery(broker, edge, private_bao):
     bao = private_bao
     t = broker()

@@ -211,3 +211,35 @@ def test_api_versions_offer_no_version_whose_answers_would_carry_broker_addresse
     for dropped in (52, 53, 54, 56, 58, 62, 67):  # Vote, quorum epochs, AlterPartition, Envelope, ...
         # (a broker may not advertise them on a client listener either; the edge must never)
         assert dropped not in via_edge, dropped
+
+
+def test_describe_quorum_shows_the_voters_without_their_controller_listeners(cluster3, edge):
+    """kafka-python's `describe_metadata_quorum` (DescribeQuorum v2): straight from a broker the three
+    voters come with their CONTROLLER listeners; through the edge the same voters and leader, with
+    every listener removed (a client has no business with controller addresses)."""
+    from kafka import KafkaAdminClient
+
+    def quorum(bootstrap: str) -> dict:
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+        try:
+            return admin.describe_metadata_quorum()
+        finally:
+            admin.close()
+
+    def partition(q: dict) -> dict:
+        [topic] = q["topics"]
+        [p] = topic["partitions"]
+        return p
+
+    direct = quorum(cluster3.nodes[0].bootstrap)
+    direct_listeners = [l for n in direct["nodes"] for l in n["listeners"]]
+    controller_ports = {n.controller_port for n in cluster3.nodes}
+    assert {l["port"] for l in direct_listeners} == controller_ports, direct["nodes"]
+
+    e = edge(cluster3)
+    via_edge = quorum(e.bootstrap)
+    assert partition(via_edge)["error"] is None
+    assert sorted(n["node_id"] for n in via_edge["nodes"]) == [1, 2, 3]
+    assert all(n["listeners"] == [] for n in via_edge["nodes"]), via_edge["nodes"]
+    assert partition(via_edge)["leader_id"] == partition(direct)["leader_id"]
+    assert sorted(v["replica_id"] for v in partition(via_edge)["current_voters"]) == [1, 2, 3]

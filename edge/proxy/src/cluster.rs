@@ -666,6 +666,12 @@ impl ClusterRuntime {
                 self.metrics.limited("idle_timeout");
                 tracing::info!(%err, "closing idle connection");
             }
+            // A filter stuck on a dependency (a KMS that stopped answering) costs the client its
+            // connection: an operator must see it.
+            Err(err @ ConnectionError::FilterTimeout(_)) => {
+                self.metrics.limited("filter_timeout");
+                tracing::warn!(%err, "closing connection");
+            }
             Err(err) => {
                 if let Some(reason) = err.rejection_reason() {
                     self.metrics.rejected(reason);

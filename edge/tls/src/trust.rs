@@ -164,6 +164,27 @@ impl SpiffeClientVerifier {
         })
     }
 
+    /// Whether the chain reaches a bundle other than `domain`'s, or the plain
+    /// `client_ca`. Only asked on a refusal, to name it.
+    fn trusted_elsewhere(
+        &self,
+        domain: &str,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> bool {
+        self.domains
+            .iter()
+            .filter(|(other, _)| other.as_str() != domain)
+            .map(|(_, verifier)| verifier)
+            .chain(self.plain.iter())
+            .any(|verifier| {
+                verifier
+                    .verify_client_cert(end_entity, intermediates, now)
+                    .is_ok()
+            })
+    }
+
     /// The trust domains that have a bundle.
     pub fn trust_domains(&self) -> impl Iterator<Item = &str> {
         self.domains.keys().map(String::as_str)
@@ -213,7 +234,11 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         verifier
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(|err| match err {
-                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+                // A CA this listener trusts for something else claiming the domain is the forgery
+                // the binding exists for; a CA it does not know at all stays `unknown_issuer`.
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+                    if self.trusted_elsewhere(&domain, end_entity, intermediates, now) =>
+                {
                     TrustDomainError::WrongIssuer {
                         id: id.clone(),
                         domain,

@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export STRAIT_TANSU_BIN ?= $(HOME)/.cache/strait/tools/bin/tansu
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke bench-mesh bench-mesh-smoke bench-federation bench-federation-smoke bench-memory bench-memory-smoke failover-drill lint fmt
+.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke bench-mesh bench-mesh-smoke bench-federation bench-federation-smoke bench-memory bench-memory-smoke failover-drill soak lint fmt
 
 all: build
 
@@ -18,8 +18,13 @@ build:
 # The Tansu compatibility subset: edge core and bad input, with the two libraries Tansu was proven with.
 TANSU_SUBSET := integration/tests/test_edge_core.py integration/tests/test_bad_input.py -k "not java"
 
+# What CI runs: formatting and lints first (cheap, and they fail fast), the unit tests, the README's
+# quick-start demo, then the scenarios.
 test: setup build
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
+	scripts/demo.sh
 	$(PYTHON) -m pytest integration/ $(PYTEST_ARGS)
 	STRAIT_BROKER=tansu $(PYTHON) -m pytest $(TANSU_SUBSET) $(PYTEST_ARGS)
 
@@ -37,16 +42,26 @@ soak-rotation: setup build
 	STRAIT_ROTATION_SECONDS=$(ROTATION_SECONDS) $(PYTHON) -m pytest integration/tests/test_identity.py \
 		integration/tests/test_rotation.py -k rotates $(PYTEST_ARGS)
 
+# 30 minutes of mixed load while certificates rotate, the KMS freezes, the control-plane leader is
+# killed and Kafka restarts (CI runs the same scenario for 60 s). Writes integration/bench/soak.json.
+SOAK_SECONDS ?= 1800
+soak: setup build
+	STRAIT_SOAK_SECONDS=$(SOAK_SECONDS) STRAIT_SOAK_REPORT=$(CURDIR)/integration/bench/soak.json \
+		$(PYTHON) -m pytest integration/tests/test_soak.py $(PYTEST_ARGS)
+	$(PYTHON) integration/bench/soak.py
+
 bench: setup
 	cargo build --release -p strait-loadgen
 	if [ -f edge/Cargo.toml ]; then cargo build --release -p strait-edge; fi
 	$(PYTHON) integration/bench/run.py
+	$(PYTHON) integration/bench/readme.py
 
 # What mTLS, authorization and encryption cost at the edge (64 producer connections, 1 KB records).
 bench-features: setup
 	cargo build --release -p strait-loadgen -p strait-edge -p strait-testcerts
 	cargo build -p strait-testcerts
 	$(PYTHON) integration/bench/features.py
+	$(PYTHON) integration/bench/readme.py
 
 # Apache Kafka direct vs strait-edge vs Kroxylicious vs socat, passthrough and encrypting (OpenBao), 3 rounds;
 # writes integration/bench/compare.json, compare.md and the table in docs/benchmarks.md. About an hour on

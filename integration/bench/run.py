@@ -245,7 +245,9 @@ def main() -> int:
     tbl = table(rows)
     print()
     print(tbl)
-    env = (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, {os.cpu_count()} CPUs "
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).parent).stdout.strip() or "unknown"
+    env = (f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M UTC}, commit {commit}, {os.cpu_count()} CPUs "
            f"({platform.processor() or platform.machine()}), {platform.system()} {platform.release()}, "
            f"all processes on one machine over loopback, run took {elapsed:.0f} s, 1-min load average "
            f"{load_before:.1f} before / {os.getloadavg()[0]:.1f} after (other work on the machine adds noise)")

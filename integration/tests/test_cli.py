@@ -2,6 +2,8 @@
 following the control plane without TLS."""
 
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -42,7 +44,6 @@ def test_check_config_valid(binary, tmp_path):
 
 def test_the_quickstart_edge_config_is_valid(binary):
     """The README's quick start hands users examples/quickstart/edge.yaml: it must stay valid."""
-    from pathlib import Path
     example = Path(__file__).resolve().parents[2] / "examples" / "quickstart" / "edge.yaml"
     r = subprocess.run([binary, "--check-config", str(example)], capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -114,3 +115,12 @@ def test_control_tls_needs_all_three_files(binary, tmp_path):
     r = run_edge(binary, tmp_path, "--control", "127.0.0.1:7001", "--name", "e1", "--control-ca", "ca.pem")
     assert r.returncode != 0
     assert "--control-cert" in r.stderr
+
+
+def test_readme_benchmark_tables_are_generated_from_the_results_files():
+    """The README's benchmark tables are integration/bench/readme.py's rendering of the results files
+    that `make bench` and `make bench-features` write: a hand edit, or a results file without its
+    table, fails here."""
+    script = Path(__file__).resolve().parents[1] / "bench" / "readme.py"
+    r = subprocess.run([sys.executable, str(script), "--check"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr

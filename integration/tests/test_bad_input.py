@@ -10,7 +10,9 @@ outcome:
 - `Answered(error_code)`: an answer with the request's correlation id and that error code comes back;
 - `BrokerCloses()`: the frame is not the edge's to judge (no filter decodes it): it is relayed, the broker
   closes its connection, and the edge closes the client's, counting nothing;
-- TLS cases count `strait_tls_handshakes_total{result="failed",reason}` instead.
+- TLS cases (garbage before the handshake, a handshake that never comes, expired, not-yet-valid,
+  foreign-CA and wrong-trust-domain client certificates) count
+  `strait_tls_handshakes_total{result="failed",reason}` instead, with one WARN line naming the reason.
 
 In every case a confluent-kafka producer and consumer on the same edge complete all their requests
 meanwhile, the edge stays up, and it logs no ERROR line (the `edge` fixture fails the test otherwise).
@@ -335,6 +337,39 @@ TLS_CASES = {
 }
 
 
+# A client certificate the edge must refuse at the handshake: (PKI leaf, the reason counted). Python's
+# ssl presents whatever certificate it was given, so a foreign CA's arrives and is `unknown_issuer`
+# (librdkafka and JSSE withhold one the server's CA hints do not name: test_security.py).
+CERT_CASES = {
+    "expired_certificate": ("expired", "expired"),
+    "not_yet_valid_certificate": ("not-yet-valid", "not_yet_valid"),
+    "wrong_ca_certificate": ("rogue", "unknown_issuer"),
+    "wrong_trust_domain_certificate": ("unbound-domain", "unknown_trust_domain"),
+}
+
+
+def refused_at_handshake(listener: Listener, leaf: str) -> bool:
+    """Whether the edge refuses a TLS client presenting `leaf`: in TLS 1.3 the client's side of the
+    handshake completes before the server has judged its certificate, so the refusal (an alert, or
+    the close) shows on the first read."""
+    ctx = ssl.create_default_context(cafile=str(listener.pki.pem("ca")))
+    ctx.load_cert_chain(str(listener.pki.pem(leaf)), str(listener.pki.key(leaf)))
+    s = listener.raw()
+    try:
+        tls = ctx.wrap_socket(s, server_hostname="localhost")
+    except (ssl.SSLError, ConnectionResetError):
+        s.close()
+        return True
+    try:
+        tls.sendall(frame(request_v0_header(API_VERSIONS, 0, 5)))
+        tls.settimeout(15)
+        return tls.recv(4) == b""
+    except (ssl.SSLError, ConnectionResetError, BrokenPipeError):
+        return True
+    finally:
+        tls.close()
+
+
 def warn_lines(e, reason: str) -> list[str]:
     out = []
     for line in e.proc.all_logs().splitlines():
@@ -404,6 +439,26 @@ def test_bad_tls_input(case, broker, edge, tmp_path):
             s.close()
     wait_for(lambda: e.metric("strait_tls_handshakes", result="failed", reason=reason) == before + 1, 10,
              what=f"tls_handshakes{{result=failed,reason={reason}}} counted once")
+    assert len(warn_lines(e, reason)) == 1, f"one WARN line with reason={reason}"
+    assert e.alive()
+
+
+@pytest.mark.parametrize("case", list(CERT_CASES))
+def test_bad_client_certificate(case, broker, edge, tmp_path):
+    """Expired, not yet valid, foreign-CA and wrong-trust-domain client certificates on the mTLS
+    listener: refused at the handshake, the reason counted once, one WARN line, nothing relayed for
+    them, while a well-behaved client on the same edge completes every request."""
+    leaf, reason = CERT_CASES[case]
+    listener = listener_for("mtls", broker, edge, tmp_path)
+    listener.pki.leaf("unbound-domain", uris=["spiffe://unbound.example/ns/a/sa/b"])
+    e = listener.edge
+    before = e.metric("strait_tls_handshakes", result="failed", reason=reason)
+    with WellBehaved(listener):
+        assert refused_at_handshake(listener, leaf), f"{case}: the edge served a session"
+    wait_for(lambda: e.metric("strait_tls_handshakes", result="failed", reason=reason) == before + 1, 10,
+             what=f"tls_handshakes{{result=failed,reason={reason}}} counted once")
+    assert len(warn_lines(e, reason)) == 1, f"one WARN line with reason={reason}"
+    assert e.metric("strait_tls_handshakes", result="failed") == before + 1, "only this refusal failed"
     assert e.alive()
 
 

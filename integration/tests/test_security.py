@@ -110,9 +110,9 @@ def test_mtls_spiffe_client_produces_and_consumes_java(broker, edge, pki):
 
 BAD_CLIENTS = [
     (None, "ca", {"no_client_certificate"}),
-    # OpenSSL (librdkafka) and JSSE withhold a certificate whose issuer the server's CA hints do not
-    # name, so the edge sees none. Presented anyway (a rustls client does), it is refused as
-    # `unknown_issuer`: edge/tests/trust_domains.rs.
+    # librdkafka and JSSE withhold a certificate whose issuer the server's CA hints do not name, so the
+    # edge sees none. Presented anyway (Python's ssl and rustls clients do), it is refused as
+    # `unknown_issuer`: test_bad_input.py, edge/tests/trust_domains.rs.
     ("rogue", "ca", {"no_client_certificate"}),
     ("expired", "ca", {"expired"}),
     ("not-yet-valid", "ca", {"not_yet_valid"}),

@@ -103,9 +103,9 @@ def test_foreign_ca_claiming_the_domain_is_refused(broker, edge, workloads):
     foreign = AdminClient(Principal(pki, vc, "foreign").confluent())
     with pytest.raises(KafkaException):
         foreign.list_topics(timeout=3)
-    # OpenSSL withholds a certificate whose issuer the server's CA hints do not name, so the edge sees
-    # none; presented anyway (a rustls client does), it is refused as `unknown_issuer`
-    # (edge/tests/trust_domains.rs). Either way no session.
+    # librdkafka withholds a certificate whose issuer the server's CA hints do not name, so the edge
+    # sees none; presented anyway (Python's ssl and rustls clients do), it is refused as
+    # `unknown_issuer` (test_bad_input.py, edge/tests/trust_domains.rs). Either way no session.
     wait_for(lambda: e.metric("strait_tls_handshakes", result="failed", reason="no_client_certificate") > 0,
              10, what="the foreign CA's certificate withheld and the handshake refused")
     assert e.metric("strait_tls_handshakes", result="ok") == 0

@@ -94,6 +94,10 @@ pub struct ClusterRuntime {
     deny: DenyList,
     /// Accept loops, awaited on stop so their ports are free again.
     listeners: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Failed handshakes are WARN lines, at most one per reason and interval:
+    /// a scanner must not be able to flood the log, and one kind of failure
+    /// must not hide another.
+    handshake_warnings: std::sync::Mutex<std::collections::HashMap<&'static str, Arc<WarnLimiter>>>,
 }
 
 /// What a cluster runtime needs besides its configuration.
@@ -175,6 +179,7 @@ impl ClusterRuntime {
             tracker: parts.tracker.clone(),
             deny: parts.deny,
             listeners: std::sync::Mutex::default(),
+            handshake_warnings: std::sync::Mutex::default(),
         });
         if let (Some(bootstrap), Some(new_brokers)) = (bootstrap, new_brokers) {
             tracing::info!(
@@ -342,11 +347,26 @@ impl ClusterRuntime {
         if let Some(tls) = &self.tls {
             tls.metrics.handshake(&self.name, Some(reason));
         }
+        if reason == "eof" {
+            // A TCP probe (a load balancer's health check) connects and closes: not worth a WARN.
+            tracing::debug!(virtual_cluster = %self.name, reason, "TLS handshake abandoned by the client");
+            return;
+        }
+        let limiter = self
+            .handshake_warnings
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_insert_with(|| Arc::new(WarnLimiter::new(Duration::from_secs(10))))
+            .clone();
+        let Some(suppressed) = limiter.allow() else {
+            return;
+        };
         if let Some(refusal) = trust_domain_refusal(err) {
             // A certificate that claims an identity its CA may not vouch for.
-            tracing::warn!(virtual_cluster = %self.name, %refusal, reason, "TLS handshake refused");
+            tracing::warn!(virtual_cluster = %self.name, %refusal, reason, suppressed, "TLS handshake refused (logged at most every 10 s per reason; suppressed counts the lines held back, every failure is in tls_handshakes_total)");
         } else {
-            tracing::info!(virtual_cluster = %self.name, %err, reason, "TLS handshake failed");
+            tracing::warn!(virtual_cluster = %self.name, %err, reason, suppressed, "TLS handshake failed (logged at most every 10 s per reason; suppressed counts the lines held back, every failure is in tls_handshakes_total)");
         }
     }
 

@@ -1,7 +1,8 @@
 """The bad-input catalogue: one table of malformed inputs, sent on raw sockets through every listener kind.
 
 Listener kinds: `plain` (no filter: requests are streamed, never decoded), `mtls` (client certificates
-required), `authz` (authorization installed: every request but ApiVersions is decoded) and `encrypt`
+required), `sni` (mTLS on one port shared by name: the bootstrap is picked by the TLS server name, and
+the well-behaved client is kafka-python, whose name lookups the test answers), `authz` (authorization installed: every request but ApiVersions is decoded) and `encrypt`
 (record encryption with a local keyring: Produce is decoded). Each (case, kind) asserts one exact
 outcome:
 
@@ -44,7 +45,10 @@ ALLOW_ALL = [
     {"principal": "*", "allow": ["All"], "group": "*"},
     {"principal": "*", "allow": ["All"], "cluster": True},
 ]
-KINDS = ["plain", "mtls", "authz", "encrypt"]
+KINDS = ["plain", "mtls", "sni", "authz", "encrypt"]
+# The SNI listener's names: the test resolves them to the loopback edge itself (see `sni_dns`).
+SNI_DOMAIN = "bad.strait.test"
+SNI_BOOTSTRAP = f"bootstrap.{SNI_DOMAIN}"
 BROKER_KIND = os.environ.get("STRAIT_BROKER", "kafka")
 
 
@@ -81,7 +85,11 @@ class Listener:
 
     @property
     def tls(self) -> bool:
-        return self.kind == "mtls"
+        return self.kind in ("mtls", "sni")
+
+    @property
+    def server_name(self) -> str:
+        return SNI_BOOTSTRAP if self.kind == "sni" else "localhost"
 
     def raw(self) -> socket.socket:
         s = socket.create_connection((self.host, self.port), timeout=10)
@@ -95,7 +103,7 @@ class Listener:
             return s
         ctx = ssl.create_default_context(cafile=str(self.pki.pem("ca")))
         ctx.load_cert_chain(str(self.pki.pem("orders")), str(self.pki.key("orders")))
-        return ctx.wrap_socket(s, server_hostname="localhost")
+        return ctx.wrap_socket(s, server_hostname=self.server_name)
 
     def client_conf(self) -> dict:
         conf = {"bootstrap.servers": self.edge.bootstrap}
@@ -106,11 +114,14 @@ class Listener:
 
 def listener_for(kind: str, broker, edge, tmp_path, handshake_timeout: str = "10s") -> Listener:
     t = broker()
-    pki = standard_pki(tmp_path / "pki") if kind == "mtls" else None
+    pki = standard_pki(tmp_path / "pki") if kind in ("mtls", "sni") else None
     extra: dict = {}
     top: dict = {"limits": {"max_frame_bytes": MAX_FRAME, "request_read_timeout": READ_TIMEOUT}}
     if kind == "mtls":
         extra["tls"] = pki.server_tls(handshake_timeout=handshake_timeout)
+    if kind == "sni":
+        pki.leaf("sni-server", dns=[f"*.{SNI_DOMAIN}"])
+        extra["tls"] = pki.server_tls("sni-server", handshake_timeout=handshake_timeout)
     if kind == "authz":
         extra["authorization"] = {"rules": ALLOW_ALL}
     if kind == "encrypt":
@@ -119,8 +130,29 @@ def listener_for(kind: str, broker, edge, tmp_path, handshake_timeout: str = "10
         top["kms"] = [{"name": "dev", "local": {"path": str(tmp_path / "keys.json")}}]
     host = "localhost" if kind == "mtls" else "127.0.0.1"
     vc = VirtualCluster(name=kind, upstream=t.bootstrap_servers, advertised_host=host, extra=extra)
+    if kind == "sni":
+        original = vc.config
+
+        def config(original=original):
+            cfg = original()
+            cfg["brokers"] = {"sni": {"bootstrap_host": SNI_BOOTSTRAP,
+                                      "broker_host_pattern": f"broker-$(node_id).{SNI_DOMAIN}"}}
+            return cfg
+        vc.config = config
     e = edge([vc], max_frame_bytes=MAX_FRAME, extra=top)
     return Listener(kind, e, t, pki)
+
+
+@pytest.fixture
+def sni_dns(monkeypatch):
+    """*.bad.strait.test is the loopback edge, for this process' Python resolver (kafka-python)."""
+    real = socket.getaddrinfo
+
+    def resolve(host, *args, **kwargs):
+        if isinstance(host, str) and host.endswith(f".{SNI_DOMAIN}"):
+            host = "127.0.0.1"
+        return real(host, *args, **kwargs)
+    monkeypatch.setattr(socket, "getaddrinfo", resolve)
 
 
 # ---- the well-behaved client beside every case
@@ -147,6 +179,8 @@ class WellBehaved:
         return False
 
     def _run(self):
+        if self.listener.kind == "sni":
+            return self._run_kafka_python()
         from confluent_kafka import Consumer, Producer
         try:
             conf = self.listener.client_conf()
@@ -163,6 +197,37 @@ class WellBehaved:
             got = []
             wait_for(lambda: _poll_into(c, got) >= len(values), 60, what="records read back")
             c.close()
+            assert got == values
+        except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
+            self.error = e
+
+
+    def _run_kafka_python(self):
+        """kafka-python, whose name lookups the test can answer (librdkafka's it cannot): the SNI names."""
+        from kafka import KafkaConsumer, KafkaProducer
+        from lib.clients import subscribe_kafka_python
+        try:
+            conf = {"bootstrap_servers": f"{SNI_BOOTSTRAP}:{self.listener.port}",
+                    **self.listener.pki.kafka_python_ssl("orders")}
+            p = KafkaProducer(**conf, linger_ms=0)
+            values = [b"good-%d" % i for i in range(20)]
+            futures = [p.send(self.topic, value=v) for v in values]
+            for f in futures:
+                f.get(timeout=60)
+            p.close()
+            c = KafkaConsumer(**conf, group_id=f"g-{uuid.uuid4().hex[:8]}", auto_offset_reset="earliest",
+                              enable_auto_commit=False)
+            got: list[bytes] = []
+            try:
+                subscribe_kafka_python(c, self.topic)
+
+                def read():
+                    for records in c.poll(timeout_ms=500).values():
+                        got.extend(r.value for r in records)
+                    return len(got) >= len(values)
+                wait_for(read, 60, interval=0, what="records read back")
+            finally:
+                c.close()
             assert got == values
         except BaseException as e:  # noqa: BLE001 - re-raised in the test thread
             self.error = e
@@ -317,13 +382,13 @@ CASES = {
                          every(Refused("undecodable") if BROKER_KIND == "tansu" else Answered(79, 35))),
     # Decoded where a filter reads Produce (authorization, encryption); elsewhere the broker judges it.
     "undecodable_produce": (send_undecodable_produce, {
-        "plain": BrokerCloses(), "mtls": BrokerCloses(),
+        "plain": BrokerCloses(), "mtls": BrokerCloses(), "sni": BrokerCloses(),
         "authz": Refused("undecodable"), "encrypt": Refused("undecodable")}),
     "produce_huge_topic_count": (send_produce_huge_topic_count, {
-        "plain": BrokerCloses(), "mtls": BrokerCloses(),
+        "plain": BrokerCloses(), "mtls": BrokerCloses(), "sni": BrokerCloses(),
         "authz": Refused("undecodable"), "encrypt": Refused("undecodable")}),
     "metadata_huge_topic_count": (send_metadata_huge_topic_count, {
-        "plain": BrokerCloses(), "mtls": BrokerCloses(),
+        "plain": BrokerCloses(), "mtls": BrokerCloses(), "sni": BrokerCloses(),
         "authz": Refused("undecodable"), "encrypt": BrokerCloses()}),
     "frame_never_completed": (send_produce_over_budget, every(Refused("read_timeout"))),
     "slowloris": (send_slowloris, every(Refused("read_timeout"))),
@@ -388,7 +453,9 @@ def rejected(e, reason: str) -> float:
 
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input(case, kind, broker, edge, tmp_path):
+def test_bad_input(case, kind, broker, edge, tmp_path, request):
+    if kind == "sni":
+        request.getfixturevalue("sni_dns")
     send, outcomes = CASES[case]
     expected = outcomes[kind]
     listener = listener_for(kind, broker, edge, tmp_path)

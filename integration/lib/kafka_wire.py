@@ -4,6 +4,7 @@ import socket
 import struct
 import time
 
+FETCH = 1
 API_VERSIONS = 18
 METADATA = 3
 
@@ -77,9 +78,6 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
         if not data:
             return True
     return False
-
-
-FETCH = 1
 
 
 def fetch_v4(correlation_id: int, topic: str, partition: int, offset: int, max_wait_ms: int) -> bytes:

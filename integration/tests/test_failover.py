@@ -89,6 +89,17 @@ def values(bootstrap: str, topic: str) -> list[str]:
     return [g.value.decode() for g in got]
 
 
+def switch_in_place(e, vc: VirtualCluster, standby) -> None:
+    """What the control plane's failover decision does to a file-configured edge: the virtual cluster's
+    upstream becomes the standby (generation 1 of group orders-dr); returns once the edge swapped it."""
+    vc.upstream = list(standby.bootstrap_servers)
+    vc.extra["upstream"] = {"bootstrap_servers": list(standby.bootstrap_servers),
+                            "failover": {"group": "orders-dr", "cluster": "standby", "generation": 1}}
+    e.write_config()
+    wait_for(lambda: e.metric("strait_upstream_swaps", virtual_cluster="orders") == 1, 30,
+             what="the edge swapping its upstream")
+
+
 def test_an_upstream_switched_in_place_keeps_producers_going_on_the_standby(broker, edge):
     """A file-configured edge whose upstream is changed from the primary to the standby (what the control
     plane's failover decision does to every edge): the idempotent producer keeps its bootstrap, loses
@@ -103,13 +114,8 @@ def test_an_upstream_switched_in_place_keeps_producers_going_on_the_standby(brok
     p = ContinuousProducer(e.bootstrap, topic).start()
     try:
         wait_for(lambda: len(p.acked) >= 50, 60, what="50 records acknowledged by the primary")
-        vc.upstream = list(standby.bootstrap_servers)
-        vc.extra["upstream"] = {"bootstrap_servers": list(standby.bootstrap_servers),
-                                "failover": {"group": "orders-dr", "cluster": "standby", "generation": 1}}
         switched_at = time.monotonic()
-        e.write_config()
-        wait_for(lambda: e.metric("strait_upstream_swaps", virtual_cluster="orders") == 1, 30,
-                 what="the edge swapping its upstream")
+        switch_in_place(e, vc, standby)
         wait_for(lambda: len(p.acked_after(switched_at)) >= 50
                  and end_offset(standby.bootstrap_servers[0], topic) >= 50, 90,
                  what="50 records acknowledged after the switch, on the standby")
@@ -283,12 +289,7 @@ def test_a_java_idempotent_producer_continues_on_the_standby_after_an_in_place_s
                                             "delivery.timeout.ms": "90000", "request.timeout.ms": "10000"})
     try:
         p.send_all(topic, [Rec(None, b"record-%d" % i) for i in range(20)])
-        vc.upstream = list(standby.bootstrap_servers)
-        vc.extra["upstream"] = {"bootstrap_servers": list(standby.bootstrap_servers),
-                                "failover": {"group": "orders-dr", "cluster": "standby", "generation": 1}}
-        e.write_config()
-        wait_for(lambda: e.metric("strait_upstream_swaps", virtual_cluster="orders") == 1, 30,
-                 what="the edge swapping its upstream")
+        switch_in_place(e, vc, standby)
         after = p.send_results(topic, [Rec(None, b"record-%d" % i) for i in range(20, 40)], timeout=120)
     finally:
         p.close()

@@ -9,6 +9,7 @@ from lib.edge import VirtualCluster
 from lib.mirrormaker import copy_topic, read_records
 from lib.wait import wait_for
 from tests.test_encryption import create_topic, parse_cipher
+from tests.test_failover import switch_in_place
 from tests.test_mesh import KEYRING
 
 
@@ -53,12 +54,7 @@ def test_encrypted_records_decrypt_on_the_standby_after_the_switch(broker, edge,
     # Replication copies the ciphertext as it is.
     assert copy_topic(primary.bootstrap_servers[0], topic, standby.bootstrap_servers[0], topic) == len(before)
 
-    vc.upstream = list(standby.bootstrap_servers)
-    vc.extra["upstream"] = {"bootstrap_servers": list(standby.bootstrap_servers),
-                            "failover": {"group": "orders-dr", "cluster": "standby", "generation": 1}}
-    e.write_config()
-    wait_for(lambda: e.metric("strait_upstream_swaps", virtual_cluster="orders") == 1, 30,
-             what="the edge swapping its upstream")
+    switch_in_place(e, vc, standby)
     after = [f"after-{n}" for n in range(20)]
     p = Producer({"bootstrap.servers": e.bootstrap, "enable.idempotence": True})
     for v in after:

@@ -10,6 +10,7 @@ from lib.clients import unique
 from lib.edge import VirtualCluster
 from lib.wait import wait_for
 from tests.test_encryption import create_topic, end_offset
+from tests.test_failover import switch_in_place
 
 
 def committed_values(bootstrap: str, topic: str) -> list[str]:
@@ -55,12 +56,7 @@ def test_an_open_transaction_fails_cleanly_and_a_new_producer_continues_on_the_s
     for n in range(5):
         p.produce(topic, value=f"open-{n}".encode())
     p.flush(30)
-    vc.upstream = list(standby.bootstrap_servers)
-    vc.extra["upstream"] = {"bootstrap_servers": list(standby.bootstrap_servers),
-                            "failover": {"group": "orders-dr", "cluster": "standby", "generation": 1}}
-    e.write_config()
-    wait_for(lambda: e.metric("strait_upstream_swaps", virtual_cluster="orders") == 1, 30,
-             what="the edge swapping its upstream")
+    switch_in_place(e, vc, standby)
     try:
         p.commit_transaction(30)
         raise AssertionError("a transaction begun on the primary committed on the standby")

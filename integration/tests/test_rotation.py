@@ -122,6 +122,25 @@ def issued(control: ControlPlane) -> list[dict]:
     return [r["spec"] for r in json.loads(out)]
 
 
+def mesh_processes(control: ControlPlane, kafka, tmp_path: Path, logs: Path) -> tuple[Proc, Proc, int, int]:
+    """Applies `mesh()` for `kafka` and returns, not yet started, the edge and the kms-broker that join
+    with tokens and follow `control`: (edge, kms-broker, the edge's bootstrap port, the broker's port)."""
+    port, ports, kms_port = free_port(), free_range(8), free_port()
+    path = tmp_path / "mesh.yaml"
+    path.write_text(mesh(kafka.bootstrap, port, ports, kms_port))
+    control.ctl("apply", "-f", str(path), check=True)
+    kms_dir = tmp_path / "kms-broker"
+    kms = Proc("kms-broker", [binary("strait-kms-broker"), "--config", str(broker_file(kms_dir, kms_port)),
+                              "--control", control.endpoints, "--name", "kms-1",
+                              "--join-token", control.token_create(f"spiffe://{DOMAIN}/kms-broker/kms-1"),
+                              "--cache-dir", str(kms_dir / "cache"), "--heartbeat-interval", "1s"], logs)
+    edge = Proc("edge", [binary("strait-edge"), "--control", control.endpoints, "--name", "edge-east",
+                         "--join-token", control.token_create(f"spiffe://{DOMAIN}/edge/edge-east"),
+                         "--cache-dir", str(tmp_path / "edge-cache"), "--admin", f"127.0.0.1:{free_port()}"],
+                logs)
+    return edge, kms, port, kms_port
+
+
 def test_every_certificate_rotates_through_a_ca_rotation_under_load(broker, logs, tmp_path):
     from confluent_kafka import Consumer, Producer
     duration = float(os.environ.get("STRAIT_ROTATION_SECONDS", "90"))
@@ -137,20 +156,7 @@ def test_every_certificate_rotates_through_a_ca_rotation_under_load(broker, logs
     # Until the publication delay has passed, the old root (first generation) signs.
     old = signer(x509_of(client / "cert.pem"), roots)
 
-    port, ports, kms_port = free_port(), free_range(8), free_port()
-    path = tmp_path / "mesh.yaml"
-    path.write_text(mesh(kafka.bootstrap, port, ports, kms_port))
-    control.ctl("apply", "-f", str(path), check=True)
-
-    kms_dir = tmp_path / "kms-broker"
-    kms = Proc("kms-broker", [binary("strait-kms-broker"), "--config", str(broker_file(kms_dir, kms_port)),
-                              "--control", control.endpoints, "--name", "kms-1",
-                              "--join-token", control.token_create(f"spiffe://{DOMAIN}/kms-broker/kms-1"),
-                              "--cache-dir", str(kms_dir / "cache"), "--heartbeat-interval", "1s"], logs)
-    edge = Proc("edge", [binary("strait-edge"), "--control", control.endpoints, "--name", "edge-east",
-                         "--join-token", control.token_create(f"spiffe://{DOMAIN}/edge/edge-east"),
-                         "--cache-dir", str(tmp_path / "edge-cache"), "--admin", f"127.0.0.1:{free_port()}"],
-                logs)
+    edge, kms, port, kms_port = mesh_processes(control, kafka, tmp_path, logs)
     kms.start()
     edge.start()
     try:

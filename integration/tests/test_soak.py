@@ -32,15 +32,14 @@ from pathlib import Path
 import pytest
 
 from lib.clients import unique
-from lib.control import ControlPlane, binary
-from lib.ports import free_port, free_range
+from lib.control import ControlPlane
 from lib.procs import Proc
 from lib.wait import wait_for
 from tests.test_control_plane import accepts
 from tests.test_encryption import parse_cipher
 from tests.test_failover_automatic import leader_index
 from tests.test_identity import kafka_config
-from tests.test_rotation import CLIENT_ID, DOMAIN, ONE_MINUTE, broker_file, create_topics, mesh
+from tests.test_rotation import CLIENT_ID, DOMAIN, ONE_MINUTE, create_topics, mesh_processes
 
 WARM_UP = 0.2  # of the run: caches, connections and the first certificate renewals settle first
 # Flat: after the warm-up, RSS may move within this much of its first sample, and a few descriptors
@@ -155,19 +154,7 @@ def test_soak_mixed_load_while_certificates_kms_control_and_broker_are_disturbed
     create_topics(kafka.bootstrap, topic)
     control = ControlPlane(tmp_path / "control", logs, trust_domain=DOMAIN, nodes=3, extra_args=ONE_MINUTE).start()
     client = control.cert_issue(CLIENT_ID, tmp_path / "orders", ttl="1h")  # the longest a workload gets; the run is shorter
-    port, ports, kms_port = free_port(), free_range(8), free_port()
-    path = tmp_path / "mesh.yaml"
-    path.write_text(mesh(kafka.bootstrap, port, ports, kms_port))
-    control.ctl("apply", "-f", str(path), check=True)
-    kms_dir = tmp_path / "kms-broker"
-    kms = Proc("kms-broker", [binary("strait-kms-broker"), "--config", str(broker_file(kms_dir, kms_port)),
-                              "--control", control.endpoints, "--name", "kms-1",
-                              "--join-token", control.token_create(f"spiffe://{DOMAIN}/kms-broker/kms-1"),
-                              "--cache-dir", str(kms_dir / "cache"), "--heartbeat-interval", "1s"], logs)
-    edge = Proc("edge", [binary("strait-edge"), "--control", control.endpoints, "--name", "edge-east",
-                         "--join-token", control.token_create(f"spiffe://{DOMAIN}/edge/edge-east"),
-                         "--cache-dir", str(tmp_path / "edge-cache"), "--admin", f"127.0.0.1:{free_port()}"],
-                logs)
+    edge, kms, port, kms_port = mesh_processes(control, kafka, tmp_path, logs)
     kms.start()
     edge.start()
     disturb = Disturbances(duration, kms, control, kafka)

@@ -722,6 +722,31 @@ mod tests {
         assert!(batches[0].records().is_err());
     }
 
+    /// Found by fuzzing (edge/fuzz `record_batch`): a snappy block declaring
+    /// 4 GiB in a few bytes made the decoder allocate and zero 4 GiB on
+    /// produce and fetch (edge/third_party/README.md); now an error at once.
+    #[test]
+    fn snappy_blocks_claiming_more_than_they_can_hold_are_refused() {
+        let xerial = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01";
+        for section in [
+            // xerial framing: magic, block length, block declaring 2^32 - 1 bytes.
+            [&xerial[..], &[0, 0, 0, 6, 0xff, 0xff, 0xff, 0xff, 0x0f, 0]].concat(),
+            // Raw snappy, as the Java client falls back to without the magic.
+            vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0],
+        ] {
+            let mut batch = vec![0u8; HEADER_LEN];
+            batch[16] = 2;
+            batch[ATTR_OFFSET..ATTR_OFFSET + 2].copy_from_slice(&2i16.to_be_bytes());
+            batch[COUNT_OFFSET..COUNT_OFFSET + 4].copy_from_slice(&1i32.to_be_bytes());
+            batch.extend_from_slice(&section);
+            let len = (batch.len() - 12) as i32;
+            batch[LENGTH_OFFSET..LENGTH_OFFSET + 4].copy_from_slice(&len.to_be_bytes());
+            let batches = split_batches(&Bytes::from(batch)).unwrap();
+            let err = batches[0].records().unwrap_err();
+            assert!(err.0.contains("claims 4294967295"), "{err}");
+        }
+    }
+
     #[test]
     fn identity_round_trip_all_codecs() {
         for c in [

@@ -16,8 +16,12 @@ use libfuzzer_sys::fuzz_target;
 use strait_encryption::testing::split_batches;
 use strait_encryption::RecordEncryption;
 use strait_fuzz::{block_on, encryption};
-use strait_kafka::kafka_protocol::messages::fetch_response::{FetchableTopicResponse, PartitionData};
-use strait_kafka::kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+use strait_kafka::kafka_protocol::messages::fetch_response::{
+    FetchableTopicResponse, PartitionData,
+};
+use strait_kafka::kafka_protocol::messages::produce_request::{
+    PartitionProduceData, TopicProduceData,
+};
 use strait_kafka::kafka_protocol::messages::{FetchResponse, ProduceRequest, TopicName};
 use strait_kafka::kafka_protocol::protocol::StrBytes;
 
@@ -53,13 +57,13 @@ fuzz_target!(|data: &[u8]| {
             engine.decrypt_fetch(&mut fetch, 12).await;
             return;
         }
-        let mut produce = ProduceRequest::default().with_acks(-1).with_topic_data(vec![
-            TopicProduceData::default()
+        let mut produce = ProduceRequest::default()
+            .with_acks(-1)
+            .with_topic_data(vec![TopicProduceData::default()
                 .with_name(topic.clone())
                 .with_partition_data(vec![
                     PartitionProduceData::default().with_records(Some(records.clone()))
-                ]),
-        ]);
+                ])]);
         if engine.encrypt_produce(&mut produce, 9).await.is_err() {
             return;
         }
@@ -73,7 +77,10 @@ fuzz_target!(|data: &[u8]| {
             "what was encrypted does not decrypt: {:?}",
             report.failed_partitions
         );
-        let returned = fetch.responses[0].partitions[0].records.clone().unwrap_or_default();
+        let returned = fetch.responses[0].partitions[0]
+            .records
+            .clone()
+            .unwrap_or_default();
         let before = split_batches(&records).expect("accepted records split");
         let after = split_batches(&returned).expect("decrypted records split");
         assert_eq!(before.len(), after.len(), "batch count changed");

@@ -157,8 +157,12 @@ pub fn encryption(strict: bool) -> strait_encryption::RecordEncryption {
         shredded_keks: Vec::new(),
     };
     let kms = KmsSet::new().with("dev", keyring());
-    RecordEncryption::new(config, kms, &mut prometheus_client::registry::Registry::default())
-        .expect("a valid encryption config")
+    RecordEncryption::new(
+        config,
+        kms,
+        &mut prometheus_client::registry::Registry::default(),
+    )
+    .expect("a valid encryption config")
 }
 
 /// [`KEYRING`], loaded once per process.
@@ -170,7 +174,8 @@ pub fn keyring() -> std::sync::Arc<strait_kms_core::local::LocalKeyring> {
             let path = std::env::temp_dir()
                 .join(format!("strait-fuzz-keyring-{}.json", std::process::id()));
             std::fs::write(&path, KEYRING).expect("the keyring written to the temp dir");
-            let keyring = strait_kms_core::local::LocalKeyring::open(&path).expect("the fixed keyring");
+            let keyring =
+                strait_kms_core::local::LocalKeyring::open(&path).expect("the fixed keyring");
             let _ = std::fs::remove_file(&path);
             std::sync::Arc::new(keyring)
         })

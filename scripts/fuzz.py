@@ -103,10 +103,9 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
 
 
-def record(results: list[dict]) -> None:
-    """Adds the runs to results.json: per target the latest run and every earlier one, with when and where."""
-    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"targets": {}}
-    stamp = {
+def stamp() -> dict:
+    """When, what and where a run was built: taken before the build, so the commit is the fuzzed code's."""
+    return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "commit": git("rev-parse", "--short=12", "HEAD"),
         "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
@@ -114,14 +113,20 @@ def record(results: list[dict]) -> None:
         "rss_limit_mb": RSS_LIMIT_MB,
         "malloc_limit_mb": MALLOC_LIMIT_MB,
     }
+
+
+def record(results: list[dict], built: dict) -> None:
+    """Adds the runs to results.json: per target the latest run and every earlier one, with when and where."""
+    data = json.loads(RESULTS.read_text()) if RESULTS.exists() else {"targets": {}}
     for r in results:
-        entry = {k: r[k] for k in ("executions", "seconds", "crashes", "artifacts", "exit")} | stamp
+        entry = {k: r[k] for k in ("executions", "seconds", "crashes", "artifacts", "exit")} | built
         data["targets"].setdefault(r["target"], {"runs": []})["runs"].append(entry)
     RESULTS.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def run(args) -> int:
     chosen = args.targets or targets()
+    built = stamp()
     if not args.no_build:
         build()
     out = CACHE / "fuzz-runs"
@@ -135,7 +140,7 @@ def run(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
         results = list(pool.map(one, chosen))
-    record(results)
+    record(results, built)
     report(None)
     return 1 if any(r["crashes"] or r["exit"] for r in results) else 0
 

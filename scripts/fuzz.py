@@ -287,7 +287,7 @@ def main() -> int:
     p.add_argument("targets", nargs="*")
     p = sub.add_parser("smoke")
     p.add_argument("--seconds", type=int, default=20)
-    p.add_argument("--runs", type=int, default=50_000)
+    p.add_argument("--runs", type=int, default=500_000)
     p.add_argument("--no-build", action="store_true")
     sub.add_parser("report")
     sub.add_parser("text-seeds")

@@ -5,7 +5,7 @@ PYTHON := $(VENV)/bin/python
 export STRAIT_TANSU_BIN ?= $(HOME)/.cache/strait/tools/bin/tansu
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test pytest demo soak-rotation bench bench-features bench-compare bench-compare-smoke bench-mesh bench-mesh-smoke bench-federation bench-federation-smoke bench-memory bench-memory-smoke failover-drill soak lint fmt
+.PHONY: all setup build test pytest demo fuzz fuzz-smoke fuzz-corpus fuzz-report soak-rotation bench bench-features bench-compare bench-compare-smoke bench-mesh bench-mesh-smoke bench-federation bench-federation-smoke bench-memory bench-memory-smoke failover-drill soak lint fmt
 
 all: build
 
@@ -110,8 +110,38 @@ bench-federation-smoke: setup
 failover-drill: setup build
 	$(PYTHON) examples/failover-drill/drill.py
 
+# Fuzzing (docs/fuzzing.md): libFuzzer targets in edge/fuzz, built on stable with cargo-fuzz
+# (installed by scripts/setup-fuzz.sh) into their own target dir. `make fuzz` runs each target
+# FUZZ_RUNS executions (FUZZ_JOBS at once) and records them in edge/fuzz/results.json and the table of
+# docs/fuzzing.md; `make fuzz-smoke` runs every target briefly from the checked-in seeds (CI).
+FUZZ_RUNS ?= 10000000
+FUZZ_JOBS ?= 1
+FUZZ_TARGETS ?=
+FUZZ_SECONDS ?=
+fuzz:
+	scripts/setup-fuzz.sh
+	python3 scripts/fuzz.py run --runs $(FUZZ_RUNS) --jobs $(FUZZ_JOBS) $(if $(FUZZ_SECONDS),--seconds $(FUZZ_SECONDS)) $(FUZZ_TARGETS)
+
+fuzz-smoke:
+	scripts/setup-fuzz.sh
+	python3 scripts/fuzz.py smoke
+
+fuzz-report:
+	python3 scripts/fuzz.py report
+
+# Seeds from real traffic: confluent-kafka and kafka-python against Apache Kafka through a recording
+# relay, turned into corpora by edge/fuzz/examples/seeds.rs; plus configs and control-plane specs.
+FUZZ_CAPTURE ?= $(HOME)/.cache/strait/fuzz-capture
+fuzz-corpus: setup
+	$(PYTHON) integration/scripts/fuzz_capture.py $(FUZZ_CAPTURE)
+	cd edge/fuzz && CARGO_TARGET_DIR=$(HOME)/.cache/strait/target-fuzz cargo run -q --release --example seeds -- $(FUZZ_CAPTURE) corpus
+	$(PYTHON) scripts/fuzz.py text-seeds
+	scripts/setup-fuzz.sh
+	python3 scripts/fuzz.py minimize
+
 lint:
 	cargo fmt --all -- --check
+	cd edge/fuzz && cargo fmt -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 
 fmt:

@@ -5,6 +5,7 @@
 #   - Tansu 0.6.0 (Kafka-compatible broker) into ~/.cache/strait/tools/bin, built once and cached
 #   - Apache Kafka (broker, tools, MirrorMaker 2) from Maven Central into ~/.cache/strait/kafka/<version>
 #   - Python venv ~/.cache/strait/venv from integration/requirements.txt (skipped when unchanged)
+#   - with STRAIT_FUZZ=1: cargo-fuzz into ~/.cache/strait/tools/bin (scripts/setup-fuzz.sh)
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -105,5 +106,10 @@ fi
 # ~/.cache/strait/kroxylicious/<version>, resolved once (install.sh is a no-op when complete).
 "$ROOT/integration/bench/kroxylicious/install.sh" >/dev/null
 # ---- end Kroxylicious
+
+# ---- cargo-fuzz (only when asked: `STRAIT_FUZZ=1 scripts/setup.sh`; the fuzz make targets call it themselves)
+if [ "${STRAIT_FUZZ:-0}" = 1 ]; then
+    "$ROOT/scripts/setup-fuzz.sh"
+fi
 
 say "done"

@@ -18,6 +18,7 @@ const ATTR_OFFSET: usize = 21;
 const CRC_OFFSET: usize = 17;
 const LENGTH_OFFSET: usize = 8;
 const COUNT_OFFSET: usize = 57;
+const MAGIC_OFFSET: usize = 16;
 
 #[derive(Debug, thiserror::Error)]
 #[error("malformed record batch: {0}")]
@@ -49,12 +50,23 @@ pub struct RawBatch {
     pub bytes: Bytes,
 }
 
+/// The `N` bytes at `at` of a batch, zeros past its end: an old-format
+/// entry (magic 0/1) may be shorter than a v2 header, and the v2 fields of
+/// one are meaningless anyway (it is refused or passed on by magic).
+fn field<const N: usize>(bytes: &[u8], at: usize) -> [u8; N] {
+    bytes
+        .get(at..at + N)
+        .and_then(|b| b.try_into().ok())
+        .unwrap_or([0; N])
+}
+
 impl RawBatch {
+    /// Every batch [`split_batches`] returns holds its magic byte.
     pub fn magic(&self) -> i8 {
-        self.bytes[16] as i8
+        field::<1>(&self.bytes, MAGIC_OFFSET)[0] as i8
     }
     pub fn attributes(&self) -> i16 {
-        i16::from_be_bytes([self.bytes[ATTR_OFFSET], self.bytes[ATTR_OFFSET + 1]])
+        i16::from_be_bytes(field(&self.bytes, ATTR_OFFSET))
     }
     pub fn compression_code(&self) -> i16 {
         self.attributes() & 0x07
@@ -63,8 +75,7 @@ impl RawBatch {
         self.attributes() & (1 << 5) != 0
     }
     pub fn record_count(&self) -> i32 {
-        let b = &self.bytes[COUNT_OFFSET..COUNT_OFFSET + 4];
-        i32::from_be_bytes([b[0], b[1], b[2], b[3]])
+        i32::from_be_bytes(field(&self.bytes, COUNT_OFFSET))
     }
 
     /// The records section, decompressed (a zero-copy slice when the batch
@@ -227,8 +238,9 @@ pub fn split_batches(buf: &Bytes) -> Result<Vec<RawBatch>, BatchError> {
             break;
         }
         if (len as usize) + 12 < HEADER_LEN {
-            // Old message format (magic 0/1) entries can be short; keep them whole.
-            if buf.len() - pos >= 17 && buf[pos + 16] < 2 {
+            // Old message format (magic 0/1) entries can be short; keep them
+            // whole, if they hold the magic byte that says so.
+            if end > pos + MAGIC_OFFSET && buf[pos + MAGIC_OFFSET] < 2 {
                 out.push(RawBatch {
                     bytes: buf.slice(pos..end),
                 });
@@ -686,6 +698,53 @@ mod tests {
                 delete_horizon: false,
             })
             .collect()
+    }
+
+    /// Found by fuzzing (edge/fuzz `record_batch`): an entry whose length
+    /// field leaves it shorter than its magic byte was kept as an old-format
+    /// entry, and reading its magic (or a v2 field) panicked, on produce and
+    /// on fetch.
+    #[test]
+    fn entries_too_short_for_their_fields_do_not_panic() {
+        // Length 0: the entry ends before the magic byte, which the next entry's bytes hold.
+        let mut buf = vec![0u8; 8];
+        buf.extend_from_slice(&0i32.to_be_bytes());
+        buf.extend_from_slice(&[0u8; 8]);
+        assert!(split_batches(&Bytes::from(buf)).is_err());
+        // An old-format entry of 6 bytes after its length: magic 1, then nothing of a v2 header.
+        let mut buf = vec![0u8; 8];
+        buf.extend_from_slice(&6i32.to_be_bytes());
+        buf.extend_from_slice(&[0, 0, 0, 0, 1, 0]);
+        let batches = split_batches(&Bytes::from(buf)).unwrap();
+        assert_eq!(batches[0].magic(), 1);
+        assert_eq!(batches[0].record_count(), 0);
+        assert!(!batches[0].is_control());
+        assert!(batches[0].records().is_err());
+    }
+
+    /// Found by fuzzing (edge/fuzz `record_batch`): a snappy block declaring
+    /// 4 GiB in a few bytes made the decoder allocate and zero 4 GiB on
+    /// produce and fetch (edge/third_party/README.md); now an error at once.
+    #[test]
+    fn snappy_blocks_claiming_more_than_they_can_hold_are_refused() {
+        let xerial = b"\x82SNAPPY\x00\x00\x00\x00\x01\x00\x00\x00\x01";
+        for section in [
+            // xerial framing: magic, block length, block declaring 2^32 - 1 bytes.
+            [&xerial[..], &[0, 0, 0, 6, 0xff, 0xff, 0xff, 0xff, 0x0f, 0]].concat(),
+            // Raw snappy, as the Java client falls back to without the magic.
+            vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0],
+        ] {
+            let mut batch = vec![0u8; HEADER_LEN];
+            batch[16] = 2;
+            batch[ATTR_OFFSET..ATTR_OFFSET + 2].copy_from_slice(&2i16.to_be_bytes());
+            batch[COUNT_OFFSET..COUNT_OFFSET + 4].copy_from_slice(&1i32.to_be_bytes());
+            batch.extend_from_slice(&section);
+            let len = (batch.len() - 12) as i32;
+            batch[LENGTH_OFFSET..LENGTH_OFFSET + 4].copy_from_slice(&len.to_be_bytes());
+            let batches = split_batches(&Bytes::from(batch)).unwrap();
+            let err = batches[0].records().unwrap_err();
+            assert!(err.0.contains("claims 4294967295"), "{err}");
+        }
     }
 
     #[test]

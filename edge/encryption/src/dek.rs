@@ -602,7 +602,18 @@ impl DekManager {
             .or_default()
             .clone();
         let _g = lock.lock().await;
+        // Every way out removes the entry: one left behind per prefix that
+        // was answered from the cache or the failure list kept a map entry
+        // per distinct forged prefix a topic holds, forever.
+        let done = || {
+            self.inner
+                .inflight
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(prefix);
+        };
         if let Some(c) = self.cache_get(prefix) {
+            done();
             self.inner.metrics.dek_cache_hits.inc();
             return Ok(c);
         }
@@ -614,16 +625,13 @@ impl DekManager {
             .get(prefix)
         {
             if at.elapsed() < FAIL_FAST {
+                done();
                 return Err(e.clone());
             }
         }
         self.inner.metrics.dek_cache_misses.inc();
         let res = self.unwrap(prefix, wrapped, realms).await;
-        self.inner
-            .inflight
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(prefix);
+        done();
         let mut failures = self
             .inner
             .failures
@@ -767,6 +775,30 @@ impl strait_kms_core::Kms for CountingKms<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Found by fuzzing (edge/fuzz `encryption_records`, RSS growing without
+    /// bound): a lookup answered from the failure list (or the cache) left
+    /// its in-flight entry behind, one per distinct forged prefix a topic
+    /// holds and a consumer fetched twice within a second.
+    #[tokio::test]
+    async fn answered_lookups_leave_no_in_flight_entry() {
+        let keyring = std::sync::Arc::new(strait_kms_core::local::LocalKeyring::in_memory());
+        let deks = DekManager::new(
+            KmsSet::new().with("vault", keyring),
+            DekConfig::default(),
+            EncryptionMetrics::new(&mut prometheus_client::registry::Registry::default()),
+            None,
+            &[],
+        );
+        for n in 0..50u8 {
+            let mut prefix = golden_prefix(format::FORMAT_V2).to_vec();
+            prefix.push(n);
+            for _ in 0..3 {
+                assert!(deks.decryptor(&prefix, b"forged", &[]).await.is_err());
+            }
+        }
+        assert!(deks.inner.inflight.lock().unwrap().is_empty());
+    }
 
     fn hex(b: &[u8]) -> String {
         b.iter().map(|x| format!("{x:02x}")).collect()

@@ -283,6 +283,33 @@ mod tests {
         assert!(decode_request(frame(&name)).is_err());
     }
 
+    /// Found by fuzzing (edge/fuzz `request_decode`): a tagged field whose
+    /// tag is beyond `i32::MAX` was kept as a negative tag, left out when the
+    /// message was re-encoded while the field count still counted it, so the
+    /// broker would have read the rest of the header as the body. Such tags
+    /// are refused now (edge/third_party/README.md).
+    #[test]
+    fn tags_beyond_i32_are_refused() {
+        let frame = |tag: &[u8]| {
+            // DescribeCluster v0: header v2 (key 60, version 0, correlation id,
+            // empty client id, one tagged field of 0 bytes), then the body's
+            // include_cluster_authorized_operations and its empty tag section.
+            let mut body = vec![0, 60, 0, 0, 0, 0, 0, 1, 0, 0, 1];
+            body.extend_from_slice(tag);
+            body.extend_from_slice(&[0, 0, 0]);
+            let mut out = (body.len() as i32).to_be_bytes().to_vec();
+            out.extend_from_slice(&body);
+            Bytes::from(out)
+        };
+        // Tag 2^32 - 1.
+        assert!(decode_request(frame(&[0xff, 0xff, 0xff, 0xff, 0x0f])).is_err());
+        // Tag 2^31 - 1 is kept, and survives a re-encode.
+        let (_, header, body) = decode_request(frame(&[0xff, 0xff, 0xff, 0xff, 0x07])).unwrap();
+        assert!(header.unknown_tagged_fields.contains_key(&i32::MAX));
+        let again = encode_request(&header, &body).unwrap();
+        assert_eq!(again, frame(&[0xff, 0xff, 0xff, 0xff, 0x07]));
+    }
+
     #[test]
     fn response_round_trip_all_metadata_versions() {
         for version in 0..=13 {

@@ -177,7 +177,7 @@ impl Decodable for FetchSnapshotRequest {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         for _ in 0..num_tagged_fields {
-            let tag: u32 = types::UnsignedVarInt.decode(buf)?;
+            let tag: u32 = crate::protocol::decode_tag(buf)?;
             let size: u32 = types::UnsignedVarInt.decode(buf)?;
             match tag {
                 0 => {
@@ -399,7 +399,7 @@ impl Decodable for PartitionSnapshot {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         for _ in 0..num_tagged_fields {
-            let tag: u32 = types::UnsignedVarInt.decode(buf)?;
+            let tag: u32 = crate::protocol::decode_tag(buf)?;
             let size: u32 = types::UnsignedVarInt.decode(buf)?;
             match tag {
                 0 => {
@@ -542,7 +542,7 @@ impl Decodable for SnapshotId {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         for _ in 0..num_tagged_fields {
-            let tag: u32 = types::UnsignedVarInt.decode(buf)?;
+            let tag: u32 = crate::protocol::decode_tag(buf)?;
             let size: u32 = types::UnsignedVarInt.decode(buf)?;
             let unknown_value = buf.try_get_bytes(size as usize)?;
             unknown_tagged_fields.insert(tag as i32, unknown_value);
@@ -669,7 +669,7 @@ impl Decodable for TopicSnapshot {
         let mut unknown_tagged_fields = BTreeMap::new();
         let num_tagged_fields = types::UnsignedVarInt.decode(buf)?;
         for _ in 0..num_tagged_fields {
-            let tag: u32 = types::UnsignedVarInt.decode(buf)?;
+            let tag: u32 = crate::protocol::decode_tag(buf)?;
             let size: u32 = types::UnsignedVarInt.decode(buf)?;
             let unknown_value = buf.try_get_bytes(size as usize)?;
             unknown_tagged_fields.insert(tag as i32, unknown_value);

@@ -238,6 +238,19 @@ pub fn encode_request_header_into_buffer<B: ByteBufMut>(
     header.encode(buf, version)
 }
 
+/// Reads a tagged field's tag. (Strait: tags beyond `i32::MAX` are refused.
+/// Unknown fields are kept by `i32` tag and written back only from tag 0 up,
+/// so such a field vanished on re-encoding while the field count still
+/// counted it: the re-encoded message no longer decoded, or decoded as
+/// something else. No Kafka message defines a tag anywhere near that.)
+pub(crate) fn decode_tag<B: ByteBuf>(buf: &mut B) -> Result<u32> {
+    let tag: u32 = types::UnsignedVarInt.decode(buf)?;
+    if tag > i32::MAX as u32 {
+        bail!("tagged field tag {tag} is out of range");
+    }
+    Ok(tag)
+}
+
 pub(crate) fn write_unknown_tagged_fields<B: ByteBufMut, R: RangeBounds<i32>>(
     buf: &mut B,
     range: R,

@@ -22,11 +22,13 @@ TANSU_SUBSET := integration/tests/test_edge_core.py integration/tests/test_bad_i
 # quick-start demo, then the scenarios.
 test: setup build
 	cargo fmt --all -- --check
+	cd edge/fuzz && cargo fmt -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
 	cargo test --workspace
 	scripts/demo.sh
 	$(PYTHON) -m pytest integration/ $(PYTEST_ARGS)
 	STRAIT_BROKER=tansu $(PYTHON) -m pytest $(TANSU_SUBSET) $(PYTEST_ARGS)
+	$(MAKE) fuzz-smoke
 
 # Only the Python scenarios (assumes setup and build were done): Apache Kafka, then the Tansu subset.
 pytest:

@@ -149,6 +149,7 @@ SOAK_SECONDS = float(os.environ.get("STRAIT_SOAK_SECONDS", "60"))
 def test_soak_mixed_load_while_certificates_kms_control_and_broker_are_disturbed(broker, logs, tmp_path):
     from confluent_kafka import Consumer, Producer
     duration = SOAK_SECONDS
+    commit = git_commit()  # what was built and started, not what HEAD is when the run ends
     kafka = broker(persistent=True)
     topic = unique("rotation-a")  # encrypted with kek-a, authorized for the workload (see mesh())
     create_topics(kafka.bootstrap, topic)
@@ -205,7 +206,7 @@ def test_soak_mixed_load_while_certificates_kms_control_and_broker_are_disturbed
         rss = [s[1] for s in warm]
         fds = [s[2] for s in warm]
         report = {
-            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": git_commit(),
+            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "commit": commit,
             "machine": f"{os.cpu_count()} CPUs ({platform.machine()}), Linux {platform.release()}",
             "seconds": duration, "sent": sent, "acknowledged": len(acked), "delivery_failures": len(failed),
             "consumed_by_group": consumed, "lost": len(lost), "stored": len(stored), "plaintext_stored": plaintext,

@@ -747,6 +747,39 @@ mod tests {
         }
     }
 
+    /// A gzip, lz4 or zstd batch inflating past 64 MiB (a 1 MiB zstd batch of
+    /// zeros holds gigabytes) is refused before it is held in memory whole
+    /// (edge/third_party/README.md).
+    #[test]
+    fn batches_inflating_past_the_decompression_cap_are_refused() {
+        use kafka_protocol::compression::{Gzip, Lz4, Zstd, MAX_DECOMPRESSED_BYTES};
+        let zeros = vec![0u8; MAX_DECOMPRESSED_BYTES + 1];
+        let fill = |b: &mut BytesMut| {
+            b.put_slice(&zeros);
+            Ok(())
+        };
+        for code in [1i16, 3, 4] {
+            let mut section = BytesMut::new();
+            match code {
+                1 => Gzip::compress(&mut section, fill),
+                3 => Lz4::compress(&mut section, fill),
+                _ => Zstd::compress(&mut section, fill),
+            }
+            .unwrap();
+            assert!(section.len() < 1 << 20, "{code}: {} bytes", section.len());
+            let mut batch = vec![0u8; HEADER_LEN];
+            batch[16] = 2;
+            batch[ATTR_OFFSET..ATTR_OFFSET + 2].copy_from_slice(&code.to_be_bytes());
+            batch[COUNT_OFFSET..COUNT_OFFSET + 4].copy_from_slice(&1i32.to_be_bytes());
+            batch.extend_from_slice(&section);
+            let len = (batch.len() - 12) as i32;
+            batch[LENGTH_OFFSET..LENGTH_OFFSET + 4].copy_from_slice(&len.to_be_bytes());
+            let batches = split_batches(&Bytes::from(batch)).unwrap();
+            let err = batches[0].records().unwrap_err();
+            assert!(err.0.contains("decompresses to more than"), "{code}: {err}");
+        }
+    }
+
     #[test]
     fn identity_round_trip_all_codecs() {
         for c in [

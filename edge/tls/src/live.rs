@@ -199,11 +199,12 @@ mod tests {
         };
         live.store(with(&home));
         assert!(live.verify_client_cert(&e1, &[], now).is_ok());
-        // The domain's bundle replaced by another CA's: e1 is refused at once.
+        // The domain's bundle replaced by another CA's: e1 is refused at once
+        // (its CA is now trusted for nothing here: an unknown issuer).
         live.store(with(&other));
         assert_eq!(
             message(live.verify_client_cert(&e1, &[], now).unwrap_err()),
-            "client certificate names spiffe://example.org/edge/e1, but does not chain to the trust bundle of 'example.org'"
+            "client certificate names spiffe://example.org/edge/e1, but chains to no CA trusted here (not to the trust bundle of 'example.org' nor any other)"
         );
         live.store(None);
         assert!(live.current().is_none());

@@ -35,6 +35,8 @@ pub enum TrustDomainError {
     },
     #[error("client certificate names {id}, but does not chain to the trust bundle of '{domain}'")]
     WrongIssuer { id: String, domain: String },
+    #[error("client certificate names {id}, but chains to no CA trusted here (not to the trust bundle of '{domain}' nor any other)")]
+    UnknownIssuer { id: String, domain: String },
     #[error("client certificate has {0} SPIFFE IDs; an X.509 SVID has exactly one")]
     SeveralIds(usize),
     #[error("client certificate's SPIFFE ID '{0}' is malformed")]
@@ -49,6 +51,7 @@ impl TrustDomainError {
         match self {
             TrustDomainError::NoBundle { .. } => "unknown_trust_domain",
             TrustDomainError::WrongIssuer { .. } => "wrong_trust_domain",
+            TrustDomainError::UnknownIssuer { .. } => "unknown_issuer",
             TrustDomainError::SeveralIds(_) => "several_spiffe_ids",
             TrustDomainError::Malformed(_) => "malformed_spiffe_id",
             TrustDomainError::NoSpiffeId => "no_spiffe_id",
@@ -235,15 +238,14 @@ impl ClientCertVerifier for SpiffeClientVerifier {
             .verify_client_cert(end_entity, intermediates, now)
             .map_err(|err| match err {
                 // A CA this listener trusts for something else claiming the domain is the forgery
-                // the binding exists for; a CA it does not know at all stays `unknown_issuer`.
-                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
-                    if self.trusted_elsewhere(&domain, end_entity, intermediates, now) =>
-                {
-                    TrustDomainError::WrongIssuer {
-                        id: id.clone(),
-                        domain,
+                // the binding exists for; a CA it does not know at all is an unknown issuer.
+                rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer) => {
+                    let id = id.clone();
+                    if self.trusted_elsewhere(&domain, end_entity, intermediates, now) {
+                        TrustDomainError::WrongIssuer { id, domain }.into_rustls()
+                    } else {
+                        TrustDomainError::UnknownIssuer { id, domain }.into_rustls()
                     }
-                    .into_rustls()
                 }
                 other => other,
             })

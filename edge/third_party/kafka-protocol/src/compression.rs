@@ -45,3 +45,46 @@ pub trait Decompressor<B: ByteBuf> {
     where
         F: FnOnce(&mut Self::Buf) -> Result<R>;
 }
+
+/// (Strait) The most one record batch may decompress to. Kafka bounds a batch's compressed size
+/// (`message.max.bytes`), not what it inflates to: as published, gzip, lz4 and zstd wrote whatever the
+/// stream produced, so a 1 MiB zstd batch of zeros could make a proxy allocate gigabytes. Clients batch
+/// by uncompressed size (librdkafka `batch.size` 1 MB, Java 16 KiB), far below this.
+pub const MAX_DECOMPRESSED_BYTES: usize = 64 << 20;
+
+/// (Strait) A writer that refuses to grow past [`MAX_DECOMPRESSED_BYTES`].
+#[cfg(any(feature = "gzip", feature = "lz4", feature = "zstd"))]
+pub(crate) struct Bounded<W> {
+    inner: W,
+    written: usize,
+}
+
+#[cfg(any(feature = "gzip", feature = "lz4", feature = "zstd"))]
+impl<W> Bounded<W> {
+    pub(crate) fn new(inner: W) -> Self {
+        Bounded { inner, written: 0 }
+    }
+
+    pub(crate) fn into_inner(self) -> W {
+        self.inner
+    }
+}
+
+#[cfg(any(feature = "gzip", feature = "lz4", feature = "zstd"))]
+impl<W: std::io::Write> std::io::Write for Bounded<W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.written.saturating_add(data.len()) > MAX_DECOMPRESSED_BYTES {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("a record batch decompresses to more than {MAX_DECOMPRESSED_BYTES} bytes"),
+            ));
+        }
+        let n = self.inner.write(data)?;
+        self.written += n;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
+}

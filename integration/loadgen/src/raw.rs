@@ -316,6 +316,7 @@ struct ConnResult {
 
 async fn run_connection(
     dialer: Arc<Dialer>,
+    all_connected: Arc<tokio::sync::Barrier>,
     leader: (String, u16, i32),
     topic: String,
     requests: u64,
@@ -325,6 +326,7 @@ async fn run_connection(
     let (inflight, acks, size) = args;
     let (host, port, partition) = leader;
     let stream = dialer.dial(&host, port).await?;
+    all_connected.wait().await;
     let (reader, mut writer) = tokio::io::split(stream);
     let mut reader = BufReader::with_capacity(64 * 1024, reader);
     let topic = TopicName(StrBytes::from_string(topic));
@@ -457,10 +459,14 @@ async fn run(args: &RawProduceArgs) -> Result<serde_json::Value> {
     let started_at = SystemTime::now();
     let start = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
+    // Every connection is established before any sends, so N connections are really open at once
+    // (a dial error still ends the run: the first failed task is joined first).
+    let all_connected = Arc::new(tokio::sync::Barrier::new(args.connections.max(1)));
     for i in 0..args.connections.max(1) {
         let l = &leaders[i % leaders.len()];
         tasks.spawn(run_connection(
             dialer.clone(),
+            all_connected.clone(),
             (l.host.clone(), l.port, l.partition),
             args.topic.clone(),
             requests_per_conn,

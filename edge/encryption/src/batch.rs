@@ -722,6 +722,18 @@ mod tests {
         assert!(batches[0].records().is_err());
     }
 
+    /// A v2 batch header (one record, codec `code`) in front of a records section.
+    fn one_record_batch(code: i16, section: &[u8]) -> Bytes {
+        let mut batch = vec![0u8; HEADER_LEN];
+        batch[16] = 2;
+        batch[ATTR_OFFSET..ATTR_OFFSET + 2].copy_from_slice(&code.to_be_bytes());
+        batch[COUNT_OFFSET..COUNT_OFFSET + 4].copy_from_slice(&1i32.to_be_bytes());
+        batch.extend_from_slice(section);
+        let len = (batch.len() - 12) as i32;
+        batch[LENGTH_OFFSET..LENGTH_OFFSET + 4].copy_from_slice(&len.to_be_bytes());
+        Bytes::from(batch)
+    }
+
     /// Found by fuzzing (edge/fuzz `record_batch`): a snappy block declaring
     /// 4 GiB in a few bytes made the decoder allocate and zero 4 GiB on
     /// produce and fetch (edge/third_party/README.md); now an error at once.
@@ -734,14 +746,7 @@ mod tests {
             // Raw snappy, as the Java client falls back to without the magic.
             vec![0xff, 0xff, 0xff, 0xff, 0x0f, 0],
         ] {
-            let mut batch = vec![0u8; HEADER_LEN];
-            batch[16] = 2;
-            batch[ATTR_OFFSET..ATTR_OFFSET + 2].copy_from_slice(&2i16.to_be_bytes());
-            batch[COUNT_OFFSET..COUNT_OFFSET + 4].copy_from_slice(&1i32.to_be_bytes());
-            batch.extend_from_slice(&section);
-            let len = (batch.len() - 12) as i32;
-            batch[LENGTH_OFFSET..LENGTH_OFFSET + 4].copy_from_slice(&len.to_be_bytes());
-            let batches = split_batches(&Bytes::from(batch)).unwrap();
+            let batches = split_batches(&one_record_batch(2, &section)).unwrap();
             let err = batches[0].records().unwrap_err();
             assert!(err.0.contains("claims 4294967295"), "{err}");
         }
@@ -767,14 +772,7 @@ mod tests {
             }
             .unwrap();
             assert!(section.len() < 1 << 20, "{code}: {} bytes", section.len());
-            let mut batch = vec![0u8; HEADER_LEN];
-            batch[16] = 2;
-            batch[ATTR_OFFSET..ATTR_OFFSET + 2].copy_from_slice(&code.to_be_bytes());
-            batch[COUNT_OFFSET..COUNT_OFFSET + 4].copy_from_slice(&1i32.to_be_bytes());
-            batch.extend_from_slice(&section);
-            let len = (batch.len() - 12) as i32;
-            batch[LENGTH_OFFSET..LENGTH_OFFSET + 4].copy_from_slice(&len.to_be_bytes());
-            let batches = split_batches(&Bytes::from(batch)).unwrap();
+            let batches = split_batches(&one_record_batch(code, &section)).unwrap();
             let err = batches[0].records().unwrap_err();
             assert!(err.0.contains("decompresses to more than"), "{code}: {err}");
         }

@@ -15,25 +15,15 @@ setup:
 build:
 	cargo build --workspace --bins
 
-# The Tansu compatibility subset: edge core and bad input, with the two libraries Tansu was proven with.
-TANSU_SUBSET := integration/tests/test_edge_core.py integration/tests/test_bad_input.py -k "not java"
-
-# What CI runs: formatting and lints first (cheap, and they fail fast), the unit tests, the README's
-# quick-start demo, then the scenarios.
-test: setup build
-	cargo fmt --all -- --check
-	cd edge/fuzz && cargo fmt -- --check
-	cargo clippy --workspace --all-targets -- -D warnings
-	cargo test --workspace
-	scripts/demo.sh
-	$(PYTHON) -m pytest integration/ $(PYTEST_ARGS)
-	STRAIT_BROKER=tansu $(PYTHON) -m pytest $(TANSU_SUBSET) $(PYTEST_ARGS)
-	$(MAKE) fuzz-smoke
+# What CI runs (scripts/test.sh): formatting and lints first (cheap, and they fail fast), the unit
+# tests, the README's quick-start demo, then the scenarios on Apache Kafka, the Tansu subset and
+# fuzz-smoke. Tansu and the fuzz targets build in the background while the Kafka scenarios run.
+test:
+	PYTEST_ARGS="$(PYTEST_ARGS)" scripts/test.sh
 
 # Only the Python scenarios (assumes setup and build were done): Apache Kafka, then the Tansu subset.
 pytest:
-	$(PYTHON) -m pytest integration/ $(PYTEST_ARGS)
-	STRAIT_BROKER=tansu $(PYTHON) -m pytest $(TANSU_SUBSET) $(PYTEST_ARGS)
+	PYTEST_ARGS="$(PYTEST_ARGS)" scripts/test.sh scenarios
 
 demo: setup build
 	scripts/demo.sh

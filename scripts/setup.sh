@@ -3,6 +3,7 @@
 # (as root) and on a developer machine. Prints each step.
 #   - Debian packages: compiler toolchain, cmake, pkg-config, socat, python3-venv
 #   - Tansu 0.6.0 (Kafka-compatible broker) into ~/.cache/strait/tools/bin, built once and cached
+#     (scripts/setup-tansu.sh; not with STRAIT_SETUP_TANSU=0)
 #   - Apache Kafka (broker, tools, MirrorMaker 2) from Maven Central into ~/.cache/strait/kafka/<version>
 #   - Python venv ~/.cache/strait/venv from integration/requirements.txt (skipped when unchanged)
 #   - with STRAIT_FUZZ=1: cargo-fuzz into ~/.cache/strait/tools/bin (scripts/setup-fuzz.sh)
@@ -12,7 +13,6 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 CACHE="${STRAIT_CACHE:-$HOME/.cache/strait}"
 TOOLS="$CACHE/tools"
 VENV="$CACHE/venv"
-TANSU_VERSION="0.6.0"
 
 say() { printf '[setup] %s\n' "$*"; }
 
@@ -62,25 +62,9 @@ else
     echo "$kafka_want" > "$KAFKA_STAMP"
 fi
 
-# ---- Tansu
-TANSU="$TOOLS/bin/tansu"
-tansu_building() { pgrep -f "cargo install tansu" >/dev/null 2>&1; }
-if [ ! -x "$TANSU" ] && tansu_building; then
-    # Another process is already building it into the same root: wait instead of racing it.
-    say "a Tansu build is already running; waiting for $TANSU (up to 40 min)"
-    for _ in $(seq 1 480); do
-        [ -x "$TANSU" ] && break
-        tansu_building || break
-        sleep 5
-    done
-fi
-if [ -x "$TANSU" ]; then
-    say "tansu present: $TANSU"
-else
-    say "building tansu $TANSU_VERSION (about 12 minutes on 2 cores; cached afterwards in $TOOLS)"
-    CARGO_TARGET_DIR="$CACHE/tansu-target" cargo install tansu --version "$TANSU_VERSION" --locked \
-        --features dynostore,libsql --root "$TOOLS" 2>&1 | tee "$CACHE/tansu-build.log" | grep -E "^ *(Installing|Installed|Finished|error)" || true
-    [ -x "$TANSU" ] || { say "ERROR: tansu build failed, see $CACHE/tansu-build.log"; exit 1; }
+# ---- Tansu (skipped with STRAIT_SETUP_TANSU=0: `make test` builds it in the background later)
+if [ "${STRAIT_SETUP_TANSU:-1}" = 1 ]; then
+    "$ROOT/scripts/setup-tansu.sh"
 fi
 
 # ---- Python venv

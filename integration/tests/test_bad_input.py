@@ -3,16 +3,19 @@
 Listener kinds: `plain` (no filter: requests are streamed, never decoded), `mtls` (client certificates
 required), `sni` (mTLS on one port shared by name: the bootstrap is picked by the TLS server name, and
 the well-behaved client is kafka-python, whose name lookups the test answers), `authz` (authorization installed: every request but ApiVersions is decoded) and `encrypt`
-(record encryption with a local keyring: Produce is decoded). Each (case, kind) asserts one exact
-outcome:
+(record encryption with a local keyring: Produce is decoded) and `tunnel` (the mesh's tunnel ingress: an
+mTLS client of a near edge whose virtual cluster lives behind a far edge, reached through a QUIC
+tunnel; the near edge frames and relays, the far edge authorizes, so it decodes). Each (case, kind)
+asserts one exact outcome (for `tunnel`, counted and logged once across the two edges):
 
 - `Refused(reason)`: the edge closes the connection, counts `strait_frames_rejected_total{reason}` exactly
   once and logs one WARN line with that reason;
 - `Answered(error_code)`: an answer with the request's correlation id and that error code comes back;
 - `BrokerCloses()`: the frame is not the edge's to judge (no filter decodes it): it is relayed, the broker
   closes its connection, and the edge closes the client's, counting nothing;
-- TLS cases (garbage before the handshake, a handshake that never comes, expired, not-yet-valid,
-  foreign-CA and wrong-trust-domain client certificates) count
+- TLS cases (garbage before the handshake and a handshake that never comes, on the mTLS listener and
+  the SNI port; a ClientHello without a server name or with one no cluster serves, on the SNI port;
+  expired, not-yet-valid, foreign-CA and wrong-trust-domain client certificates) count
   `strait_tls_handshakes_total{result="failed",reason}` instead, with one WARN line naming the reason.
 
 In every case a confluent-kafka producer and consumer on the same edge complete all their requests
@@ -34,7 +37,8 @@ import pytest
 from lib.authz import create_topics_at_broker
 from lib.edge import VirtualCluster
 from lib.kafka_wire import API_VERSIONS, METADATA, frame, recv_frame, request_v0_header
-from lib.pki import SPIFFE_ORDERS, standard_pki
+from lib.pki import standard_pki
+from lib.ports import free_port
 from lib.wait import wait_for
 
 PRODUCE = 0
@@ -46,7 +50,10 @@ ALLOW_ALL = [
     {"principal": "*", "allow": ["All"], "group": "*"},
     {"principal": "*", "allow": ["All"], "cluster": True},
 ]
-KINDS = ["plain", "mtls", "sni", "authz", "encrypt"]
+KINDS = ["plain", "mtls", "sni", "authz", "encrypt", "tunnel"]
+# The tunnel kind's two edges: the client's (near, a remote virtual cluster) and the one whose tunnel
+# ingress receives the client's bytes and decodes them for its authorization (far).
+NEAR_EDGE_ID, FAR_EDGE_ID = "spiffe://example.org/edge/near", "spiffe://example.org/edge/far"
 # The SNI listener's names: the test resolves them to the loopback edge itself (see `sni_dns`).
 SNI_DOMAIN = "bad.strait.test"
 SNI_BOOTSTRAP = f"bootstrap.{SNI_DOMAIN}"
@@ -58,6 +65,8 @@ BROKER_KIND = os.environ.get("STRAIT_BROKER", "kafka")
 @dataclass(frozen=True)
 class Refused:
     reason: str
+    # Which of the listener's edges refuses: 0 the client's own, 1 the far edge behind a tunnel.
+    at: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,22 +80,19 @@ class BrokerCloses:
     pass
 
 
-@dataclass(frozen=True)
-class HandshakeFailed:
-    reason: str
-
-
 # ---- listeners
 
 class Listener:
-    def __init__(self, kind: str, edge, broker, pki):
+    def __init__(self, kind: str, edge, broker, pki, far_edge=None):
         self.kind, self.edge, self.broker, self.pki = kind, edge, broker, pki
+        # Every edge the client's bytes pass through: where a refusal may be counted and logged.
+        self.edges = [edge] + ([far_edge] if far_edge else [])
         self.host, port = edge.bootstrap.rsplit(":", 1)
         self.port = int(port)
 
     @property
     def tls(self) -> bool:
-        return self.kind in ("mtls", "sni")
+        return self.kind in ("mtls", "sni", "tunnel")
 
     @property
     def server_name(self) -> str:
@@ -114,6 +120,8 @@ class Listener:
 
 
 def listener_for(kind: str, broker, edge, tmp_path, handshake_timeout: str = "10s") -> Listener:
+    if kind == "tunnel":
+        return tunnel_listener(broker, edge, tmp_path)
     t = broker()
     pki = standard_pki(tmp_path / "pki") if kind in ("mtls", "sni") else None
     extra: dict = {}
@@ -142,6 +150,36 @@ def listener_for(kind: str, broker, edge, tmp_path, handshake_timeout: str = "10
         vc.config = config
     e = edge([vc], max_frame_bytes=MAX_FRAME, extra=top)
     return Listener(kind, e, t, pki)
+
+
+def tunnel_listener(broker, edge, tmp_path) -> Listener:
+    """A near edge serving a remote virtual cluster (mTLS for its clients), and the far edge that exports
+    it over a QUIC tunnel and authorizes the principals the near edge forwards, so the far edge's
+    tunnel ingress decodes every request but ApiVersions."""
+    t = broker()
+    pki = standard_pki(tmp_path / "pki")
+    pki.leaf("near-edge", uris=[NEAR_EDGE_ID], ips=["127.0.0.1"])
+    pki.leaf("far-edge", uris=[FAR_EDGE_ID], ips=["127.0.0.1"])
+    limits = {"max_frame_bytes": MAX_FRAME, "request_read_timeout": READ_TIMEOUT}
+    bundles = [{"trust_domain": "example.org", "pem": str(pki.pem("ca"))}]
+    mesh_port = free_port()
+    far = edge([VirtualCluster(name="tunnel-far", upstream=t.bootstrap_servers,
+                               extra={"authorization": {"rules": ALLOW_ALL}})],
+               max_frame_bytes=MAX_FRAME, extra={"limits": limits, "mesh": {
+                   "listen": f"127.0.0.1:{mesh_port}",
+                   "identity": {"cert": str(pki.pem("far-edge")), "key": str(pki.key("far-edge"))},
+                   "trust_bundles": bundles,
+                   "peers": [{"name": "near", "spiffe_id": NEAR_EDGE_ID, "may_assert": ["spiffe://example.org/*"],
+                              "exports": ["tunnel-far"]}]}})
+    near_cluster = VirtualCluster(name="tunnel", upstream=[], advertised_host="localhost", extra={
+        "upstream": {"remote": {"peer": "far", "virtual_cluster": "tunnel-far"}, "connect_timeout": "5s"},
+        "tls": pki.server_tls()})
+    near = edge([near_cluster], max_frame_bytes=MAX_FRAME, extra={"limits": limits, "mesh": {
+        "identity": {"cert": str(pki.pem("near-edge")), "key": str(pki.key("near-edge"))},
+        "trust_bundles": bundles,
+        "peers": [{"name": "far", "address": f"127.0.0.1:{mesh_port}", "spiffe_id": FAR_EDGE_ID}]}})
+    wait_for(lambda: near.metric("strait_mesh_peer_connected", peer="far") == 1, 30, what="the tunnel to the far edge")
+    return Listener("tunnel", near, t, pki, far_edge=far)
 
 
 @pytest.fixture
@@ -382,13 +420,13 @@ CASES = {
     # Decoded where a filter reads Produce (authorization, encryption); elsewhere the broker judges it.
     "undecodable_produce": (send_undecodable_produce, {
         "plain": BrokerCloses(), "mtls": BrokerCloses(), "sni": BrokerCloses(),
-        "authz": Refused("undecodable"), "encrypt": Refused("undecodable")}),
+        "authz": Refused("undecodable"), "encrypt": Refused("undecodable"), "tunnel": Refused("undecodable", at=1)}),
     "produce_huge_topic_count": (send_produce_huge_topic_count, {
         "plain": BrokerCloses(), "mtls": BrokerCloses(), "sni": BrokerCloses(),
-        "authz": Refused("undecodable"), "encrypt": Refused("undecodable")}),
+        "authz": Refused("undecodable"), "encrypt": Refused("undecodable"), "tunnel": Refused("undecodable", at=1)}),
     "metadata_huge_topic_count": (send_metadata_huge_topic_count, {
         "plain": BrokerCloses(), "mtls": BrokerCloses(), "sni": BrokerCloses(),
-        "authz": Refused("undecodable"), "encrypt": BrokerCloses()}),
+        "authz": Refused("undecodable"), "encrypt": BrokerCloses(), "tunnel": Refused("undecodable", at=1)}),
     "frame_never_completed": (send_produce_over_budget, every(Refused("read_timeout"))),
     "slowloris": (send_slowloris, every(Refused("read_timeout"))),
 }
@@ -398,6 +436,12 @@ TLS_CASES = {
     "plaintext_before_handshake": "protocol",
     # Connect and say nothing: `handshake_timeout` (3 s here).
     "handshake_timeout": "timeout",
+}
+
+# The SNI port's own: a ClientHello it cannot route.
+SNI_TLS_CASES = {
+    "no_server_name": "no_sni",
+    "unknown_server_name": "unknown_sni",
 }
 
 
@@ -436,7 +480,8 @@ def refused_at_handshake(listener: Listener, leaf: str) -> bool:
 
 def warn_lines(e, reason: str) -> list[str]:
     out = []
-    for line in e.proc.all_logs().splitlines():
+    edges = e.edges if isinstance(e, Listener) else [e]
+    for line in "\n".join(x.proc.all_logs() for x in edges).splitlines():
         try:
             entry = json.loads(line)
         except ValueError:
@@ -446,8 +491,8 @@ def warn_lines(e, reason: str) -> list[str]:
     return out
 
 
-def rejected(e, reason: str) -> float:
-    return e.metric("strait_frames_rejected", reason=reason)
+def rejected(listener: Listener, reason: str) -> float:
+    return sum(e.metric("strait_frames_rejected", reason=reason) for e in listener.edges)
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -458,10 +503,11 @@ def test_bad_input(case, kind, broker, edge, tmp_path, request):
     send, outcomes = CASES[case]
     expected = outcomes[kind]
     listener = listener_for(kind, broker, edge, tmp_path)
-    e = listener.edge
     reasons = ["malformed", "too_large", "truncated", "unknown_api_key", "unsupported_version", "undecodable",
                "buffer_budget", "read_timeout"]
-    before = {r: rejected(e, r) for r in reasons}
+    before = {r: rejected(listener, r) for r in reasons}
+    before_at = {r: listener.edges[expected.at].metric("strait_frames_rejected", reason=r) for r in reasons} \
+        if isinstance(expected, Refused) else {}
     with WellBehaved(listener):
         s = listener.open()
         try:
@@ -476,33 +522,71 @@ def test_bad_input(case, kind, broker, edge, tmp_path, request):
         finally:
             s.close()
     if isinstance(expected, Refused):
-        wait_for(lambda: rejected(e, expected.reason) == before[expected.reason] + 1, 10,
+        wait_for(lambda: rejected(listener, expected.reason) == before[expected.reason] + 1, 10,
                  what=f"frames_rejected{{reason={expected.reason}}} counted once")
-        assert len(warn_lines(e, expected.reason)) == 1, f"one WARN line with reason={expected.reason}"
-    after = {r: rejected(e, r) for r in reasons}
+        assert len(warn_lines(listener, expected.reason)) == 1, f"one WARN line with reason={expected.reason}"
+        refusing = listener.edges[expected.at]
+        assert refusing.metric("strait_frames_rejected", reason=expected.reason) == \
+            before_at[expected.reason] + 1, f"refused by edge {expected.at} of {len(listener.edges)}"
+        assert len(warn_lines(refusing, expected.reason)) == 1, f"the WARN line is edge {expected.at}'s"
+    after = {r: rejected(listener, r) for r in reasons}
     others = {r: after[r] - before[r] for r in reasons
               if not (isinstance(expected, Refused) and r == expected.reason) and after[r] != before[r]}
     assert others == {}, f"unexpected rejections counted: {others}"
-    assert e.alive(), f"strait-edge died:\n{e.proc.tail()}"
+    for e in listener.edges:
+        assert e.alive(), f"strait-edge died:\n{e.proc.tail()}"
 
 
-@pytest.mark.parametrize("case", list(TLS_CASES))
-def test_bad_tls_input(case, broker, edge, tmp_path):
-    listener = listener_for("mtls", broker, edge, tmp_path, handshake_timeout="3s")
+def closed_after_client_hello(s: socket.socket, listener: "Listener", server_name: str | None) -> bool:
+    """Starts a TLS handshake naming `server_name` (None: no SNI extension at all) on `s`, which the TLS
+    socket takes over; True when the edge closes the connection."""
+    ctx = ssl.create_default_context(cafile=str(listener.pki.pem("ca")))
+    ctx.check_hostname = False
+    ctx.load_cert_chain(str(listener.pki.pem("orders")), str(listener.pki.key("orders")))
+    tls = ctx.wrap_socket(s, server_hostname=server_name, do_handshake_on_connect=False)
+    try:
+        tls.settimeout(30)
+        try:
+            tls.do_handshake()
+        except TimeoutError:
+            return False
+        except (ssl.SSLError, OSError):
+            return True  # closed (or reset) before the handshake could finish
+        return closed_by_peer(tls, timeout=30)
+    finally:
+        tls.close()
+
+
+@pytest.mark.parametrize("case,kind", [(c, k) for c in TLS_CASES for k in ("mtls", "sni")]
+                         + [(c, "sni") for c in SNI_TLS_CASES])
+def test_bad_tls_input(case, kind, broker, edge, tmp_path, request):
+    """TLS that never gets as far as a session, on the mTLS listener and on the SNI port (where the
+    ClientHello picks the cluster, so a hello without a name, or with one nobody serves, is refused
+    too): closed, the reason counted once in tls_handshakes_total, one WARN line, while a well-behaved
+    client on the same edge completes every request."""
+    if kind == "sni":
+        request.getfixturevalue("sni_dns")
+    listener = listener_for(kind, broker, edge, tmp_path, handshake_timeout="3s")
     e = listener.edge
-    reason = TLS_CASES[case]
+    reason = TLS_CASES.get(case) or SNI_TLS_CASES[case]
     before = e.metric("strait_tls_handshakes", result="failed", reason=reason)
     with WellBehaved(listener):
         s = listener.raw()
         try:
-            if case == "plaintext_before_handshake":
-                s.sendall(frame(request_v0_header(API_VERSIONS, 0, 1)))
-            assert closed_by_peer(s, timeout=30), f"{case}: connection not closed"
+            if case in SNI_TLS_CASES:
+                name = None if case == "no_server_name" else f"nobody.{SNI_DOMAIN}"
+                closed = closed_after_client_hello(s, listener, name)
+            else:
+                if case == "plaintext_before_handshake":
+                    s.sendall(frame(request_v0_header(API_VERSIONS, 0, 1)))
+                closed = closed_by_peer(s, timeout=30)
+            assert closed, f"{case}: connection not closed"
         finally:
             s.close()
     wait_for(lambda: e.metric("strait_tls_handshakes", result="failed", reason=reason) == before + 1, 10,
              what=f"tls_handshakes{{result=failed,reason={reason}}} counted once")
     assert len(warn_lines(e, reason)) == 1, f"one WARN line with reason={reason}"
+    assert e.metric("strait_tls_handshakes", result="failed") == before + 1, "only this attempt failed"
     assert e.alive()
 
 

@@ -301,6 +301,10 @@ impl ClusterRuntime {
         self.tls.as_ref().map(|tls| &tls.metrics)
     }
 
+    pub fn handshake_timeout(&self) -> Option<Duration> {
+        self.tls.as_ref().map(|tls| tls.handshake_timeout)
+    }
+
     /// Finishes a TLS handshake whose ClientHello was routed here by SNI, then serves.
     pub async fn serve_sni(
         self: Arc<Self>,

@@ -600,7 +600,6 @@ impl Edge {
             SniListener {
                 listener,
                 routes: routes.clone(),
-                hello_timeout: Duration::from_secs(10),
                 max_connections: self.settings.max_connections,
             }
             .run(stop.clone(), TaskTracker::new()),

@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
+use strait_tls::handshake_failure_reason;
 use strait_tls::tokio_rustls::rustls::server::Acceptor;
 use strait_tls::tokio_rustls::LazyConfigAcceptor;
 use tokio::net::{TcpListener, TcpStream};
@@ -15,13 +16,15 @@ use tracing::Instrument;
 use crate::cluster::ClusterRuntime;
 use crate::limits::{ConnectionCount, WarnLimiter};
 
+/// `tls.handshake_timeout`'s default, for a port whose clusters are all gone.
+const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// The virtual clusters served on one SNI port; changes as clusters come and go.
 pub type SniRoutes = Arc<RwLock<Vec<Arc<ClusterRuntime>>>>;
 
 pub struct SniListener {
     pub listener: TcpListener,
     pub routes: SniRoutes,
-    pub hello_timeout: Duration,
     /// Open connections this port serves; more are accepted and closed at once.
     pub max_connections: u32,
 }
@@ -31,6 +34,7 @@ impl SniListener {
         let routes = self.routes;
         let open = ConnectionCount::new(self.max_connections);
         let refusals = WarnLimiter::new(Duration::from_secs(10));
+        let hello_failures = Arc::new(HelloFailures::default());
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -50,7 +54,7 @@ impl SniListener {
                         continue;
                     };
                     let span = tracing::info_span!("connection", client = %peer);
-                    let routed = route(stream, peer, routes.clone(), self.hello_timeout);
+                    let routed = route(stream, peer, routes.clone(), hello_failures.clone());
                     tracker.spawn(
                         async move {
                             let _slot = slot;
@@ -71,28 +75,83 @@ impl SniListener {
     }
 }
 
-async fn route(stream: TcpStream, peer: SocketAddr, routes: SniRoutes, hello_timeout: Duration) {
+/// WARN lines for connections refused before any cluster was picked, at most
+/// one every 10 s per reason (a scanner or a misconfigured client repeats
+/// itself); every refusal is counted in `tls_handshakes_total` regardless.
+#[derive(Default)]
+struct HelloFailures {
+    limiters: std::sync::Mutex<std::collections::HashMap<&'static str, Arc<WarnLimiter>>>,
+}
+
+impl HelloFailures {
+    fn refuse(&self, routes: &[Arc<ClusterRuntime>], reason: &'static str, detail: &str) {
+        // The port is shared and no cluster was chosen: counted under no virtual cluster.
+        if let Some(metrics) = routes.first().and_then(|r| r.tls_metrics()) {
+            metrics.handshake("", Some(reason));
+        }
+        if reason == "eof" {
+            // A TCP probe (a load balancer's health check) connects and closes: not worth a WARN.
+            tracing::debug!(reason, "TLS connection closed before its ClientHello");
+            return;
+        }
+        let limiter = self
+            .limiters
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_insert_with(|| Arc::new(WarnLimiter::new(Duration::from_secs(10))))
+            .clone();
+        let Some(suppressed) = limiter.allow() else {
+            return;
+        };
+        let why = match reason {
+            "no_sni" => "the ClientHello names no server, so no virtual cluster can be picked",
+            "unknown_sni" => "no virtual cluster serves this name",
+            "timeout" => "no TLS ClientHello in time",
+            _ => "no valid TLS ClientHello",
+        };
+        tracing::warn!(
+            reason,
+            detail,
+            suppressed,
+            "TLS connection refused on the SNI port: {why} (logged at most every 10 s per reason; suppressed counts the lines held back, every refusal is in tls_handshakes_total)"
+        );
+    }
+}
+
+async fn route(
+    stream: TcpStream,
+    peer: SocketAddr,
+    routes: SniRoutes,
+    failures: Arc<HelloFailures>,
+) {
     stream.set_nodelay(true).ok();
-    let start = match tokio::time::timeout(
+    let routes: Vec<Arc<ClusterRuntime>> = routes.read().unwrap_or_else(|e| e.into_inner()).clone();
+    // The ClientHello comes before the cluster is known: the most patient of
+    // the clusters sharing the port sets how long it may take.
+    let hello_timeout = routes
+        .iter()
+        .filter_map(|runtime| runtime.handshake_timeout())
+        .max()
+        .unwrap_or(DEFAULT_HELLO_TIMEOUT);
+    let hello = tokio::time::timeout(
         hello_timeout,
         LazyConfigAcceptor::new(Acceptor::default(), strait_tls::buffered(stream)),
     )
-    .await
-    {
+    .await;
+    let start = match hello {
         Ok(Ok(start)) => start,
         Ok(Err(err)) => {
-            tracing::info!(%err, "no valid TLS ClientHello");
+            failures.refuse(&routes, handshake_failure_reason(&err), &err.to_string());
             return;
         }
         Err(_) => {
-            tracing::info!("no TLS ClientHello in time");
+            failures.refuse(&routes, "timeout", "");
             return;
         }
     };
-    let host = start.client_hello().server_name().map(str::to_owned);
-    let routes: Vec<Arc<ClusterRuntime>> = routes.read().unwrap_or_else(|e| e.into_inner()).clone();
-    let Some(host) = host else {
-        refuse(&routes, "no_sni", "");
+    let Some(host) = start.client_hello().server_name().map(str::to_owned) else {
+        failures.refuse(&routes, "no_sni", "");
         return;
     };
     for runtime in &routes {
@@ -101,16 +160,5 @@ async fn route(stream: TcpStream, peer: SocketAddr, routes: SniRoutes, hello_tim
             return;
         }
     }
-    refuse(&routes, "unknown_sni", &host);
-}
-
-fn refuse(routes: &[Arc<ClusterRuntime>], reason: &str, host: &str) {
-    if let Some(metrics) = routes.first().and_then(|r| r.tls_metrics()) {
-        metrics.handshake("", Some(reason));
-    }
-    tracing::info!(
-        host,
-        reason,
-        "TLS connection refused: no virtual cluster serves this name"
-    );
+    failures.refuse(&routes, "unknown_sni", &host);
 }

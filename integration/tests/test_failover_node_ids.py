@@ -61,13 +61,17 @@ def edge_view(bootstrap: str, topic: str) -> dict:
 
 
 def coordinator_id(bootstrap: str, group: str) -> int:
-    """FindCoordinator through kafka-python (its admin client's own helper; there is no public call)."""
+    """FindCoordinator through kafka-python (its admin client's own helper; there is no public call),
+    until it names one: a cluster answers COORDINATOR_NOT_AVAILABLE while its offsets topic is created."""
     from kafka import KafkaAdminClient
-    admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
-    try:
-        return admin._manager.run(admin._find_coordinator_id, group)
-    finally:
-        admin.close()
+
+    def find():
+        admin = KafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=15000)
+        try:
+            return (admin._manager.run(admin._find_coordinator_id, group),)
+        finally:
+            admin.close()
+    return wait_for(find, 60, interval=0.5, what=f"the coordinator of {group}")[0]
 
 
 def test_clients_keep_the_broker_ids_they_hold_across_a_switch_to_other_ids(broker, edge):
@@ -102,28 +106,36 @@ def test_clients_keep_the_broker_ids_they_hold_across_a_switch_to_other_ids(brok
         assert after["controller"] in {1, 2} and after["named"] <= {1, 2}, after
         coordinator = coordinator_id(e.bootstrap, group)
         assert coordinator in after["brokers"], (coordinator, after)
-        at_standby_so_far = set(values(standby.bootstrap_servers[0], topic))
-        wait_for(lambda: at_standby_so_far <= set(c.got), 90,
-                 what="the consumer reading the standby's records through the edge")
+        # The primary takes nothing once the old connections are drained.
+        primary_set = set(values(primary.bootstrap_servers[0], topic))
+        wait_for(lambda: len([v for v in list(c.got) if v not in primary_set]) >= 50, 90,
+                 what="the consumer reading 50 of the standby's records through the edge")
+        p.stop()
+        at_standby = values(standby.bootstrap_servers[0], topic)
+        wait_for(lambda: at_standby[-1] in set(c.got), 60, what="the consumer reading the standby's last record")
     finally:
         p.stop()
         c.stop()
     assert p.fatal == [], p.fatal
     assert p.failed == [], p.failed[:5]
-    at_primary, at_standby = values(primary.bootstrap_servers[0], topic), values(standby.bootstrap_servers[0], topic)
+    at_primary = values(primary.bootstrap_servers[0], topic)
+    assert set(at_primary) == primary_set
     acked = {f"record-{n}" for _, n in p.acked}
     # Nothing acknowledged is lost, and nothing is stored twice.
     assert acked <= set(at_primary) | set(at_standby), sorted(acked - set(at_primary) - set(at_standby))[:5]
     assert len(at_primary) + len(at_standby) == len(set(at_primary) | set(at_standby)), "no duplicates"
-    # The consumer read the primary without a gap up to the switch (no MirrorMaker here: what it had not
-    # read yet stays on the primary), then the standby from its start.
-    read_on_primary = [v for v in c.got if v in set(at_primary)]
+    # The consumer read the primary without a gap up to the switch, then the standby without a gap from
+    # where it resumed to the end. (Where it resumes is the group's offset, which only MirrorMaker 2's
+    # checkpoints translate, see test_failover_offsets.py; none run here, so the consumer keeps its
+    # position, and what it had not read on the primary stays there.)
+    read_on_primary = {v for v in c.got if v in primary_set}
     assert len(read_on_primary) >= 50
-    assert set(read_on_primary) == set(at_primary[:len(set(read_on_primary))])
-    assert at_standby_so_far <= set(c.got)
-    assert not [err for err in c.errors if "UNKNOWN" in err.upper() and "BROKER" in err.upper()], c.errors[:5]
+    assert read_on_primary == set(at_primary[:len(read_on_primary)])
+    positions = sorted(at_standby.index(v) for v in {v for v in c.got if v not in primary_set})
+    assert positions == list(range(positions[0], len(at_standby))), "the standby's records, without a gap"
     # The mapping is the edge's: the standby itself still names 4 and 5.
     assert standby.broker_ids() == [4, 5]
     print(f"edge ids {sorted(after['brokers'])} before and after; coordinator {coordinator}; "
-          f"{len(at_primary)} records on the primary, {len(at_standby)} on the standby; "
+          f"{len(at_primary)} records on the primary, {len(at_standby)} on the standby, the consumer read "
+          f"{len(read_on_primary)} and {len(positions)} of them; "
           f"first acknowledgement on the standby {p.first_ack_of(at_standby) - switched_at:.2f} s after the switch")

@@ -235,7 +235,9 @@ fn record(
 ) {
     match discovery.record(node_id, upstream) {
         Seen::New => {
-            tracing::info!(node_id, %upstream, edge_host, edge_port, "broker discovered")
+            // The upstream's own id, where it differs (after a switch).
+            let upstream_node_id = discovery.node_ids().to_upstream(node_id);
+            tracing::info!(node_id, upstream_node_id, %upstream, edge_host, edge_port, "broker discovered")
         }
         Seen::Moved { from } => {
             tracing::info!(node_id, %from, to = %upstream, "broker moved")

@@ -103,9 +103,9 @@ impl NodeIds {
         let mut taken = given.advertised.iter();
         let mut highest = given.highest;
         for id in upstream {
-            let edge = match taken.next() {
-                Some(edge) => *edge,
-                None => fresh(id, highest),
+            let Some(edge) = taken.next().copied().or_else(|| fresh(id, highest)) else {
+                // No id left above i32::MAX: this broker stays unknown.
+                continue;
             };
             highest = Some(highest.map_or(edge, |h| h.max(edge)));
             table.insert(id, edge);
@@ -132,7 +132,7 @@ impl NodeIds {
                 Some(edge) => *edge,
                 None => {
                     let highest = given.highest.max(table.highest_edge());
-                    let edge = fresh(upstream, highest);
+                    let edge = fresh(upstream, highest)?;
                     table.insert(upstream, edge);
                     edge
                 }
@@ -196,11 +196,12 @@ impl Translator<'_> {
 }
 
 /// An edge id for upstream id `id` above every id handed out so far: `id`
-/// itself where that is free (so ids stay recognisable), else the next one.
-fn fresh(id: i32, highest: Option<i32>) -> i32 {
+/// itself where that is free (so ids stay recognisable), else the next one;
+/// none once i32::MAX was handed out.
+fn fresh(id: i32, highest: Option<i32>) -> Option<i32> {
     match highest {
-        Some(highest) if id <= highest => highest.saturating_add(1),
-        _ => id,
+        Some(highest) if id <= highest => highest.checked_add(1),
+        _ => Some(id),
     }
 }
 
@@ -317,6 +318,17 @@ mod tests {
         assert_eq!(ids.to_edge(7, &mut given), Some(1));
         assert_eq!(ids.to_upstream(2), None);
         assert_eq!(ids.to_upstream(3), None);
+    }
+
+    #[test]
+    fn no_fresh_id_above_the_highest_possible_one() {
+        let mut given = given(&[1, i32::MAX]);
+        let mut ids = NodeIds::Pending;
+        ids.settle([4, 5, 6], &given);
+        assert_eq!(
+            edges(&mut ids, &mut given, &[4, 5, 6]),
+            [Some(1), Some(i32::MAX), None]
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 """Edge-owned broker node ids across an in-place switch (issue 14): a primary whose brokers are 1 and 2, a
 standby whose brokers are 4 and 5, one edge. Through the edge, clients see brokers 1 and 2 before and after
 the switch (the edge maps the standby's ids onto the ones they hold), every id the edge hands out is one
-of them, and librdkafka's idempotent producer and group consumer carry on without losing a record."""
+of them, and librdkafka's idempotent producer and group consumer carry on without losing a record. A
+failback gives the primary's brokers their own ids again."""
 
 import threading
 import time
@@ -135,6 +136,25 @@ def test_clients_keep_the_broker_ids_they_hold_across_a_switch_to_other_ids(brok
     assert positions == list(range(positions[0], len(at_standby))), "the standby's records, without a gap"
     # The mapping is the edge's: the standby itself still names 4 and 5.
     assert standby.broker_ids() == [4, 5]
+
+    # Failback: the primary's brokers take their own ids again (the identity), at the same addresses.
+    vc.upstream = list(primary.bootstrap_servers)
+    vc.extra["upstream"] = {"bootstrap_servers": list(primary.bootstrap_servers),
+                            "failover": {"group": "orders-dr", "cluster": "primary", "generation": 2}}
+    e.write_config()
+    wait_for(lambda: e.metric("strait_upstream_swaps", virtual_cluster="orders") == 2, 30,
+             what="the edge swapping back to the primary")
+    back = wait_for(lambda: (v := edge_view(e.bootstrap, topic)) and v["named"] and v, 30,
+                    what="metadata through the edge after the failback")
+    assert back["brokers"] == before["brokers"] and back["named"] <= {1, 2}, (before, back)
+    assert coordinator_id(e.bootstrap, group) in {1, 2}
+    p2 = ContinuousProducer(e.bootstrap, topic, label="back-").start()
+    try:
+        wait_for(lambda: len(p2.acked) >= 10, 60, what="10 records acknowledged after the failback")
+    finally:
+        p2.stop()
+    assert p2.failed == [] and p2.fatal == [], (p2.failed[:5], p2.fatal)
+    assert {f"back-record-{n}" for _, n in p2.acked} <= set(values(primary.bootstrap_servers[0], topic))
     print(f"edge ids {sorted(after['brokers'])} before and after; coordinator {coordinator}; "
           f"{len(at_primary)} records on the primary, {len(at_standby)} on the standby, the consumer read "
           f"{len(read_on_primary)} and {len(positions)} of them; "

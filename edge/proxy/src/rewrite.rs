@@ -1,6 +1,8 @@
 //! The built-in filters every connection has: version negotiation and broker
-//! address rewriting. They run first on requests and last on responses, so
-//! nothing a client receives carries an upstream address. Which API keys and
+//! address rewriting (and, on connections to an upstream whose broker ids
+//! are not the edge's, node-id translation: `node_ids`). They run first on
+//! requests and last on responses, so nothing a client receives carries an
+//! upstream address or an upstream's own broker id. Which API keys and
 //! versions may reach a client at all is decided per key in [`policy`].
 
 mod node_ids;

@@ -142,7 +142,7 @@ pub const POLICY: &[KeyPolicy] = &[
     row(ApiKey::PushTelemetry, 0, NoAddress, ""),
     row(ApiKey::AssignReplicasToDirs, 0, Dropped, "broker to controller"),
     row(ApiKey::ListConfigResources, 1, NoAddress, "resource names only"),
-    row(ApiKey::DescribeTopicPartitions, 0, NoAddress, "node ids only"),
+    row(ApiKey::DescribeTopicPartitions, 0, NoAddress, "node ids only (translated after a switch: super::node_ids)"),
     row(ApiKey::ShareGroupHeartbeat, 1, NoAddress, ""),
     row(ApiKey::ShareGroupDescribe, 1, NoAddress, "client_host is where a member connected from (the edge), not a broker"),
     row(ApiKey::ShareFetch, 1, Dropped, "node_endpoints in every version, beside records: decoding every share fetch is the Fetch problem again"),

@@ -139,14 +139,17 @@ class KafkaNode:
 
 
 class KafkaCluster:
-    """`brokers` combined KRaft nodes; `stop()` tears every one down and removes the data dirs."""
+    """`brokers` combined KRaft nodes; `stop()` tears every one down and removes the data dirs. Their node
+    ids are `first_node_id`, `first_node_id + 1`, ... (1, 2, 3 by default): a standby whose brokers have other
+    ids than the primary's is `first_node_id=4`."""
 
     def __init__(self, log_dir: Path, brokers: int = 1, name: str = "kafka", sasl: Sasl | None = None,
                  tls: BrokerTls | None = None, acls: bool = False, heap: str = "512m",
-                 config: dict | None = None, jvm: tuple[str, ...] = FAST_START_JVM):
+                 config: dict | None = None, jvm: tuple[str, ...] = FAST_START_JVM, first_node_id: int = 1):
         self.log_dir = Path(log_dir)
         self.name = name
         self.size = brokers
+        self.first_node_id = first_node_id
         self.sasl = sasl
         self.tls = tls
         self.acls = acls
@@ -165,7 +168,7 @@ class KafkaCluster:
         ports = iter(free_range(per_node * brokers))
         self.nodes = []
         for i in range(brokers):
-            node_id = i + 1
+            node_id = self.first_node_id + i
             port, cport = next(ports), next(ports)
             sasl_port = next(ports) if sasl else None
             ssl_port = next(ports) if tls else None

@@ -566,10 +566,13 @@ impl ClusterRuntime {
         let generation = self.current_upstream();
         let target = match endpoint {
             Endpoint::Bootstrap => UpstreamTarget::Bootstrap,
-            Endpoint::Broker(node_id) => match generation.discovery.upstream_of(node_id) {
-                Some(address) => UpstreamTarget::Broker { node_id, address },
-                // A broker id of the upstream this one replaced, before the
-                // new one's metadata named it: any broker of the new cluster
+            // `node_id` is the edge's; the target names the upstream's own
+            // (a tunneled upstream routes by it).
+            Endpoint::Broker(node_id) => match generation.discovery.route(node_id) {
+                Some((node_id, address)) => UpstreamTarget::Broker { node_id, address },
+                // An edge id the new upstream has no broker for, yet (its
+                // metadata has not been seen) or at all (it has fewer
+                // brokers than the one it replaced): any broker of it
                 // answers (a request for a partition it does not lead gets
                 // NOT_LEADER_OR_FOLLOWER, and the client refreshes its
                 // metadata), so no client is left with a dangling id.

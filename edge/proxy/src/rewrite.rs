@@ -1,27 +1,42 @@
 //! The built-in filters every connection has: version negotiation and broker
-//! address rewriting. They run first on requests and last on responses, so
-//! nothing a client receives carries an upstream address. Which API keys and
+//! address rewriting (and, on connections to an upstream whose broker ids
+//! are not the edge's, node-id translation: `node_ids`). They run first on
+//! requests and last on responses, so nothing a client receives carries an
+//! upstream address or an upstream's own broker id. Which API keys and
 //! versions may reach a client at all is decided per key in [`policy`].
 
+mod node_ids;
 pub mod policy;
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use strait_edge_config::HostPort;
-use strait_filter::{ApiKeySet, Filter, FilterContext, ResponseFrame, ResponseVerdict};
+use strait_filter::{
+    ApiKeySet, Filter, FilterContext, RequestFrame, RequestVerdict, ResponseFrame, ResponseVerdict,
+};
 use strait_kafka::kafka_protocol::messages::describe_configs_response::DescribeConfigsResourceResult;
-use strait_kafka::kafka_protocol::messages::{ApiKey, DescribeConfigsResponse, ResponseKind};
+use strait_kafka::kafka_protocol::messages::{
+    ApiKey, DescribeConfigsResponse, RequestKind, ResponseKind,
+};
 use strait_kafka::kafka_protocol::protocol::StrBytes;
 
 use crate::brokers::{BrokerMap, Discovery};
-use policy::{VersionLimits, FETCH_NODE_ENDPOINTS, PRODUCE_NODE_ENDPOINTS};
+pub use node_ids::{Carries, KEYS_WITH_NODE_IDS};
+use policy::{VersionLimits, FETCH_NODE_ENDPOINTS, FETCH_NODE_IDS, PRODUCE_NODE_ENDPOINTS};
 
 /// The edge's own filters for a connection, to go first in its chain, given
 /// the filters configured for it. Fetch v16+ (whose responses name brokers)
 /// is offered only when a configured filter decodes those responses anyway,
 /// and then the rewriter rewrites them too; otherwise Fetch stays at v15 and
 /// its responses keep streaming undecoded.
+///
+/// On a connection to an upstream whose node ids differ from the edge's
+/// (after a switch; see [`crate::brokers::node_ids`]), the rewriter also
+/// translates every broker id, which takes Fetch v11+ answers (and the few
+/// requests that name brokers) off the raw path; since Fetch is decoded
+/// then anyway, v16+ is offered too. Connections to the first upstream, or
+/// to one whose ids turned out equal, are as before.
 pub fn edge_filters(
     brokers: Arc<BrokerMap>,
     configured: &[Box<dyn Filter>],
@@ -37,14 +52,19 @@ pub fn edge_filters_for(
     discovery: Arc<Discovery>,
     configured: &[Box<dyn Filter>],
 ) -> [Box<dyn Filter>; 2] {
-    let fetch_decoded = configured.iter().any(|filter| {
-        filter.response_keys().contains(ApiKey::Fetch as i16)
-            && filter.min_response_version(ApiKey::Fetch) <= FETCH_NODE_ENDPOINTS
-    });
+    let maps_node_ids = discovery.maps_node_ids();
+    let fetch_decoded = maps_node_ids
+        || configured.iter().any(|filter| {
+            filter.response_keys().contains(ApiKey::Fetch as i16)
+                && filter.min_response_version(ApiKey::Fetch) <= FETCH_NODE_ENDPOINTS
+        });
     let mut rewrite = AddressRewriteFilter::new(brokers);
     rewrite.discovery = discovery;
     if fetch_decoded {
         rewrite = rewrite.with_fetch();
+    }
+    if maps_node_ids {
+        rewrite = rewrite.with_node_ids();
     }
     [
         Box::new(ApiVersionsFilter::new(VersionLimits::get(fetch_decoded))),
@@ -109,12 +129,17 @@ impl Filter for ApiVersionsFilter {
 /// Produce and Fetch responses and DescribeConfigs answers that name no
 /// broker leave with their original bytes: most of them name none, and every
 /// produce is answered.
+///
+/// With [`Self::with_node_ids`], it also translates broker node ids in both
+/// directions (see `node_ids`).
 pub struct AddressRewriteFilter {
     brokers: Arc<BrokerMap>,
     /// Where the brokers of this connection's upstream are recorded: an
     /// answer of a replaced upstream never lands in the new one's.
     discovery: Arc<Discovery>,
     fetch: bool,
+    /// This upstream's node ids are not (known to be) the edge's.
+    node_ids: bool,
 }
 
 impl AddressRewriteFilter {
@@ -123,7 +148,30 @@ impl AddressRewriteFilter {
             discovery: brokers.discovery(),
             brokers,
             fetch: false,
+            node_ids: false,
         }
+    }
+
+    /// Also translates broker node ids, requests edge → upstream and
+    /// responses upstream → edge, while the mapping of this connection's
+    /// upstream is not the identity.
+    pub fn with_node_ids(mut self) -> Self {
+        self.node_ids = true;
+        self
+    }
+
+    /// Translates the ids of an answer; whether it changed.
+    fn translate_response(&self, frame: &mut ResponseFrame) -> bool {
+        let version = frame.version();
+        self.brokers.with_node_ids(&self.discovery, |ids| {
+            // Checked on every answer: a pending mapping may have turned
+            // out to be the identity since the connection opened.
+            if ids.is_identity() || !node_ids::hot_answer_changes(frame.body(), ids) {
+                return false;
+            }
+            node_ids::response(frame.body_mut(), version, ids);
+            true
+        })
     }
 
     /// Also rewrites Fetch v16+ `node_endpoints`. Only for connections whose
@@ -217,6 +265,11 @@ fn names_brokers(body: &ResponseKind) -> bool {
         ResponseKind::DescribeConfigs(response) => response.results.iter().any(|result| {
             is_broker(result.resource_type) && result.configs.iter().any(exposes_address)
         }),
+        // Read only for their node ids.
+        ResponseKind::DescribeTopicPartitions(_)
+        | ResponseKind::ListPartitionReassignments(_)
+        | ResponseKind::AlterConfigs(_)
+        | ResponseKind::IncrementalAlterConfigs(_) => false,
         _ => true,
     }
 }
@@ -297,7 +350,39 @@ impl Filter for AddressRewriteFilter {
     }
 
     fn request_keys(&self) -> ApiKeySet {
-        ApiKeySet::EMPTY
+        if !self.node_ids {
+            return ApiKeySet::EMPTY;
+        }
+        let mut keys = ApiKeySet::EMPTY;
+        for (key, carries, _) in KEYS_WITH_NODE_IDS {
+            if *carries != Carries::Response {
+                keys.insert(*key as i16);
+            }
+        }
+        keys
+    }
+
+    async fn on_request(
+        &mut self,
+        _ctx: &FilterContext<'_>,
+        frame: &mut RequestFrame,
+    ) -> RequestVerdict {
+        // A consumer's replica id (-1) is the only id most of these carry:
+        // such a request keeps its bytes.
+        let names_broker = match frame.body() {
+            RequestKind::Fetch(r) => r.replica_id.0 >= 0 || r.replica_state.replica_id.0 >= 0,
+            RequestKind::ListOffsets(r) => r.replica_id.0 >= 0,
+            RequestKind::OffsetForLeaderEpoch(r) => r.replica_id.0 >= 0,
+            _ => true,
+        };
+        if names_broker {
+            self.brokers.with_node_ids(&self.discovery, |ids| {
+                if !ids.is_identity() {
+                    node_ids::request(frame.body_mut(), ids);
+                }
+            });
+        }
+        RequestVerdict::Forward
     }
 
     fn response_keys(&self) -> ApiKeySet {
@@ -312,14 +397,22 @@ impl Filter for AddressRewriteFilter {
         if self.fetch {
             keys.insert(ApiKey::Fetch as i16);
         }
+        if self.node_ids {
+            for (key, carries, _) in KEYS_WITH_NODE_IDS {
+                if *carries != Carries::Request {
+                    keys.insert(*key as i16);
+                }
+            }
+        }
         keys
     }
 
-    /// Produce before v10 and Fetch before v16 cannot name a broker: they stay
-    /// on the raw path.
+    /// Produce before v10 and Fetch before v16 cannot name a broker, nor
+    /// Fetch before v11 a broker id: they stay on the raw path.
     fn min_response_version(&self, api_key: ApiKey) -> i16 {
         match api_key {
             ApiKey::Produce => PRODUCE_NODE_ENDPOINTS,
+            ApiKey::Fetch if self.node_ids => FETCH_NODE_IDS,
             ApiKey::Fetch => FETCH_NODE_ENDPOINTS,
             _ => 0,
         }
@@ -330,8 +423,10 @@ impl Filter for AddressRewriteFilter {
         _ctx: &FilterContext<'_>,
         frame: &mut ResponseFrame,
     ) -> ResponseVerdict {
+        // Ids first: the addresses are recorded under the edge's ids.
+        let translated = self.node_ids && self.translate_response(frame);
         // Reading is free; `body_mut` would re-encode the frame.
-        if !names_brokers(frame.body()) {
+        if !translated && !names_brokers(frame.body()) {
             return ResponseVerdict::Forward;
         }
         match self.rewrite_response(frame.body_mut()) {

@@ -1,11 +1,14 @@
-//! Discovery: which upstream broker each node id is, as the cluster's own
-//! Metadata answers last said. Nothing here knows edge addresses.
+//! Discovery: which upstream broker each edge node id is, as the cluster's
+//! own answers last said, and how that upstream's node ids map to the edge's
+//! ([`NodeIds`]). Nothing here knows edge addresses.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 
 use prometheus_client::metrics::gauge::Gauge;
 use strait_edge_config::HostPort;
+
+use super::node_ids::NodeIds;
 
 /// What recording a broker changed.
 #[derive(Debug, PartialEq, Eq)]
@@ -15,24 +18,27 @@ pub(crate) enum Seen {
     Known,
 }
 
-/// Which upstream broker each node id is, for one upstream cluster.
+/// Which upstream broker each edge node id is, for one upstream cluster.
 pub struct Discovery {
+    /// By edge node id.
     nodes: Mutex<HashMap<i32, HostPort>>,
+    ids: Mutex<NodeIds>,
     /// How many brokers are known (`strait_brokers_discovered`).
     discovered: Gauge,
 }
 
 impl Discovery {
-    pub(crate) fn new(discovered: Gauge) -> Self {
+    pub(crate) fn new(discovered: Gauge, ids: NodeIds) -> Self {
         Discovery {
             nodes: Mutex::default(),
+            ids: Mutex::new(ids),
             discovered,
         }
     }
 
-    pub(crate) fn record(&self, node_id: i32, upstream: &HostPort) -> Seen {
+    pub(crate) fn record(&self, edge_id: i32, upstream: &HostPort) -> Seen {
         let mut nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        let seen = match nodes.insert(node_id, upstream.clone()) {
+        let seen = match nodes.insert(edge_id, upstream.clone()) {
             None => Seen::New,
             Some(from) if &from != upstream => Seen::Moved { from },
             Some(_) => Seen::Known,
@@ -41,9 +47,28 @@ impl Discovery {
         seen
     }
 
-    pub fn upstream_of(&self, node_id: i32) -> Option<HostPort> {
+    /// Where the broker clients know as `edge_id` is.
+    pub fn upstream_of(&self, edge_id: i32) -> Option<HostPort> {
         let nodes = self.nodes.lock().unwrap_or_else(|e| e.into_inner());
-        nodes.get(&node_id).cloned()
+        nodes.get(&edge_id).cloned()
+    }
+
+    /// The upstream's own node id and address of the broker clients know as
+    /// `edge_id`, if this upstream has one.
+    pub fn route(&self, edge_id: i32) -> Option<(i32, HostPort)> {
+        let address = self.upstream_of(edge_id)?;
+        Some((self.node_ids().to_upstream(edge_id)?, address))
+    }
+
+    /// Whether this upstream's node ids differ from the edge's (or may: a
+    /// mapping still pending). Read when a connection opens, to decide what
+    /// its rewriter must decode.
+    pub fn maps_node_ids(&self) -> bool {
+        !self.node_ids().is_identity()
+    }
+
+    pub(crate) fn node_ids(&self) -> MutexGuard<'_, NodeIds> {
+        self.ids.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -54,7 +79,7 @@ mod tests {
     #[test]
     fn new_moved_known() {
         let gauge = Gauge::default();
-        let d = Discovery::new(gauge.clone());
+        let d = Discovery::new(gauge.clone(), NodeIds::Identity);
         let a = HostPort {
             host: "kafka-1".into(),
             port: 9092,
@@ -66,8 +91,26 @@ mod tests {
         assert_eq!(d.record(1, &a), Seen::New);
         assert_eq!(d.record(1, &a), Seen::Known);
         assert_eq!(d.record(1, &b), Seen::Moved { from: a });
-        assert_eq!(d.upstream_of(1), Some(b));
+        assert_eq!(d.upstream_of(1), Some(b.clone()));
+        assert_eq!(d.route(1), Some((1, b)));
         assert_eq!(gauge.get(), 1);
         assert_eq!(d.upstream_of(2), None);
+        assert!(!d.maps_node_ids());
+    }
+
+    #[test]
+    fn routes_by_edge_id_to_the_upstream_id() {
+        let d = Discovery::new(Gauge::default(), NodeIds::Pending);
+        assert!(d.maps_node_ids());
+        let mut given = super::super::node_ids::GivenIds::default();
+        given.advertised(1);
+        d.node_ids().settle([4], &given);
+        let west = HostPort {
+            host: "west-4".into(),
+            port: 9092,
+        };
+        d.record(1, &west);
+        assert_eq!(d.route(1), Some((4, west)));
+        assert_eq!(d.route(4), None);
     }
 }

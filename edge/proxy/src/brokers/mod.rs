@@ -4,8 +4,14 @@
 //! range, allocated by [`ports::PortAllocator`], or an SNI host name) and,
 //! for ports, binding the listener ([`ports::ListenerBinder`]). A tunneled
 //! cluster routes by node id alone: the far edge resolves it.
+//!
+//! Node ids clients see are the edge's ([`node_ids`]): the first upstream's
+//! own, and after a switch the new upstream's mapped onto them, so that the
+//! ports and host names clients hold stay valid. Every id-keyed thing here
+//! (ports, host names, discovery) is keyed by edge id.
 
 mod discovery;
+pub mod node_ids;
 mod ports;
 
 use std::net::IpAddr;
@@ -19,6 +25,7 @@ use tokio::sync::mpsc;
 
 pub use self::discovery::Discovery;
 use self::discovery::Seen;
+use self::node_ids::{GivenIds, NodeIds, Translator};
 pub use self::ports::NewBrokerListener;
 use self::ports::{ListenerBinder, PortAllocator};
 
@@ -54,6 +61,8 @@ pub struct BrokerMap {
     addressing: Addressing,
     discovery: std::sync::RwLock<Arc<Discovery>>,
     discovered: Gauge,
+    /// The edge ids clients were given, under every upstream so far.
+    given: Mutex<GivenIds>,
 }
 
 impl BrokerMap {
@@ -71,8 +80,9 @@ impl BrokerMap {
                 ports: Mutex::new(PortAllocator::new(port_range)),
                 binder,
             },
-            discovery: std::sync::RwLock::new(Arc::new(Discovery::new(discovered.clone()))),
+            discovery: std::sync::RwLock::new(Arc::new(first_discovery(&discovered))),
             discovered,
+            given: Mutex::default(),
         };
         (Arc::new(map), rx)
     }
@@ -88,8 +98,9 @@ impl BrokerMap {
                 suffix: suffix.to_owned(),
                 port,
             },
-            discovery: std::sync::RwLock::new(Arc::new(Discovery::new(discovered.clone()))),
+            discovery: std::sync::RwLock::new(Arc::new(first_discovery(&discovered))),
             discovered,
+            given: Mutex::default(),
         })
     }
 
@@ -107,8 +118,8 @@ impl BrokerMap {
         (node_id.to_string() == id).then_some(node_id)
     }
 
-    /// The address clients must use for `node_id`, recording where that
-    /// broker really is. In port-per-broker mode a newly seen broker gets the
+    /// The address clients must use for edge node id `node_id`, recording
+    /// where that broker really is. In port-per-broker mode a newly seen broker gets the
     /// lowest free port of the range that can be bound, and its listener is
     /// handed to the accept loop.
     pub fn advertise(
@@ -127,6 +138,10 @@ impl BrokerMap {
         node_id: i32,
         upstream: HostPort,
     ) -> Result<(Arc<str>, u16), BrokerMapError> {
+        self.given
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .advertised(node_id);
         match &self.addressing {
             Addressing::Sni {
                 prefix,
@@ -176,15 +191,39 @@ impl BrokerMap {
             .clone()
     }
 
+    /// Runs `f` with the node-id mapping of `discovery`'s upstream, to
+    /// translate one message. `f` must not advertise (that would wait for
+    /// the lock `f` holds): translate first, then rewrite addresses.
+    pub fn with_node_ids<R>(
+        &self,
+        discovery: &Discovery,
+        f: impl FnOnce(&mut Translator<'_>) -> R,
+    ) -> R {
+        // Always in this order: the upstream's mapping, then the cluster's.
+        let mut ids = discovery.node_ids();
+        let mut given = self.given.lock().unwrap_or_else(|e| e.into_inner());
+        f(&mut Translator {
+            ids: &mut ids,
+            given: &mut given,
+        })
+    }
+
     /// Forgets every broker address: the upstream is now another cluster.
     /// Ports and host names stay, so clients keep reaching the edge where
-    /// they did. Returns the new (empty) discovery.
+    /// they did, and the new upstream's node ids are mapped onto the ones
+    /// clients hold once its broker list is seen. Returns the new (empty)
+    /// discovery.
     pub fn reset_discovery(&self) -> Arc<Discovery> {
-        let fresh = Arc::new(Discovery::new(self.discovered.clone()));
+        let fresh = Arc::new(Discovery::new(self.discovered.clone(), NodeIds::Pending));
         self.discovered.set(0);
         *self.discovery.write().unwrap_or_else(|e| e.into_inner()) = fresh.clone();
         fresh
     }
+}
+
+/// The first upstream's ids are the edge's.
+fn first_discovery(discovered: &Gauge) -> Discovery {
+    Discovery::new(discovered.clone(), NodeIds::Identity)
 }
 
 fn record(
@@ -196,7 +235,9 @@ fn record(
 ) {
     match discovery.record(node_id, upstream) {
         Seen::New => {
-            tracing::info!(node_id, %upstream, edge_host, edge_port, "broker discovered")
+            // The upstream's own id, where it differs (after a switch).
+            let upstream_node_id = discovery.node_ids().to_upstream(node_id);
+            tracing::info!(node_id, upstream_node_id, %upstream, edge_host, edge_port, "broker discovered")
         }
         Seen::Moved { from } => {
             tracing::info!(node_id, %from, to = %upstream, "broker moved")
@@ -276,6 +317,30 @@ mod tests {
             Ok(("b-1.example".into(), 9443))
         );
         assert_eq!(map.upstream_of(1), Some(hp("west-1", 9092)));
+    }
+
+    #[test]
+    fn a_new_upstream_takes_over_the_advertised_ids() {
+        let map = BrokerMap::sni("b-$(node_id).example", 9443, Gauge::default());
+        let first = map.discovery();
+        assert!(!first.maps_node_ids());
+        for id in [1, 2, 3] {
+            map.advertise(id, hp(&format!("east-{id}"), 9092)).unwrap();
+        }
+        let west = map.reset_discovery();
+        assert!(west.maps_node_ids());
+        let edge = map.with_node_ids(&west, |ids| {
+            assert_eq!(ids.to_edge(5), None, "pending until the broker list");
+            ids.settle([5, 6, 4]);
+            [4, 5, 6].map(|id| ids.to_edge(id))
+        });
+        assert_eq!(edge, [Some(1), Some(2), Some(3)]);
+        map.advertise_in(&west, 1, hp("west-4", 9092)).unwrap();
+        assert_eq!(west.route(1), Some((4, hp("west-4", 9092))));
+        // Back to a cluster with the first ids: the identity again.
+        let east = map.reset_discovery();
+        map.with_node_ids(&east, |ids| ids.settle([1, 2, 3]));
+        assert!(!east.maps_node_ids());
     }
 
     #[test]

@@ -19,6 +19,9 @@ use strait_kafka::kafka_protocol::messages::ApiKey;
 
 /// The first Produce version whose response carries `node_endpoints` (KIP-951).
 pub const PRODUCE_NODE_ENDPOINTS: i16 = 10;
+/// The first Fetch version whose response names a broker id
+/// (`preferred_read_replica`, KIP-392); v12 adds `current_leader`.
+pub const FETCH_NODE_IDS: i16 = 11;
 /// The first Fetch version whose response carries `node_endpoints` (KIP-951).
 /// Fetch v16 adds nothing else, and v17 (KIP-853 replica directory id) and
 /// v18 (KIP-1166 replica high watermark) add fields only followers fill in.
@@ -139,7 +142,7 @@ pub const POLICY: &[KeyPolicy] = &[
     row(ApiKey::PushTelemetry, 0, NoAddress, ""),
     row(ApiKey::AssignReplicasToDirs, 0, Dropped, "broker to controller"),
     row(ApiKey::ListConfigResources, 1, NoAddress, "resource names only"),
-    row(ApiKey::DescribeTopicPartitions, 0, NoAddress, "node ids only"),
+    row(ApiKey::DescribeTopicPartitions, 0, NoAddress, "node ids only (translated after a switch: super::node_ids)"),
     row(ApiKey::ShareGroupHeartbeat, 1, NoAddress, ""),
     row(ApiKey::ShareGroupDescribe, 1, NoAddress, "client_host is where a member connected from (the edge), not a broker"),
     row(ApiKey::ShareFetch, 1, Dropped, "node_endpoints in every version, beside records: decoding every share fetch is the Fetch problem again"),
@@ -435,6 +438,109 @@ mod tests {
             name(listed.difference(&found).collect()),
             Vec::<String>::new(),
             "listed keys whose responses have no address-like field"
+        );
+    }
+
+    /// Every key the edge offers whose request or response schema has a
+    /// `BrokerId` field is in `KEYS_WITH_NODE_IDS`, for the direction it
+    /// carries it in, so the node-id translation covers it; and every listed
+    /// key without one carries ids in strings (config resources).
+    #[test]
+    fn node_id_fields_match_the_kafka_protocol_sources() {
+        use crate::rewrite::{Carries, KEYS_WITH_NODE_IDS};
+        let vendored = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../third_party/kafka-protocol/src/messages");
+        let Some(messages) = Some(vendored)
+            .filter(|dir| dir.is_dir())
+            .or_else(kafka_protocol_messages_dir)
+        else {
+            eprintln!("kafka-protocol sources not found: schema scan skipped");
+            return;
+        };
+        let by_name: BTreeMap<String, ApiKey> = ApiKey::iter()
+            .map(|key| (format!("{key:?}"), key))
+            .collect();
+        // (key, carried in requests, carried in responses)
+        let mut found: BTreeMap<i16, (bool, bool)> = BTreeMap::new();
+        for entry in std::fs::read_dir(&messages)
+            .expect("readable messages dir")
+            .flatten()
+        {
+            let file = entry.file_name().to_string_lossy().into_owned();
+            let (stem, is_request) = match (
+                file.strip_suffix("_request.rs"),
+                file.strip_suffix("_response.rs"),
+            ) {
+                (Some(stem), _) => (stem.to_owned(), true),
+                (_, Some(stem)) => (stem.to_owned(), false),
+                _ => continue,
+            };
+            let camel: String = stem
+                .split('_')
+                .map(|word| {
+                    let mut chars = word.chars();
+                    chars.next().map_or_else(String::new, |first| {
+                        first.to_ascii_uppercase().to_string() + chars.as_str()
+                    })
+                })
+                .collect();
+            let Some(key) = by_name.get(&camel) else {
+                continue;
+            };
+            if VersionLimits::get(true).range(*key as i16).is_none() {
+                continue; // never offered
+            }
+            let source = std::fs::read_to_string(entry.path()).expect("readable source");
+            let carries = source.lines().any(|line| {
+                let line = line.trim_start();
+                line.starts_with("pub ") && line.contains("BrokerId") && !line.contains("fn ")
+            });
+            if carries {
+                let slot = found.entry(*key as i16).or_default();
+                if is_request {
+                    slot.0 = true
+                } else {
+                    slot.1 = true
+                }
+            }
+        }
+        let listed: BTreeMap<i16, Carries> = KEYS_WITH_NODE_IDS
+            .iter()
+            .map(|(key, carries, _)| (*key as i16, *carries))
+            .collect();
+        let mut missing = Vec::new();
+        for (key, (request, response)) in &found {
+            let covered = match listed.get(key) {
+                Some(Carries::Both) => true,
+                Some(Carries::Request) => !response,
+                Some(Carries::Response) => !request,
+                None => false,
+            };
+            if !covered {
+                missing.push((
+                    strait_kafka::api_keys::api_key_name(*key),
+                    *request,
+                    *response,
+                ));
+            }
+        }
+        assert_eq!(missing, Vec::new(), "keys whose (request, response) carry BrokerId fields the node-id translation does not cover");
+        let in_strings: BTreeSet<i16> = listed
+            .keys()
+            .filter(|key| !found.contains_key(key))
+            .copied()
+            .collect();
+        let expected: BTreeSet<i16> = [
+            ApiKey::DescribeConfigs,
+            ApiKey::AlterConfigs,
+            ApiKey::IncrementalAlterConfigs,
+        ]
+        .into_iter()
+        .map(|key| key as i16)
+        .collect();
+        assert_eq!(
+            in_strings, expected,
+            "listed keys with no BrokerId field must carry ids in strings"
         );
     }
 

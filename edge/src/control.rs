@@ -798,6 +798,7 @@ mod tests {
                 generation: 0,
                 fence: None,
                 checkpoints_topic: None,
+                offset_reset: None,
             })
         );
         // Failed over: the standby's servers, TLS and SASL, as a `cluster:`
@@ -896,6 +897,51 @@ mod tests {
                 .as_deref(),
             Some("west.checkpoints.internal")
         );
+        // Without a reset policy the client's auto.offset.reset decides; the
+        // time-bound one is anchored at the switch (at_unix_ms of the status).
+        let at = |snap: &EdgeSnapshot| {
+            compose(None, Some(snap), true, dir.path())
+                .unwrap()
+                .virtual_clusters[0]
+                .upstream
+                .failover
+                .as_ref()
+                .unwrap()
+                .offset_reset
+        };
+        let mut reset = snap.clone();
+        let g = reset.failover_groups.get_mut("orders-dr").unwrap();
+        g.spec.replication = Some(
+            serde_json::from_value(serde_json::json!({
+                "kind": "mirrormaker2", "source_alias": "west"
+            }))
+            .unwrap(),
+        );
+        g.status.as_mut().unwrap().at_unix_ms = 1_000_000;
+        assert_eq!(at(&reset), None);
+        for (spec, edge) in [
+            (
+                serde_json::json!("earliest"),
+                strait_edge_config::OffsetReset::Earliest,
+            ),
+            (
+                serde_json::json!("latest"),
+                strait_edge_config::OffsetReset::Latest,
+            ),
+            (
+                serde_json::json!({ "before_switch_ms": 60_000 }),
+                strait_edge_config::OffsetReset::TimestampMs(940_000),
+            ),
+        ] {
+            let g = reset.failover_groups.get_mut("orders-dr").unwrap();
+            g.spec.replication.as_mut().unwrap().offset_reset =
+                serde_json::from_value(spec).unwrap();
+            assert_eq!(at(&reset), Some(edge));
+        }
+        // Back on the primary there is nothing to place.
+        let g = reset.failover_groups.get_mut("orders-dr").unwrap();
+        g.status.as_mut().unwrap().active = "kafka-east".into();
+        assert_eq!(at(&reset), None);
         // Every member is probed through its own upstream, at the group's
         // policy (the defaults here), for the control plane's evidence.
         let probes: Vec<(&str, &str, u128, String)> = config

@@ -17,7 +17,7 @@ use strait_filter::FilterFactory;
 use strait_filters::encryption::EncryptionFilterFactory;
 use strait_filters::fence::FenceFilterFactory;
 
-use crate::offsets::{Checkpoints, OffsetTranslationFactory};
+use crate::offsets::{Checkpoints, OffsetTranslationFactory, Reset};
 use strait_keys_topic::KeysTopic;
 use strait_kms_broker::client::OwnIdentity;
 use strait_kms_core::config::KmsConfig;
@@ -168,10 +168,12 @@ impl FilterBuilder {
         vc: &VirtualCluster,
         topic: &str,
     ) -> anyhow::Result<CheckpointsEntry> {
+        let reset_policy = vc.upstream.failover.as_ref().and_then(|f| f.offset_reset);
         if let Some(entry) = self.checkpoints.remove(&vc.name) {
             if entry.0 == topic
                 && entry.1.bootstrap_servers == vc.upstream.bootstrap_servers
                 && entry.1.tls == vc.upstream.tls
+                && entry.1.failover.as_ref().and_then(|f| f.offset_reset) == reset_policy
             {
                 return Ok(entry);
             }
@@ -180,11 +182,13 @@ impl FilterBuilder {
         let (upstream, _) =
             strait_proxy::direct_upstream(vc, None, self.svid.as_ref(), stop.clone())
                 .map_err(|e| anyhow::anyhow!("MirrorMaker 2 checkpoints of '{}': {e}", vc.name))?;
-        let followed = Checkpoints::follow(Arc::new(upstream), topic.to_string());
+        let upstream: Arc<dyn strait_proxy::upstream::Upstream> = Arc::new(upstream);
+        let followed = Checkpoints::follow(upstream.clone(), topic.to_string());
+        let reset = reset_policy.map(|policy| Reset { policy, upstream });
         Ok((
             topic.to_string(),
             vc.upstream.clone(),
-            Arc::new(OffsetTranslationFactory::new(followed)),
+            Arc::new(OffsetTranslationFactory::new(followed, reset)),
             Arc::new(stop.drop_guard()),
         ))
     }

@@ -11,7 +11,7 @@
 //! measurement before (nothing was still being written, e.g. by a request
 //! sent before the fence).
 
-mod tails;
+pub(crate) mod tails;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};

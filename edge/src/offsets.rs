@@ -12,21 +12,25 @@
 //! (every `emit.checkpoints.interval.seconds`, after the group's commit)
 //! and the switch; MM2 translates to an offset at or before the committed
 //! one, never after, so nothing is skipped. Partitions without a checkpoint
-//! keep `-1`, and the client applies its `auto.offset.reset`.
+//! keep `-1`, and the client applies its `auto.offset.reset`, unless the
+//! failover group sets the edge's own (`offset_reset`, see [`reset`]).
 
 mod checkpoints;
+mod reset;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 pub use checkpoints::Checkpoints;
+use strait_edge_config::OffsetReset;
 use strait_filter::{
     ApiKeySet, ConnectionInfo, Filter, FilterContext, FilterFactory, RequestFrame, RequestVerdict,
     ResponseFrame, ResponseVerdict,
 };
 use strait_kafka::kafka_protocol::messages::{ApiKey, RequestKind, ResponseKind};
+use strait_proxy::upstream::Upstream;
 
 /// How long an OffsetFetch waits for the checkpoints to be read once
 /// after a switch, before it is answered without them.
@@ -35,13 +39,21 @@ const LOAD_WAIT: Duration = Duration::from_secs(5);
 /// OffsetFetches; a bound keeps a misbehaving one from growing the map).
 const MAX_PENDING: usize = 64;
 
+/// The edge's own reset policy and the standby it asks for offsets.
+#[derive(Clone)]
+pub struct Reset {
+    pub policy: OffsetReset,
+    pub upstream: Arc<dyn Upstream>,
+}
+
 pub struct OffsetTranslationFactory {
     checkpoints: Arc<Checkpoints>,
+    reset: Option<Reset>,
 }
 
 impl OffsetTranslationFactory {
-    pub fn new(checkpoints: Arc<Checkpoints>) -> Self {
-        Self { checkpoints }
+    pub fn new(checkpoints: Arc<Checkpoints>, reset: Option<Reset>) -> Self {
+        Self { checkpoints, reset }
     }
 }
 
@@ -49,6 +61,7 @@ impl FilterFactory for OffsetTranslationFactory {
     fn create(&self, _connection: &ConnectionInfo) -> Box<dyn Filter> {
         Box::new(OffsetTranslation {
             checkpoints: self.checkpoints.clone(),
+            reset: self.reset.clone(),
             groups: HashMap::new(),
         })
     }
@@ -56,6 +69,7 @@ impl FilterFactory for OffsetTranslationFactory {
 
 struct OffsetTranslation {
     checkpoints: Arc<Checkpoints>,
+    reset: Option<Reset>,
     /// correlation id -> the group of an OffsetFetch before v8, whose
     /// answer does not name it.
     groups: HashMap<i32, String>,
@@ -144,9 +158,34 @@ impl Filter for OffsetTranslation {
             return ResponseVerdict::Forward;
         }
         let mut found = Vec::new();
+        let mut unplaced = Vec::new();
         for (g, t, p, key) in missing {
-            if let Some(offset) = self.checkpoints.translated(&key, LOAD_WAIT).await {
-                found.push((g, t, p, key, offset));
+            match self.checkpoints.translated(&key, LOAD_WAIT).await {
+                Some(offset) => found.push((g, t, p, key, Source::Checkpoint, offset)),
+                None => unplaced.push((g, t, p, key)),
+            }
+        }
+        if let (Some(reset), false) = (&self.reset, unplaced.is_empty()) {
+            let partitions: BTreeSet<(String, i32)> = unplaced
+                .iter()
+                .map(|(_, _, _, (_, topic, partition))| (topic.clone(), *partition))
+                .collect();
+            let asked = reset::placed(reset.upstream.as_ref(), &partitions, reset.policy);
+            match tokio::time::timeout(LOAD_WAIT, asked).await {
+                Ok(Ok(offsets)) => {
+                    for (g, t, p, key) in unplaced {
+                        if let Some(offset) = offsets.get(&(key.1.clone(), key.2)) {
+                            found.push((g, t, p, key, Source::Reset(reset.policy), *offset));
+                        }
+                    }
+                }
+                // The client's own auto.offset.reset applies instead.
+                Ok(Err(err)) => {
+                    tracing::warn!(%err, "offset reset: the standby's offsets could not be read; the client's auto.offset.reset applies")
+                }
+                Err(_) => {
+                    tracing::warn!("offset reset: the standby's offsets were not read in time; the client's auto.offset.reset applies")
+                }
             }
         }
         if found.is_empty() {
@@ -155,7 +194,7 @@ impl Filter for OffsetTranslation {
         let ResponseKind::OffsetFetch(resp) = frame.body_mut() else {
             return ResponseVerdict::Forward;
         };
-        for (g, t, p, (group, topic, partition), offset) in found {
+        for (g, t, p, (group, topic, partition), source, offset) in found {
             let slot = match g {
                 None => resp
                     .topics
@@ -171,9 +210,23 @@ impl Filter for OffsetTranslation {
             };
             if let Some(slot) = slot {
                 *slot = offset;
-                tracing::info!(group = %group, topic = %topic, partition, offset, "consumer offset translated from MirrorMaker 2's checkpoint");
+                match source {
+                    Source::Checkpoint => {
+                        tracing::info!(group = %group, topic = %topic, partition, offset, "consumer offset translated from MirrorMaker 2's checkpoint")
+                    }
+                    Source::Reset(policy) => {
+                        tracing::info!(group = %group, topic = %topic, partition, offset, ?policy, "consumer offset placed by the edge's offset_reset (no checkpoint)")
+                    }
+                }
             }
         }
         ResponseVerdict::Forward
     }
+}
+
+/// Where an answered offset came from, for its log line.
+#[derive(Clone, Copy)]
+enum Source {
+    Checkpoint,
+    Reset(OffsetReset),
 }

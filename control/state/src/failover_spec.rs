@@ -163,6 +163,32 @@ pub struct ReplicationSpec {
     /// `mm2-*`, `heartbeats`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub topics: Vec<String>,
+    /// Where a group starts, on a standby, on a partition with no offset
+    /// committed there and no checkpoint to translate.
+    #[serde(default, skip_serializing_if = "OffsetReset::is_client")]
+    pub offset_reset: OffsetReset,
+}
+
+/// `spec.replication.offset_reset`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum OffsetReset {
+    /// The client's own `auto.offset.reset` decides.
+    #[default]
+    Client,
+    /// The standby's log start: nothing is skipped, everything is re-read.
+    Earliest,
+    /// The standby's end: nothing is re-read, what was not read is skipped.
+    Latest,
+    /// The first record written at or after this long before the switch:
+    /// re-reads bounded by time, whatever MM2 had or had not checkpointed.
+    BeforeSwitchMs(u64),
+}
+
+impl OffsetReset {
+    fn is_client(&self) -> bool {
+        *self == OffsetReset::Client
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]

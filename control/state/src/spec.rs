@@ -6,8 +6,8 @@ use serde::{Deserialize, Serialize};
 
 pub use crate::failover_spec::{
     AppliedFailover, FailbackMode, FailoverEvent, FailoverGroupSpec, FailoverMode, FailoverStatus,
-    Fence, FenceAction, HealthPolicy, ReplicationKind, ReplicationLag, ReplicationPolicy,
-    ReplicationSpec, FAILOVER_HISTORY,
+    Fence, FenceAction, HealthPolicy, OffsetReset, ReplicationKind, ReplicationLag,
+    ReplicationPolicy, ReplicationSpec, FAILOVER_HISTORY,
 };
 pub use crate::mesh_spec::{
     EdgeMeshSpec, MeshForwardSpec, MeshPeerSpec, MeshServiceSpec, RemoteSpec,

@@ -9,6 +9,7 @@
 
 mod mesh;
 mod mesh_services;
+mod offset_reset;
 mod probes;
 pub mod raw;
 mod sasl;
@@ -24,6 +25,7 @@ pub use mesh::{
     Remote,
 };
 pub use mesh_services::{MeshForward, MeshService, RawMeshForward, RawMeshService};
+pub use offset_reset::OffsetReset;
 pub use probes::HealthProbe;
 pub use sasl::{read_credential_files, Sasl, SaslMechanism, Secret, SecretSource};
 pub use validate::{validate, validate_with, NODE_ID};
@@ -207,6 +209,11 @@ pub struct FailoverState {
     /// their translated ones.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checkpoints_topic: Option<String>,
+    /// Where a consumer group starts on a partition that has neither an
+    /// offset committed on the standby nor a checkpoint to translate; none:
+    /// wherever the client's own `auto.offset.reset` says.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset_reset: Option<OffsetReset>,
 }
 
 /// `upstream.failover.fence`: a planned switch in preparation.

@@ -24,7 +24,7 @@ use tracing::Instrument;
 use crate::brokers::{BrokerMap, Discovery, NewBrokerListener};
 use crate::connection::{relay_checked, ConnectionError, ConnectionSettings};
 use crate::deny::DenyList;
-use crate::limits::{ConnectionCount, WarnLimiter};
+use crate::limits::{ConnectionCount, WarnLimiter, WarnLimiters};
 use crate::metrics::ClusterMetrics;
 use crate::quota::QuotaPolicy;
 use crate::rewrite::edge_filters_for;
@@ -97,7 +97,7 @@ pub struct ClusterRuntime {
     /// Failed handshakes are WARN lines, at most one per reason and interval:
     /// a scanner must not be able to flood the log, and one kind of failure
     /// must not hide another.
-    handshake_warnings: std::sync::Mutex<std::collections::HashMap<&'static str, Arc<WarnLimiter>>>,
+    handshake_warnings: WarnLimiters,
 }
 
 /// What a cluster runtime needs besides its configuration.
@@ -179,7 +179,7 @@ impl ClusterRuntime {
             tracker: parts.tracker.clone(),
             deny: parts.deny,
             listeners: std::sync::Mutex::default(),
-            handshake_warnings: std::sync::Mutex::default(),
+            handshake_warnings: WarnLimiters::new(Duration::from_secs(10)),
         });
         if let (Some(bootstrap), Some(new_brokers)) = (bootstrap, new_brokers) {
             tracing::info!(
@@ -356,14 +356,7 @@ impl ClusterRuntime {
             tracing::debug!(virtual_cluster = %self.name, reason, "TLS handshake abandoned by the client");
             return;
         }
-        let limiter = self
-            .handshake_warnings
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason)
-            .or_insert_with(|| Arc::new(WarnLimiter::new(Duration::from_secs(10))))
-            .clone();
-        let Some(suppressed) = limiter.allow() else {
+        let Some(suppressed) = self.handshake_warnings.allow(reason) else {
             return;
         };
         if let Some(refusal) = trust_domain_refusal(err) {

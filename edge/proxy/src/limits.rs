@@ -156,6 +156,35 @@ impl WarnLimiter {
     }
 }
 
+/// A [`WarnLimiter`] per reason, so one noisy reason (a scanner's garbage)
+/// does not hide the first line of another (an expired certificate).
+#[derive(Debug)]
+pub struct WarnLimiters {
+    interval: Duration,
+    by_reason: std::sync::Mutex<std::collections::HashMap<&'static str, Arc<WarnLimiter>>>,
+}
+
+impl WarnLimiters {
+    pub fn new(interval: Duration) -> Self {
+        WarnLimiters {
+            interval,
+            by_reason: std::sync::Mutex::default(),
+        }
+    }
+
+    /// [`WarnLimiter::allow`] for `reason`.
+    pub fn allow(&self, reason: &'static str) -> Option<u64> {
+        let limiter = self
+            .by_reason
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(reason)
+            .or_insert_with(|| Arc::new(WarnLimiter::new(self.interval)))
+            .clone();
+        limiter.allow()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -200,5 +229,18 @@ mod tests {
         let limiter = WarnLimiter::new(Duration::ZERO);
         assert_eq!(limiter.allow(), Some(0));
         assert_eq!(limiter.allow(), Some(0));
+    }
+
+    #[test]
+    fn warn_limiters_hold_back_each_reason_on_its_own() {
+        let limiters = WarnLimiters::new(Duration::from_secs(3600));
+        assert_eq!(limiters.allow("protocol"), Some(0));
+        assert_eq!(limiters.allow("protocol"), None);
+        assert_eq!(
+            limiters.allow("expired"),
+            Some(0),
+            "another reason's first line"
+        );
+        assert_eq!(limiters.allow("expired"), None);
     }
 }

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::cluster::ClusterRuntime;
-use crate::limits::{ConnectionCount, WarnLimiter};
+use crate::limits::{ConnectionCount, WarnLimiter, WarnLimiters};
 
 /// `tls.handshake_timeout`'s default, for a port whose clusters are all gone.
 const DEFAULT_HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -34,7 +34,9 @@ impl SniListener {
         let routes = self.routes;
         let open = ConnectionCount::new(self.max_connections);
         let refusals = WarnLimiter::new(Duration::from_secs(10));
-        let hello_failures = Arc::new(HelloFailures::default());
+        let hello_failures = Arc::new(HelloFailures {
+            warnings: WarnLimiters::new(Duration::from_secs(10)),
+        });
         loop {
             let accepted = tokio::select! {
                 _ = stop.cancelled() => return,
@@ -78,9 +80,8 @@ impl SniListener {
 /// WARN lines for connections refused before any cluster was picked, at most
 /// one every 10 s per reason (a scanner or a misconfigured client repeats
 /// itself); every refusal is counted in `tls_handshakes_total` regardless.
-#[derive(Default)]
 struct HelloFailures {
-    limiters: std::sync::Mutex<std::collections::HashMap<&'static str, Arc<WarnLimiter>>>,
+    warnings: WarnLimiters,
 }
 
 impl HelloFailures {
@@ -94,14 +95,7 @@ impl HelloFailures {
             tracing::debug!(reason, "TLS connection closed before its ClientHello");
             return;
         }
-        let limiter = self
-            .limiters
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .entry(reason)
-            .or_insert_with(|| Arc::new(WarnLimiter::new(Duration::from_secs(10))))
-            .clone();
-        let Some(suppressed) = limiter.allow() else {
+        let Some(suppressed) = self.warnings.allow(reason) else {
             return;
         };
         let why = match reason {

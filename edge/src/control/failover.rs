@@ -4,7 +4,7 @@
 
 use anyhow::Context;
 use serde_json::{json, Value};
-use strait_control_client::state::spec::{AppliedFailover, ReplicationPolicy};
+use strait_control_client::state::spec::{AppliedFailover, OffsetReset, ReplicationPolicy};
 use strait_control_client::EdgeSnapshot;
 use strait_edge_config::Config;
 
@@ -33,6 +33,19 @@ pub(super) fn active_cluster<'s>(
                 .clone()
                 .unwrap_or_else(|| format!("{}.checkpoints.internal", r.source_alias))
         });
+    // Only where there is a standby to place groups on, as for checkpoints.
+    let offset_reset = match followed.spec.replication.as_ref() {
+        Some(r) if active != followed.spec.primary => match r.offset_reset {
+            OffsetReset::Client => None,
+            OffsetReset::Earliest => Some(json!("earliest")),
+            OffsetReset::Latest => Some(json!("latest")),
+            OffsetReset::BeforeSwitchMs(ms) => {
+                let switched_at = followed.status.as_ref().map_or(0, |s| s.at_unix_ms);
+                Some(json!({ "timestamp_ms": switched_at.saturating_sub(ms) }))
+            }
+        },
+        _ => None,
+    };
     let fence = followed
         .status
         .as_ref()
@@ -55,7 +68,7 @@ pub(super) fn active_cluster<'s>(
     Ok((
         active,
         json!({ "group": group, "cluster": active, "generation": generation, "fence": fence,
-                "checkpoints_topic": checkpoints_topic }),
+                "checkpoints_topic": checkpoints_topic, "offset_reset": offset_reset }),
     ))
 }
 

@@ -74,81 +74,100 @@ pub async fn topic_names(upstream: &dyn Upstream) -> Result<Vec<(String, bool)>,
         .collect())
 }
 
+/// The partitions of `topics` grouped by their leader, with its address; a
+/// topic the cluster does not have is left out.
+pub struct Leaders(Vec<(UpstreamTarget, BTreeMap<String, Vec<i32>>)>);
+
+impl Leaders {
+    pub async fn of(upstream: &dyn Upstream, topics: &[String]) -> Result<Self, String> {
+        if topics.is_empty() {
+            return Ok(Leaders(Vec::new()));
+        }
+        let mut conn = OwnConn::open(upstream, &UpstreamTarget::Bootstrap, CLIENT_ID)
+            .await
+            .map_err(|e| err("Metadata", e))?;
+        let req = MetadataRequest::default()
+            .with_topics(Some(
+                topics
+                    .iter()
+                    .map(|t| MetadataRequestTopic::default().with_name(Some(name(t))))
+                    .collect(),
+            ))
+            .with_allow_auto_topic_creation(false);
+        let ResponseKind::Metadata(meta) = conn
+            .call(ApiKey::Metadata, 12, RequestKind::Metadata(req))
+            .await
+            .map_err(|e| err("Metadata", e))?
+        else {
+            return Err("Metadata answered with another message".into());
+        };
+        let brokers: BTreeMap<i32, HostPort> = meta
+            .brokers
+            .iter()
+            .filter_map(|b| {
+                Some((
+                    b.node_id.0,
+                    HostPort {
+                        host: b.host.to_string(),
+                        port: u16::try_from(b.port).ok()?,
+                    },
+                ))
+            })
+            .collect();
+        // leader -> topic -> partitions
+        let mut by_leader: BTreeMap<i32, BTreeMap<String, Vec<i32>>> = BTreeMap::new();
+        for t in &meta.topics {
+            let Some(topic) = t.name.as_ref().map(|n| n.0.to_string()) else {
+                continue;
+            };
+            match t.error_code {
+                0 => {}
+                UNKNOWN_TOPIC_OR_PARTITION => continue,
+                code => return Err(format!("Metadata of {topic}: error code {code}")),
+            }
+            for p in &t.partitions {
+                if p.leader_id.0 < 0 {
+                    return Err(format!("{topic}-{} has no leader", p.partition_index));
+                }
+                by_leader
+                    .entry(p.leader_id.0)
+                    .or_default()
+                    .entry(topic.clone())
+                    .or_default()
+                    .push(p.partition_index);
+            }
+        }
+        let mut out = Vec::new();
+        for (leader, topics) in by_leader {
+            let address = brokers
+                .get(&leader)
+                .cloned()
+                .ok_or_else(|| format!("leader {leader} is not among the brokers"))?;
+            let target = UpstreamTarget::Broker {
+                node_id: leader,
+                address,
+            };
+            out.push((target, topics));
+        }
+        Ok(Leaders(out))
+    }
+
+    /// Each leader, and the partitions it leads by topic.
+    pub fn iter(&self) -> impl Iterator<Item = &(UpstreamTarget, BTreeMap<String, Vec<i32>>)> {
+        self.0.iter()
+    }
+}
+
 /// The tails of every partition of `topics`; a topic the cluster does not
 /// have is absent from the answer.
 pub async fn tails(upstream: &dyn Upstream, topics: &[String]) -> Result<Tails, String> {
-    if topics.is_empty() {
-        return Ok(Tails::new());
-    }
-    let mut conn = OwnConn::open(upstream, &UpstreamTarget::Bootstrap, CLIENT_ID)
-        .await
-        .map_err(|e| err("Metadata", e))?;
-    let req = MetadataRequest::default()
-        .with_topics(Some(
-            topics
-                .iter()
-                .map(|t| MetadataRequestTopic::default().with_name(Some(name(t))))
-                .collect(),
-        ))
-        .with_allow_auto_topic_creation(false);
-    let ResponseKind::Metadata(meta) = conn
-        .call(ApiKey::Metadata, 12, RequestKind::Metadata(req))
-        .await
-        .map_err(|e| err("Metadata", e))?
-    else {
-        return Err("Metadata answered with another message".into());
-    };
-    let brokers: BTreeMap<i32, HostPort> = meta
-        .brokers
-        .iter()
-        .filter_map(|b| {
-            Some((
-                b.node_id.0,
-                HostPort {
-                    host: b.host.to_string(),
-                    port: u16::try_from(b.port).ok()?,
-                },
-            ))
-        })
-        .collect();
-    // leader -> topic -> partitions
-    let mut by_leader: BTreeMap<i32, BTreeMap<String, Vec<i32>>> = BTreeMap::new();
-    for t in &meta.topics {
-        let Some(topic) = t.name.as_ref().map(|n| n.0.to_string()) else {
-            continue;
-        };
-        match t.error_code {
-            0 => {}
-            UNKNOWN_TOPIC_OR_PARTITION => continue,
-            code => return Err(format!("Metadata of {topic}: error code {code}")),
-        }
-        for p in &t.partitions {
-            if p.leader_id.0 < 0 {
-                return Err(format!("{topic}-{} has no leader", p.partition_index));
-            }
-            by_leader
-                .entry(p.leader_id.0)
-                .or_default()
-                .entry(topic.clone())
-                .or_default()
-                .push(p.partition_index);
-        }
-    }
     let mut out = Tails::new();
-    for (leader, topics) in by_leader {
-        let address = brokers
-            .get(&leader)
-            .cloned()
-            .ok_or_else(|| format!("leader {leader} is not among the brokers"))?;
-        let target = UpstreamTarget::Broker {
-            node_id: leader,
-            address,
-        };
-        let mut conn = OwnConn::open(upstream, &target, CLIENT_ID)
+    for (target, topics) in Leaders::of(upstream, topics).await?.iter() {
+        let mut conn = OwnConn::open(upstream, target, CLIENT_ID)
             .await
             .map_err(|e| err("ListOffsets", e))?;
-        let ends = list_offsets(&mut conn, &topics, -1).await?;
-        let starts = list_offsets(&mut conn, &topics, -2).await?;
+        let ends = list_offsets(&mut conn, topics, -1).await?;
+        let starts = list_offsets(&mut conn, topics, -2).await?;
         for (key, end) in ends {
             let start = starts.get(&key).copied().unwrap_or(0);
             let last = last_data_record(&mut conn, &key.0, key.1, start, end).await?;
@@ -158,8 +177,9 @@ pub async fn tails(upstream: &dyn Upstream, topics: &[String]) -> Result<Tails, 
     Ok(out)
 }
 
-/// `timestamp` -1: the end (high watermark), -2: the log start.
-async fn list_offsets(
+/// `timestamp` -1: the end (high watermark), -2: the log start, else the
+/// first offset whose record's timestamp is at or after it (-1 when none is).
+pub async fn list_offsets(
     conn: &mut OwnConn,
     topics: &BTreeMap<String, Vec<i32>>,
     timestamp: i64,

@@ -89,15 +89,18 @@ def values(bootstrap: str, topic: str) -> list[str]:
     return [g.value.decode() for g in got]
 
 
-def switch_in_place(e, vc: VirtualCluster, standby) -> None:
+def switch_in_place(e, vc: VirtualCluster, to, cluster: str = "standby", generation: int = 1,
+                    failover: dict | None = None) -> None:
     """What the control plane's failover decision does to a file-configured edge: the virtual cluster's
-    upstream becomes the standby (generation 1 of group orders-dr); returns once the edge swapped it."""
-    vc.upstream = list(standby.bootstrap_servers)
-    vc.extra["upstream"] = {"bootstrap_servers": list(standby.bootstrap_servers),
-                            "failover": {"group": "orders-dr", "cluster": "standby", "generation": 1}}
+    upstream becomes `to` (cluster `cluster` of group orders-dr at `generation`, plus `failover`'s keys);
+    returns once the edge swapped it (its swap count is the generation)."""
+    vc.upstream = list(to.bootstrap_servers)
+    vc.extra["upstream"] = {"bootstrap_servers": list(to.bootstrap_servers),
+                            "failover": {"group": "orders-dr", "cluster": cluster, "generation": generation,
+                                         **(failover or {})}}
     e.write_config()
-    wait_for(lambda: e.metric("strait_upstream_swaps", virtual_cluster="orders") == 1, 30,
-             what="the edge swapping its upstream")
+    wait_for(lambda: e.metric("strait_upstream_swaps", virtual_cluster=vc.name) == generation, 30,
+             what=f"the edge swapping {vc.name}'s upstream to {cluster}")
 
 
 def test_an_upstream_switched_in_place_keeps_producers_going_on_the_standby(broker, edge):

@@ -138,12 +138,7 @@ def test_clients_keep_the_broker_ids_they_hold_across_a_switch_to_other_ids(brok
     assert standby.broker_ids() == [4, 5]
 
     # Failback: the primary's brokers take their own ids again (the identity), at the same addresses.
-    vc.upstream = list(primary.bootstrap_servers)
-    vc.extra["upstream"] = {"bootstrap_servers": list(primary.bootstrap_servers),
-                            "failover": {"group": "orders-dr", "cluster": "primary", "generation": 2}}
-    e.write_config()
-    wait_for(lambda: e.metric("strait_upstream_swaps", virtual_cluster="orders") == 2, 30,
-             what="the edge swapping back to the primary")
+    switch_in_place(e, vc, primary, cluster="primary", generation=2)
     back = wait_for(lambda: (v := edge_view(e.bootstrap, topic)) and v["named"] and v, 30,
                     what="metadata through the edge after the failback")
     assert back["brokers"] == before["brokers"] and back["named"] <= {1, 2}, (before, back)

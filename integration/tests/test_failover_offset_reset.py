@@ -17,6 +17,7 @@ from lib.clients import unique
 from lib.edge import VirtualCluster
 from lib.wait import wait_for
 from tests.test_encryption import create_topic
+from tests.test_failover import switch_in_place
 
 OLD, RECENT = 10, 10
 HOUR_MS = 3_600_000
@@ -64,15 +65,9 @@ def test_groups_without_a_checkpoint_start_where_the_failover_group_says(broker,
     clusters = {name: VirtualCluster(f"reset-{name}", primary.bootstrap_servers) for name in policies}
     e = edge(list(clusters.values()))
     for name, vc in clusters.items():
-        vc.upstream = list(standby.bootstrap_servers)
-        vc.extra["upstream"] = {"bootstrap_servers": list(standby.bootstrap_servers), "failover": {
-            "group": f"dr-{name}", "cluster": "standby", "generation": 1,
-            # MM2's checkpoints topic: absent here, so no group has a checkpoint.
-            "checkpoints_topic": "east.checkpoints.internal", "offset_reset": policies[name]}}
-    e.write_config()
-    for vc in clusters.values():
-        wait_for(lambda vc=vc: e.metric("strait_upstream_swaps", virtual_cluster=vc.name) == 1, 30,
-                 what=f"{vc.name} on the standby")
+        # MM2's checkpoints topic is absent here, so no group has a checkpoint.
+        switch_in_place(e, vc, standby, failover={"checkpoints_topic": "east.checkpoints.internal",
+                                                  "offset_reset": policies[name]})
 
     # earliest: the log start, though the client asked for the end.
     assert first_record(clusters["earliest"].bootstrap, topic, "latest") == (0, "old-0")

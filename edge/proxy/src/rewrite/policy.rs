@@ -366,6 +366,19 @@ mod tests {
         }
     }
 
+    /// `describe_cluster` → `DescribeCluster`: a message source file's name,
+    /// less `_request.rs` or `_response.rs`, as its `ApiKey` is spelled.
+    fn camel_case(stem: &str) -> String {
+        stem.split('_')
+            .map(|word| {
+                let mut chars = word.chars();
+                chars.next().map_or_else(String::new, |first| {
+                    first.to_ascii_uppercase().to_string() + chars.as_str()
+                })
+            })
+            .collect()
+    }
+
     /// Cross-checks [`ADDRESS_FIELDS`] against the `kafka-protocol` sources
     /// in the cargo registry: every response that declares a host, port,
     /// endpoint, listener, address or URL field must be listed (as carrying
@@ -387,15 +400,7 @@ mod tests {
             let Some(stem) = file.strip_suffix("_response.rs") else {
                 continue;
             };
-            let camel: String = stem
-                .split('_')
-                .map(|word| {
-                    let mut chars = word.chars();
-                    chars.next().map_or_else(String::new, |first| {
-                        first.to_ascii_uppercase().to_string() + chars.as_str()
-                    })
-                })
-                .collect();
+            let camel = camel_case(&stem);
             let key = *by_name
                 .get(&camel)
                 .unwrap_or_else(|| panic!("{file}: no ApiKey named {camel}"));
@@ -475,15 +480,7 @@ mod tests {
                 (_, Some(stem)) => (stem.to_owned(), false),
                 _ => continue,
             };
-            let camel: String = stem
-                .split('_')
-                .map(|word| {
-                    let mut chars = word.chars();
-                    chars.next().map_or_else(String::new, |first| {
-                        first.to_ascii_uppercase().to_string() + chars.as_str()
-                    })
-                })
-                .collect();
+            let camel = camel_case(&stem);
             let Some(key) = by_name.get(&camel) else {
                 continue;
             };

@@ -400,7 +400,7 @@ mod tests {
             let Some(stem) = file.strip_suffix("_response.rs") else {
                 continue;
             };
-            let camel = camel_case(&stem);
+            let camel = camel_case(stem);
             let key = *by_name
                 .get(&camel)
                 .unwrap_or_else(|| panic!("{file}: no ApiKey named {camel}"));

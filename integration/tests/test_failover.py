@@ -73,6 +73,57 @@ class ContinuousProducer:
         return [n for at, n in list(self.acked) if at > t]
 
 
+class JavaContinuousProducer:
+    """The Java client's counterpart of ContinuousProducer (same fields and methods): one kafka-clients
+    producer (idempotent, acks=all) sending numbered records in batches of `batch` until stopped, each
+    batch's acknowledgements kept with the time the batch was acknowledged."""
+
+    def __init__(self, bootstrap: str, topic: str, label: str = "java:", batch: int = 5, **conf):
+        from lib.java_client import JavaClient
+        self.topic, self.label, self.batch = topic, label, batch
+        self.producer = JavaClient(bootstrap).producer(**{
+            "enable.idempotence": "true", "acks": "all", "linger.ms": "5", "delivery.timeout.ms": "90000",
+            "request.timeout.ms": "10000", **conf})
+        self.acked: list[tuple[float, int]] = []
+        self.failed: list[tuple[int, str]] = []
+        self.fatal: list[str] = []  # what ends the producer (the driver's own errors)
+        self.sent = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        from lib.clients import Rec
+        from lib.java_client import JavaError
+        while not self._stop.is_set():
+            numbers = range(self.sent, self.sent + self.batch)
+            records = [Rec(f"k{n % 4}".encode(), f"{self.label}record-{n}".encode()) for n in numbers]
+            try:
+                results = self.producer.send_results(self.topic, records, timeout=120)
+            except Exception as e:  # noqa: BLE001 - the driver itself failed: recorded, the thread ends
+                self.fatal.append(repr(e))
+                return
+            at = time.monotonic()
+            self.sent += self.batch
+            for n, r in zip(numbers, results):
+                if isinstance(r, JavaError):
+                    self.failed.append((n, str(r)))
+                else:
+                    self.acked.append((at, n))
+
+    def start(self) -> "JavaContinuousProducer":
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 130.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), f"the Java producer's last batch not acknowledged in {timeout:.0f}s"
+        self.producer.close()
+
+    first_ack_of = ContinuousProducer.first_ack_of
+    acked_after = ContinuousProducer.acked_after
+
+
 def values(bootstrap: str, topic: str) -> list[str]:
     """Every record value in partition 0 of `topic`, read directly from a cluster."""
     n = end_offset(bootstrap, topic)

@@ -13,7 +13,7 @@ from lib.ports import free_port, free_range
 from lib.procs import Proc
 from lib.wait import wait_for
 from tests.test_encryption import create_topic
-from tests.test_failover import ContinuousProducer, edge_metric, edge_ready, values
+from tests.test_failover import ContinuousProducer, JavaContinuousProducer, edge_metric, edge_ready, values
 
 GROUP = "orders-dr"
 EDGES = ("edge-a", "edge-b")
@@ -106,8 +106,8 @@ def serving(cp: ControlPlane, generation: int) -> bool:
 
 def test_automatic_failover_needs_a_quorum_and_an_edge_cut_off_never_switches_alone(broker, logs, tmp_path):
     """Phase 1: the primary and the control-plane leader are SIGKILLed together; the new leader's
-    controller switches both edges to the standby (generation 1) and producers continue through the
-    same bootstraps. Phase 2: with the whole control plane down the active standby dies; both edges see
+    controller switches both edges to the standby (generation 1) and producers (librdkafka at both
+    edges, the Java client at edge-b) continue through the same bootstraps. Phase 2: with the whole control plane down the active standby dies; both edges see
     it (their probe metric says down) and still serve generation 1. Once the control plane is back, the
     evidence from the edges and the leader fails back to the primary (generation 2)."""
     primary = broker(dedicated=True, name="kafka-primary")
@@ -118,7 +118,7 @@ def test_automatic_failover_needs_a_quorum_and_an_edge_cut_off_never_switches_al
     cp.start()
     edges = new_edges()
     procs: list[Proc] = []
-    producers: dict[str, ContinuousProducer] = {}
+    producers: dict[str, ContinuousProducer | JavaContinuousProducer] = {}
     try:
         spec = tmp_path / "resources.yaml"
         spec.write_text(resources(primary.bootstrap_servers[0], standby.bootstrap_servers[0], edges))
@@ -143,6 +143,8 @@ def test_automatic_failover_needs_a_quorum_and_an_edge_cut_off_never_switches_al
         create_topic(primary.bootstrap_servers[0], topic)
         create_topic(standby.bootstrap_servers[0], topic)
         producers = {n: ContinuousProducer(e["bootstrap"], topic, label=f"{n}:").start() for n, e in edges.items()}
+        producers["java@edge-b"] = JavaContinuousProducer(edges["edge-b"]["bootstrap"], topic,
+                                                          label="java@edge-b:").start()
         for p in producers.values():
             wait_for(lambda: len(p.acked) >= 20, 60, what="records acknowledged by the primary")
 

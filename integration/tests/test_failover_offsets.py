@@ -1,9 +1,9 @@
 """Consumer-group offsets across a failover (issue 14, item 5): with MirrorMaker 2 replicating the
 primary into the standby (its own group-offset sync turned off, so only the edge translates), a group
 that committed at the primary resumes on the standby from MM2's checkpoint, through the same edge
-bootstrap; a group without a checkpoint falls back to its auto.offset.reset."""
+bootstrap, with librdkafka and with the Java client; a group without a checkpoint falls back to its
+auto.offset.reset."""
 
-import time
 
 from confluent_kafka import Consumer, TopicPartition
 
@@ -52,7 +52,7 @@ def test_a_group_resumes_on_the_standby_from_mirrormakers_checkpoint(broker, log
         cp.pki.leaf(name, uris=[f"spiffe://{cp.trust_domain}/edge/{name}"])
     cp.start()
     edges = new_edges()
-    topic, group, fresh = unique("offsets"), unique("billing"), unique("fresh")
+    topic, group, fresh, java_group = unique("offsets"), unique("billing"), unique("fresh"), unique("java")
     procs: list[Proc] = []
     mm = None
     try:
@@ -85,6 +85,19 @@ def test_a_group_resumes_on_the_standby_from_mirrormakers_checkpoint(broker, log
                               60, what="MM2's checkpoint of the group's commit")
         assert checkpoint["downstream_offset"] <= COMMITTED, checkpoint
 
+        # The same with the Java client: one record per poll, so that its commit is exactly COMMITTED.
+        from lib.java_client import JavaClient
+        java = JavaClient(bootstrap)
+        jc = java.consumer(topic, group=java_group, **{"max.poll.records": "1"})
+        try:
+            assert [r.offset for r in jc.take(COMMITTED, timeout=60)] == list(range(COMMITTED))
+            jc.commit()
+        finally:
+            jc.close()
+        java_checkpoint = wait_for(lambda: next((k for k in reversed(checkpoints(standby.bootstrap_servers[0]))
+                                                 if k["group"] == java_group and k["upstream_offset"] == COMMITTED),
+                                                None), 60, what="MM2's checkpoint of the Java group's commit")
+
         r = cp.ctl("failover", "orders-dr")
         assert r.returncode == 0 and "active west at generation 1" in r.stdout, (r.stdout, r.stderr)
         wait_for(lambda: serving(cp, 1), 30, what="both edges on the standby")
@@ -95,6 +108,13 @@ def test_a_group_resumes_on_the_standby_from_mirrormakers_checkpoint(broker, log
         assert value == f"record-{offset}", value  # identity replication, MM2 from the start: same offsets
         print(f"group resumed on the standby at offset {offset} (committed {COMMITTED} at the primary): "
               f"{COMMITTED - offset} records read again, none skipped")
+        jc = java.consumer(topic, group=java_group)
+        try:
+            first = jc.take(1, timeout=60)[0]
+        finally:
+            jc.close()
+        assert first.offset == java_checkpoint["downstream_offset"], (first.offset, java_checkpoint)
+        assert first.value.decode() == f"record-{first.offset}"
         # A group with no checkpoint keeps its auto.offset.reset (earliest here).
         assert first_read(bootstrap, topic, fresh) == (0, "record-0")
         log = procs[0].log_text()

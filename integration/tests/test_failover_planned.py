@@ -1,7 +1,8 @@
 """Planned switchover (issue 14, item 4): `straitctl failover --planned` fences produce at every edge
 (retriable NOT_LEADER_OR_FOLLOWER), waits until MirrorMaker 2 has copied everything to the standby (each
 edge compares every partition's last record on both clusters), switches, and the producers' retried
-batches land on the standby: RPO 0, with real Kafka clusters, real MM2 and librdkafka producers."""
+batches land on the standby: RPO 0, with real Kafka clusters, real MM2, and a librdkafka producer at each
+edge plus a Java one at edge-a."""
 
 import re
 import time
@@ -12,7 +13,7 @@ from lib.mirrormaker import MirrorMaker, read_records
 from lib.procs import Proc
 from lib.wait import wait_for
 from tests.test_encryption import create_topic, end_offset
-from tests.test_failover import ContinuousProducer, edge_metric
+from tests.test_failover import ContinuousProducer, JavaContinuousProducer, edge_metric
 from tests.test_failover_automatic import EDGES, fg_status, new_edges, resources, serving, start_edges
 
 PARTITIONS = 3
@@ -35,7 +36,7 @@ def test_planned_switchover_fences_produce_waits_for_mirrormaker_and_loses_nothi
     edges = new_edges()
     topic = unique("planned")
     procs: list[Proc] = []
-    producers: dict[str, ContinuousProducer] = {}
+    producers: dict[str, ContinuousProducer | JavaContinuousProducer] = {}
     mm = None
     try:
         spec = tmp_path / "resources.yaml"
@@ -45,6 +46,8 @@ def test_planned_switchover_fences_produce_waits_for_mirrormaker_and_loses_nothi
         procs += start_edges(cp, edges, logs, tmp_path)
         create_topic(primary.bootstrap_servers[0], topic, partitions=PARTITIONS)
         producers = {n: ContinuousProducer(e["bootstrap"], topic, label=f"{n}:").start() for n, e in edges.items()}
+        producers["java@edge-a"] = JavaContinuousProducer(edges["edge-a"]["bootstrap"], topic,
+                                                          label="java@edge-a:").start()
         for p in producers.values():
             wait_for(lambda: len(p.acked) >= 50, 60, what="records acknowledged by the primary")
 

@@ -230,9 +230,17 @@ impl Cluster {
         for id in self.nodes.keys() {
             let p = self.tmp.path().join(format!("n{id}.log"));
             if let Ok(s) = std::fs::read_to_string(&p) {
-                let tail: Vec<&str> = s.lines().rev().take(30).collect();
+                let lines: Vec<&str> = s.lines().collect();
+                // A panic's message comes before its backtrace, which alone
+                // would fill the tail.
+                if let Some(at) = lines.iter().position(|l| l.contains("panicked at")) {
+                    eprintln!("----- node {id} panicked -----");
+                    for l in &lines[at.saturating_sub(20)..(at + 3).min(lines.len())] {
+                        eprintln!("{l}");
+                    }
+                }
                 eprintln!("----- node {id} log tail -----");
-                for l in tail.iter().rev() {
+                for l in &lines[lines.len().saturating_sub(30)..] {
                     eprintln!("{l}");
                 }
             }

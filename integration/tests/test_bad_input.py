@@ -366,6 +366,12 @@ def send_undecodable_produce(s, listener):
     s.sendall(frame(produce_v9_up_to_acks()))
 
 
+def send_produce_short_of_acks(s, listener):
+    # A whole frame that ends before acks (header v2, then a null transactional_id): the edge cannot tell
+    # whether an answer is due, and must not wait for bytes the frame does not have.
+    s.sendall(frame(header_v2(PRODUCE, 9, 84) + b"\x00"))
+
+
 def send_produce_huge_topic_count(s, listener):
     # timeout_ms, then a compact array announcing 2^32 - 2 topics in a 40-byte frame.
     s.sendall(frame(produce_v9_up_to_acks() + struct.pack(">i", 1000) + b"\xff\xff\xff\xff\x0f" + b"\x00" * 8))
@@ -419,6 +425,9 @@ CASES = {
                          every(Refused("undecodable") if BROKER_KIND == "tansu" else Answered(79, 35))),
     # Decoded where a filter reads Produce (authorization, encryption); elsewhere the broker judges it.
     "undecodable_produce": (send_undecodable_produce, {
+        "plain": BrokerCloses(), "mtls": BrokerCloses(), "sni": BrokerCloses(),
+        "authz": Refused("undecodable"), "encrypt": Refused("undecodable"), "tunnel": Refused("undecodable", at=1)}),
+    "produce_short_of_acks": (send_produce_short_of_acks, {
         "plain": BrokerCloses(), "mtls": BrokerCloses(), "sni": BrokerCloses(),
         "authz": Refused("undecodable"), "encrypt": Refused("undecodable"), "tunnel": Refused("undecodable", at=1)}),
     "produce_huge_topic_count": (send_produce_huge_topic_count, {
@@ -555,6 +564,61 @@ def closed_after_client_hello(s: socket.socket, listener: "Listener", server_nam
         return closed_by_peer(tls, timeout=30)
     finally:
         tls.close()
+
+
+@pytest.mark.parametrize("kind", ["authz", "tunnel"])
+def test_undecodable_body_for_every_api_a_filter_decodes(kind, broker, edge, tmp_path):
+    """Where authorization decodes requests (an authorizing listener; a tunnel's far edge), each API key
+    the listener offers, at its newest version, with a valid header and a body that stops at once. Every
+    key authorization decodes is refused as `undecodable` at the edge that authorizes (one count and one
+    WARN line per connection, nothing reaches the broker); the few it lets through undecoded (SASL and
+    client telemetry, whose answers carry no resource) reach the broker, which closes the connection,
+    and nothing is counted for them. A well-behaved client on the same edge completes meanwhile.
+    (Produce on an encrypting listener, the one request it decodes, is in the catalogue.)"""
+    listener = listener_for(kind, broker, edge, tmp_path)
+    refusing = listener.edges[-1]
+    offered = offered_versions(listener)
+    every = sorted(k for k in offered if k != API_VERSIONS)
+    keys = [k for k in every if k not in NOT_DECODED_BY_AUTHZ]
+    assert len(keys) > 50, offered
+    before = rejected(listener, "undecodable")
+    warned_before = len(warn_lines(listener, "undecodable"))
+    with WellBehaved(listener):
+        for n, key in enumerate(every):
+            s = listener.open()
+            try:
+                # Header v1 and one zero byte: the tagged fields of header v2 where the version is
+                # flexible, else the body's first byte; either way the body ends before its fields.
+                s.sendall(frame(request_v0_header(key, offered[key][1], 1000 + n) + b"\x00"))
+                assert closed_by_peer(s, timeout=30), f"api key {key}: connection not closed"
+            finally:
+                s.close()
+    wait_for(lambda: rejected(listener, "undecodable") == before + len(keys), 15,
+             what=f"{len(keys)} undecodable requests counted")
+    assert refusing.metric("strait_frames_rejected", reason="undecodable") == before + len(keys), \
+        "refused where authorization decodes"
+    assert len(warn_lines(listener, "undecodable")) == warned_before + len(keys)
+    for e in listener.edges:
+        assert e.alive()
+
+
+# What the authorization filter lets through without decoding (edge/authz ALWAYS_ALLOWED, less
+# ApiVersions, which no test here sends undecodable).
+NOT_DECODED_BY_AUTHZ = {17, 36, 71, 72}  # SaslHandshake, SaslAuthenticate, GetTelemetrySubscriptions, PushTelemetry
+
+
+def offered_versions(listener: "Listener") -> dict[int, tuple[int, int]]:
+    """ApiVersions v0 through the listener (TLS where it has it): {api_key: (min, max)}."""
+    s = listener.open()
+    try:
+        s.sendall(frame(request_v0_header(API_VERSIONS, 0, 7)))
+        s.settimeout(15)
+        body = recv_frame(s)
+    finally:
+        s.close()
+    _, error_code, count = struct.unpack(">ihi", body[:10])
+    assert error_code == 0, error_code
+    return {k: (lo, hi) for k, lo, hi in (struct.unpack(">hhh", body[10 + 6 * i:16 + 6 * i]) for i in range(count))}
 
 
 @pytest.mark.parametrize("case,kind", [(c, k) for c in TLS_CASES for k in ("mtls", "sni")]

@@ -1,8 +1,9 @@
 """Edge-owned broker node ids across an in-place switch (issue 14): a primary whose brokers are 1 and 2, a
 standby whose brokers are 4 and 5, one edge. Through the edge, clients see brokers 1 and 2 before and after
 the switch (the edge maps the standby's ids onto the ones they hold), every id the edge hands out is one
-of them, and librdkafka's idempotent producer and group consumer carry on without losing a record. A
-failback gives the primary's brokers their own ids again."""
+of them, and librdkafka's idempotent producer and group consumer carry on without losing a record, as
+does a Java idempotent producer that learnt ids 1 and 2 before the switch. A failback gives the
+primary's brokers their own ids again."""
 
 import threading
 import time
@@ -90,6 +91,20 @@ def test_clients_keep_the_broker_ids_they_hold_across_a_switch_to_other_ids(brok
     assert before["controller"] in {1, 2} and before["named"] <= {1, 2}, before
     assert coordinator_id(e.bootstrap, group) in {1, 2}
 
+    # The Java client, whose metadata cache holds broker ids and addresses: its own topic, so that
+    # the librdkafka producer's records below stay a contiguous sequence.
+    from lib.clients import Rec
+    from lib.java_client import JavaClient, JavaError
+    java_topic = unique("ids-java")
+    create_topic(e.bootstrap, java_topic)
+    create_topic(standby.bootstrap_servers[0], java_topic)
+    java = JavaClient(e.bootstrap)
+    jp = java.producer(**{"enable.idempotence": "true", "acks": "all", "delivery.timeout.ms": "90000",
+                          "request.timeout.ms": "10000"})
+    jp.send_all(java_topic, [Rec(None, b"java-%d" % i) for i in range(20)])
+    java_before = sorted((b["id"], b["host"], b["port"]) for b in java.metadata()["brokers"])
+    assert [i for i, _, _ in java_before] == [1, 2], java_before
+
     p = ContinuousProducer(e.bootstrap, topic).start()
     c = GroupConsumer(e.bootstrap, topic, group).start()
     try:
@@ -107,6 +122,10 @@ def test_clients_keep_the_broker_ids_they_hold_across_a_switch_to_other_ids(brok
         assert after["controller"] in {1, 2} and after["named"] <= {1, 2}, after
         coordinator = coordinator_id(e.bootstrap, group)
         assert coordinator in after["brokers"], (coordinator, after)
+        # The Java producer goes on with the ids it holds, and sees the same brokers.
+        java_after = jp.send_results(java_topic, [Rec(None, b"java-%d" % i) for i in range(20, 40)], timeout=120)
+        assert [r for r in java_after if isinstance(r, JavaError)] == [], java_after[:3]
+        assert sorted((b["id"], b["host"], b["port"]) for b in java.metadata()["brokers"]) == java_before
         # The primary takes nothing once the old connections are drained.
         primary_set = set(values(primary.bootstrap_servers[0], topic))
         wait_for(lambda: len([v for v in list(c.got) if v not in primary_set]) >= 50, 90,
@@ -117,6 +136,9 @@ def test_clients_keep_the_broker_ids_they_hold_across_a_switch_to_other_ids(brok
     finally:
         p.stop()
         c.stop()
+        jp.close()
+    assert values(primary.bootstrap_servers[0], java_topic) == [f"java-{i}" for i in range(20)]
+    assert values(standby.bootstrap_servers[0], java_topic) == [f"java-{i}" for i in range(20, 40)]
     assert p.fatal == [], p.fatal
     assert p.failed == [], p.failed[:5]
     at_primary = values(primary.bootstrap_servers[0], topic)

@@ -395,10 +395,18 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                     break;
                 }
                 let expects_response = if prefix.api_key == ApiKey::Produce as i16 {
-                    match produce_acks(&buf[ready..], prefix.api_version)
+                    // Only this frame's bytes: a short frame must not lend its
+                    // acks from the next one.
+                    let available = (buf.len() - ready).min(frame_len);
+                    match produce_acks(&buf[ready..ready + available], prefix.api_version)
                         .map_err(ConnectionError::ClientFrame)?
                     {
                         Some(acks) => acks != 0,
+                        // Whole, and too short to hold acks: not the edge's to
+                        // judge here (no filter decodes Produce), so it goes
+                        // to the broker, which closes on a malformed body;
+                        // waiting for more would blame the client's read time.
+                        None if available == frame_len => true,
                         None => break,
                     }
                 } else {

@@ -80,15 +80,14 @@ pub fn hot_answer_changes(body: &ResponseKind, ids: &Translator<'_>) -> bool {
                     topic
                         .partition_responses
                         .iter()
-                        .any(|p| !ids.keeps(p.current_leader.leader_id.0))
+                        .any(|p| p.current_leader.leader_id.0 != -1)
                 })
         }
         ResponseKind::Fetch(response) => {
             !response.node_endpoints.is_empty()
                 || response.responses.iter().any(|topic| {
                     topic.partitions.iter().any(|p| {
-                        !ids.keeps(p.current_leader.leader_id.0)
-                            || !ids.keeps(p.preferred_read_replica.0)
+                        p.current_leader.leader_id.0 != -1 || !ids.keeps(p.preferred_read_replica.0)
                     })
                 })
         }
@@ -169,25 +168,32 @@ pub fn response(body: &mut ResponseKind, version: i16, ids: &mut Translator<'_>)
                 }
             }
         }
+        // Leader hints (KIP-951: `current_leader` and `node_endpoints`) are
+        // withheld, not translated. Their leader epochs are the new
+        // cluster's, which may be no newer than those a client learnt from
+        // the old one, and clients ignore a leader whose epoch is not newer
+        // (the Java client then retries the old leader until its delivery
+        // timeout). Without a hint they refresh their metadata, which the
+        // edge answers from the new cluster.
         ResponseKind::Produce(r) => {
             for p in r
                 .responses
                 .iter_mut()
                 .flat_map(|t| t.partition_responses.iter_mut())
             {
-                one(ids, &mut p.current_leader.leader_id);
+                p.current_leader.leader_id = BrokerId(-1);
+                p.current_leader.leader_epoch = -1;
             }
-            r.node_endpoints
-                .retain_mut(|n| endpoint(ids, &mut n.node_id));
+            r.node_endpoints.clear();
         }
         ResponseKind::Fetch(r) => {
             for p in r.responses.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
-                one(ids, &mut p.current_leader.leader_id);
+                p.current_leader.leader_id = BrokerId(-1);
+                p.current_leader.leader_epoch = -1;
                 // -1 is "no preference": the client reads from the leader.
                 one(ids, &mut p.preferred_read_replica);
             }
-            r.node_endpoints
-                .retain_mut(|n| endpoint(ids, &mut n.node_id));
+            r.node_endpoints.clear();
         }
         ResponseKind::DescribeTopicPartitions(r) => {
             for p in r.topics.iter_mut().flat_map(|t| t.partitions.iter_mut()) {
@@ -260,17 +266,6 @@ fn coordinator(ids: &mut Translator<'_>, id: &mut BrokerId) -> bool {
             id.0 = -1;
             false
         }
-    }
-}
-
-/// Translates a node endpoint's id; false for one to leave out.
-fn endpoint(ids: &mut Translator<'_>, id: &mut BrokerId) -> bool {
-    match ids.to_edge(id.0) {
-        Some(edge) => {
-            id.0 = edge;
-            true
-        }
-        None => false,
     }
 }
 

@@ -16,7 +16,7 @@ build:
 	cargo build --workspace --bins
 
 # What CI runs (scripts/test.sh): formatting and lints first (cheap, and they fail fast), the unit
-# tests, the README's quick-start demo, then the scenarios on Apache Kafka, the Tansu subset and
+# tests, the scenarios on Apache Kafka, the README's quick-start demo, the Tansu subset and
 # fuzz-smoke. Tansu and the fuzz targets build in the background while the Kafka scenarios run.
 test:
 	PYTEST_ARGS="$(PYTEST_ARGS)" scripts/test.sh

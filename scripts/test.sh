@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # `make test`, what CI runs (.ci/run). Formatting and lints first (cheap, they fail fast), the unit
-# tests, the README's quick-start demo, then the scenarios: Apache Kafka, the Tansu subset, fuzz-smoke.
+# tests, the scenarios on Apache Kafka, then the README's quick-start demo, the Tansu subset and
+# fuzz-smoke.
 #
 # The Kafka scenarios spend most of their 30 minutes waiting on brokers and clients, so what only the
-# later steps need (Tansu, about 12 minutes to build cold; cargo-fuzz and the fuzz targets, about 8)
+# later steps need (Tansu, about 12 minutes to build cold, for the demo and the Tansu subset; cargo-fuzz
+# and the fuzz targets, about 8)
 # is built meanwhile in the background at the lowest CPU priority, and waited for before those steps.
 # On a warm cache the background job finds everything present and ends at once.
 #
@@ -45,9 +47,6 @@ cargo clippy --workspace --all-targets -- -D warnings
 TANSU_CARGO_TEST=real_clients_through_the_edge_against_tansu
 step "cargo test --workspace (but $TANSU_CARGO_TEST)"
 cargo test --workspace -- --skip "$TANSU_CARGO_TEST"
-step "quick-start demo"
-scripts/demo.sh
-
 mkdir -p "$CACHE"
 BACKGROUND_LOG="$CACHE/test-background.log"
 step "background: Tansu, cargo-fuzz, fuzz targets (log: $BACKGROUND_LOG)"
@@ -69,6 +68,9 @@ fi
 trap - EXIT
 tail -n 5 "$BACKGROUND_LOG"
 
+# The quick start runs on Tansu, so it waits for the background build too.
+step "quick-start demo"
+scripts/demo.sh
 step "Tansu subset"
 cargo test -p strait-authz --test tansu_e2e -- --exact "$TANSU_CARGO_TEST"
 STRAIT_BROKER=tansu "$PYTHON" -m pytest "${TANSU_SUBSET[@]}" "${PYTEST_ARGS[@]}"

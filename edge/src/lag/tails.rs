@@ -14,8 +14,8 @@ use strait_kafka::kafka_protocol::messages::list_offsets_request::{
 };
 use strait_kafka::kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use strait_kafka::kafka_protocol::messages::{
-    ApiKey, BrokerId, FetchRequest, ListOffsetsRequest, MetadataRequest, RequestKind, ResponseKind,
-    TopicName,
+    ApiKey, BrokerId, FetchRequest, ListOffsetsRequest, MetadataRequest, MetadataResponse,
+    RequestKind, ResponseKind, TopicName,
 };
 use strait_kafka::kafka_protocol::protocol::StrBytes;
 use strait_proxy::own_conn::OwnConn;
@@ -51,21 +51,30 @@ fn err(what: &str, e: impl std::fmt::Display) -> String {
     format!("{what}: {e}")
 }
 
-/// The topics of the cluster, with `is_internal` Kafka's own view.
-pub async fn topic_names(upstream: &dyn Upstream) -> Result<Vec<(String, bool)>, String> {
+/// One Metadata request at the bootstrap: `topics` None asks for all.
+async fn metadata(
+    upstream: &dyn Upstream,
+    topics: Option<Vec<MetadataRequestTopic>>,
+) -> Result<MetadataResponse, String> {
     let mut conn = OwnConn::open(upstream, &UpstreamTarget::Bootstrap, CLIENT_ID)
         .await
         .map_err(|e| err("Metadata", e))?;
     let req = MetadataRequest::default()
-        .with_topics(None)
+        .with_topics(topics)
         .with_allow_auto_topic_creation(false);
-    let ResponseKind::Metadata(resp) = conn
+    match conn
         .call(ApiKey::Metadata, 12, RequestKind::Metadata(req))
         .await
         .map_err(|e| err("Metadata", e))?
-    else {
-        return Err("Metadata answered with another message".into());
-    };
+    {
+        ResponseKind::Metadata(resp) => Ok(resp),
+        _ => Err("Metadata answered with another message".into()),
+    }
+}
+
+/// The topics of the cluster, with `is_internal` Kafka's own view.
+pub async fn topic_names(upstream: &dyn Upstream) -> Result<Vec<(String, bool)>, String> {
+    let resp = metadata(upstream, None).await?;
     Ok(resp
         .topics
         .iter()
@@ -83,24 +92,11 @@ impl Leaders {
         if topics.is_empty() {
             return Ok(Leaders(Vec::new()));
         }
-        let mut conn = OwnConn::open(upstream, &UpstreamTarget::Bootstrap, CLIENT_ID)
-            .await
-            .map_err(|e| err("Metadata", e))?;
-        let req = MetadataRequest::default()
-            .with_topics(Some(
-                topics
-                    .iter()
-                    .map(|t| MetadataRequestTopic::default().with_name(Some(name(t))))
-                    .collect(),
-            ))
-            .with_allow_auto_topic_creation(false);
-        let ResponseKind::Metadata(meta) = conn
-            .call(ApiKey::Metadata, 12, RequestKind::Metadata(req))
-            .await
-            .map_err(|e| err("Metadata", e))?
-        else {
-            return Err("Metadata answered with another message".into());
-        };
+        let wanted = topics
+            .iter()
+            .map(|t| MetadataRequestTopic::default().with_name(Some(name(t))))
+            .collect();
+        let meta = metadata(upstream, Some(wanted)).await?;
         let brokers: BTreeMap<i32, HostPort> = meta
             .brokers
             .iter()

@@ -124,7 +124,8 @@ def test_clients_keep_the_broker_ids_they_hold_across_a_switch_to_other_ids(brok
         assert coordinator in after["brokers"], (coordinator, after)
         # The Java producer goes on with the ids it holds, and sees the same brokers.
         java_after = jp.send_results(java_topic, [Rec(None, b"java-%d" % i) for i in range(20, 40)], timeout=120)
-        assert [r for r in java_after if isinstance(r, JavaError)] == [], java_after[:3]
+        assert [r for r in java_after if isinstance(r, JavaError)] == [], (
+            java_after[:3], java.driver.log_tail(60), e.log_text()[-6000:])
         assert sorted((b["id"], b["host"], b["port"]) for b in java.metadata()["brokers"]) == java_before
         # The primary takes nothing once the old connections are drained.
         primary_set = set(values(primary.bootstrap_servers[0], topic))
@@ -176,3 +177,41 @@ def test_clients_keep_the_broker_ids_they_hold_across_a_switch_to_other_ids(brok
           f"{len(at_primary)} records on the primary, {len(at_standby)} on the standby, the consumer read "
           f"{len(read_on_primary)} and {len(positions)} of them; "
           f"first acknowledgement on the standby {p.first_ack_of(at_standby) - switched_at:.2f} s after the switch")
+
+
+def test_a_connection_opened_before_the_standby_brokers_are_learnt_is_rerouted(broker, edge):
+    """A client that connects to a broker's edge port after the switch, before any Metadata answer from
+    the standby went through the edge, is relayed to the standby's bootstrap (no route yet). Clients keep
+    one connection per broker id, so that connection must not outlive the edge learning the broker: once
+    a Metadata answer names it, the edge drains it, and the reconnect reaches the broker itself (a Java
+    producer stuck on NOT_LEADER_OR_FOLLOWER for 90 s over such a connection is how this was found)."""
+    from lib.kafka_wire import API_VERSIONS, closed_by_peer, connect, frame, recv_frame, request_v0_header
+    primary = broker(dedicated=True, name="kafka-primary", brokers=2)
+    standby = broker(dedicated=True, name="kafka-standby", brokers=2, first_node_id=4)
+    topic = unique("ids-early")
+    vc = VirtualCluster("orders", primary.bootstrap_servers)
+    e = edge([vc])
+    create_topic(e.bootstrap, topic)
+    create_topic(standby.bootstrap_servers[0], topic)
+    host, port = edge_view(e.bootstrap, topic)["brokers"][2]
+    switch_in_place(e, vc, standby)
+
+    early = connect(host, port, timeout=10)
+    try:
+        early.sendall(frame(request_v0_header(API_VERSIONS, 0, 1)))
+        assert recv_frame(early)[:4] == (1).to_bytes(4, "big")  # relayed: the standby's bootstrap answers
+        assert not closed_by_peer(early, timeout=0.5), "drained before the broker was learnt"
+        after = edge_view(e.bootstrap, topic)  # the edge learns the standby's brokers from this answer
+        assert after["brokers"][2] == (host, port), after
+        assert closed_by_peer(early, timeout=15), "the connection relayed to the bootstrap was not drained"
+    finally:
+        early.close()
+    # The reconnect is routed to the broker clients know as 2: it answers, and stays open.
+    again = connect(host, port, timeout=10)
+    try:
+        again.sendall(frame(request_v0_header(API_VERSIONS, 0, 2)))
+        assert recv_frame(again)[:4] == (2).to_bytes(4, "big")
+        assert not closed_by_peer(again, timeout=1.0)
+    finally:
+        again.close()
+    assert e.unexpected_errors() == []

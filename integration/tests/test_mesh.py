@@ -17,7 +17,7 @@ from pathlib import Path
 
 import yaml
 
-from lib.authz import TOPIC_AUTHORIZATION_FAILED
+from lib.authz import TOPIC_AUTHORIZATION_FAILED, read_audit
 from lib.clients import unique
 from lib.edge import Edge, VirtualCluster
 from lib.pki import Pki
@@ -164,9 +164,13 @@ def test_west_client_produces_and_consumes_east_topics_through_its_own_edge(brok
         # East's rules apply to the principal west forwarded: billing may describe, not write.
         errors = produce(client(west, west_pki, "billing"), topic, [b"billing"])
         assert [e.code() for e in errors] == [TOPIC_AUTHORIZATION_FAILED]
-        lines = [json.loads(l) for l in (tmp_path / "east-audit.jsonl").read_text().splitlines()]
+        # The audit writer runs behind the answers: wait for billing's deny line, then read them all.
+        audit = tmp_path / "east-audit.jsonl"
+        wait_for(lambda: [l for l in read_audit(audit) if l["decision"] == "deny" and l["principal"] == BILLING],
+                 10, what="east's audit line for billing's denied produce")
+        lines = read_audit(audit)
         denied = [l for l in lines if l["decision"] == "deny" and l["principal"] == BILLING]
-        assert denied and all(l["via_peer"] == "edge-west" for l in denied)
+        assert all(l["via_peer"] == "edge-west" for l in denied), denied
         assert any(l["principal"] == ORDERS and l["via_peer"] == "edge-west" for l in lines)
 
         # OPS is outside what east lets west assert: refused at stream open, before any Kafka byte.

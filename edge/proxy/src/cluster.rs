@@ -557,6 +557,9 @@ impl ClusterRuntime {
         }
 
         let generation = self.current_upstream();
+        // Set when a broker connection goes to the bootstrap for want of a
+        // route: it is drained once the broker is learnt (see below).
+        let mut relayed_for_unknown_broker = None;
         let target = match endpoint {
             Endpoint::Bootstrap => UpstreamTarget::Bootstrap,
             // `node_id` is the edge's; the target names the upstream's own
@@ -574,6 +577,7 @@ impl ClusterRuntime {
                         node_id,
                         "broker not known on the new upstream yet: relaying to its bootstrap"
                     );
+                    relayed_for_unknown_broker = Some(node_id);
                     UpstreamTarget::Bootstrap
                 }
                 None => {
@@ -657,6 +661,11 @@ impl ClusterRuntime {
         // upstream SASL session drains only this one.
         let drain = generation.drain.child_token();
         let session_end = close_before_expiry(session_expires_at, drain.clone());
+        let rerouted = drain_once_known(
+            generation.discovery.clone(),
+            relayed_for_unknown_broker,
+            drain.clone(),
+        );
         let deny = self.deny.check(info.principal.clone());
         let relayed = relay_checked(
             client,
@@ -676,6 +685,7 @@ impl ClusterRuntime {
                 return;
             }
             never = session_end => match never {},
+            never = rerouted => match never {},
         };
         match result {
             Ok(()) => tracing::debug!("connection closed"),
@@ -725,6 +735,30 @@ async fn close_before_expiry(
         tracing::debug!(
             ?lifetime,
             "upstream SASL session ends soon: closing the client connection at a frame boundary so it reconnects"
+        );
+        drain.cancel();
+    }
+    std::future::pending().await
+}
+
+/// A connection for a broker the new upstream had no route for went to its
+/// bootstrap, whichever broker that is. A client keeps one connection per
+/// broker id and sends that broker's partitions over it, so without this it
+/// would be answered NOT_LEADER_OR_FOLLOWER for as long as the connection
+/// lives, however often it refreshes metadata. Once the broker is learnt
+/// (from the first Metadata answer through the edge), the connection is
+/// drained, and the client's reconnect reaches the right broker.
+/// Never completes: it only cancels `drain`.
+async fn drain_once_known(
+    discovery: Arc<Discovery>,
+    edge_id: Option<i32>,
+    drain: CancellationToken,
+) -> std::convert::Infallible {
+    if let Some(edge_id) = edge_id {
+        discovery.known(edge_id).await;
+        tracing::debug!(
+            node_id = edge_id,
+            "broker learnt on the new upstream: draining the connection relayed to its bootstrap"
         );
         drain.cancel();
     }

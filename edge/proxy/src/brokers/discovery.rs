@@ -7,6 +7,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use prometheus_client::metrics::gauge::Gauge;
 use strait_edge_config::HostPort;
+use tokio::sync::watch;
 
 use super::node_ids::NodeIds;
 
@@ -25,6 +26,9 @@ pub struct Discovery {
     ids: Mutex<NodeIds>,
     /// How many brokers are known (`strait_brokers_discovered`).
     discovered: Gauge,
+    /// Bumped whenever a broker is learnt or moves: what [`Self::known`]
+    /// waits on.
+    changes: watch::Sender<u64>,
 }
 
 impl Discovery {
@@ -33,6 +37,7 @@ impl Discovery {
             nodes: Mutex::default(),
             ids: Mutex::new(ids),
             discovered,
+            changes: watch::Sender::new(0),
         }
     }
 
@@ -44,7 +49,23 @@ impl Discovery {
             Some(_) => Seen::Known,
         };
         self.discovered.set(nodes.len() as i64);
+        drop(nodes);
+        if seen != Seen::Known {
+            self.changes.send_modify(|version| *version += 1);
+        }
         seen
+    }
+
+    /// Completes once the broker clients know as `edge_id` has a route on
+    /// this upstream (at once if it has one already).
+    pub async fn known(&self, edge_id: i32) {
+        let mut changes = self.changes.subscribe();
+        while self.route(edge_id).is_none() {
+            // The sender lives as long as `self`: `changed` cannot fail here.
+            if changes.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
     }
 
     /// Where the broker clients know as `edge_id` is.
@@ -112,5 +133,28 @@ mod tests {
         d.record(1, &west);
         assert_eq!(d.route(1), Some((4, west)));
         assert_eq!(d.route(4), None);
+    }
+
+    #[tokio::test]
+    async fn known_completes_when_the_broker_is_learnt() {
+        let d = std::sync::Arc::new(Discovery::new(Gauge::default(), NodeIds::Identity));
+        let waiting = tokio::spawn({
+            let d = d.clone();
+            async move { d.known(2).await }
+        });
+        let broker = HostPort {
+            host: "kafka-1".into(),
+            port: 9092,
+        };
+        d.record(1, &broker);
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "broker 1 is not the one waited for");
+        d.record(2, &broker);
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiting)
+            .await
+            .expect("known(2) completes once broker 2 is recorded")
+            .unwrap();
+        // Already known: at once.
+        d.known(1).await;
     }
 }

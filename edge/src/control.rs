@@ -108,8 +108,14 @@ fn translate(
         }
         let upstream = match &vc.failover_group {
             Some(group) => {
-                let (active, state) = failover::active_cluster(snapshot, name, group)?;
-                let mut upstream = kafka_upstream(snapshot, name, active, &pem_dir)?;
+                let (active, state) = failover::active_cluster(snapshot, name, vc, group)?;
+                // A member behind a peer edge is reached through the tunnel;
+                // the swap between the two kinds is in place.
+                let mut upstream = match vc.remote_members.get(active) {
+                    Some(remote) => json!({ "remote": {
+                        "peer": remote.peer, "virtual_cluster": remote.virtual_cluster } }),
+                    None => kafka_upstream(snapshot, name, active, &pem_dir)?,
+                };
                 upstream["failover"] = state;
                 upstream
             }
@@ -463,6 +469,7 @@ mod tests {
                     tls: None,
                     remote: None,
                     failover_group: None,
+                    remote_members: Default::default(),
                 },
             )]),
             kafka_clusters: BTreeMap::from([(
@@ -1130,6 +1137,113 @@ mod tests {
             config.mesh.unwrap().identity,
             strait_tls::ServedCertificate::Files { .. }
         ));
+    }
+
+    #[test]
+    fn a_standby_behind_a_peer_edge_is_served_and_probed_through_the_tunnel() {
+        use strait_control_client::state::spec::{EdgeMeshSpec, MeshPeerSpec, RemoteSpec};
+        use strait_control_client::FollowedGroup;
+        let dir = tempfile::tempdir().unwrap();
+        let mut snap = plain_snapshot();
+        snap.edge_mesh = Some(EdgeMeshSpec::default());
+        snap.mesh_peers.insert(
+            "edge-west".into(),
+            MeshPeerSpec {
+                edge: "edge-east".into(),
+                peer: None,
+                addresses: vec!["127.0.0.1:7444".into()],
+                spiffe_id: "spiffe://east.example/edge/edge-west".into(),
+                transport: None,
+                may_assert: vec![],
+                exports: vec![],
+                export_services: vec![],
+            },
+        );
+        snap.trust_bundles.insert(
+            "east".into(),
+            TrustBundleSpec {
+                trust_domain: "east.example".into(),
+                pem: rcgen::CertificateParams::new(Vec::<String>::new())
+                    .unwrap()
+                    .self_signed(&rcgen::KeyPair::generate().unwrap())
+                    .unwrap()
+                    .pem(),
+            },
+        );
+        let vc = snap.virtual_clusters.get_mut("orders").unwrap();
+        vc.cluster = String::new();
+        vc.failover_group = Some("orders-dr".into());
+        vc.remote_members.insert(
+            "kafka-west".into(),
+            RemoteSpec {
+                peer: "edge-west".into(),
+                virtual_cluster: "orders-standby".into(),
+            },
+        );
+        let mut group = FollowedGroup {
+            spec: serde_json::from_value(serde_json::json!({
+                "primary": "kafka-east", "standby": ["kafka-west"]
+            }))
+            .unwrap(),
+            status: None,
+        };
+        snap.failover_groups
+            .insert("orders-dr".into(), group.clone());
+        // No KafkaCluster kafka-west on this edge: the peer fronts it.
+        assert!(!snap.kafka_clusters.contains_key("kafka-west"));
+        let through_west = Some(strait_edge_config::Remote {
+            peer: "edge-west".into(),
+            virtual_cluster: "orders-standby".into(),
+        });
+        let config = compose(None, Some(&snap), true, dir.path()).unwrap();
+        let upstream = &config.virtual_clusters[0].upstream;
+        assert_eq!(upstream.remote, None);
+        assert_eq!(upstream.bootstrap_servers[0].to_string(), "127.0.0.1:9092");
+        let probes: Vec<(&str, &Option<strait_edge_config::Remote>)> = config
+            .health_probes
+            .iter()
+            .map(|p| (p.cluster.as_str(), &p.upstream.remote))
+            .collect();
+        assert_eq!(
+            probes,
+            vec![("kafka-east", &None), ("kafka-west", &through_west)]
+        );
+
+        group.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "active": "kafka-west", "generation": 1, "previous": "kafka-east",
+                "by": "spiffe://east.example/admin/ops", "at_unix_ms": 1
+            }))
+            .unwrap(),
+        );
+        snap.failover_groups
+            .insert("orders-dr".into(), group.clone());
+        let config = compose(None, Some(&snap), true, dir.path()).unwrap();
+        let upstream = &config.virtual_clusters[0].upstream;
+        assert_eq!(upstream.remote, through_west);
+        assert!(upstream.bootstrap_servers.is_empty());
+        assert_eq!(
+            upstream
+                .failover
+                .as_ref()
+                .map(|f| (f.cluster.as_str(), f.generation)),
+            Some(("kafka-west", 1))
+        );
+
+        // A remote member that is not in the group is a mistake: refused.
+        let vc = snap.virtual_clusters.get_mut("orders").unwrap();
+        vc.remote_members.insert(
+            "kafka-north".into(),
+            RemoteSpec {
+                peer: "edge-west".into(),
+                virtual_cluster: "x".into(),
+            },
+        );
+        let err = compose(None, Some(&snap), true, dir.path()).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "VirtualCluster orders: remote_members names 'kafka-north', which is not a member of FailoverGroup 'orders-dr'"
+        );
     }
 
     #[test]

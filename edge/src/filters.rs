@@ -16,6 +16,7 @@ use strait_encryption::{EncryptionConfig, RecordEncryption};
 use strait_filter::FilterFactory;
 use strait_filters::encryption::EncryptionFilterFactory;
 use strait_filters::fence::FenceFilterFactory;
+use strait_filters::producer_epochs::ProducerEpochsFactory;
 
 use crate::offsets::{Checkpoints, OffsetTranslationFactory, Reset};
 use strait_keys_topic::KeysTopic;
@@ -42,13 +43,23 @@ pub struct FilterBuilder {
     /// Per virtual cluster on a standby: the MM2 checkpoints followed (kept
     /// while the topic and upstream stay, so a rebuild does not re-read).
     checkpoints: HashMap<String, CheckpointsEntry>,
+    /// Per virtual cluster after a switch: the producer sequences seen on
+    /// its upstream (cluster, generation), kept while that upstream is.
+    producer_epochs: HashMap<String, ProducerEpochsEntry>,
     /// The edge's SVID (with `--join-token`), for KMS brokers configured
     /// with `identity: svid`; without it such a configuration is refused.
     identity: Option<OwnIdentity>,
     /// The same SVID as a credential channel, for keys-topic connections to
     /// upstreams with `tls.identity: svid`.
     svid: Option<CredentialReceiver>,
+    /// The mesh's tunnels, for the checkpoints of a standby behind a peer
+    /// edge.
+    remote: Option<Arc<dyn strait_proxy::RemoteUpstreams>>,
 }
+
+/// The upstream (active cluster, generation) a producer-epochs filter
+/// follows, and the filter.
+type ProducerEpochsEntry = ((String, u64), Arc<dyn FilterFactory>);
 
 /// (checkpoints topic, upstream, the filter factory), and the guard that
 /// stops the follower's upstream when the entry goes.
@@ -78,6 +89,8 @@ impl FilterBuilder {
             checkpoints: HashMap::new(),
             identity,
             svid: None,
+            remote: None,
+            producer_epochs: HashMap::new(),
         }
     }
 
@@ -86,11 +99,19 @@ impl FilterBuilder {
         self
     }
 
+    /// The mesh in force (it was started or rebuilt): checkpoints followed
+    /// through the previous one's tunnels are followed again through these.
+    pub fn set_remote(&mut self, remote: Option<Arc<dyn strait_proxy::RemoteUpstreams>>) {
+        self.remote = remote;
+        self.checkpoints.retain(|_, entry| entry.1.remote.is_none());
+    }
+
     pub async fn build(&mut self, config: &Config) -> anyhow::Result<FiltersByCluster> {
         let mut filters = FiltersByCluster::new();
         let mut encryption = HashMap::new();
         let mut authorization = HashMap::new();
         let mut checkpoints = HashMap::new();
+        let mut producer_epochs = HashMap::new();
         for vc in &config.virtual_clusters {
             let mut chain: Vec<Arc<dyn FilterFactory>> = Vec::new();
             // Authorization first: a denied request is never encrypted or forwarded.
@@ -136,6 +157,17 @@ impl FilterBuilder {
             if let Some(f) = vc.upstream.failover.as_ref().filter(|f| f.fence.is_some()) {
                 chain.push(Arc::new(FenceFilterFactory::new(&f.group)));
             }
+            // After a switch, idempotent producers restart their sequences
+            // (see strait_filters::producer_epochs); one set per upstream.
+            if let Some(f) = vc.upstream.failover.as_ref().filter(|f| f.generation > 0) {
+                let upstream = (f.cluster.clone(), f.generation);
+                let factory = match self.producer_epochs.remove(&vc.name) {
+                    Some((kept, factory)) if kept == upstream => factory,
+                    _ => Arc::new(ProducerEpochsFactory::new(&f.group)) as Arc<dyn FilterFactory>,
+                };
+                producer_epochs.insert(vc.name.clone(), (upstream, factory.clone()));
+                chain.push(factory);
+            }
             if let Some(enc) = &vc.encryption {
                 let factory = match self.encryption.remove(&vc.name) {
                     Some((old, upstream, factory))
@@ -158,6 +190,7 @@ impl FilterBuilder {
         self.encryption = encryption;
         self.authorization = authorization;
         self.checkpoints = checkpoints;
+        self.producer_epochs = producer_epochs;
         self.open_clusters
             .retain(|name, _| config.virtual_clusters.iter().any(|vc| &vc.name == name));
         Ok(filters)
@@ -172,6 +205,7 @@ impl FilterBuilder {
         if let Some(entry) = self.checkpoints.remove(&vc.name) {
             if entry.0 == topic
                 && entry.1.bootstrap_servers == vc.upstream.bootstrap_servers
+                && entry.1.remote == vc.upstream.remote
                 && entry.1.tls == vc.upstream.tls
                 && entry.1.failover.as_ref().and_then(|f| f.offset_reset) == reset_policy
             {
@@ -179,10 +213,15 @@ impl FilterBuilder {
             }
         }
         let stop = CancellationToken::new();
-        let (upstream, _) =
-            strait_proxy::direct_upstream(vc, None, self.svid.as_ref(), stop.clone())
-                .map_err(|e| anyhow::anyhow!("MirrorMaker 2 checkpoints of '{}': {e}", vc.name))?;
-        let upstream: Arc<dyn strait_proxy::upstream::Upstream> = Arc::new(upstream);
+        // A standby behind a peer edge is read through its tunnel.
+        let upstream = strait_proxy::own_upstream_of(
+            &vc.name,
+            &vc.upstream,
+            self.remote.as_ref(),
+            self.svid.as_ref(),
+            stop.clone(),
+        )
+        .map_err(|e| anyhow::anyhow!("MirrorMaker 2 checkpoints of '{}': {e}", vc.name))?;
         let followed = Checkpoints::follow(upstream.clone(), topic.to_string());
         let reset = reset_policy.map(|policy| Reset { policy, upstream });
         Ok((

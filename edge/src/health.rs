@@ -20,6 +20,7 @@ use strait_kafka::kafka_protocol::messages::{
 };
 use strait_proxy::own_conn::OwnConn;
 use strait_proxy::upstream::{Upstream, UpstreamTarget};
+use strait_proxy::RemoteUpstreams;
 use tokio_util::sync::CancellationToken;
 
 /// Probe connections name themselves in the brokers' logs.
@@ -59,8 +60,14 @@ pub struct Probes {
 impl Probes {
     /// Starts one task per probe. A probe whose upstream cannot be built
     /// (an unreadable CA file, say) reports the cluster down with the
-    /// reason: a view nobody can trust must not count as up.
-    pub fn start(probes: &[HealthProbe], metrics: &ProbeMetrics) -> Probes {
+    /// reason: a view nobody can trust must not count as up. A member behind
+    /// a peer edge (`upstream.remote`) is probed through `remote`'s tunnel:
+    /// the peer edge and its cluster answer together, or the member is down.
+    pub fn start(
+        probes: &[HealthProbe],
+        metrics: &ProbeMetrics,
+        remote: Option<Arc<dyn RemoteUpstreams>>,
+    ) -> Probes {
         let stop = CancellationToken::new();
         let reports = Arc::new(Mutex::new(
             probes
@@ -87,6 +94,7 @@ impl Probes {
             gauge.set(-1);
             tokio::spawn(run(
                 probe.clone(),
+                remote.clone(),
                 index,
                 reports.clone(),
                 gauge,
@@ -120,6 +128,7 @@ pub(crate) fn now_unix_ms() -> u64 {
 
 async fn run(
     probe: HealthProbe,
+    remote: Option<Arc<dyn RemoteUpstreams>>,
     index: usize,
     reports: Arc<Mutex<Vec<ClusterHealth>>>,
     gauge: Gauge,
@@ -133,8 +142,7 @@ async fn run(
     };
     let owner = format!("health probe {}/{}", probe.group, probe.cluster);
     let upstream: Result<Arc<dyn Upstream>, String> =
-        strait_proxy::direct_upstream_of(&owner, &probe.upstream, None, None, stop.clone())
-            .map(|(direct, _)| Arc::new(direct) as Arc<dyn Upstream>)
+        strait_proxy::own_upstream_of(&owner, &probe.upstream, remote.as_ref(), None, stop.clone())
             .map_err(|e| e.to_string());
     // A live probe's answer takes a round trip; one that takes a whole
     // interval counts as failed (the next one is due).

@@ -21,6 +21,7 @@ use globset::{Glob, GlobSet, GlobSetBuilder};
 use strait_control_client::state::spec::ReplicationLag;
 use strait_edge_config::{Config, Upstream as UpstreamConfig};
 use strait_proxy::upstream::Upstream;
+use strait_proxy::RemoteUpstreams;
 use tokio_util::sync::CancellationToken;
 
 use crate::health::now_unix_ms;
@@ -82,11 +83,17 @@ pub struct LagChecks {
 }
 
 impl LagChecks {
-    pub fn start(checks: Vec<LagCheck>) -> LagChecks {
+    /// `remote`: the mesh's tunnels, for members behind a peer edge.
+    pub fn start(checks: Vec<LagCheck>, remote: Option<Arc<dyn RemoteUpstreams>>) -> LagChecks {
         let stop = CancellationToken::new();
         let reports = Arc::new(Mutex::new(Vec::new()));
         for check in &checks {
-            tokio::spawn(run(check.clone(), reports.clone(), stop.child_token()));
+            tokio::spawn(run(
+                check.clone(),
+                remote.clone(),
+                reports.clone(),
+                stop.child_token(),
+            ));
         }
         LagChecks {
             config: checks,
@@ -111,20 +118,31 @@ fn connect(
     owner: &str,
     config: &Option<UpstreamConfig>,
     cluster: &str,
+    remote: Option<&Arc<dyn RemoteUpstreams>>,
     stop: &CancellationToken,
 ) -> Result<Arc<dyn Upstream>, String> {
     let config = config
         .as_ref()
         .ok_or_else(|| format!("no upstream for KafkaCluster '{cluster}' (health_probes)"))?;
-    strait_proxy::direct_upstream_of(owner, config, None, None, stop.clone())
-        .map(|(direct, _)| Arc::new(direct) as Arc<dyn Upstream>)
+    strait_proxy::own_upstream_of(owner, config, remote, None, stop.clone())
         .map_err(|e| e.to_string())
 }
 
-async fn run(check: LagCheck, reports: Arc<Mutex<Vec<ReplicationLag>>>, stop: CancellationToken) {
+async fn run(
+    check: LagCheck,
+    remote: Option<Arc<dyn RemoteUpstreams>>,
+    reports: Arc<Mutex<Vec<ReplicationLag>>>,
+    stop: CancellationToken,
+) {
     let owner = format!("replication check {}", check.group);
-    let upstreams = connect(&owner, &check.from_upstream, &check.from, &stop)
-        .and_then(|from| Ok((from, connect(&owner, &check.to_upstream, &check.to, &stop)?)));
+    let remote = remote.as_ref();
+    let upstreams =
+        connect(&owner, &check.from_upstream, &check.from, remote, &stop).and_then(|from| {
+            Ok((
+                from,
+                connect(&owner, &check.to_upstream, &check.to, remote, &stop)?,
+            ))
+        });
     let filter = topic_filter(&check.topics);
     let mut previous_ends: Option<BTreeMap<(String, i32), i64>> = None;
     let mut tick = tokio::time::interval(INTERVAL);

@@ -282,6 +282,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         });
     let mut filter_builder = filters::FilterBuilder::new(registry.clone(), own_identity)
         .with_svid(edge_svid.as_ref().map(|s| s.credentials.clone()));
+    filter_builder.set_remote(mesh.as_ref().map(|m| m.upstreams()));
     let initial_filters = filter_builder.build(&config).await?;
 
     let stop_admin = CancellationToken::new();
@@ -321,8 +322,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let probes = Arc::new(Mutex::new(health::Probes::start(
         &config.health_probes,
         &probe_metrics,
+        mesh.as_ref().map(|m| m.upstreams()),
     )));
-    let lag_checks = Arc::new(Mutex::new(lag::LagChecks::start(lag::wanted(&config))));
+    let lag_checks = Arc::new(Mutex::new(lag::LagChecks::start(
+        lag::wanted(&config),
+        mesh.as_ref().map(|m| m.upstreams()),
+    )));
     let status = Arc::new(Mutex::new(EdgeStatus {
         ready: true,
         version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -437,7 +442,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             _ => false,
         };
-        if config.mesh != running.mesh && !trust_only {
+        // Probes and replication checks through the old mesh's tunnels
+        // start again on the new one's.
+        let mesh_rebuilt = config.mesh != running.mesh && !trust_only;
+        if mesh_rebuilt {
             // Tunnels are rebuilt (open tunneled connections end; clients
             // reconnect), then the remote clusters restart on the new links.
             if let Some(old) = mesh.take() {
@@ -467,13 +475,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             edge.replace_remote_upstreams(mesh.as_ref().map(|m| m.upstreams()))
                 .await;
+            filter_builder.set_remote(mesh.as_ref().map(|m| m.upstreams()));
         }
         // A revocation takes effect even if the rest of the change fails below.
         edge.set_deny_list(&config.deny_identities);
         {
             let mut probes = probes.lock().unwrap_or_else(|e| e.into_inner());
-            if probes.config() != config.health_probes.as_slice() {
-                *probes = health::Probes::start(&config.health_probes, &probe_metrics);
+            if mesh_rebuilt || probes.config() != config.health_probes.as_slice() {
+                *probes = health::Probes::start(
+                    &config.health_probes,
+                    &probe_metrics,
+                    mesh.as_ref().map(|m| m.upstreams()),
+                );
             }
         }
         let message = match filter_builder.build(&config).await {
@@ -504,8 +517,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
             // is in force here does this edge's measurement count.
             let wanted = lag::wanted(&running);
             let mut checks = lag_checks.lock().unwrap_or_else(|e| e.into_inner());
-            if checks.config() != wanted.as_slice() {
-                *checks = lag::LagChecks::start(wanted);
+            if mesh_rebuilt || checks.config() != wanted.as_slice() {
+                *checks = lag::LagChecks::start(wanted, mesh.as_ref().map(|m| m.upstreams()));
             }
         }
         let mut status = status.lock().unwrap_or_else(|e| e.into_inner());

@@ -326,10 +326,11 @@ def edge_metric(admin_port: int, name: str, **labels) -> float:
 
 
 def test_a_java_idempotent_producer_continues_on_the_standby_after_an_in_place_switch(broker, edge):
-    """The Java client (kafka-clients 4.1) across the same in-place switch: its producer id is the
-    primary's, which the standby has never seen; after the edge closes its connections it reconnects
+    """The Java client (kafka-clients 4.1) across the same in-place switch and back: its producer id is
+    the primary's, which the standby has never seen; after the edge closes its connections it reconnects
     through the same bootstrap and carries on with no record failed, lost or written twice: the primary
-    holds exactly the records sent before the switch, the standby exactly those sent after it."""
+    holds exactly the records sent before the switch and after the failback, the standby exactly those
+    sent in between."""
     from lib.clients import Rec
     from lib.java_client import JavaClient, JavaError
     primary = broker(dedicated=True, name="kafka-primary")
@@ -345,9 +346,14 @@ def test_a_java_idempotent_producer_continues_on_the_standby_after_an_in_place_s
         p.send_all(topic, [Rec(None, b"record-%d" % i) for i in range(20)])
         switch_in_place(e, vc, standby)
         after = p.send_results(topic, [Rec(None, b"record-%d" % i) for i in range(20, 40)], timeout=120)
+        # Back to the primary, which still holds this producer id's state at its old sequence: the edge
+        # has the producer bump its epoch (UNKNOWN_PRODUCER_ID), or the primary would answer
+        # OUT_OF_ORDER_SEQUENCE_NUMBER, fatal to the producer.
+        switch_in_place(e, vc, primary, cluster="primary", generation=2)
+        back = p.send_results(topic, [Rec(None, b"record-%d" % i) for i in range(40, 60)], timeout=120)
     finally:
         p.close()
-    failed = [r for r in after if isinstance(r, JavaError)]
+    failed = [r for r in after + back if isinstance(r, JavaError)]
     assert failed == [], failed[:3]
-    assert values(primary.bootstrap_servers[0], topic) == [f"record-{i}" for i in range(20)]
+    assert values(primary.bootstrap_servers[0], topic) == [f"record-{i}" for i in [*range(20), *range(40, 60)]]
     assert values(standby.bootstrap_servers[0], topic) == [f"record-{i}" for i in range(20, 40)]

@@ -155,3 +155,96 @@ def test_a_mesh_configured_by_the_control_plane_and_changed_live(broker, logs, t
         west.stop()
         east.stop()
         control.stop()
+
+
+def test_straitctl_fails_a_group_over_to_a_standby_behind_the_peer_edge(broker, logs, tmp_path):
+    """A FailoverGroup whose standby (east's Kafka) edge-west reaches only through edge-east: west's
+    `dr-orders` names it in `remote_members`. edge-west probes it through the tunnel and reports it up to
+    the control plane; `straitctl failover` moves `dr-orders` to it in place (generation 1 in `get fg`), the
+    same client producer goes on through west's bootstrap and its records land at east's Kafka;
+    `straitctl failback` returns to west's own Kafka."""
+    import json
+    from tests.test_failover import ContinuousProducer, values
+    from tests.test_encryption import end_offset
+    east_kafka = broker()
+    west_kafka = broker(dedicated=True, name="kafka-west")
+    control = ControlPlane(tmp_path / "control", logs, trust_domain=DOMAIN).start()
+    mesh_port = free_port()
+    east_ports, west_ports, dr_ports = (free_port(), free_range(8)), (free_port(), free_range(8)), \
+        (free_port(), free_range(8))
+    spec = tmp_path / "mesh.yaml"
+    spec.write_text(resources(east_kafka.bootstrap, mesh_port, east_ports, west_ports,
+                              f"spiffe://{DOMAIN}/ns/shop/*") + f"""
+---
+kind: KafkaCluster
+name: west
+spec: {{ bootstrap_servers: ["{west_kafka.bootstrap_servers[0]}"] }}
+---
+kind: FailoverGroup
+name: orders-dr
+spec: {{ primary: west, standby: [east], mode: manual, health: {{ interval_ms: 300 }} }}
+---
+kind: VirtualCluster
+name: dr-orders
+spec:
+  edge: edge-west
+  failover_group: orders-dr
+  remote_members: {{ east: {{ peer: edge-east, virtual_cluster: orders }} }}
+  bootstrap: 127.0.0.1:{dr_ports[0]}
+  brokers: {{ advertised_host: 127.0.0.1, port_range: {dr_ports[1].start}-{dr_ports[1].stop - 1} }}
+  tls: {{ identity: svid, client_trust_bundles: [{DOMAIN}] }}
+""")
+    control.ctl("apply", "-f", str(spec), check=True)
+    client_dir = control.cert_issue(ORDERS, tmp_path / "orders", ttl="30m")
+    east, east_admin = start_edge(control, "edge-east", tmp_path, logs)
+    west, west_admin = start_edge(control, "edge-west", tmp_path, logs)
+
+    def fg() -> dict:
+        r = control.ctl("get", "fg", "orders-dr", "-o", "json")
+        assert r.returncode == 0, r.stderr
+        return json.loads(r.stdout).get("status", {})
+
+    def west_on(generation: int) -> bool:
+        return fg().get("edges", {}).get("edge-west", {}).get("generation") == generation
+
+    p = None
+    try:
+        wait_for(lambda: metric(west_admin, "strait_mesh_peer_connected", peer="edge-east") == 1, 60,
+                 what="west's tunnel to east")
+        # West's evidence on the remote member comes through the tunnel.
+        wait_for(lambda: fg().get("edges", {}).get("edge-west", {}).get("health", {})
+                 .get("east", {}).get("state") == "up", 60,
+                 what="edge-west reporting east (behind edge-east) up to the control plane")
+        wait_for(lambda: west_on(0), 30, what="edge-west serving generation 0")
+        topic = unique("mesh-dr")
+        create_topic(west_kafka.bootstrap_servers[0], topic)
+        create_topic(east_kafka.bootstrap, topic)
+        ssl = {"security.protocol": "SSL", "ssl.ca.location": str(client_dir / "bundle.pem"),
+               "ssl.certificate.location": str(client_dir / "cert.pem"),
+               "ssl.key.location": str(client_dir / "key.pem")}
+        p = ContinuousProducer(f"127.0.0.1:{dr_ports[0]}", topic, **ssl).start()
+        wait_for(lambda: len(p.acked) >= 20, 60, what="records acknowledged by west's own Kafka")
+        switched_at = time.monotonic()
+        r = control.ctl("failover", "orders-dr", "--reason", "drill")
+        assert r.returncode == 0 and "active east at generation 1" in r.stdout, (r.stdout, r.stderr)
+        wait_for(lambda: west_on(1), 30, what="edge-west reporting generation 1")
+        wait_for(lambda: len(p.acked_after(switched_at)) >= 20 and end_offset(east_kafka.bootstrap, topic) >= 20,
+                 60, what="records acknowledged after the switch, at east's Kafka")
+        # In place: the virtual cluster was not restarted.
+        assert metric(west_admin, "strait_upstream_swaps", virtual_cluster="dr-orders") == 1
+        r = control.ctl("failback", "orders-dr")
+        assert r.returncode == 0 and "active west at generation 2" in r.stdout, (r.stdout, r.stderr)
+        wait_for(lambda: west_on(2), 30, what="edge-west back on west's Kafka")
+        back_at = time.monotonic()
+        wait_for(lambda: len(p.acked_after(back_at)) >= 20, 60, what="records acknowledged after the failback")
+    finally:
+        if p is not None:
+            p.stop()
+        west.stop()
+        east.stop()
+        control.stop()
+    assert p.fatal == [] and p.failed == [], (p.fatal, p.failed[:3])
+    at_west, at_east = values(west_kafka.bootstrap_servers[0], topic), values(east_kafka.bootstrap, topic)
+    acked = sorted(f"record-{n}" for _, n in p.acked)
+    assert sorted(at_west + at_east) == acked, "every acknowledged record stored exactly once"
+    print(f"failover command to first acknowledgement at east: {p.first_ack_of(at_east) - switched_at:.2f} s")

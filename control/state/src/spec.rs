@@ -2,6 +2,8 @@
 //! structs are the schema, enforced on every write (`deny_unknown_fields`) and
 //! reused by clients (the edge) to read what they receive.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 pub use crate::failover_spec::{
@@ -197,6 +199,12 @@ pub struct VirtualClusterSpec {
     /// its members the group's status names active.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub failover_group: Option<String>,
+    /// With `failover_group`: members of the group this edge reaches
+    /// through a peer edge (KafkaCluster name -> that peer's virtual
+    /// cluster in front of it), say a standby in another site. The others
+    /// are reached directly at their KafkaCluster's bootstrap servers.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub remote_members: BTreeMap<String, crate::mesh_spec::RemoteSpec>,
     /// `host:port` the edge listens on for bootstrap.
     pub bootstrap: String,
     pub brokers: BrokerAddressing,
@@ -694,6 +702,22 @@ impl Validate for VirtualClusterSpec {
         }
         if let Some(group) = &self.failover_group {
             check_name_ref("spec.failover_group", group, errs);
+        }
+        if !self.remote_members.is_empty() && self.failover_group.is_none() {
+            errs.push(ValidationError::new(
+                "spec.remote_members",
+                "only with failover_group: it names members of the group",
+            ));
+        }
+        for (member, remote) in &self.remote_members {
+            let path = format!("spec.remote_members.{member}");
+            check_name_ref(&path, member, errs);
+            check_name_ref(&format!("{path}.peer"), &remote.peer, errs);
+            check_name_ref(
+                &format!("{path}.virtual_cluster"),
+                &remote.virtual_cluster,
+                errs,
+            );
         }
         check_host_port("spec.bootstrap", &self.bootstrap, errs);
         if self.brokers.advertised_host.trim().is_empty() {

@@ -24,7 +24,8 @@ pub struct RawHealthProbe {
 }
 
 /// One member cluster to probe (a Kafka ApiVersions exchange through
-/// `upstream`, TLS and SASL included, within `interval`).
+/// `upstream`, TLS and SASL included, within `interval`). A member behind a
+/// peer edge has `upstream.remote` and is probed through the tunnel.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HealthProbe {
     pub group: String,
@@ -37,7 +38,11 @@ pub struct HealthProbe {
     pub upstream: Upstream,
 }
 
-pub(crate) fn validate_probes(raw: &[RawHealthProbe], errors: &mut Errors) -> Vec<HealthProbe> {
+pub(crate) fn validate_probes(
+    raw: &[RawHealthProbe],
+    mesh: Option<&crate::mesh::RawMesh>,
+    errors: &mut Errors,
+) -> Vec<HealthProbe> {
     let mut probes = Vec::new();
     for (i, p) in raw.iter().enumerate() {
         let path = format!("health_probes[{i}]");
@@ -69,13 +74,13 @@ pub(crate) fn validate_probes(raw: &[RawHealthProbe], errors: &mut Errors) -> Ve
         };
         let failure_threshold = threshold(p.failure_threshold, "failure_threshold", errors);
         let recovery_threshold = threshold(p.recovery_threshold, "recovery_threshold", errors);
-        if p.upstream.remote.is_some() || p.upstream.failover.is_some() {
+        if p.upstream.failover.is_some() {
             errors.push(
-                format!("{path}.upstream"),
-                "a probe reaches the member's brokers directly: bootstrap_servers, tls, sasl, connect_timeout only",
+                format!("{path}.upstream.failover"),
+                "a probe reaches one member: bootstrap_servers (with tls, sasl) or remote, and connect_timeout",
             );
         }
-        let upstream = validate_upstream(&p.upstream, &format!("{path}.upstream"), None, errors);
+        let upstream = validate_upstream(&p.upstream, &format!("{path}.upstream"), mesh, errors);
         if errors.0.len() != before {
             continue;
         }
@@ -112,7 +117,8 @@ health_probes:
             "health_probes[1].failure_threshold",
             "health_probes[1].upstream.bootstrap_servers[0]",
             "health_probes[2].interval",
-            "health_probes[2].upstream",
+            // A remote member is probed through a peer of mesh.peers.
+            "health_probes[2].upstream.remote.peer",
         ] {
             assert!(paths.contains(&want), "{want} missing from {paths:?}");
         }

@@ -103,7 +103,8 @@ pub fn validate_with(raw: &RawConfig, allow_empty: bool) -> Result<Config, Confi
         .as_ref()
         .and_then(|mesh| crate::mesh::validate_mesh(mesh, &mut errors));
 
-    let health_probes = crate::probes::validate_probes(&raw.health_probes, &mut errors);
+    let health_probes =
+        crate::probes::validate_probes(&raw.health_probes, raw.mesh.as_ref(), &mut errors);
 
     if errors.0.is_empty() {
         Ok(Config {

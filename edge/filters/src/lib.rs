@@ -4,3 +4,4 @@
 
 pub mod encryption;
 pub mod fence;
+pub mod producer_epochs;

@@ -10,9 +10,12 @@
 #![forbid(unsafe_code)]
 
 pub mod api_keys;
+pub mod batch_header;
 pub mod codec;
 pub mod frame;
+pub mod produce_answer;
 
 pub use api_keys::ApiKeySet;
+pub use batch_header::ProducerFields;
 pub use frame::{FrameError, RequestPrefix, ResponsePrefix};
 pub use kafka_protocol;

@@ -174,6 +174,9 @@ pub struct Mesh {
     trust_bundles: watch::Sender<Vec<TrustBundleSettings>>,
     links: Arc<HashMap<String, Arc<PeerLink>>>,
     metrics: MeshMetrics,
+    /// This edge's SPIFFE ID (its mesh certificate's), forwarded as the
+    /// principal of its own connections through a tunnel.
+    own_id: Option<Arc<str>>,
     stop: CancellationToken,
     /// The accept loops and dialers: they hold the sockets, so a
     /// reconfigured mesh can bind the same addresses once they are done.
@@ -213,6 +216,7 @@ impl Mesh {
             .map_err(|e| MeshError::Identity(e.to_string()))?,
             ServedCertificate::Svid => svid.ok_or(MeshError::NoSvid)?,
         };
+        let own_id = tls::peer_spiffe_id(Some(&credentials.borrow().cert)).map(Arc::from);
         let reset_seed = match &config.identity {
             ServedCertificate::Files { key, .. } => std::fs::read(key).ok(),
             ServedCertificate::Svid => svid_reset_seed,
@@ -375,6 +379,7 @@ impl Mesh {
             trust_bundles,
             links,
             metrics,
+            own_id,
             stop,
             tasks,
         })
@@ -397,6 +402,7 @@ impl Mesh {
         Arc::new(MeshUpstreams {
             links: self.links.clone(),
             metrics: self.metrics.clone(),
+            own_id: self.own_id.clone(),
         })
     }
 
@@ -458,6 +464,7 @@ async fn rebind<T>(mut bind: impl FnMut() -> std::io::Result<T>) -> std::io::Res
 struct MeshUpstreams {
     links: Arc<HashMap<String, Arc<PeerLink>>>,
     metrics: MeshMetrics,
+    own_id: Option<Arc<str>>,
 }
 
 impl RemoteUpstreams for MeshUpstreams {
@@ -475,6 +482,7 @@ impl RemoteUpstreams for MeshUpstreams {
             remote_cluster: remote.virtual_cluster.clone(),
             connect_timeout,
             metrics: self.metrics.clone(),
+            own_id: self.own_id.clone(),
         }))
     }
 }

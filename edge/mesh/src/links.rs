@@ -70,9 +70,13 @@ impl PeerPolicy {
         self.services.get(name)
     }
 
+    /// A peer may always assert its own SPIFFE ID, the one its handshake
+    /// proved: those are the peer edge's own connections (its health probes
+    /// and replication checks of a failover group member behind this edge).
     pub fn may_assert(&self, principal: &ForwardedPrincipal) -> bool {
         match principal {
             ForwardedPrincipal::Anonymous => self.may_assert_anonymous,
+            ForwardedPrincipal::Named(name) if *name == self.spiffe_id => true,
             ForwardedPrincipal::Named(name) => self.may_assert.is_match(name),
         }
     }
@@ -509,5 +513,33 @@ pub(crate) async fn accepted_handshake<T, E: std::fmt::Display>(
             tracing::warn!(%remote, "tunnel connection refused: no handshake within {HANDSHAKE_TIMEOUT:?}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PeerPolicy;
+    use crate::header::ForwardedPrincipal;
+    use strait_edge_config::{MeshPeer, MeshTransport};
+
+    #[test]
+    fn a_peer_asserts_its_globs_and_its_own_identity_only() {
+        let peer = MeshPeer {
+            name: "edge-west".into(),
+            addresses: vec![],
+            spiffe_id: "spiffe://west.example/edge/edge-west".into(),
+            transport: MeshTransport::Quic,
+            may_assert: vec!["spiffe://west.example/ns/shop/*".into()],
+            exports: vec![],
+            export_services: vec![],
+        };
+        let policy = PeerPolicy::new(&peer, &[]).unwrap();
+        let named = |s: &str| ForwardedPrincipal::Named(s.into());
+        assert!(policy.may_assert(&named("spiffe://west.example/ns/shop/sa/orders")));
+        // Its own connections (probes, replication checks) carry its own ID.
+        assert!(policy.may_assert(&named("spiffe://west.example/edge/edge-west")));
+        assert!(!policy.may_assert(&named("spiffe://west.example/edge/edge-north")));
+        assert!(!policy.may_assert(&named("spiffe://west.example/ns/ops/sa/admin")));
+        assert!(!policy.may_assert(&ForwardedPrincipal::Anonymous));
     }
 }

@@ -22,6 +22,10 @@ pub struct TunnelUpstream {
     pub(crate) remote_cluster: String,
     pub(crate) connect_timeout: Duration,
     pub(crate) metrics: MeshMetrics,
+    /// This edge's SPIFFE ID: the principal of the edge's own connections
+    /// (health probes, replication checks, offsets of a failover group's
+    /// member behind the peer), which the far edge lets a peer assert.
+    pub(crate) own_id: Option<Arc<str>>,
 }
 
 impl TunnelUpstream {
@@ -85,15 +89,20 @@ impl TunnelUpstream {
 
 #[async_trait]
 impl Upstream for TunnelUpstream {
-    /// Without the client's principal a tunnel stream cannot be opened: the
-    /// far edge would have to trust an identity nobody established.
+    /// The edge's own connection, not a client's: it forwards the edge's
+    /// own SPIFFE ID, the identity the tunnel's handshake proved. Without
+    /// one (a mesh certificate naming no single SPIFFE ID) it is refused:
+    /// the far edge would have to trust an identity nobody established.
     async fn connect(&self, target: &UpstreamTarget) -> Result<BoxedIo, ConnectError> {
-        let _ = target;
-        Err(ConnectError::Refused {
-            upstream: self.label(),
-            label: "no_principal",
-            reason: "a tunnel stream carries the client's principal; use connect_as".into(),
-        })
+        let Some(own_id) = &self.own_id else {
+            return Err(ConnectError::Refused {
+                upstream: self.label(),
+                label: "no_principal",
+                reason: "this edge's mesh certificate names no single SPIFFE ID to forward".into(),
+            });
+        };
+        let stream = self.open(target, &Principal::Named(own_id.clone())).await?;
+        Ok(Box::new(stream))
     }
 
     async fn connect_as(

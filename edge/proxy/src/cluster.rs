@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::brokers::{BrokerMap, Discovery, NewBrokerListener};
-use crate::connection::{relay_checked, ConnectionError, ConnectionSettings};
+use crate::connection::{relay_checked, ConnectionError, ConnectionSettings, Drain};
 use crate::deny::DenyList;
 use crate::limits::{ConnectionCount, WarnLimiter, WarnLimiters};
 use crate::metrics::ClusterMetrics;
@@ -51,6 +51,9 @@ struct UpstreamGeneration {
     failover: Option<FailoverState>,
     /// Drains this generation's connections (a child of the cluster's drain).
     drain: CancellationToken,
+    /// Cancelled before `drain` when its drain has idempotent producers bump
+    /// their epoch (see `bumps_epochs`).
+    switched: CancellationToken,
     /// Closes them at once (a child of the cluster's kill).
     kill: CancellationToken,
     /// Ends the upstream's background tasks (e.g. its client certificate
@@ -159,6 +162,7 @@ impl ClusterRuntime {
             swaps: 0,
             failover: config.upstream.failover.clone(),
             drain: parts.drain.child_token(),
+            switched: CancellationToken::new(),
             kill: parts.kill.child_token(),
             stop: parts.upstream_stop,
         };
@@ -234,6 +238,7 @@ impl ClusterRuntime {
                 swaps: current.swaps + 1,
                 failover: next.failover,
                 drain: self.drain.child_token(),
+                switched: CancellationToken::new(),
                 kill: self.kill.child_token(),
                 stop: next.stop,
             };
@@ -249,6 +254,9 @@ impl ClusterRuntime {
             to = ?current.failover.as_ref().map(|f| (&f.cluster, f.generation)),
             "upstream replaced in place; connections to the old one are drained"
         );
+        if bumps_epochs(&old, &current) {
+            old.switched.cancel();
+        }
         old.drain.cancel();
         tokio::spawn(async move {
             tokio::time::sleep(drain_timeout).await;
@@ -675,7 +683,10 @@ impl ClusterRuntime {
             quota,
             self.metrics.clone(),
             self.settings.clone(),
-            drain,
+            Drain {
+                token: drain,
+                switched: generation.switched.clone(),
+            },
             Some(deny),
         );
         let result = tokio::select! {
@@ -739,6 +750,23 @@ async fn close_before_expiry(
         drain.cancel();
     }
     std::future::pending().await
+}
+
+/// Whether the drain of a swap from `old` to `new` answers idempotent
+/// producers' batches `UNKNOWN_PRODUCER_ID`, so that they bump their epoch
+/// (see crate::drained): when they move to another cluster with their
+/// sequences, and when a fence goes up (its first answer to them is the
+/// same error; a `NOT_LEADER_OR_FOLLOWER` from the drain before it would
+/// make that one fatal to librdkafka). Not from a fenced upstream: the
+/// fence told them already, and answered them since with another error,
+/// after which librdkafka takes `UNKNOWN_PRODUCER_ID` as fatal. Not when
+/// the cluster stays otherwise (a fence lifted).
+fn bumps_epochs(old: &UpstreamGeneration, new: &UpstreamGeneration) -> bool {
+    match (&old.failover, &new.failover) {
+        (Some(old), _) if old.fence.is_some() => false,
+        (Some(old), Some(new)) => old.cluster != new.cluster || new.fence.is_some(),
+        _ => true,
+    }
 }
 
 /// A connection for a broker the new upstream had no route for went to its

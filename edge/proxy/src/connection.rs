@@ -35,6 +35,24 @@ use crate::quota::{set_throttle_time, PrincipalQuota};
 use crate::rewrite::policy::VersionLimits;
 
 const READ_BUFFER: usize = 64 * 1024;
+/// How long a draining connection must stay quiet, every request read
+/// answered, before it closes. A client that is producing sends its next
+/// request within its linger time: read here, it is answered (see
+/// crate::drained); lost with the close, it would count as a retry of a
+/// batch that may have been written. Once its partitions are answered with
+/// errors it sends nothing more until it reconnects.
+const DRAIN_QUIET: Duration = Duration::from_millis(50);
+
+/// What ends a connection at a frame boundary, and why.
+#[derive(Debug, Clone, Default)]
+pub struct Drain {
+    /// Cancelled to drain the connection.
+    pub token: CancellationToken,
+    /// Cancelled before `token` when the drain is a switch of upstream
+    /// after which idempotent producers must bump their epoch: to another
+    /// cluster, or to a produce fence (see crate::drained).
+    pub switched: CancellationToken,
+}
 
 /// Why a connection ended other than by an orderly close.
 #[derive(Debug, Error)]
@@ -108,6 +126,11 @@ pub struct ConnectionSettings {
 }
 
 impl ConnectionSettings {
+    /// The largest frame the edge holds whole (to decode or answer it).
+    fn frame_budget(&self) -> usize {
+        (self.max_buffered_bytes_per_connection as usize).min(self.budget.total())
+    }
+
     /// The settings `limits` describe, with the edge-wide `budget`.
     pub fn new(limits: &strait_edge_config::Limits, budget: BufferBudget) -> Self {
         ConnectionSettings {
@@ -164,6 +187,10 @@ where
     C: AsyncRead + AsyncWrite + Send + 'static,
     U: AsyncRead + AsyncWrite + Send + 'static,
 {
+    let drain = Drain {
+        token: drain,
+        switched: CancellationToken::new(),
+    };
     relay_checked(
         client, upstream, info, chain, quota, metrics, settings, drain, None,
     )
@@ -182,7 +209,7 @@ pub async fn relay_checked<C, U>(
     quota: Option<Arc<PrincipalQuota>>,
     metrics: Arc<ClusterMetrics>,
     settings: ConnectionSettings,
-    drain: CancellationToken,
+    drain: Drain,
     deny: Option<DenyCheck>,
 ) -> Result<(), ConnectionError>
 where
@@ -287,6 +314,23 @@ async fn in_flight_slot(shared: &Shared) -> Result<OwnedSemaphorePermit, Connect
         .map_err(|_| ConnectionError::Io(std::io::Error::other("in-flight slots closed")))
 }
 
+/// Completes once every request read has been answered, and DRAIN_QUIET
+/// after. The pump polls it afresh after each read, so the quiet time
+/// counts from the last request.
+async fn drained(shared: &Shared) {
+    all_answered(shared).await;
+    tokio::time::sleep(DRAIN_QUIET).await;
+}
+
+/// Completes once no request of the connection awaits its answer.
+async fn all_answered(shared: &Shared) {
+    // The semaphore is never closed; all its permits free means none held.
+    let _ = shared
+        .in_flight_slots
+        .acquire_many(shared.settings.max_in_flight)
+        .await;
+}
+
 async fn sleep_until_some(deadline: Option<tokio::time::Instant>) {
     match deadline {
         Some(deadline) => tokio::time::sleep_until(deadline).await,
@@ -303,7 +347,7 @@ struct RequestPump<'a, R, W> {
     client: R,
     upstream: W,
     in_flight: mpsc::UnboundedSender<InFlight>,
-    drain: CancellationToken,
+    drain: Drain,
     deny: Option<DenyCheck>,
 }
 
@@ -350,10 +394,37 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                 }
                 let api_key = self.check_version(&prefix)?;
                 let frame_len = prefix.frame_len();
+                if draining {
+                    // Nothing more goes to this upstream: a produce is
+                    // answered here (see crate::drained), anything else, or
+                    // a produce too large to hold, ends the connection as
+                    // it would have been ended unread.
+                    let budget = settings.frame_budget();
+                    if api_key != ApiKey::Produce || frame_len > budget {
+                        self.flush(&mut buf, ready).await?;
+                        return Ok(());
+                    }
+                    if buf.len() - ready < frame_len {
+                        buf.reserve(frame_len - (buf.len() - ready));
+                        break;
+                    }
+                    self.flush(&mut buf, ready).await?;
+                    ready = 0;
+                    let frame = buf.split_to(frame_len).freeze();
+                    let Some(answer) =
+                        crate::drained::produce_refused(frame, self.drain.switched.is_cancelled())?
+                    else {
+                        return Ok(());
+                    };
+                    self.shared.metrics.request(prefix.api_key).count.inc();
+                    let slot = in_flight_slot(self.shared).await?;
+                    self.send_in_flight(InFlight::Local(answer, slot));
+                    restart_deadline = true;
+                    continue;
+                }
                 if self.wants_request(prefix.api_key) {
                     // Refused from its prefix, before its body is read.
-                    let budget = (settings.max_buffered_bytes_per_connection as usize)
-                        .min(settings.budget.total());
+                    let budget = settings.frame_budget();
                     if frame_len > budget {
                         return Err(ConnectionError::BufferBudget {
                             size: frame_len,
@@ -455,16 +526,12 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
                 // Muted, as a broker mutes a throttled channel: read nothing
                 // more from this client until the throttle time has passed.
                 tokio::select! {
-                    _ = self.drain.cancelled() => {}
+                    _ = self.drain.token.cancelled() => {}
                     _ = tokio::time::sleep(throttle) => {}
                 }
                 restart_deadline = true;
             }
 
-            if draining && streaming == 0 && buf.is_empty() {
-                tracing::debug!("drained: no more requests read from this client");
-                return Ok(());
-            }
             // Slowloris: once a frame has begun, all of it must come in time.
             if streaming == 0 && buf.is_empty() {
                 frame_deadline = None;
@@ -473,11 +540,21 @@ impl<R: AsyncRead + Unpin, W: AsyncWrite + Unpin> RequestPump<'_, R, W> {
             }
             let read = tokio::select! {
                 biased;
-                _ = self.drain.cancelled(), if !draining => {
+                _ = self.drain.token.cancelled(), if !draining => {
                     draining = true;
                     continue;
                 }
+                // Before the drain's end: a request already in the socket
+                // is read and answered, not lost with the close.
                 read = self.client.read_buf(&mut buf) => read?,
+                // Draining, between frames, nothing more to read: done once
+                // every request read has been answered and the client has
+                // been quiet for DRAIN_QUIET; produces that still come are
+                // answered (above).
+                _ = drained(self.shared), if draining && streaming == 0 && buf.is_empty() => {
+                    tracing::debug!("drained: every request read from this client answered");
+                    return Ok(());
+                }
                 _ = sleep_until_some(frame_deadline), if frame_deadline.is_some() => {
                     return Err(ConnectionError::RequestReadTimeout(settings.request_read_timeout));
                 }

@@ -12,6 +12,7 @@ pub mod brokers;
 pub mod cluster;
 pub mod connection;
 pub mod deny;
+mod drained;
 pub mod limits;
 pub mod metrics;
 pub mod own_conn;
@@ -130,6 +131,31 @@ pub fn direct_upstream(
     stop: CancellationToken,
 ) -> Result<(DirectTcp, Option<Arc<UpstreamSasl>>), StartError> {
     direct_upstream_of(&vc.name, &vc.upstream, tls_metrics, svid, stop)
+}
+
+/// The upstream of the edge's own connections to a cluster (health probes,
+/// replication checks, offsets and keys topics of a failover group's
+/// member): direct as [`direct_upstream_of`], or through the peer edge of
+/// `upstream.remote`, where the edge's connections forward its own SPIFFE
+/// ID. Named `owner` in logs and metrics.
+pub fn own_upstream_of(
+    owner: &str,
+    upstream: &strait_edge_config::Upstream,
+    remote: Option<&Arc<dyn RemoteUpstreams>>,
+    svid: Option<&CredentialReceiver>,
+    stop: CancellationToken,
+) -> Result<Arc<dyn Upstream>, StartError> {
+    match &upstream.remote {
+        Some(through) => remote
+            .ok_or_else(|| "this edge has no mesh section".to_string())
+            .and_then(|r| r.upstream(through, upstream.connect_timeout))
+            .map_err(|reason| StartError::Remote {
+                name: owner.to_string(),
+                reason,
+            }),
+        None => direct_upstream_of(owner, upstream, None, svid, stop)
+            .map(|(direct, _)| Arc::new(direct) as Arc<dyn Upstream>),
+    }
 }
 
 /// [`direct_upstream`] for any owner of an `upstream:` section (a health
@@ -671,19 +697,14 @@ impl Edge {
     }
 }
 
-/// Whether two configurations of a virtual cluster can share one runtime:
-/// everything but what filters carry (authorization, audit, encryption), which
-/// changes through the filter factories and live rule reloads instead, and
-/// upstream SASL credentials, which are replaced in place (turning SASL on or
-/// off changes what clients are offered, so that still replaces the cluster).
 /// Whether `b` can become `a` by replacing only its upstream: the listeners,
 /// TLS, quotas and what clients are offered stay. Turning upstream SASL on or
-/// off changes what clients are offered (the edge answers their SASL), and
-/// a tunnel and direct TCP differ in how brokers are routed: both restart.
+/// off changes what clients are offered (the edge answers their SASL): that
+/// restarts. A direct upstream and a peer edge's (`remote`) swap both ways:
+/// brokers are routed by node id either way, the tunnel ignoring the
+/// address the far edge advertised (a standby behind a peer edge).
 fn swappable(a: &VirtualCluster, b: &VirtualCluster) -> bool {
-    if a.upstream.sasl.is_some() != b.upstream.sasl.is_some()
-        || a.upstream.remote.is_some() != b.upstream.remote.is_some()
-    {
+    if a.upstream.sasl.is_some() != b.upstream.sasl.is_some() {
         return false;
     }
     let with_upstream_of_a = VirtualCluster {
@@ -693,6 +714,11 @@ fn swappable(a: &VirtualCluster, b: &VirtualCluster) -> bool {
     same_runtime(a, &with_upstream_of_a)
 }
 
+/// Whether two configurations of a virtual cluster can share one runtime:
+/// everything but what filters carry (authorization, audit, encryption), which
+/// changes through the filter factories and live rule reloads instead, and
+/// upstream SASL credentials, which are replaced in place (turning SASL on or
+/// off changes what clients are offered, so that still replaces the cluster).
 fn same_runtime(a: &VirtualCluster, b: &VirtualCluster) -> bool {
     if a.upstream.sasl.is_some() != b.upstream.sasl.is_some() {
         return false;

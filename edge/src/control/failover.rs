@@ -4,17 +4,20 @@
 
 use anyhow::Context;
 use serde_json::{json, Value};
-use strait_control_client::state::spec::{AppliedFailover, OffsetReset, ReplicationPolicy};
+use strait_control_client::state::spec::{
+    AppliedFailover, OffsetReset, ReplicationPolicy, VirtualClusterSpec,
+};
 use strait_control_client::EdgeSnapshot;
 use strait_edge_config::Config;
 
 /// The active cluster of `group` and the `upstream.failover` that records
 /// it. Fails closed: with an unknown group, or an active cluster the edge
-/// was not given, the edge keeps its running configuration rather than
-/// guess a member.
+/// was not given (as a KafkaCluster, or behind a peer in `remote_members`),
+/// the edge keeps its running configuration rather than guess a member.
 pub(super) fn active_cluster<'s>(
     snapshot: &'s EdgeSnapshot,
     virtual_cluster: &str,
+    vc: &VirtualClusterSpec,
     group: &str,
 ) -> anyhow::Result<(&'s str, Value)> {
     let followed = snapshot.failover_groups.get(group).with_context(|| {
@@ -60,7 +63,16 @@ pub(super) fn active_cluster<'s>(
                     .map(|r| format!("{}.", r.source_alias)),
             })
         });
-    if !snapshot.kafka_clusters.contains_key(active) {
+    if let Some(member) = vc
+        .remote_members
+        .keys()
+        .find(|m| !followed.spec.is_member(m))
+    {
+        anyhow::bail!(
+            "VirtualCluster {virtual_cluster}: remote_members names '{member}', which is not a member of FailoverGroup '{group}'"
+        );
+    }
+    if !snapshot.kafka_clusters.contains_key(active) && !vc.remote_members.contains_key(active) {
         anyhow::bail!(
             "VirtualCluster {virtual_cluster}: FailoverGroup '{group}' is at generation {generation} on KafkaCluster '{active}', which is not known"
         );
@@ -102,6 +114,15 @@ pub(super) fn health_probes(snapshot: &EdgeSnapshot, pem_dir: &std::path::Path) 
         .values()
         .filter_map(|vc| vc.failover_group.as_deref())
         .collect();
+    // Members this edge reaches through a peer edge are probed through it
+    // (the first virtual cluster of the group that names one decides).
+    let through_peer = |group: &str, member: &str| {
+        snapshot
+            .virtual_clusters
+            .values()
+            .filter(|vc| vc.failover_group.as_deref() == Some(group))
+            .find_map(|vc| vc.remote_members.get(member))
+    };
     let mut probes = Vec::new();
     for group in followed {
         let Some(g) = snapshot.failover_groups.get(group) else {
@@ -109,12 +130,17 @@ pub(super) fn health_probes(snapshot: &EdgeSnapshot, pem_dir: &std::path::Path) 
         };
         let health = &g.spec.health;
         for member in g.spec.members() {
-            if !snapshot.kafka_clusters.contains_key(member) {
-                continue;
-            }
-            let owner = format!("FailoverGroup {group} member");
-            let Ok(upstream) = super::kafka_upstream(snapshot, &owner, member, pem_dir) else {
-                continue;
+            let upstream = match through_peer(group, member) {
+                Some(remote) => json!({ "remote": {
+                    "peer": remote.peer, "virtual_cluster": remote.virtual_cluster } }),
+                None if snapshot.kafka_clusters.contains_key(member) => {
+                    let owner = format!("FailoverGroup {group} member");
+                    match super::kafka_upstream(snapshot, &owner, member, pem_dir) {
+                        Ok(upstream) => upstream,
+                        Err(_) => continue,
+                    }
+                }
+                None => continue,
             };
             probes.push(json!({
                 "group": group,

@@ -50,17 +50,24 @@ def test_the_quickstart_edge_config_is_valid(binary):
     assert "configuration is valid" in r.stdout + r.stderr
 
 
-def test_a_health_probe_upstream_must_be_a_cluster(binary, tmp_path):
-    """health_probes (failover evidence) probe Kafka clusters: a remote upstream is refused with its path."""
+def test_a_health_probe_reaches_one_member_directly_or_through_a_mesh_peer(binary, tmp_path):
+    """health_probes (failover evidence) probe one member: its brokers, or a peer edge's virtual cluster
+    (a standby behind a peer edge), which needs that peer in mesh.peers; a failover upstream is no
+    member. Every error is reported with its path."""
     cfg = yaml.safe_load(yaml.safe_dump(VALID))
-    cfg["health_probes"] = [{"group": "orders-dr", "cluster": "east", "interval": "0s",
-                             "upstream": {"remote": {"peer": "edge-east", "virtual_cluster": "orders"}}}]
+    cfg["health_probes"] = [
+        {"group": "orders-dr", "cluster": "east", "interval": "0s",
+         "upstream": {"remote": {"peer": "edge-east", "virtual_cluster": "orders"}}},
+        {"group": "orders-dr", "cluster": "west",
+         "upstream": {"bootstrap_servers": ["127.0.0.1:9092"],
+                      "failover": {"group": "orders-dr", "cluster": "west", "generation": 0}}},
+    ]
     r = check(binary, tmp_path, cfg)
     assert r.returncode == 1, r.stdout + r.stderr
     out = r.stdout + r.stderr
-    # Every error, each with its path.
     assert "health_probes[0].interval: must be at least 10ms" in out, out
-    assert "health_probes[0].upstream: a probe reaches the member's brokers directly" in out, out
+    assert "health_probes[0].upstream.remote.peer: 'edge-east' is not a peer in mesh.peers" in out, out
+    assert "health_probes[1].upstream.failover: a probe reaches one member" in out, out
 
 
 def test_check_config_reports_every_error_with_path(binary, tmp_path):

@@ -527,6 +527,24 @@ mod tests {
         std::fs::remove_dir_all(&dir).ok();
     }
 
+    /// `group`, failed over from kafka-east to kafka-west at `generation`,
+    /// as the snapshot's orders-dr.
+    fn failed_over_to_west(
+        snap: &mut EdgeSnapshot,
+        group: &mut strait_control_client::FollowedGroup,
+        generation: u64,
+    ) {
+        group.status = Some(
+            serde_json::from_value(serde_json::json!({
+                "active": "kafka-west", "generation": generation, "previous": "kafka-east",
+                "by": "spiffe://east.example/admin/ops", "at_unix_ms": 1
+            }))
+            .unwrap(),
+        );
+        snap.failover_groups
+            .insert("orders-dr".into(), group.clone());
+    }
+
     fn plain_snapshot() -> EdgeSnapshot {
         let mut snap = snapshot(UpstreamSasl {
             mechanism: SaslMechanism::Plain,
@@ -810,15 +828,7 @@ mod tests {
         );
         // Failed over: the standby's servers, TLS and SASL, as a `cluster:`
         // virtual cluster of kafka-west would get them.
-        group.status = Some(
-            serde_json::from_value(serde_json::json!({
-                "active": "kafka-west", "generation": 3, "previous": "kafka-east",
-                "by": "spiffe://east.example/admin/ops", "at_unix_ms": 1
-            }))
-            .unwrap(),
-        );
-        snap.failover_groups
-            .insert("orders-dr".into(), group.clone());
+        failed_over_to_west(&mut snap, &mut group, 3);
         let config = compose(None, Some(&snap), true, dir.path()).unwrap();
         let upstream = &config.virtual_clusters[0].upstream;
         let servers: Vec<String> = upstream
@@ -1209,15 +1219,7 @@ mod tests {
             vec![("kafka-east", &None), ("kafka-west", &through_west)]
         );
 
-        group.status = Some(
-            serde_json::from_value(serde_json::json!({
-                "active": "kafka-west", "generation": 1, "previous": "kafka-east",
-                "by": "spiffe://east.example/admin/ops", "at_unix_ms": 1
-            }))
-            .unwrap(),
-        );
-        snap.failover_groups
-            .insert("orders-dr".into(), group.clone());
+        failed_over_to_west(&mut snap, &mut group, 1);
         let config = compose(None, Some(&snap), true, dir.path()).unwrap();
         let upstream = &config.virtual_clusters[0].upstream;
         assert_eq!(upstream.remote, through_west);

@@ -2,7 +2,7 @@
 """The cross-site path, side by side in one run: a client at west producing to east's Apache Kafka
 
 - `quic`:    client -> west edge -> QUIC tunnel -> east edge -> Kafka
-- `tls-tcp`: client -> west edge -> TLS-over-TCP tunnel (HTTP/2) -> east edge -> Kafka
+- `tls-tcp`: client -> west edge -> TLS-over-TCP tunnel (yamux) -> east edge -> Kafka
 - `direct`:  client -> east edge -> Kafka (the client goes straight to east's edge)
 
 Every hop is mTLS (the client's certificate, the edges' SPIFFE certificates). Load: `strait-loadgen

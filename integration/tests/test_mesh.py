@@ -15,6 +15,7 @@ import json
 import time
 from pathlib import Path
 
+import pytest
 import yaml
 
 from lib.authz import TOPIC_AUTHORIZATION_FAILED, read_audit
@@ -43,7 +44,8 @@ def sites(tmp: Path) -> tuple[Pki, Pki]:
     return east, west
 
 
-def east_edge(logs: Path, tmp: Path, kafka, east: Pki, west: Pki, mesh_port: int, tcp_port: int | None = None) -> Edge:
+def east_edge(logs: Path, tmp: Path, kafka, east: Pki, west: Pki, mesh_port: int, tcp_port: int | None = None,
+              dial_west: str | None = None, transport: str = "quic") -> Edge:
     (tmp / "keys.json").write_text(KEYRING)
     orders = VirtualCluster(name="orders", upstream=kafka.bootstrap_servers, extra={
         # East's own rules, applied to principals its peers forward.
@@ -63,12 +65,13 @@ def east_edge(logs: Path, tmp: Path, kafka, east: Pki, west: Pki, mesh_port: int
             "identity": {"cert": str(east.pem("edge")), "key": str(east.key("edge"))},
             "trust_bundles": [{"trust_domain": WEST, "pem": str(west.pem("ca"))}],
             "peers": [{"name": "edge-west", "spiffe_id": WEST_ID, "may_assert": [f"spiffe://{WEST}/ns/shop/*"],
-                       "exports": ["orders"]}],
+                       "exports": ["orders"], "transport": transport,
+                       **({"address": dial_west} if dial_west else {})}],
         }})
 
 
-def west_edge(logs: Path, east: Pki, west: Pki, mesh_port: int, identity: Pki | None = None,
-              transport: str = "quic") -> Edge:
+def west_edge(logs: Path, east: Pki, west: Pki, mesh_port: int | None, identity: Pki | None = None,
+              transport: str = "quic", listen: dict | None = None) -> Edge:
     identity = identity or west
     remote = VirtualCluster(name="east-orders", upstream=[], extra={
         "upstream": {"remote": {"peer": "edge-east", "virtual_cluster": "orders"}, "connect_timeout": "5s"},
@@ -76,10 +79,11 @@ def west_edge(logs: Path, east: Pki, west: Pki, mesh_port: int, identity: Pki | 
                 "client_trust_bundles": [{"trust_domain": WEST, "pem_file": str(west.pem("ca"))}]},
     })
     return Edge(logs, [remote], extra={"mesh": {
+        **(listen or {}),
         "identity": {"cert": str(identity.pem("edge")), "key": str(identity.key("edge"))},
         "trust_bundles": [{"trust_domain": EAST, "pem": str(east.pem("ca"))}],
-        "peers": [{"name": "edge-east", "address": f"127.0.0.1:{mesh_port}", "spiffe_id": EAST_ID,
-                   "transport": transport}],
+        "peers": [{"name": "edge-east", "spiffe_id": EAST_ID, "transport": transport,
+                   **({"address": f"127.0.0.1:{mesh_port}"} if mesh_port else {})}],
     }})
 
 
@@ -244,7 +248,7 @@ def test_clients_recover_by_themselves_when_the_far_edge_restarts(broker, logs, 
 
 
 def test_the_tls_over_tcp_fallback_carries_the_same_streams(broker, logs, tmp_path):
-    """`transport: tls-tcp` (for networks that block UDP): HTTP/2 streams over one TLS connection."""
+    """`transport: tls-tcp` (for networks that block UDP): yamux streams over one TLS connection."""
     kafka, east_pki, west_pki, east, west = linked(broker, logs, tmp_path, transport="tls-tcp")
     try:
         topic = unique("mesh")
@@ -260,6 +264,45 @@ def test_the_tls_over_tcp_fallback_carries_the_same_streams(broker, logs, tmp_pa
         assert east.unexpected_errors() == [] and west.unexpected_errors() == []
     finally:
         west.terminate()
+        east.terminate()
+
+
+@pytest.mark.parametrize("transport", ["quic", "tls-tcp"])
+@pytest.mark.parametrize("dialing", ["east", "both"])
+def test_either_edge_may_dial_and_the_pair_keeps_one_connection(broker, logs, tmp_path, transport, dialing):
+    """West's clients reach east's cluster on a connection east dialed (west has no address for east),
+    or, when both edges dial each other, on the one connection the pair keeps."""
+    kafka = broker()
+    east_pki, west_pki = sites(tmp_path)
+    tcp = transport == "tls-tcp"
+    east_port, west_port = free_port(), free_port()
+    west_listen = {"listen_tcp" if tcp else "listen": f"127.0.0.1:{west_port}"}
+    east = east_edge(logs, tmp_path, kafka, east_pki, west_pki, free_port() if tcp else east_port,
+                     tcp_port=east_port if tcp else None, dial_west=f"127.0.0.1:{west_port}",
+                     transport=transport).start()
+    west = None
+    try:
+        west = west_edge(logs, east_pki, west_pki, east_port if dialing == "both" else None,
+                         transport=transport, listen=west_listen).start()
+        one = lambda: (west.metric("strait_mesh_peer_connected", peer="edge-east") == 1
+                       and east.metric("strait_mesh_peer_connected", peer="edge-west") == 1)
+        wait_for(one, 30, what="one tunnel connection at each edge")
+        topic = unique("mesh")
+        create_topic(kafka.bootstrap, topic)
+        orders = client(west, west_pki, "orders")
+        values = [b"pair-%d" % i for i in range(100)]
+        assert produce(orders, topic, values) == [None] * len(values)
+        assert consume(orders, topic, len(values)) == values
+        assert one(), "still one connection at each edge"
+        # West's streams were inbound at east, on a connection west never dialed when it has no address.
+        assert east.metric("strait_mesh_streams", peer="edge-west", direction="inbound") >= 2
+        if dialing == "east":
+            assert west.metric("strait_mesh_connections", peer="edge-east", direction="dialed") == 0
+            assert west.metric("strait_mesh_connections", peer="edge-east", direction="accepted") == 1
+        assert east.unexpected_errors() == [] and west.unexpected_errors() == []
+    finally:
+        if west is not None:
+            west.terminate()
         east.terminate()
 
 

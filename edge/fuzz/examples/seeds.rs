@@ -148,6 +148,7 @@ fn tunnel_seeds(corpus: &mut Corpus) {
         (StreamTarget::Broker(3), named),
         (StreamTarget::Broker(0), ForwardedPrincipal::Anonymous),
         (StreamTarget::Service, ForwardedPrincipal::Anonymous),
+        (StreamTarget::Keepalive, ForwardedPrincipal::Anonymous),
     ] {
         let header = StreamHeader {
             name: "payments".to_owned(),

@@ -38,6 +38,11 @@ pub enum StreamTarget {
     /// so a TLS session inside stays end to end. Always anonymous: the near
     /// edge authenticated nobody, the service authenticates its clients.
     Service,
+    /// A keepalive (kind 3, TLS-over-TCP tunnels): the far edge echoes
+    /// every byte, so the near edge hears within a round trip whether the
+    /// peer is still there; TCP alone notices a silent peer only after
+    /// minutes. Anonymous; its name is not looked up.
+    Keepalive,
 }
 
 /// The principal the near edge established for the client.
@@ -178,10 +183,11 @@ impl StreamHeader {
         if self.name.is_empty() {
             return Err(HeaderError::Malformed(format!("empty {}", self.what())));
         }
-        if self.target == StreamTarget::Service && self.principal != ForwardedPrincipal::Anonymous {
-            return Err(HeaderError::Malformed(
-                "a service stream carries no principal".into(),
-            ));
+        if self.target.is_anonymous_only() && self.principal != ForwardedPrincipal::Anonymous {
+            return Err(HeaderError::Malformed(format!(
+                "a {} stream carries no principal",
+                self.what()
+            )));
         }
         let mut out = Vec::with_capacity(64);
         out.extend_from_slice(&MAGIC);
@@ -190,6 +196,7 @@ impl StreamHeader {
             StreamTarget::Bootstrap => (0u8, -1i32),
             StreamTarget::Broker(id) => (1u8, id),
             StreamTarget::Service => (2u8, -1i32),
+            StreamTarget::Keepalive => (3u8, -1i32),
         };
         out.push(kind);
         out.extend_from_slice(&node.to_be_bytes());
@@ -230,18 +237,15 @@ impl StreamHeader {
             (1, id) if id >= 0 => StreamTarget::Broker(id),
             (1, id) => return Err(HeaderError::Malformed(format!("broker node id {id}"))),
             (2, -1) => StreamTarget::Service,
-            (2, id) => {
+            (3, -1) => StreamTarget::Keepalive,
+            (kind @ (2 | 3), id) => {
                 return Err(HeaderError::Malformed(format!(
-                    "node id {id} on a service stream (must be -1)"
+                    "node id {id} on a target kind {kind} stream (must be -1)"
                 )))
             }
             (kind, _) => return Err(HeaderError::Malformed(format!("target kind {kind}"))),
         };
-        let what = if target == StreamTarget::Service {
-            "service"
-        } else {
-            "virtual cluster"
-        };
+        let what = target.what();
         let name = read_str(r, MAX_NAME, what).await?;
         if name.is_empty() {
             return Err(HeaderError::Malformed(format!("empty {what}")));
@@ -259,10 +263,10 @@ impl StreamHeader {
         };
         // Nobody would check a principal on a service stream: refused
         // rather than silently dropped, so a confused peer hears of it.
-        if target == StreamTarget::Service && principal != ForwardedPrincipal::Anonymous {
-            return Err(HeaderError::Malformed(
-                "a service stream carries no principal".into(),
-            ));
+        if target.is_anonymous_only() && principal != ForwardedPrincipal::Anonymous {
+            return Err(HeaderError::Malformed(format!(
+                "a {what} stream carries no principal"
+            )));
         }
         let extensions = r.read_u16().await? as usize;
         if extensions > MAX_EXTENSIONS {
@@ -281,9 +285,30 @@ impl StreamHeader {
 
     /// What `name` names, for errors.
     fn what(&self) -> &'static str {
-        match self.target {
+        self.target.what()
+    }
+
+    /// The header of a keepalive stream.
+    pub fn keepalive() -> Self {
+        StreamHeader {
+            name: "keepalive".into(),
+            target: StreamTarget::Keepalive,
+            principal: ForwardedPrincipal::Anonymous,
+        }
+    }
+}
+
+impl StreamTarget {
+    /// Targets that carry no principal: nobody at the far edge would check one.
+    fn is_anonymous_only(self) -> bool {
+        matches!(self, StreamTarget::Service | StreamTarget::Keepalive)
+    }
+
+    fn what(self) -> &'static str {
+        match self {
             StreamTarget::Service => "service",
-            _ => "virtual cluster",
+            StreamTarget::Keepalive => "keepalive",
+            StreamTarget::Bootstrap | StreamTarget::Broker(_) => "virtual cluster",
         }
     }
 }
@@ -331,9 +356,9 @@ impl Answer {
         w.flush().await
     }
 
-    /// Writes a refusal and ends the stream cleanly: over HTTP/2 a stream
-    /// dropped without its end is reset, and the reset can overtake the
-    /// answer, so the near edge would see a broken stream, not the reason.
+    /// Writes a refusal and ends the stream cleanly: a stream dropped
+    /// without its end may be reset, and the reset can overtake the answer,
+    /// so the near edge would see a broken stream, not the reason.
     pub async fn refuse<W: AsyncWrite + Unpin>(&self, w: &mut W) -> std::io::Result<()> {
         self.write_to(w).await?;
         w.shutdown().await

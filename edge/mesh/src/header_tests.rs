@@ -125,7 +125,7 @@ async fn service_headers_are_refused_when_malformed() {
     // A service stream with a node id.
     assert_eq!(
         message(b"STRT\x01\x02\x00\x00\x00\x01\x00\x03kms\x00\x00\x00".to_vec()).await,
-        "stream header: node id 1 on a service stream (must be -1)"
+        "stream header: node id 1 on a target kind 2 stream (must be -1)"
     );
     // A service stream carrying a principal: nothing would check it.
     let named = b"STRT\x01\x02\xff\xff\xff\xff\x00\x03kms\x01\x00\x01p\x00\x00".to_vec();
@@ -154,8 +154,8 @@ async fn service_headers_are_refused_when_malformed() {
     );
     // A kind this edge does not know yet.
     assert_eq!(
-        message(b"STRT\x01\x03\xff\xff\xff\xff\x00\x01v\x00\x00\x00".to_vec()).await,
-        "stream header: target kind 3"
+        message(b"STRT\x01\x04\xff\xff\xff\xff\x00\x01v\x00\x00\x00".to_vec()).await,
+        "stream header: target kind 4"
     );
 }
 
@@ -178,5 +178,27 @@ fn a_service_header_is_not_written_with_a_principal_or_without_a_name() {
     assert_eq!(
         empty.encode().unwrap_err().to_string(),
         "stream header: empty service"
+    );
+}
+
+#[tokio::test]
+async fn a_keepalive_header_round_trips_and_carries_no_principal() {
+    let h = StreamHeader::keepalive();
+    let bytes = h.encode().unwrap();
+    assert_eq!(
+        bytes,
+        b"STRT\x01\x03\xff\xff\xff\xff\x00\x09keepalive\x00\x00\x00".to_vec()
+    );
+    assert_eq!(roundtrip(&h).await, h);
+    let read = |b: Vec<u8>| async move { StreamHeader::read_from(&mut b.as_slice()).await };
+    let named = b"STRT\x01\x03\xff\xff\xff\xff\x00\x01k\x01\x00\x01p\x00\x00".to_vec();
+    assert_eq!(
+        read(named).await.unwrap_err().to_string(),
+        "stream header: a keepalive stream carries no principal"
+    );
+    let with_node = b"STRT\x01\x03\x00\x00\x00\x02\x00\x01k\x00\x00\x00".to_vec();
+    assert_eq!(
+        read(with_node).await.unwrap_err().to_string(),
+        "stream header: node id 2 on a target kind 3 stream (must be -1)"
     );
 }

@@ -5,7 +5,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use quinn::Connection;
 use strait_filter::{Endpoint, Principal};
 use strait_proxy::TunnelTargets;
 use tokio::sync::watch;
@@ -14,70 +13,30 @@ use crate::header::{Answer, ForwardedPrincipal, RefusalCode, StreamHeader, Strea
 use crate::links::PeerLink;
 use crate::metrics::MeshMetrics;
 use crate::stream::TunnelStream;
+use crate::tunnel::Tunnel;
 
 /// How long a peer has to send a stream's header.
 const HEADER_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Serves the streams `link`'s peer opens on `conn` until it closes.
+/// Serves the streams `link`'s peer opens on `tunnel` until it closes.
 pub(crate) async fn serve_streams(
-    conn: Connection,
+    tunnel: Tunnel,
     link: Arc<PeerLink>,
     targets: watch::Receiver<TunnelTargets>,
     metrics: MeshMetrics,
 ) {
-    loop {
-        let (send, recv) = match conn.accept_bi().await {
-            Ok(stream) => stream,
-            Err(err) => {
-                tracing::debug!(peer = %link.policy.name, %err, "no more streams on this tunnel connection");
-                return;
-            }
-        };
-        let (link, targets, metrics) = (link.clone(), targets.clone(), metrics.clone());
-        let remote = conn.remote_address();
+    while let Some(io) = tunnel.accept().await {
+        let (tunnel, link, targets, metrics) = (
+            tunnel.clone(),
+            link.clone(),
+            targets.clone(),
+            metrics.clone(),
+        );
         tokio::spawn(async move {
-            let io = Box::new(crate::stream::QuicStream { send, recv });
-            stream_opened(io, remote, &link, &targets, &metrics).await;
+            stream_opened(io, &tunnel, &link, &targets, &metrics).await;
         });
     }
-}
-
-/// Serves the streams of an accepted TLS-over-TCP (HTTP/2) connection: each
-/// request is a stream, answered with HTTP 200 at once and the stream
-/// answer in the body.
-pub(crate) async fn serve_h2_streams<T>(
-    mut conn: h2::server::Connection<T, bytes::Bytes>,
-    remote: std::net::SocketAddr,
-    link: Arc<PeerLink>,
-    targets: watch::Receiver<TunnelTargets>,
-    metrics: MeshMetrics,
-) where
-    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    while let Some(request) = conn.accept().await {
-        let (request, mut respond) = match request {
-            Ok(r) => r,
-            Err(err) => {
-                tracing::debug!(peer = %link.policy.name, %err, "tunnel stream reset by the peer");
-                continue;
-            }
-        };
-        let send = match respond.send_response(http::Response::new(()), false) {
-            Ok(send) => send,
-            Err(err) => {
-                tracing::debug!(peer = %link.policy.name, %err, "cannot answer a tunnel stream");
-                continue;
-            }
-        };
-        let io = Box::new(crate::stream::H2Stream::new(
-            send,
-            crate::stream::H2Recv::Body(request.into_body()),
-        ));
-        let (link, targets, metrics) = (link.clone(), targets.clone(), metrics.clone());
-        tokio::spawn(async move {
-            stream_opened(io, remote, &link, &targets, &metrics).await;
-        });
-    }
+    tracing::debug!(peer = %link.policy.name, "no more streams on this tunnel connection");
 }
 
 /// Why a stream is refused, or the cluster and endpoint it is served on.
@@ -114,11 +73,11 @@ fn decide(
     let endpoint = match header.target {
         StreamTarget::Bootstrap => Endpoint::Bootstrap,
         StreamTarget::Broker(node_id) if runtime.knows_broker(node_id) => Endpoint::Broker(node_id),
-        // Served by crate::services before a cluster is looked for.
-        StreamTarget::Service => {
+        // Served before a cluster is looked for.
+        StreamTarget::Service | StreamTarget::Keepalive => {
             return Err((
                 RefusalCode::Malformed,
-                "a service stream names no virtual cluster".into(),
+                "this stream names no virtual cluster".into(),
             ))
         }
         StreamTarget::Broker(node_id) => {
@@ -136,7 +95,7 @@ fn decide(
 
 async fn stream_opened(
     mut io: Box<dyn crate::stream::StreamIo>,
-    remote: std::net::SocketAddr,
+    tunnel: &Tunnel,
     link: &PeerLink,
     targets: &watch::Receiver<TunnelTargets>,
     metrics: &MeshMetrics,
@@ -166,9 +125,12 @@ async fn stream_opened(
             return;
         }
     };
-    if header.target == StreamTarget::Service {
-        crate::services::serve(io, header, link, metrics).await;
-        return;
+    match header.target {
+        StreamTarget::Keepalive => return crate::mux::echo(io).await,
+        StreamTarget::Service => {
+            return crate::services::serve(io, header, tunnel, link, metrics).await
+        }
+        StreamTarget::Bootstrap | StreamTarget::Broker(_) => {}
     }
     let decision = decide(&header, link, &targets.borrow());
     let (runtime, endpoint) = match decision {
@@ -188,6 +150,12 @@ async fn stream_opened(
         ForwardedPrincipal::Anonymous => Principal::Anonymous,
         ForwardedPrincipal::Named(name) => Principal::Named(name.into()),
     };
-    let stream = TunnelStream::new(io, metrics.stream(peer, "inbound"));
-    runtime.spawn_tunneled(stream, remote, endpoint, principal, peer.clone());
+    let stream = TunnelStream::new(io, metrics.stream(peer, "inbound"), tunnel.count_stream());
+    runtime.spawn_tunneled(
+        stream,
+        tunnel.remote_address(),
+        endpoint,
+        principal,
+        peer.clone(),
+    );
 }

@@ -5,7 +5,10 @@
 //! proxied client connection, so a Kafka connection's request pipeline keeps
 //! its order. Each stream starts with a [`header::StreamHeader`] naming the
 //! far virtual cluster, the broker endpoint and the principal the near edge
-//! authenticated; the far edge answers before any Kafka byte flows.
+//! authenticated; the far edge answers before any Kafka byte flows. Where
+//! UDP is blocked, the same streams run over one TLS-over-TCP connection
+//! multiplexed by yamux ([`mux`]). Either edge may dial; streams go both
+//! ways on a connection, and a pair keeps one ([`links`]).
 //!
 //! * Near side: [`upstream::TunnelUpstream`] is the proxy's upstream of a
 //!   virtual cluster with `upstream.remote`; the proxy runs its listeners,
@@ -26,12 +29,15 @@ pub mod header;
 mod ingress;
 mod links;
 pub mod metrics;
+mod mux;
 mod open;
+mod policy;
 mod reset;
 mod services;
 mod stream;
 mod tcp;
 pub mod tls;
+mod tunnel;
 mod upstream;
 
 use std::collections::HashMap;
@@ -52,10 +58,11 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::links::{PeerLink, PeerPolicy, CLOSE_SHUTDOWN, CLOSE_UNKNOWN_PEER};
+use crate::links::{PeerLink, PeerPolicy};
 use crate::metrics::MeshMetrics;
 pub use crate::reset::seed_in as reset_seed_in;
 use crate::tls::{MeshRoots, MeshTrust};
+use crate::tunnel::{Tunnel, CLOSE_SHUTDOWN, CLOSE_UNKNOWN_PEER};
 pub use crate::upstream::TunnelUpstream;
 
 #[derive(Debug, Error)]
@@ -229,7 +236,10 @@ impl Mesh {
         let mut links = HashMap::new();
         for peer in &config.peers {
             let policy = PeerPolicy::new(peer, &config.services).map_err(MeshError::Peer)?;
-            links.insert(peer.name.clone(), Arc::new(PeerLink::new(policy)));
+            links.insert(
+                peer.name.clone(),
+                Arc::new(PeerLink::new(policy, own_id.as_deref())),
+            );
         }
         let links = Arc::new(links);
         let endpoint = match config.listen {
@@ -287,7 +297,9 @@ impl Mesh {
             ));
         }
         if let Some(address) = config.listen_tcp {
-            let server = tls::server_config(credentials.clone(), &trust).map_err(MeshError::Tls)?;
+            let mut server =
+                tls::server_config(credentials.clone(), &trust).map_err(MeshError::Tls)?;
+            server.alpn_protocols = vec![tls::ALPN_TCP.to_vec()];
             let listener = rebind(|| {
                 let socket = std::net::TcpListener::bind(address)?;
                 socket.set_nonblocking(true)?;
@@ -348,9 +360,13 @@ impl Mesh {
                         config: client,
                     }
                 }
-                MeshTransport::TlsTcp => links::Dialer::TlsTcp {
-                    connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
-                },
+                MeshTransport::TlsTcp => {
+                    let mut client = client;
+                    client.alpn_protocols = vec![tls::ALPN_TCP.to_vec()];
+                    links::Dialer::TlsTcp {
+                        connector: tokio_rustls::TlsConnector::from(Arc::new(client)),
+                    }
+                }
             };
             let (serve_link, serve_targets, serve_metrics) =
                 (link.clone(), targets.clone(), metrics.clone());
@@ -359,17 +375,14 @@ impl Mesh {
                 link.clone(),
                 metrics.clone(),
                 stop.clone(),
+                // The peer opens streams on our connection too.
                 move |tunnel| {
-                    // Over QUIC the peer may open streams on our connection
-                    // too; HTTP/2 streams go only from the dialer.
-                    if let links::Tunnel::Quic(conn) = tunnel {
-                        tokio::spawn(ingress::serve_streams(
-                            conn.clone(),
-                            serve_link.clone(),
-                            serve_targets.clone(),
-                            serve_metrics.clone(),
-                        ));
-                    }
+                    tokio::spawn(ingress::serve_streams(
+                        tunnel.clone(),
+                        serve_link.clone(),
+                        serve_targets.clone(),
+                        serve_metrics.clone(),
+                    ));
                 },
             ));
         }
@@ -531,17 +544,22 @@ async fn accept_loop(
             let peer = link.policy.name.clone();
             tracing::info!(%peer, %remote, "tunnel from the peer is up (accepted)");
             metrics.connection(&peer, "accepted");
-            let tunnel = links::Tunnel::Quic(conn.clone());
+            let tunnel = Tunnel::quic(conn.clone(), false);
             link.offer(&tunnel);
             tokio::spawn(ingress::serve_streams(
-                conn.clone(),
+                tunnel.clone(),
                 link.clone(),
                 targets,
                 metrics.clone(),
             ));
+            links::spawn_retire(&link, &tunnel);
             let reason = links::sample_until_closed(&conn, &peer, &metrics).await;
             link.withdraw(&tunnel);
-            tracing::info!(%peer, %reason, "tunnel from the peer closed");
+            if links::is_duplicate(&tunnel) {
+                tracing::info!(%peer, %reason, "duplicate tunnel connection from the peer closed; the pair keeps the other one");
+            } else {
+                tracing::info!(%peer, %reason, "tunnel from the peer closed");
+            }
         });
     }
 }

@@ -1,194 +1,170 @@
 //! One live tunnel connection per peer: dialed (addresses in turn, with
 //! backoff) or accepted, published on a `watch` channel that tunnel
-//! upstreams read for every new stream.
+//! upstreams read for every new stream. When both edges of a pair dial at
+//! once, both keep the same one of the two connections and retire the
+//! other once nothing uses it.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use globset::{Glob, GlobSet, GlobSetBuilder};
 use quinn::{Connection, Endpoint};
 use rand::Rng;
-use strait_edge_config::{HostPort, MeshPeer, MeshService};
+use strait_edge_config::HostPort;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::header::ForwardedPrincipal;
 use crate::metrics::{MeshMetrics, PeerLabels};
+pub(crate) use crate::policy::PeerPolicy;
+use crate::tunnel::{Tunnel, CLOSE_DUPLICATE, CLOSE_SHUTDOWN};
 
-/// Application close code when a peer is refused after the handshake.
-pub(crate) const CLOSE_UNKNOWN_PEER: u32 = 1;
-/// Application close code of a shutting-down edge.
-pub(crate) const CLOSE_SHUTDOWN: u32 = 2;
-/// Application close code of a connection whose peer stopped answering.
-pub(crate) const CLOSE_UNRESPONSIVE: u32 = 3;
-
-/// What a peer may do here, from `mesh.peers[]`.
-pub struct PeerPolicy {
-    pub name: Arc<str>,
-    pub spiffe_id: String,
-    pub addresses: Vec<HostPort>,
-    /// Globs of named principals it may forward.
-    may_assert: GlobSet,
-    /// `anonymous` is listed in `may_assert`.
-    may_assert_anonymous: bool,
-    pub exports: Vec<String>,
-    /// The services exported to it, with the address each is dialed at.
-    services: HashMap<String, HostPort>,
-}
-
-impl PeerPolicy {
-    /// `services`: the edge's `mesh.services`; the peer reaches only those
-    /// its `export_services` name (validated to exist).
-    pub fn new(peer: &MeshPeer, services: &[MeshService]) -> Result<Self, String> {
-        let mut exported = HashMap::new();
-        for name in &peer.export_services {
-            let service = services
-                .iter()
-                .find(|s| &s.name == name)
-                .ok_or_else(|| format!("export_services: '{name}' is not in mesh.services"))?;
-            exported.insert(name.clone(), service.address.clone());
-        }
-        let mut globs = GlobSetBuilder::new();
-        for glob in peer.may_assert.iter().filter(|g| *g != "anonymous") {
-            globs.add(Glob::new(glob).map_err(|e| format!("may_assert '{glob}': {e}"))?);
-        }
-        Ok(PeerPolicy {
-            name: peer.name.as_str().into(),
-            spiffe_id: peer.spiffe_id.clone(),
-            addresses: peer.addresses.clone(),
-            may_assert: globs.build().map_err(|e| e.to_string())?,
-            may_assert_anonymous: peer.may_assert.iter().any(|g| g == "anonymous"),
-            exports: peer.exports.clone(),
-            services: exported,
-        })
-    }
-
-    /// Where the service `name` is dialed, if it is exported to this peer.
-    pub fn service(&self, name: &str) -> Option<&HostPort> {
-        self.services.get(name)
-    }
-
-    /// A peer may always assert its own SPIFFE ID, the one its handshake
-    /// proved: those are the peer edge's own connections (its health probes
-    /// and replication checks of a failover group member behind this edge).
-    pub fn may_assert(&self, principal: &ForwardedPrincipal) -> bool {
-        match principal {
-            ForwardedPrincipal::Anonymous => self.may_assert_anonymous,
-            ForwardedPrincipal::Named(name) if *name == self.spiffe_id => true,
-            ForwardedPrincipal::Named(name) => self.may_assert.is_match(name),
-        }
-    }
-
-    pub fn exports(&self, virtual_cluster: &str) -> bool {
-        self.exports.iter().any(|e| e == virtual_cluster)
-    }
-}
-
-/// A live connection to a peer, on either transport.
-#[derive(Clone)]
-pub(crate) enum Tunnel {
-    Quic(Connection),
-    /// TLS-over-TCP: HTTP/2 streams, opened only by the dialing side.
-    H2 {
-        send: h2::client::SendRequest<bytes::Bytes>,
-        id: u64,
-        closed: Arc<std::sync::atomic::AtomicBool>,
-    },
-}
-
-impl Tunnel {
-    pub fn is_alive(&self) -> bool {
-        match self {
-            Tunnel::Quic(c) => c.close_reason().is_none(),
-            Tunnel::H2 { closed, .. } => !closed.load(std::sync::atomic::Ordering::Acquire),
-        }
-    }
-
-    fn id(&self) -> u64 {
-        match self {
-            Tunnel::Quic(c) => c.stable_id() as u64,
-            Tunnel::H2 { id, .. } => *id,
-        }
-    }
-
-    /// Datagrams received on the connection so far (QUIC; none for HTTP/2,
-    /// where TCP notices a dead peer by itself).
-    pub fn packets_received(&self) -> Option<u64> {
-        match self {
-            Tunnel::Quic(c) => Some(c.stats().udp_rx.datagrams),
-            Tunnel::H2 { .. } => None,
-        }
-    }
-
-    pub fn close_unresponsive(&self) {
-        if let Tunnel::Quic(c) = self {
-            c.close(CLOSE_UNRESPONSIVE.into(), b"peer unresponsive");
-        }
-    }
-
-    /// A new stream to the peer.
-    pub async fn open(&self) -> std::io::Result<Box<dyn crate::stream::StreamIo>> {
-        match self {
-            Tunnel::Quic(conn) => {
-                let (send, recv) = conn.open_bi().await.map_err(std::io::Error::other)?;
-                Ok(Box::new(crate::stream::QuicStream { send, recv }))
-            }
-            Tunnel::H2 { send, .. } => {
-                let mut ready = send.clone().ready().await.map_err(std::io::Error::other)?;
-                let request = http::Request::post("https://strait-peer/tunnel")
-                    .body(())
-                    .map_err(std::io::Error::other)?;
-                let (response, stream) = ready
-                    .send_request(request, false)
-                    .map_err(std::io::Error::other)?;
-                Ok(Box::new(crate::stream::H2Stream::new(
-                    stream,
-                    crate::stream::H2Recv::Waiting(response),
-                )))
-            }
-        }
-    }
-}
-
-/// A peer's current connection (none while it is down).
+/// A peer's live connections and the one in use (none while it is down).
 pub(crate) struct PeerLink {
     pub policy: PeerPolicy,
+    /// The connection new streams go on.
     pub connection: watch::Sender<Option<Tunnel>>,
+    /// Every connection up now, the one in use among them.
+    live: std::sync::Mutex<Vec<Tunnel>>,
+    /// Whether the pair keeps the connections this edge dialed (its SPIFFE
+    /// ID sorts before the peer's); unknown without an ID of its own.
+    keeps_own_dials: Option<bool>,
+}
+
+/// How long a duplicate connection may keep streams that are still open on
+/// it before it is closed anyway (its clients reconnect, onto the kept one).
+const RETIRE_GRACE: Duration = Duration::from_secs(30);
+/// A duplicate idle for this long is closed.
+const RETIRE_IDLE: Duration = Duration::from_secs(2);
+
+/// Which connection of a pair both edges use: one the edge with the lower
+/// SPIFFE ID dialed, the newest of those (an edge dials anew only once it
+/// believes its last connection gone); without that rule, the oldest.
+/// `connections`: (id, dialed here), ids growing in the order they came up.
+pub(crate) fn preferred(
+    connections: impl IntoIterator<Item = (u64, bool)>,
+    keeps_own_dials: Option<bool>,
+) -> Option<u64> {
+    let connections = connections.into_iter();
+    match keeps_own_dials {
+        Some(keep) => connections
+            .max_by_key(|&(id, dialed_here)| (dialed_here == keep, id))
+            .map(|(id, _)| id),
+        None => connections.min_by_key(|&(id, _)| id).map(|(id, _)| id),
+    }
 }
 
 impl PeerLink {
-    pub fn new(policy: PeerPolicy) -> Self {
+    /// `own_id`: this edge's SPIFFE ID, which breaks the tie when both
+    /// edges dial.
+    pub fn new(policy: PeerPolicy, own_id: Option<&str>) -> Self {
+        let keeps_own_dials = own_id.map(|own| own < policy.spiffe_id.as_str());
         PeerLink {
             policy,
             connection: watch::channel(None).0,
+            live: Default::default(),
+            keeps_own_dials,
         }
     }
 
-    /// Publishes `conn` unless a live one is in place already (both sides
-    /// dialed: the first one up stays, the other still serves the streams
-    /// opened on it).
-    pub fn offer(&self, conn: &Tunnel) -> bool {
-        self.connection.send_if_modified(|current| {
-            if current.as_ref().is_some_and(Tunnel::is_alive) {
-                return false;
-            }
-            *current = Some(conn.clone());
-            true
-        })
+    /// Adds a connection that came up; true if new streams go on it.
+    pub fn offer(&self, tunnel: &Tunnel) -> bool {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.push(tunnel.clone());
+        self.republish(&mut live);
+        self.connection
+            .borrow()
+            .as_ref()
+            .is_some_and(|t| t.id() == tunnel.id())
     }
 
-    /// Withdraws `conn` if it is the published one.
-    pub fn withdraw(&self, conn: &Tunnel) {
+    /// Removes a connection that closed; another live one takes its place.
+    pub fn withdraw(&self, tunnel: &Tunnel) {
+        let mut live = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        live.retain(|t| t.id() != tunnel.id());
+        self.republish(&mut live);
+    }
+
+    fn republish(&self, live: &mut Vec<Tunnel>) {
+        live.retain(Tunnel::is_alive);
+        let chosen = preferred(
+            live.iter().map(|t| (t.id(), t.meta.dialed_here)),
+            self.keeps_own_dials,
+        );
+        for t in live.iter() {
+            let superseded = self.keeps_own_dials.is_some() && Some(t.id()) != chosen;
+            t.meta
+                .superseded
+                .store(superseded, std::sync::atomic::Ordering::Release);
+        }
+        let next = chosen.and_then(|id| live.iter().find(|t| t.id() == id).cloned());
         self.connection.send_if_modified(|current| {
-            if current.as_ref().is_some_and(|c| c.id() == conn.id()) {
-                *current = None;
-                return true;
+            if current.as_ref().map(Tunnel::id) == next.as_ref().map(Tunnel::id) {
+                return false;
             }
-            false
+            *current = next;
+            true
         });
     }
+
+    /// Closes `tunnel` once it is a duplicate (the pair uses the other) and
+    /// no stream uses it, or [`RETIRE_GRACE`] after it became one; returns
+    /// when it is closed.
+    pub async fn retire_when_superseded(&self, tunnel: &Tunnel) {
+        if self.keeps_own_dials.is_none() {
+            return;
+        }
+        let peer = &self.policy.name;
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        let (mut superseded_since, mut idle_since) = (None, None);
+        while tunnel.is_alive() {
+            tick.tick().await;
+            let now = tokio::time::Instant::now();
+            if !tunnel
+                .meta
+                .superseded
+                .load(std::sync::atomic::Ordering::Acquire)
+            {
+                (superseded_since, idle_since) = (None, None);
+                continue;
+            }
+            let since = *superseded_since.get_or_insert(now);
+            let streams = tunnel.open_streams();
+            idle_since = if streams == 0 {
+                Some(idle_since.unwrap_or(now))
+            } else {
+                None
+            };
+            let idle = idle_since.is_some_and(|t| now - t >= RETIRE_IDLE);
+            if idle || now - since >= RETIRE_GRACE {
+                tracing::info!(%peer, streams, dialed_here = tunnel.meta.dialed_here, "closing a duplicate tunnel connection: the pair keeps the other one");
+                tunnel.close(CLOSE_DUPLICATE, b"duplicate connection");
+                return;
+            }
+        }
+    }
+
+    /// Resolves once no live connection is in use: the dialer waits for
+    /// that, so a pair whose other edge dialed keeps that one connection.
+    async fn until_down(&self) {
+        let mut published = self.connection.subscribe();
+        let _ = published
+            .wait_for(|c| !c.as_ref().is_some_and(Tunnel::is_alive))
+            .await;
+    }
+}
+
+/// Retires `tunnel` in the background if it turns out to be a duplicate.
+pub(crate) fn spawn_retire(link: &Arc<PeerLink>, tunnel: &Tunnel) {
+    let (link, tunnel) = (link.clone(), tunnel.clone());
+    tokio::spawn(async move { link.retire_when_superseded(&tunnel).await });
+}
+
+/// A closed connection was the pair's duplicate (not an outage).
+pub(crate) fn is_duplicate(tunnel: &Tunnel) -> bool {
+    tunnel
+        .meta
+        .superseded
+        .load(std::sync::atomic::Ordering::Acquire)
 }
 
 /// Backoff between dial rounds: 200 ms doubling to 10 s, with jitter in
@@ -225,30 +201,48 @@ pub(crate) struct Dialed {
     closed: std::pin::Pin<Box<dyn std::future::Future<Output = String> + Send>>,
 }
 
-/// HTTP/2 PINGs every [`KEEPALIVE`]; returns once one goes unanswered for
-/// [`DEAD_AFTER`] (the peer was killed or cut off: TCP alone would notice
-/// only after minutes of retransmissions), as QUIC's idle timeout does.
-pub(crate) async fn h2_keepalive(ping: Option<h2::PingPong>) -> String {
-    let Some(mut ping) = ping else {
-        return std::future::pending().await;
-    };
-    loop {
-        tokio::time::sleep(KEEPALIVE).await;
-        match tokio::time::timeout(DEAD_AFTER, ping.ping(h2::Ping::opaque())).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(err)) => return err.to_string(),
-            Err(_) => return format!("no answer to a keepalive within {DEAD_AFTER:?}"),
-        }
-    }
-}
-
 /// Keepalive interval and dead-peer timeout of both transports.
 pub(crate) const KEEPALIVE: Duration = Duration::from_secs(2);
 pub(crate) const DEAD_AFTER: Duration = Duration::from_secs(10);
 
-/// The h2 settings of TLS-over-TCP tunnels, sized like the QUIC transport.
-pub(crate) fn h2_windows() -> (u32, u32) {
-    (8 << 20, 64 << 20)
+/// Runs a multiplexed TLS-over-TCP connection until it ends, counted in
+/// `mesh_connected`; returns why it ended.
+pub(crate) fn run_mux<T>(
+    tls: T,
+    remote: SocketAddr,
+    dialed_here: bool,
+    peer: &str,
+    metrics: &MeshMetrics,
+) -> (
+    Tunnel,
+    impl std::future::Future<Output = String> + Send + 'static,
+)
+where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let direction = |d: &str| crate::metrics::DirectionLabels {
+        peer: peer.to_owned(),
+        direction: d.to_owned(),
+    };
+    // One lookup per statement: a family's entry guard held across a
+    // second lookup that inserts would deadlock on its lock.
+    let sent = metrics.bytes.get_or_create(&direction("sent")).clone();
+    let received = metrics.bytes.get_or_create(&direction("received")).clone();
+    let counters = crate::mux::MuxCounters { sent, received };
+    let (handle, driven) = crate::mux::start(tls, dialed_here, counters);
+    let connected = metrics
+        .connected
+        .get_or_create(&PeerLabels {
+            peer: peer.to_owned(),
+        })
+        .clone();
+    connected.inc();
+    let ended = async move {
+        let reason = driven.await;
+        connected.dec();
+        reason
+    };
+    (Tunnel::mux(handle, remote, dialed_here), ended)
 }
 
 impl Dialer {
@@ -267,7 +261,7 @@ impl Dialer {
                     .map_err(|e| e.to_string())?;
                 let (sampled, peer, metrics) = (conn.clone(), peer.to_owned(), metrics.clone());
                 Ok(Dialed {
-                    tunnel: Tunnel::Quic(conn),
+                    tunnel: Tunnel::quic(conn, true),
                     closed: Box::pin(async move {
                         sample_until_closed(&sampled, &peer, &metrics)
                             .await
@@ -286,43 +280,14 @@ impl Dialer {
                     .connect(name, strait_tls::buffered(tcp))
                     .await
                     .map_err(|e| e.to_string())?;
-                let (stream_window, connection_window) = h2_windows();
-                let (send, mut connection) = h2::client::Builder::new()
-                    .initial_window_size(stream_window)
-                    .initial_connection_window_size(connection_window)
-                    .handshake::<_, bytes::Bytes>(tls)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let closed = Arc::new(std::sync::atomic::AtomicBool::new(false));
-                let (done_tx, done_rx) = tokio::sync::oneshot::channel();
-                let flag = closed.clone();
-                let labels = PeerLabels {
-                    peer: peer.to_owned(),
-                };
-                let connected = metrics.connected.get_or_create(&labels).clone();
-                connected.inc();
-                let ping = connection.ping_pong();
-                tokio::spawn(async move {
-                    let reason = tokio::select! {
-                        result = connection => match result {
-                            Ok(()) => "closed".to_owned(),
-                            Err(e) => e.to_string(),
-                        },
-                        // Dropping the connection closes the socket.
-                        dead = h2_keepalive(ping) => dead,
-                    };
-                    flag.store(true, std::sync::atomic::Ordering::Release);
-                    connected.dec();
-                    let _ = done_tx.send(reason);
-                });
+                let (tunnel, ended) = run_mux(tls, addr, true, peer, metrics);
+                // The connection makes progress only while polled: its own
+                // task, which hands back why it ended.
+                let ended = tokio::spawn(ended);
                 Ok(Dialed {
-                    tunnel: Tunnel::H2 {
-                        send,
-                        id: rand::rng().random(),
-                        closed,
-                    },
+                    tunnel,
                     closed: Box::pin(
-                        async move { done_rx.await.unwrap_or_else(|_| "closed".into()) },
+                        async move { ended.await.unwrap_or_else(|_| "closed".to_owned()) },
                     ),
                 })
             }
@@ -342,6 +307,11 @@ pub(crate) async fn keep_dialed(
     let peer = link.policy.name.clone();
     let mut attempt = 0u32;
     loop {
+        // A connection the peer dialed serves both directions: none more.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = link.until_down() => {}
+        }
         let mut connected = None;
         'addresses: for address in &link.policy.addresses {
             let addrs = match resolve(address).await {
@@ -381,18 +351,21 @@ pub(crate) async fn keep_dialed(
         link.offer(&dialed.tunnel);
         on_up(&dialed.tunnel);
         let tunnel = dialed.tunnel;
+        spawn_retire(&link, &tunnel);
         let reason = tokio::select! {
             _ = stop.cancelled() => {
-                if let Tunnel::Quic(conn) = &tunnel {
-                    conn.close(CLOSE_SHUTDOWN.into(), b"edge shutting down");
-                }
+                tunnel.close(CLOSE_SHUTDOWN, b"edge shutting down");
                 link.withdraw(&tunnel);
                 return;
             }
             reason = dialed.closed => reason,
         };
         link.withdraw(&tunnel);
-        tracing::warn!(%peer, %reason, "tunnel to the peer is down; redialing");
+        if is_duplicate(&tunnel) {
+            tracing::info!(%peer, %reason, "duplicate tunnel connection closed; the pair keeps the other one");
+        } else {
+            tracing::warn!(%peer, %reason, "tunnel to the peer is down; redialing");
+        }
         // A connection that lasted resets the backoff; one that failed at once does not.
         attempt = if up_since.elapsed() > Duration::from_secs(30) {
             0
@@ -518,28 +491,23 @@ pub(crate) async fn accepted_handshake<T, E: std::fmt::Display>(
 
 #[cfg(test)]
 mod tests {
-    use super::PeerPolicy;
-    use crate::header::ForwardedPrincipal;
-    use strait_edge_config::{MeshPeer, MeshTransport};
+    use super::preferred;
 
     #[test]
-    fn a_peer_asserts_its_globs_and_its_own_identity_only() {
-        let peer = MeshPeer {
-            name: "edge-west".into(),
-            addresses: vec![],
-            spiffe_id: "spiffe://west.example/edge/edge-west".into(),
-            transport: MeshTransport::Quic,
-            may_assert: vec!["spiffe://west.example/ns/shop/*".into()],
-            exports: vec![],
-            export_services: vec![],
-        };
-        let policy = PeerPolicy::new(&peer, &[]).unwrap();
-        let named = |s: &str| ForwardedPrincipal::Named(s.into());
-        assert!(policy.may_assert(&named("spiffe://west.example/ns/shop/sa/orders")));
-        // Its own connections (probes, replication checks) carry its own ID.
-        assert!(policy.may_assert(&named("spiffe://west.example/edge/edge-west")));
-        assert!(!policy.may_assert(&named("spiffe://west.example/edge/edge-north")));
-        assert!(!policy.may_assert(&named("spiffe://west.example/ns/ops/sa/admin")));
-        assert!(!policy.may_assert(&ForwardedPrincipal::Anonymous));
+    fn both_edges_of_a_pair_prefer_the_same_connection() {
+        // Connection 1 dialed by the edge whose ID sorts first (A), 2 by B:
+        // A sees (1, dialed here), (2, accepted); B the opposite.
+        assert_eq!(preferred([(1, true), (2, false)], Some(true)), Some(1));
+        assert_eq!(preferred([(1, false), (2, true)], Some(false)), Some(1));
+        // Order of arrival does not matter.
+        assert_eq!(preferred([(2, false), (1, true)], Some(true)), Some(1));
+        // Two dialed by the keeper (it redialed): the newer one.
+        assert_eq!(preferred([(1, true), (3, true)], Some(true)), Some(3));
+        assert_eq!(preferred([(1, false), (3, false)], Some(false)), Some(3));
+        // Only the other edge's dial: that one.
+        assert_eq!(preferred([(4, false)], Some(true)), Some(4));
+        // No tie-break known: the first up stays.
+        assert_eq!(preferred([(5, true), (6, false)], None), Some(5));
+        assert_eq!(preferred([], Some(true)), None);
     }
 }

@@ -98,7 +98,7 @@ impl MeshMetrics {
         );
         r.register(
             "bytes",
-            "UDP bytes of the tunnel connections, by direction (sent, received)",
+            "Bytes of the tunnel connections (UDP for QUIC, TLS over TCP), by direction (sent, received)",
             m.bytes.clone(),
         );
         r.register(

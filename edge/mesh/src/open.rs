@@ -6,9 +6,10 @@
 use std::time::Duration;
 
 use crate::header::{Answer, RefusalCode, StreamHeader};
-use crate::links::{PeerLink, Tunnel};
+use crate::links::PeerLink;
 use crate::metrics::MeshMetrics;
 use crate::stream::StreamIo;
+use crate::tunnel::Tunnel;
 
 #[derive(Debug)]
 pub(crate) enum OpenError {
@@ -49,7 +50,7 @@ pub(crate) async fn open_stream(
     timeout: Duration,
     metrics: &MeshMetrics,
 ) -> Result<Box<dyn StreamIo>, OpenError> {
-    let heard_before = tunnel.packets_received();
+    let heard_before = tunnel.heard_from_peer();
     let exchange = async {
         let mut io = tunnel.open().await.map_err(OpenError::Io)?;
         header
@@ -69,8 +70,8 @@ pub(crate) async fn open_stream(
             // peer is gone without closing (killed, cut off): drop the
             // connection now, so the dialer reconnects and the other
             // streams fail fast, instead of after the idle timeout.
-            if heard_before.is_some() && tunnel.packets_received() == heard_before {
-                tracing::warn!(%peer, ?timeout, "tunnel to the peer is unresponsive (no packet since a stream was opened); closing it to reconnect");
+            if tunnel.heard_from_peer() == heard_before {
+                tracing::warn!(%peer, ?timeout, "tunnel to the peer is unresponsive (nothing heard since a stream was opened); closing it to reconnect");
                 tunnel.close_unresponsive();
             }
             return Err(OpenError::Timeout);

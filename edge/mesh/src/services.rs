@@ -25,6 +25,7 @@ use crate::links::PeerLink;
 use crate::metrics::MeshMetrics;
 use crate::open::{live_tunnel, open_stream};
 use crate::stream::{StreamIo, TunnelStream};
+use crate::tunnel::Tunnel;
 
 /// Bytes buffered per direction of a relayed connection.
 const COPY_BUFFER: usize = 64 * 1024;
@@ -39,6 +40,7 @@ pub(crate) const FORWARD_OPEN_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) async fn serve(
     mut io: Box<dyn StreamIo>,
     header: StreamHeader,
+    tunnel: &Tunnel,
     link: &PeerLink,
     metrics: &MeshMetrics,
 ) {
@@ -88,7 +90,7 @@ pub(crate) async fn serve(
         return;
     }
     metrics.service_stream(peer, service, "served");
-    let stream = TunnelStream::new(io, metrics.stream(peer, "inbound"));
+    let stream = TunnelStream::new(io, metrics.stream(peer, "inbound"), tunnel.count_stream());
     relay(stream, upstream, peer, service, metrics).await;
 }
 
@@ -149,7 +151,8 @@ async fn forward_one(
     match open_stream(&tunnel, peer, &header, FORWARD_OPEN_TIMEOUT, metrics).await {
         Ok(io) => {
             metrics.service_stream(peer, service, "forwarded");
-            let stream = TunnelStream::new(io, metrics.stream(peer, "outbound"));
+            let stream =
+                TunnelStream::new(io, metrics.stream(peer, "outbound"), tunnel.count_stream());
             relay(tcp, stream, peer, service, metrics).await;
         }
         Err(err) => {

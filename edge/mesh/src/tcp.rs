@@ -1,7 +1,8 @@
 //! The TLS-over-TCP fallback for networks that block UDP: one TLS 1.3
 //! connection per peer (same certificates, same verification, ALPN
-//! `strait/1`), multiplexed with HTTP/2 streams that carry the same stream
-//! header and bytes as QUIC streams. The dialer opens the streams.
+//! [`crate::tls::ALPN_TCP`]), multiplexed by yamux ([`crate::mux`]) into
+//! streams that carry the same stream header and bytes as QUIC streams.
+//! Either side opens streams, whichever dialed.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,8 +13,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
-use crate::links::{accepted_handshake, accepted_peer, h2_windows, PeerLink};
-use crate::metrics::{MeshMetrics, PeerLabels};
+use crate::links::{
+    accepted_handshake, accepted_peer, is_duplicate, run_mux, spawn_retire, PeerLink,
+};
+use crate::metrics::MeshMetrics;
+use crate::tunnel::CLOSE_SHUTDOWN;
 
 pub(crate) async fn accept_loop(
     listener: TcpListener,
@@ -54,41 +58,32 @@ pub(crate) async fn accept_loop(
             let Some(link) = accepted_peer(&links, chain, remote, &metrics) else {
                 return;
             };
-            let (stream_window, connection_window) = h2_windows();
-            let mut conn = match h2::server::Builder::new()
-                .initial_window_size(stream_window)
-                .initial_connection_window_size(connection_window)
-                .max_concurrent_streams(16_384)
-                .handshake::<_, bytes::Bytes>(tls)
-                .await
-            {
-                Ok(conn) => conn,
-                Err(err) => {
-                    metrics.connection_refused("h2");
-                    tracing::warn!(%remote, %err, "tunnel connection refused: not HTTP/2");
-                    return;
-                }
-            };
             let peer = link.policy.name.clone();
             tracing::info!(%peer, %remote, "tunnel from the peer is up (accepted, TLS over TCP)");
             metrics.connection(&peer, "accepted");
-            let connected = metrics
-                .connected
-                .get_or_create(&PeerLabels {
-                    peer: peer.to_string(),
-                })
-                .clone();
-            connected.inc();
-            let ping = conn.ping_pong();
-            tokio::select! {
-                _ = crate::ingress::serve_h2_streams(conn, remote, link, targets, metrics) => {}
-                dead = crate::links::h2_keepalive(ping) => {
-                    tracing::warn!(%peer, reason = %dead, "tunnel from the peer is dead (TLS over TCP); closing it");
+            let (tunnel, ended) = run_mux(tls, remote, false, &peer, &metrics);
+            link.offer(&tunnel);
+            tokio::spawn(crate::ingress::serve_streams(
+                tunnel.clone(),
+                link.clone(),
+                targets,
+                metrics.clone(),
+            ));
+            spawn_retire(&link, &tunnel);
+            tokio::pin!(ended);
+            let reason = tokio::select! {
+                reason = &mut ended => reason,
+                _ = stop.cancelled() => {
+                    tunnel.close(CLOSE_SHUTDOWN, b"edge shutting down");
+                    ended.await
                 }
-                _ = stop.cancelled() => {}
+            };
+            link.withdraw(&tunnel);
+            if is_duplicate(&tunnel) {
+                tracing::info!(%peer, %reason, "duplicate tunnel connection from the peer closed; the pair keeps the other one");
+            } else {
+                tracing::info!(%peer, %reason, "tunnel from the peer closed (TLS over TCP)");
             }
-            connected.dec();
-            tracing::info!(%peer, "tunnel from the peer closed (TLS over TCP)");
         });
     }
 }

@@ -1,4 +1,5 @@
-//! TLS between edges: 1.3 only, ALPN `strait/1`, both sides presenting the
+//! TLS between edges: 1.3 only, ALPN `strait/1` (QUIC) or `strait-mux/1`
+//! (TLS over TCP), both sides presenting the
 //! edge's certificate (files or its SVID, swapped live) and verifying the
 //! other by SPIFFE ID against the bundle of the trust domain that ID names.
 //!
@@ -23,6 +24,10 @@ use strait_tls::{
 
 /// The application protocol of tunnel connections (QUIC and TLS-over-TCP).
 pub const ALPN: &[u8] = b"strait/1";
+/// The TLS-over-TCP transport's: streams multiplexed by yamux
+/// ([`crate::mux`]), which either side opens. Its own name, so an edge
+/// that multiplexes otherwise fails at the handshake, saying why.
+pub const ALPN_TCP: &[u8] = b"strait-mux/1";
 
 pub(crate) fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())

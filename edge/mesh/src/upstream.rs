@@ -69,7 +69,11 @@ impl TunnelUpstream {
             },
         };
         match open_stream(&conn, peer, &header, self.connect_timeout, &self.metrics).await {
-            Ok(io) => Ok(TunnelStream::new(io, self.metrics.stream(peer, "outbound"))),
+            Ok(io) => Ok(TunnelStream::new(
+                io,
+                self.metrics.stream(peer, "outbound"),
+                conn.count_stream(),
+            )),
             Err(OpenError::Io(source)) => Err(ConnectError::Io {
                 address: self.label(),
                 source,

@@ -3,104 +3,28 @@
 //! The TLS session runs between the client and the service through the
 //! tunnel, verified against the service's name, not the forward's address.
 
+mod common;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
+use common::{bundle, ca, free_tcp, free_udp, host_port, leaf, metric, peer, wait_until, write_ca};
 use prometheus_client::registry::Registry;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+use rcgen::{CertifiedIssuer, KeyPair, SanType};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use strait_edge_config::MeshTransport;
-use strait_edge_config::{HostPort, Mesh as MeshConfig, MeshForward, MeshPeer, MeshService};
+use strait_edge_config::{Mesh as MeshConfig, MeshForward, MeshPeer, MeshService};
 use strait_mesh::metrics::MeshMetrics;
 use strait_mesh::Mesh;
-use strait_tls::{BundleSource, ServedCertificate, TrustBundleSettings};
+use strait_tls::ServedCertificate;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
 const EAST: &str = "spiffe://east.example/edge/edge-east";
 const WEST: &str = "spiffe://west.example/edge/edge-west";
 const SERVICE_NAME: &str = "svc.east.example";
-
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
-
-/// A leaf signed by `ca` with `sans`, written to `dir`; returns (cert, key) paths.
-fn leaf(
-    ca: &CertifiedIssuer<'static, KeyPair>,
-    sans: Vec<SanType>,
-    dir: &Path,
-    name: &str,
-) -> (PathBuf, PathBuf) {
-    let key = KeyPair::generate().unwrap();
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.subject_alt_names = sans;
-    params.extended_key_usages = vec![
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-        rcgen::ExtendedKeyUsagePurpose::ClientAuth,
-    ];
-    let cert = params.signed_by(&key, ca).unwrap();
-    let (c, k) = (
-        dir.join(format!("{name}.pem")),
-        dir.join(format!("{name}.key")),
-    );
-    std::fs::write(&c, cert.pem()).unwrap();
-    std::fs::write(&k, key.serialize_pem()).unwrap();
-    (c, k)
-}
-
-fn write_ca(ca: &CertifiedIssuer<'static, KeyPair>, dir: &Path, name: &str) -> PathBuf {
-    let path = dir.join(format!("{name}.pem"));
-    std::fs::write(&path, ca.pem()).unwrap();
-    path
-}
-
-fn free_udp() -> SocketAddr {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn free_tcp() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn host_port(addr: SocketAddr) -> HostPort {
-    HostPort {
-        host: addr.ip().to_string(),
-        port: addr.port(),
-    }
-}
-
-fn peer(name: &str, id: &str, addresses: Vec<HostPort>, export_services: &[&str]) -> MeshPeer {
-    MeshPeer {
-        name: name.into(),
-        addresses,
-        spiffe_id: id.into(),
-        transport: MeshTransport::Quic,
-        may_assert: vec![],
-        exports: vec![],
-        export_services: export_services.iter().map(|s| s.to_string()).collect(),
-    }
-}
-
-fn bundle(domain: &str, pem: PathBuf) -> TrustBundleSettings {
-    TrustBundleSettings {
-        trust_domain: domain.into(),
-        source: BundleSource::File(pem),
-    }
-}
 
 /// A TLS echo server for `SERVICE_NAME`: echoes until the client half-closes.
 async fn tls_echo(ca: &CertifiedIssuer<'static, KeyPair>, dir: &Path) -> SocketAddr {
@@ -155,24 +79,6 @@ impl FromPemFile for PrivateKeyDer<'static> {
     fn from_pem_file_compat(path: &Path) -> Self {
         use rustls::pki_types::pem::PemObject;
         PrivateKeyDer::from_pem_file(path).unwrap()
-    }
-}
-
-/// The value of the metric line starting with `prefix` (labels included), 0 if absent.
-fn metric(registry: &Registry, prefix: &str) -> f64 {
-    let mut text = String::new();
-    prometheus_client::encoding::text::encode(&mut text, registry).unwrap();
-    text.lines()
-        .find(|l| l.starts_with(prefix))
-        .and_then(|l| l.rsplit(' ').next())
-        .map_or(0.0, |v| v.parse().unwrap())
-}
-
-async fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !condition() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out: {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 
@@ -442,7 +348,7 @@ async fn a_forward_closes_its_connections_at_once_while_the_peer_is_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn service_streams_cross_the_tls_over_tcp_fallback_too() {
     let s = sites_over(MeshTransport::TlsTcp).await;
-    // Over HTTP/2 too the refusal itself reaches the near edge (not a reset
+    // Over yamux too the refusal itself reaches the near edge (not a reset
     // stream): the far edge ends the stream after its answer.
     echo_one_mib(&s).await;
     let served =

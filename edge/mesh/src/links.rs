@@ -109,8 +109,14 @@ impl PeerLink {
     /// Closes `tunnel` once it is a duplicate (the pair uses the other) and
     /// no stream uses it, or [`RETIRE_GRACE`] after it became one; returns
     /// when it is closed.
+    ///
+    /// Only the edge that dialed a connection retires it, for one the peer
+    /// dialed to it (the only way a connection it dialed is superseded).
+    /// A peer of several instances sharing one SPIFFE ID (HA edges) may
+    /// dial from each: those connections all stay, each instance using its
+    /// own, where retiring one would have its instance redial for ever.
     pub async fn retire_when_superseded(&self, tunnel: &Tunnel) {
-        if self.keeps_own_dials.is_none() {
+        if self.keeps_own_dials.is_none() || !tunnel.meta.dialed_here {
             return;
         }
         let peer = &self.policy.name;

@@ -170,6 +170,8 @@ impl Site {
 enum Dialing {
     /// Only west dials (east has no address for it).
     WestOnly,
+    /// Only east dials.
+    EastOnly,
     /// Both dial, through relays that make both dials complete together.
     BothAtOnce,
 }
@@ -210,6 +212,7 @@ async fn sites(transport: MeshTransport, dialing: Dialing) -> (Site, Site, tempf
     };
     let (east_dials, west_dials): (Vec<HostPort>, Vec<HostPort>) = match dialing {
         Dialing::WestOnly => (vec![], vec![host_port(east_listen)]),
+        Dialing::EastOnly => (vec![host_port(west_listen)], vec![]),
         Dialing::BothAtOnce => (
             vec![host_port(relay(west_listen).await)],
             vec![host_port(relay(east_listen).await)],
@@ -353,4 +356,49 @@ async fn over_tls_over_tcp_edges_that_both_dial_keep_one_connection() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn over_quic_edges_that_both_dial_keep_one_connection() {
     both_dial_one_stays(MeshTransport::Quic).await;
+}
+
+/// Two instances of east (HA: one SPIFFE ID, one certificate) both dial
+/// west, which dials neither. West keeps both connections, each instance
+/// opening its streams on its own: were west to retire one as a duplicate,
+/// that instance would redial, and the two would push each other out for
+/// ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn both_instances_of_an_ha_peer_keep_their_connections() {
+    let (mut east, mut west, _dir) = sites(MeshTransport::TlsTcp, Dialing::EastOnly).await;
+    let forward = free_tcp();
+    let mut config = east.config.clone();
+    config.listen_tcp = Some(free_tcp());
+    config.forwards[0].listen = forward;
+    let mut east2 = Site {
+        config,
+        metrics: Registry::default(),
+        mesh: None,
+        forward,
+    };
+    west.start().await;
+    east.start().await;
+    east2.start().await;
+    wait_until("a connection from each instance", || {
+        west.connections("edge-east", "accepted") == 2.0
+            && west.connected("edge-east") == 2.0
+            && east.connected("edge-west") == 1.0
+            && east2.connected("edge-west") == 1.0
+    })
+    .await;
+    echoes(east.forward).await;
+    echoes(east2.forward).await;
+    echoes(west.forward).await;
+    // A window in which something must not happen: longer than a
+    // duplicate's idle time before it is retired.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(west.connected("edge-east"), 2.0);
+    assert_eq!(west.connections("edge-east", "accepted"), 2.0);
+    assert_eq!(east.connections("edge-west", "dialed"), 1.0);
+    assert_eq!(east2.connections("edge-west", "dialed"), 1.0);
+    echoes(east.forward).await;
+    echoes(east2.forward).await;
+    for site in [&mut west, &mut east, &mut east2] {
+        site.stop().await;
+    }
 }

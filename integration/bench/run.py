@@ -72,7 +72,9 @@ def loadgen_bin() -> str:
 
 
 def run_loadgen(args: list[str], timeout: float) -> dict:
-    r = subprocess.run([loadgen_bin(), *args], capture_output=True, text=True, timeout=timeout)
+    # No backtrace: the error itself must fit in what is shown of stderr.
+    env = dict(os.environ, RUST_BACKTRACE="0", RUST_LIB_BACKTRACE="0")
+    r = subprocess.run([loadgen_bin(), *args], capture_output=True, text=True, timeout=timeout, env=env)
     if r.returncode != 0:
         raise RuntimeError(f"loadgen {' '.join(args)} failed ({r.returncode}):\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])

@@ -28,6 +28,7 @@
 pub mod header;
 mod ingress;
 mod links;
+mod metered;
 pub mod metrics;
 mod mux;
 mod open;

@@ -5,19 +5,18 @@
 //! control (a slow reader slows only its stream); a keepalive stream
 //! ([`crate::header::StreamTarget::Keepalive`]) stands in for QUIC's idle timeout.
 
-use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use prometheus_client::metrics::counter::Counter;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 use tokio_util::sync::CancellationToken;
 
 use crate::header::{Answer, StreamHeader};
 use crate::links::{DEAD_AFTER, KEEPALIVE};
+use crate::metered::Metered;
 use crate::stream::StreamIo;
 
 /// Streams one connection carries at once. yamux gives every stream at
@@ -39,7 +38,7 @@ pub(crate) struct MuxHandle {
     opens: mpsc::Sender<OpenReply>,
     inbound: Arc<Mutex<mpsc::Receiver<yamux::Stream>>>,
     /// Bytes read from the socket so far (a silent peer reads as none).
-    received: Arc<AtomicU64>,
+    received: Counter,
     /// Cancel to close (a GoAway, then the socket).
     close: CancellationToken,
     /// Cancel to drop the socket at once (an unresponsive peer).
@@ -54,7 +53,7 @@ impl MuxHandle {
     }
 
     pub fn bytes_received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
+        self.received.get()
     }
 
     pub fn close(&self) {
@@ -103,12 +102,14 @@ pub(crate) fn start<T>(
 where
     T: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    let received = Arc::new(AtomicU64::new(0));
-    let metered = Metered {
+    // This connection's own count, besides the peer's series: another
+    // connection to the same peer must not make a silent one look alive.
+    let received = Counter::default();
+    let metered = Metered::new(
         io,
-        received: received.clone(),
-        counters,
-    };
+        vec![counters.received, received.clone()],
+        Some(counters.sent),
+    );
     let mut config = yamux::Config::default();
     config
         .set_max_connection_receive_window(Some(MAX_CONNECTION_WINDOW))
@@ -280,51 +281,5 @@ pub(crate) async fn echo(mut io: Box<dyn StreamIo>) {
         if io.write_all(&[beat]).await.is_err() || io.flush().await.is_err() {
             return;
         }
-    }
-}
-
-/// The TLS stream, counting what crosses it.
-struct Metered<T> {
-    io: T,
-    received: Arc<AtomicU64>,
-    counters: MuxCounters,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Metered<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        let n = (buf.filled().len() - before) as u64;
-        if n > 0 {
-            self.received.fetch_add(n, Ordering::Relaxed);
-            self.counters.received.inc_by(n);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Metered<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if let Poll::Ready(Ok(n)) = polled {
-            self.counters.sent.inc_by(n as u64);
-        }
-        polled
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

@@ -9,19 +9,17 @@
 //! client itself. Buffers are bounded ([`COPY_BUFFER`] each way), so a slow
 //! reader back-pressures its own stream only.
 
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
-use prometheus_client::metrics::counter::Counter;
 use strait_edge_config::MeshForward;
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::header::{Answer, ForwardedPrincipal, RefusalCode, StreamHeader, StreamTarget};
 use crate::links::PeerLink;
+use crate::metered::Metered;
 use crate::metrics::MeshMetrics;
 use crate::open::{live_tunnel, open_stream};
 use crate::stream::{StreamIo, TunnelStream};
@@ -169,14 +167,16 @@ where
     C: AsyncRead + AsyncWrite + Unpin,
     S: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut client = Counted {
-        io: client,
-        read: metrics.service_bytes(peer, service, "to_service"),
-    };
-    let mut service_side = Counted {
-        io: service_side,
-        read: metrics.service_bytes(peer, service, "from_service"),
-    };
+    let mut client = Metered::new(
+        client,
+        vec![metrics.service_bytes(peer, service, "to_service")],
+        None,
+    );
+    let mut service_side = Metered::new(
+        service_side,
+        vec![metrics.service_bytes(peer, service, "from_service")],
+        None,
+    );
     if let Err(err) = tokio::io::copy_bidirectional_with_sizes(
         &mut client,
         &mut service_side,
@@ -186,46 +186,5 @@ where
     .await
     {
         tracing::debug!(%peer, service, %err, "service stream ended with an error");
-    }
-}
-
-/// Counts the bytes read from `io` as they are read, so a long-lived
-/// connection shows its traffic while it is open.
-struct Counted<T> {
-    io: T,
-    read: Counter,
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for Counted<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        let before = buf.filled().len();
-        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
-        let n = buf.filled().len() - before;
-        if n > 0 {
-            self.read.inc_by(n as u64);
-        }
-        polled
-    }
-}
-
-impl<T: AsyncWrite + Unpin> AsyncWrite for Counted<T> {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.io).poll_write(cx, buf)
-    }
-
-    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
-    }
-
-    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

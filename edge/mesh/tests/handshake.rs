@@ -1,24 +1,18 @@
 //! The tunnel handshake over real QUIC endpoints on loopback: a peer is who
 //! its SPIFFE ID says, verified against its own trust domain's bundle.
 
+mod common;
+
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
 
+use common::ca;
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair, SanType};
+use rcgen::{CertificateParams, CertifiedIssuer, KeyPair, SanType};
 use rustls::pki_types::CertificateDer;
 use strait_mesh::tls::{client_config, peer_spiffe_id, server_config, MeshRoots, MeshTrust};
 use strait_tls::CredentialReceiver;
-
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
-}
 
 /// An edge certificate for `id`, signed by `ca`, as a credential channel.
 fn edge(ca: &CertifiedIssuer<'static, KeyPair>, id: &str) -> CredentialReceiver {

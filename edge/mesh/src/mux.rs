@@ -19,11 +19,16 @@ use crate::links::{DEAD_AFTER, KEEPALIVE};
 use crate::metered::Metered;
 use crate::stream::StreamIo;
 
-/// Streams one connection carries at once. yamux gives every stream at
-/// least a 256 KiB window and caps their sum (1 GiB here), so this also
-/// bounds what a tunnel can make this edge buffer.
+/// Streams one connection carries at once. yamux gives every stream a
+/// 256 KiB window to start with, and grows the windows of streams that
+/// read fast (towards twice their bandwidth-delay product) out of what the
+/// connection's cap leaves above those: [`WINDOW_GROWTH`]. Without that
+/// margin no window grows, and a stream moves 256 KiB per round trip
+/// (5 MB/s at 50 ms). Together they bound what a peer can make this edge
+/// buffer.
 const MAX_STREAMS: usize = 4096;
-const MAX_CONNECTION_WINDOW: usize = 1 << 30;
+const WINDOW_GROWTH: usize = 256 << 20;
+const MAX_CONNECTION_WINDOW: usize = MAX_STREAMS * yamux::DEFAULT_CREDIT as usize + WINDOW_GROWTH;
 /// Inbound streams not yet taken by the ingress; more are reset.
 const INBOUND_BACKLOG: usize = 1024;
 /// How long a closing connection has to say goodbye (yamux GoAway).

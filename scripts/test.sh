@@ -34,6 +34,11 @@ if ((scenarios_only)); then
     exit 0
 fi
 
+# A clean clone never reuses incremental state, and it is the largest part of the cache; old
+# artifacts are pruned when the disk runs short (scripts/prune-cache.sh says why).
+export CARGO_INCREMENTAL=0
+step "build cache check"
+scripts/prune-cache.sh
 step "setup (Tansu later, in the background)"
 STRAIT_SETUP_TANSU=0 scripts/setup.sh
 step "cargo build --workspace --bins"
